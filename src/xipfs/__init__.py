@@ -1,0 +1,33 @@
+"""xipfs: execute-in-place ext2 for Python.
+
+Open a real ext2 image and read it in place: on memory storage (tmpfs, hugetlbfs, DAX, POSIX
+shared memory) file data is copied once, straight from the storage into your buffer, with no
+page cache in between. Anything else is read through a bounded page cache, the classic path.
+
+    >>> import xipfs
+    >>> with xipfs.open("/dev/shm/image.ext2") as fs:
+    ...     fs.listdir("/")
+    ...     data = fs.read_bytes("/etc/hostname")
+"""
+
+from .device import Device, FileDevice, MemoryDevice, PageCache, open_device
+from .errors import CorruptImageError, UnsupportedFeatureError, XipfsError
+from .fs import DirEntry, Filesystem, open
+from .file import XipFile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CorruptImageError",
+    "Device",
+    "DirEntry",
+    "FileDevice",
+    "Filesystem",
+    "MemoryDevice",
+    "PageCache",
+    "UnsupportedFeatureError",
+    "XipFile",
+    "XipfsError",
+    "open",
+    "open_device",
+]

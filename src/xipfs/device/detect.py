@@ -1,0 +1,114 @@
+"""Choosing a device for an image: memory (XIP) where the storage is memory, file otherwise."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .base import Device
+from .file import FileDevice, PageCache
+from .memory import MemoryDevice
+
+#: Filesystems whose file pages *are* the storage: mapping them maps the storage itself.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "hugetlbfs", "ramfs", "shm"})
+
+
+def mount_of(path: str | os.PathLike[str]) -> tuple[str, str, frozenset[str]]:
+    """``(mount point, filesystem type, mount and super options)`` of the mount holding ``path``.
+
+    Matched by device number against ``/proc/self/mountinfo``, so bind mounts resolve right.
+    Returns ``("", "", frozenset())`` where mountinfo is not available.
+    """
+    try:
+        dev = os.stat(path).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "", "", frozenset()
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    real = os.path.realpath(path)
+    best: tuple[str, str, frozenset[str]] = ("", "", frozenset())
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 6 or fields[2] != want:
+            continue
+        point = fields[4].replace("\\040", " ")
+        if not (real == point or real.startswith(point.rstrip("/") + "/")):
+            continue
+        if len(point) >= len(best[0]):
+            rest = right.split()
+            fstype = rest[0] if rest else ""
+            opts = set(fields[5].split(","))
+            if len(rest) >= 3:
+                opts.update(rest[2].split(","))
+            best = (point, fstype, frozenset(opts))
+    return best
+
+
+def dax_char_device(st: os.stat_result) -> bool:
+    """True when ``st`` describes a device-DAX character device (``/dev/daxX.Y``)."""
+    if not stat.S_ISCHR(st.st_mode):
+        return False
+    link = f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/subsystem"
+    return os.path.basename(os.path.realpath(link)) == "dax"
+
+
+def storage_kind(path: str | os.PathLike[str]) -> str:
+    """What backs ``path``: "tmpfs", "hugetlbfs", "dax" (memory) or "file" / "block device"."""
+    st = os.stat(path)
+    if dax_char_device(st):
+        return "dax"
+    if stat.S_ISBLK(st.st_mode):
+        return "block device"
+    _, fstype, opts = mount_of(path)
+    if fstype in MEMORY_FILESYSTEMS:
+        return fstype
+    if "dax" in opts or "dax=always" in opts:
+        return "dax"
+    return "file"
+
+
+def _dax_size(st: os.stat_result) -> int | None:
+    try:
+        with open(f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def looks_like_shm_name(image: str) -> bool:
+    """``"name"`` or ``"/name"`` with no other slash: a POSIX shared-memory object name."""
+    return bool(image.strip("/")) and "/" not in image.lstrip("/")
+
+
+def open_device(image: str | os.PathLike[str] | Device, *, readonly: bool,
+                xip: bool | None = None, cache_bytes: int | None = None) -> Device:
+    """Open ``image`` on the right device.
+
+    ``image`` is a path (file, block device or DAX device), a POSIX shared-memory name, or an
+    already opened :class:`Device`. Memory-backed storage gets a :class:`MemoryDevice` (XIP);
+    anything else a :class:`FileDevice` behind a :class:`PageCache`. ``xip=True``/``False``
+    overrides the choice (``True`` maps any regular file).
+    """
+    if isinstance(image, Device):
+        if xip is True and not image.is_xip:
+            raise ValueError(f"xip=True needs a memory device, got {image!r}")
+        return image
+    path = os.fspath(image)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not os.path.exists(path) and looks_like_shm_name(path):
+        if xip is False:
+            raise ValueError("a POSIX shared-memory object is memory; it has no file path (xip=False)")
+        return MemoryDevice.from_shm(path, readonly=readonly)
+    kind = storage_kind(path)
+    use_memory = kind in ("tmpfs", "hugetlbfs", "ramfs", "shm", "dax") if xip is None else xip
+    if use_memory:
+        st = os.stat(path)
+        size = _dax_size(st) if stat.S_ISCHR(st.st_mode) else None
+        return MemoryDevice.from_path(path, readonly=readonly, kind=kind, size=size)
+    device = FileDevice(path, readonly=readonly)
+    if cache_bytes is None:
+        return PageCache(device)
+    return PageCache(device, cache_bytes)

@@ -1,0 +1,187 @@
+"""The superblock: geometry, features, and the checks made before anything is divided or sized.
+
+Follows ``ext2_fill_super`` (Linux) and ``ext2fs_open2`` (e2fsprogs): validate the numbers first,
+then derive the geometry from them, so that a hostile superblock can never make xipfs divide by
+zero, allocate without bound or read outside the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import CorruptImageError, UnsupportedFeatureError
+from . import layout as L
+
+
+def feature_names(bits: int, table: dict[int, str], kind: str) -> list[str]:
+    """Names of the set bits of a feature word, unknown bits as ``"<kind>_0x..."``."""
+    names = []
+    bit = 1
+    while bit <= bits:
+        if bits & bit:
+            names.append(table.get(bit, f"FEATURE_{kind}{bit.bit_length() - 1}"))
+        bit <<= 1
+    return names
+
+
+def group_has_super(group: int, sparse: bool) -> bool:
+    """True if ``group`` holds a backup superblock and descriptor table (sparse_super rule)."""
+    if group <= 1 or not sparse:
+        return True
+    for base in (3, 5, 7):
+        n = base
+        while n < group:
+            n *= base
+        if n == group:
+            return True
+    return False
+
+
+@dataclass
+class Superblock:
+    """The decoded primary superblock and the geometry derived from it."""
+
+    raw: bytes
+    fields: dict[str, object]
+    block_size: int = 0
+    groups: int = 0
+    desc_blocks: int = 0
+    inode_size: int = 0
+    first_ino: int = 0
+    inodes_per_block: int = 0
+    itable_blocks: int = 0
+    addr_per_block: int = 0
+    #: Why this image may only be opened read-only ("" when it may be written).
+    readonly_reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> object:
+        # s_* fields read as attributes: sb.s_blocks_count
+        try:
+            return self.__dict__["fields"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    # -- features -----------------------------------------------------------------------------
+    @property
+    def features(self) -> list[str]:
+        """Every feature flag set, by the names dumpe2fs prints."""
+        f = self.fields
+        return (feature_names(f["s_feature_compat"], L.COMPAT_FEATURES, "C")
+                + feature_names(f["s_feature_incompat"], L.INCOMPAT_FEATURES, "I")
+                + feature_names(f["s_feature_ro_compat"], L.RO_COMPAT_FEATURES, "R"))
+
+    def has_compat(self, bit: int) -> bool:
+        return bool(self.fields["s_feature_compat"] & bit)
+
+    def has_incompat(self, bit: int) -> bool:
+        return bool(self.fields["s_feature_incompat"] & bit)
+
+    def has_ro_compat(self, bit: int) -> bool:
+        return bool(self.fields["s_feature_ro_compat"] & bit)
+
+    @property
+    def label(self) -> str:
+        return bytes(self.fields["s_volume_name"]).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    @property
+    def uuid(self) -> str:
+        import uuid
+
+        return str(uuid.UUID(bytes=bytes(self.fields["s_uuid"])))
+
+    def group_first_block(self, group: int) -> int:
+        return self.fields["s_first_data_block"] + group * self.fields["s_blocks_per_group"]
+
+    def group_last_block(self, group: int) -> int:
+        """The last block of ``group`` (the last group may be short)."""
+        f = self.fields
+        return min(self.group_first_block(group) + f["s_blocks_per_group"], f["s_blocks_count"]) - 1
+
+    def group_has_super(self, group: int) -> bool:
+        return group_has_super(group, self.has_ro_compat(L.RO_COMPAT_SPARSE_SUPER))
+
+
+def parse_superblock(raw: bytes, device_size: int) -> Superblock:
+    """Decode and validate the superblock at byte 1024; raise on anything that breaks the format."""
+    if len(raw) < L.SUPERBLOCK_SIZE:
+        raise CorruptImageError("image too small to hold a superblock", f"{device_size} bytes")
+    f = L.SUPERBLOCK.unpack(raw)
+    sb = Superblock(raw=bytes(raw), fields=f)
+    where = "superblock"
+    if f["s_magic"] != L.EXT2_MAGIC:
+        raise CorruptImageError(f"bad magic 0x{f['s_magic']:04x}, not an ext2/3/4 filesystem", where)
+    _check_features(sb)
+    if f["s_log_block_size"] > 6:
+        raise CorruptImageError(f"block size log {f['s_log_block_size']} too large", where)
+    bs = 1024 << f["s_log_block_size"]
+    if f["s_log_frag_size"] != f["s_log_block_size"]:
+        raise CorruptImageError("fragment size differs from block size", where)
+    expected_fdb = 1 if bs == 1024 else 0
+    if f["s_first_data_block"] != expected_fdb:
+        raise CorruptImageError(f"first data block is {f['s_first_data_block']}, must be {expected_fdb}", where)
+    rev = f["s_rev_level"]
+    if rev == 0:
+        isize, first_ino = L.GOOD_OLD_INODE_SIZE, L.GOOD_OLD_FIRST_INO
+    else:
+        isize, first_ino = f["s_inode_size"], f["s_first_ino"]
+        if rev > 1:
+            sb.readonly_reason = f"revision {rev} is newer than ext2 revision 1"
+        if isize < 128 or isize > bs or isize & (isize - 1):
+            raise CorruptImageError(f"inode size {isize} invalid", where)
+        if first_ino < L.GOOD_OLD_FIRST_INO:
+            raise CorruptImageError(f"first inode {first_ino} below 11", where)
+    bpg, ipg = f["s_blocks_per_group"], f["s_inodes_per_group"]
+    if not 8 <= bpg <= min(8 * bs, 65528):
+        raise CorruptImageError(f"{bpg} blocks per group out of range", where)
+    ipb = bs // isize
+    if not ipb <= ipg <= 8 * bs:
+        raise CorruptImageError(f"{ipg} inodes per group out of range", where)
+    blocks = f["s_blocks_count"]
+    if blocks <= f["s_first_data_block"]:
+        raise CorruptImageError(f"block count {blocks} too small", where)
+    if blocks * bs > device_size:
+        raise CorruptImageError(
+            f"block count {blocks} exceeds the device ({device_size // bs} blocks of {bs})", where)
+    groups = -(-(blocks - f["s_first_data_block"]) // bpg)
+    if groups * ipg != f["s_inodes_count"]:
+        raise CorruptImageError(
+            f"inode count {f['s_inodes_count']} is not {groups} groups x {ipg} inodes", where)
+    if first_ino >= f["s_inodes_count"]:
+        raise CorruptImageError(f"first inode {first_ino} beyond inode count", where)
+    desc_blocks = -(-groups // (bs // L.GROUP_DESC.size))
+    if f["s_first_data_block"] + 1 + desc_blocks > blocks:
+        raise CorruptImageError("group descriptors do not fit in the filesystem", where)
+    if f["s_free_blocks_count"] > blocks or f["s_free_inodes_count"] > f["s_inodes_count"]:
+        sb.warnings.append("free counts exceed totals")
+    itable_blocks = -(-ipg * isize // bs)
+    if itable_blocks + 3 > bpg:
+        raise CorruptImageError(f"inode table ({itable_blocks} blocks) does not fit a group", where)
+    if rev == 0 and (f["s_feature_compat"] or f["s_feature_incompat"] or f["s_feature_ro_compat"]):
+        sb.warnings.append("feature flags set on a revision 0 filesystem")
+    sb.block_size = bs
+    sb.groups = groups
+    sb.desc_blocks = desc_blocks
+    sb.inode_size = isize
+    sb.first_ino = first_ino
+    sb.inodes_per_block = ipb
+    sb.itable_blocks = itable_blocks
+    sb.addr_per_block = bs // 4
+    return sb
+
+
+def _check_features(sb: Superblock) -> None:
+    """Refuse incompatible features; note those that only allow reading."""
+    f = sb.fields
+    unknown_incompat = f["s_feature_incompat"] & ~L.INCOMPAT_FILETYPE
+    if unknown_incompat:
+        names = feature_names(unknown_incompat, L.INCOMPAT_FEATURES, "I")
+        raise UnsupportedFeatureError(
+            "unsupported incompatible feature" + ("s" if len(names) > 1 else "") + ": "
+            + ", ".join(names) + " (xipfs reads and writes ext2)", tuple(names))
+    unknown_ro = f["s_feature_ro_compat"] & ~L.RO_COMPAT_SUPPORTED
+    if unknown_ro:
+        names = feature_names(unknown_ro, L.RO_COMPAT_FEATURES, "R")
+        sb.readonly_reason = "read-only compatible feature " + ", ".join(names)
+    elif f["s_feature_compat"] & L.COMPAT_HAS_JOURNAL:
+        sb.readonly_reason = "has_journal: an ext3 journal xipfs does not replay or write"

@@ -1,0 +1,353 @@
+"""An opened ext2 filesystem (read side): group descriptors, inodes, directories, names, data.
+
+Knows a device and the format, nothing of file objects or users: the facade in ``xipfs.fs``
+turns what this returns into ``os``-shaped results.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+from bisect import bisect_right
+
+from ..device import Device
+from ..errors import CorruptImageError, fs_error
+from . import layout as L
+from .dir import DirIndex, build_index, parse_block
+from .inode import Inode, Run
+from .super import Superblock, parse_superblock
+from .xattr import block_xattrs, inode_xattrs
+
+#: Symlinks followed while resolving one path before ELOOP (Linux: 40).
+MAX_SYMLINKS = 40
+#: Inodes kept decoded; the cache is simply emptied when it grows past this.
+INODE_CACHE_MAX = 1 << 17
+NAME_MAX = 255
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def zero_fill(dst: memoryview) -> None:
+    """Fill ``dst`` with zeros without allocating a buffer of its size."""
+    n = len(dst)
+    step = len(_ZEROS)
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        dst[i:j] = _ZEROS[:j - i]
+
+
+class GroupDesc:
+    """One decoded group descriptor."""
+
+    __slots__ = ("block_bitmap", "inode_bitmap", "inode_table", "free_blocks", "free_inodes",
+                 "used_dirs", "flags")
+
+    def __init__(self, fields: dict[str, int]) -> None:
+        self.block_bitmap = fields["bg_block_bitmap"]
+        self.inode_bitmap = fields["bg_inode_bitmap"]
+        self.inode_table = fields["bg_inode_table"]
+        self.free_blocks = fields["bg_free_blocks_count"]
+        self.free_inodes = fields["bg_free_inodes_count"]
+        self.used_dirs = fields["bg_used_dirs_count"]
+        self.flags = fields["bg_flags"]
+
+
+class Volume:
+    """The ext2 filesystem on a device: the layer between blocks and files."""
+
+    def __init__(self, device: Device, readonly: bool = True) -> None:
+        self.device = device
+        if device.size < L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE:
+            raise CorruptImageError("image too small to hold a superblock", f"{device.size} bytes")
+        raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
+        self.sb: Superblock = parse_superblock(raw, device.size)
+        self.readonly = readonly
+        sb = self.sb
+        self.bs = sb.block_size
+        self.filetype = sb.has_incompat(L.INCOMPAT_FILETYPE)
+        self.groups = self._read_group_descriptors()
+        self._zone_starts, self._zone_ends = self._metadata_zones()
+        self._inodes: dict[int, Inode] = {}
+        self._paths: dict[tuple[str, bool], int] = {}
+
+    # -- group descriptors and metadata zones --------------------------------------------------
+    def _read_group_descriptors(self) -> list[GroupDesc]:
+        sb = self.sb
+        bs = self.bs
+        start = (sb.s_first_data_block + 1) * bs
+        raw = self.device.view(start, sb.groups * L.GROUP_DESC.size)
+        unpack = L.GROUP_DESC.unpack
+        groups = []
+        for g in range(sb.groups):
+            gd = GroupDesc(unpack(raw, g * L.GROUP_DESC.size))
+            first, last = sb.group_first_block(g), sb.group_last_block(g)
+            where = f"group descriptor {g}"
+            for what, blk, n in (("block bitmap", gd.block_bitmap, 1),
+                                 ("inode bitmap", gd.inode_bitmap, 1),
+                                 ("inode table", gd.inode_table, sb.itable_blocks)):
+                if not (first <= blk and blk + n - 1 <= last):
+                    raise CorruptImageError(
+                        f"{what} at block {blk} is outside group {g} (blocks {first}..{last})", where)
+            if gd.free_blocks > sb.s_blocks_per_group or gd.free_inodes > sb.s_inodes_per_group:
+                raise CorruptImageError("free counts exceed the group size", where)
+            groups.append(gd)
+        return groups
+
+    def _metadata_zones(self) -> tuple[list[int], list[int]]:
+        """Sorted, merged ``[start, end)`` block ranges that hold metadata, never file data."""
+        sb = self.sb
+        zones = [(0, sb.s_first_data_block + 1)]
+        reserved = sb.s_reserved_gdt_blocks if sb.has_compat(L.COMPAT_RESIZE_INODE) else 0
+        for g, gd in enumerate(self.groups):
+            if sb.group_has_super(g):
+                first = sb.group_first_block(g)
+                zones.append((first, first + 1 + sb.desc_blocks + reserved))
+            zones.append((gd.block_bitmap, gd.block_bitmap + 1))
+            zones.append((gd.inode_bitmap, gd.inode_bitmap + 1))
+            zones.append((gd.inode_table, gd.inode_table + sb.itable_blocks))
+        zones.sort()
+        starts: list[int] = []
+        ends: list[int] = []
+        for a, b in zones:
+            if starts and a <= ends[-1]:
+                ends[-1] = max(ends[-1], b)
+            else:
+                starts.append(a)
+                ends.append(b)
+        return starts, ends
+
+    def metadata_blocks(self) -> int:
+        """Blocks taken by superblocks, descriptors and their reserve, bitmaps and inode tables."""
+        return sum(b - a for a, b in zip(self._zone_starts, self._zone_ends))
+
+    def check_data_run(self, pblk: int, count: int, ino: int, what: str = "data block") -> None:
+        """Refuse a run of blocks an inode points to that lies outside the data area."""
+        if pblk <= self.sb.s_first_data_block or pblk + count > self.sb.s_blocks_count:
+            raise CorruptImageError(
+                f"{what} {pblk}" + (f"..{pblk + count - 1}" if count > 1 else "")
+                + f" outside the filesystem (1..{self.sb.s_blocks_count - 1})", f"inode {ino}")
+        if ino == L.RESIZE_INO:  # its blocks are the reserved descriptor blocks, by design
+            return
+        i = bisect_right(self._zone_starts, pblk + count - 1) - 1
+        if i >= 0 and self._zone_ends[i] > pblk:
+            raise CorruptImageError(
+                f"{what} {pblk} overlaps filesystem metadata (blocks {self._zone_starts[i]}.."
+                f"{self._zone_ends[i] - 1})", f"inode {ino}")
+
+    # -- inodes -------------------------------------------------------------------------------
+    def inode_offset(self, ino: int) -> int:
+        """Byte offset of inode ``ino`` in the device."""
+        sb = self.sb
+        if not 1 <= ino <= sb.s_inodes_count:
+            raise CorruptImageError(f"inode number {ino} out of range 1..{sb.s_inodes_count}")
+        group, index = divmod(ino - 1, sb.s_inodes_per_group)
+        return self.groups[group].inode_table * self.bs + index * sb.inode_size
+
+    def inode_raw(self, ino: int) -> memoryview:
+        """The on-disk bytes of inode ``ino``."""
+        return self.device.view(self.inode_offset(ino), self.sb.inode_size)
+
+    def inode(self, ino: int) -> Inode:
+        """Inode ``ino``, decoded once and cached."""
+        node = self._inodes.get(ino)
+        if node is None:
+            node = Inode(self, ino, self.inode_raw(ino))
+            if len(self._inodes) >= INODE_CACHE_MAX:
+                self._inodes.clear()
+            self._inodes[ino] = node
+        return node
+
+    @property
+    def root(self) -> Inode:
+        node = self.inode(L.ROOT_INO)
+        if not node.is_dir:
+            raise CorruptImageError("root inode is not a directory", "inode 2")
+        return node
+
+    # -- data ---------------------------------------------------------------------------------
+    def get_xip_mem(self, node: Inode, lblk: int, create: bool = False) -> memoryview | None:
+        """The seed's ``get_xip_mem``: file block ``lblk`` of ``node`` in the device, or None (hole).
+
+        On a memory device the view *is* the storage. ``create=True`` allocates a hole; that is
+        the write path's job and needs a filesystem opened for writing.
+        """
+        if create:
+            raise fs_error(errno.EROFS)
+        pblk = node.map.bmap(lblk)
+        if not pblk:
+            return None
+        return self.device.view(pblk * self.bs, self.bs)
+
+    def data_runs(self, node: Inode, pos: int, n: int) -> list[Run]:
+        """Runs covering bytes ``[pos, pos+n)`` of ``node``'s data (block units)."""
+        bs = self.bs
+        return node.map.runs(pos // bs, (pos + n - 1) // bs + 1)
+
+    def read_into(self, node: Inode, dst: memoryview, pos: int) -> int:
+        """Copy data of ``node`` from byte ``pos`` into ``dst`` (one copy); bytes copied."""
+        size = node.size
+        if pos >= size:
+            return 0
+        n = min(len(dst), size - pos)
+        if n <= 0:
+            return 0
+        m = node.map
+        bs = self.bs
+        if m.whole:
+            self.device.read_into(dst[:n] if n != len(dst) else dst, m.whole * bs + pos)
+            return n
+        end = pos + n
+        dev = self.device
+        for lblk, count, pblk in m.runs(pos // bs, (end - 1) // bs + 1):
+            lo = lblk * bs
+            a = lo if lo > pos else pos
+            b = min(lo + count * bs, end)
+            if pblk:
+                dev.read_into(dst[a - pos:b - pos], pblk * bs + (a - lo))
+            else:
+                zero_fill(dst[a - pos:b - pos])
+        return n
+
+    def read_bytes(self, node: Inode, pos: int, n: int) -> bytes:
+        """``n`` bytes (fewer at EOF) of ``node``'s data from ``pos`` as a new ``bytes``: one copy."""
+        size = node.size
+        if pos >= size or n <= 0:
+            return b""
+        if n > size - pos:
+            n = size - pos
+        m = node.map
+        bs = self.bs
+        if m.whole:
+            return bytes(self.device.view(m.whole * bs + pos, n))
+        end = pos + n
+        parts: list[memoryview | bytes] = []
+        dev = self.device
+        for lblk, count, pblk in m.runs(pos // bs, (end - 1) // bs + 1):
+            lo = lblk * bs
+            a = lo if lo > pos else pos
+            b = min(lo + count * bs, end)
+            if pblk:
+                parts.append(dev.view(pblk * bs + (a - lo), b - a))
+            else:
+                parts.append(bytes(b - a))
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+    # -- directories --------------------------------------------------------------------------
+    def dir_index(self, node: Inode) -> DirIndex:
+        """The name index of directory ``node``, built on first use."""
+        index = node._dir
+        if index is not None:
+            return index
+        bs = self.bs
+        where = f"directory inode {node.ino}"
+        if node.size == 0 or node.size % bs:
+            raise CorruptImageError(f"directory size {node.size} is not a multiple of the block size", where)
+        raw: list[tuple[bytes, int, int]] = []
+        count = self.sb.s_inodes_count
+        dev = self.device
+        for lblk, nblk, pblk in node.map.runs(0, node.size // bs):
+            if not pblk:
+                raise CorruptImageError(f"hole at block {lblk} of a directory", where)
+            for i in range(nblk):
+                block = dev.view((pblk + i) * bs, bs)
+                parse_block(block, bs, count, self.filetype, f"{where} block {lblk + i}", raw)
+        index = node._dir = build_index(raw, node.ino)
+        return index
+
+    def lookup(self, directory: Inode, name: str) -> tuple[int, int] | None:
+        """``(inode, file type)`` of ``name`` in ``directory``, or None."""
+        return self.dir_index(directory).get(name)
+
+    # -- symlinks and names -------------------------------------------------------------------
+    def readlink(self, node: Inode) -> bytes:
+        """The target of symlink ``node`` (fast: in ``i_block``; slow: in its first block)."""
+        size = node.size
+        where = f"symlink inode {node.ino}"
+        acl_blocks = self.bs // 512 if node.file_acl else 0
+        if 0 < size < 60 and node.blocks - acl_blocks == 0:
+            target = node.i_block[:size]
+        else:
+            node.check_format()
+            if size == 0 or size >= self.bs:
+                raise CorruptImageError(f"symlink length {size} invalid", where)
+            target = self.read_bytes(node, 0, size)
+            if node.map.bmap(0) == 0:
+                raise CorruptImageError("slow symlink without a data block", where)
+        if b"\0" in target:
+            raise CorruptImageError("symlink target contains a NUL byte", where)
+        return target
+
+    def resolve(self, path: str, follow: bool = True) -> Inode:
+        """The inode ``path`` names (absolute from the image root; relative means the same).
+
+        Symlinks in the middle are always followed, the last one only with ``follow``; a
+        trailing slash demands a directory. Errors are the ``OSError`` that ``os`` raises.
+        """
+        key = (path, follow)
+        ino = self._paths.get(key)
+        if ino is not None:
+            return self.inode(ino)
+        node = self._walk(path, follow)
+        self._paths[key] = node.ino
+        return node
+
+    def _walk(self, path: str, follow: bool) -> Inode:
+        root = self.root
+        must_dir = path.endswith("/") and path.strip("/") != ""
+        pending = [c for c in reversed(path.split("/")) if c and c != "."]
+        cur = root
+        links = 0
+        while pending:
+            name = pending.pop()
+            if not cur.is_dir:
+                raise fs_error(errno.ENOTDIR, path)
+            if name == "..":
+                cur = self.inode(self.dir_index(cur).parent)
+                continue
+            if len(name) > NAME_MAX and len(os.fsencode(name)) > NAME_MAX:
+                raise fs_error(errno.ENAMETOOLONG, path)
+            entry = self.dir_index(cur).get(name)
+            if entry is None:
+                raise fs_error(errno.ENOENT, path)
+            child = self.inode(entry[0])
+            if not child.in_use:
+                raise CorruptImageError(f"entry {name!r} points to deleted inode {child.ino}",
+                                        f"directory inode {cur.ino}")
+            if child.is_symlink and (pending or follow or must_dir):
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise fs_error(errno.ELOOP, path)
+                target = os.fsdecode(self.readlink(child))
+                if target.startswith("/"):
+                    cur = root
+                pending.extend(c for c in reversed(target.split("/")) if c and c != ".")
+                continue
+            cur = child
+        if must_dir and not cur.is_dir:
+            raise fs_error(errno.ENOTDIR, path)
+        return cur
+
+    # -- extended attributes ------------------------------------------------------------------
+    def xattrs(self, node: Inode) -> list[tuple[str, bytes]]:
+        """All extended attributes of ``node``: in the inode first, then its xattr block."""
+        out: list[tuple[str, bytes]] = []
+        if node.extra_isize:
+            out.extend(inode_xattrs(self.inode_raw(node.ino), self.sb.inode_size,
+                                    node.extra_isize, node.ino))
+        blk = node.file_acl
+        if blk:
+            self.check_data_run(blk, 1, node.ino, "xattr block")
+            out.extend(block_xattrs(self.device.view(blk * self.bs, self.bs), self.bs, blk))
+        return out
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self._inodes.clear()
+        self._paths.clear()
+        self.device.close()
+
+
+def normpath(path: str) -> str:
+    """Collapse duplicate slashes for display; resolution itself never depends on this."""
+    return posixpath.normpath("/" + path) if path else "/"

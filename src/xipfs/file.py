@@ -1,0 +1,138 @@
+"""File objects: the seed's read-side file operations (read, readv, pread) built on the block map.
+
+:class:`XipFile` follows :class:`io.RawIOBase`. Every read copies once, from the device straight
+into the caller's buffer (``readinto``, ``readv``) or into the one ``bytes`` object returned
+(``read``, ``pread``); nothing passes through an intermediate page.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .ext2.inode import Inode
+    from .ext2.volume import Volume
+
+
+class XipFile(io.RawIOBase):
+    """A regular file of an image, opened for reading (``buffering=0`` returns this)."""
+
+    def __init__(self, volume: Volume, inode: Inode, name: str, mode: str = "rb") -> None:
+        self._volume = volume
+        self._inode = inode
+        self._pos = 0
+        self.name = name
+        self.mode = mode
+
+    # -- io.RawIOBase -------------------------------------------------------------------------
+    def readable(self) -> bool:
+        self._check_open()
+        return True
+
+    def seekable(self) -> bool:
+        self._check_open()
+        return True
+
+    def writable(self) -> bool:
+        self._check_open()
+        return False
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill ``buffer`` from the current position; bytes read (0 at EOF)."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        with memoryview(buffer) as view:
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            n = self._volume.read_into(self._inode, view, self._pos)
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes from the current position (all that is left when negative)."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        if size is None or size < 0:
+            size = self._inode.size - self._pos
+        data = self._volume.read_bytes(self._inode, self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._check_open()
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self._inode.size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        if pos < 0:
+            raise OSError(22, "Invalid argument")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._pos
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a file inside an image has no file descriptor")
+
+    def isatty(self) -> bool:
+        self._check_open()
+        return False
+
+    # -- the seed's other read operations -----------------------------------------------------
+    def pread(self, size: int, offset: int) -> bytes:
+        """Like ``os.pread``: ``size`` bytes at ``offset``, the file position left alone."""
+        self._check_open()
+        if offset < 0:
+            raise OSError(22, "Invalid argument")
+        return self._volume.read_bytes(self._inode, offset, size)
+
+    def readv(self, buffers: Iterable[Any]) -> int:
+        """Like ``os.readv``: fill each buffer in turn from the current position; bytes read."""
+        self._check_open()
+        total = 0
+        for buffer in buffers:
+            with memoryview(buffer) as view:
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                want = len(view)
+                n = self._volume.read_into(self._inode, view, self._pos)
+            self._pos += n
+            total += n
+            if n < want:
+                break
+        return total
+
+    def preadv(self, buffers: Iterable[Any], offset: int) -> int:
+        """Like ``os.preadv``: ``readv`` at ``offset``, the file position left alone."""
+        self._check_open()
+        saved = self._pos
+        self._pos = offset
+        try:
+            return self.readv(buffers)
+        finally:
+            self._pos = saved
+
+    @property
+    def size(self) -> int:
+        """The file's size in bytes."""
+        return self._inode.size
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"pos={self._pos}"
+        return f"<xipfs.XipFile name={self.name!r} mode={self.mode!r} {state}>"

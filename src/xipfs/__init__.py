@@ -12,8 +12,8 @@ page cache in between. Anything else is read through a bounded page cache, the c
 
 from .device import Device, FileDevice, MemoryDevice, PageCache, open_device
 from .errors import CorruptImageError, UnsupportedFeatureError, XipfsError
-from .fs import DirEntry, Filesystem, open
 from .file import XipFile
+from .fs import DirEntry, Filesystem, open  # noqa: A004 - xipfs.open is the entry point, like io.open
 
 __version__ = "0.1.0"
 

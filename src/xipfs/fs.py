@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import stat as _stat
 from collections.abc import Iterator
 from typing import IO, Any
 

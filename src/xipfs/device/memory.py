@@ -7,6 +7,7 @@ stray write raises ``TypeError`` in Python instead of reaching the storage.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -133,13 +134,11 @@ class MemoryDevice(Device):
         if self._mmap is None:
             return
         self.buffer.release()
-        try:
+        # If callers still hold views into the storage, close() refuses; the mapping then
+        # stays until they are released (the mmap object unmaps itself when the last view
+        # goes), so no view can ever point at unmapped memory.
+        with contextlib.suppress(BufferError):
             self._mmap.close()
-        except BufferError:
-            # Callers still hold views into the storage. The mapping stays until they are
-            # released (the mmap object unmaps itself when the last view goes), so no view
-            # can ever point at unmapped memory.
-            pass
         self._mmap = None
         if self._fd >= 0:
             os.close(self._fd)

@@ -28,7 +28,7 @@ class Layout:
     def unpack(self, buf: Any, offset: int = 0) -> dict[str, Any]:
         """The record at ``offset`` of ``buf`` as ``{field: value}`` (padding dropped)."""
         values = self.struct.unpack_from(buf, offset)
-        return {f: v for f, v in zip(self.fields, values) if f != "_"}
+        return {f: v for f, v in zip(self.fields, values, strict=True) if f != "_"}
 
 
 SUPERBLOCK_OFFSET = 1024

@@ -119,7 +119,8 @@ def parse_superblock(raw: bytes, device_size: int) -> Superblock:
         raise CorruptImageError("fragment size differs from block size", where)
     expected_fdb = 1 if bs == 1024 else 0
     if f["s_first_data_block"] != expected_fdb:
-        raise CorruptImageError(f"first data block is {f['s_first_data_block']}, must be {expected_fdb}", where)
+        raise CorruptImageError(
+            f"first data block is {f['s_first_data_block']}, must be {expected_fdb}", where)
     rev = f["s_rev_level"]
     if rev == 0:
         isize, first_ino = L.GOOD_OLD_INODE_SIZE, L.GOOD_OLD_FIRST_INO

@@ -117,10 +117,6 @@ class Volume:
                 ends.append(b)
         return starts, ends
 
-    def metadata_blocks(self) -> int:
-        """Blocks taken by superblocks, descriptors and their reserve, bitmaps and inode tables."""
-        return sum(b - a for a, b in zip(self._zone_starts, self._zone_ends))
-
     def check_data_run(self, pblk: int, count: int, ino: int, what: str = "data block") -> None:
         """Refuse a run of blocks an inode points to that lies outside the data area."""
         if pblk <= self.sb.s_first_data_block or pblk + count > self.sb.s_blocks_count:

@@ -151,3 +151,57 @@ def test_block_device_goes_through_the_page_cache(tmp_path):
         dev.close()
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
+
+
+@pytest.fixture
+def hugetlbfs(tmp_path):
+    """A hugetlbfs mount with a few 2 MiB pages reserved (root only), restored afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to reserve huge pages and mount hugetlbfs")
+    knob = "/proc/sys/vm/nr_hugepages"
+    try:
+        with open(knob) as f:
+            before = int(f.read())
+        with open(knob, "w") as f:
+            f.write(str(before + 4))
+        with open(knob) as f:
+            if int(f.read()) < before + 4:
+                pytest.skip("the kernel could not reserve huge pages")
+    except OSError as err:
+        pytest.skip(f"huge pages unavailable: {err}")
+    mnt = tmp_path / "huge"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "hugetlbfs", "none", str(mnt)], capture_output=True)
+    if done.returncode:
+        with open(knob, "w") as f:
+            f.write(str(before))
+        pytest.skip(f"cannot mount hugetlbfs: {done.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+    with open(knob, "w") as f:
+        f.write(str(before))
+
+
+def test_image_on_hugetlbfs_is_xip(hugetlbfs, tmp_path):
+    import mmap
+
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "f").write_bytes(b"huge pages\n" * 1000)
+    raw = tmp_path / "raw.img"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-d", str(src), str(raw), "4M"],
+                   check=True, stdout=subprocess.DEVNULL)
+    data = raw.read_bytes()
+    path = hugetlbfs / "image"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, len(data))                   # 4 MiB: two huge pages
+        with mmap.mmap(fd, len(data)) as m:           # hugetlbfs has no write(2): fill it mapped
+            m[:] = data
+    finally:
+        os.close(fd)
+    assert storage_kind(path) == "hugetlbfs"
+    with xipfs.open(path) as fs:
+        assert fs.is_xip and fs.device.kind == "hugetlbfs"
+        assert fs.read_bytes("/f") == b"huge pages\n" * 1000
+    os.unlink(path)

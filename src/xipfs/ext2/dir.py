@@ -7,7 +7,8 @@ by name once, on first use, so that each later lookup is one dict access.
 
 from __future__ import annotations
 
-import os
+import sys
+from collections.abc import Iterable
 
 from ..errors import CorruptImageError
 from . import layout as L
@@ -35,47 +36,70 @@ class DirIndex:
         return self.entries.get(name)
 
 
-def parse_block(buf: memoryview | bytes, bs: int, inodes_count: int, filetype: bool,
-                where: str, out: list[tuple[bytes, int, int]]) -> None:
-    """Append ``(name, inode, file type)`` for each live entry of one directory block."""
-    pos = 0
-    while pos < bs:
-        if pos + 12 > bs:
-            raise CorruptImageError("directory entry header crosses the block end", f"{where} offset {pos}")
-        ino, rec_len, name_len, ftype = _DIRENT(buf, pos)
-        if bs == 65536 and rec_len in (0, 65535):
-            rec_len = 65536
-        if rec_len < 12 or rec_len & 3:
-            raise CorruptImageError(f"rec_len {rec_len} invalid", f"{where} offset {pos}")
-        if pos + rec_len > bs:
-            raise CorruptImageError(f"rec_len {rec_len} crosses the block end", f"{where} offset {pos}")
-        if rec_len < ((8 + name_len + 3) & ~3):
-            raise CorruptImageError(f"rec_len {rec_len} too short for name length {name_len}",
-                                    f"{where} offset {pos}")
-        if ino:
-            if ino > inodes_count:
-                raise CorruptImageError(f"entry points to inode {ino} beyond the inode count",
-                                        f"{where} offset {pos}")
-            if name_len == 0:
-                raise CorruptImageError("entry with an empty name", f"{where} offset {pos}")
-            out.append((bytes(buf[pos + 8:pos + 8 + name_len]), ino, ftype if filetype else 0))
-        pos += rec_len
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
-def build_index(raw_entries: list[tuple[bytes, int, int]], ino: int) -> DirIndex:
-    """Index parsed entries by name, checking the ``.`` and ``..`` that must lead a directory."""
-    where = f"directory inode {ino}"
-    if len(raw_entries) < 2 or raw_entries[0][0] != b"." or raw_entries[1][0] != b"..":
-        raise CorruptImageError("directory does not start with '.' and '..'", where)
-    if raw_entries[0][1] != ino:
-        raise CorruptImageError(f"'.' points to inode {raw_entries[0][1]}", where)
-    parent = raw_entries[1][1]
+def index_directory(blocks: Iterable[tuple[int, memoryview]], bs: int, inodes_count: int,
+                    filetype: bool, ino: int) -> DirIndex:
+    """Parse and index the blocks ``(file block, view)`` of directory ``ino`` in one pass.
+
+    Checks every rule Linux checks before it trusts a directory block (rec_len alignment,
+    bounds and minimum size, inode range), and that ``.`` and ``..`` lead the directory.
+    """
     entries: dict[str, tuple[int, int]] = {}
-    decode = os.fsdecode
-    for name, child, ftype in raw_entries[2:]:
-        if name == b"." or name == b".." or b"/" in name or b"\0" in name:
-            raise CorruptImageError(f"invalid entry name {name!r}", where)
-        key = decode(name)
-        if key not in entries:  # a duplicate name is corruption; the first one wins, as in Linux
-            entries[key] = (child, ftype)
+    unpack = _DIRENT
+    enc, errors = _FS_ENCODING, _FS_ERRORS
+    seen = 0          # live entries so far: the first two must be "." and ".."
+    parent = 0
+    for lblk, buf in blocks:
+        pos = 0
+        while pos < bs:
+            if pos + 12 > bs:
+                raise CorruptImageError("directory entry header crosses the block end",
+                                        _where(ino, lblk, pos))
+            child, rec_len, name_len, ftype = unpack(buf, pos)
+            if rec_len < 12 or rec_len & 3 or pos + rec_len > bs or rec_len < ((8 + name_len + 3) & ~3):
+                if bs == 65536 and rec_len in (0, 65535) and pos == 0:
+                    rec_len = 65536
+                else:
+                    raise CorruptImageError(_rec_len_problem(rec_len, name_len, pos, bs),
+                                            _where(ino, lblk, pos))
+            if child:
+                if child > inodes_count:
+                    raise CorruptImageError(f"entry points to inode {child} beyond the inode count",
+                                            _where(ino, lblk, pos))
+                if name_len == 0:
+                    raise CorruptImageError("entry with an empty name", _where(ino, lblk, pos))
+                key = str(buf[pos + 8:pos + 8 + name_len], enc, errors)
+                if seen >= 2:
+                    if key not in entries:  # a duplicate is corruption; the first wins, as in Linux
+                        if "/" in key or "\0" in key or key == "." or key == "..":
+                            raise CorruptImageError(f"invalid entry name {key!r}", _where(ino, lblk, pos))
+                        entries[key] = (child, ftype if filetype else 0)
+                elif seen == 0:
+                    if key != "." or child != ino:
+                        raise CorruptImageError("directory does not start with '.' pointing to itself",
+                                                f"directory inode {ino}")
+                else:
+                    if key != "..":
+                        raise CorruptImageError("second entry of a directory is not '..'",
+                                                f"directory inode {ino}")
+                    parent = child
+                seen += 1
+            pos += rec_len
+    if seen < 2:
+        raise CorruptImageError("directory does not start with '.' and '..'", f"directory inode {ino}")
     return DirIndex(entries, parent)
+
+
+def _where(ino: int, lblk: int, pos: int) -> str:
+    return f"directory inode {ino} block {lblk} offset {pos}"
+
+
+def _rec_len_problem(rec_len: int, name_len: int, pos: int, bs: int) -> str:
+    if rec_len < 12 or rec_len & 3:
+        return f"rec_len {rec_len} invalid"
+    if pos + rec_len > bs:
+        return f"rec_len {rec_len} crosses the block end"
+    return f"rec_len {rec_len} too short for name length {name_len}"

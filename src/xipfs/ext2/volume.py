@@ -10,11 +10,12 @@ import errno
 import os
 import posixpath
 from bisect import bisect_right
+from collections.abc import Iterator
 
 from ..device import Device
 from ..errors import CorruptImageError, fs_error
 from . import layout as L
-from .dir import DirIndex, build_index, parse_block
+from .dir import DirIndex, index_directory
 from .inode import Inode, Run
 from .super import Superblock, parse_superblock
 from .xattr import block_xattrs, inode_xattrs
@@ -157,7 +158,7 @@ class Volume:
     @property
     def root(self) -> Inode:
         node = self.inode(L.ROOT_INO)
-        if not node.is_dir:
+        if (node.mode & 0o170000) != 0o040000:
             raise CorruptImageError("root inode is not a directory", "inode 2")
         return node
 
@@ -239,17 +240,19 @@ class Volume:
         where = f"directory inode {node.ino}"
         if node.size == 0 or node.size % bs:
             raise CorruptImageError(f"directory size {node.size} is not a multiple of the block size", where)
-        raw: list[tuple[bytes, int, int]] = []
-        count = self.sb.s_inodes_count
+        index = node._dir = index_directory(self._dir_blocks(node), bs, self.sb.s_inodes_count,
+                                            self.filetype, node.ino)
+        return index
+
+    def _dir_blocks(self, node: Inode) -> Iterator[tuple[int, memoryview]]:
+        """``(file block, view)`` for every block of directory ``node``; a hole is corruption."""
+        bs = self.bs
         dev = self.device
         for lblk, nblk, pblk in node.map.runs(0, node.size // bs):
             if not pblk:
-                raise CorruptImageError(f"hole at block {lblk} of a directory", where)
+                raise CorruptImageError(f"hole at block {lblk} of a directory", f"directory inode {node.ino}")
             for i in range(nblk):
-                block = dev.view((pblk + i) * bs, bs)
-                parse_block(block, bs, count, self.filetype, f"{where} block {lblk + i}", raw)
-        index = node._dir = build_index(raw, node.ino)
-        return index
+                yield lblk + i, dev.view((pblk + i) * bs, bs)
 
     def lookup(self, directory: Inode, name: str) -> tuple[int, int] | None:
         """``(inode, file type)`` of ``name`` in ``directory``, or None."""
@@ -294,23 +297,25 @@ class Volume:
         pending = [c for c in reversed(path.split("/")) if c and c != "."]
         cur = root
         links = 0
+        inode = self.inode
         while pending:
             name = pending.pop()
             if not cur.is_dir:
                 raise fs_error(errno.ENOTDIR, path)
+            index = cur._dir or self.dir_index(cur)
             if name == "..":
-                cur = self.inode(self.dir_index(cur).parent)
+                cur = inode(index.parent)
                 continue
-            if len(name) > NAME_MAX and len(os.fsencode(name)) > NAME_MAX:
-                raise fs_error(errno.ENAMETOOLONG, path)
-            entry = self.dir_index(cur).get(name)
+            entry = index.entries.get(name)
             if entry is None:
+                if len(name) > NAME_MAX and len(os.fsencode(name)) > NAME_MAX:
+                    raise fs_error(errno.ENAMETOOLONG, path)
                 raise fs_error(errno.ENOENT, path)
-            child = self.inode(entry[0])
-            if not child.in_use:
+            child = inode(entry[0])
+            if child.links == 0 and (child.mode == 0 or child.dtime):
                 raise CorruptImageError(f"entry {name!r} points to deleted inode {child.ino}",
                                         f"directory inode {cur.ino}")
-            if child.is_symlink and (pending or follow or must_dir):
+            if (child.mode & 0o170000) == 0o120000 and (pending or follow or must_dir):
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise fs_error(errno.ELOOP, path)

@@ -1,8 +1,9 @@
-"""File objects: the seed's read-side file operations (read, readv, pread) built on the block map.
+"""File objects: the seed's file operations (read, write, readv, writev, pread, pwrite).
 
 :class:`XipFile` follows :class:`io.RawIOBase`. Every read copies once, from the device straight
 into the caller's buffer (``readinto``, ``readv``) or into the one ``bytes`` object returned
-(``read``, ``pread``); nothing passes through an intermediate page.
+(``read``, ``pread``); every write copies once, from the caller's buffer into the storage.
+Nothing passes through an intermediate page.
 """
 
 from __future__ import annotations
@@ -12,25 +13,43 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .ext2 import data as _data
+
 if TYPE_CHECKING:
     from .ext2.inode import Inode
     from .ext2.volume import Volume
 
 
 class XipFile(io.RawIOBase):
-    """A regular file of an image, opened for reading (``buffering=0`` returns this)."""
+    """A regular file of an image (``buffering=0`` returns this).
 
-    def __init__(self, volume: Volume, inode: Inode, name: str, mode: str = "rb") -> None:
+    ``readable``/``writable``/``append`` come from the open mode; writes need a filesystem
+    opened with ``"r+"``.
+    """
+
+    def __init__(self, volume: Volume, inode: Inode, name: str, mode: str = "rb", *,
+                 readable: bool = True, writable: bool = False, append: bool = False) -> None:
         self._volume = volume
         self._inode = inode
         self._pos = 0
+        self._readable = readable
+        self._writable = writable
+        self._append = append
         self.name = name
         self.mode = mode
+        volume.opened(inode)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                super().close()
+            finally:
+                self._volume.closed(self._inode)
 
     # -- io.RawIOBase -------------------------------------------------------------------------
     def readable(self) -> bool:
         self._check_open()
-        return True
+        return self._readable
 
     def seekable(self) -> bool:
         self._check_open()
@@ -38,12 +57,14 @@ class XipFile(io.RawIOBase):
 
     def writable(self) -> bool:
         self._check_open()
-        return False
+        return self._writable
 
     def readinto(self, buffer: Any) -> int:
         """Fill ``buffer`` from the current position; bytes read (0 at EOF)."""
         if self.closed:
             raise ValueError("I/O operation on closed file.")
+        if not self._readable:
+            raise io.UnsupportedOperation("File not open for reading")
         with memoryview(buffer) as view:
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
@@ -55,6 +76,8 @@ class XipFile(io.RawIOBase):
         """Up to ``size`` bytes from the current position (all that is left when negative)."""
         if self.closed:
             raise ValueError("I/O operation on closed file.")
+        if not self._readable:
+            raise io.UnsupportedOperation("File not open for reading")
         if size is None or size < 0:
             size = self._inode.size - self._pos
         data = self._volume.read_bytes(self._inode, self._pos, size)
@@ -123,6 +146,81 @@ class XipFile(io.RawIOBase):
             return self.readv(buffers)
         finally:
             self._pos = saved
+
+    # -- the write side -----------------------------------------------------------------------
+    def write(self, data: Any) -> int:
+        """Write ``data`` at the current position (at EOF in append mode); bytes written.
+
+        Copies once, into the storage. When space runs out part-way, writes what fits and
+        returns that count; ``OSError(ENOSPC)`` only when nothing fits.
+        """
+        self._check_writable()
+        vol = self._volume
+        with memoryview(data) as view:
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            with vol.lock:
+                if self._append:
+                    self._pos = self._inode.size
+                n = _data.write(vol, self._inode, view, self._pos)
+        self._pos += n
+        return n
+
+    def pwrite(self, data: Any, offset: int) -> int:
+        """Like ``os.pwrite``: write at ``offset`` without moving the file position.
+
+        As on Linux, a file opened for appending writes at EOF whatever the offset.
+        """
+        self._check_writable()
+        if offset < 0:
+            raise OSError(22, "Invalid argument")
+        vol = self._volume
+        with memoryview(data) as view:
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            with vol.lock:
+                return _data.write(vol, self._inode, view, self._inode.size if self._append else offset)
+
+    def writev(self, buffers: Iterable[Any]) -> int:
+        """Like ``os.writev``: write each buffer in turn; total bytes written."""
+        total = 0
+        for buffer in buffers:
+            n = self.write(buffer)
+            total += n
+            if n < memoryview(buffer).nbytes:
+                break
+        return total
+
+    def truncate(self, size: int | None = None) -> int:
+        """Resize the file to ``size`` (default: the current position); the position stays."""
+        self._check_writable()
+        if size is None:
+            size = self._pos
+        vol = self._volume
+        with vol.lock:
+            _data.truncate(vol, self._inode, size)
+        return size
+
+    def fallocate(self, offset: int, length: int) -> None:
+        """Reserve zeroed blocks for ``[offset, offset+length)``, growing the file to cover it."""
+        self._check_writable()
+        vol = self._volume
+        with vol.lock:
+            _data.fallocate(vol, self._inode, offset, length)
+
+    def flush(self) -> None:
+        """Nothing is buffered here: data is in the storage as soon as ``write`` returns."""
+        self._check_open()
+
+    def fsync(self) -> None:
+        """Make this file's data and the metadata durable (msync, or write-back and fsync)."""
+        self._check_open()
+        self._volume.sync()
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self._writable:
+            raise io.UnsupportedOperation("File not open for writing")
 
     @property
     def size(self) -> int:

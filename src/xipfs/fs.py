@@ -8,17 +8,22 @@ image root.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import io
 import os
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 
 from .device import Device, open_device
-from .errors import fs_error
+from .errors import XipfsError, fs_error
+from .ext2 import data as _data
 from .ext2 import layout as L
+from .ext2 import namei
 from .ext2.inode import Inode, Run
 from .ext2.volume import Volume
+from .ext2.xattr import write_xattrs as xattr_write
 from .file import XipFile
 
 PathArg = str | bytes | os.PathLike
@@ -41,17 +46,21 @@ def _join(top: str, name: str) -> str:
 class Filesystem:
     """An ext2 image opened with :func:`xipfs.open`. Use it as a context manager."""
 
-    def __init__(self, device: Device, mode: str = "r", *, owns_device: bool = True) -> None:
+    def __init__(self, device: Device, mode: str = "r", *, owns_device: bool = True,
+                 lock: bool = False) -> None:
         self.device = device
         self.mode = mode
         self._owns_device = owns_device
         try:
-            self.volume = Volume(device, readonly=True)
+            if lock and mode == "r":
+                device.lock(exclusive=False)
+            self.volume = Volume(device, readonly=mode == "r")
         except BaseException:
             if owns_device:
                 device.close()
             raise
         self._dev_id = int.from_bytes(bytes(self.volume.sb.s_uuid[:4]), "little")
+        self._umask = _current_umask()
 
     # -- what this is -------------------------------------------------------------------------
     @property
@@ -61,7 +70,7 @@ class Filesystem:
 
     @property
     def readonly(self) -> bool:
-        return True
+        return self.volume.readonly
 
     @property
     def block_size(self) -> int:
@@ -238,25 +247,34 @@ class Filesystem:
     # -- data ---------------------------------------------------------------------------------
     def open(self, path: PathArg, mode: str = "r", buffering: int = -1, encoding: str | None = None,
              errors: str | None = None, newline: str | None = None) -> IO[Any]:
-        """Open a file of the image, like the built-in ``open`` (read modes)."""
+        """Open a file of the image, like the built-in ``open`` (all its modes)."""
         if mode == "rb" and buffering == 0:
-            return self._open_raw(path)
+            return self._open_raw(path, mode, True, False, False, False, False)
         chars = set(mode)
-        if not mode or len(chars) != len(mode) or chars - set("rwaxbt+") or "t" in chars and "b" in chars:
+        if (not mode or len(chars) != len(mode) or chars - set("rwaxbt+")
+                or len(chars & set("rwax")) != 1 or ("t" in chars and "b" in chars)):
             raise ValueError(f"invalid mode: {mode!r}")
-        if chars & set("wax+"):
-            raise fs_error(errno.EROFS, _fspath(path)[0])
         binary = "b" in chars
         if binary and (encoding is not None or errors is not None or newline is not None):
             raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
-        raw = self._open_raw(path)
+        plus = "+" in chars
+        readable = "r" in chars or plus
+        writable = bool(chars & set("wax")) or plus
+        raw = self._open_raw(path, mode, readable, writable, "a" in chars, "w" in chars,
+                             "x" in chars, create=bool(chars & set("wax")))
         if buffering == 0:
             if not binary:
+                raw.close()
                 raise ValueError("can't have unbuffered text I/O")
             return raw
         line_buffering = buffering == 1 and not binary
         size = buffering if buffering > 1 else max(io.DEFAULT_BUFFER_SIZE, self.volume.bs)
-        buffered = io.BufferedReader(raw, size)
+        if readable and writable:
+            buffered: Any = io.BufferedRandom(raw, size)
+        elif writable:
+            buffered = io.BufferedWriter(raw, size)
+        else:
+            buffered = io.BufferedReader(raw, size)
         if binary:
             return buffered
         text = io.TextIOWrapper(buffered, io.text_encoding(encoding), errors, newline,
@@ -264,14 +282,34 @@ class Filesystem:
         text.mode = mode  # type: ignore[misc]
         return text
 
-    def _open_raw(self, path: PathArg) -> XipFile:
+    def _open_raw(self, path: PathArg, mode: str, readable: bool, writable: bool, append: bool,
+                  trunc: bool, excl: bool, create: bool = False) -> XipFile:
         p, _ = _fspath(path)
-        node = self.volume.resolve(p, True)
+        vol = self.volume
+        if writable and vol.readonly:
+            raise fs_error(errno.EROFS, p)
+        if not create:
+            node = vol.resolve(p, True)
+        else:
+            with vol.lock:
+                try:
+                    node = vol.resolve(p, True)
+                except FileNotFoundError:
+                    node = self._create(p, 0o100000 | (0o666 & ~self._umask))
+                else:
+                    if excl:
+                        raise fs_error(errno.EEXIST, p) from None
         if not node.is_reg:
             if node.is_dir:
                 raise fs_error(errno.EISDIR, p)
             raise fs_error(errno.ENXIO, p)
-        return XipFile(self.volume, node, p)
+        if trunc and node.size:
+            with vol.lock:
+                _data.truncate(vol, node, 0)
+        f = XipFile(vol, node, p, mode, readable=readable, writable=writable, append=append)
+        if append:
+            f.seek(0, os.SEEK_END)
+        return f
 
     def read_bytes(self, path: PathArg) -> bytes:
         """The whole content of file ``path`` (one copy)."""
@@ -285,6 +323,253 @@ class Filesystem:
         """The content of file ``path`` decoded as text (universal newlines, like ``pathlib``)."""
         with self.open(path, "r", encoding=encoding, errors=errors) as f:
             return f.read()
+
+    # -- changing the image (os names, os errors) ---------------------------------------------
+    def _writable(self, path: object = None) -> Volume:
+        vol = self.volume
+        if vol.readonly:
+            raise fs_error(errno.EROFS, path)
+        return vol
+
+    def _parent(self, p: str) -> tuple[Inode, bytes]:
+        """The directory that holds ``p``'s last name, and that name (as bytes)."""
+        head, _, tail = p.rstrip("/").rpartition("/")
+        if not tail:
+            raise fs_error(errno.EBUSY if p.strip("/") == "" else errno.ENOENT, p)
+        parent = self.volume.resolve(head or "/", True)
+        if not parent.is_dir:
+            raise fs_error(errno.ENOTDIR, p)
+        return parent, os.fsencode(tail)
+
+    def _create(self, p: str, mode: int, **kw: Any) -> Inode:
+        """Make ``p`` (following a dangling symlink at its end, as ``open(O_CREAT)`` does)."""
+        vol = self.volume
+        for _ in range(40):
+            parent, name = self._parent(p)
+            entry = vol.dir_index(parent).entries.get(os.fsdecode(name))
+            if entry is not None and (mode & 0o170000) == 0o100000:
+                link = vol.inode(entry[0])
+                if link.is_symlink:
+                    target = os.fsdecode(vol.readlink(link))
+                    p = target if target.startswith("/") else p.rstrip("/").rpartition("/")[0] + "/" + target
+                    continue
+            uid, gid = os.geteuid(), os.getegid()
+            if parent.mode & 0o2000:                       # setgid directory: inherit its group
+                gid = parent.gid
+                if (mode & 0o170000) == 0o040000:
+                    mode |= 0o2000
+            try:
+                return namei.create(vol, parent, name, mode, uid, gid, **kw)
+            except OSError as err:
+                raise fs_error(err.errno, p) from None
+        raise fs_error(errno.ELOOP, p)
+
+    def _named(self, call: Any, path: object, *args: Any) -> Any:
+        """Run a namei operation, giving its error the path the caller used."""
+        vol = self._writable(path)
+        with vol.lock:
+            try:
+                return call(vol, *args)
+            except OSError as err:
+                if isinstance(err, XipfsError) or err.filename is not None:
+                    raise
+                raise fs_error(err.errno, path) from None
+
+    def mkdir(self, path: PathArg, mode: int = 0o777) -> None:
+        """Create directory ``path``, like ``os.mkdir`` (the process umask applies)."""
+        p, _ = _fspath(path)
+        vol = self._writable(p)
+        with vol.lock:
+            self._create(p.rstrip("/") or "/", 0o040000 | (mode & 0o7777 & ~self._umask))
+
+    def makedirs(self, name: PathArg, mode: int = 0o777, exist_ok: bool = False) -> None:
+        """Create ``name`` and the missing directories above it, like ``os.makedirs``."""
+        p, _ = _fspath(name)
+        head = p.rstrip("/").rpartition("/")[0]
+        if head and not self.exists(head):
+            self.makedirs(head, mode, exist_ok=True)
+        try:
+            self.mkdir(p, mode)
+        except FileExistsError:
+            if not exist_ok or not self.isdir(p):
+                raise
+
+    def rmdir(self, path: PathArg) -> None:
+        """Remove the empty directory ``path``, like ``os.rmdir``."""
+        p, _ = _fspath(path)
+        vol = self._writable(p)
+        with vol.lock:
+            parent, name = self._parent(p)
+            self._named(namei.rmdir, p, parent, name)
+
+    def unlink(self, path: PathArg) -> None:
+        """Remove the file ``path``, like ``os.unlink`` (a file open here lives until closed)."""
+        p, _ = _fspath(path)
+        vol = self._writable(p)
+        with vol.lock:
+            parent, name = self._parent(p)
+            self._named(namei.unlink, p, parent, name)
+
+    remove = unlink
+
+    def rename(self, src: PathArg, dst: PathArg) -> None:
+        """Rename ``src`` to ``dst``, replacing ``dst`` if it exists, like ``os.rename``."""
+        s, _ = _fspath(src)
+        d, _ = _fspath(dst)
+        vol = self._writable(s)
+        with vol.lock:
+            sparent, sname = self._parent(s)
+            dparent, dname = self._parent(d)
+            self._named(namei.rename, s, sparent, sname, dparent, dname)
+
+    replace = rename
+
+    def link(self, src: PathArg, dst: PathArg, *, follow_symlinks: bool = True) -> None:
+        """Make ``dst`` a new name of the file ``src``, like ``os.link``."""
+        s, _ = _fspath(src)
+        d, _ = _fspath(dst)
+        vol = self._writable(d)
+        with vol.lock:
+            node = vol.resolve(s, follow_symlinks)
+            parent, name = self._parent(d)
+            self._named(namei.link, d, node, parent, name)
+
+    def symlink(self, src: PathArg, dst: PathArg, target_is_directory: bool = False) -> None:
+        """Make ``dst`` a symbolic link to ``src``, like ``os.symlink`` (fast below 60 bytes)."""
+        target = os.fsencode(src)
+        if not target:
+            raise fs_error(errno.ENOENT, os.fspath(dst))
+        d, _ = _fspath(dst)
+        vol = self._writable(d)
+        with vol.lock:
+            parent, name = self._parent(d)
+            self._named(lambda v, *a: namei.create(v, *a, target=target), d, parent, name,
+                        0o120777, os.geteuid(), os.getegid())
+
+    def mknod(self, path: PathArg, mode: int = 0o600, device: int = 0) -> None:
+        """Create a FIFO, socket, or character/block device node, like ``os.mknod``."""
+        p, _ = _fspath(path)
+        fmt = mode & 0o170000 or 0o100000
+        if fmt not in (0o010000, 0o020000, 0o060000, 0o140000, 0o100000):
+            raise fs_error(errno.EINVAL, p)
+        vol = self._writable(p)
+        rdev = (os.major(device), os.minor(device)) if fmt in (0o020000, 0o060000) else None
+        with vol.lock:
+            self._create(p, fmt | (mode & 0o7777 & ~self._umask), rdev=rdev)
+
+    def mkfifo(self, path: PathArg, mode: int = 0o666) -> None:
+        self.mknod(path, 0o010000 | (mode & 0o7777))
+
+    def _change(self, path: PathArg, follow: bool, change: Any) -> None:
+        p, _ = _fspath(path)
+        vol = self._writable(p)
+        with vol.lock:
+            node = vol.resolve(p, follow)
+            change(node)
+            node.ctime_ns = time.time_ns()
+            vol.write_inode(node)
+
+    def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
+        """Change the permission bits of ``path``, like ``os.chmod``."""
+        def change(node: Inode) -> None:
+            node.mode = (node.mode & 0o170000) | (mode & 0o7777)
+        self._change(path, follow_symlinks, change)
+
+    def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+        """Change owner and group of ``path`` (-1 keeps one), like ``os.chown``."""
+        def change(node: Inode) -> None:
+            if uid != -1:
+                node.uid = uid
+            if gid != -1:
+                node.gid = gid
+        self._change(path, follow_symlinks, change)
+
+    def utime(self, path: PathArg, times: tuple[float, float] | None = None, *,
+              ns: tuple[int, int] | None = None, follow_symlinks: bool = True) -> None:
+        """Set access and modification times, like ``os.utime`` (nanoseconds kept on 256-byte inodes)."""
+        if times is not None and ns is not None:
+            raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
+        if ns is None:
+            if times is None:
+                now = time.time_ns()
+                ns = (now, now)
+            else:
+                ns = (int(times[0] * 1e9), int(times[1] * 1e9))
+
+        def change(node: Inode) -> None:
+            node.atime_ns, node.mtime_ns = ns
+        self._change(path, follow_symlinks, change)
+
+    def truncate(self, path: PathArg, length: int) -> None:
+        """Resize file ``path`` to ``length`` bytes, like ``os.truncate``."""
+        p, _ = _fspath(path)
+        vol = self._writable(p)
+        with vol.lock:
+            node = vol.resolve(p, True)
+            if node.is_dir:
+                raise fs_error(errno.EISDIR, p)
+            if not node.is_reg:
+                raise fs_error(errno.EINVAL, p)
+            _data.truncate(vol, node, length)
+
+    def setxattr(self, path: PathArg, attribute: str | bytes, value: bytes, flags: int = 0, *,
+                 follow_symlinks: bool = True) -> None:
+        """Set extended attribute ``attribute``, like ``os.setxattr`` (XATTR_CREATE/REPLACE)."""
+        p, _ = _fspath(path)
+        name = os.fsdecode(attribute)
+        vol = self._writable(p)
+        with vol.lock:
+            node = vol.resolve(p, follow_symlinks)
+            attrs = vol.xattrs(node)
+            names = [k for k, _ in attrs]
+            if flags & os.XATTR_CREATE and name in names:
+                raise fs_error(errno.EEXIST, p)
+            if flags & os.XATTR_REPLACE and name not in names:
+                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), p)
+            attrs = [(k, v) for k, v in attrs if k != name] + [(name, bytes(value))]
+            self._store_xattrs(vol, node, attrs, p)
+
+    def removexattr(self, path: PathArg, attribute: str | bytes, *, follow_symlinks: bool = True) -> None:
+        """Remove extended attribute ``attribute``, like ``os.removexattr``."""
+        p, _ = _fspath(path)
+        name = os.fsdecode(attribute)
+        vol = self._writable(p)
+        with vol.lock:
+            node = vol.resolve(p, follow_symlinks)
+            attrs = vol.xattrs(node)
+            if name not in [k for k, _ in attrs]:
+                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), p)
+            self._store_xattrs(vol, node, [(k, v) for k, v in attrs if k != name], p)
+
+    @staticmethod
+    def _store_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]], p: str) -> None:
+        try:
+            xattr_write(vol, node, attrs)
+        except OSError as err:
+            if err.filename is None:
+                raise fs_error(err.errno, p) from None
+            raise
+        node.ctime_ns = time.time_ns()
+        vol.write_inode(node)
+
+    def write_bytes(self, path: PathArg, data: Any) -> int:
+        """Create or replace file ``path`` with ``data``, like ``pathlib.Path.write_bytes``."""
+        with self.open(path, "wb", buffering=0) as f:
+            view = memoryview(data)
+            done = 0
+            while done < view.nbytes:
+                done += f.write(view[done:])
+            return done
+
+    def write_text(self, path: PathArg, data: str, encoding: str | None = None,
+                   errors: str | None = None, newline: str | None = None) -> int:
+        """Create or replace file ``path`` with text, like ``pathlib.Path.write_text``."""
+        with self.open(path, "w", encoding=encoding, errors=errors, newline=newline) as f:
+            return f.write(data)
+
+    def sync(self) -> None:
+        """Make everything written durable: free counts, backups, msync or write-back + fsync."""
+        self.volume.sync()
 
     # -- the XIP layer, visible ---------------------------------------------------------------
     def get_xip_mem(self, path: PathArg, pgoff: int, create: bool = False) -> memoryview | None:
@@ -304,9 +589,14 @@ class Filesystem:
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the image. Views handed out stay valid until they are released."""
+        """Write everything back, mark the image clean, release it.
+
+        Views handed out stay valid until they are released.
+        """
         if self._owns_device:
             self.volume.close()
+        else:
+            self.volume.unmount()
 
     def __enter__(self) -> Filesystem:
         return self
@@ -404,16 +694,33 @@ class ScandirIterator:
 
 
 def open(image: PathArg | Device, mode: str = "r", *, xip: bool | None = None,  # noqa: A001
-         cache_bytes: int | None = None) -> Filesystem:
-    """Open an ext2 image.
+         cache_bytes: int | None = None, lock: bool = False) -> Filesystem:
+    """Open an ext2 image, ``"r"`` to read or ``"r+"`` to read and write.
 
     ``image`` is a path (an image file, a block device, a DAX device), a POSIX shared-memory
     name, or a :class:`~xipfs.device.Device`. Memory-backed storage (tmpfs, hugetlbfs, DAX,
-    shared memory) is read in place (``fs.is_xip``); anything else goes through a bounded page
-    cache of ``cache_bytes``. ``xip`` forces either path.
+    shared memory) is read and written in place (``fs.is_xip``); anything else goes through a
+    bounded page cache of ``cache_bytes``. ``xip`` forces either path.
+
+    One writer at a time: ``"r+"`` takes an exclusive lock on the image and fails with
+    ``OSError(EBUSY)`` naming the holder. A reader that wants a consistent image passes
+    ``lock=True`` and fails the same way while a writer has it.
     """
-    if mode not in ("r", "rb"):
-        raise ValueError(f"mode {mode!r}: this version of xipfs opens images read-only ('r')")
+    if mode not in ("r", "rb", "r+", "rb+", "r+b"):
+        raise ValueError(f"invalid mode: {mode!r} (use 'r' or 'r+')")
+    rw = "+" in mode
     owns = not isinstance(image, Device)
-    device = open_device(image, readonly=True, xip=xip, cache_bytes=cache_bytes)
-    return Filesystem(device, "r", owns_device=owns)
+    device = open_device(image, readonly=not rw, xip=xip, cache_bytes=cache_bytes)
+    return Filesystem(device, "r+" if rw else "r", owns_device=owns, lock=lock)
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status``), 0o022 if unknown."""
+    try:
+        with builtins.open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022

@@ -8,9 +8,41 @@ straight from the mapped storage; on a file device they go through a page cache.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+
 from ..errors import CorruptImageError
 
 SECTOR_SIZE = 512
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds a flock on the file behind ``fd``, from ``/proc/locks`` (best effort)."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:"
+    pids = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == f"{dev}{st.st_ino}":
+                    pids.append(parts[4])
+    except OSError:
+        pass
+    if not pids:
+        return "another process"
+    names = []
+    for pid in dict.fromkeys(pids):
+        if pid == str(os.getpid()):
+            names.append(f"this process (pid {pid}, another open of the same image)")
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                names.append(f"process {pid} ({f.read().strip()})")
+        except OSError:
+            names.append(f"process {pid}")
+    return ", ".join(names)
 
 
 class Device:
@@ -48,6 +80,27 @@ class Device:
 
     def close(self) -> None:
         """Release the storage. Views still held by callers stay valid until they are dropped."""
+
+    def lock(self, exclusive: bool) -> None:
+        """Take an advisory lock on the storage (``flock``): exclusive for a writer.
+
+        Raises ``OSError(EBUSY)`` naming who holds a conflicting lock. Storage without a
+        descriptor (anonymous memory) has nobody else to exclude.
+        """
+        fd = self.fileno()
+        if fd < 0:
+            return
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(fd)
+            what = "opened for writing" if not exclusive else "in use"
+            raise OSError(errno.EBUSY, f"image is {what} by {holder}", self.name) from None
+
+    def unlock(self) -> None:
+        fd = self.fileno()
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     # -- helpers ------------------------------------------------------------------------------
     def check_range(self, offset: int, length: int) -> None:

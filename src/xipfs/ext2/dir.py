@@ -103,3 +103,110 @@ def _rec_len_problem(rec_len: int, name_len: int, pos: int, bs: int) -> str:
     if pos + rec_len > bs:
         return f"rec_len {rec_len} crosses the block end"
     return f"rec_len {rec_len} too short for name length {name_len}"
+
+
+# -- the write side -----------------------------------------------------------------------------
+
+def rec_len_of(name_len: int) -> int:
+    """Space an entry with a name of ``name_len`` bytes needs (8-byte header, 4-byte aligned)."""
+    return (8 + name_len + 3) & ~3
+
+
+class DirSpace:
+    """Where a directory's entries are and where new ones fit, for inserting without rescans.
+
+    Per block: the offset of its last entry and the slack after that entry's name (where
+    appends go), and the largest gap elsewhere in the block (after deletions). Entries are
+    located by name, so removing one costs one block scan, as in Linux.
+    """
+
+    def __init__(self, blocks: Iterable[tuple[int, memoryview]], bs: int) -> None:
+        self.bs = bs
+        self.tail: list[tuple[int, int]] = []     # per block: (offset of last entry, slack)
+        self.gap: list[int] = []                   # per block: largest free gap before the tail
+        self.where: dict[bytes, tuple[int, int]] = {}
+        for lblk, buf in blocks:
+            self._scan(lblk, buf)
+
+    def _scan(self, lblk: int, buf: memoryview | bytes) -> None:
+        bs = self.bs
+        while len(self.tail) <= lblk:
+            self.tail.append((0, 0))
+            self.gap.append(0)
+        pos, gap, last = 0, 0, (0, 0)
+        while pos < bs:
+            ino, rec_len, name_len, _ = _DIRENT(buf, pos)
+            if bs == 65536 and rec_len in (0, 65535):
+                rec_len = 65536
+            free = rec_len - rec_len_of(name_len) if ino else rec_len
+            if ino:
+                self.where[bytes(buf[pos + 8:pos + 8 + name_len])] = (lblk, pos)
+            if pos + rec_len >= bs:
+                last = (pos, free)
+            else:
+                gap = max(gap, free)
+            pos += rec_len
+        self.tail[lblk] = last
+        self.gap[lblk] = gap
+
+    def find_slot(self, need: int) -> tuple[int, str]:
+        """A block with room for ``need`` bytes: ``(block, "tail" | "gap")``, or ``(-1, "")``."""
+        for lblk, (_, slack) in enumerate(self.tail):
+            if slack >= need:
+                return lblk, "tail"
+            if self.gap[lblk] >= need:
+                return lblk, "gap"
+        return -1, ""
+
+
+def encode_entry(ino: int, rec_len: int, name: bytes, ftype: int) -> bytes:
+    return L.DIRENT.struct.pack(ino, rec_len, len(name), ftype) + name
+
+
+def empty_dir_block(bs: int, ino: int, parent: int, filetype: bool) -> bytes:
+    """The first block of a new directory: ``.`` and ``..`` (Linux ``ext2_make_empty``)."""
+    t = L.FT_DIR if filetype else 0
+    return encode_entry(ino, 12, b".", t).ljust(12, b"\0") + \
+        encode_entry(parent, bs - 12, b"..", t).ljust(bs - 12, b"\0")
+
+
+def insert_into_block(buf: memoryview | bytes, bs: int, at: int | None, name: bytes, ino: int,
+                      ftype: int) -> list[tuple[int, bytes]]:
+    """Writes that insert an entry into one block: ``[(offset, bytes), ...]`` in safe order.
+
+    ``at`` is the entry whose slack to use (None: search the block for the first fit). The new
+    entry is written into free space first; the old entry's rec_len shrinks (or an unused
+    entry's inode number is set) last, so the entry appears in one small write.
+    """
+    need = rec_len_of(len(name))
+    pos = 0 if at is None else at
+    while pos < bs:
+        cur, rec_len, name_len, _ = _DIRENT(buf, pos)
+        if bs == 65536 and rec_len in (0, 65535):
+            rec_len = 65536
+        if cur == 0 and rec_len >= need:
+            entry = encode_entry(0, rec_len, name, ftype)
+            return [(pos + 4, entry[4:]), (pos, ino.to_bytes(4, "little"))]
+        used = rec_len_of(name_len)
+        if cur and rec_len - used >= need:
+            return [(pos + used, encode_entry(ino, rec_len - used, name, ftype)),
+                    (pos + 4, used.to_bytes(2, "little"))]
+        if at is not None:
+            break
+        pos += rec_len
+    raise AssertionError("directory space bookkeeping out of step with the block")
+
+
+def remove_from_block(buf: memoryview | bytes, bs: int, off: int) -> list[tuple[int, bytes]]:
+    """Writes that delete the entry at ``off`` (Linux ``ext2_delete_entry``)."""
+    if off == 0:
+        return [(0, bytes(4))]
+    pos = prev = 0
+    while pos < off:
+        prev = pos
+        rec_len = _DIRENT(buf, pos)[1] or bs
+        pos += rec_len
+    if pos != off:
+        raise CorruptImageError("directory entry not where the index says", f"offset {off}")
+    merged = _DIRENT(buf, prev)[1] + _DIRENT(buf, off)[1]
+    return [(prev + 4, merged.to_bytes(2, "little"))]

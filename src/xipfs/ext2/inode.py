@@ -8,10 +8,12 @@ of an indirect block are computed once and cached, so a large read is a handful 
 
 from __future__ import annotations
 
+import errno
 import stat as _stat
 import struct
 import sys
 from array import array
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
@@ -35,16 +37,27 @@ def decode_time(seconds: int, extra: int | None) -> int:
     return (seconds + ((extra & 3) << 32)) * 1_000_000_000 + (extra >> 2)
 
 
+def encode_time(ns: int) -> tuple[int, int]:
+    """``(32-bit seconds as stored, _extra word)`` for a time in nanoseconds (ext4 encoding)."""
+    sec, nsec = divmod(ns, 1_000_000_000)
+    low = ((sec + 0x80000000) & 0xFFFFFFFF) - 0x80000000      # the signed 32-bit part
+    epoch = ((sec - low) >> 32) & 3
+    if sec < -0x80000000 or sec >= 0x80000000 * 7:             # outside 1901..2446: clamp
+        low, epoch, nsec = (-0x80000000, 0, 0) if sec < 0 else (0x7FFFFFFF, 3, 999_999_999)
+    return low, epoch | (nsec << 2)
+
+
 class Inode:
     """One decoded inode. Cheap to build; the block map is made on first use."""
 
     __slots__ = (
         "volume", "ino", "mode", "uid", "gid", "size", "links", "blocks", "flags", "file_acl",
         "generation", "dtime", "atime_ns", "mtime_ns", "ctime_ns", "crtime_ns", "i_block",
-        "extra_isize", "_map", "_stat", "_dir",
+        "extra_isize", "_map", "_stat", "_dir", "_raw",
     )
 
     def __init__(self, volume: Volume, ino: int, raw: memoryview | bytes) -> None:
+        self._raw = bytes(raw)
         v = _INODE_UNPACK(raw, 0)
         (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
          i_block, generation, file_acl, size_high, _faddr, _blocks_hi, _acl_high, uid_hi,
@@ -86,6 +99,40 @@ class Inode:
         self._map: BlockMap | None = None
         self._stat = None
         self._dir = None
+
+    # -- writing ----------------------------------------------------------------------------
+    def encode(self) -> bytes:
+        """The on-disk bytes of this inode, fields this class does not model kept as they were."""
+        raw = bytearray(self._raw)
+        old = _INODE_UNPACK(raw, 0)
+        size_high = self.size >> 32 if (self.mode & 0o170000) == 0o100000 else old[15]
+        a_s, a_x = encode_time(self.atime_ns)
+        c_s, c_x = encode_time(self.ctime_ns)
+        m_s, m_x = encode_time(self.mtime_ns)
+        L.INODE.struct.pack_into(
+            raw, 0, self.mode, self.uid & 0xFFFF, self.size & 0xFFFFFFFF, a_s, c_s, m_s, self.dtime,
+            self.gid & 0xFFFF, self.links, self.blocks, self.flags, old[11], self.i_block,
+            self.generation, self.file_acl, size_high, old[16], old[17], old[18],
+            (self.uid >> 16) & 0xFFFF, (self.gid >> 16) & 0xFFFF, old[21], old[22])
+        extra = self.extra_isize
+        if extra:
+            raw[128:130] = extra.to_bytes(2, "little")
+            if extra >= 8:
+                raw[0x84:0x88] = c_x.to_bytes(4, "little")
+            if extra >= 12:
+                raw[0x88:0x8C] = m_x.to_bytes(4, "little")
+            if extra >= 16:
+                raw[0x8C:0x90] = a_x.to_bytes(4, "little")
+            if extra >= 24 and self.crtime_ns is not None:
+                r_s, r_x = encode_time(self.crtime_ns)
+                struct.pack_into("<iI", raw, 0x90, r_s, r_x)
+        self._raw = bytes(raw)
+        return self._raw
+
+    def reset_map(self) -> None:
+        """Forget the cached block map and stat (after the block tree or the size changed)."""
+        self._map = None
+        self._stat = None
 
     # -- type -------------------------------------------------------------------------------
     @property
@@ -142,10 +189,15 @@ _I_BLOCK = struct.Struct("<15I").unpack
 
 
 class BlockMap:
-    """File block -> device block for one inode, with runs cached per indirect block."""
+    """File block -> device block for one inode, with runs cached per indirect block.
+
+    The read side hands out runs; the write side (:meth:`assign`, :meth:`truncate`) allocates
+    and frees blocks in the order that keeps a killed process's image repairable: a new block
+    is filled before it is linked, a freed block is unlinked before it is released.
+    """
 
     __slots__ = ("inode", "volume", "bs", "apb", "nblocks", "direct", "roots", "_runs", "_ptrs",
-                 "whole")
+                 "whole", "_last")
 
     def __init__(self, inode: Inode) -> None:
         vol = inode.volume
@@ -156,10 +208,11 @@ class BlockMap:
         #: Number of file blocks below i_size: nothing past EOF is ever mapped.
         self.nblocks = -(-inode.size // self.bs)
         words = _I_BLOCK(inode.i_block)
-        self.direct = words[:L.N_DIRECT]
-        self.roots = words[L.N_DIRECT:]
-        self._runs: dict[int, list[Run]] = {}   # indirect block -> runs of its entries
+        self.direct = list(words[:L.N_DIRECT])
+        self.roots = list(words[L.N_DIRECT:])
+        self._runs: dict[tuple[int, int], list[Run]] = {}   # (indirect block, entries) -> runs
         self._ptrs: dict[int, array] = {}       # (double/triple) indirect block -> its entries
+        self._last = (-1, 0)                    # (file block, device block) last allocated
         #: Device block of the whole file when it is one contiguous run (the common case), else 0.
         self.whole = self._whole_run()
 
@@ -171,28 +224,100 @@ class BlockMap:
         runs = self.runs(lblk, lblk + 1)
         return runs[0][2] if runs else 0
 
-    def runs(self, first: int, last: int) -> list[Run]:
-        """Runs covering file blocks ``[first, last)`` (clipped to EOF), holes included, merged."""
-        last = min(last, self.nblocks)
+    def runs(self, first: int, last: int, limit: int | None = None) -> list[Run]:
+        """Runs covering file blocks ``[first, last)``, holes included, merged.
+
+        Clipped to EOF, or to ``limit`` blocks when the write path looks past EOF.
+        """
+        end = self.nblocks if limit is None else limit
+        last = min(last, end)
         out: list[Run] = []
         if first >= last:
             return out
-        if self.whole:
+        if self.whole and limit is None:
             return [(first, last - first, self.whole + first)]
         apb = self.apb
         if first < L.N_DIRECT:
-            self._leaf_runs(self._direct_runs(), 0, first, min(last, L.N_DIRECT), out)
+            self._leaf_runs(self._direct_runs(end), 0, first, min(last, L.N_DIRECT), out)
         base, span = L.N_DIRECT, apb
         for level, root in enumerate(self.roots, 1):
             if last <= base:
                 break
             if first < base + span:
-                self._walk(root, level, base, max(first, base), min(last, base + span), out)
+                self._walk(root, level, base, max(first, base), min(last, base + span), out, end)
             base += span
             span *= apb
         return out
 
-    # -- internals ----------------------------------------------------------------------------
+    # -- the write side ---------------------------------------------------------------------
+    def assign(self, first: int, last: int, fill: Callable[[int, int, int], None]) -> int:
+        """Give every hole in file blocks ``[first, last)`` a block (the seed's ``create``).
+
+        ``fill(file block, count, device block)`` must write the content of each new run
+        (zeros, or the caller's data) before it is linked into the file. Returns how many
+        blocks from ``first`` on are mapped afterwards: fewer than asked when space ran out.
+        """
+        vol = self.volume
+        holes = [(lb, n) for lb, n, pb in self.runs(first, last, max(last, self.nblocks)) if not pb]
+        for lblk, count in holes:
+            while count:
+                try:
+                    runs = vol.balloc.alloc(self._goal(lblk), count)
+                except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        return lblk - first
+                    raise
+                for pblk, n in runs:
+                    fill(lblk, n, pblk)
+                    try:
+                        self._link(lblk, n, pblk)
+                    except OSError as err:
+                        vol.balloc.free(pblk, n)
+                        if err.errno == errno.ENOSPC:
+                            vol.write_inode(self.inode)
+                            return lblk - first
+                        raise
+                    lblk += n
+                    count -= n
+        vol.write_inode(self.inode)
+        return last - first
+
+    def truncate(self, keep: int) -> list[tuple[int, int]]:
+        """Unlink every block from file block ``keep`` on; returns the runs to free afterwards.
+
+        Indirect blocks that map nothing any more go too. The caller writes the inode (with
+        its new size) and then frees the runs, so no block is ever both linked and free.
+        """
+        freed: list[tuple[int, int]] = []
+        for i in range(keep, L.N_DIRECT):
+            if self.direct[i]:
+                _add_run(freed, self.direct[i], 1)
+                self.direct[i] = 0
+        base, span = L.N_DIRECT, self.apb
+        for level in (1, 2, 3):
+            root = self.roots[level - 1]
+            if root:
+                if keep <= base:
+                    self._free_tree(root, level, freed)
+                    self.roots[level - 1] = 0
+                elif keep < base + span:
+                    self._cut(root, level, base, keep, freed)
+            base += span
+            span *= self.apb
+        node = self.inode
+        node.i_block = _PACK_I_BLOCK(*self.direct, *self.roots)
+        node.blocks -= sum(n for _, n in freed) * (self.bs // 512)
+        self._runs.clear()
+        self._ptrs.clear()
+        return freed
+
+    def resize(self, nblocks: int) -> None:
+        """Follow a new i_size (in blocks): cached runs stay, the whole-file shortcut is redone."""
+        if nblocks != self.nblocks:
+            self.nblocks = nblocks
+            self.whole = self._whole_run()
+
+    # -- internals: reading -----------------------------------------------------------------
     def _whole_run(self) -> int:
         """If every block of a small file is in one contiguous run, its first device block."""
         n = self.nblocks
@@ -207,22 +332,24 @@ class BlockMap:
         self.volume.check_data_run(first, n, self.inode.ino)
         return first
 
-    def _direct_runs(self) -> list[Run]:
-        runs = self._runs.get(-1)
+    def _direct_runs(self, end: int) -> list[Run]:
+        n = min(end, L.N_DIRECT)
+        runs = self._runs.get((0, n))
         if runs is None:
-            runs = self._runs[-1] = self._scan(self.direct, min(self.nblocks, L.N_DIRECT))
+            runs = self._runs[0, n] = self._scan(self.direct, n)
         return runs
 
-    def _walk(self, ptr: int, level: int, base: int, first: int, last: int, out: list[Run]) -> None:
+    def _walk(self, ptr: int, level: int, base: int, first: int, last: int, out: list[Run],
+              end: int) -> None:
         """Append runs for ``[first, last)`` below indirect block ``ptr`` covering from ``base``."""
         if ptr == 0:
             _append(out, first, last - first, 0)
             return
         if level == 1:
-            runs = self._runs.get(ptr)
+            n = min(self.apb, end - base)
+            runs = self._runs.get((ptr, n))
             if runs is None:
-                entries = self._entries(ptr)
-                runs = self._runs[ptr] = self._scan(entries, min(self.apb, self.nblocks - base))
+                runs = self._runs[ptr, n] = self._scan(self._entries(ptr), n)
             self._leaf_runs(runs, base, first, last, out)
             return
         entries = self._ptrs.get(ptr)
@@ -232,7 +359,7 @@ class BlockMap:
         i = (first - base) // child
         start = base + i * child
         while start < last:
-            self._walk(entries[i], level - 1, start, max(first, start), min(last, start + child), out)
+            self._walk(entries[i], level - 1, start, max(first, start), min(last, start + child), out, end)
             i += 1
             start += child
 
@@ -246,7 +373,7 @@ class BlockMap:
             entries.byteswap()
         return entries
 
-    def _scan(self, entries: array | tuple[int, ...], n: int) -> list[Run]:
+    def _scan(self, entries: array | list[int], n: int) -> list[Run]:
         """Runs (offsets relative to the block) of the first ``n`` entries, validated."""
         runs: list[Run] = []
         if n <= 0:
@@ -285,6 +412,126 @@ class BlockMap:
             b = min(hi, last)
             _append(out, a, b - a, pblk + (a - lo) if pblk else 0)
         # entries past the block's last run (beyond EOF) are never mapped
+
+    # -- internals: writing -----------------------------------------------------------------
+    def _goal(self, lblk: int) -> int:
+        """Where the block for ``lblk`` should go: after its predecessor, else near the inode."""
+        last_l, last_p = self._last
+        if last_l >= 0 and last_p:
+            return last_p + (lblk - last_l)
+        if lblk > 0:
+            prev = self.runs(lblk - 1, lblk, lblk)
+            if prev and prev[0][2]:
+                return prev[0][2] + 1
+        return self.volume.inode_group_goal(self.inode.ino)
+
+    def _link(self, lblk: int, n: int, pblk: int) -> None:
+        """Point file blocks ``[lblk, lblk+n)`` at device blocks ``[pblk, pblk+n)``."""
+        vol = self.volume
+        k = 0
+        while k < n:
+            lb = lblk + k
+            if lb < L.N_DIRECT:
+                m = min(n - k, L.N_DIRECT - lb)
+                self.direct[lb:lb + m] = range(pblk + k, pblk + k + m)
+            else:
+                ind, idx = self._leaf_slot(lb, pblk + k)
+                m = min(n - k, self.apb - idx)
+                ptrs = array("I", range(pblk + k, pblk + k + m))
+                if _SWAP:
+                    ptrs.byteswap()
+                vol.device.write(ptrs.tobytes(), ind * self.bs + idx * 4)
+            k += m
+        node = self.inode
+        node.i_block = _PACK_I_BLOCK(*self.direct, *self.roots)
+        node.blocks += n * (self.bs // 512)
+        self._last = (lblk + n - 1, pblk + n - 1)
+        self.whole = 0
+        self._runs.clear()
+
+    def _leaf_slot(self, lblk: int, near: int) -> tuple[int, int]:
+        """``(indirect block, index)`` holding the pointer of ``lblk``, made on the way if missing."""
+        apb = self.apb
+        rel = lblk - L.N_DIRECT
+        if rel < apb:
+            level, path = 1, [rel]
+        elif rel - apb < apb * apb:
+            rel -= apb
+            level, path = 2, [rel // apb, rel % apb]
+        else:
+            rel -= apb + apb * apb
+            level, path = 3, [rel // (apb * apb), (rel // apb) % apb, rel % apb]
+        block = self.roots[level - 1]
+        if not block:
+            block = self.roots[level - 1] = self._new_indirect(near)
+        for idx in path[:-1]:
+            entries = self._ptrs.get(block)
+            if entries is None:
+                entries = self._ptrs[block] = self._entries(block)
+            child = entries[idx]
+            if not child:
+                child = self._new_indirect(near)
+                self.volume.device.write(child.to_bytes(4, "little"), block * self.bs + idx * 4)
+                entries[idx] = child
+            block = child
+        return block, path[-1]
+
+    def _new_indirect(self, near: int) -> int:
+        """A zeroed block for indirect pointers, from the top of the data's group."""
+        vol = self.volume
+        blk = vol.balloc.alloc_meta(near)
+        vol.device.write(bytes(self.bs), blk * self.bs)
+        self.inode.blocks += self.bs // 512
+        return blk
+
+    def _free_tree(self, ptr: int, level: int, freed: list[tuple[int, int]]) -> None:
+        """Collect indirect block ``ptr`` and everything below it."""
+        entries = self._entries(ptr)
+        if level == 1:
+            for _, count, pblk in self._scan(entries, self.apb):
+                if pblk:
+                    _add_run(freed, pblk, count)
+        else:
+            for child in entries:
+                if child:
+                    self._free_tree(child, level - 1, freed)
+        _add_run(freed, ptr, 1)
+
+    def _cut(self, ptr: int, level: int, base: int, keep: int, freed: list[tuple[int, int]]) -> None:
+        """Unlink everything below indirect block ``ptr`` from file block ``keep`` on."""
+        entries = self._entries(ptr)
+        child_span = self.apb ** (level - 1)
+        first = (keep - base) // child_span
+        changed = False
+        for i in range(first, self.apb):
+            child = entries[i]
+            if not child:
+                continue
+            cbase = base + i * child_span
+            if level == 1 or keep <= cbase:
+                if level == 1:
+                    _add_run(freed, child, 1)
+                else:
+                    self._free_tree(child, level - 1, freed)
+                entries[i] = 0
+                changed = True
+            else:
+                self._cut(child, level - 1, cbase, keep, freed)
+        if changed:
+            out = array("I", entries)
+            if _SWAP:
+                out.byteswap()
+            self.volume.device.write(out.tobytes(), ptr * self.bs)
+
+
+_PACK_I_BLOCK = struct.Struct("<15I").pack
+
+
+def _add_run(runs: list[tuple[int, int]], pblk: int, n: int) -> None:
+    if runs and runs[-1][0] + runs[-1][1] == pblk:
+        runs[-1] = (runs[-1][0], runs[-1][1] + n)
+    else:
+        runs.append((pblk, n))
 
 
 def _append(out: list[Run], lblk: int, count: int, pblk: int) -> None:

@@ -20,15 +20,28 @@ class Layout:
         self.struct = struct.Struct("<" + "".join(code for _, code in fields))
         self.size = self.struct.size
         self.offsets: dict[str, int] = {}
+        self.codes: dict[str, struct.Struct] = {}
         pos = 0
         for field, code in fields:
             self.offsets[field] = pos
+            self.codes[field] = struct.Struct("<" + code)
             pos += struct.calcsize("<" + code)
 
     def unpack(self, buf: Any, offset: int = 0) -> dict[str, Any]:
         """The record at ``offset`` of ``buf`` as ``{field: value}`` (padding dropped)."""
         values = self.struct.unpack_from(buf, offset)
         return {f: v for f, v in zip(self.fields, values, strict=True) if f != "_"}
+
+    def pack_field(self, buf: bytearray, field: str, value: Any, offset: int = 0) -> None:
+        """Store one field of the record at ``offset`` of ``buf``."""
+        self.codes[field].pack_into(buf, offset + self.offsets[field], value)
+
+    def pack(self, values: dict[str, Any], base: bytes | None = None) -> bytes:
+        """The record with ``values`` stored over ``base`` (zeros by default)."""
+        buf = bytearray(base if base is not None else bytes(self.size))
+        for field, value in values.items():
+            self.pack_field(buf, field, value)
+        return bytes(buf)
 
 
 SUPERBLOCK_OFFSET = 1024

@@ -9,13 +9,17 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import threading
+import time
 from bisect import bisect_right
 from collections.abc import Iterator
 
 from ..device import Device
 from ..errors import CorruptImageError, fs_error
 from . import layout as L
-from .dir import DirIndex, index_directory
+from .balloc import BlockAllocator
+from .dir import DirIndex, DirSpace, index_directory
+from .ialloc import InodeAllocator
 from .inode import Inode, Run
 from .super import Superblock, parse_superblock
 from .xattr import block_xattrs, inode_xattrs
@@ -25,6 +29,12 @@ MAX_SYMLINKS = 40
 #: Inodes kept decoded; the cache is simply emptied when it grows past this.
 INODE_CACHE_MAX = 1 << 17
 NAME_MAX = 255
+STATE_VALID = 1
+#: Superblock fields a writer changes (everything else is preserved byte for byte).
+_SB_MUTABLE = ("s_free_blocks_count", "s_free_inodes_count", "s_mtime", "s_wtime", "s_mnt_count",
+               "s_max_mnt_count", "s_state", "s_feature_compat", "s_feature_incompat",
+               "s_feature_ro_compat", "s_rev_level", "s_first_ino", "s_inode_size",
+               "s_block_group_nr")
 
 _ZEROS = memoryview(bytes(1 << 20))
 
@@ -39,12 +49,12 @@ def zero_fill(dst: memoryview) -> None:
 
 
 class GroupDesc:
-    """One decoded group descriptor."""
+    """One decoded group descriptor (the fields ext2 uses; the rest kept as it was)."""
 
     __slots__ = ("block_bitmap", "inode_bitmap", "inode_table", "free_blocks", "free_inodes",
-                 "used_dirs", "flags")
+                 "used_dirs", "flags", "raw")
 
-    def __init__(self, fields: dict[str, int]) -> None:
+    def __init__(self, fields: dict[str, int], raw: bytes) -> None:
         self.block_bitmap = fields["bg_block_bitmap"]
         self.inode_bitmap = fields["bg_inode_bitmap"]
         self.inode_table = fields["bg_inode_table"]
@@ -52,6 +62,15 @@ class GroupDesc:
         self.free_inodes = fields["bg_free_inodes_count"]
         self.used_dirs = fields["bg_used_dirs_count"]
         self.flags = fields["bg_flags"]
+        self.raw = raw
+
+    def encode(self) -> bytes:
+        self.raw = L.GROUP_DESC.pack({
+            "bg_block_bitmap": self.block_bitmap, "bg_inode_bitmap": self.inode_bitmap,
+            "bg_inode_table": self.inode_table, "bg_free_blocks_count": self.free_blocks,
+            "bg_free_inodes_count": self.free_inodes, "bg_used_dirs_count": self.used_dirs,
+            "bg_flags": self.flags}, self.raw)
+        return self.raw
 
 
 class Volume:
@@ -71,6 +90,116 @@ class Volume:
         self._zone_starts, self._zone_ends = self._metadata_zones()
         self._inodes: dict[int, Inode] = {}
         self._paths: dict[tuple[str, bool], int] = {}
+        #: Serialises every change of metadata (reads of file data need no lock).
+        self.lock = threading.RLock()
+        self._mounted = False
+        self._spaces: dict[int, DirSpace] = {}     # directories being written: where entries fit
+        self._open: dict[int, int] = {}            # inode -> file objects open on it
+        #: Inodes unlinked while open: freed when their last file object closes.
+        self.orphans: set[int] = set()
+        if not readonly:
+            self._mount()
+
+    # -- mounting for writing (what Linux does in ext2_fill_super / ext2_put_super) -----------
+    def _mount(self) -> None:
+        sb = self.sb
+        if sb.readonly_reason:
+            raise OSError(errno.EROFS, f"image can only be opened read-only: {sb.readonly_reason}",
+                          self.device.name)
+        if self.device.readonly:
+            raise OSError(errno.EROFS, "device is read-only", self.device.name)
+        self.device.lock(exclusive=True)
+        self.balloc = BlockAllocator(self)
+        self.ialloc = InodeAllocator(self)
+        self._orig_state = sb.s_state
+        f = sb.fields
+        f["s_state"] = sb.s_state & ~STATE_VALID
+        f["s_mnt_count"] = (sb.s_mnt_count + 1) & 0xFFFF
+        f["s_mtime"] = int(time.time()) & 0xFFFFFFFF
+        if f["s_max_mnt_count"] == 0:
+            f["s_max_mnt_count"] = 20
+        self.write_super()
+        self.device.flush()
+        self._mounted = True
+
+    def write_super(self) -> None:
+        """Store the superblock fields xipfs changes; every other byte stays as it was."""
+        raw = bytearray(self.sb.raw)
+        for name in _SB_MUTABLE:
+            L.SUPERBLOCK.pack_field(raw, name, self.sb.fields[name])
+        self.sb.raw = bytes(raw)
+        self.device.write(self.sb.raw, L.SUPERBLOCK_OFFSET)
+
+    def write_group_desc(self, g: int) -> None:
+        gd = self.groups[g]
+        self.device.write(gd.encode(), (self.sb.s_first_data_block + 1) * self.bs + g * L.GROUP_DESC.size)
+
+    def write_inode(self, node: Inode) -> None:
+        """Store ``node`` in the inode table."""
+        self.device.write(node.encode(), self.inode_offset(node.ino))
+        node._stat = None
+
+    def inode_group_goal(self, ino: int) -> int:
+        """The first block of inode ``ino``'s group: where its data should start looking."""
+        return self.sb.group_first_block((ino - 1) // self.sb.s_inodes_per_group)
+
+    def set_large_file(self) -> None:
+        """Turn on large_file when a file reaches 2 GiB (upgrading a revision 0 image first)."""
+        f = self.sb.fields
+        if f["s_feature_ro_compat"] & L.RO_COMPAT_LARGE_FILE:
+            return
+        if f["s_rev_level"] == 0:
+            f["s_rev_level"] = 1
+            f["s_first_ino"] = L.GOOD_OLD_FIRST_INO
+            f["s_inode_size"] = L.GOOD_OLD_INODE_SIZE
+        f["s_feature_ro_compat"] |= L.RO_COMPAT_LARGE_FILE
+        self.write_super()
+
+    def sync(self) -> None:
+        """Make everything durable: free counts, backups of superblock and descriptors, flush."""
+        if not self._mounted:
+            self.device.flush()
+            return
+        with self.lock:
+            f = self.sb.fields
+            f["s_free_blocks_count"] = sum(gd.free_blocks for gd in self.groups)
+            f["s_free_inodes_count"] = sum(gd.free_inodes for gd in self.groups)
+            f["s_wtime"] = int(time.time()) & 0xFFFFFFFF
+            self.write_super()
+            self._write_backups()
+            self.device.flush()
+
+    def _write_backups(self) -> None:
+        """Copy the superblock and descriptor table into every backup group, as e2fsprogs does."""
+        sb = self.sb
+        bs = self.bs
+        gdt = bytes(self.device.view((sb.s_first_data_block + 1) * bs, sb.desc_blocks * bs))
+        backup = bytearray(sb.raw)
+        L.SUPERBLOCK.pack_field(backup, "s_state", sb.s_state & ~STATE_VALID)
+        for g in range(1, sb.groups):
+            if not sb.group_has_super(g):
+                continue
+            L.SUPERBLOCK.pack_field(backup, "s_block_group_nr", min(g, 0xFFFF))
+            first = sb.group_first_block(g)
+            self.device.write(backup, first * bs)
+            self.device.write(gdt, (first + 1) * bs)
+
+    def unmount(self) -> None:
+        """Write everything back and mark the filesystem clean again (if it was)."""
+        if not self._mounted:
+            return
+        with self.lock:
+            from .namei import release
+
+            for ino in list(self.orphans):       # unlinked files still open: free them now
+                self._open.pop(ino, None)
+                release(self, self.inode(ino))
+            self.orphans.clear()
+            f = self.sb.fields
+            f["s_state"] = (self.sb.s_state & ~STATE_VALID) | (self._orig_state & STATE_VALID)
+            self.sync()
+            self._mounted = False
+            self.device.unlock()
 
     # -- group descriptors and metadata zones --------------------------------------------------
     def _read_group_descriptors(self) -> list[GroupDesc]:
@@ -81,7 +210,8 @@ class Volume:
         unpack = L.GROUP_DESC.unpack
         groups = []
         for g in range(sb.groups):
-            gd = GroupDesc(unpack(raw, g * L.GROUP_DESC.size))
+            off = g * L.GROUP_DESC.size
+            gd = GroupDesc(unpack(raw, off), bytes(raw[off:off + L.GROUP_DESC.size]))
             first, last = sb.group_first_block(g), sb.group_last_block(g)
             where = f"group descriptor {g}"
             for what, blk, n in (("block bitmap", gd.block_bitmap, 1),
@@ -154,6 +284,37 @@ class Volume:
                 self._inodes.clear()
             self._inodes[ino] = node
         return node
+
+    def remember(self, node: Inode) -> None:
+        self._inodes[node.ino] = node
+
+    def forget(self, ino: int) -> None:
+        self._inodes.pop(ino, None)
+        self._spaces.pop(ino, None)
+
+    def names_changed(self) -> None:
+        """A name went away or moved: resolved paths may now be wrong."""
+        self._paths.clear()
+
+    def opened(self, node: Inode) -> None:
+        self._open[node.ino] = self._open.get(node.ino, 0) + 1
+
+    def closed(self, node: Inode) -> None:
+        """A file object on ``node`` closed; an unlinked inode is freed with its last one."""
+        left = self._open.get(node.ino, 1) - 1
+        if left > 0:
+            self._open[node.ino] = left
+            return
+        self._open.pop(node.ino, None)
+        if node.ino in self.orphans and self._mounted:
+            from .namei import release
+
+            with self.lock:
+                self.orphans.discard(node.ino)
+                release(self, node)
+
+    def is_open(self, ino: int) -> bool:
+        return ino in self._open
 
     @property
     def root(self) -> Inode:
@@ -344,9 +505,12 @@ class Volume:
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
-        self._inodes.clear()
-        self._paths.clear()
-        self.device.close()
+        try:
+            self.unmount()
+        finally:
+            self._inodes.clear()
+            self._paths.clear()
+            self.device.close()
 
 
 def normpath(path: str) -> str:

@@ -6,10 +6,17 @@ from their on-disk ext2 form to the ``system.posix_acl_*`` wire format.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
+
+if TYPE_CHECKING:
+    from .inode import Inode
+    from .volume import Volume
 
 _ENTRY = L.XATTR_ENTRY.struct.unpack_from
 _U32 = struct.Struct("<I").unpack_from
@@ -96,3 +103,130 @@ def block_xattrs(block: memoryview | bytes, bs: int, blk: int) -> list[tuple[str
     if nblocks != 1:
         raise CorruptImageError(f"xattr block claims {nblocks} blocks", where)
     return parse_entries(block, 32, bs, 0, bs, where)
+
+
+# -- the write side -----------------------------------------------------------------------------
+
+_PREFIX_ORDER = sorted(((p, i) for i, p in L.XATTR_PREFIXES.items() if p.endswith(".")),
+                       key=lambda pi: -len(pi[0]))
+
+
+def split_name(name: str) -> tuple[int, bytes]:
+    """``(name index, suffix)`` for a full attribute name; EOPNOTSUPP for unknown namespaces."""
+    if name == "system.posix_acl_access":
+        return 2, b""
+    if name == "system.posix_acl_default":
+        return 3, b""
+    for prefix, index in _PREFIX_ORDER:
+        if name.startswith(prefix) and index != 7:
+            suffix = name[len(prefix):].encode("utf-8", "surrogateescape")
+            if not suffix or len(suffix) > 255:
+                raise OSError(errno.EINVAL if not suffix else errno.ERANGE, os.strerror(errno.EINVAL), name)
+            return index, suffix
+    raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), name)
+
+
+def xattr_to_acl(value: bytes) -> bytes:
+    """``system.posix_acl_*`` wire format -> ext2 on-disk ACL (short entries where no id)."""
+    if len(value) < 4 or (len(value) - 4) % 8 or _U32(value, 0)[0] != POSIX_ACL_XATTR_VERSION:
+        raise OSError(errno.EINVAL, "invalid POSIX ACL")
+    out = [struct.pack("<I", EXT2_ACL_VERSION)]
+    for pos in range(4, len(value), 8):
+        tag, perm, ident = struct.unpack_from("<HHI", value, pos)
+        out.append(struct.pack("<HHI", tag, perm, ident) if tag in (ACL_USER, ACL_GROUP)
+                   else struct.pack("<HH", tag, perm))
+    return b"".join(out)
+
+
+def entry_hash(name: bytes, value: bytes) -> int:
+    """ext2_xattr_hash_entry: the name hashed bytewise, then the value word by word."""
+    h = 0
+    for c in name:
+        h = ((h << 5) & 0xFFFFFFFF) ^ (h >> 27) ^ c
+    padded = value + bytes(-len(value) % 4)
+    for (word,) in struct.iter_unpack("<I", padded):
+        h = ((h << 16) & 0xFFFFFFFF) ^ (h >> 16) ^ word
+    return h
+
+
+def build_block(attrs: list[tuple[str, bytes]], bs: int) -> bytes:
+    """An xattr block holding ``attrs`` (sorted as Linux keeps them); ENOSPC if they do not fit."""
+    items = []
+    for name, value in attrs:
+        index, suffix = split_name(name)
+        if index in (2, 3):
+            value = xattr_to_acl(value)
+        items.append((index, len(suffix), suffix, value))
+    items.sort()
+    block = bytearray(bs)
+    pos = 32
+    vend = bs
+    hashes = []
+    for index, nlen, suffix, value in items:
+        vsize = (len(value) + 3) & ~3
+        esize = (16 + nlen + 3) & ~3
+        if pos + esize + 4 > vend - vsize:
+            raise OSError(errno.ENOSPC, "extended attributes do not fit in one block")
+        vend -= vsize
+        block[vend:vend + len(value)] = value
+        h = entry_hash(suffix, value)
+        hashes.append(h)
+        struct.pack_into("<BBHIII", block, pos, nlen, index, vend if value else 0, 0, len(value), h)
+        block[pos + 16:pos + 16 + nlen] = suffix
+        pos += esize
+    bh = 0
+    for h in hashes:
+        if h == 0:
+            bh = 0
+            break
+        bh = ((bh << 16) & 0xFFFFFFFF) ^ (bh >> 16) ^ h
+    struct.pack_into("<5I", block, 0, L.XATTR_MAGIC, 1, 1, bh, 0)
+    return bytes(block)
+
+
+def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> None:
+    """Store the complete attribute list of ``node`` in an xattr block (the Linux ext2 way).
+
+    Attributes that were in the inode body move to the block; the new block is written before
+    the inode points at it, and the old one is released after.
+    """
+    bs = vol.bs
+    new_block = build_block(attrs, bs) if attrs else None
+    old = node.file_acl
+    if node.extra_isize:
+        start = 128 + node.extra_isize
+        raw = bytearray(node._raw)
+        if start + 4 <= len(raw):
+            raw[start:] = bytes(len(raw) - start)
+            node._raw = bytes(raw)
+    if new_block is not None:
+        blk = vol.balloc.alloc(vol.inode_group_goal(node.ino), 1)[0][0]
+        vol.device.write(new_block, blk * bs)
+        node.file_acl = blk
+        if not old:
+            node.blocks += bs // 512
+    else:
+        node.file_acl = 0
+        if old:
+            node.blocks -= bs // 512
+    vol.write_inode(node)
+    if old:
+        release_block(vol, old)
+
+
+def drop_block(vol: Volume, node: Inode) -> None:
+    """Detach ``node``'s xattr block (freeing it, or lowering its count when shared)."""
+    old = node.file_acl
+    node.file_acl = 0
+    node.blocks -= vol.bs // 512
+    vol.write_inode(node)
+    release_block(vol, old)
+
+
+def release_block(vol: Volume, blk: int) -> None:
+    bs = vol.bs
+    refcount = _U32(vol.device.view(blk * bs + 4, 4), 0)[0]
+    if refcount > 1:
+        vol.device.write(struct.pack("<I", refcount - 1), blk * bs + 4)
+    else:
+        vol.balloc.free(blk, 1)

@@ -1,0 +1,109 @@
+"""Bit searches and updates on ext2 bitmaps (LSB first), at C speed where Python allows.
+
+Searches use regular expressions over the bitmap bytes (they run in C and accept any buffer),
+so finding a free block among 32,768 costs a few microseconds, not a Python loop per bit.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NOT_FULL = re.compile(rb"[^\xff]")
+_NOT_EMPTY = re.compile(rb"[^\x00]")
+
+
+def test_bit(bitmap: memoryview | bytes, bit: int) -> bool:
+    return bool(bitmap[bit >> 3] & (1 << (bit & 7)))
+
+
+def find_zero(bitmap: memoryview | bytes, start: int, end: int) -> int:
+    """First clear bit in ``[start, end)``, or -1."""
+    if start >= end:
+        return -1
+    byte = start >> 3
+    bits = bitmap[byte] | ((1 << (start & 7)) - 1)      # treat bits before start as set
+    if bits != 0xFF:
+        bit = (byte << 3) + _lowest_zero(bits)
+        return bit if bit < end else -1
+    m = _NOT_FULL.search(bitmap, byte + 1, (end + 7) >> 3)
+    if m is None:
+        return -1
+    byte = m.start()
+    bit = (byte << 3) + _lowest_zero(bitmap[byte])
+    return bit if bit < end else -1
+
+
+def zero_run(bitmap: memoryview | bytes, start: int, end: int) -> int:
+    """Length of the run of clear bits starting at ``start`` (which must be clear), up to ``end``."""
+    byte = start >> 3
+    bits = bitmap[byte] >> (start & 7)
+    if bits:
+        return min(_lowest_one(bits), end - start)
+    pos = (byte + 1) << 3
+    if pos >= end:
+        return end - start
+    m = _NOT_EMPTY.search(bitmap, byte + 1, (end + 7) >> 3)
+    if m is None:
+        return end - start
+    stop = (m.start() << 3) + _lowest_one(bitmap[m.start()])
+    return min(stop, end) - start
+
+
+def set_range(bitmap: memoryview | bytearray, start: int, count: int, value: bool) -> tuple[int, bytes]:
+    """Set or clear ``count`` bits from ``start``; returns ``(first byte, new bytes)`` to store.
+
+    ``bitmap`` is only read: the caller writes the returned bytes back through its device, so
+    the page cache sees the change.
+    """
+    first, last = start >> 3, (start + count - 1) >> 3
+    chunk = bytearray(bitmap[first:last + 1])
+    for bit in range(start, start + count):
+        if bit & 7 == 0 and bit + 8 <= start + count:
+            break
+        _flip(chunk, bit - (first << 3), value)
+    else:
+        return first, bytes(chunk)
+    # whole bytes in the middle, then the tail bits
+    head = bit
+    whole_end = (start + count) & ~7
+    fill = 0xFF if value else 0x00
+    chunk[(head >> 3) - first:(whole_end >> 3) - first] = bytes([fill]) * ((whole_end - head) >> 3)
+    for b in range(whole_end, start + count):
+        _flip(chunk, b - (first << 3), value)
+    return first, bytes(chunk)
+
+
+def count_zeros(bitmap: memoryview | bytes, nbits: int) -> int:
+    """Number of clear bits among the first ``nbits``."""
+    full, rest = divmod(nbits, 8)
+    ones = int.from_bytes(bytes(bitmap[:full]), "little").bit_count() if full else 0
+    if rest:
+        ones += (bitmap[full] & ((1 << rest) - 1)).bit_count()
+    return nbits - ones
+
+
+def _flip(chunk: bytearray, bit: int, value: bool) -> None:
+    if value:
+        chunk[bit >> 3] |= 1 << (bit & 7)
+    else:
+        chunk[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+
+
+def _lowest_zero(byte: int) -> int:
+    return ((~byte) & (byte + 1)).bit_length() - 1
+
+
+def _lowest_one(byte: int) -> int:
+    return (byte & -byte).bit_length() - 1
+
+
+def find_zero_high(bitmap: memoryview | bytes, end: int) -> int:
+    """Highest clear bit below ``end``, or -1 (the search runs from the top down)."""
+    nbytes = (end + 7) >> 3
+    data = bytearray(bitmap[:nbytes])
+    if end & 7:
+        data[-1] |= 0xFF << (end & 7) & 0xFF         # bits at and past ``end`` count as set
+    top = len(data.rstrip(b"\xff")) - 1
+    if top < 0:
+        return -1
+    return (top << 3) + ((~data[top]) & 0xFF).bit_length() - 1

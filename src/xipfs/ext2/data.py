@@ -1,0 +1,166 @@
+"""File data on the write side: write, truncate and fallocate over the block map.
+
+The seed's ``__xip_file_write``: data goes straight from the caller's buffer into the storage
+(one copy); a hole is first given a block whose parts outside the write are zeroed, and the
+block is linked into the file only once its content is in place, so no reader and no crash
+can ever see stale data. ``i_size`` grows only after the bytes are there.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import fs_error
+from .inode import Inode
+
+if TYPE_CHECKING:
+    from .volume import Volume
+
+LARGE_FILE_SIZE = 1 << 31
+
+
+def max_file_size(bs: int) -> int:
+    """Largest ext2 file for block size ``bs`` (Linux ``ext2_max_size``: tree and i_blocks bound)."""
+    apb = bs // 4
+    blocks = 12 + apb + apb * apb + apb * apb * apb
+    meta = 1 + (1 + apb) + (1 + apb + apb * apb)          # indirect blocks of a full tree
+    sectors_bound = ((1 << 32) - 1) // (bs // 512) - meta
+    return min(blocks, sectors_bound) * bs
+
+
+def write(vol: Volume, node: Inode, data: memoryview, pos: int) -> int:
+    """Store ``data`` at byte ``pos`` of ``node``; returns bytes written (fewer when space runs out)."""
+    n = len(data)
+    if n == 0:
+        return 0
+    bs = vol.bs
+    if pos + n > max_file_size(bs):
+        if pos >= max_file_size(bs):
+            raise fs_error(errno.EFBIG)
+        n = max_file_size(bs) - pos
+        data = data[:n]
+    end = pos + n
+    m = node.map
+    if pos > node.size:
+        zero_eof_tail(vol, node, pos)
+    first, last = pos // bs, (end - 1) // bs + 1
+    dev = vol.device
+    written_to = pos
+    for lblk, count, pblk in m.runs(first, last, max(last, m.nblocks)):
+        lo = lblk * bs
+        a = max(lo, pos)
+        b = min(lo + count * bs, end)
+        if pblk:
+            dev.write(data[a - pos:b - pos], pblk * bs + (a - lo))
+            written_to = b
+            continue
+
+        def fill(fl: int, fcount: int, fp: int) -> None:
+            blo, bhi = fl * bs, (fl + fcount) * bs
+            da, db = max(blo, pos), min(bhi, end)
+            if da > blo:
+                dev.write(bytes(da - blo), fp * bs)
+            dev.write(data[da - pos:db - pos], fp * bs + (da - blo))
+            if bhi > db:
+                dev.write(bytes(bhi - db), fp * bs + (db - blo))
+
+        got = m.assign(lblk, lblk + count, fill)
+        written_to = min(b, (lblk + got) * bs) if got < count else b
+        if got < count:
+            break
+    done = written_to - pos
+    if done <= 0:
+        raise fs_error(errno.ENOSPC)
+    now = time.time_ns()
+    node.mtime_ns = node.ctime_ns = now
+    if written_to > node.size:
+        set_size(vol, node, written_to)
+    vol.write_inode(node)
+    return done
+
+
+def set_size(vol: Volume, node: Inode, size: int) -> None:
+    """Record a new ``i_size`` (the caller writes the inode)."""
+    node.size = size
+    if size >= LARGE_FILE_SIZE and node.is_reg:
+        vol.set_large_file()
+    m = node._map
+    if m is not None:
+        m.resize(-(-size // vol.bs))
+
+
+def zero_eof_tail(vol: Volume, node: Inode, upto: int) -> None:
+    """Zero ``[i_size, upto)`` within the block that holds EOF, so extending never shows garbage."""
+    bs = vol.bs
+    size = node.size
+    if size % bs == 0:
+        return
+    lblk = size // bs
+    pblk = node.map.runs(lblk, lblk + 1, lblk + 1)
+    if pblk and pblk[0][2]:
+        stop = min(upto, (lblk + 1) * bs)
+        vol.device.write(bytes(stop - size), pblk[0][2] * bs + size % bs)
+
+
+def truncate(vol: Volume, node: Inode, size: int) -> None:
+    """Set the size of ``node``: shrinking frees blocks (and indirect blocks), growing leaves a hole."""
+    if size < 0:
+        raise fs_error(errno.EINVAL)
+    if size > max_file_size(vol.bs):
+        raise fs_error(errno.EFBIG)
+    bs = vol.bs
+    old = node.size
+    now = time.time_ns()
+    if size < old:
+        keep = -(-size // bs)
+        if size % bs:
+            tail = node.map.runs(keep - 1, keep)
+            if tail and tail[0][2]:
+                vol.device.write(bytes(bs - size % bs), tail[0][2] * bs + size % bs)
+        freed = node.map.truncate(keep)
+        set_size(vol, node, size)
+        node.mtime_ns = node.ctime_ns = now
+        vol.write_inode(node)
+        for pblk, count in freed:
+            vol.balloc.free(pblk, count)
+        node.reset_map()
+    elif size > old:
+        zero_eof_tail(vol, node, size)
+        set_size(vol, node, size)
+        node.mtime_ns = node.ctime_ns = now
+        vol.write_inode(node)
+    else:
+        node.mtime_ns = node.ctime_ns = now
+        vol.write_inode(node)
+
+
+def fallocate(vol: Volume, node: Inode, offset: int, length: int) -> None:
+    """Give every hole in ``[offset, offset+length)`` a zeroed block; extend the size to cover it."""
+    if offset < 0 or length <= 0:
+        raise fs_error(errno.EINVAL)
+    bs = vol.bs
+    end = offset + length
+    if end > max_file_size(bs):
+        raise fs_error(errno.EFBIG)
+    if offset > node.size:
+        zero_eof_tail(vol, node, offset)
+    first, last = offset // bs, (end - 1) // bs + 1
+    got = node.map.assign(first, last, lambda lb, n, pb: zero_blocks(vol, pb, n))
+    if got < last - first:
+        raise fs_error(errno.ENOSPC)
+    if end > node.size:
+        set_size(vol, node, end)
+    node.ctime_ns = time.time_ns()
+    vol.write_inode(node)
+
+
+def zero_blocks(vol: Volume, pblk: int, count: int) -> None:
+    """Fill ``count`` device blocks from ``pblk`` with zeros (in pieces of at most 1 MiB)."""
+    bs = vol.bs
+    step = max(1, (1 << 20) // bs)
+    zeros = bytes(min(count, step) * bs)
+    for i in range(0, count, step):
+        k = min(step, count - i)
+        vol.device.write(zeros[:k * bs] if k < step else zeros, (pblk + i) * bs)

@@ -1,0 +1,325 @@
+"""Shared fixtures: ext2 images built by mke2fs from generated trees, and independent oracles.
+
+Every image lives in one private directory under /dev/shm that is removed at the end of the
+session. The oracles that xipfs is compared with are all outside xipfs:
+
+* the source tree itself (``treegen.record_tree``);
+* ``debugfs`` (inode numbers per name, i_blocks, link counts, the logical->physical block map);
+* ``e2fsck -fn`` (every image the fixtures make must be clean);
+* the kernel: path resolution in the source tree under ``chroot`` and the image mounted
+  read-only through the ext4 driver (both need root; the tests that use them skip otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import treegen  # noqa: E402
+
+import xipfs  # noqa: E402
+
+BLOCK_SIZES = (1024, 2048, 4096)
+INODE_SIZES = (128, 256)
+IMAGE_PARAMS = [(bs, isize) for bs in BLOCK_SIZES for isize in INODE_SIZES]
+IS_ROOT = os.geteuid() == 0
+TREE_SEED = 20240611
+#: Size of the images built from the standard tree (its real data is about 16 MiB).
+TREE_IMAGE_SIZE = "40M"
+TOOL_TIMEOUT = 120
+
+
+# -- running e2fsprogs ------------------------------------------------------------------------
+def run(cmd: list[str], *, timeout: int = TOOL_TIMEOUT, check: bool = True,
+        input: bytes | None = None) -> subprocess.CompletedProcess:  # noqa: A002
+    """Run a tool under ``timeout`` (so a hung tool fails the test instead of the session)."""
+    proc = subprocess.run(["timeout", str(timeout), *cmd], input=input, capture_output=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
+                             f"{proc.stdout.decode(errors='replace')}{proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+def mkfs(img: str, size: str, *, src: str | bytes | None = None, bs: int | None = None,
+         isize: int | None = None, fstype: str = "ext2", extra: tuple[str, ...] = ()) -> str:
+    """``mke2fs -q -F -t TYPE -b BS -I ISIZE [-d SRC] IMG SIZE``; returns ``img``."""
+    cmd = ["mke2fs", "-q", "-F", "-t", fstype]
+    if bs:
+        cmd += ["-b", str(bs)]
+    if isize:
+        cmd += ["-I", str(isize)]
+    cmd += list(extra)
+    if src is not None:
+        cmd += ["-d", os.fsdecode(src)]
+    cmd += [img, size]
+    # mke2fs warns on stderr about 128-byte inodes and y2038; only the exit status matters
+    run(cmd, timeout=300)
+    return img
+
+
+def fsck(img: str) -> tuple[int, str]:
+    """``e2fsck -fn IMG``: (exit status, output). 0 means clean."""
+    proc = run(["e2fsck", "-fn", img], check=False)
+    return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
+
+
+def assert_fsck_clean(img: str) -> None:
+    rc, out = fsck(img)
+    assert rc == 0, f"e2fsck -fn {img} exited {rc}:\n{out}"
+
+
+def debugfs(img: str, *cmds: str, write: bool = False) -> bytes:
+    """Run debugfs commands on ``img`` (one process for all of them); raw stdout."""
+    with tempfile.NamedTemporaryFile("w", suffix=".cmds", dir="/dev/shm", delete=False) as f:
+        f.write("\n".join(cmds) + "\n")
+        name = f.name
+    try:
+        return run(["debugfs", *(["-w"] if write else []), "-f", name, img]).stdout
+    finally:
+        os.unlink(name)
+
+
+# -- what debugfs says about an image ---------------------------------------------------------
+@dataclass
+class DInode:
+    """One inode as ``debugfs stat`` prints it."""
+
+    ino: int
+    type: str
+    mode: int
+    links: int
+    blockcount: int
+    size: int
+    uid: int
+    gid: int
+    file_acl: int
+    #: logical block -> physical block, data blocks only
+    blocks: dict[int, int] = field(default_factory=dict)
+    #: the IND/DIND/TIND blocks
+    meta: list[int] = field(default_factory=list)
+    fast_link: bool = False
+
+
+_STAT_RE = {
+    "head": re.compile(rb"Inode: (\d+)\s+Type: (.+?)\s+Mode:\s+(\d+)"),
+    "user": re.compile(rb"User:\s+(-?\d+)\s+Group:\s+(-?\d+).*?Size: (\d+)"),
+    "acl": re.compile(rb"File ACL: (\d+)"),
+    "links": re.compile(rb"Links: (\d+)\s+Blockcount: (\d+)"),
+}
+_BLOCK_RE = re.compile(rb"\((\d+)(?:-(\d+))?\):(\d+)(?:-(\d+))?|\((?:IND|DIND|TIND)\):(\d+)")
+#: ``ls -p``: /inode/mode/uid/gid/name/size/ (debugfs prints uids >= 2^31 as negative numbers)
+_LS_RE = re.compile(rb"/(\d+)/([0-7]+)/(-?\d+)/(-?\d+)/([^/]*)/(\d*)/\n")
+
+
+def parse_stat(text: bytes) -> DInode:
+    head = _STAT_RE["head"].search(text)
+    user = _STAT_RE["user"].search(text)
+    links = _STAT_RE["links"].search(text)
+    acl = _STAT_RE["acl"].search(text)
+    node = DInode(ino=int(head[1]), type=head[2].decode(), mode=int(head[3], 8), links=int(links[1]),
+                  blockcount=int(links[2]), size=int(user[3]), uid=int(user[1]) & 0xFFFFFFFF,
+                  gid=int(user[2]) & 0xFFFFFFFF,
+                  file_acl=int(acl[1]) if acl else 0)
+    node.fast_link = b"Fast link dest:" in text
+    if b"BLOCKS:\n" in text:
+        section = text.split(b"BLOCKS:\n", 1)[1].split(b"TOTAL:", 1)[0]
+        for m in _BLOCK_RE.finditer(section):
+            if m[5] is not None:
+                node.meta.append(int(m[5]))
+                continue
+            lo = int(m[1])
+            hi = int(m[2]) if m[2] else lo
+            p = int(m[3])
+            for i in range(hi - lo + 1):
+                node.blocks[lo + i] = p + i
+    return node
+
+
+class DebugfsView:
+    """An image as debugfs sees it: every name's inode number, every inode's ``stat``."""
+
+    def __init__(self, img: str) -> None:
+        self.img = img
+        #: directory inode -> [(name, inode)] (without . and ..)
+        self.dirs: dict[int, list[tuple[bytes, int]]] = {}
+        #: b"/a/b" -> inode number (root: b"/")
+        self.paths: dict[bytes, int] = {b"/": 2}
+        todo = {2: b"/"}
+        while todo:                                   # one debugfs run per directory depth
+            cmds = [f"ls -p <{ino}>" for ino in todo]
+            out = debugfs(img, *cmds)
+            parts = re.split(rb"^debugfs: ls -p <(\d+)>\n", out, flags=re.M)
+            nxt: dict[int, bytes] = {}
+            for ino_s, body in zip(parts[1::2], parts[2::2]):
+                ino = int(ino_s)
+                entries = []
+                for m in _LS_RE.finditer(body):
+                    name, child, mode = m[5], int(m[1]), int(m[2], 8)  # uid/gid unused
+                    if name in (b".", b"..") or child == 0:     # 0: an empty slot
+                        continue
+                    entries.append((name, child))
+                    path = (todo[ino] if todo[ino] != b"/" else b"") + b"/" + name
+                    self.paths[path] = child
+                    if mode & 0o170000 == 0o040000:
+                        nxt[child] = path
+                self.dirs[ino] = entries
+            todo = nxt
+        inos = sorted(set(self.paths.values()))
+        out = debugfs(img, *(f"stat <{i}>" for i in inos))
+        parts = re.split(rb"^debugfs: stat <\d+>\n", out, flags=re.M)[1:]
+        self.inodes: dict[int, DInode] = {}
+        for text in parts:
+            node = parse_stat(text)
+            self.inodes[node.ino] = node
+
+
+# -- images -----------------------------------------------------------------------------------
+@dataclass
+class Image:
+    path: str
+    bs: int
+    isize: int
+    src: bytes | None = None
+    tree: dict | None = None
+
+    @cached_property
+    def debugfs(self) -> DebugfsView:
+        return DebugfsView(self.path)
+
+    @cached_property
+    def kernel(self) -> dict:
+        """What the kernel (ext4 driver, read-only mount) shows of every path of the image."""
+        with mounted(self.path) as mnt:
+            return kernel_snapshot(mnt)
+
+    def __str__(self) -> str:
+        return f"bs{self.bs}-i{self.isize}"
+
+
+@pytest.fixture(scope="session")
+def shm_dir():
+    """A private directory in /dev/shm for the whole session, removed at the end."""
+    path = tempfile.mkdtemp(prefix="xipfs-tests-", dir="/dev/shm")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tree_src(shm_dir):
+    """The standard generated tree: (source root as bytes, recorded nodes)."""
+    root = os.fsencode(os.path.join(shm_dir, "tree"))
+    treegen.build_tree(root, TREE_SEED)
+    return root, treegen.record_tree(root)
+
+
+@pytest.fixture(scope="session", params=IMAGE_PARAMS, ids=[f"bs{b}-i{i}" for b, i in IMAGE_PARAMS])
+def tree_image(request, tree_src, shm_dir):
+    """The standard tree as an ext2 image, for every block size and inode size (one at a time)."""
+    bs, isize = request.param
+    src, nodes = tree_src
+    path = os.path.join(shm_dir, f"tree-{bs}-{isize}.img")
+    mkfs(path, TREE_IMAGE_SIZE, src=src, bs=bs, isize=isize)
+    assert_fsck_clean(path)
+    yield Image(path, bs, isize, src, nodes)
+    os.unlink(path)
+
+
+@pytest.fixture(params=[True, False], ids=["xip", "pagecache"])
+def xip(request):
+    """Both devices: the memory (mmap) device and the file device with its page cache."""
+    return request.param
+
+
+def open_image(path: str | os.PathLike, xip: bool | None) -> xipfs.Filesystem:
+    fs = xipfs.open(path, xip=xip)
+    if xip is not None:
+        assert fs.is_xip is xip
+    return fs
+
+
+# -- the kernel as an oracle ------------------------------------------------------------------
+@contextlib.contextmanager
+def mounted(img: str, fstype: str = "ext4", options: str = "ro"):
+    """Loop-mount ``img`` (read-only by default); skips the test when that is not possible."""
+    if not IS_ROOT:
+        pytest.skip("loop mounts need root")
+    mnt = tempfile.mkdtemp(prefix="xipfs-mnt-")
+    proc = run(["mount", "-o", f"loop,{options}", "-t", fstype, img, mnt], check=False, timeout=60)
+    if proc.returncode != 0:
+        os.rmdir(mnt)
+        pytest.skip(f"mount -o loop failed: {proc.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        run(["umount", mnt], timeout=60)
+        os.rmdir(mnt)
+
+
+def kernel_snapshot(mnt: str) -> dict[bytes, dict]:
+    """``{b"/path": {stat, target, xattrs, names, sha256}}`` of everything under ``mnt``."""
+    import hashlib
+
+    root = os.fsencode(mnt)
+    out: dict[bytes, dict] = {}
+    for top, dirs, files in os.walk(root):
+        for name in [b""] + dirs + files if top == root else dirs + files:
+            full = os.path.join(top, name) if name else top
+            rel = full[len(root):] or b"/"
+            st = os.lstat(full)
+            rec: dict = {"stat": st, "xattrs": {
+                n: os.getxattr(full, n, follow_symlinks=False)
+                for n in os.listxattr(full, follow_symlinks=False)}}
+            if os.path.islink(full):
+                rec["target"] = os.readlink(full)
+            elif os.path.isdir(full):
+                rec["names"] = set(os.listdir(full))
+            elif os.path.isfile(full):
+                h = hashlib.sha256()
+                with open(full, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                rec["sha256"] = h.hexdigest()
+            out[rel] = rec
+    return out
+
+
+_CHROOT_CHILD = r"""
+import os, pickle, sys
+root, paths = pickle.load(sys.stdin.buffer)
+os.chroot(root)
+os.chdir("/")
+out = {}
+for p in paths:
+    res = []
+    for fn in (os.stat, os.lstat):
+        try:
+            st = fn(p)
+            res.append(("ok", st.st_mode, st.st_ino, st.st_size))
+        except OSError as e:
+            res.append(("err", e.errno))
+    out[p] = tuple(res)
+sys.stdout.buffer.write(pickle.dumps(out))
+"""
+
+
+def kernel_resolve(root: bytes, paths: list[bytes]) -> dict[bytes, tuple]:
+    """Resolve ``paths`` inside ``root`` with the kernel (chroot): ``{path: (stat, lstat)}``.
+
+    Each result is ``("ok", st_mode, source st_ino, st_size)`` or ``("err", errno)``.
+    """
+    if not IS_ROOT:
+        pytest.skip("chroot needs root")
+    proc = run([sys.executable, "-c", _CHROOT_CHILD], input=pickle.dumps((root, paths)))
+    return pickle.loads(proc.stdout)

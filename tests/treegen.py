@@ -199,8 +199,11 @@ def _names_long() -> list[bytes]:
     ]
 
 
-def build_tree(root: str | bytes, seed: int = 1234, *, random_files: int = 60) -> None:
-    """Write the standard test tree under ``root`` (deterministic for a given ``seed``)."""
+def build_tree(root: str | bytes, seed: int = 1234, *, random_files: int = 60, big: bool = True) -> None:
+    """Write the standard test tree under ``root`` (deterministic for a given ``seed``).
+
+    ``big=False`` leaves out the files of more than 300 KiB of data (about 1.5 MiB in all).
+    """
     rng = random.Random(seed)
     b = TreeBuilder(root, rng)
 
@@ -213,8 +216,10 @@ def build_tree(root: str | bytes, seed: int = 1234, *, random_files: int = 60) -
         sizes |= {bs - 1, bs, bs + 1, ind * bs - 1, ind * bs, ind * bs + 1}
         sizes.add(dind * bs + 1)                     # one byte into the double-indirect range
     for n in sorted(sizes):
-        b.file(f"sizes/f{n}", n)
-    b.file("sizes/big-6MiB", 6 * 1024 * 1024 + 333)   # double-indirect at every block size
+        if big or n <= 300 * 1024:
+            b.file(f"sizes/f{n}", n)
+    if big:
+        b.file("sizes/big-6MiB", 6 * 1024 * 1024 + 333)   # double-indirect at every block size
     text = "line one\nligne deux é\r\nthird\rfourth 漢字\n" * 300
     b.file("sizes/text.txt", text.encode())
 

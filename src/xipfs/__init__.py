@@ -12,6 +12,7 @@ page cache in between. Anything else is read through a bounded page cache, the c
 
 from .device import Device, FileDevice, MemoryDevice, PageCache, open_device
 from .errors import CorruptImageError, UnsupportedFeatureError, XipfsError
+from .ext2.mkfs import mkfs
 from .file import XipFile
 from .fs import DirEntry, Filesystem, open  # noqa: A004 - xipfs.open is the entry point, like io.open
 
@@ -28,6 +29,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "XipFile",
     "XipfsError",
+    "mkfs",
     "open",
     "open_device",
 ]

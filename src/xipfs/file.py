@@ -37,14 +37,19 @@ class XipFile(io.RawIOBase):
         self._append = append
         self.name = name
         self.mode = mode
-        volume.opened(inode)
+        # Only a writable filesystem can unlink a file while it is open: count opens there.
+        self._tracked = not volume.readonly
+        if self._tracked:
+            volume.opened(inode)
 
     def close(self) -> None:
-        if not self.closed:
+        if self._tracked and not self.closed:
             try:
                 super().close()
             finally:
                 self._volume.closed(self._inode)
+        else:
+            super().close()
 
     # -- io.RawIOBase -------------------------------------------------------------------------
     def readable(self) -> bool:
@@ -207,10 +212,6 @@ class XipFile(io.RawIOBase):
         vol = self._volume
         with vol.lock:
             _data.fallocate(vol, self._inode, offset, length)
-
-    def flush(self) -> None:
-        """Nothing is buffered here: data is in the storage as soon as ``write`` returns."""
-        self._check_open()
 
     def fsync(self) -> None:
         """Make this file's data and the metadata durable (msync, or write-back and fsync)."""

@@ -248,8 +248,12 @@ class Filesystem:
     def open(self, path: PathArg, mode: str = "r", buffering: int = -1, encoding: str | None = None,
              errors: str | None = None, newline: str | None = None) -> IO[Any]:
         """Open a file of the image, like the built-in ``open`` (all its modes)."""
-        if mode == "rb" and buffering == 0:
-            return self._open_raw(path, mode, True, False, False, False, False)
+        if mode == "rb" and buffering == 0:          # the hot path: no parsing, no lock
+            p = path if isinstance(path, str) else _fspath(path)[0]
+            node = self.volume.resolve(p, True)
+            if (node.mode & 0o170000) == 0o100000:
+                return XipFile(self.volume, node, p)
+            return self._open_raw(p, mode, True, False, False, False, False)
         chars = set(mode)
         if (not mode or len(chars) != len(mode) or chars - set("rwaxbt+")
                 or len(chars & set("rwax")) != 1 or ("t" in chars and "b" in chars)):

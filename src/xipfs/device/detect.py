@@ -77,9 +77,14 @@ def _dax_size(st: os.stat_result) -> int | None:
         return None
 
 
-def looks_like_shm_name(image: str) -> bool:
-    """``"name"`` or ``"/name"`` with no other slash: a POSIX shared-memory object name."""
-    return bool(image.strip("/")) and "/" not in image.lstrip("/")
+def looks_like_shm_name(image: str, *, bare: bool = True) -> bool:
+    """``"/name"`` (or, with ``bare``, ``"name"``) with no other slash: a POSIX shared-memory name.
+
+    Only used for strings that are not an existing path.
+    """
+    if image.startswith("/"):
+        return len(image) > 1 and "/" not in image[1:]
+    return bare and bool(image) and "/" not in image
 
 
 def open_device(image: str | os.PathLike[str] | Device, *, readonly: bool,

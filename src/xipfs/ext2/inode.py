@@ -79,8 +79,8 @@ class Inode:
         self.extra_isize = 0
         a_x = m_x = c_x = None
         self.crtime_ns = None
-        isize = volume.sb.inode_size
-        if isize > 128 and len(raw) >= 132:
+        isize = volume.isize
+        if isize > 128:
             extra = raw[128] | (raw[129] << 8)
             if extra:
                 if extra & 3 or 128 + extra > isize:
@@ -203,8 +203,8 @@ class BlockMap:
         vol = inode.volume
         self.inode = inode
         self.volume = vol
-        self.bs = vol.sb.block_size
-        self.apb = vol.sb.addr_per_block
+        self.bs = vol.bs
+        self.apb = vol.bs >> 2
         #: Number of file blocks below i_size: nothing past EOF is ever mapped.
         self.nblocks = -(-inode.size // self.bs)
         words = _I_BLOCK(inode.i_block)

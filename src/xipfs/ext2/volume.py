@@ -86,6 +86,12 @@ class Volume:
         sb = self.sb
         self.bs = sb.block_size
         self.filetype = sb.has_incompat(L.INCOMPAT_FILETYPE)
+        # geometry read on hot paths, kept as plain attributes
+        self.ipg = sb.s_inodes_per_group
+        self.inodes_count = sb.s_inodes_count
+        self.isize = sb.inode_size
+        self.first_data_block = sb.s_first_data_block
+        self.blocks_count = sb.s_blocks_count
         self.groups = self._read_group_descriptors()
         self._zone_starts, self._zone_ends = self._metadata_zones()
         self._inodes: dict[int, Inode] = {}
@@ -250,10 +256,10 @@ class Volume:
 
     def check_data_run(self, pblk: int, count: int, ino: int, what: str = "data block") -> None:
         """Refuse a run of blocks an inode points to that lies outside the data area."""
-        if pblk <= self.sb.s_first_data_block or pblk + count > self.sb.s_blocks_count:
+        if pblk <= self.first_data_block or pblk + count > self.blocks_count:
             raise CorruptImageError(
                 f"{what} {pblk}" + (f"..{pblk + count - 1}" if count > 1 else "")
-                + f" outside the filesystem (1..{self.sb.s_blocks_count - 1})", f"inode {ino}")
+                + f" outside the filesystem (1..{self.blocks_count - 1})", f"inode {ino}")
         if ino == L.RESIZE_INO:  # its blocks are the reserved descriptor blocks, by design
             return
         i = bisect_right(self._zone_starts, pblk + count - 1) - 1
@@ -265,15 +271,14 @@ class Volume:
     # -- inodes -------------------------------------------------------------------------------
     def inode_offset(self, ino: int) -> int:
         """Byte offset of inode ``ino`` in the device."""
-        sb = self.sb
-        if not 1 <= ino <= sb.s_inodes_count:
-            raise CorruptImageError(f"inode number {ino} out of range 1..{sb.s_inodes_count}")
-        group, index = divmod(ino - 1, sb.s_inodes_per_group)
-        return self.groups[group].inode_table * self.bs + index * sb.inode_size
+        if not 0 < ino <= self.inodes_count:
+            raise CorruptImageError(f"inode number {ino} out of range 1..{self.inodes_count}")
+        group, index = divmod(ino - 1, self.ipg)
+        return self.groups[group].inode_table * self.bs + index * self.isize
 
     def inode_raw(self, ino: int) -> memoryview:
         """The on-disk bytes of inode ``ino``."""
-        return self.device.view(self.inode_offset(ino), self.sb.inode_size)
+        return self.device.view(self.inode_offset(ino), self.isize)
 
     def inode(self, ino: int) -> Inode:
         """Inode ``ino``, decoded once and cached."""

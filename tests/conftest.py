@@ -162,7 +162,7 @@ class DebugfsView:
             out = debugfs(img, *cmds)
             parts = re.split(rb"^debugfs: ls -p <(\d+)>\n", out, flags=re.M)
             nxt: dict[int, bytes] = {}
-            for ino_s, body in zip(parts[1::2], parts[2::2]):
+            for ino_s, body in zip(parts[1::2], parts[2::2], strict=True):
                 ino = int(ino_s)
                 entries = []
                 for m in _LS_RE.finditer(body):

@@ -422,8 +422,8 @@ def _check_big_dir(img: str, names: list[str], xip: bool) -> None:
         for name in ("00000-x", "10000-", "00001", "00001-A", names[5] + "x"):
             assert not fs.exists("/big/" + name)
         ls = debugfs(img, "ls -p /big")
-        want = {m[2].decode(): int(m[1]) for m in re.finditer(rb"/(\d+)/[0-7]+/-?\d+/-?\d+/([^/]*)/\d*/\n", ls)
-                if m[2] not in (b".", b"..")}
+        entries = re.finditer(rb"/(\d+)/[0-7]+/-?\d+/-?\d+/([^/]*)/\d*/\n", ls)
+        want = {m[2].decode(): int(m[1]) for m in entries if m[2] not in (b".", b"..")}
         assert {n: fs.lstat("/big/" + n).st_ino for n in names[::101]} == {n: want[n] for n in names[::101]}
 
 

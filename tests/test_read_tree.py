@@ -491,7 +491,7 @@ def _compare_with_kernel(fs, tree_image, probes: list[bytes]) -> list:
         by_src_ino.setdefault(node.src_ino, path)
     mismatches = []
     for path in probes:
-        for follow, want in zip((True, False), kernel[path]):
+        for follow, want in zip((True, False), kernel[path], strict=True):
             try:
                 st_ = fs.stat(path) if follow else fs.lstat(path)
                 got = ("ok", stat.S_IFMT(st_.st_mode), st_.st_ino)

@@ -406,7 +406,8 @@ def random_name(rng: random.Random, taken: set[bytes]) -> bytes:
     while True:
         r = rng.random()
         if r < 0.05:
-            name = bytes(rng.choice([c for c in range(1, 256) if c != 0x2F]) for _ in range(rng.randint(1, 12)))
+            byte_values = [c for c in range(1, 256) if c != 0x2F]
+            name = bytes(rng.choice(byte_values) for _ in range(rng.randint(1, 12)))
         elif r < 0.1:
             name = ("".join(rng.choice(_ALPHABET) for _ in range(80)).encode() * 4)[:255]
         else:

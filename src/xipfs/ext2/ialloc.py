@@ -67,9 +67,9 @@ class InodeAllocator:
         for step in range(n):
             g = (pg + step) % n
             gd = groups[g]
-            if gd.free_inodes and gd.free_inodes >= avg_i and gd.free_blocks >= avg_b:
-                if best_dirs is None or gd.used_dirs < best_dirs:
-                    best, best_dirs = g, gd.used_dirs
+            roomy = gd.free_inodes and gd.free_inodes >= avg_i and gd.free_blocks >= avg_b
+            if roomy and (best_dirs is None or gd.used_dirs < best_dirs):
+                best, best_dirs = g, gd.used_dirs
         if best >= 0:
             return best
         return self._file_group(pg)
@@ -98,7 +98,8 @@ class InodeAllocator:
         bm_off = gd.inode_bitmap * vol.bs
         bm = vol.device.view(bm_off, (self.ipg + 7) >> 3)
         if not bitmap.test_bit(bm, bit):
-            raise CorruptImageError(f"freeing inode {ino}, which is already free", f"inode bitmap of group {g}")
+            raise CorruptImageError(f"freeing inode {ino}, which is already free",
+                                    f"inode bitmap of group {g}")
         first, data = bitmap.set_range(bm, bit, 1, False)
         vol.device.write(data, bm_off + first)
         gd.free_inodes += 1

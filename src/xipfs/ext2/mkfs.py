@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..device import Device
 from . import layout as L
 from .dir import empty_dir_block, encode_entry
-from .inode import Inode, encode_time
+from .inode import encode_time
 from .super import group_has_super
 
 DEFAULT_FEATURES = ("sparse_super", "large_file", "filetype", "ext_attr", "dir_index")

@@ -126,12 +126,14 @@ def test_file_over_4GiB(huge_image, xip):
         with fs.open("/huge", "rb", buffering=0) as f:
             for off, data in pieces.items():
                 assert f.pread(4096, off) == data[:HUGE_SIZE - off], off
+                if off == 0:
+                    continue
                 assert f.pread(100, off - 100) == bytes(100), off          # hole before
                 f.seek(off - 7)
                 buf = bytearray(4096 + 14)
                 n = f.readinto(buf)
                 assert n == min(len(buf), HUGE_SIZE - off + 7)
-                assert buf[:7] == bytes(7) and buf[7:7 + len(data)] == data[:n - 7]
+                assert bytes(buf[:n]) == _expected(pieces, off - 7, n), off
             assert f.seek(0, os.SEEK_END) == HUGE_SIZE
             assert f.read() == b""
             assert f.pread(10, HUGE_SIZE - 5) == bytes(5)

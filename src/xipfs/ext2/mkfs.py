@@ -272,6 +272,9 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
 
     opts = dict(block_size=block_size, inode_size=inode_size, inodes=inodes, label=label, uuid=uuid,
                 features=features)
+    _, _, ro = feature_words(features)          # refuse bad parameters before touching anything
+    if size is not None:
+        plan(size, block_size, inode_size, inodes, bool(ro & L.RO_COMPAT_SPARSE_SUPER))
     if isinstance(target, Device):
         format_device(target, **opts)
         return

@@ -122,7 +122,8 @@ def _make_tree(root: str, bs: int) -> dict[str, bytes]:
     os.symlink("loop1", os.path.join(root, "loop2"))
     os.symlink("self", os.path.join(root, "self"))
     os.mkfifo(os.path.join(root, "fifo"))
-    os.mknod(os.path.join(root, "chr"), 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    with contextlib.suppress(PermissionError):  # a device node needs root
+        os.mknod(os.path.join(root, "chr"), 0o600 | stat.S_IFCHR, os.makedev(1, 3))
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             os.utime(os.path.join(dirpath, name), (1700000000, 1700000000), follow_symlinks=False)
@@ -299,6 +300,8 @@ def build_image(workdir: str, bs: int) -> BaseImage:
              "/sparse", "/small", "/empty", "/xf", "/aclf", "/fast", "/slow", "/loop1", "/loop2",
              "/self", "/fifo", "/chr", "/dir/entry_000_" + "x" * 22]
     for p in paths:
+        if not os.path.lexists(os.path.join(tree, p[1:])):
+            continue
         out = _run("debugfs", "-R", f"imap {p}", path, env=env)
         m = re.search(r"Inode (\d+) is part of block group \d+\s+"
                       r"located at block (\d+), offset 0x([0-9a-f]+)", out)

@@ -13,6 +13,17 @@ outside the image.
 Cases marked *tolerated* (``expect=None``) are damage that the format does not let a reader detect
 cheaply (or that Linux reads without complaint): they only have to end, in bounded time, with
 nothing but the allowed errors.
+
+Tests that failed when they were written, each for a bug in xipfs (kept failing on purpose):
+
+- ``test_directory_cycle``: a directory entry naming an ancestor makes ``fs.walk`` endless;
+- ``test_damage[*-de-dotdot-is-a-file|de-dotdot-is-unused-inode|de-root-dotdot-not-root-*]``:
+  the on-disk ``..`` is trusted, so ``/dir/..`` resolves to a file, a free inode, or (for the
+  root) another directory, with no error;
+- ``test_huge_sparse_file_far_ranges[*-1024-*]``: past what the block map can address,
+  ``readinto`` returns ``n`` without writing the buffer (and disagrees with ``pread``);
+- ``test_direntry_stat_of_deleted_inode``: ``DirEntry.stat()`` reports a deleted inode as live;
+- ``test_empty_image[xip]``: a 0-byte image gives ``OSError(EINVAL)``, not CorruptImageError.
 """
 
 from __future__ import annotations
@@ -49,7 +60,11 @@ import xipfs
 from xipfs import CorruptImageError, UnsupportedFeatureError
 
 # The thread method never touches SIGALRM, which corrupt_util.time_limit uses per image.
-pytestmark = pytest.mark.timeout(60, method="thread")
+pytestmark = [
+    pytest.mark.timeout(60, method="thread"),
+    pytest.mark.skipif(not all(shutil.which(t) for t in ("mke2fs", "debugfs", "dumpe2fs")),
+                       reason="needs e2fsprogs (mke2fs, debugfs, dumpe2fs)"),
+]
 
 BLOCK_SIZES = (1024, 4096)
 XIP = pytest.mark.parametrize("xip", [True, False], ids=["xip", "pagecache"])
@@ -58,7 +73,7 @@ XIP = pytest.mark.parametrize("xip", [True, False], ids=["xip", "pagecache"])
 # -- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="xipfs-corrupt-", dir="/dev/shm")
+    path = tempfile.mkdtemp(prefix="xipfs-corrupt-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -599,6 +614,29 @@ def test_damage(images: Callable[[int], BaseImage], scratch: str, c: Case, bs: i
         with xipfs.open(path, xip=xip) as fs:
             for f in c.intact:
                 assert fs.read_bytes(f) == base.contents[f], f"{f} no longer reads back"
+
+
+#: One case per kind of structure, also run on an anonymous MemoryDevice passed to xipfs.open.
+DEVICE_CASES = ("sb-magic-bad", "sb-blocks-count-double", "gd0-inode-table-past-device",
+                "ino-extra-isize-odd", "dir-hole-block-1", "ptr-direct-inode-table", "ptr-ind-out-of-range",
+                "de-rec-len-0", "de-points-to-unused-inode", "sl-slow-size-block-size", "xb-bad-magic",
+                "xi-value-offs-past-inode", "ptr-dind-every-entry-same-ind")
+
+
+@pytest.mark.parametrize(("c", "bs"), [p for p in PARAMS if p.values[0].name in DEVICE_CASES])
+def test_damage_on_memory_device(images: Callable[[int], BaseImage], c: Case, bs: int) -> None:
+    """The same damage, the image handed over as a :class:`xipfs.MemoryDevice` object."""
+    p = Patch(images(bs))
+    expect = c.damage(p)
+    data = p.buf if p.size is None else p.buf[:p.size]
+    device = xipfs.MemoryDevice.anonymous(len(data))
+    try:
+        device.write(data, 0)
+        out = exercise(device, None)
+    finally:
+        device.close()
+    if expect is not None:
+        out.assert_corrupt(*expect)
 
 
 # -- the pristine images ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from conftest import (
     BLOCK_SIZES,
     INODE_SIZES,
     assert_fsck_clean,
+    debugfs,
     kernel_resolve,
     mkfs,
     mounted,
@@ -374,6 +375,19 @@ def test_block_runs_match_debugfs(fs, tree_image):
         mapping = _check_runs(runs, -(-st_.st_size // bs))
         assert mapping == d.blocks, path
     assert fs.block_runs("/links/rel-file") == fs.block_runs("/sizes/f1")   # follows symlinks
+    # and debugfs's own "blocks" command: every block of the inode in file order, indirect
+    # blocks included (those are the IND/DIND/TIND entries of debugfs stat)
+    paths = [p for p, n in regular(tree_image) if p.startswith((b"/sparse/", b"/sizes/f2"))]
+    out = debugfs(tree_image.path, *(f"blocks <{dbg.paths[p]}>" for p in paths))
+    lists = re.split(rb"^debugfs: blocks <\d+>\n", out, flags=re.M)[1:]
+    assert len(lists) == len(paths)
+    for path, text in zip(paths, lists, strict=True):
+        meta = set(dbg.inodes[dbg.paths[path]].meta)
+        listed = [int(b) for b in text.split()]
+        want = [b for b in listed if b not in meta]
+        assert len(want) + len(meta) == len(listed), path
+        got = [p + k for _, n, p in fs.block_runs(path) if p for k in range(n)]
+        assert got == want, path
 
 
 def _sample_blocks(blocks: dict[int, int], nblocks: int, rng: random.Random) -> list[int]:
@@ -660,6 +674,19 @@ def test_errno_of_bad_paths(fs):
     assert err(fs.stat, "/nope/x").filename in ("/nope/x", b"/nope/x")
 
 
+def test_name_too_long_counts_bytes(fs):
+    """NAME_MAX is 255 *bytes*: a 128-character name of 2-byte UTF-8 is too long (the kernel
+    says ENAMETOOLONG), while the 255-byte names of the tree are found."""
+    for name in ("é" * 128, "😀" * 64, "漢" * 86):
+        assert len(name.encode()) > 255 and len(name) <= 255
+        for spelling in ("/names/" + name, os.fsencode("/names/" + name)):
+            with pytest.raises(OSError) as exc:
+                fs.stat(spelling)
+            assert exc.value.errno == errno.ENAMETOOLONG, name
+    assert fs.lstat("/names/" + "é" * 127 + "x").st_size >= 0
+    assert fs.lstat(b"/names/" + "😀".encode() * 63 + b"abc").st_size >= 0
+
+
 def test_trailing_slash_and_dotdot_after_symlinks(fs):
     assert fs.stat("/links/rel-dir/").st_ino == fs.stat("/names").st_ino
     assert fs.lstat("/links/rel-dir/").st_ino == fs.stat("/names").st_ino   # the slash follows
@@ -671,6 +698,23 @@ def test_trailing_slash_and_dotdot_after_symlinks(fs):
     assert fs.listdir("/links/dotdot/links/dot") == fs.listdir("/links")
     assert fs.read_bytes("/links/up-through") == fs.read_bytes("/sizes/f1")
     assert fs.stat("/..").st_ino == fs.stat("/").st_ino == 2
+
+
+def test_tiny_page_cache(tree_image):
+    """The file device with a 4-page cache: every read evicts; nothing read may change."""
+    with xipfs.open(tree_image.path, xip=False, cache_bytes=1) as fs:
+        assert not fs.is_xip
+        treegen.check_against_tree(fs, tree_image.tree, tree_image.bs)
+        rng = random.Random(17)
+        for path, node in regular(tree_image):
+            if node.size > FULL_READ_LIMIT or node.size < 100_000:
+                continue
+            want = source_bytes(node)
+            with fs.open(path, "rb", buffering=0) as f:
+                for _ in range(30):
+                    off = rng.randrange(node.size)
+                    n = rng.choice([1, 4095, 65537, 200_000])
+                    assert f.pread(n, off) == want[off:off + n], (path, off, n)
 
 
 # -- the whole image against the kernel ---------------------------------------------------------

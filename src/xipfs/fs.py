@@ -557,9 +557,22 @@ class Filesystem:
         vol.write_inode(node)
 
     def write_bytes(self, path: PathArg, data: Any) -> int:
-        """Create or replace file ``path`` with ``data``, like ``pathlib.Path.write_bytes``."""
+        """Create or replace file ``path`` with ``data``, like ``pathlib.Path.write_bytes``.
+
+        A new file gets its content before its name appears (one step fewer, never seen empty).
+        """
+        p, _ = _fspath(path)
+        view = memoryview(data).cast("B")
+        vol = self._writable(p)
+        with vol.lock:
+            if view.nbytes and not self.lexists(p):
+                try:
+                    self._create(p, 0o100000 | (0o666 & ~self._umask), content=view)
+                    return view.nbytes
+                except OSError as err:
+                    if err.errno != errno.ENOSPC:
+                        raise
         with self.open(path, "wb", buffering=0) as f:
-            view = memoryview(data)
             done = 0
             while done < view.nbytes:
                 done += f.write(view[done:])

@@ -71,6 +71,13 @@ class Device:
         """Store ``data`` at ``offset``."""
         raise NotImplementedError
 
+    def write_new(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Store ``data`` into blocks just allocated (whose old content nobody may see).
+
+        The same as :meth:`write`; a device may take a faster path for storage not yet touched.
+        """
+        self.write(data, offset)
+
     def flush(self) -> None:
         """Make everything written so far durable as far as the storage allows."""
 

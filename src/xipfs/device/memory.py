@@ -19,6 +19,10 @@ except ImportError:  # pragma: no cover - Linux always has it
     _posixshmem = None
 
 
+#: Fills at least this large go through pwrite on tmpfs (see MemoryDevice.write_new).
+PWRITE_MIN = 256 * 1024
+
+
 class MemoryDevice(Device):
     """A shared mapping of memory-backed storage (tmpfs, hugetlbfs, DAX, POSIX shm, anonymous)."""
 
@@ -39,6 +43,7 @@ class MemoryDevice(Device):
         self._fd = fd
         #: The whole storage as one memoryview; every view handed out is a slice of it.
         self.buffer = memoryview(mapping)
+        self._pwrite_ok = fd >= 0 and kind in ("tmpfs", "shm", "ramfs")
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
@@ -122,6 +127,27 @@ class MemoryDevice(Device):
         n = len(data)
         self.check_range(offset, n)
         self.buffer[offset:offset + n] = data
+
+    def write_new(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Fill freshly allocated blocks. On tmpfs, large fills go through ``pwrite``.
+
+        Storing through the mapping into pages never touched costs one page fault per page
+        (about 1.2 us here), while tmpfs's own write path allocates them in bulk: ``pwrite``
+        into the image file reaches the same shared pages (one copy, coherent with every
+        mapping) about 1.7x faster. Overwrites keep using the mapping, which is faster still.
+        """
+        n = len(data)
+        if n < PWRITE_MIN or not self._pwrite_ok:
+            self.write(data, offset)
+            return
+        if self.readonly:
+            raise OSError(30, "device is read-only", self.name)
+        self.check_range(offset, n)
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view = view[done:]
+            offset += done
 
     def flush(self) -> None:
         if not self.readonly and self._fd >= 0:

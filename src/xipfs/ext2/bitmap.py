@@ -1,15 +1,26 @@
 """Bit searches and updates on ext2 bitmaps (LSB first), at C speed where Python allows.
 
-Searches use regular expressions over the bitmap bytes (they run in C and accept any buffer),
-so finding a free block among 32,768 costs a few microseconds, not a Python loop per bit.
+A search for the first byte that is not all ones (or not all zeros) is ``bytes.lstrip`` over
+the rest of the bitmap: a C loop at well under a nanosecond a byte, so finding a free block
+among 32,768 costs well under a microsecond, not a Python loop per bit.
 """
 
 from __future__ import annotations
 
-import re
 
-_NOT_FULL = re.compile(rb"[^\xff]")
-_NOT_EMPTY = re.compile(rb"[^\x00]")
+def _skip(bitmap: memoryview | bytes, start: int, end: int, fill: bytes) -> int:
+    """Index of the first byte in ``[start, end)`` that is not ``fill``, or -1.
+
+    Looks at a small window first (the answer is usually near), then at the rest.
+    """
+    for lo, hi in ((start, min(end, start + 64)), (start + 64, end)):
+        if lo >= hi:
+            break
+        seg = bytes(bitmap[lo:hi])
+        rest = len(seg.lstrip(fill))
+        if rest:
+            return lo + len(seg) - rest
+    return -1
 
 
 def test_bit(bitmap: memoryview | bytes, bit: int) -> bool:
@@ -25,10 +36,9 @@ def find_zero(bitmap: memoryview | bytes, start: int, end: int) -> int:
     if bits != 0xFF:
         bit = (byte << 3) + _lowest_zero(bits)
         return bit if bit < end else -1
-    m = _NOT_FULL.search(bitmap, byte + 1, (end + 7) >> 3)
-    if m is None:
+    byte = _skip(bitmap, byte + 1, (end + 7) >> 3, b"\xff")
+    if byte < 0:
         return -1
-    byte = m.start()
     bit = (byte << 3) + _lowest_zero(bitmap[byte])
     return bit if bit < end else -1
 
@@ -42,10 +52,10 @@ def zero_run(bitmap: memoryview | bytes, start: int, end: int) -> int:
     pos = (byte + 1) << 3
     if pos >= end:
         return end - start
-    m = _NOT_EMPTY.search(bitmap, byte + 1, (end + 7) >> 3)
-    if m is None:
+    byte = _skip(bitmap, byte + 1, (end + 7) >> 3, b"\x00")
+    if byte < 0:
         return end - start
-    stop = (m.start() << 3) + _lowest_one(bitmap[m.start()])
+    stop = (byte << 3) + _lowest_one(bitmap[byte])
     return min(stop, end) - start
 
 

@@ -61,10 +61,10 @@ def write(vol: Volume, node: Inode, data: memoryview, pos: int) -> int:
             blo, bhi = fl * bs, (fl + fcount) * bs
             da, db = max(blo, pos), min(bhi, end)
             if da > blo:
-                dev.write(bytes(da - blo), fp * bs)
-            dev.write(data[da - pos:db - pos], fp * bs + (da - blo))
+                dev.write_new(bytes(da - blo), fp * bs)
+            dev.write_new(data[da - pos:db - pos], fp * bs + (da - blo))
             if bhi > db:
-                dev.write(bytes(bhi - db), fp * bs + (db - blo))
+                dev.write_new(bytes(bhi - db), fp * bs + (db - blo))
 
         got = m.assign(lblk, lblk + count, fill)
         written_to = min(b, (lblk + got) * bs) if got < count else b

@@ -126,9 +126,16 @@ class DirSpace:
         self.gap: list[int] = []                   # per block: largest free gap before the tail
         self.where: dict[bytes, tuple[int, int]] = {}
         for lblk, buf in blocks:
-            self._scan(lblk, buf)
+            self.scan(lblk, buf)
 
-    def _scan(self, lblk: int, buf: memoryview | bytes) -> None:
+    def appended(self, lblk: int, off: int, name: bytes, used: int) -> None:
+        """An entry of ``used`` bytes just went into the tail slack of block ``lblk``."""
+        slack = self.tail[lblk][1]
+        self.tail[lblk] = (off, slack - used)
+        self.where[name] = (lblk, off)
+
+    def scan(self, lblk: int, buf: memoryview | bytes) -> None:
+        """(Re)learn block ``lblk``: its entries, its tail slack and its largest gap."""
         bs = self.bs
         while len(self.tail) <= lblk:
             self.tail.append((0, 0))
@@ -171,8 +178,8 @@ def empty_dir_block(bs: int, ino: int, parent: int, filetype: bool) -> bytes:
 
 
 def insert_into_block(buf: memoryview | bytes, bs: int, at: int | None, name: bytes, ino: int,
-                      ftype: int) -> list[tuple[int, bytes]]:
-    """Writes that insert an entry into one block: ``[(offset, bytes), ...]`` in safe order.
+                      ftype: int) -> tuple[int, list[tuple[int, bytes]]]:
+    """Where the new entry goes, and the writes that put it there, in a safe order.
 
     ``at`` is the entry whose slack to use (None: search the block for the first fit). The new
     entry is written into free space first; the old entry's rec_len shrinks (or an unused
@@ -186,15 +193,15 @@ def insert_into_block(buf: memoryview | bytes, bs: int, at: int | None, name: by
             rec_len = 65536
         if cur == 0 and rec_len >= need:
             entry = encode_entry(0, rec_len, name, ftype)
-            return [(pos + 4, entry[4:]), (pos, ino.to_bytes(4, "little"))]
+            return pos, [(pos + 4, entry[4:]), (pos, ino.to_bytes(4, "little"))]
         used = rec_len_of(name_len)
         if cur and rec_len - used >= need:
-            return [(pos + used, encode_entry(ino, rec_len - used, name, ftype)),
-                    (pos + 4, used.to_bytes(2, "little"))]
+            return pos + used, [(pos + used, encode_entry(ino, rec_len - used, name, ftype)),
+                                (pos + 4, used.to_bytes(2, "little"))]
         if at is not None:
             break
         pos += rec_len
-    raise AssertionError("directory space bookkeeping out of step with the block")
+    raise CorruptImageError("directory block changed under the writer", f"offset {pos}")
 
 
 def remove_from_block(buf: memoryview | bytes, bs: int, off: int) -> list[tuple[int, bytes]]:

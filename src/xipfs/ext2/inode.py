@@ -26,6 +26,13 @@ _SWAP = sys.byteorder != "little"
 _INODE_UNPACK = L.INODE.struct.unpack_from
 _EXTRA_UNPACK = L.INODE_EXTRA.struct.unpack_from
 
+_HEAD = struct.Struct("<HHIiiiIHHII")          # i_mode .. i_flags (offset 0)
+_MIDDLE = struct.Struct("<60sIII")             # i_block, generation, file_acl, size_high (40)
+_MIDDLE3 = struct.Struct("<60sII")
+_IDS_HIGH = struct.Struct("<HH")               # uid_high, gid_high (120)
+_EXTRA_TIMES = struct.Struct("<H2xIII")        # extra_isize, [csum], c/m/a time extra (128)
+_CRTIME = struct.Struct("<iI")                 # crtime, crtime_extra (0x90)
+
 #: A run: (first file block, number of blocks, first device block or 0 for a hole).
 Run = tuple[int, int, int]
 
@@ -40,6 +47,8 @@ def decode_time(seconds: int, extra: int | None) -> int:
 def encode_time(ns: int) -> tuple[int, int]:
     """``(32-bit seconds as stored, _extra word)`` for a time in nanoseconds (ext4 encoding)."""
     sec, nsec = divmod(ns, 1_000_000_000)
+    if 0 <= sec < 0x80000000:                                   # 1970..2038: the common case
+        return sec, nsec << 2
     low = ((sec + 0x80000000) & 0xFFFFFFFF) - 0x80000000      # the signed 32-bit part
     epoch = ((sec - low) >> 32) & 3
     if sec < -0x80000000 or sec >= 0x80000000 * 7:             # outside 1901..2446: clamp
@@ -104,30 +113,29 @@ class Inode:
     def encode(self) -> bytes:
         """The on-disk bytes of this inode, fields this class does not model kept as they were."""
         raw = bytearray(self._raw)
-        old = _INODE_UNPACK(raw, 0)
-        size_high = self.size >> 32 if (self.mode & 0o170000) == 0o100000 else old[15]
         a_s, a_x = encode_time(self.atime_ns)
         c_s, c_x = encode_time(self.ctime_ns)
         m_s, m_x = encode_time(self.mtime_ns)
-        L.INODE.struct.pack_into(
-            raw, 0, self.mode, self.uid & 0xFFFF, self.size & 0xFFFFFFFF, a_s, c_s, m_s, self.dtime,
-            self.gid & 0xFFFF, self.links, self.blocks, self.flags, old[11], self.i_block,
-            self.generation, self.file_acl, size_high, old[16], old[17], old[18],
-            (self.uid >> 16) & 0xFFFF, (self.gid >> 16) & 0xFFFF, old[21], old[22])
+        _HEAD.pack_into(raw, 0, self.mode, self.uid & 0xFFFF, self.size & 0xFFFFFFFF, a_s, c_s, m_s,
+                        self.dtime, self.gid & 0xFFFF, self.links, self.blocks, self.flags)
+        if (self.mode & 0o170000) == 0o100000:
+            _MIDDLE.pack_into(raw, 40, self.i_block, self.generation, self.file_acl, self.size >> 32)
+        else:                                   # i_size_high is i_dir_acl elsewhere: keep it
+            _MIDDLE3.pack_into(raw, 40, self.i_block, self.generation, self.file_acl)
+        _IDS_HIGH.pack_into(raw, 120, (self.uid >> 16) & 0xFFFF, (self.gid >> 16) & 0xFFFF)
         extra = self.extra_isize
-        if extra:
+        if extra >= 16:
+            _EXTRA_TIMES.pack_into(raw, 128, extra, c_x, m_x, a_x)
+            if extra >= 24 and self.crtime_ns is not None:
+                _CRTIME.pack_into(raw, 0x90, *encode_time(self.crtime_ns))
+        elif extra:
             raw[128:130] = extra.to_bytes(2, "little")
             if extra >= 8:
                 raw[0x84:0x88] = c_x.to_bytes(4, "little")
             if extra >= 12:
                 raw[0x88:0x8C] = m_x.to_bytes(4, "little")
-            if extra >= 16:
-                raw[0x8C:0x90] = a_x.to_bytes(4, "little")
-            if extra >= 24 and self.crtime_ns is not None:
-                r_s, r_x = encode_time(self.crtime_ns)
-                struct.pack_into("<iI", raw, 0x90, r_s, r_x)
-        self._raw = bytes(raw)
-        return self._raw
+        self._raw = raw = bytes(raw)
+        return raw
 
     def reset_map(self) -> None:
         """Forget the cached block map and stat (after the block tree or the size changed)."""
@@ -256,6 +264,7 @@ class BlockMap:
         ``fill(file block, count, device block)`` must write the content of each new run
         (zeros, or the caller's data) before it is linked into the file. Returns how many
         blocks from ``first`` on are mapped afterwards: fewer than asked when space ran out.
+        The caller writes the inode (its block pointers and i_blocks changed).
         """
         vol = self.volume
         holes = [(lb, n) for lb, n, pb in self.runs(first, last, max(last, self.nblocks)) if not pb]
@@ -274,12 +283,10 @@ class BlockMap:
                     except OSError as err:
                         vol.balloc.free(pblk, n)
                         if err.errno == errno.ENOSPC:
-                            vol.write_inode(self.inode)
                             return lblk - first
                         raise
                     lblk += n
                     count -= n
-        vol.write_inode(self.inode)
         return last - first
 
     def truncate(self, keep: int) -> list[tuple[int, int]]:

@@ -82,13 +82,18 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
             raise fs_error(errno.ENOSPC)
         D.set_size(vol, d, d.size + bs)
         pblk = d.map.bmap(lblk)
+        space.scan(lblk, vol.device.view(pblk * bs, bs))
     else:
         pblk = d.map.bmap(lblk)
         buf = vol.device.view(pblk * bs, bs)
         at = space.tail[lblk][0] if kind == "tail" else None
-        for off, chunk in insert_into_block(buf, bs, at, name, ino, ftype):
+        new_off, writes = insert_into_block(buf, bs, at, name, ino, ftype)
+        for off, chunk in writes:
             vol.device.write(chunk, pblk * bs + off)
-    space._scan(lblk, vol.device.view(pblk * bs, bs))
+        if kind == "tail":             # the new entry is now the block's last: no rescan needed
+            space.appended(lblk, new_off, name, need)
+        else:
+            space.scan(lblk, vol.device.view(pblk * bs, bs))
     _touch_dir(vol, d)
     vol.write_inode(d)
     index = d._dir
@@ -108,7 +113,7 @@ def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
     pblk = d.map.bmap(lblk)
     for o, chunk in remove_from_block(vol.device.view(pblk * bs, bs), bs, off):
         vol.device.write(chunk, pblk * bs + o)
-    space._scan(lblk, vol.device.view(pblk * bs, bs))
+    space.scan(lblk, vol.device.view(pblk * bs, bs))
     _touch_dir(vol, d)
     vol.write_inode(d)
     index = d._dir
@@ -161,8 +166,13 @@ def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int) -> Inod
 
 
 def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
-           rdev: tuple[int, int] | None = None, target: bytes | None = None) -> Inode:
-    """Make a new file, directory, symlink or device node ``name`` in directory ``d``."""
+           rdev: tuple[int, int] | None = None, target: bytes | None = None,
+           content: memoryview | None = None) -> Inode:
+    """Make a new file, directory, symlink or device node ``name`` in directory ``d``.
+
+    ``content`` (regular files) is written before the name appears, so a new file is never
+    seen empty; ENOSPC when it does not fit whole.
+    """
     check_name(name)
     if os.fsdecode(name) in vol.dir_index(d).entries:
         raise fs_error(errno.EEXIST)
@@ -171,7 +181,7 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
         raise fs_error(errno.EMLINK)
     node = new_inode(vol, d, mode, uid, gid)
     try:
-        _fill_new(vol, d, node, is_dir, rdev, target)
+        _fill_new(vol, d, node, is_dir, rdev, target, content)
         add_entry(vol, d, name, node.ino, mode)
     except BaseException:
         _discard(vol, node, is_dir)
@@ -185,9 +195,13 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
 
 
 def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int, int] | None,
-              target: bytes | None) -> None:
+              target: bytes | None, content: memoryview | None = None) -> None:
     bs = vol.bs
     fmt = node.mode & S_IFMT
+    if content:
+        if D.write(vol, node, content, 0) < len(content):
+            raise fs_error(errno.ENOSPC)
+        return                                   # D.write stored the inode
     if is_dir:
         block = empty_dir_block(bs, node.ino, d.ino, vol.filetype)
         if not node.map.assign(0, 1, lambda lb, n, pb: vol.device.write(block, pb * bs)):
@@ -215,6 +229,8 @@ def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int,
         else:
             words[1] = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
         node.i_block = b"".join(w.to_bytes(4, "little") for w in words)
+    else:
+        return                                  # a plain file, FIFO or socket: nothing more yet
     vol.write_inode(node)
 
 

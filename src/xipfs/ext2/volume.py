@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import struct
 import threading
 import time
 from bisect import bisect_right
@@ -18,6 +19,7 @@ from ..device import Device
 from ..errors import CorruptImageError, fs_error
 from . import layout as L
 from .balloc import BlockAllocator
+from .data import zero_blocks
 from .dir import DirIndex, DirSpace, index_directory
 from .ialloc import InodeAllocator
 from .inode import Inode, Run
@@ -48,6 +50,9 @@ def zero_fill(dst: memoryview) -> None:
         dst[i:j] = _ZEROS[:j - i]
 
 
+_GD_HEAD = struct.Struct("<IIIHHHH")
+
+
 class GroupDesc:
     """One decoded group descriptor (the fields ext2 uses; the rest kept as it was)."""
 
@@ -65,11 +70,10 @@ class GroupDesc:
         self.raw = raw
 
     def encode(self) -> bytes:
-        self.raw = L.GROUP_DESC.pack({
-            "bg_block_bitmap": self.block_bitmap, "bg_inode_bitmap": self.inode_bitmap,
-            "bg_inode_table": self.inode_table, "bg_free_blocks_count": self.free_blocks,
-            "bg_free_inodes_count": self.free_inodes, "bg_used_dirs_count": self.used_dirs,
-            "bg_flags": self.flags}, self.raw)
+        """The 32 on-disk bytes, the fields after bg_flags kept as they were."""
+        self.raw = _GD_HEAD.pack(self.block_bitmap, self.inode_bitmap, self.inode_table,
+                                 self.free_blocks, self.free_inodes, self.used_dirs,
+                                 self.flags) + self.raw[_GD_HEAD.size:]
         return self.raw
 
 
@@ -100,6 +104,7 @@ class Volume:
         self.lock = threading.RLock()
         self._mounted = False
         self._spaces: dict[int, DirSpace] = {}     # directories being written: where entries fit
+        self._dirty_groups: set[int] = set()       # descriptors whose counts changed since sync
         self._open: dict[int, int] = {}            # inode -> file objects open on it
         #: Inodes unlinked while open: freed when their last file object closes.
         self.orphans: set[int] = set()
@@ -137,8 +142,18 @@ class Volume:
         self.device.write(self.sb.raw, L.SUPERBLOCK_OFFSET)
 
     def write_group_desc(self, g: int) -> None:
-        gd = self.groups[g]
-        self.device.write(gd.encode(), (self.sb.s_first_data_block + 1) * self.bs + g * L.GROUP_DESC.size)
+        """Note that group ``g``'s counts changed; they reach the image at the next sync.
+
+        Only free counts change while mounted, and counts that lag behind the bitmaps are
+        exactly what ``e2fsck -p`` recomputes on its own, so a killed writer loses nothing.
+        """
+        self._dirty_groups.add(g)
+
+    def _flush_group_descs(self) -> None:
+        base = (self.first_data_block + 1) * self.bs
+        for g in sorted(self._dirty_groups):
+            self.device.write(self.groups[g].encode(), base + g * L.GROUP_DESC.size)
+        self._dirty_groups.clear()
 
     def write_inode(self, node: Inode) -> None:
         """Store ``node`` in the inode table."""
@@ -167,6 +182,7 @@ class Volume:
             self.device.flush()
             return
         with self.lock:
+            self._flush_group_descs()
             f = self.sb.fields
             f["s_free_blocks_count"] = sum(gd.free_blocks for gd in self.groups)
             f["s_free_inodes_count"] = sum(gd.free_inodes for gd in self.groups)
@@ -332,11 +348,20 @@ class Volume:
     def get_xip_mem(self, node: Inode, lblk: int, create: bool = False) -> memoryview | None:
         """The seed's ``get_xip_mem``: file block ``lblk`` of ``node`` in the device, or None (hole).
 
-        On a memory device the view *is* the storage. ``create=True`` allocates a hole; that is
-        the write path's job and needs a filesystem opened for writing.
+        On a memory device the view *is* the storage. ``create=True`` gives a hole a zeroed
+        block first (a filesystem opened for writing; within the file's size, since ext2 has no
+        blocks past EOF).
         """
         if create:
-            raise fs_error(errno.EROFS)
+            if self.readonly:
+                raise fs_error(errno.EROFS)
+            if not 0 <= lblk < node.map.nblocks:
+                raise OSError(errno.EINVAL, f"block {lblk} is past the end of the file")
+            with self.lock:
+                if node.map.assign(lblk, lblk + 1, lambda lb, n, pb: zero_blocks(self, pb, n)) < 1:
+                    raise fs_error(errno.ENOSPC)
+                self.write_inode(node)
+            return self.device.view(node.map.runs(lblk, lblk + 1, lblk + 1)[0][2] * self.bs, self.bs)
         pblk = node.map.bmap(lblk)
         if not pblk:
             return None

@@ -82,7 +82,7 @@ _IMAGES: dict[int, BaseImage] = {}
 
 
 @pytest.fixture(scope="session")
-def images(workdir: str) -> Callable[[int], BaseImage]:
+def images(workdir: str) -> Iterator[Callable[[int], BaseImage]]:
     def get(bs: int) -> BaseImage:
         if bs not in _IMAGES:
             _IMAGES[bs] = build_image(workdir, bs)

@@ -460,6 +460,17 @@ def test_xip_mem_view_cannot_change_the_filesystem(fs, tree_image, xip):
         pytest.fail("get_xip_mem returned a writable view of a read-only filesystem")
 
 
+def test_views_outlive_close(tree_image, xip):
+    """README: views handed out stay valid after fs.close() (the mapping goes with the last one)."""
+    fs = open_image(tree_image.path, xip)
+    want = fs.read_bytes("/sizes/f4097")
+    views = [fs.get_xip_mem("/sizes/f4097", i) for i in range(-(-4097 // tree_image.bs))]
+    fs.close()
+    assert b"".join(bytes(v) for v in views)[:4097] == want
+    for v in views:
+        v.release()
+
+
 # -- paths --------------------------------------------------------------------------------------
 def _probe_paths(tree: dict, rng: random.Random) -> list[bytes]:
     paths = set(tree)
@@ -742,7 +753,7 @@ def test_statvfs(fs, tree_image):
 
 
 # -- hypothesis: small random trees, every geometry ----------------------------------------------
-@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(spec=treegen.tree_specs, bs=st.sampled_from(BLOCK_SIZES), isize=st.sampled_from(INODE_SIZES))

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from .device import Device, open_device
-from .errors import XipfsError, fs_error
+from .errors import CorruptImageError, XipfsError, fs_error
 from .ext2 import data as _data
 from .ext2 import layout as L
 from .ext2 import namei
@@ -114,37 +114,66 @@ class Filesystem:
 
     def walk(self, top: PathArg = "/", topdown: bool = True, onerror: Any = None,
              followlinks: bool = False) -> Iterator[tuple[Any, list[Any], list[Any]]]:
-        """Directory tree generator, like ``os.walk``."""
+        """Directory tree generator, like ``os.walk``.
+
+        A directory reached twice by its real name means the image links a directory into
+        itself (ext2 has no directory hard links): that raises :class:`CorruptImageError`. A
+        directory reached again through a followed symlink is skipped, so no walk runs forever.
+        """
+        try:
+            start = self.stat(top).st_ino
+        except OSError as err:
+            if onerror is not None and not isinstance(err, XipfsError):
+                onerror(err)
+                return
+            raise
+        seen = {start}
         stack: list[Any] = [top]
         while stack:
             top = stack.pop()
             if isinstance(top, tuple):  # bottom-up: the entry to yield after its children
                 yield top
                 continue
-            dirs, nondirs, walk_into = [], [], []
+            dirs, nondirs, subdirs = [], [], []
             try:
                 with self.scandir(top) as it:
                     for entry in it:
                         try:
                             is_dir = entry.is_dir()
-                        except OSError:
+                        except OSError as err:
+                            if isinstance(err, XipfsError):
+                                raise
                             is_dir = False
                         (dirs if is_dir else nondirs).append(entry.name)
-                        if is_dir and not topdown and (followlinks or not entry.is_symlink()):
-                            walk_into.append(entry.path)
+                        if is_dir:
+                            subdirs.append(entry)
             except OSError as err:
+                if isinstance(err, XipfsError):
+                    raise
                 if onerror is not None:
                     onerror(err)
                 continue
+            into = {}
+            for entry in subdirs:
+                link = entry.is_symlink()
+                if link and not followlinks:
+                    continue
+                ino = entry.stat().st_ino if link else entry.inode()
+                if ino in seen:
+                    if link:
+                        continue
+                    raise CorruptImageError(f"directory cycle: {os.fsdecode(entry.path)!r} is inode "
+                                            f"{ino}, already walked", f"directory {os.fsdecode(top)!r}")
+                seen.add(ino)
+                into[entry.name] = entry.path
             if topdown:
                 yield top, dirs, nondirs
-                for name in reversed(dirs):
-                    new = _join(top, name) if isinstance(top, str) else os.path.join(top, name)
-                    if followlinks or not self.islink(new):
-                        stack.append(new)
+                for name in reversed(dirs):       # the caller may have pruned ``dirs``
+                    if name in into:
+                        stack.append(into[name])
             else:
                 stack.append((top, dirs, nondirs))
-                stack.extend(reversed(walk_into))
+                stack.extend(reversed([into[n] for n in dirs if n in into]))
 
     # -- metadata -----------------------------------------------------------------------------
     def stat(self, path: PathArg, *, follow_symlinks: bool = True) -> os.stat_result:
@@ -642,12 +671,16 @@ class DirEntry:
     def inode(self) -> int:
         return self._ino
 
+    def _inode(self) -> Inode:
+        if self._node is None:
+            self._node = self._fs.volume.live_inode(self._ino, os.fsdecode(self.name),
+                                                    f"directory entry {os.fsdecode(self.path)!r}")
+        return self._node
+
     def _mode(self) -> int:
         fmt = L.FT_TO_IFMT.get(self._ftype)
         if fmt is None:
-            if self._node is None:
-                self._node = self._fs.volume.inode(self._ino)
-            return self._node.mode & 0o170000
+            return self._inode().mode & 0o170000
         return fmt
 
     def is_symlink(self) -> bool:
@@ -671,7 +704,7 @@ class DirEntry:
     def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
         if follow_symlinks and self.is_symlink():
             return self._fs.stat(self.path)
-        return self._fs.stat_inode(self._fs.volume.inode(self._ino))
+        return self._fs.stat_inode(self._inode())
 
     def __fspath__(self) -> Any:
         return self.path

@@ -11,6 +11,7 @@ import contextlib
 import mmap
 import os
 
+from ..errors import CorruptImageError
 from .base import SECTOR_SIZE, Device
 
 try:  # the module behind multiprocessing.shared_memory; absent on some platforms
@@ -54,7 +55,7 @@ class MemoryDevice(Device):
             if size is None:
                 size = os.fstat(fd).st_size or os.lseek(fd, 0, os.SEEK_END)
             if size <= 0:
-                raise OSError(22, "cannot map an empty image", name)
+                raise CorruptImageError("image too small to hold a superblock", f"{name}: 0 bytes")
             prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
             mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
         except BaseException:

@@ -255,6 +255,8 @@ class BlockMap:
                 self._walk(root, level, base, max(first, base), min(last, base + span), out, end)
             base += span
             span *= apb
+        if last > base:             # past what the tree can address (a damaged i_size): a hole
+            _append(out, max(first, base), last - max(first, base), 0)
         return out
 
     # -- the write side ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ MAX_SYMLINKS = 40
 #: Inodes kept decoded; the cache is simply emptied when it grows past this.
 INODE_CACHE_MAX = 1 << 17
 NAME_MAX = 255
+PATH_MAX = 4096
 STATE_VALID = 1
 #: Superblock fields a writer changes (everything else is preserved byte for byte).
 _SB_MUTABLE = ("s_free_blocks_count", "s_free_inodes_count", "s_mtime", "s_wtime", "s_mnt_count",
@@ -431,8 +432,14 @@ class Volume:
         where = f"directory inode {node.ino}"
         if node.size == 0 or node.size % bs:
             raise CorruptImageError(f"directory size {node.size} is not a multiple of the block size", where)
-        index = node._dir = index_directory(self._dir_blocks(node), bs, self.sb.s_inodes_count,
-                                            self.filetype, node.ino)
+        index = index_directory(self._dir_blocks(node), bs, self.inodes_count, self.filetype, node.ino)
+        if node.ino == L.ROOT_INO and index.parent != L.ROOT_INO:
+            raise CorruptImageError(f"'..' of the root points to inode {index.parent}", where)
+        if index.parent != node.ino:
+            parent = self.live_inode(index.parent, "..", where)
+            if not parent.is_dir:
+                raise CorruptImageError(f"'..' points to inode {index.parent}, not a directory", where)
+        node._dir = index
         return index
 
     def _dir_blocks(self, node: Inode) -> Iterator[tuple[int, memoryview]]:
@@ -483,42 +490,52 @@ class Volume:
         return node
 
     def _walk(self, path: str, follow: bool) -> Inode:
+        if len(path) > PATH_MAX and len(os.fsencode(path)) >= PATH_MAX:
+            raise fs_error(errno.ENAMETOOLONG, path)
         root = self.root
         must_dir = path.endswith("/") and path.strip("/") != ""
         pending = [c for c in reversed(path.split("/")) if c and c != "."]
-        cur = root
+        # The directories walked through: ".." goes back one, as in Linux, whatever the
+        # on-disk ".." entry says (a damaged one cannot send a lookup elsewhere).
+        stack = [root]
         links = 0
-        inode = self.inode
         while pending:
             name = pending.pop()
+            cur = stack[-1]
             if not cur.is_dir:
                 raise fs_error(errno.ENOTDIR, path)
-            index = cur._dir or self.dir_index(cur)
             if name == "..":
-                cur = inode(index.parent)
+                if len(stack) > 1:
+                    stack.pop()
                 continue
+            index = cur._dir or self.dir_index(cur)
             entry = index.entries.get(name)
             if entry is None:
                 if len(name) > NAME_MAX and len(os.fsencode(name)) > NAME_MAX:
                     raise fs_error(errno.ENAMETOOLONG, path)
                 raise fs_error(errno.ENOENT, path)
-            child = inode(entry[0])
-            if child.links == 0 and (child.mode == 0 or child.dtime):
-                raise CorruptImageError(f"entry {name!r} points to deleted inode {child.ino}",
-                                        f"directory inode {cur.ino}")
+            child = self.live_inode(entry[0], name, f"directory inode {cur.ino}")
             if (child.mode & 0o170000) == 0o120000 and (pending or follow or must_dir):
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise fs_error(errno.ELOOP, path)
                 target = os.fsdecode(self.readlink(child))
                 if target.startswith("/"):
-                    cur = root
+                    del stack[1:]
                 pending.extend(c for c in reversed(target.split("/")) if c and c != ".")
                 continue
-            cur = child
+            stack.append(child)
+        cur = stack[-1]
         if must_dir and not cur.is_dir:
             raise fs_error(errno.ENOTDIR, path)
         return cur
+
+    def live_inode(self, ino: int, name: str, where: str) -> Inode:
+        """The inode a directory entry names, refusing one that is deleted or never used."""
+        child = self.inode(ino)
+        if child.links == 0 and (child.mode == 0 or child.dtime):
+            raise CorruptImageError(f"entry {name!r} points to deleted inode {ino}", where)
+        return child
 
     # -- extended attributes ------------------------------------------------------------------
     def xattrs(self, node: Inode) -> list[tuple[str, bytes]]:

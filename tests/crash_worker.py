@@ -3,7 +3,7 @@
 Run with the project's Python; the parent kills it with SIGKILL at a moment of its choosing and
 then checks the image. Three modes:
 
-``random IMG LOG STATUS SEED [--file-device]``
+``random IMG LOG STATUS SEED [--file-device] [--fill]``
     Random operations forever from ``random.Random(SEED)``: files of 0..300 KiB written in
     pieces (crossing the indirect and double-indirect boundaries of 1 KiB blocks), overwrites,
     appends, writes past EOF, truncates both ways, mkdir/rmdir, unlink, renames of files within
@@ -13,7 +13,9 @@ then checks the image. Three modes:
     it writes a *durable* file ``/durable/<seq>-<sha256 of the content>``, makes it durable
     (``f.fsync()`` or ``fs.sync()``) and only then appends its name to LOG, fsync'ed with
     ``os.fsync``. The memory device (``/dev/shm``) is the default; ``--file-device`` opens the
-    image with ``xip=False`` (page cache: only what ``sync`` wrote survives a kill).
+    image with ``xip=False`` (page cache: only what ``sync`` wrote survives a kill). ``--fill``
+    starts from a nearly full image and lets operations run out of space (ENOSPC), freeing a few
+    files now and then.
 
     Every regular file outside ``/durable`` holds only zeros and its *tag* byte, which is part of
     its name (``f<seq>.<tag as 2 hex digits>``), so a block that leaks from another file shows.
@@ -22,15 +24,16 @@ then checks the image. Three modes:
     writes had been made, so the parent can tell where a kill landed.
 
 ``script IMG [--trace OUT]``
-    A fixed sequence of operations (:data:`SCRIPT`), then ``fs.close()``. With the environment
+    A fixed sequence of operations (:func:`script_ops`), ending with ``fs.close()``. With the environment
     variable ``XIPFS_CRASH_AFTER_WRITES=N`` the process kills itself with SIGKILL just before
     device write N+1 (after N writes). ``--trace`` records every device write (operation,
-    offset, length) to OUT as JSON, and replays them onto a copy of the starting image to show
-    that every store reached the image through ``MemoryDevice.write`` (nothing bypasses it).
+    offset, length) to OUT as JSON, with the final path of each inode and directory block, and
+    replays the stores onto a copy of the starting image to show that every store reached the
+    image through ``MemoryDevice.write``/``write_new`` (nothing bypasses them).
 
 ``sweep IMG PRISTINE``
-    A fork server for the sweep over every N: for each number N read from stdin it copies
-    PRISTINE to IMG, forks a child that runs ``script`` killing itself after N device writes, and
+    A fork server for the sweep over every N: for each number N read from stdin it makes IMG a
+    copy of PRISTINE again, forks a child that runs ``script`` killing itself after N device writes, and
     answers ``N killed`` or ``N done WRITES`` (or ``N failed STATUS``) on stdout.
 """
 
@@ -189,6 +192,8 @@ class RandomWorker:
         self.dirs: list[str] = [ROOT]
         self.links: list[str] = []
         self.durables = 0
+        #: the lists of names are out of date (a directory moved): rescan after the operation
+        self.stale = False
 
     # helpers
     def name(self, prefix: str) -> str:
@@ -343,7 +348,7 @@ class RandomWorker:
         path = self.rng.choice(cands)
         parent = path.rsplit("/", 1)[0]
         self.fs.rename(path, f"{parent}/{self.name('d')}")
-        self.rescan()
+        self.stale = True
 
     def op_move_dir(self) -> None:
         cands = [d for d in self.dirs if d != ROOT]
@@ -356,7 +361,7 @@ class RandomWorker:
         if not targets:
             return
         self.fs.rename(path, f"{self.rng.choice(targets)}/{self.name('d')}")
-        self.rescan()
+        self.stale = True
 
     def op_link(self) -> None:
         path = self.pick_file()
@@ -470,6 +475,9 @@ class RandomWorker:
                         self.fs.unlink(path)
                         self.files.remove(path)
             self.status.end()
+            if self.stale:
+                self.rescan()
+                self.stale = False
 
 
 def main_random(argv: list[str]) -> None:
@@ -491,6 +499,14 @@ def main_random(argv: list[str]) -> None:
             fs.mkdir(d)
     fs.sync()
     worker = RandomWorker(fs, rng, log, status)
+    if fill:
+        # start near full, so that the operations run out of space within the first few ms
+        while worker.free_fraction() > 0.12:
+            tag = worker.new_tag()
+            path = f"{ROOT}/{worker.name('f')}.{tag:02x}"
+            with fs.open(path, "xb", buffering=0) as f:
+                f.write(bytes([tag]) * MAX_FILE)
+            worker.files.append(path)
     print("ready", flush=True)
     worker.run(fill)
 
@@ -631,6 +647,22 @@ def run_script(img: str, trace: list | None = None) -> None:
         action()
 
 
+def final_names(img: str) -> dict[str, dict[int, str]]:
+    """Which path each inode, and each block of a directory or symlink, has at the end."""
+    inodes: dict[int, str] = {}
+    blocks: dict[int, str] = {}
+    with xipfs.open(img) as fs:
+        for top, dirs, files in fs.walk("/"):
+            inodes[fs.stat(top).st_ino] = top
+            for lblk, count, pblk in fs.block_runs(top):
+                for i in range(count):
+                    blocks[pblk + i] = f"{top} (directory block {lblk + i})"
+            for name in dirs + files:
+                path = top.rstrip("/") + "/" + name
+                inodes.setdefault(fs.lstat(path).st_ino, path)
+    return {"inodes": inodes, "blocks": blocks}
+
+
 def main_script(argv: list[str]) -> None:
     img = argv[0]
     n = os.environ.get(CRASH_ENV)
@@ -646,7 +678,7 @@ def main_script(argv: list[str]) -> None:
             replay_matches = f.read() == bytes(shadow)
         with open(out, "w") as f:
             json.dump({"writes": [(label, offset, len(data)) for label, offset, data in trace],
-                       "replay_matches": replay_matches}, f)
+                       "replay_matches": replay_matches, "names": final_names(img)}, f)
         return
     if n is not None:
         crash_after(int(n))

@@ -594,13 +594,15 @@ class Filesystem:
         view = memoryview(data).cast("B")
         vol = self._writable(p)
         with vol.lock:
-            if view.nbytes and not self.lexists(p):
-                try:
-                    self._create(p, 0o100000 | (0o666 & ~self._umask), content=view)
-                    return view.nbytes
-                except OSError as err:
-                    if err.errno != errno.ENOSPC:
-                        raise
+            if view.nbytes:
+                parent, name = self._parent(p)
+                if os.fsdecode(name) not in vol.dir_index(parent).entries:
+                    try:
+                        self._create(p, 0o100000 | (0o666 & ~self._umask), content=view)
+                        return view.nbytes
+                    except OSError as err:
+                        if err.errno != errno.ENOSPC:
+                            raise
         with self.open(path, "wb", buffering=0) as f:
             done = 0
             while done < view.nbytes:

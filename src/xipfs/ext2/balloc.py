@@ -31,6 +31,8 @@ class BlockAllocator:
         self.reserved = sb.s_r_blocks_count
         uid, gids = os.geteuid(), set(os.getgroups()) | {os.getegid()}
         self.may_use_reserved = uid == 0 or uid == sb.s_def_resuid or sb.s_def_resgid in gids
+        #: Per group, a bit below which every block is known to be in use (search starts there).
+        self._low = [0] * len(volume.groups)
 
     # -- queries ------------------------------------------------------------------------------
     def free_blocks(self) -> int:
@@ -78,14 +80,18 @@ class BlockAllocator:
         nbits = vol.sb.group_last_block(g) - base + 1
         bm_off = gd.block_bitmap * vol.bs
         taken = 0
-        for lo, hi in ((start, nbits), (0, start)) if start else ((0, nbits),):
+        low = self._low[g]
+        start = max(start, low)
+        for lo, hi in ((start, nbits), (low, start)) if start > low else ((low, nbits),):
             pos = lo
             while taken < want and gd.free_blocks:
                 bm = vol.device.view(bm_off, (nbits + 7) >> 3)
                 bit = bitmap.find_zero(bm, pos, hi)
                 if bit < 0:
                     break
-                n = min(bitmap.zero_run(bm, bit, hi), want - taken, gd.free_blocks)
+                if lo == low and pos == low:
+                    self._low[g] = bit                 # nothing free below ``bit``
+                n = min(bitmap.zero_run(bm, bit, min(hi, bit + want - taken)), gd.free_blocks)
                 vol.check_data_run(base + bit, n, 0, "block the bitmap marks free")
                 self._mark(g, bit, n, True)
                 if runs and runs[-1][0] + runs[-1][1] == base + bit:
@@ -137,6 +143,7 @@ class BlockAllocator:
                     raise CorruptImageError(f"freeing block {base + i}, which is already free",
                                             f"block bitmap of group {g}")
             self._mark(g, block - base, n, False)
+            self._low[g] = min(self._low[g], block - base)
             block += n
             count -= n
 

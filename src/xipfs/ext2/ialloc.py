@@ -23,6 +23,8 @@ class InodeAllocator:
     def __init__(self, volume: Volume) -> None:
         self.volume = volume
         self.ipg = volume.sb.s_inodes_per_group
+        #: Per group, an index below which every inode is known to be in use.
+        self._low = [0] * len(volume.groups)
 
     def alloc(self, parent: int, is_dir: bool) -> int:
         """A free inode number for a new inode under directory ``parent``; ENOSPC if none."""
@@ -79,10 +81,11 @@ class InodeAllocator:
         gd = vol.groups[g]
         bm_off = gd.inode_bitmap * vol.bs
         bm = vol.device.view(bm_off, (self.ipg + 7) >> 3)
-        start = max(0, vol.sb.first_ino - g * self.ipg - 1) if g == 0 else 0
+        start = max(self._low[g], vol.sb.first_ino - 1 if g == 0 else 0)
         bit = bitmap.find_zero(bm, start, self.ipg)
         if bit < 0:
             return 0
+        self._low[g] = bit + 1
         first, data = bitmap.set_range(bm, bit, 1, True)
         vol.device.write(data, bm_off + first)
         gd.free_inodes -= 1
@@ -103,6 +106,7 @@ class InodeAllocator:
         first, data = bitmap.set_range(bm, bit, 1, False)
         vol.device.write(data, bm_off + first)
         gd.free_inodes += 1
+        self._low[g] = min(self._low[g], bit)
         if is_dir and gd.used_dirs:
             gd.used_dirs -= 1
         vol.write_group_desc(g)

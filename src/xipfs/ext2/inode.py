@@ -269,7 +269,10 @@ class BlockMap:
         The caller writes the inode (its block pointers and i_blocks changed).
         """
         vol = self.volume
-        holes = [(lb, n) for lb, n, pb in self.runs(first, last, max(last, self.nblocks)) if not pb]
+        if self.inode.blocks == 0:                       # nothing mapped yet: one hole
+            holes = [(first, last - first)]
+        else:
+            holes = [(lb, n) for lb, n, pb in self.runs(first, last, max(last, self.nblocks)) if not pb]
         for lblk, count in holes:
             while count:
                 try:

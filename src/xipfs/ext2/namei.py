@@ -61,16 +61,30 @@ def dir_space(vol: Volume, d: Inode) -> DirSpace:
     return space
 
 
-def _touch_dir(vol: Volume, d: Inode) -> None:
-    """A directory changed: clear a stale htree index (as Linux ext2 does), update its times."""
-    d.flags &= ~L.FL_INDEX
+def _unindex(vol: Volume, d: Inode) -> None:
+    """Before a directory changes: drop its htree index flag, as Linux ext2 does.
+
+    Stored first, so no image ever has an index that disagrees with the entries.
+    """
+    if d.flags & L.FL_INDEX:
+        d.flags &= ~L.FL_INDEX
+        vol.write_inode(d)
+
+
+def _touch_dir(vol: Volume, d: Inode, store: bool) -> None:
+    """A directory changed: new mtime and ctime, stored now or (times only) at the next sync."""
     d.mtime_ns = d.ctime_ns = time.time_ns()
+    if store:
+        vol.write_inode(d)
+    else:
+        vol.touch(d)
 
 
 def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
     """Insert ``name -> ino`` into directory ``d`` (reusing free space, else a new block)."""
     bs = vol.bs
     space = dir_space(vol, d)
+    _unindex(vol, d)
     ftype = L.IFMT_TO_FT.get(mode & S_IFMT, 0) if vol.filetype else 0
     need = rec_len_of(len(name))
     lblk, kind = space.find_slot(need)
@@ -94,8 +108,7 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
             space.appended(lblk, new_off, name, need)
         else:
             space.scan(lblk, vol.device.view(pblk * bs, bs))
-    _touch_dir(vol, d)
-    vol.write_inode(d)
+    _touch_dir(vol, d, store=kind == "")
     index = d._dir
     if index is not None:
         index.entries[os.fsdecode(name)] = (ino, ftype)
@@ -108,14 +121,14 @@ def encode_block(bs: int, name: bytes, ino: int, ftype: int) -> bytes:
 
 def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
     space = dir_space(vol, d)
+    _unindex(vol, d)
     lblk, off = space.where.pop(name)
     bs = vol.bs
     pblk = d.map.bmap(lblk)
     for o, chunk in remove_from_block(vol.device.view(pblk * bs, bs), bs, off):
         vol.device.write(chunk, pblk * bs + o)
     space.scan(lblk, vol.device.view(pblk * bs, bs))
-    _touch_dir(vol, d)
-    vol.write_inode(d)
+    _touch_dir(vol, d, store=False)
     index = d._dir
     if index is not None:
         index.entries.pop(os.fsdecode(name), None)
@@ -125,14 +138,14 @@ def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
 def set_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
     """Point the existing entry ``name`` at ``ino`` (one small write, as ``ext2_set_link``)."""
     space = dir_space(vol, d)
+    _unindex(vol, d)
     lblk, off = space.where[name]
     bs = vol.bs
     pblk = d.map.bmap(lblk)
     ftype = L.IFMT_TO_FT.get(mode & S_IFMT, 0) if vol.filetype else 0
     vol.device.write(bytes([ftype]), pblk * bs + off + 7)
     vol.device.write(ino.to_bytes(4, "little"), pblk * bs + off)
-    _touch_dir(vol, d)
-    vol.write_inode(d)
+    _touch_dir(vol, d, store=False)
     if d._dir is not None:
         d._dir.entries[os.fsdecode(name)] = (ino, ftype)
 

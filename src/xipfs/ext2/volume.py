@@ -97,6 +97,7 @@ class Volume:
         self.isize = sb.inode_size
         self.first_data_block = sb.s_first_data_block
         self.blocks_count = sb.s_blocks_count
+        self.bpg = sb.s_blocks_per_group
         self.groups = self._read_group_descriptors()
         self._zone_starts, self._zone_ends = self._metadata_zones()
         self._inodes: dict[int, Inode] = {}
@@ -106,6 +107,7 @@ class Volume:
         self._mounted = False
         self._spaces: dict[int, DirSpace] = {}     # directories being written: where entries fit
         self._dirty_groups: set[int] = set()       # descriptors whose counts changed since sync
+        self._dirty_inodes: dict[int, Inode] = {}  # inodes whose times changed since sync
         self._open: dict[int, int] = {}            # inode -> file objects open on it
         #: Inodes unlinked while open: freed when their last file object closes.
         self.orphans: set[int] = set()
@@ -160,10 +162,16 @@ class Volume:
         """Store ``node`` in the inode table."""
         self.device.write(node.encode(), self.inode_offset(node.ino))
         node._stat = None
+        self._dirty_inodes.pop(node.ino, None)
+
+    def touch(self, node: Inode) -> None:
+        """Only ``node``'s times changed: store it at the next sync (times are not structure)."""
+        node._stat = None
+        self._dirty_inodes[node.ino] = node
 
     def inode_group_goal(self, ino: int) -> int:
         """The first block of inode ``ino``'s group: where its data should start looking."""
-        return self.sb.group_first_block((ino - 1) // self.sb.s_inodes_per_group)
+        return self.first_data_block + (ino - 1) // self.ipg * self.bpg
 
     def set_large_file(self) -> None:
         """Turn on large_file when a file reaches 2 GiB (upgrading a revision 0 image first)."""
@@ -183,6 +191,8 @@ class Volume:
             self.device.flush()
             return
         with self.lock:
+            for node in list(self._dirty_inodes.values()):
+                self.write_inode(node)
             self._flush_group_descs()
             f = self.sb.fields
             f["s_free_blocks_count"] = sum(gd.free_blocks for gd in self.groups)
@@ -303,9 +313,15 @@ class Volume:
         if node is None:
             node = Inode(self, ino, self.inode_raw(ino))
             if len(self._inodes) >= INODE_CACHE_MAX:
-                self._inodes.clear()
+                self._shrink_cache()
             self._inodes[ino] = node
         return node
+
+    def _shrink_cache(self) -> None:
+        """Empty the inode cache, but for inodes with open files or unsaved times: there must
+        never be two objects for one inode."""
+        keep = {ino: n for ino, n in self._inodes.items() if ino in self._open or ino in self._dirty_inodes}
+        self._inodes = keep
 
     def remember(self, node: Inode) -> None:
         self._inodes[node.ino] = node
@@ -313,6 +329,7 @@ class Volume:
     def forget(self, ino: int) -> None:
         self._inodes.pop(ino, None)
         self._spaces.pop(ino, None)
+        self._dirty_inodes.pop(ino, None)
 
     def names_changed(self) -> None:
         """A name went away or moved: resolved paths may now be wrong."""

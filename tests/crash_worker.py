@@ -24,17 +24,18 @@ then checks the image. Three modes:
     writes had been made, so the parent can tell where a kill landed.
 
 ``script IMG [--trace OUT]``
-    A fixed sequence of operations (:func:`script_ops`), ending with ``fs.close()``. With the environment
-    variable ``XIPFS_CRASH_AFTER_WRITES=N`` the process kills itself with SIGKILL just before
-    device write N+1 (after N writes). ``--trace`` records every device write (operation,
-    offset, length) to OUT as JSON, with the final path of each inode and directory block, and
-    replays the stores onto a copy of the starting image to show that every store reached the
-    image through ``MemoryDevice.write``/``write_new`` (nothing bypasses them).
+    A fixed sequence of operations (:func:`script_ops`), ending with ``fs.close()``. With the
+    environment variable ``XIPFS_CRASH_AFTER_WRITES=N`` the process kills itself with SIGKILL
+    just before device write N+1 (after N writes). ``--trace`` records every device write
+    (operation, offset, length) to OUT as JSON, with the final path of each inode and directory
+    block, and replays the stores onto a copy of the starting image to show that every store
+    reached the image through ``MemoryDevice.write``/``write_new`` (nothing bypasses them).
 
 ``sweep IMG PRISTINE``
     A fork server for the sweep over every N: for each number N read from stdin it makes IMG a
-    copy of PRISTINE again, forks a child that runs ``script`` killing itself after N device writes, and
-    answers ``N killed`` or ``N done WRITES`` (or ``N failed STATUS``) on stdout.
+    copy of PRISTINE again, forks a child that runs ``script`` and kills itself after N device
+    writes (the same hook as ``XIPFS_CRASH_AFTER_WRITES``), and answers ``N killed``, ``N done``
+    (the script ended first) or ``N failed STATUS`` on stdout.
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ class Status:
 
 
 # -- hooks on the device ----------------------------------------------------------------------
-def hook_memory_writes(before: Callable[[object, int], None]) -> None:
-    """Call ``before(data, offset)`` ahead of every store into a memory device.
+def hook_memory_writes(before: Callable[[object, int, str], None]) -> None:
+    """Call ``before(data, offset, method)`` ahead of every store into a memory device.
 
     Stores go through ``MemoryDevice.write`` and, for freshly allocated blocks,
     ``MemoryDevice.write_new`` (which may store through ``pwrite`` instead of the mapping and
@@ -132,14 +133,14 @@ def hook_memory_writes(before: Callable[[object, int], None]) -> None:
 
     def write(self: MemoryDevice, data: bytes | bytearray | memoryview, offset: int) -> None:
         if not inside[0]:
-            before(data, offset)
+            before(data, offset, "write")
         original(self, data, offset)
 
     def write_new(self: MemoryDevice, data: bytes | bytearray | memoryview, offset: int) -> None:
         if inside[0]:
             original_new(self, data, offset)
             return
-        before(data, offset)
+        before(data, offset, "write_new")
         inside[0] = True
         try:
             original_new(self, data, offset)
@@ -155,7 +156,7 @@ def crash_after(n: int) -> None:
     """SIGKILL this process just before device write ``n + 1``."""
     count = 0
 
-    def before(data: object, offset: int) -> None:
+    def before(data: object, offset: int, method: str) -> None:
         nonlocal count
         if count == n:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -192,8 +193,6 @@ class RandomWorker:
         self.dirs: list[str] = [ROOT]
         self.links: list[str] = []
         self.durables = 0
-        #: the lists of names are out of date (a directory moved): rescan after the operation
-        self.stale = False
 
     # helpers
     def name(self, prefix: str) -> str:
@@ -204,15 +203,13 @@ class RandomWorker:
         self.ntag += 1
         return self.ntag % 255 + 1            # 1..255, never 0 (zeros are holes)
 
-    def rescan(self) -> None:
-        """Rebuild the lists of names from the image (after a directory moved)."""
-        self.files, self.dirs, self.links = [], [], []
-        for top, _dirs, files in self.fs.walk(ROOT):
-            self.dirs.append(top)
-            for name in files:
-                path = top.rstrip("/") + "/" + name
-                (self.files if tag_of(name) is not None and not self.fs.islink(path)
-                 else self.links).append(path)
+    def moved(self, old: str, new: str) -> None:
+        """Directory ``old`` is now ``new``: rename everything below it in the lists."""
+        def fix(path: str) -> str:
+            return new + path[len(old):] if path == old or path.startswith(old + "/") else path
+        self.files = [fix(p) for p in self.files]
+        self.dirs = [fix(p) for p in self.dirs]
+        self.links = [fix(p) for p in self.links]
 
     def size_goal(self) -> int:
         rng = self.rng
@@ -347,8 +344,9 @@ class RandomWorker:
             return
         path = self.rng.choice(cands)
         parent = path.rsplit("/", 1)[0]
-        self.fs.rename(path, f"{parent}/{self.name('d')}")
-        self.stale = True
+        target = f"{parent}/{self.name('d')}"
+        self.fs.rename(path, target)
+        self.moved(path, target)
 
     def op_move_dir(self) -> None:
         cands = [d for d in self.dirs if d != ROOT]
@@ -360,8 +358,9 @@ class RandomWorker:
                    and d.count("/") < 5]
         if not targets:
             return
-        self.fs.rename(path, f"{self.rng.choice(targets)}/{self.name('d')}")
-        self.stale = True
+        target = f"{self.rng.choice(targets)}/{self.name('d')}"
+        self.fs.rename(path, target)
+        self.moved(path, target)
 
     def op_link(self) -> None:
         path = self.pick_file()
@@ -435,9 +434,10 @@ class RandomWorker:
                 pieces = list(zip(bounds[:-1], bounds[1:], strict=True))
                 rng.shuffle(pieces)
                 for a, b in pieces:
-                    if b > a:
-                        f.pwrite(b"\xee" * (b - a), a)
-                        f.pwrite(content[a:b], a)
+                    # a write that runs out of space stores what fits and says how much
+                    if b > a and (f.pwrite(b"\xee" * (b - a), a) < b - a
+                                  or f.pwrite(content[a:b], a) < b - a):
+                        raise OSError(errno.ENOSPC, "short write")
                 if rng.random() < 0.3:
                     f.truncate(size + rng.randint(0, 5000))
                     f.truncate(size)
@@ -475,9 +475,6 @@ class RandomWorker:
                         self.fs.unlink(path)
                         self.files.remove(path)
             self.status.end()
-            if self.stale:
-                self.rescan()
-                self.stale = False
 
 
 def main_random(argv: list[str]) -> None:
@@ -486,7 +483,7 @@ def main_random(argv: list[str]) -> None:
     fill = "--fill" in argv
     status = Status(status_path)
 
-    def count(data: object, offset: int) -> None:
+    def count(data: object, offset: int, method: str) -> None:
         status.writes += 1
         status.store()
 
@@ -512,8 +509,8 @@ def main_random(argv: list[str]) -> None:
 
 
 # -- script mode --------------------------------------------------------------------------------
-#: Bytes the script writes (the only non-zero bytes its regular files may hold).
-SCRIPT_BYTES = b"\xa5\x5a\xc3"
+#: The script writes 0xa5, 0x5a and 0xc3 into /f1 (later /d1/f1, /d2/victim, /d2/big), 0x11
+#: into the first /d2/victim and 0x22 into /d2/g (also /d1/g2).
 
 
 def script_ops(fs_box: list, img: str) -> list[tuple[str, Callable[[], None]]]:
@@ -549,12 +546,12 @@ def script_ops(fs_box: list, img: str) -> list[tuple[str, Callable[[], None]]]:
         b = bs()
         pwrite("/f1", b"\xc3" * (2 * b), (12 + b // 4) * b - b // 2)
 
-    def append() -> None:
+    def append() -> None:                  # one fill of 256 KiB and more (MemoryDevice.write_new)
         with fs().open("/f1", "ab", buffering=0) as f:
-            f.write(b"\xa5" * (bs() + 10))
+            f.write(b"\xa5" * (256 * 1024 + bs() + 10))
 
-    def write_file(path: str, n: int) -> Callable[[], None]:
-        return lambda: fs().write_bytes(path, b"\x5a" * n)
+    def write_file(path: str, byte: int, n: int) -> Callable[[], None]:
+        return lambda: fs().write_bytes(path, bytes([byte]) * n)
 
     def mkdir(path: str) -> Callable[[], None]:
         return lambda: fs().mkdir(path)
@@ -609,12 +606,12 @@ def script_ops(fs_box: list, img: str) -> list[tuple[str, Callable[[], None]]]:
         ("mkdir-2", mkdir("/d2")),
         ("mkdir-nested", mkdir("/d1/sub")),
         ("rename-file-across", rename("/f1", "/d1/f1")),
-        ("create-victim", write_file("/d2/victim", 3000)),
+        ("create-victim", write_file("/d2/victim", 0x11, 3000)),
         ("rename-file-replacing", rename("/d1/f1", "/d2/victim")),
         ("rename-file-within", rename("/d2/victim", "/d2/big")),
         ("truncate-down", truncate("/d2/big", lambda: 5 * bs() + 7)),
         ("truncate-up", truncate("/d2/big", lambda: 40 * bs() + 3)),
-        ("create-small", write_file("/d2/g", 2 * bs() + 1)),
+        ("create-small", write_file("/d2/g", 0x22, 2 * bs() + 1)),
         ("symlink-long", symlink_long),
         ("symlink-short", symlink_short),
         ("setxattr", setxattr("/d2/g", "user.a", 40)),
@@ -639,8 +636,8 @@ def run_script(img: str, trace: list | None = None) -> None:
     ops = script_ops(box, img)
     current = ["?"]
     if trace is not None:
-        def record(data: object, offset: int) -> None:
-            trace.append((current[0], offset, bytes(data)))
+        def record(data: object, offset: int, method: str) -> None:
+            trace.append((current[0], offset, bytes(data), method))
         hook_memory_writes(record)
     for label, action in ops:
         current[0] = label
@@ -672,12 +669,13 @@ def main_script(argv: list[str]) -> None:
             shadow = bytearray(f.read())
         trace: list = []
         run_script(img, trace)
-        for _, offset, data in trace:
+        for _, offset, data, _ in trace:
             shadow[offset:offset + len(data)] = data
         with open(img, "rb") as f:
             replay_matches = f.read() == bytes(shadow)
         with open(out, "w") as f:
-            json.dump({"writes": [(label, offset, len(data)) for label, offset, data in trace],
+            json.dump({"writes": [(label, offset, len(data)) for label, offset, data, _ in trace],
+                       "methods": [method for *_, method in trace],
                        "replay_matches": replay_matches, "names": final_names(img)}, f)
         return
     if n is not None:

@@ -281,15 +281,14 @@ class BlockMap:
                     if err.errno == errno.ENOSPC:
                         return lblk - first
                     raise
-                for pblk, n in runs:
+                for i, (pblk, n) in enumerate(runs):
                     fill(lblk, n, pblk)
-                    try:
-                        self._link(lblk, n, pblk)
-                    except OSError as err:
-                        vol.balloc.free(pblk, n)
-                        if err.errno == errno.ENOSPC:
-                            return lblk - first
-                        raise
+                    done = self._link(lblk, n, pblk)
+                    if done < n:                       # out of space for an indirect block
+                        vol.balloc.free(pblk + done, n - done)
+                        for rest, m in runs[i + 1:]:
+                            vol.balloc.free(rest, m)
+                        return lblk + done - first
                     lblk += n
                     count -= n
         return last - first
@@ -437,29 +436,42 @@ class BlockMap:
                 return prev[0][2] + 1
         return self.volume.inode_group_goal(self.inode.ino)
 
-    def _link(self, lblk: int, n: int, pblk: int) -> None:
-        """Point file blocks ``[lblk, lblk+n)`` at device blocks ``[pblk, pblk+n)``."""
+    def _link(self, lblk: int, n: int, pblk: int) -> int:
+        """Point file blocks ``[lblk, lblk+n)`` at device blocks ``[pblk, pblk+n)``.
+
+        Returns how many were linked: fewer than ``n`` when no block was left for an indirect
+        block (the caller frees the rest; the linked part belongs to the file now).
+        """
         vol = self.volume
         k = 0
-        while k < n:
-            lb = lblk + k
-            if lb < L.N_DIRECT:
-                m = min(n - k, L.N_DIRECT - lb)
-                self.direct[lb:lb + m] = range(pblk + k, pblk + k + m)
-            else:
-                ind, idx = self._leaf_slot(lb, pblk + k)
-                m = min(n - k, self.apb - idx)
-                ptrs = array("I", range(pblk + k, pblk + k + m))
-                if _SWAP:
-                    ptrs.byteswap()
-                vol.device.write(ptrs.tobytes(), ind * self.bs + idx * 4)
-            k += m
-        node = self.inode
-        node.i_block = _PACK_I_BLOCK(*self.direct, *self.roots)
-        node.blocks += n * (self.bs // 512)
-        self._last = (lblk + n - 1, pblk + n - 1)
-        self.whole = 0
-        self._runs.clear()
+        try:
+            while k < n:
+                lb = lblk + k
+                if lb < L.N_DIRECT:
+                    m = min(n - k, L.N_DIRECT - lb)
+                    self.direct[lb:lb + m] = range(pblk + k, pblk + k + m)
+                else:
+                    try:
+                        ind, idx = self._leaf_slot(lb, pblk + k)
+                    except OSError as err:
+                        if err.errno == errno.ENOSPC:
+                            break
+                        raise
+                    m = min(n - k, self.apb - idx)
+                    ptrs = array("I", range(pblk + k, pblk + k + m))
+                    if _SWAP:
+                        ptrs.byteswap()
+                    vol.device.write(ptrs.tobytes(), ind * self.bs + idx * 4)
+                k += m
+        finally:
+            node = self.inode
+            node.i_block = _PACK_I_BLOCK(*self.direct, *self.roots)
+            node.blocks += k * (self.bs // 512)
+            if k:
+                self._last = (lblk + k - 1, pblk + k - 1)
+            self.whole = 0
+            self._runs.clear()
+        return k
 
     def _leaf_slot(self, lblk: int, near: int) -> tuple[int, int]:
         """``(indirect block, index)`` holding the pointer of ``lblk``, made on the way if missing."""

@@ -4,8 +4,10 @@ Each operation is a short sequence of writes to memory that outlives the process
 chosen so that every prefix of the sequence leaves an image ``e2fsck -p`` repairs on its own
 (checked against e2fsck 1.47): a new inode carries no links until its directory entry exists,
 a dying inode loses its links before its entry, blocks are freed last. At worst a kill leaks
-blocks or inodes, or leaves a link count e2fsck fixes. The one exception is moving a directory
-to another parent: ext2 has no single write that moves it, so a kill inside those three writes
+blocks or inodes, or leaves a link count e2fsck fixes. A rename within one directory is one
+store when the new name fits the old entry's record. The exceptions: moving a directory to
+another parent, a directory rename whose new name does not fit in place, and a directory
+replacing another: ext2 has no single store for those, so a kill inside their few writes
 (microseconds) needs ``e2fsck -y``, as with Linux's own ext2.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -150,6 +153,32 @@ def set_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
         d._dir.entries[os.fsdecode(name)] = (ino, ftype)
 
 
+def rename_in_place(vol: Volume, d: Inode, old: bytes, new: bytes) -> bool:
+    """Rename an entry within its own record, in one store; False when the new name won't fit.
+
+    One store makes the old name go and the new one appear together, so no instant shows
+    both (a directory with two names) or neither (an unconnected directory).
+    """
+    space = dir_space(vol, d)
+    lblk, off = space.where[old]
+    bs = vol.bs
+    pblk = d.map.bmap(lblk)
+    rec_len = struct.unpack_from("<H", vol.device.view(pblk * bs + off + 4, 2))[0] or bs
+    if rec_len_of(len(new)) > rec_len:
+        return False
+    _unindex(vol, d)
+    ftype = vol.device.view(pblk * bs + off + 7, 1)[0]
+    vol.device.write(bytes([len(new), ftype]) + new, pblk * bs + off + 6)
+    space.scan(lblk, vol.device.view(pblk * bs, bs))
+    space.where.pop(old, None)
+    _touch_dir(vol, d, store=False)
+    index = d._dir
+    if index is not None:
+        index.entries[os.fsdecode(new)] = index.entries.pop(os.fsdecode(old))
+        index._names = None
+    return True
+
+
 def set_dotdot(vol: Volume, d: Inode, parent: int) -> None:
     bs = vol.bs
     pblk = d.map.bmap(0)
@@ -247,9 +276,19 @@ def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int,
     vol.write_inode(node)
 
 
+def has_block_map(vol: Volume, node: Inode) -> bool:
+    """True when ``i_block`` holds block pointers (not a fast symlink's text or a device number)."""
+    fmt = node.mode & S_IFMT
+    if fmt in (0o100000, S_IFDIR):
+        return True
+    if fmt == S_IFLNK:
+        return node.blocks - (vol.bs // 512 if node.file_acl else 0) > 0
+    return False
+
+
 def _discard(vol: Volume, node: Inode, is_dir: bool) -> None:
     """Undo a half-made inode (nothing links to it yet)."""
-    freed = node.map.truncate(0) if node.blocks else []
+    freed = node.map.truncate(0) if node.blocks and has_block_map(vol, node) else []
     node.dtime = int(time.time()) & 0xFFFFFFFF
     node.mode = 0
     vol.write_inode(node)
@@ -295,7 +334,7 @@ def release(vol: Volume, node: Inode) -> None:
     if vol.is_open(node.ino):
         vol.orphans.add(node.ino)        # freed when the last file object closes
         return
-    freed = node.map.truncate(0)
+    freed = node.map.truncate(0) if has_block_map(vol, node) else []
     vol.write_inode(node)
     for pblk, count in freed:
         vol.balloc.free(pblk, count)
@@ -378,9 +417,10 @@ def rename(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> Non
     if dst is not None:
         drop_link(vol, dst)                  # the replaced inode dies first: a kill here leaves
         set_entry(vol, dd, dname, src.ino, src.mode)   # an entry to a dead inode (e2fsck -p)
-    else:
+        remove_entry(vol, sd, sname)
+    elif sd.ino != dd.ino or not rename_in_place(vol, sd, sname, dname):
         add_entry(vol, dd, dname, src.ino, src.mode)
-    remove_entry(vol, sd, sname)
+        remove_entry(vol, sd, sname)
     src.ctime_ns = now
     vol.write_inode(src)
     if moving_dir and sd.ino != dd.ino:

@@ -96,8 +96,13 @@ class WriteMachine(RuleBasedStateMachine):
         self.ref = os.path.join(self.tmp, "ref")
         os.mkdir(self.ref)
         self.old_umask = os.umask(0)
-        mkfs(self.img, IMAGE_SIZE, bs=self.BS, isize=self.ISIZE)
-        self.fs = xipfs.open(self.img, "r+", xip=self.XIP)
+        try:
+            mkfs(self.img, IMAGE_SIZE, bs=self.BS, isize=self.ISIZE)
+            self.fs = xipfs.open(self.img, "r+", xip=self.XIP)
+        except BaseException:
+            os.umask(self.old_umask)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         assert self.fs.is_xip == self.XIP
         apb = self.BS // 4
         #: Byte offsets where the block map changes level: direct -> single -> double -> triple.
@@ -251,6 +256,12 @@ class WriteMachine(RuleBasedStateMachine):
                 if not self.chunk(data, p, f, fd, mode, raw):
                     hit_enospc = True
                     break
+            else:
+                _, xerr = attempt(f.fsync if raw else f.flush)   # buffered data may not fit
+                if is_enospc(xerr):
+                    hit_enospc = True
+                elif xerr is not None:
+                    raise xerr
         finally:
             _, xerr = attempt(f.close)
             if is_enospc(xerr):
@@ -325,6 +336,10 @@ class WriteMachine(RuleBasedStateMachine):
             assert f.pread(64, at) == os.pread(fd, 64, at)
             f.seek(at)
             assert f.read(64) == os.pread(fd, 64, at)
+            buf2 = bytearray(100)
+            f.seek(at)
+            got = f.readinto(buf2)
+            assert bytes(buf2[:got]) == os.pread(fd, 100, at)
         return True
 
     # file data is what most of the code is about: more chances for the same rule

@@ -116,9 +116,9 @@ class Filesystem:
              followlinks: bool = False) -> Iterator[tuple[Any, list[Any], list[Any]]]:
         """Directory tree generator, like ``os.walk``.
 
-        A directory reached twice by its real name means the image links a directory into
-        itself (ext2 has no directory hard links): that raises :class:`CorruptImageError`. A
-        directory reached again through a followed symlink is skipped, so no walk runs forever.
+        A directory that contains itself by its real names means the image links a directory
+        into itself (ext2 has no directory hard links): that raises :class:`CorruptImageError`.
+        A followed symlink back to an ancestor is skipped, so no walk runs forever.
         """
         try:
             start = self.stat(top).st_ino
@@ -127,11 +127,10 @@ class Filesystem:
                 onerror(err)
                 return
             raise
-        seen = {start}
-        stack: list[Any] = [top]
+        stack: list[Any] = [(top, frozenset({start}))]
         while stack:
-            top = stack.pop()
-            if isinstance(top, tuple):  # bottom-up: the entry to yield after its children
+            top, ancestors = stack.pop()
+            if ancestors is None:               # bottom-up: the entry to yield after its children
                 yield top
                 continue
             dirs, nondirs, subdirs = [], [], []
@@ -159,20 +158,20 @@ class Filesystem:
                 if link and not followlinks:
                     continue
                 ino = entry.stat().st_ino if link else entry.inode()
-                if ino in seen:
-                    if link:
+                if ino in ancestors:
+                    if link:                    # a symlink back up the tree: do not loop
                         continue
                     raise CorruptImageError(f"directory cycle: {os.fsdecode(entry.path)!r} is inode "
-                                            f"{ino}, already walked", f"directory {os.fsdecode(top)!r}")
-                seen.add(ino)
-                into[entry.name] = entry.path
+                                            f"{ino}, one of its own ancestors",
+                                            f"directory {os.fsdecode(top)!r}")
+                into[entry.name] = (entry.path, ancestors | {ino})
             if topdown:
                 yield top, dirs, nondirs
                 for name in reversed(dirs):       # the caller may have pruned ``dirs``
                     if name in into:
                         stack.append(into[name])
             else:
-                stack.append((top, dirs, nondirs))
+                stack.append(((top, dirs, nondirs), None))
                 stack.extend(reversed([into[n] for n in dirs if n in into]))
 
     # -- metadata -----------------------------------------------------------------------------

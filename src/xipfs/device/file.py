@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections import OrderedDict
 
 from .base import Device
@@ -94,9 +95,14 @@ class PageCache(Device):
         self._dirty: set[int] = set()
         self.hits = 0
         self.misses = 0
+        self._lock = threading.RLock()          # readers of file data take no filesystem lock
 
     def _page(self, index: int) -> bytearray:
         """The cached page ``index``, read from the device on a miss (LRU order)."""
+        with self._lock:
+            return self._page_locked(index)
+
+    def _page_locked(self, index: int) -> bytearray:
         pages = self._pages
         page = pages.get(index)
         if page is not None:
@@ -150,17 +156,19 @@ class PageCache(Device):
         n = len(src)
         self.check_range(offset, n)
         done = 0
-        while done < n:
-            index, within = divmod(offset + done, PAGE_SIZE)
-            chunk = min(n - done, PAGE_SIZE - within)
-            memoryview(self._page(index))[within:within + chunk] = src[done:done + chunk]
-            self._dirty.add(index)
-            done += chunk
+        with self._lock:
+            while done < n:
+                index, within = divmod(offset + done, PAGE_SIZE)
+                chunk = min(n - done, PAGE_SIZE - within)
+                memoryview(self._page_locked(index))[within:within + chunk] = src[done:done + chunk]
+                self._dirty.add(index)
+                done += chunk
 
     def flush(self) -> None:
         """Write every dirty page back, then fsync the device."""
-        for index in sorted(self._dirty):
-            self._write_back(index, self._pages[index])
+        with self._lock:
+            for index in sorted(self._dirty):
+                self._write_back(index, self._pages[index])
         self.device.flush()
 
     def fileno(self) -> int:

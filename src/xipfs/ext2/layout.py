@@ -145,8 +145,9 @@ RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_LARGE_FILE = 0x2
 RO_COMPAT_BTREE_DIR = 0x4
 
-#: What xipfs reads (the Linux ext2 driver's set): any other incompat bit refuses the image.
-INCOMPAT_SUPPORTED = INCOMPAT_FILETYPE | INCOMPAT_META_BG
+#: What xipfs reads: any other incompat bit refuses the image. (Linux's ext2 also reads
+#: meta_bg; xipfs does not, yet.)
+INCOMPAT_SUPPORTED = INCOMPAT_FILETYPE
 #: What xipfs may write: any other ro_compat bit allows read-only use only.
 RO_COMPAT_SUPPORTED = RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_BTREE_DIR
 

@@ -174,7 +174,7 @@ def parse_superblock(raw: bytes, device_size: int) -> Superblock:
 def _check_features(sb: Superblock) -> None:
     """Refuse incompatible features; note those that only allow reading."""
     f = sb.fields
-    unknown_incompat = f["s_feature_incompat"] & ~L.INCOMPAT_FILETYPE
+    unknown_incompat = f["s_feature_incompat"] & ~L.INCOMPAT_SUPPORTED
     if unknown_incompat:
         names = feature_names(unknown_incompat, L.INCOMPAT_FEATURES, "I")
         raise UnsupportedFeatureError(

@@ -379,11 +379,14 @@ class Volume:
                 if node.map.assign(lblk, lblk + 1, lambda lb, n, pb: zero_blocks(self, pb, n)) < 1:
                     raise fs_error(errno.ENOSPC)
                 self.write_inode(node)
-            return self.device.view(node.map.runs(lblk, lblk + 1, lblk + 1)[0][2] * self.bs, self.bs)
-        pblk = node.map.bmap(lblk)
+            pblk = node.map.runs(lblk, lblk + 1, lblk + 1)[0][2]
+        else:
+            pblk = node.map.bmap(lblk)
         if not pblk:
             return None
-        return self.device.view(pblk * self.bs, self.bs)
+        view = self.device.view(pblk * self.bs, self.bs)
+        # A page-cache page is not the storage: changing it would bypass write-back.
+        return view if self.device.is_xip and not self.readonly else view.toreadonly()
 
     def data_runs(self, node: Inode, pos: int, n: int) -> list[Run]:
         """Runs covering bytes ``[pos, pos+n)`` of ``node``'s data (block units)."""
@@ -507,11 +510,12 @@ class Volume:
         return node
 
     def _walk(self, path: str, follow: bool) -> Inode:
-        if len(path) > PATH_MAX and len(os.fsencode(path)) >= PATH_MAX:
+        if not path:
+            raise fs_error(errno.ENOENT, path)
+        if len(path) > PATH_MAX // 4 and len(os.fsencode(path)) >= PATH_MAX:
             raise fs_error(errno.ENAMETOOLONG, path)
         root = self.root
-        must_dir = path.endswith("/") and path.strip("/") != ""
-        pending = [c for c in reversed(path.split("/")) if c and c != "."]
+        pending = components(path)
         # The directories walked through: ".." goes back one, as in Linux, whatever the
         # on-disk ".." entry says (a damaged one cannot send a lookup elsewhere).
         stack = [root]
@@ -521,6 +525,8 @@ class Volume:
             cur = stack[-1]
             if not cur.is_dir:
                 raise fs_error(errno.ENOTDIR, path)
+            if name == ".":
+                continue
             if name == "..":
                 if len(stack) > 1:
                     stack.pop()
@@ -528,24 +534,21 @@ class Volume:
             index = cur._dir or self.dir_index(cur)
             entry = index.entries.get(name)
             if entry is None:
-                if len(name) > NAME_MAX and len(os.fsencode(name)) > NAME_MAX:
+                if len(name) > NAME_MAX // 4 and len(os.fsencode(name)) > NAME_MAX:
                     raise fs_error(errno.ENAMETOOLONG, path)
                 raise fs_error(errno.ENOENT, path)
             child = self.live_inode(entry[0], name, f"directory inode {cur.ino}")
-            if (child.mode & 0o170000) == 0o120000 and (pending or follow or must_dir):
+            if (child.mode & 0o170000) == 0o120000 and (pending or follow):
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise fs_error(errno.ELOOP, path)
                 target = os.fsdecode(self.readlink(child))
                 if target.startswith("/"):
                     del stack[1:]
-                pending.extend(c for c in reversed(target.split("/")) if c and c != ".")
+                pending.extend(components(target))
                 continue
             stack.append(child)
-        cur = stack[-1]
-        if must_dir and not cur.is_dir:
-            raise fs_error(errno.ENOTDIR, path)
-        return cur
+        return stack[-1]
 
     def live_inode(self, ino: int, name: str, where: str) -> Inode:
         """The inode a directory entry names, refusing one that is deleted or never used."""
@@ -575,6 +578,16 @@ class Volume:
             self._inodes.clear()
             self._paths.clear()
             self.device.close()
+
+
+def components(path: str) -> list[str]:
+    """The names of ``path`` in reverse order (a stack), ``.`` kept; a trailing slash is a final
+    ``.``, which makes the lookup demand a directory and follow a symlink there, as in Linux."""
+    names = [c for c in path.split("/") if c]
+    if path.endswith("/") and names:
+        names.append(".")
+    names.reverse()
+    return names
 
 
 def normpath(path: str) -> str:

@@ -64,6 +64,17 @@ SETTINGS = settings(
     report_multiple_bugs=False,
 )
 
+#: Directories the machines made (removed at the end of the module whatever happened).
+CREATED: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_leftovers():
+    yield
+    for path in CREATED:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 #: (operation, outcome) -> count, over the whole run (XIPFS_STATE_STATS=1 prints it).
 STATS: dict[tuple[str, str], int] = {}
 
@@ -92,6 +103,7 @@ class WriteMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = tempfile.mkdtemp(prefix="xipfs-state-", dir=SHM)
+        CREATED.append(self.tmp)
         self.img = os.path.join(self.tmp, "image.ext2")
         self.ref = os.path.join(self.tmp, "ref")
         os.mkdir(self.ref)

@@ -9,6 +9,7 @@ image root.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import io
 import os
@@ -324,13 +325,12 @@ class Filesystem:
             node = vol.resolve(p, True)
         else:
             with vol.lock:
+                if excl and self.lexists(p):          # O_EXCL: even a dangling symlink counts
+                    raise fs_error(errno.EEXIST, p)
                 try:
                     node = vol.resolve(p, True)
                 except FileNotFoundError:
                     node = self._create(p, 0o100000 | (0o666 & ~self._umask))
-                else:
-                    if excl:
-                        raise fs_error(errno.EEXIST, p) from None
         if not node.is_reg:
             if node.is_dir:
                 raise fs_error(errno.EISDIR, p)
@@ -412,17 +412,24 @@ class Filesystem:
         p, _ = _fspath(path)
         vol = self._writable(p)
         with vol.lock:
-            self._create(p.rstrip("/") or "/", 0o040000 | (mode & 0o7777 & ~self._umask))
+            # set-id bits are not taken from ``mode`` (a setgid parent passes its S_ISGID on)
+            self._create(p.rstrip("/") or "/", 0o040000 | (mode & 0o1777 & ~self._umask))
 
     def makedirs(self, name: PathArg, mode: int = 0o777, exist_ok: bool = False) -> None:
-        """Create ``name`` and the missing directories above it, like ``os.makedirs``."""
+        """Create ``name`` and the missing directories above it, like ``os.makedirs``.
+
+        As there, ``mode`` applies to the last directory only.
+        """
         p, _ = _fspath(name)
-        head = p.rstrip("/").rpartition("/")[0]
-        if head and not self.exists(head):
-            self.makedirs(head, mode, exist_ok=True)
+        head, _, tail = p.rstrip("/").rpartition("/")
+        if head and tail and not self.exists(head):
+            with contextlib.suppress(FileExistsError):
+                self.makedirs(head, exist_ok=exist_ok)
+            if tail == ".":
+                return
         try:
             self.mkdir(p, mode)
-        except FileExistsError:
+        except OSError:
             if not exist_ok or not self.isdir(p):
                 raise
 

@@ -22,12 +22,29 @@ LARGE_FILE_SIZE = 1 << 31
 
 
 def max_file_size(bs: int) -> int:
-    """Largest ext2 file for block size ``bs`` (Linux ``ext2_max_size``: tree and i_blocks bound)."""
-    apb = bs // 4
-    blocks = 12 + apb + apb * apb + apb * apb * apb
-    meta = 1 + (1 + apb) + (1 + apb + apb * apb)          # indirect blocks of a full tree
-    sectors_bound = ((1 << 32) - 1) // (bs // 512) - meta
-    return min(blocks, sectors_bound) * bs
+    """Largest ext2 file for block size ``bs``: Linux's ``ext2_max_size``, exactly.
+
+    The block tree bounds it, and so does ``i_blocks`` (32 bits of 512-byte sectors, indirect
+    blocks included).
+    """
+    bits = bs.bit_length() - 1
+    ppb = 1 << (bits - 2)
+    res = 12 + ppb + ppb * ppb + ppb * ppb * ppb
+    upper = ((1 << 32) - 1) >> (bits - 9)
+    meta = 1 + (1 + ppb) + (1 + ppb + ppb * ppb)
+    if res + meta > upper:
+        res = upper
+        upper -= 12
+        meta = 1
+        upper -= ppb
+        if upper < ppb * ppb:
+            meta += 1 + -(-upper // ppb)
+        else:
+            meta += 1 + ppb
+            upper -= ppb * ppb
+            meta += 1 + -(-upper // ppb) + -(-upper // (ppb * ppb))
+        res -= meta
+    return min(res << bits, (1 << 63) - 1)
 
 
 def write(vol: Volume, node: Inode, data: memoryview, pos: int) -> int:
@@ -72,6 +89,8 @@ def write(vol: Volume, node: Inode, data: memoryview, pos: int) -> int:
             break
     done = written_to - pos
     if done <= 0:
+        vol.write_inode(node)               # indirect blocks may have been linked on the way
+        trim_past_eof(vol, node)
         raise fs_error(errno.ENOSPC)
     now = time.time_ns()
     node.mtime_ns = node.ctime_ns = now
@@ -149,11 +168,24 @@ def fallocate(vol: Volume, node: Inode, offset: int, length: int) -> None:
     first, last = offset // bs, (end - 1) // bs + 1
     got = node.map.assign(first, last, lambda lb, n, pb: zero_blocks(vol, pb, n))
     if got < last - first:
+        vol.write_inode(node)
+        trim_past_eof(vol, node)
         raise fs_error(errno.ENOSPC)
     if end > node.size:
         set_size(vol, node, end)
     node.ctime_ns = time.time_ns()
     vol.write_inode(node)
+
+
+def trim_past_eof(vol: Volume, node: Inode) -> None:
+    """Free blocks an interrupted allocation left past EOF (ext2 files have none there)."""
+    freed = node.map.truncate(-(-node.size // vol.bs))
+    if not freed:
+        return
+    vol.write_inode(node)
+    for pblk, count in freed:
+        vol.balloc.free(pblk, count)
+    node.reset_map()
 
 
 def zero_blocks(vol: Volume, pblk: int, count: int) -> None:

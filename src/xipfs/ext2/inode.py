@@ -110,8 +110,19 @@ class Inode:
         self._dir = None
 
     # -- writing ----------------------------------------------------------------------------
+    def clip_times(self) -> None:
+        """Drop the nanoseconds the inode cannot store (no ``_extra`` time fields)."""
+        extra = self.extra_isize
+        if extra < 16:
+            if extra < 8:
+                self.ctime_ns -= self.ctime_ns % 1_000_000_000
+            if extra < 12:
+                self.mtime_ns -= self.mtime_ns % 1_000_000_000
+            self.atime_ns -= self.atime_ns % 1_000_000_000
+
     def encode(self) -> bytes:
         """The on-disk bytes of this inode, fields this class does not model kept as they were."""
+        self.clip_times()
         raw = bytearray(self._raw)
         a_s, a_x = encode_time(self.atime_ns)
         c_s, c_x = encode_time(self.ctime_ns)

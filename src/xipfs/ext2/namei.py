@@ -300,10 +300,10 @@ def _discard(vol: Volume, node: Inode, is_dir: bool) -> None:
 
 def link(vol: Volume, node: Inode, d: Inode, name: bytes) -> None:
     check_name(name)
-    if node.is_dir:
-        raise fs_error(errno.EPERM)
     if os.fsdecode(name) in vol.dir_index(d).entries:
         raise fs_error(errno.EEXIST)
+    if node.is_dir:
+        raise fs_error(errno.EPERM)
     if node.links >= LINK_MAX:
         raise fs_error(errno.EMLINK)
     node.links += 1                      # a link count too high is what e2fsck -p fixes
@@ -373,6 +373,8 @@ def rmdir(vol: Volume, d: Inode, name: bytes) -> None:
 
 
 def _child(vol: Volume, d: Inode, name: bytes) -> Inode:
+    if len(name) > 255:
+        raise fs_error(errno.ENAMETOOLONG)
     entry = vol.dir_index(d).entries.get(os.fsdecode(name))
     if entry is None:
         raise fs_error(errno.ENOENT)
@@ -394,12 +396,14 @@ def is_ancestor(vol: Volume, a: Inode, d: Inode) -> bool:
 
 def rename(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> None:
     """Move ``sd/sname`` to ``dd/dname``, replacing what is there (POSIX ``rename``)."""
-    check_name(dname)
     src = _child(vol, sd, sname)
+    check_name(dname)
     entry = vol.dir_index(dd).entries.get(os.fsdecode(dname))
     dst = vol.inode(entry[0]) if entry else None
     if dst is not None and dst.ino == src.ino:
         return
+    if dst is not None and dst.is_dir and is_ancestor(vol, dst, sd):
+        raise fs_error(errno.ENOTEMPTY)        # the target contains the source
     moving_dir = src.is_dir
     if moving_dir:
         if is_ancestor(vol, src, dd):

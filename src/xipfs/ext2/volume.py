@@ -166,6 +166,7 @@ class Volume:
 
     def touch(self, node: Inode) -> None:
         """Only ``node``'s times changed: store it at the next sync (times are not structure)."""
+        node.clip_times()
         node._stat = None
         self._dirty_inodes[node.ino] = node
 

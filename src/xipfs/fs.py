@@ -62,6 +62,8 @@ class Filesystem:
             raise
         self._dev_id = int.from_bytes(bytes(self.volume.sb.s_uuid[:4]), "little")
         self._umask = _current_umask()
+        #: Owner of new files: the effective user and group when the image was opened.
+        self._owner = (os.geteuid(), os.getegid())
 
     # -- what this is -------------------------------------------------------------------------
     @property
@@ -385,7 +387,7 @@ class Filesystem:
                     target = os.fsdecode(vol.readlink(link))
                     p = target if target.startswith("/") else p.rstrip("/").rpartition("/")[0] + "/" + target
                     continue
-            uid, gid = os.geteuid(), os.getegid()
+            uid, gid = self._owner
             if parent.mode & 0o2000:                       # setgid directory: inherit its group
                 gid = parent.gid
                 if (mode & 0o170000) == 0o040000:
@@ -483,7 +485,7 @@ class Filesystem:
         with vol.lock:
             parent, name = self._parent(d)
             self._named(lambda v, *a: namei.create(v, *a, target=target), d, parent, name,
-                        0o120777, os.geteuid(), os.getegid())
+                        0o120777, *self._owner)
 
     def mknod(self, path: PathArg, mode: int = 0o600, device: int = 0) -> None:
         """Create a FIFO, socket, or character/block device node, like ``os.mknod``."""

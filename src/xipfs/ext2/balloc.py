@@ -33,10 +33,14 @@ class BlockAllocator:
         self.may_use_reserved = uid == 0 or uid == sb.s_def_resuid or sb.s_def_resgid in gids
         #: Per group, a bit below which every block is known to be in use (search starts there).
         self._low = [0] * len(volume.groups)
+        #: Per group: first block, number of blocks.
+        self._span = [(sb.group_first_block(g), sb.group_last_block(g) - sb.group_first_block(g) + 1)
+                      for g in range(len(volume.groups))]
+        self._free = sum(gd.free_blocks for gd in volume.groups)
 
     # -- queries ------------------------------------------------------------------------------
     def free_blocks(self) -> int:
-        return sum(gd.free_blocks for gd in self.volume.groups)
+        return self._free
 
     def available(self) -> int:
         """Blocks this process may still take (root-reserved blocks excluded unless allowed)."""
@@ -64,7 +68,7 @@ class BlockAllocator:
             gd = vol.groups[g]
             if gd.free_blocks == 0:
                 continue
-            start = goal - vol.sb.group_first_block(g) if step == 0 else 0
+            start = goal - self._span[g][0] if step == 0 else 0
             want -= self._take_from_group(g, start, want, runs)
             if want == 0:
                 break
@@ -76,8 +80,7 @@ class BlockAllocator:
         """Take up to ``want`` free blocks of group ``g``, searching from bit ``start`` then from 0."""
         vol = self.volume
         gd = vol.groups[g]
-        base = vol.sb.group_first_block(g)
-        nbits = vol.sb.group_last_block(g) - base + 1
+        base, nbits = self._span[g]
         bm_off = gd.block_bitmap * vol.bs
         taken = 0
         low = self._low[g]
@@ -119,8 +122,7 @@ class BlockAllocator:
             gd = vol.groups[g]
             if not gd.free_blocks:
                 continue
-            base = vol.sb.group_first_block(g)
-            nbits = vol.sb.group_last_block(g) - base + 1
+            base, nbits = self._span[g]
             bm = vol.device.view(gd.block_bitmap * vol.bs, (nbits + 7) >> 3)
             bit = bitmap.find_zero_high(bm, nbits)
             if bit >= 0:
@@ -134,9 +136,8 @@ class BlockAllocator:
         vol = self.volume
         while count > 0:
             g = self.group_of(block)
-            base = vol.sb.group_first_block(g)
-            last = vol.sb.group_last_block(g)
-            n = min(count, last - block + 1)
+            base, nbits = self._span[g]
+            n = min(count, base + nbits - block)
             bm = vol.device.view(vol.groups[g].block_bitmap * vol.bs, vol.bs)
             for i in range(block - base, block - base + n):
                 if not bitmap.test_bit(bm, i):
@@ -154,4 +155,5 @@ class BlockAllocator:
         first, data = bitmap.set_range(vol.device.view(bm_off, vol.bs), bit, n, used)
         vol.device.write(data, bm_off + first)
         gd.free_blocks += -n if used else n
+        self._free += -n if used else n
         vol.write_group_desc(g)

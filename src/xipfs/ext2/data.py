@@ -9,6 +9,7 @@ can ever see stale data. ``i_size`` grows only after the bytes are there.
 from __future__ import annotations
 
 import errno
+import functools
 import time
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 LARGE_FILE_SIZE = 1 << 31
 
 
+@functools.cache
 def max_file_size(bs: int) -> int:
     """Largest ext2 file for block size ``bs``: Linux's ``ext2_max_size``, exactly.
 
@@ -53,10 +55,11 @@ def write(vol: Volume, node: Inode, data: memoryview, pos: int) -> int:
     if n == 0:
         return 0
     bs = vol.bs
-    if pos + n > max_file_size(bs):
-        if pos >= max_file_size(bs):
+    limit = max_file_size(bs)
+    if pos + n > limit:
+        if pos >= limit:
             raise fs_error(errno.EFBIG)
-        n = max_file_size(bs) - pos
+        n = limit - pos
         data = data[:n]
     end = pos + n
     m = node.map

@@ -246,15 +246,23 @@ class BlockMap:
     def runs(self, first: int, last: int, limit: int | None = None) -> list[Run]:
         """Runs covering file blocks ``[first, last)``, holes included, merged.
 
-        Clipped to EOF, or to ``limit`` blocks when the write path looks past EOF.
+        Clipped to EOF, or to ``limit`` blocks when the write path looks past EOF: ext2 files
+        have no blocks past EOF, so that part is one hole, found without reading anything.
         """
-        end = self.nblocks if limit is None else limit
-        last = min(last, end)
         out: list[Run] = []
+        if limit is not None and limit > self.nblocks:
+            last = min(last, limit)
+            out = self.runs(first, last) if first < self.nblocks else []
+            start = max(first, self.nblocks)
+            if start < last:
+                _append(out, start, last - start, 0)
+            return out
+        last = min(last, self.nblocks)
         if first >= last:
             return out
-        if self.whole and limit is None:
+        if self.whole:
             return [(first, last - first, self.whole + first)]
+        end = self.nblocks
         apb = self.apb
         if first < L.N_DIRECT:
             self._leaf_runs(self._direct_runs(end), 0, first, min(last, L.N_DIRECT), out)
@@ -401,9 +409,14 @@ class BlockMap:
         if n <= 0:
             return runs
         p0 = entries[0]
-        if p0 and entries[n - 1] == p0 + n - 1 and (
-                n < 3 or array("I", entries[:n]) == array("I", range(p0, p0 + n))):
-            runs.append((0, n, p0))
+        k = n
+        if p0 and not entries[n - 1]:                 # a block being filled: data, then zeros
+            k = -(-len(array("I", entries[:n]).tobytes().rstrip(b"\0")) // 4)
+        if p0 and entries[k - 1] == p0 + k - 1 and (
+                k < 3 or array("I", entries[:k]) == array("I", range(p0, p0 + k))):
+            runs.append((0, k, p0))
+            if k < n:
+                runs.append((k, n - k, 0))
         else:
             start, expect, first = 0, -1, p0
             for i in range(n):

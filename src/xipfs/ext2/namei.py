@@ -189,8 +189,12 @@ def set_dotdot(vol: Volume, d: Inode, parent: int) -> None:
 
 # -- inodes -------------------------------------------------------------------------------------
 
-def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int) -> Inode:
-    """Allocate and write a fresh inode with no links yet (it becomes live when linked)."""
+def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int, store: bool = True) -> Inode:
+    """Allocate (and, with ``store``, write) a fresh inode with no links yet.
+
+    It becomes live when a name links to it. Until it is written, its slot holds zeros or a
+    deleted inode, which e2fsck -p treats as free: a kill in between only leaks the bit.
+    """
     ino = vol.ialloc.alloc(parent.ino, (mode & S_IFMT) == S_IFDIR)
     isize = vol.sb.inode_size
     node = Inode(vol, ino, bytes(isize))
@@ -202,7 +206,8 @@ def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int) -> Inod
     if isize >= 160:
         node.extra_isize = 32
         node.crtime_ns = now
-    vol.write_inode(node)
+    if store:
+        vol.write_inode(node)
     vol.remember(node)
     return node
 
@@ -221,8 +226,12 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
     is_dir = (mode & S_IFMT) == S_IFDIR
     if is_dir and d.links >= LINK_MAX:
         raise fs_error(errno.EMLINK)
-    node = new_inode(vol, d, mode, uid, gid)
+    small = content is not None and 0 < len(content) <= L.N_DIRECT * vol.bs
+    node = new_inode(vol, d, mode, uid, gid, store=not small)
     try:
+        if small:
+            _fill_small(vol, node, content)
+            content = None
         _fill_new(vol, d, node, is_dir, rdev, target, content)
         add_entry(vol, d, name, node.ino, mode)
     except BaseException:
@@ -273,6 +282,33 @@ def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int,
         node.i_block = b"".join(w.to_bytes(4, "little") for w in words)
     else:
         return                                  # a plain file, FIFO or socket: nothing more yet
+    vol.write_inode(node)
+
+
+def _fill_small(vol: Volume, node: Inode, content: memoryview) -> None:
+    """Give a new file its content in direct blocks, then store the inode once (no links yet)."""
+    bs = vol.bs
+    n = len(content)
+    count = -(-n // bs)
+    runs = vol.balloc.alloc(vol.inode_group_goal(node.ino), count)
+    got = sum(c for _, c in runs)
+    if got < count:
+        for pblk, c in runs:
+            vol.balloc.free(pblk, c)
+        raise fs_error(errno.ENOSPC)
+    blocks: list[int] = []
+    pos = 0
+    for pblk, c in runs:
+        end = min(n, pos + c * bs)
+        vol.device.write_new(content[pos:end], pblk * bs)
+        if end - pos < c * bs:                      # zero the tail of the last block
+            vol.device.write_new(bytes(c * bs - (end - pos)), pblk * bs + end - pos)
+        blocks.extend(range(pblk, pblk + c))
+        pos = end
+    node.i_block = struct.pack("<15I", *blocks, *([0] * (15 - len(blocks))))
+    node.blocks = count * (bs // 512)
+    node.size = n
+    node.reset_map()
     vol.write_inode(node)
 
 

@@ -435,21 +435,20 @@ class Filesystem:
             if not exist_ok or not self.isdir(p):
                 raise
 
-    def rmdir(self, path: PathArg) -> None:
-        """Remove the empty directory ``path``, like ``os.rmdir``."""
+    def _remove(self, path: PathArg, op: Any) -> None:
         p, _ = _fspath(path)
         vol = self._writable(p)
         with vol.lock:
             parent, name = self._parent(p)
-            self._named(namei.rmdir, p, parent, name)
+            self._named(op, p, parent, name)
+
+    def rmdir(self, path: PathArg) -> None:
+        """Remove the empty directory ``path``, like ``os.rmdir``."""
+        self._remove(path, namei.rmdir)
 
     def unlink(self, path: PathArg) -> None:
         """Remove the file ``path``, like ``os.unlink`` (a file open here lives until closed)."""
-        p, _ = _fspath(path)
-        vol = self._writable(p)
-        with vol.lock:
-            parent, name = self._parent(p)
-            self._named(namei.unlink, p, parent, name)
+        self._remove(path, namei.unlink)
 
     remove = unlink
 

@@ -394,6 +394,15 @@ class Volume:
         bs = self.bs
         return node.map.runs(pos // bs, (pos + n - 1) // bs + 1)
 
+    def segments(self, node: Inode, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """``(offset in the file, length, device offset or -1 for a hole)`` covering ``[pos, end)``."""
+        bs = self.bs
+        for lblk, count, pblk in node.map.runs(pos // bs, (end - 1) // bs + 1):
+            lo = lblk * bs
+            a = lo if lo > pos else pos
+            b = min(lo + count * bs, end)
+            yield a, b - a, pblk * bs + (a - lo) if pblk else -1
+
     def read_into(self, node: Inode, dst: memoryview, pos: int) -> int:
         """Copy data of ``node`` from byte ``pos`` into ``dst`` (one copy); bytes copied."""
         size = node.size
@@ -403,20 +412,16 @@ class Volume:
         if n <= 0:
             return 0
         m = node.map
-        bs = self.bs
         if m.whole:
-            self.device.read_into(dst[:n] if n != len(dst) else dst, m.whole * bs + pos)
+            self.device.read_into(dst[:n] if n != len(dst) else dst, m.whole * self.bs + pos)
             return n
-        end = pos + n
         dev = self.device
-        for lblk, count, pblk in m.runs(pos // bs, (end - 1) // bs + 1):
-            lo = lblk * bs
-            a = lo if lo > pos else pos
-            b = min(lo + count * bs, end)
-            if pblk:
-                dev.read_into(dst[a - pos:b - pos], pblk * bs + (a - lo))
+        for off, length, where in self.segments(node, pos, pos + n):
+            piece = dst[off - pos:off - pos + length]
+            if where >= 0:
+                dev.read_into(piece, where)
             else:
-                zero_fill(dst[a - pos:b - pos])
+                zero_fill(piece)
         return n
 
     def read_bytes(self, node: Inode, pos: int, n: int) -> bytes:
@@ -427,20 +432,11 @@ class Volume:
         if n > size - pos:
             n = size - pos
         m = node.map
-        bs = self.bs
         if m.whole:
-            return bytes(self.device.view(m.whole * bs + pos, n))
-        end = pos + n
-        parts: list[memoryview | bytes] = []
+            return bytes(self.device.view(m.whole * self.bs + pos, n))
         dev = self.device
-        for lblk, count, pblk in m.runs(pos // bs, (end - 1) // bs + 1):
-            lo = lblk * bs
-            a = lo if lo > pos else pos
-            b = min(lo + count * bs, end)
-            if pblk:
-                parts.append(dev.view(pblk * bs + (a - lo), b - a))
-            else:
-                parts.append(bytes(b - a))
+        parts = [dev.view(where, length) if where >= 0 else bytes(length)
+                 for _, length, where in self.segments(node, pos, pos + n)]
         return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
     # -- directories --------------------------------------------------------------------------

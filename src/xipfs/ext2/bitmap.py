@@ -72,15 +72,6 @@ def set_range(bitmap: memoryview | bytearray, start: int, count: int, value: boo
     return first, word.to_bytes(last - first + 1, "little")
 
 
-def count_zeros(bitmap: memoryview | bytes, nbits: int) -> int:
-    """Number of clear bits among the first ``nbits``."""
-    full, rest = divmod(nbits, 8)
-    ones = int.from_bytes(bytes(bitmap[:full]), "little").bit_count() if full else 0
-    if rest:
-        ones += (bitmap[full] & ((1 << rest) - 1)).bit_count()
-    return nbits - ones
-
-
 def _lowest_zero(byte: int) -> int:
     return ((~byte) & (byte + 1)).bit_length() - 1
 

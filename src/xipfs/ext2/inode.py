@@ -167,15 +167,6 @@ class Inode:
         return (self.mode & 0o170000) == 0o120000
 
     @property
-    def in_use(self) -> bool:
-        """False for a deleted or never-used inode (Linux ``ext2_iget``'s stale test)."""
-        return not (self.links == 0 and (self.mode == 0 or self.dtime != 0))
-
-    def pointers(self) -> tuple[int, ...]:
-        """The 15 ``i_block`` words."""
-        return _I_BLOCK(self.i_block)
-
-    @property
     def rdev(self) -> tuple[int, int]:
         """``(major, minor)`` of a character or block device, in either encoding Linux uses."""
         b0, b1 = _I_BLOCK(self.i_block)[:2]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import posixpath
 import struct
 import threading
 import time
@@ -22,7 +21,7 @@ from .balloc import BlockAllocator
 from .data import zero_blocks
 from .dir import DirIndex, DirSpace, index_directory
 from .ialloc import InodeAllocator
-from .inode import Inode, Run
+from .inode import Inode
 from .super import Superblock, parse_superblock
 from .xattr import block_xattrs, inode_xattrs
 
@@ -389,11 +388,6 @@ class Volume:
         # A page-cache page is not the storage: changing it would bypass write-back.
         return view if self.device.is_xip and not self.readonly else view.toreadonly()
 
-    def data_runs(self, node: Inode, pos: int, n: int) -> list[Run]:
-        """Runs covering bytes ``[pos, pos+n)`` of ``node``'s data (block units)."""
-        bs = self.bs
-        return node.map.runs(pos // bs, (pos + n - 1) // bs + 1)
-
     def segments(self, node: Inode, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
         """``(offset in the file, length, device offset or -1 for a hole)`` covering ``[pos, end)``."""
         bs = self.bs
@@ -468,10 +462,6 @@ class Volume:
                 raise CorruptImageError(f"hole at block {lblk} of a directory", f"directory inode {node.ino}")
             for i in range(nblk):
                 yield lblk + i, dev.view((pblk + i) * bs, bs)
-
-    def lookup(self, directory: Inode, name: str) -> tuple[int, int] | None:
-        """``(inode, file type)`` of ``name`` in ``directory``, or None."""
-        return self.dir_index(directory).get(name)
 
     # -- symlinks and names -------------------------------------------------------------------
     def readlink(self, node: Inode) -> bytes:
@@ -585,8 +575,3 @@ def components(path: str) -> list[str]:
         names.append(".")
     names.reverse()
     return names
-
-
-def normpath(path: str) -> str:
-    """Collapse duplicate slashes for display; resolution itself never depends on this."""
-    return posixpath.normpath("/" + path) if path else "/"

@@ -604,12 +604,16 @@ class Filesystem:
             if view.nbytes:
                 parent, name = self._parent(p)
                 if os.fsdecode(name) not in vol.dir_index(parent).entries:
+                    uid, gid = self._owner
+                    if parent.mode & 0o2000:                   # setgid directory
+                        gid = parent.gid
                     try:
-                        self._create(p, 0o100000 | (0o666 & ~self._umask), content=view)
+                        namei.create(vol, parent, name, 0o100000 | (0o666 & ~self._umask), uid, gid,
+                                     content=view)
                         return view.nbytes
                     except OSError as err:
                         if err.errno != errno.ENOSPC:
-                            raise
+                            raise fs_error(err.errno, p) from None
         with self.open(path, "wb", buffering=0) as f:
             done = 0
             while done < view.nbytes:

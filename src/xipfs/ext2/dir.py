@@ -125,6 +125,8 @@ class DirSpace:
         self.tail: list[tuple[int, int]] = []     # per block: (offset of last entry, slack)
         self.gap: list[int] = []                   # per block: largest free gap before the tail
         self.where: dict[bytes, tuple[int, int]] = {}
+        self.full = 0                              # blocks below this have no room at all
+        self.device_blocks: dict[int, int] = {}    # directory block -> device block
         for lblk, buf in blocks:
             self.scan(lblk, buf)
 
@@ -136,6 +138,7 @@ class DirSpace:
 
     def scan(self, lblk: int, buf: memoryview | bytes) -> None:
         """(Re)learn block ``lblk``: its entries, its tail slack and its largest gap."""
+        self.full = min(self.full, lblk)
         bs = self.bs
         while len(self.tail) <= lblk:
             self.tail.append((0, 0))
@@ -157,11 +160,21 @@ class DirSpace:
         self.gap[lblk] = gap
 
     def find_slot(self, need: int) -> tuple[int, str]:
-        """A block with room for ``need`` bytes: ``(block, "tail" | "gap")``, or ``(-1, "")``."""
-        for lblk, (_, slack) in enumerate(self.tail):
-            if slack >= need:
+        """A block with room for ``need`` bytes: ``(block, "tail" | "gap")``, or ``(-1, "")``.
+
+        The first such block, as Linux picks it; blocks before ``self.full`` have no room even
+        for the smallest entry and are skipped.
+        """
+        tail, gap = self.tail, self.gap
+        n = len(tail)
+        start = self.full
+        while start < n and tail[start][1] < 12 and gap[start] < 12:
+            start += 1
+        self.full = start
+        for lblk in range(start, n):
+            if tail[lblk][1] >= need:
                 return lblk, "tail"
-            if self.gap[lblk] >= need:
+            if gap[lblk] >= need:
                 return lblk, "gap"
         return -1, ""
 

@@ -56,6 +56,14 @@ def check_name(name: bytes) -> None:
 
 # -- directory entries --------------------------------------------------------------------------
 
+def _dblock(d: Inode, space: DirSpace, lblk: int) -> int:
+    """The device block of directory block ``lblk`` (remembered: directories rarely move)."""
+    pblk = space.device_blocks.get(lblk)
+    if pblk is None:
+        pblk = space.device_blocks[lblk] = d.map.bmap(lblk)
+    return pblk
+
+
 def dir_space(vol: Volume, d: Inode) -> DirSpace:
     space = vol._spaces.get(d.ino)
     if space is None:
@@ -98,10 +106,10 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
         if not got:
             raise fs_error(errno.ENOSPC)
         D.set_size(vol, d, d.size + bs)
-        pblk = d.map.bmap(lblk)
+        pblk = _dblock(d, space, lblk)
         space.scan(lblk, vol.device.view(pblk * bs, bs))
     else:
-        pblk = d.map.bmap(lblk)
+        pblk = _dblock(d, space, lblk)
         buf = vol.device.view(pblk * bs, bs)
         at = space.tail[lblk][0] if kind == "tail" else None
         new_off, writes = insert_into_block(buf, bs, at, name, ino, ftype)
@@ -127,7 +135,7 @@ def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
     _unindex(vol, d)
     lblk, off = space.where.pop(name)
     bs = vol.bs
-    pblk = d.map.bmap(lblk)
+    pblk = _dblock(d, space, lblk)
     for o, chunk in remove_from_block(vol.device.view(pblk * bs, bs), bs, off):
         vol.device.write(chunk, pblk * bs + o)
     space.scan(lblk, vol.device.view(pblk * bs, bs))
@@ -144,7 +152,7 @@ def set_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
     _unindex(vol, d)
     lblk, off = space.where[name]
     bs = vol.bs
-    pblk = d.map.bmap(lblk)
+    pblk = _dblock(d, space, lblk)
     ftype = L.IFMT_TO_FT.get(mode & S_IFMT, 0) if vol.filetype else 0
     vol.device.write(bytes([ftype]), pblk * bs + off + 7)
     vol.device.write(ino.to_bytes(4, "little"), pblk * bs + off)
@@ -162,7 +170,7 @@ def rename_in_place(vol: Volume, d: Inode, old: bytes, new: bytes) -> bool:
     space = dir_space(vol, d)
     lblk, off = space.where[old]
     bs = vol.bs
-    pblk = d.map.bmap(lblk)
+    pblk = _dblock(d, space, lblk)
     rec_len = struct.unpack_from("<H", vol.device.view(pblk * bs + off + 4, 2))[0] or bs
     if rec_len_of(len(new)) > rec_len:
         return False

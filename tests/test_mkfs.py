@@ -146,3 +146,18 @@ def test_linux_mounts_it(image, tmp_path):
     assert fsck(image).returncode == 0
     with xipfs.open(image) as fs:
         assert fs.read_bytes("/from-linux") == b"written by the kernel"
+
+
+def test_statvfs_follows_writes(image):
+    xipfs.mkfs(image, 16 << 20)
+    with xipfs.open(image, "r+") as fs:
+        before = fs.statvfs()
+        assert not before.f_flag & os.ST_RDONLY
+        fs.write_bytes("/f", b"x" * (1 << 20))
+        after = fs.statvfs()
+        assert before.f_bfree - after.f_bfree == (1 << 20) // 4096 + 1     # data + indirect block
+        assert before.f_ffree - after.f_ffree == 1
+    with xipfs.open(image) as fs:
+        assert fs.statvfs().f_bfree == after.f_bfree and fs.statvfs().f_flag & os.ST_RDONLY
+    out = subprocess.run(["dumpe2fs", "-h", image], capture_output=True, text=True).stdout
+    assert f"Free blocks:              {after.f_bfree}" in out

@@ -266,14 +266,16 @@ class Filesystem:
         overhead = sb.s_first_data_block + sum(
             (1 + sb.desc_blocks if sb.group_has_super(g) else 0) + 2 + sb.itable_blocks
             for g in range(sb.groups))
-        bfree = sb.s_free_blocks_count
+        groups = self.volume.groups             # live counts, summed as Linux's ext2_statfs does
+        bfree = sum(gd.free_blocks for gd in groups)
+        ffree = sum(gd.free_inodes for gd in groups)
         bavail = max(0, bfree - sb.s_r_blocks_count)
         uuid = bytes(sb.s_uuid)
         fsid = int.from_bytes(uuid[:8], "little") ^ int.from_bytes(uuid[8:], "little")
+        flags = os.ST_NOSUID | (os.ST_RDONLY if self.readonly else 0)
         return os.statvfs_result((
             sb.block_size, sb.block_size, sb.s_blocks_count - overhead, bfree, bavail,
-            sb.s_inodes_count, sb.s_free_inodes_count, sb.s_free_inodes_count,
-            os.ST_RDONLY | os.ST_NOSUID, 255, fsid))
+            sb.s_inodes_count, ffree, ffree, flags, 255, fsid))
 
     # -- data ---------------------------------------------------------------------------------
     def open(self, path: PathArg, mode: str = "r", buffering: int = -1, encoding: str | None = None,

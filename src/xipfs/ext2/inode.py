@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 _SWAP = sys.byteorder != "little"
 _INODE_UNPACK = L.INODE.struct.unpack_from
 _EXTRA_UNPACK = L.INODE_EXTRA.struct.unpack_from
+_FULL_UNPACK = struct.Struct(L.INODE.struct.format + L.INODE_EXTRA.struct.format[1:]).unpack_from
 
 _HEAD = struct.Struct("<HHIiiiIHHII")          # i_mode .. i_flags (offset 0)
 _MIDDLE = struct.Struct("<60sIII")             # i_block, generation, file_acl, size_high (40)
@@ -66,11 +67,18 @@ class Inode:
     )
 
     def __init__(self, volume: Volume, ino: int, raw: memoryview | bytes) -> None:
-        self._raw = bytes(raw)
-        v = _INODE_UNPACK(raw, 0)
-        (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
-         i_block, generation, file_acl, size_high, _faddr, _blocks_hi, _acl_high, uid_hi,
-         gid_hi, _csum, _pad) = v
+        # Kept only where the inode may be written back (fields xipfs does not model survive).
+        self._raw = b"" if volume.readonly else bytes(raw)
+        big = volume.isize >= 160
+        if big:
+            (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
+             i_block, generation, file_acl, size_high, _faddr, _blocks_hi, _acl_high, uid_hi,
+             gid_hi, _csum, _pad, extra, _csum_hi, c_x, m_x, a_x, cr, cr_x, _vh, _pid) = _FULL_UNPACK(raw, 0)
+        else:
+            (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
+             i_block, generation, file_acl, size_high, _faddr, _blocks_hi, _acl_high, uid_hi,
+             gid_hi, _csum, _pad) = _INODE_UNPACK(raw, 0)
+            extra = raw[128] | (raw[129] << 8) if volume.isize > 128 else 0
         self.volume = volume
         self.ino = ino
         self.mode = mode
@@ -85,29 +93,31 @@ class Inode:
         self.generation = generation
         self.dtime = dtime
         self.i_block = i_block
-        self.extra_isize = 0
-        a_x = m_x = c_x = None
+        self.extra_isize = extra
         self.crtime_ns = None
-        isize = volume.isize
-        if isize > 128:
-            extra = raw[128] | (raw[129] << 8)
-            if extra:
-                if extra & 3 or 128 + extra > isize:
-                    raise CorruptImageError(f"i_extra_isize {extra} invalid", f"inode {ino}")
-                self.extra_isize = extra
-                padded = bytes(raw[128:160]) if extra < 32 else raw
-                x = _EXTRA_UNPACK(padded, 0 if extra < 32 else 128)
-                c_x = x[2] if extra >= 8 else None
-                m_x = x[3] if extra >= 12 else None
-                a_x = x[4] if extra >= 16 else None
-                if extra >= 24:
-                    self.crtime_ns = decode_time(x[5], x[6])
-        self.atime_ns = decode_time(atime, a_x)
-        self.mtime_ns = decode_time(mtime, m_x)
-        self.ctime_ns = decode_time(ctime, c_x)
         self._map: BlockMap | None = None
         self._stat = None
         self._dir = None
+        if extra >= 16 and big:                 # the common large inode: every time has _extra
+            if extra & 3 or 128 + extra > volume.isize:
+                raise CorruptImageError(f"i_extra_isize {extra} invalid", f"inode {ino}")
+            self.atime_ns = (atime + ((a_x & 3) << 32)) * 1_000_000_000 + (a_x >> 2)
+            self.mtime_ns = (mtime + ((m_x & 3) << 32)) * 1_000_000_000 + (m_x >> 2)
+            self.ctime_ns = (ctime + ((c_x & 3) << 32)) * 1_000_000_000 + (c_x >> 2)
+            if extra >= 24:
+                self.crtime_ns = (cr + ((cr_x & 3) << 32)) * 1_000_000_000 + (cr_x >> 2)
+            return
+        a_x = m_x = c_x = None
+        if extra:
+            if extra & 3 or 128 + extra > volume.isize:
+                raise CorruptImageError(f"i_extra_isize {extra} invalid", f"inode {ino}")
+            x = _EXTRA_UNPACK(bytes(raw[128:128 + extra]).ljust(32, b"\0"), 0)
+            c_x = x[2] if extra >= 8 else None
+            m_x = x[3] if extra >= 12 else None
+            a_x = x[4] if extra >= 16 else None
+        self.atime_ns = decode_time(atime, a_x)
+        self.mtime_ns = decode_time(mtime, m_x)
+        self.ctime_ns = decode_time(ctime, c_x)
 
     # -- writing ----------------------------------------------------------------------------
     def clip_times(self) -> None:

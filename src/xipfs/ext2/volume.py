@@ -487,14 +487,43 @@ class Volume:
 
         Symlinks in the middle are always followed, the last one only with ``follow``; a
         trailing slash demands a directory. Errors are the ``OSError`` that ``os`` raises.
+        Resolved paths are remembered, and a path whose directory was resolved before costs
+        one lookup in that directory.
         """
         key = (path, follow)
         ino = self._paths.get(key)
         if ino is not None:
             return self.inode(ino)
-        node = self._walk(path, follow)
+        node = self._child_of_known(path, follow)
+        if node is None:
+            node = self._walk(path, follow)
         self._paths[key] = node.ino
         return node
+
+    def _child_of_known(self, path: str, follow: bool) -> Inode | None:
+        """``path`` looked up in its directory when that directory resolved before, else None."""
+        head, sep, tail = path.rpartition("/")
+        if not sep or not tail or tail == "." or tail == ".." or head.endswith("/"):
+            return None
+        pino = self._paths.get((head or "/", True))
+        if pino is None:
+            if head.count("/") > 64 or not head:
+                return None
+            try:
+                parent = self.resolve(head, True)
+            except OSError:
+                return None                    # the full walk names the error with the full path
+        else:
+            parent = self.inode(pino)
+        if (parent.mode & 0o170000) != 0o040000:
+            return None
+        entry = (parent._dir or self.dir_index(parent)).entries.get(tail)
+        if entry is None:
+            return None
+        child = self.live_inode(entry[0], tail, f"directory inode {parent.ino}")
+        if follow and (child.mode & 0o170000) == 0o120000:
+            return None
+        return child
 
     def _walk(self, path: str, follow: bool) -> Inode:
         if not path:

@@ -204,8 +204,8 @@ def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int, store: 
     deleted inode, which e2fsck -p treats as free: a kill in between only leaks the bit.
     """
     ino = vol.ialloc.alloc(parent.ino, (mode & S_IFMT) == S_IFDIR)
-    isize = vol.sb.inode_size
-    node = Inode(vol, ino, bytes(isize))
+    isize = vol.isize
+    node = Inode(vol, ino, vol.zero_inode)
     now = time.time_ns()
     node.mode = mode
     node.uid, node.gid = uid, gid
@@ -246,7 +246,7 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
         _discard(vol, node, is_dir)
         raise
     node.links = 2 if is_dir else 1
-    vol.write_inode(node)
+    vol.write_links(node)                     # the name exists: now the inode counts it
     if is_dir:
         d.links += 1
         vol.write_inode(d)

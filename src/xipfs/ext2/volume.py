@@ -97,6 +97,7 @@ class Volume:
         self.first_data_block = sb.s_first_data_block
         self.blocks_count = sb.s_blocks_count
         self.bpg = sb.s_blocks_per_group
+        self.zero_inode = bytes(self.isize)
         self.groups = self._read_group_descriptors()
         self._zone_starts, self._zone_ends = self._metadata_zones()
         self._inodes: dict[int, Inode] = {}
@@ -162,6 +163,12 @@ class Volume:
         self.device.write(node.encode(), self.inode_offset(node.ino))
         node._stat = None
         self._dirty_inodes.pop(node.ino, None)
+
+    def write_links(self, node: Inode) -> None:
+        """Store only ``node``'s link count: one 2-byte store, nothing else changes."""
+        node._raw = node._raw[:26] + node.links.to_bytes(2, "little") + node._raw[28:]
+        self.device.write(node._raw[26:28], self.inode_offset(node.ino) + 26)
+        node._stat = None
 
     def touch(self, node: Inode) -> None:
         """Only ``node``'s times changed: store it at the next sync (times are not structure)."""

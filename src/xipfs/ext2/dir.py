@@ -52,7 +52,11 @@ def index_directory(blocks: Iterable[tuple[int, memoryview]], bs: int, inodes_co
     enc, errors = _FS_ENCODING, _FS_ERRORS
     seen = 0          # live entries so far: the first two must be "." and ".."
     parent = 0
+    utf8 = enc == "utf-8"
     for lblk, buf in blocks:
+        # One decode per block: in latin-1 every byte is one character, so a name is a slice,
+        # and an ASCII name (nearly all of them) is already the right str.
+        text = str(buf, "latin-1") if utf8 else ""
         pos = 0
         while pos < bs:
             if pos + 12 > bs:
@@ -71,7 +75,12 @@ def index_directory(blocks: Iterable[tuple[int, memoryview]], bs: int, inodes_co
                                             _where(ino, lblk, pos))
                 if name_len == 0:
                     raise CorruptImageError("entry with an empty name", _where(ino, lblk, pos))
-                key = str(buf[pos + 8:pos + 8 + name_len], enc, errors)
+                if utf8:
+                    key = text[pos + 8:pos + 8 + name_len]
+                    if not key.isascii():
+                        key = str(buf[pos + 8:pos + 8 + name_len], enc, errors)
+                else:
+                    key = str(buf[pos + 8:pos + 8 + name_len], enc, errors)
                 if seen >= 2:
                     if key not in entries:  # a duplicate is corruption; the first wins, as in Linux
                         if "/" in key or "\0" in key or key == "." or key == "..":

@@ -557,31 +557,31 @@ class Filesystem:
     def setxattr(self, path: PathArg, attribute: str | bytes, value: bytes, flags: int = 0, *,
                  follow_symlinks: bool = True) -> None:
         """Set extended attribute ``attribute``, like ``os.setxattr`` (XATTR_CREATE/REPLACE)."""
-        p, _ = _fspath(path)
-        name = os.fsdecode(attribute)
-        vol = self._writable(p)
-        with vol.lock:
-            node = vol.resolve(p, follow_symlinks)
-            attrs = vol.xattrs(node)
-            names = [k for k, _ in attrs]
-            if flags & os.XATTR_CREATE and name in names:
+        def change(attrs: list[tuple[str, bytes]], name: str, p: str) -> list[tuple[str, bytes]]:
+            present = any(k == name for k, _ in attrs)
+            if flags & os.XATTR_CREATE and present:
                 raise fs_error(errno.EEXIST, p)
-            if flags & os.XATTR_REPLACE and name not in names:
+            if flags & os.XATTR_REPLACE and not present:
                 raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), p)
-            attrs = [(k, v) for k, v in attrs if k != name] + [(name, bytes(value))]
-            self._store_xattrs(vol, node, attrs, p)
+            return [(k, v) for k, v in attrs if k != name] + [(name, bytes(value))]
+        self._change_xattrs(path, attribute, follow_symlinks, change)
 
     def removexattr(self, path: PathArg, attribute: str | bytes, *, follow_symlinks: bool = True) -> None:
         """Remove extended attribute ``attribute``, like ``os.removexattr``."""
+        def change(attrs: list[tuple[str, bytes]], name: str, p: str) -> list[tuple[str, bytes]]:
+            if not any(k == name for k, _ in attrs):
+                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), p)
+            return [(k, v) for k, v in attrs if k != name]
+        self._change_xattrs(path, attribute, follow_symlinks, change)
+
+    def _change_xattrs(self, path: PathArg, attribute: str | bytes, follow: bool, change: Any) -> None:
+        """Read the attributes of ``path``, let ``change`` make the new list, store it whole."""
         p, _ = _fspath(path)
-        name = os.fsdecode(attribute)
         vol = self._writable(p)
         with vol.lock:
-            node = vol.resolve(p, follow_symlinks)
-            attrs = vol.xattrs(node)
-            if name not in [k for k, _ in attrs]:
-                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), p)
-            self._store_xattrs(vol, node, [(k, v) for k, v in attrs if k != name], p)
+            node = vol.resolve(p, follow)
+            attrs = change(vol.xattrs(node), os.fsdecode(attribute), p)
+            self._store_xattrs(vol, node, attrs, p)
 
     @staticmethod
     def _store_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]], p: str) -> None:

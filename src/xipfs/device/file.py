@@ -120,10 +120,22 @@ class PageCache(Device):
         return page
 
     def _evict(self) -> None:
+        """Drop least recently used pages. A dirty one first sends *every* dirty page back.
+
+        Writing one dirty page alone would put on disk a state no sequence of whole steps
+        ever had (one page from after a change, its partner from before). Writing them all
+        puts a state the filesystem really was in between two stores, which its careful
+        ordering makes repairable; only a kill during the write-back itself can tear it.
+        """
         while len(self._pages) > self.max_pages:
-            index, page = self._pages.popitem(last=False)
+            index, page = next(iter(self._pages.items()))
             if index in self._dirty:
-                self._write_back(index, page)
+                self._write_back_all()
+            del self._pages[index]
+
+    def _write_back_all(self) -> None:
+        for index in sorted(self._dirty):
+            self._write_back(index, self._pages[index])
 
     def _write_back(self, index: int, page: bytearray) -> None:
         start = index * PAGE_SIZE
@@ -167,8 +179,7 @@ class PageCache(Device):
     def flush(self) -> None:
         """Write every dirty page back, then fsync the device."""
         with self._lock:
-            for index in sorted(self._dirty):
-                self._write_back(index, self._pages[index])
+            self._write_back_all()
         self.device.flush()
 
     def fileno(self) -> int:

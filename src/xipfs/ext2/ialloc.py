@@ -86,8 +86,8 @@ class InodeAllocator:
         if bit < 0:
             return 0
         self._low[g] = bit + 1
-        first, data = bitmap.set_range(bm, bit, 1, True)
-        vol.device.write(data, bm_off + first)
+        byte = bit >> 3
+        vol.device.write(bytes((bm[byte] | (1 << (bit & 7)),)), bm_off + byte)
         gd.free_inodes -= 1
         if is_dir:
             gd.used_dirs += 1

@@ -17,7 +17,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import treegen  # noqa: E402
+from write_util import mkfs, run  # noqa: E402,F401  (re-exported to the read tests)
 
 import xipfs  # noqa: E402
 
@@ -38,37 +38,9 @@ IS_ROOT = os.geteuid() == 0
 TREE_SEED = 20240611
 #: Size of the images built from the standard tree (its real data is about 16 MiB).
 TREE_IMAGE_SIZE = "40M"
-TOOL_TIMEOUT = 120
 
 
 # -- running e2fsprogs ------------------------------------------------------------------------
-def run(cmd: list[str], *, timeout: int = TOOL_TIMEOUT, check: bool = True,
-        input: bytes | None = None) -> subprocess.CompletedProcess:  # noqa: A002
-    """Run a tool under ``timeout`` (so a hung tool fails the test instead of the session)."""
-    proc = subprocess.run(["timeout", str(timeout), *cmd], input=input, capture_output=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
-                             f"{proc.stdout.decode(errors='replace')}{proc.stderr.decode(errors='replace')}")
-    return proc
-
-
-def mkfs(img: str, size: str, *, src: str | bytes | None = None, bs: int | None = None,
-         isize: int | None = None, fstype: str = "ext2", extra: tuple[str, ...] = ()) -> str:
-    """``mke2fs -q -F -t TYPE -b BS -I ISIZE [-d SRC] IMG SIZE``; returns ``img``."""
-    cmd = ["mke2fs", "-q", "-F", "-t", fstype]
-    if bs:
-        cmd += ["-b", str(bs)]
-    if isize:
-        cmd += ["-I", str(isize)]
-    cmd += list(extra)
-    if src is not None:
-        cmd += ["-d", os.fsdecode(src)]
-    cmd += [img, size]
-    # mke2fs warns on stderr about 128-byte inodes and y2038; only the exit status matters
-    run(cmd, timeout=300)
-    return img
-
-
 def fsck(img: str) -> tuple[int, str]:
     """``e2fsck -fn IMG``: (exit status, output). 0 means clean."""
     proc = run(["e2fsck", "-fn", img], check=False)

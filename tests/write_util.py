@@ -65,16 +65,19 @@ def run(cmd: list[str], *, timeout: int = 120, check: bool = True,
 
 
 def mkfs(img: str, size: str, *, bs: int | None = None, isize: int | None = None,
-         src: str | None = None, extra: tuple[str, ...] = ()) -> str:
-    """``mke2fs -q -F -t ext2 [-b BS] [-I IS] [EXTRA] [-d SRC] IMG SIZE``; returns ``img``."""
-    cmd = ["mke2fs", "-q", "-F", "-t", "ext2"]
+         src: str | bytes | None = None, extra: tuple[str, ...] = (), fstype: str = "ext2") -> str:
+    """``mke2fs -q -F -t TYPE [-b BS] [-I IS] [EXTRA] [-d SRC] IMG SIZE``; returns ``img``.
+
+    mke2fs warns on stderr about 128-byte inodes and y2038; only its exit status matters.
+    """
+    cmd = ["mke2fs", "-q", "-F", "-t", fstype]
     if bs:
         cmd += ["-b", str(bs)]
     if isize:
         cmd += ["-I", str(isize)]
     cmd += list(extra)
     if src is not None:
-        cmd += ["-d", src]
+        cmd += ["-d", os.fsdecode(src)]
     cmd += [img, size]
     run(cmd, timeout=300)
     return img

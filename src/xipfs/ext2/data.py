@@ -141,13 +141,9 @@ def truncate(vol: Volume, node: Inode, size: int) -> None:
             tail = node.map.runs(keep - 1, keep)
             if tail and tail[0][2]:
                 vol.device.write(bytes(bs - size % bs), tail[0][2] * bs + size % bs)
-        freed = node.map.truncate(keep)
         set_size(vol, node, size)
         node.mtime_ns = node.ctime_ns = now
-        vol.write_inode(node)
-        for pblk, count in freed:
-            vol.balloc.free(pblk, count)
-        node.reset_map()
+        drop_blocks(vol, node, keep)
     elif size > old:
         zero_eof_tail(vol, node, size)
         set_size(vol, node, size)
@@ -182,9 +178,16 @@ def fallocate(vol: Volume, node: Inode, offset: int, length: int) -> None:
 
 def trim_past_eof(vol: Volume, node: Inode) -> None:
     """Free blocks an interrupted allocation left past EOF (ext2 files have none there)."""
-    freed = node.map.truncate(-(-node.size // vol.bs))
-    if not freed:
-        return
+    drop_blocks(vol, node, -(-node.size // vol.bs))
+
+
+def drop_blocks(vol: Volume, node: Inode, keep: int) -> None:
+    """Free every block of ``node`` from file block ``keep`` on, in the safe order.
+
+    Unlink them (pointers, then the inode is stored with whatever else changed), then release
+    them: no block is ever free while a file still points at it.
+    """
+    freed = node.map.truncate(keep)
     vol.write_inode(node)
     for pblk, count in freed:
         vol.balloc.free(pblk, count)

@@ -332,12 +332,11 @@ def has_block_map(vol: Volume, node: Inode) -> bool:
 
 def _discard(vol: Volume, node: Inode, is_dir: bool) -> None:
     """Undo a half-made inode (nothing links to it yet)."""
-    freed = node.map.truncate(0) if node.blocks and has_block_map(vol, node) else []
     node.dtime = int(time.time()) & 0xFFFFFFFF
+    if node.blocks and has_block_map(vol, node):
+        D.drop_blocks(vol, node, 0)
     node.mode = 0
     vol.write_inode(node)
-    for pblk, count in freed:
-        vol.balloc.free(pblk, count)
     vol.ialloc.free(node.ino, is_dir)
     vol.forget(node.ino)
 
@@ -378,10 +377,8 @@ def release(vol: Volume, node: Inode) -> None:
     if vol.is_open(node.ino):
         vol.orphans.add(node.ino)        # freed when the last file object closes
         return
-    freed = node.map.truncate(0) if has_block_map(vol, node) else []
-    vol.write_inode(node)
-    for pblk, count in freed:
-        vol.balloc.free(pblk, count)
+    if has_block_map(vol, node):
+        D.drop_blocks(vol, node, 0)
     if node.file_acl:
         drop_block(vol, node)
     vol.ialloc.free(node.ino, (node.mode & S_IFMT) == S_IFDIR)

@@ -22,6 +22,7 @@ from .data import zero_blocks
 from .dir import DirIndex, DirSpace, index_directory
 from .ialloc import InodeAllocator
 from .inode import Inode
+from .namei import release
 from .super import Superblock, parse_superblock
 from .xattr import block_xattrs, inode_xattrs
 
@@ -229,8 +230,6 @@ class Volume:
         if not self._mounted:
             return
         with self.lock:
-            from .namei import release
-
             for ino in list(self.orphans):       # unlinked files still open: free them now
                 self._open.pop(ino, None)
                 release(self, self.inode(ino))
@@ -353,8 +352,6 @@ class Volume:
             return
         self._open.pop(node.ino, None)
         if node.ino in self.orphans and self._mounted:
-            from .namei import release
-
             with self.lock:
                 self.orphans.discard(node.ino)
                 release(self, node)

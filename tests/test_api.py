@@ -217,3 +217,20 @@ def test_image_is_read_in_place(image):
 def test_modes_other_than_read_are_refused(image):
     with pytest.raises(ValueError):
         xipfs.open(image, "w")
+
+
+def test_directory_block_rules_named():
+    """Each rule Linux applies to a directory block is checked on its own, with its own message."""
+    from xipfs.ext2.dir import encode_entry, index_directory
+
+    bs = 1024
+
+    def block(dotdot_rec_len: int) -> memoryview:
+        raw = encode_entry(12, 12, b".", 2).ljust(12, b"\0") + encode_entry(2, dotdot_rec_len, b"..", 2)
+        return memoryview(raw.ljust(bs, b"\0"))
+
+    assert index_directory([(0, block(bs - 12))], bs, 100, True, 12).parent == 2
+    for rec_len, message in ((1010, "rec_len 1010 invalid"), (8, "rec_len 8 invalid"),
+                             (1016, "rec_len 1016 crosses the block end")):
+        with pytest.raises(xipfs.CorruptImageError, match=message):
+            index_directory([(0, block(rec_len))], bs, 100, True, 12)

@@ -28,9 +28,9 @@ def bench_seqwrite(root: str, cfg: Config) -> Section:
     section = Section(f"4. Sequential write of a {size >> 20} MiB file: in one call, and {CHUNK >> 20} MiB "
                       "per call")
 
-    def fresh(xip: bool | None) -> Any:
+    def fresh(xip: bool | None, preallocate: bool = False) -> Any:
         def setup() -> Any:
-            xipfs.mkfs(img, size + size // 8 + (64 << 20))
+            xipfs.mkfs(img, size + size // 8 + (64 << 20), preallocate=preallocate)
             return xipfs.open(img, "r+", xip=xip)
         return setup
 
@@ -74,6 +74,8 @@ def bench_seqwrite(root: str, cfg: Config) -> Section:
         Case("xip write, one call", ours_one, size, "GiB/s", fresh(None), done),
         Case("os.write, one call, to a new file on tmpfs", kernel_one, size, "GiB/s", None, kernel_done),
         Case("xip write", ours, size, "GiB/s", fresh(None), done),
+        Case("xip write, one call, preallocated image", ours_one, size, "GiB/s", fresh(None, True), done),
+        Case("xip write, preallocated image", ours, size, "GiB/s", fresh(None, True), done),
         Case("file-device write (+ sync)", lambda fs: (ours(fs), fs.sync()), size, "GiB/s", fresh(False),
              done),
         Case("os.write to a new file on tmpfs", kernel, size, "GiB/s", None, kernel_done),
@@ -84,6 +86,10 @@ def bench_seqwrite(root: str, cfg: Config) -> Section:
         Row("sequential write, whole file in one call (XIP)", m["xip write, one call"],
             m["os.write, one call, to a new file on tmpfs"], 1.0),
         Row(f"sequential write, {CHUNK >> 20} MiB per call (XIP)", m["xip write"], base, 1.0),
+        Row("sequential write, one call, preallocated image (XIP)",
+            m["xip write, one call, preallocated image"], m["os.write, one call, to a new file on tmpfs"]),
+        Row(f"sequential write, {CHUNK >> 20} MiB per call, preallocated image (XIP)",
+            m["xip write, preallocated image"], base),
         Row("[file device] sequential write + sync", m["file-device write (+ sync)"], base),
     ]
     section.raw += list(m.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 
@@ -113,6 +114,23 @@ def test_shared_memory_target():
             assert fs.read_bytes("/hello") == b"hi"
     finally:
         os.unlink("/dev/shm" + name)
+
+
+def test_preallocate(image):
+    """``preallocate=True`` reserves every page now (st_blocks covers the size); the image is
+    the same clean filesystem, and a size tmpfs cannot hold fails with ENOSPC naming it."""
+    xipfs.mkfs(image, 64 << 20)
+    assert os.stat(image).st_blocks * 512 < 8 << 20            # sparse by default
+    xipfs.mkfs(image, 64 << 20, preallocate=True)
+    assert os.stat(image).st_blocks * 512 >= 64 << 20
+    assert fsck(image).returncode == 0
+    with xipfs.open(image, "r+") as fs:
+        fs.write_bytes("/f", b"x" * 100_000)
+    assert fsck(image).returncode == 0
+    free = os.statvfs(SHM).f_bavail * os.statvfs(SHM).f_frsize
+    with pytest.raises(OSError) as err:
+        xipfs.mkfs(image, free + (1 << 30), preallocate=True)
+    assert err.value.errno == errno.ENOSPC and image in str(err.value)
 
 
 def test_anonymous_memory():

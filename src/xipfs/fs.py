@@ -605,13 +605,17 @@ class Filesystem:
         with vol.lock:
             if view.nbytes:
                 parent, name = self._parent(p)
-                if os.fsdecode(name) not in vol.dir_index(parent).entries:
+                if p.rstrip("/").rpartition("/")[2] not in vol.dir_index(parent).entries:
                     uid, gid = self._owner
                     if parent.mode & 0o2000:                   # setgid directory
                         gid = parent.gid
+                    mode = 0o100000 | (0o666 & ~self._umask)
                     try:
-                        namei.create(vol, parent, name, 0o100000 | (0o666 & ~self._umask), uid, gid,
-                                     content=view)
+                        namei.check_name(name)
+                        if view.nbytes <= vol.bs * 12:          # the direct blocks: one lean pass
+                            namei.create_small(vol, parent, name, mode, uid, gid, view)
+                        else:
+                            namei.create(vol, parent, name, mode, uid, gid, content=view)
                         return view.nbytes
                     except OSError as err:
                         if err.errno != errno.ENOSPC:

@@ -127,7 +127,8 @@ class MemoryDevice(Device):
         if self.readonly:
             raise OSError(30, "device is read-only", self.name)
         n = len(data)
-        self.check_range(offset, n)
+        if offset < 0 or offset + n > self.size:
+            self.check_range(offset, n)
         self.buffer[offset:offset + n] = data
 
     def write_new(self, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -57,6 +57,10 @@ class BlockAllocator:
         if avail <= 0:
             raise fs_error(errno.ENOSPC)
         want = min(count, avail)
+        if want <= 8:
+            pblk = self._take_in_byte(goal, want)
+            if pblk:
+                return [(pblk, want)]
         vol = self.volume
         ngroups = len(vol.groups)
         if not self.first <= goal < self.blocks:
@@ -75,6 +79,35 @@ class BlockAllocator:
         if not runs:
             raise fs_error(errno.ENOSPC)
         return runs
+
+    def _take_in_byte(self, goal: int, count: int) -> int:
+        """Small files' fast path: ``count`` (at most 8) free blocks in the one bitmap byte
+        where the search from ``goal`` starts. Their first block, or 0 (then search fully)."""
+        if not self.first <= goal < self.blocks:
+            return 0
+        g = (goal - self.first) // self.bpg
+        base, nbits = self._span[g]
+        bit = max(goal - base, self._low[g])
+        if (bit | 7) >= nbits:
+            return 0
+        vol = self.volume
+        gd = vol.groups[g]
+        at = gd.block_bitmap * vol.bs + (bit >> 3)
+        old = vol.device.view(at, 1)[0]
+        used = old | ((1 << (bit & 7)) - 1)             # bits before the start count as used
+        mask = (1 << count) - 1
+        for shift in range(bit & 7, 9 - count):
+            if not used & (mask << shift):
+                break
+        else:
+            return 0
+        first = base + (bit & ~7) + shift
+        vol.check_data_run(first, count, 0, "block the bitmap marks free")
+        vol.device.write(bytes((old | (mask << shift),)), at)
+        gd.free_blocks -= count
+        self._free -= count
+        vol.write_group_desc(g)
+        return first
 
     def _take_from_group(self, g: int, start: int, want: int, runs: list[tuple[int, int]]) -> int:
         """Take up to ``want`` free blocks of group ``g``, searching from bit ``start`` then from 0."""

@@ -31,7 +31,10 @@ class InodeAllocator:
         vol = self.volume
         groups = vol.groups
         pg = (parent - 1) // self.ipg
-        g = self._dir_group(pg) if is_dir else self._file_group(pg)
+        if not is_dir and groups[pg].free_inodes and groups[pg].free_blocks:
+            g = pg                                   # the usual case: a file near its directory
+        else:
+            g = self._dir_group(pg) if is_dir else self._file_group(pg)
         if g < 0:
             raise fs_error(errno.ENOSPC)
         for step in range(len(groups)):

@@ -257,7 +257,8 @@ def _write_inode(dev: Device, geo: Geometry, itable: int, ino: int, mode: int, l
 
 def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, block_size: int = 4096,
          inode_size: int = 256, inodes: int | None = None, label: str | None = None,
-         uuid: str | None = None, features: Iterable[str] | None = None) -> None:
+         uuid: str | None = None, features: Iterable[str] | None = None,
+         preallocate: bool = False) -> None:
     """Create an ext2 filesystem on ``target``.
 
     ``target`` is a path (a file, created or resized to ``size``; a block device), a POSIX
@@ -266,6 +267,11 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
 
     Defaults: 4096-byte blocks, 256-byte inodes, sparse_super, large_file, filetype, ext_attr,
     dir_index; ``features`` lists others ("^name" drops one from the default, "none" all).
+
+    ``preallocate`` (a new file or shared-memory object) reserves all its memory now, as
+    ``posix_fallocate``: the image is sparse otherwise, and tmpfs allocates a page on each first
+    write. Preallocated, writes are plain copies into memory that is already there (as on pmem
+    or a DAX device), and a full tmpfs shows as ENOSPC here, never as SIGBUS on a mapping later.
     """
     from ..device import MemoryDevice
     from ..device.detect import looks_like_shm_name, open_device
@@ -284,6 +290,8 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
             raise ValueError("mkfs of a new shared-memory object needs a size")
         dev = MemoryDevice.from_shm(path, create_size=size)
         try:
+            if preallocate:
+                _preallocate(dev.fileno(), size, path)
             format_device(dev, zeroed=True, **opts)
         finally:
             dev.close()
@@ -299,6 +307,8 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
         try:
             os.ftruncate(fd, 0)                 # a fresh, all-zero (sparse) file
             os.ftruncate(fd, size)
+            if preallocate:
+                _preallocate(fd, size, path)
         finally:
             os.close(fd)
         zeroed = True
@@ -307,3 +317,11 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
         format_device(dev, zeroed=zeroed, **opts)
     finally:
         dev.close()
+
+
+def _preallocate(fd: int, size: int, path: str) -> None:
+    """Reserve the whole image now (tmpfs allocates its zeroed pages); ENOSPC names the image."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot preallocate {size} bytes: {err.strerror}", path) from None

@@ -51,6 +51,20 @@ class XipFile(io.RawIOBase):
         else:
             super().close()
 
+    def sendfile(self, sock: Any, offset: int = 0, count: int | None = None) -> int:
+        """Send ``count`` bytes (to EOF if None) from byte ``offset`` to socket ``sock``.
+
+        Straight from storage (``os.sendfile`` from the image for each run of blocks), zeros for
+        holes; like ``socket.sendfile``: returns bytes sent, moves the file position past them.
+        """
+        self._check_open()
+        if not self._readable:
+            raise io.UnsupportedOperation("not readable")
+        from .transfer import send_file
+        sent = send_file(self._volume, self._inode, sock, offset, count)
+        self._pos = offset + sent
+        return sent
+
     # -- io.RawIOBase -------------------------------------------------------------------------
     def readable(self) -> bool:
         self._check_open()

@@ -347,6 +347,20 @@ class Filesystem:
             f.seek(0, os.SEEK_END)
         return f
 
+    def open_async(self, path: PathArg, mode: str = "rb") -> Any:
+        """An asyncio file object on ``path`` (``async with fs.open_async(p) as f: await f.read()``).
+
+        The seed's ``aio_read``/``aio_write``: on a memory device a copy needs no thread; on the
+        file device the I/O runs off the event loop.
+        """
+        from .aio import open_async
+        return open_async(self, path, mode)
+
+    def sendfile(self, sock: Any, path: PathArg, offset: int = 0, count: int | None = None) -> int:
+        """Send file ``path`` (``count`` bytes from ``offset``; to EOF if None) to socket ``sock``."""
+        with self.open(path, "rb", buffering=0) as f:
+            return f.sendfile(sock, offset, count)
+
     def read_bytes(self, path: PathArg) -> bytes:
         """The whole content of file ``path`` (one copy)."""
         p, _ = _fspath(path)

@@ -25,13 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 from bench_read import BENCHMARKS as READ_BENCHMARKS  # noqa: E402
 from bench_read import config  # noqa: E402
+from bench_transfer import BENCHMARKS as TRANSFER_BENCHMARKS  # noqa: E402
 from bench_write import BENCHMARKS as WRITE_BENCHMARKS  # noqa: E402
 from common import loadavg, print_section, print_summary  # noqa: E402
 
 import xipfs  # noqa: E402
 
 SCRATCH_PARENT = "/dev/shm"
-BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS}
+BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -15,6 +15,7 @@ from .errors import CorruptImageError, UnsupportedFeatureError, XipfsError
 from .ext2.mkfs import mkfs
 from .file import XipFile
 from .fs import DirEntry, Filesystem, open  # noqa: A004 - xipfs.open is the entry point, like io.open
+from .mapping import Mapping, map_budget, set_map_budget
 
 __version__ = "0.1.0"
 
@@ -24,12 +25,15 @@ __all__ = [
     "DirEntry",
     "FileDevice",
     "Filesystem",
+    "Mapping",
     "MemoryDevice",
     "PageCache",
     "UnsupportedFeatureError",
     "XipFile",
     "XipfsError",
+    "map_budget",
     "mkfs",
     "open",
     "open_device",
+    "set_map_budget",
 ]

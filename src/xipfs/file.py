@@ -8,6 +8,7 @@ Nothing passes through an intermediate page.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Iterable
@@ -135,14 +136,14 @@ class XipFile(io.RawIOBase):
     # -- the seed's other read operations -----------------------------------------------------
     def pread(self, size: int, offset: int) -> bytes:
         """Like ``os.pread``: ``size`` bytes at ``offset``, the file position left alone."""
-        self._check_open()
+        self._check_read_fd()
         if offset < 0:
             raise OSError(22, "Invalid argument")
         return self._volume.read_bytes(self._inode, offset, size)
 
     def readv(self, buffers: Iterable[Any]) -> int:
         """Like ``os.readv``: fill each buffer in turn from the current position; bytes read."""
-        self._check_open()
+        self._check_read_fd()
         total = 0
         for buffer in buffers:
             with memoryview(buffer) as view:
@@ -158,7 +159,7 @@ class XipFile(io.RawIOBase):
 
     def preadv(self, buffers: Iterable[Any], offset: int) -> int:
         """Like ``os.preadv``: ``readv`` at ``offset``, the file position left alone."""
-        self._check_open()
+        self._check_read_fd()
         saved = self._pos
         self._pos = offset
         try:
@@ -241,6 +242,12 @@ class XipFile(io.RawIOBase):
     def size(self) -> int:
         """The file's size in bytes."""
         return self._inode.size
+
+    def _check_read_fd(self) -> None:
+        """The ``os``-style reads fail as ``os.pread`` does on a descriptor not open for reading."""
+        self._check_open()
+        if not self._readable:
+            raise OSError(errno.EBADF, "Bad file descriptor: not open for reading", self.name)
 
     def _check_open(self) -> None:
         if self.closed:

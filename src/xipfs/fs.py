@@ -26,6 +26,7 @@ from .ext2.inode import Inode, Run
 from .ext2.volume import Volume
 from .ext2.xattr import write_xattrs as xattr_write
 from .file import XipFile
+from .mapping import PAGE, Mapping, map_file
 
 PathArg = str | bytes | os.PathLike
 
@@ -346,6 +347,46 @@ class Filesystem:
         if append:
             f.seek(0, os.SEEK_END)
         return f
+
+    def mmap(self, path: PathArg, access: str = "r", offset: int = 0, length: int | None = None) -> Mapping:
+        """Map file ``path`` into memory: the storage itself on a memory device (``is_xip``).
+
+        ``access`` is ``"r"`` (read-only buffers; writes raise ``TypeError``) or ``"w"`` (needs
+        ``"r+"``; holes get blocks first). ``offset`` is a multiple of the page size and
+        ``offset + length`` stays within the file, as for :func:`mmap.mmap`. Elsewhere (the
+        file device, blocks below a page, a file too fragmented for the budget) the mapping
+        is a private copy with ``is_xip`` False, written back by ``flush()``/``close()``.
+        """
+        p, _ = _fspath(path)
+        vol = self.volume
+        try:
+            node = vol.resolve(p, True)
+        except OSError as err:
+            raise fs_error(err.errno, p) from None
+        return map_file(vol, node, p, access, offset, length)
+
+    def map_array(self, path: PathArg, dtype: Any = "uint8", shape: Any = None, offset: int = 0,
+                  access: str = "r") -> Any:
+        """A numpy array over a mapping of ``path`` from byte ``offset`` (no copy on XIP).
+
+        ``shape`` None means as many items as fit; any ``offset`` works (the mapping starts at
+        the page below it). The array keeps the mapping alive; read-only unless ``access="w"``.
+        Needs numpy (the ``numpy`` extra).
+        """
+        import numpy as np
+        dt = np.dtype(dtype)
+        start = offset - offset % PAGE
+        node = self._inode(path)
+        if shape is None:
+            count = (node.size - offset) // dt.itemsize
+            shape = (count,)
+        elif isinstance(shape, int):
+            shape = (shape,)
+        nbytes = int(np.prod(shape)) * dt.itemsize
+        if offset < 0 or offset + nbytes > node.size:
+            raise ValueError(f"{nbytes} bytes from offset {offset} do not fit in a {node.size}-byte file")
+        m = self.mmap(path, access, start, offset + nbytes - start)
+        return np.ndarray(shape, dtype=dt, buffer=m, offset=offset - start)
 
     def open_async(self, path: PathArg, mode: str = "rb") -> Any:
         """An asyncio file object on ``path`` (``async with fs.open_async(p) as f: await f.read()``).

@@ -11,10 +11,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import struct
 
 from ..errors import CorruptImageError
 
 SECTOR_SIZE = 512
+
+#: Pins are one-byte OFD locks this far into the image file (far past any image's end).
+PIN_BASE = 1 << 62
+_FLOCK = struct.Struct("hhqqi4x")        # struct flock: type, whence, start, len, pid
 
 
 def lock_holder(fd: int) -> str:
@@ -108,6 +113,42 @@ class Device:
         fd = self.fileno()
         if fd >= 0:
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+    # -- pins: "this process maps inode N", visible to every process ---------------------------
+    def pin(self, key: int) -> bool:
+        """Announce to other processes that this one maps the blocks of ``key`` (an inode).
+
+        A shared open-file-description lock on byte ``PIN_BASE + key`` of the image: it lives
+        exactly as long as this process's descriptor, so a killed process leaves no stale pin.
+        False when the storage has no descriptor or takes no locks.
+        """
+        return self._ofd_lock(key, fcntl.F_RDLCK)
+
+    def unpin(self, key: int) -> None:
+        self._ofd_lock(key, fcntl.F_UNLCK)
+
+    def pinned_elsewhere(self, key: int) -> bool:
+        """True when another open of the image (another process, or another attachment in
+        this one) has pinned ``key``."""
+        fd = self.fileno()
+        if fd < 0:
+            return False
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, PIN_BASE + key, 1, 0)
+        try:
+            answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
+        except OSError:
+            return False
+        return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+
+    def _ofd_lock(self, key: int, kind: int) -> bool:
+        fd = self.fileno()
+        if fd < 0:
+            return False
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, PIN_BASE + key, 1, 0))
+        except OSError:
+            return False
+        return True
 
     # -- helpers ------------------------------------------------------------------------------
     def check_range(self, offset: int, length: int) -> None:

@@ -136,6 +136,7 @@ def truncate(vol: Volume, node: Inode, size: int) -> None:
     old = node.size
     now = time.time_ns()
     if size < old:
+        vol.before_shrink(node, size)
         keep = -(-size // bs)
         if size % bs:
             tail = node.map.runs(keep - 1, keep)

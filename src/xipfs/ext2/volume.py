@@ -12,7 +12,7 @@ import struct
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..device import Device
 from ..errors import CorruptImageError, fs_error
@@ -22,7 +22,7 @@ from .data import zero_blocks
 from .dir import DirIndex, DirSpace, index_directory
 from .ialloc import InodeAllocator
 from .inode import Inode
-from .namei import release
+from .namei import link, release
 from .super import Superblock, parse_superblock
 from .xattr import block_xattrs, inode_xattrs
 
@@ -112,6 +112,8 @@ class Volume:
         self._open: dict[int, int] = {}            # inode -> file objects open on it
         #: Inodes unlinked while open: freed when their last file object closes.
         self.orphans: set[int] = set()
+        #: Inode -> callbacks of its live mappings in this process, asked before it shrinks.
+        self.shrink_hooks: dict[int, list[Callable[[int], None]]] = {}
         if not readonly:
             self._mount()
 
@@ -199,6 +201,10 @@ class Volume:
             self.device.flush()
             return
         with self.lock:
+            for ino in list(self.orphans):       # unlinked, and nobody maps them any more
+                if not self.is_open(ino):
+                    self.orphans.discard(ino)
+                    release(self, self.inode(ino))
             for node in list(self._dirty_inodes.values()):
                 self.write_inode(node)
             self._flush_group_descs()
@@ -232,13 +238,29 @@ class Volume:
         with self.lock:
             for ino in list(self.orphans):       # unlinked files still open: free them now
                 self._open.pop(ino, None)
-                release(self, self.inode(ino))
+                node = self.inode(ino)
+                if not (self.device.pinned_elsewhere(ino) and self._adopt(node)):
+                    release(self, node)
             self.orphans.clear()
             f = self.sb.fields
             f["s_state"] = (self.sb.s_state & ~STATE_VALID) | (self._orig_state & STATE_VALID)
             self.sync()
             self._mounted = False
             self.device.unlock()
+
+    def _adopt(self, node: Inode) -> bool:
+        """Give an unlinked file that another process still maps the name ``/lost+found/#ino``,
+        as e2fsck names what it reconnects: the image is left clean, and its blocks cannot go
+        to another file (and so into that process's mapping) in a later writing session."""
+        try:
+            found = self.resolve("/lost+found", False)
+            if not found.is_dir:
+                return False
+            node.dtime = 0
+            link(self, node, found, b"#%d" % node.ino)
+        except OSError:
+            return False
+        return True
 
     # -- group descriptors and metadata zones --------------------------------------------------
     def _read_group_descriptors(self) -> list[GroupDesc]:
@@ -357,7 +379,16 @@ class Volume:
                 release(self, node)
 
     def is_open(self, ino: int) -> bool:
-        return ino in self._open
+        """Whether ``ino`` must outlive its last name for now: a file object or a mapping here
+        uses it, or another process (or attachment) maps it."""
+        return ino in self._open or self.device.pinned_elsewhere(ino)
+
+    def before_shrink(self, node: Inode, size: int) -> None:
+        """``node`` is about to shrink to ``size``: its live mappings agree or refuse (EBUSY)."""
+        for hook in list(self.shrink_hooks.get(node.ino, ())):
+            hook(size)
+        if self.device.pinned_elsewhere(node.ino):
+            raise OSError(errno.EBUSY, "the file is mapped by another process")
 
     @property
     def root(self) -> Inode:

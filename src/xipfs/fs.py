@@ -26,7 +26,7 @@ from .ext2.inode import Inode, Run
 from .ext2.volume import Volume
 from .ext2.xattr import write_xattrs as xattr_write
 from .file import XipFile
-from .mapping import PAGE, Mapping, map_file
+from .mapping import PAGE, Mapping, detach, map_file
 
 PathArg = str | bytes | os.PathLike
 
@@ -359,11 +359,17 @@ class Filesystem:
         """
         p, _ = _fspath(path)
         vol = self.volume
-        try:
-            node = vol.resolve(p, True)
-        except OSError as err:
-            raise fs_error(err.errno, p) from None
-        return map_file(vol, node, p, access, offset, length)
+        for attempt in range(2):
+            try:
+                node = vol.resolve(p, True)
+            except OSError as err:
+                raise fs_error(err.errno, p) from None
+            try:
+                return map_file(vol, node, p, access, offset, length)
+            except FileNotFoundError:
+                if attempt:                   # a writer elsewhere deleted what the cache held:
+                    raise                     # the caches are dropped, look the name up again
+        raise AssertionError("unreachable")
 
     def map_array(self, path: PathArg, dtype: Any = "uint8", shape: Any = None, offset: int = 0,
                   access: str = "r") -> Any:
@@ -386,6 +392,10 @@ class Filesystem:
         if offset < 0 or offset + nbytes > node.size:
             raise ValueError(f"{nbytes} bytes from offset {offset} do not fit in a {node.size}-byte file")
         m = self.mmap(path, access, start, offset + nbytes - start)
+        if m.writable and not m.is_xip:      # nothing would write a copy back when it goes
+            m.close()
+            raise OSError(errno.EOPNOTSUPP, "a writable array needs an XIP mapping here; use "
+                          "fs.mmap(path, 'w') and flush() it", path)
         return np.ndarray(shape, dtype=dt, buffer=m, offset=offset - start)
 
     def open_async(self, path: PathArg, mode: str = "rb") -> Any:
@@ -711,8 +721,10 @@ class Filesystem:
     def close(self) -> None:
         """Write everything back, mark the image clean, release it.
 
-        Views handed out stay valid until they are released.
+        Views handed out stay valid until they are released; writable copy-backed mappings
+        are written back first.
         """
+        detach(self.volume)
         if self._owns_device:
             self.volume.close()
         else:

@@ -392,9 +392,12 @@ def drop_link(vol: Volume, node: Inode) -> None:
     vol.write_inode(node)
 
 
-def release(vol: Volume, node: Inode) -> None:
-    """Free the blocks, xattr block and inode of a dead inode (links 0, dtime set)."""
-    if vol.is_open(node.ino):
+def release(vol: Volume, node: Inode, force: bool = False) -> None:
+    """Free the blocks, xattr block and inode of a dead inode (links 0, dtime set).
+
+    While something still uses it (``vol.is_open``) it waits as an orphan, unless ``force``.
+    """
+    if not force and vol.is_open(node.ino):
         vol.orphans.add(node.ino)        # freed when the last file object closes
         return
     if has_block_map(vol, node):

@@ -12,7 +12,8 @@ import struct
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ..device import Device
 from ..errors import CorruptImageError, fs_error
@@ -22,7 +23,7 @@ from .data import zero_blocks
 from .dir import DirIndex, DirSpace, index_directory
 from .ialloc import InodeAllocator
 from .inode import Inode
-from .namei import link, release
+from .namei import create, link, release
 from .super import Superblock, parse_superblock
 from .xattr import block_xattrs, inode_xattrs
 
@@ -112,8 +113,8 @@ class Volume:
         self._open: dict[int, int] = {}            # inode -> file objects open on it
         #: Inodes unlinked while open: freed when their last file object closes.
         self.orphans: set[int] = set()
-        #: Inode -> callbacks of its live mappings in this process, asked before it shrinks.
-        self.shrink_hooks: dict[int, list[Callable[[int], None]]] = {}
+        #: Inode -> its live mappings in this process (``check_shrink(size)``, ``shrink(size)``).
+        self.shrink_hooks: dict[int, list[Any]] = {}
         if not readonly:
             self._mount()
 
@@ -239,8 +240,9 @@ class Volume:
             for ino in list(self.orphans):       # unlinked files still open: free them now
                 self._open.pop(ino, None)
                 node = self.inode(ino)
-                if not (self.device.pinned_elsewhere(ino) and self._adopt(node)):
-                    release(self, node)
+                mapped = ino in self.shrink_hooks or self.device.pinned_elsewhere(ino)
+                if not (mapped and self._adopt(node)):
+                    release(self, node, force=True)
             self.orphans.clear()
             f = self.sb.fields
             f["s_state"] = (self.sb.s_state & ~STATE_VALID) | (self._orig_state & STATE_VALID)
@@ -253,11 +255,19 @@ class Volume:
         as e2fsck names what it reconnects: the image is left clean, and its blocks cannot go
         to another file (and so into that process's mapping) in a later writing session."""
         try:
-            found = self.resolve("/lost+found", False)
+            try:
+                found = self.resolve("/lost+found", False)
+            except FileNotFoundError:
+                found = create(self, self.inode(L.ROOT_INO), b"lost+found", 0o40700, 0, 0)
             if not found.is_dir:
                 return False
+            names = self.dir_index(found).entries
+            name, n = f"#{node.ino}", 0
+            while name in names:
+                n += 1
+                name = f"#{node.ino}.{n}"
             node.dtime = 0
-            link(self, node, found, b"#%d" % node.ino)
+            link(self, node, found, os.fsencode(name))
         except OSError:
             return False
         return True
@@ -351,6 +361,12 @@ class Volume:
         keep = {ino: n for ino, n in self._inodes.items() if ino in self._open or ino in self._dirty_inodes}
         self._inodes = keep
 
+    def forget_cached(self) -> None:
+        """Drop resolved paths and decoded inodes (a read-only attachment, before it relies
+        on them for something lasting, such as a mapping)."""
+        self._paths.clear()
+        self._inodes.clear()
+
     def remember(self, node: Inode) -> None:
         self._inodes[node.ino] = node
 
@@ -385,10 +401,13 @@ class Volume:
 
     def before_shrink(self, node: Inode, size: int) -> None:
         """``node`` is about to shrink to ``size``: its live mappings agree or refuse (EBUSY)."""
-        for hook in list(self.shrink_hooks.get(node.ino, ())):
-            hook(size)
+        hooks = list(self.shrink_hooks.get(node.ino, ()))
         if self.device.pinned_elsewhere(node.ino):
             raise OSError(errno.EBUSY, "the file is mapped by another process")
+        for hook in hooks:                       # every reason to refuse first ...
+            hook.check_shrink(size)
+        for hook in hooks:                       # ... then the mappings follow the new size
+            hook.shrink(size)
 
     @property
     def root(self) -> Inode:

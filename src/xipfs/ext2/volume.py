@@ -251,7 +251,7 @@ class Volume:
             self.device.unlock()
 
     def _adopt(self, node: Inode) -> bool:
-        """Give an unlinked file that another process still maps the name ``/lost+found/#ino``,
+        """Give an unlinked file that a mapping (here or elsewhere) still uses ``/lost+found/#ino``,
         as e2fsck names what it reconnects: the image is left clean, and its blocks cannot go
         to another file (and so into that process's mapping) in a later writing session."""
         try:

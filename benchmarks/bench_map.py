@@ -526,34 +526,6 @@ BENCHMARKS: dict[str, Callable[[str, Config], Section]] = {
 }
 
 
-if __name__ == "__main__":
-    import argparse
-    import shutil
-    import tempfile
-    import time
-
-    from bench_read import config
-    from common import print_section
-
-    parser = argparse.ArgumentParser(description="xipfs mapping benchmarks (fs.mmap, map_array)")
-    parser.add_argument("--quick", action="store_true", help="a 256 MiB big file, fewer repetitions")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"some of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions for every measurement")
-    parser.add_argument("--no-raw", action="store_true", help="leave out the raw measurement lists")
-    args = parser.parse_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    cfg = config(args.quick, args.repeat)
-    scratch = tempfile.mkdtemp(prefix="xipfs-bench-", dir="/dev/shm")
-    started = time.monotonic()
-    try:
-        for name in names:
-            t0 = time.monotonic()
-            section = BENCHMARKS[name](scratch, cfg)
-            section.notes.append(f"({name}: {time.monotonic() - t0:.1f} s including setup)")
-            print_section(section, raw=not args.no_raw)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    print(f"total {time.monotonic() - started:.1f} s", file=sys.stderr)
+if __name__ == "__main__":          # the same as: benchmarks/run.py --only {these} [options]
+    import run
+    sys.exit(run.main(["--only", ",".join(BENCHMARKS), *sys.argv[1:]]))

@@ -254,22 +254,6 @@ def bench_aio(root: str, cfg: Config) -> Section:
 BENCHMARKS = {"sendfile": bench_sendfile, "aio": bench_aio}
 
 
-if __name__ == "__main__":
-    import argparse
-    import shutil
-    import tempfile
-
-    from bench_read import config
-    from common import print_section
-
-    parser = argparse.ArgumentParser(description="xipfs transfer benchmarks (sendfile, aio)")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default=",".join(BENCHMARKS))
-    parser.add_argument("--repeat", type=int, default=None)
-    args = parser.parse_args()
-    scratch = tempfile.mkdtemp(prefix="xipfs-bench-", dir="/dev/shm")
-    try:
-        for name in args.only.split(","):
-            print_section(BENCHMARKS[name.strip()](scratch, config(args.quick, args.repeat)))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+if __name__ == "__main__":          # the same as: benchmarks/run.py --only {these} [options]
+    import run
+    sys.exit(run.main(["--only", ",".join(BENCHMARKS), *sys.argv[1:]]))

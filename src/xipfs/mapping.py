@@ -227,32 +227,38 @@ class _State:
             _pins[key] = _pins.get(key, 0) + 1
             self.pinned = True
 
+    def unpin(self) -> None:
+        """Undo :meth:`pin` (a forked child leaves the lock to its parent, whose it is)."""
+        if not self.pinned:
+            return
+        self.pinned = False
+        if os.getpid() != self.pid:
+            return
+        vol, ino = self.vol, self.node.ino
+        with _budget.lock:
+            key = (id(vol.device), ino)
+            _pins[key] = _pins.get(key, 1) - 1
+            if not _pins[key]:
+                del _pins[key]
+                vol.device.unpin(ino)
+
     def register(self) -> None:
         vol = self.vol
         if not vol.readonly:
             vol.opened(self.node)
             self.tracked = True
-        vol.shrink_hooks.setdefault(self.node.ino, []).append(self)
+        vol.mappings.setdefault(self.node.ino, []).append(self)
 
     def release(self) -> None:
         vol, ino = self.vol, self.node.ino
         _budget.give_back(self.maps)
         self.maps = 0
-        hooks = vol.shrink_hooks.get(ino)
+        hooks = vol.mappings.get(ino)
         if hooks and self in hooks:
             hooks.remove(self)
             if not hooks:
-                del vol.shrink_hooks[ino]
-        if self.pinned:
-            self.pinned = False
-            if os.getpid() != self.pid:       # a forked child: the pin is the parent's lock
-                return
-            with _budget.lock:
-                key = (id(vol.device), ino)
-                _pins[key] = _pins.get(key, 1) - 1
-                if not _pins[key]:
-                    del _pins[key]
-                    vol.device.unpin(ino)
+                del vol.mappings[ino]
+        self.unpin()
         if self.tracked:
             self.tracked = False
             vol.closed(self.node)
@@ -326,9 +332,8 @@ def map_file(vol: Volume, node: Inode, path: str, access: str = "r", offset: int
         except BaseException:
             state.release()
             raise
-        if not state.xip and state.pinned:     # a copy needs no pin
-            state.release()
-            state.maps = 0
+        if not state.xip:                      # a copy needs no pin
+            state.unpin()
         m.is_xip = state.xip
         m.runs = state.maps
         m.path = path
@@ -358,7 +363,7 @@ def _check_still_live(vol: Volume, node: Inode, path: str, state: _State) -> Non
 
 def detach(vol: Volume) -> None:
     """The filesystem is closing: write live writable copies back while it still can."""
-    for states in list(vol.shrink_hooks.values()):
+    for states in list(vol.mappings.values()):
         for state in list(states):
             m = state.mapping() if state.mapping else None
             if m is not None and not m.closed and state.writable and not state.xip:

@@ -92,6 +92,8 @@ class BlockAllocator:
             return 0
         vol = self.volume
         gd = vol.groups[g]
+        if gd.free_blocks < count:
+            return 0
         at = gd.block_bitmap * vol.bs + (bit >> 3)
         old = vol.device.view(at, 1)[0]
         used = old | ((1 << (bit & 7)) - 1)             # bits before the start count as used

@@ -114,7 +114,7 @@ class Volume:
         #: Inodes unlinked while open: freed when their last file object closes.
         self.orphans: set[int] = set()
         #: Inode -> its live mappings in this process (``check_shrink(size)``, ``shrink(size)``).
-        self.shrink_hooks: dict[int, list[Any]] = {}
+        self.mappings: dict[int, list[Any]] = {}
         if not readonly:
             self._mount()
 
@@ -240,7 +240,7 @@ class Volume:
             for ino in list(self.orphans):       # unlinked files still open: free them now
                 self._open.pop(ino, None)
                 node = self.inode(ino)
-                mapped = ino in self.shrink_hooks or self.device.pinned_elsewhere(ino)
+                mapped = ino in self.mappings or self.device.pinned_elsewhere(ino)
                 if not (mapped and self._adopt(node)):
                     release(self, node, force=True)
             self.orphans.clear()
@@ -401,7 +401,7 @@ class Volume:
 
     def before_shrink(self, node: Inode, size: int) -> None:
         """``node`` is about to shrink to ``size``: its live mappings agree or refuse (EBUSY)."""
-        hooks = list(self.shrink_hooks.get(node.ino, ()))
+        hooks = list(self.mappings.get(node.ino, ()))
         if self.device.pinned_elsewhere(node.ino):
             raise OSError(errno.EBUSY, "the file is mapped by another process")
         for hook in hooks:                       # every reason to refuse first ...

@@ -107,7 +107,8 @@ def images(shm: str) -> dict[int, str]:
 
 @pytest.fixture
 def new_image(shm: str, request: pytest.FixtureRequest) -> Iterator:
-    """``new_image(size, bs)``: a fresh empty image, removed after the test."""
+    """``new_image(size, bs)``: a fresh empty image; after the test, ``e2fsck -fn`` must find
+    it clean (whatever the test did to it), then it is removed."""
     made: list[str] = []
 
     def make(size: int = 16 * MiB, bs: int = 4096) -> str:
@@ -117,9 +118,15 @@ def new_image(shm: str, request: pytest.FixtureRequest) -> Iterator:
         return img
 
     yield make
-    for img in made:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(img)
+    gc.collect()                       # mappings dropped without close() give everything back
+    try:
+        for img in made:
+            if os.path.exists(img) and shutil.which("e2fsck"):
+                assert_fsck_clean(img)
+    finally:
+        for img in made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(img)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -49,7 +50,7 @@ def shm_dir() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module", params=[1024, 4096], ids=["bs1k", "bs4k"])
-def image(request: Any, shm_dir: str) -> str:
+def image(request: Any, shm_dir: str) -> Iterator[str]:
     """An image holding CONTENT (1 KiB blocks: /big needs double-indirect blocks)."""
     img = os.path.join(shm_dir, f"img{request.param}.ext2")
     xipfs.mkfs(img, 24 << 20, block_size=request.param)
@@ -63,7 +64,10 @@ def image(request: Any, shm_dir: str) -> str:
                 f.write(CONTENT["/sparse"][off:off + n])
             f.truncate(SPARSE_SIZE)
         assert any(not pb for _, _, pb in fs.block_runs("/sparse")), "/sparse should have holes"
-    return img
+    yield img
+    if shutil.which("e2fsck"):                  # whatever the tests wrote, the image is clean
+        proc = subprocess.run(["e2fsck", "-fn", img], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture(params=[True, False], ids=["xip", "filedev"])

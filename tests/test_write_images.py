@@ -485,6 +485,21 @@ def test_fill_image_with_small_files(tmp: str, bs: int) -> None:
     assert_fsck_clean(img)
 
 
+@pytest.mark.parametrize("xip", [True, False])
+def test_new_small_file_hides_old_data_past_eof(tmp: str, xip: bool) -> None:
+    """A small file written into blocks another file just freed: the bytes of its last block
+    past EOF are zeros (``get_xip_mem`` shows the whole block), never the old file's data."""
+    img = mkfs(os.path.join(tmp, "img"), "8M", bs=4096)
+    with xipfs.open(img, "r+", xip=xip) as fs:
+        fs.write_bytes("/old", b"\xee" * (64 * 4096))
+        fs.unlink("/old")
+        for i, n in enumerate((1, 100, 4095, 4097, 12 * 4096 - 7)):
+            fs.write_bytes(f"/new{i}", b"n" * n)
+            last = (n - 1) // 4096
+            block = bytes(fs.get_xip_mem(f"/new{i}", last))
+            assert block == (b"n" * (n - last * 4096)).ljust(4096, b"\0"), n
+
+
 def test_consecutive_pointers() -> None:
     """The lane arithmetic that fills indirect blocks gives exactly what an array would."""
     from array import array

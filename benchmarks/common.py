@@ -26,7 +26,7 @@ MIB = 1 << 20
 
 # Display units. A rate unit ("GiB/s") shows work per second; a time unit shows time per unit of
 # work ("us/file": work counts files; "ms/call": work counts calls).
-_RATE_UNITS = {"GiB/s": GIB}
+_RATE_UNITS = {"GiB/s": GIB, "MiB/s": MIB}
 _TIME_UNITS = {"ns/file": 1, "us/file": 1_000, "us/call": 1_000, "ms/call": 1_000_000}
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from bench_map import BENCHMARKS as MAP_BENCHMARKS  # noqa: E402
+from bench_pack import BENCHMARKS as PACK_BENCHMARKS  # noqa: E402
 from bench_read import BENCHMARKS as READ_BENCHMARKS  # noqa: E402
 from bench_read import config  # noqa: E402
 from bench_transfer import BENCHMARKS as TRANSFER_BENCHMARKS  # noqa: E402
@@ -33,7 +34,8 @@ from common import loadavg, print_section, print_summary  # noqa: E402
 import xipfs  # noqa: E402
 
 SCRATCH_PARENT = "/dev/shm"
-BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MAP_BENCHMARKS}
+BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MAP_BENCHMARKS,
+              **PACK_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

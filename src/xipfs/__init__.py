@@ -16,6 +16,7 @@ from .ext2.mkfs import mkfs
 from .file import XipFile
 from .fs import DirEntry, Filesystem, open  # noqa: A004 - xipfs.open is the entry point, like io.open
 from .mapping import Mapping, map_budget, set_map_budget
+from .pack import PackResult, pack
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "Filesystem",
     "Mapping",
     "MemoryDevice",
+    "PackResult",
     "PageCache",
     "UnsupportedFeatureError",
     "XipFile",
@@ -35,5 +37,6 @@ __all__ = [
     "mkfs",
     "open",
     "open_device",
+    "pack",
     "set_map_budget",
 ]

@@ -9,12 +9,13 @@ device that may hold old data they are zeroed explicitly.
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import struct
 import time
 import uuid as uuidlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..device import Device
@@ -54,8 +55,17 @@ class Geometry:
 
     def overhead(self, g: int) -> int:
         """Metadata blocks at the start of group ``g``."""
-        head = 1 + self.desc_blocks if group_has_super(g, self.sparse) else 0
-        return head + 2 + self.itable_blocks
+        return self._head(g) + 2 + self.itable_blocks
+
+    def _head(self, g: int) -> int:
+        return 1 + self.desc_blocks if group_has_super(g, self.sparse) else 0
+
+    def block_bitmap(self, g: int) -> int:
+        """Where group ``g``'s block bitmap is (its inode bitmap follows, then its inode table)."""
+        return self.group_start(g) + self._head(g)
+
+    def inode_table(self, g: int) -> int:
+        return self.group_start(g) + self._head(g) + 2
 
 
 def inode_ratio(size: int) -> int:
@@ -132,10 +142,32 @@ def feature_words(features: Iterable[str] | None) -> tuple[int, int, int]:
     return words["co"], words["in"], words["ro"]
 
 
+#: What a populated group holds beyond its own metadata: (data blocks, inodes, directories), all
+#: taken from the front of the group (bitmaps are written as prefixes), or an explicit block
+#: bitmap of the group when ``blocks_bitmap`` is given.
+@dataclass
+class GroupUse:
+    blocks: int = 0
+    inodes: int = 0
+    dirs: int = 0
+    blocks_bitmap: bytes | None = None
+
+
+#: ``populate(device, geometry, filetype) -> [GroupUse per group]``: writes the tree.
+Populate = Callable[[Device, Geometry, bool], list[GroupUse]]
+
+
 def format_device(dev: Device, *, block_size: int = 4096, inode_size: int = 256,
                   inodes: int | None = None, label: str | None = None, uuid: str | None = None,
-                  features: Iterable[str] | None = None, zeroed: bool = False) -> Geometry:
-    """Write a new ext2 filesystem over all of ``dev``. ``zeroed``: the device is known all zeros."""
+                  features: Iterable[str] | None = None, zeroed: bool = False,
+                  reserved_percent: float = 5.0, populate: Populate | None = None) -> Geometry:
+    """Write a new ext2 filesystem over all of ``dev``. ``zeroed``: the device is known all zeros.
+
+    ``populate`` writes the root directory and whatever else the filesystem starts with (the
+    default: an empty root and lost+found, as mke2fs makes them; :func:`xipfs.pack` gives a
+    whole tree) into zeroed inode tables, and says what it used; the bitmaps, descriptors and
+    superblock written afterwards account for exactly that.
+    """
     compat, incompat, ro = feature_words(features)
     sparse = bool(ro & L.RO_COMPAT_SPARSE_SUPER)
     geo = plan(dev.size, block_size, inode_size, inodes, sparse)
@@ -143,48 +175,35 @@ def format_device(dev: Device, *, block_size: int = 4096, inode_size: int = 256,
     now = time.time_ns()
     sec = now // 1_000_000_000
     fs_uuid = uuidlib.UUID(uuid) if uuid else uuidlib.uuid4()
-    nlf = min(12, max(2, 16384 // bs))
-    g0_meta = geo.overhead(0)
-    root_blk = geo.first_data_block + g0_meta
-    lf_blk = root_blk + 1
+    if not zeroed:
+        for g in range(geo.groups):
+            _zero(dev, geo.inode_table(g) * bs, geo.itable_blocks * bs)
+    filetype = bool(incompat & L.INCOMPAT_FILETYPE)
+    use = (populate or root_and_lost_found)(dev, geo, filetype)
     gds: list[bytes] = []
     free_blocks_total = free_inodes_total = 0
     for g in range(geo.groups):
-        start = geo.group_start(g)
-        head = 1 + geo.desc_blocks if group_has_super(g, sparse) else 0
-        bb, ib, it = start + head, start + head + 1, start + head + 2
-        used = geo.overhead(g) + (1 + nlf if g == 0 else 0)
+        u = use[g]
+        bb, ib, it = geo.block_bitmap(g), geo.block_bitmap(g) + 1, geo.inode_table(g)
         nblocks = geo.group_blocks(g)
-        dev.write(_bitmap(used, nblocks, bs), bb * bs)
-        used_inodes = LOST_FOUND_INO if g == 0 else 0
-        dev.write(_bitmap(used_inodes, geo.ipg, bs), ib * bs)
-        if not zeroed:
-            _zero(dev, it * bs, geo.itable_blocks * bs)
-        free_b, free_i = nblocks - used, geo.ipg - used_inodes
+        if u.blocks_bitmap is not None:
+            dev.write(u.blocks_bitmap, bb * bs)
+        else:
+            dev.write(_bitmap(geo.overhead(g) + u.blocks, nblocks, bs), bb * bs)
+        dev.write(_bitmap(u.inodes, geo.ipg, bs), ib * bs)
+        free_b, free_i = nblocks - geo.overhead(g) - u.blocks, geo.ipg - u.inodes
         free_blocks_total += free_b
         free_inodes_total += free_i
         gds.append(L.GROUP_DESC.pack({
             "bg_block_bitmap": bb, "bg_inode_bitmap": ib, "bg_inode_table": it,
             "bg_free_blocks_count": free_b, "bg_free_inodes_count": free_i,
-            "bg_used_dirs_count": 2 if g == 0 else 0, "bg_flags": 0x4}))
+            "bg_used_dirs_count": u.dirs, "bg_flags": 0x4}))
     gdt = b"".join(gds).ljust(geo.desc_blocks * bs, b"\0")
-    # root and lost+found
-    filetype = bool(incompat & L.INCOMPAT_FILETYPE)
-    t = L.FT_DIR if filetype else 0
-    root = (encode_entry(2, 12, b".", t).ljust(12, b"\0") + encode_entry(2, 12, b"..", t).ljust(12, b"\0")
-            + encode_entry(LOST_FOUND_INO, bs - 24, b"lost+found", t).ljust(bs - 24, b"\0"))
-    dev.write(root, root_blk * bs)
-    dev.write(empty_dir_block(bs, LOST_FOUND_INO, 2, filetype), lf_blk * bs)
-    for i in range(1, nlf):
-        dev.write(struct.pack("<IH", 0, bs if bs < 65536 else 0).ljust(bs, b"\0"), (lf_blk + i) * bs)
-    itable0 = geo.group_start(0) + 1 + geo.desc_blocks + 2
-    _write_inode(dev, geo, itable0, 2, 0o040755, 3, [root_blk], now)
-    _write_inode(dev, geo, itable0, LOST_FOUND_INO, 0o040700, 2,
-                 list(range(lf_blk, lf_blk + nlf)), now)
     # superblock (primary at byte 1024; backups at the start of their groups)
     f = {
         "s_inodes_count": geo.groups * geo.ipg, "s_blocks_count": geo.blocks,
-        "s_r_blocks_count": geo.blocks * 5 // 100, "s_free_blocks_count": free_blocks_total,
+        "s_r_blocks_count": int(geo.blocks * reserved_percent / 100),
+        "s_free_blocks_count": free_blocks_total,
         "s_free_inodes_count": free_inodes_total, "s_first_data_block": geo.first_data_block,
         "s_log_block_size": bs.bit_length() - 11, "s_log_frag_size": bs.bit_length() - 11,
         "s_blocks_per_group": geo.bpg, "s_frags_per_group": geo.bpg,
@@ -218,6 +237,37 @@ def format_device(dev: Device, *, block_size: int = 4096, inode_size: int = 256,
         dev.write(bytes(1024), 0)                        # the boot area before the superblock
     dev.flush()
     return geo
+
+
+def lost_found_blocks(bs: int) -> int:
+    """Blocks of a new lost+found: 16 KiB as mke2fs makes it (2 to 12 blocks)."""
+    return min(12, max(2, 16384 // bs))
+
+
+def root_and_lost_found(dev: Device, geo: Geometry, filetype: bool) -> list[GroupUse]:
+    """The contents of a new filesystem: an empty root and a pre-expanded lost+found in group 0."""
+    bs = geo.bs
+    now = time.time_ns()
+    nlf = lost_found_blocks(bs)
+    root_blk = geo.first_data_block + geo.overhead(0)
+    lf_blk = root_blk + 1
+    t = L.FT_DIR if filetype else 0
+    root = (encode_entry(2, 12, b".", t).ljust(12, b"\0") + encode_entry(2, 12, b"..", t).ljust(12, b"\0")
+            + encode_entry(LOST_FOUND_INO, bs - 24, b"lost+found", t).ljust(bs - 24, b"\0"))
+    dev.write(root, root_blk * bs)
+    dev.write(empty_dir_block(bs, LOST_FOUND_INO, 2, filetype), lf_blk * bs)
+    for i in range(1, nlf):
+        dev.write(empty_block(bs), (lf_blk + i) * bs)
+    itable0 = geo.inode_table(0)
+    _write_inode(dev, geo, itable0, 2, 0o040755, 3, [root_blk], now)
+    _write_inode(dev, geo, itable0, LOST_FOUND_INO, 0o040700, 2,
+                 list(range(lf_blk, lf_blk + nlf)), now)
+    return [GroupUse(1 + nlf, LOST_FOUND_INO, 2)] + [GroupUse() for _ in range(1, geo.groups)]
+
+
+def empty_block(bs: int) -> bytes:
+    """A directory block with no entries: one unused record spanning the block."""
+    return struct.pack("<IH", 0, bs if bs < 65536 else 0).ljust(bs, b"\0")
 
 
 def _bitmap(used: int, nbits: int, bs: int) -> bytes:
@@ -320,7 +370,15 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
 
 
 def _preallocate(fd: int, size: int, path: str) -> None:
-    """Reserve the whole image now (tmpfs allocates its zeroed pages); ENOSPC names the image."""
+    """Reserve the whole image now (tmpfs allocates its zeroed pages); ENOSPC names the image.
+
+    A size the filesystem cannot hold is refused before any page is taken: on tmpfs, which is
+    memory, filling it up to find out would starve every process on the machine first.
+    """
+    st = os.fstatvfs(fd)
+    have = os.fstat(fd).st_blocks * 512 + st.f_bavail * st.f_frsize
+    if st.f_blocks and size > have:
+        raise OSError(errno.ENOSPC, f"cannot preallocate {size} bytes: {have} available", path)
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as err:

@@ -31,7 +31,7 @@ from .dir import (
     rec_len_of,
     remove_from_block,
 )
-from .inode import Inode, encode_new_inode
+from .inode import Inode, encode_new_inode, encode_rdev
 from .xattr import drop_block
 
 if TYPE_CHECKING:
@@ -279,13 +279,7 @@ def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int,
             node.size = len(target)
             node.reset_map()
     elif fmt in (S_IFCHR, S_IFBLK) and rdev is not None:
-        major, minor = rdev
-        words = [0] * 15
-        if major < 256 and minor < 256:
-            words[0] = (major << 8) | minor
-        else:
-            words[1] = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
-        node.i_block = b"".join(w.to_bytes(4, "little") for w in words)
+        node.i_block = encode_rdev(*rdev)
     else:
         return                                  # a plain file, FIFO or socket: nothing more yet
     vol.write_inode(node)

@@ -1,0 +1,816 @@
+"""pack: build an ext2 image from a directory tree in one pass over the tree (``mke2fs -d``).
+
+The tree is scanned first (names, stat, symlink targets, xattrs, the data extents of sparse
+files), then laid out whole before a byte is written: inode numbers in tree order, and each
+directory's blocks followed by its files' data, every file contiguous (its indirect blocks just
+before its data), so that every file maps as one run. Then the image is formatted and written
+in large pieces: inode tables, directory blocks and block maps from memory, file data copied by
+the kernel from the source file straight into the image (``copy_file_range``) when both are
+files. A file that changes or vanishes while it is copied is packed empty and reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import stat as st_
+import struct
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .device import Device, MemoryDevice
+from .ext2 import layout as L
+from .ext2.inode import encode_inode, encode_rdev
+from .ext2.mkfs import (
+    LOST_FOUND_INO,
+    Geometry,
+    GroupUse,
+    feature_words,
+    format_device,
+    inode_ratio,
+    lost_found_blocks,
+    plan,
+)
+from .ext2.xattr import build_block, split_name
+from .progress import ProgressArg, progress_bar
+
+ROOT_INO = 2
+_DIRECT = struct.Struct("<15I")
+_DIRENT = L.DIRENT.struct
+_SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+#: Linux ext2 shares one xattr block among at most this many inodes (EXT2_XATTR_REFCOUNT_MAX).
+_XATTR_SHARE_MAX = 1024
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+
+
+@dataclass
+class PackResult:
+    """What :func:`pack` put in the image, and what it left out (with why)."""
+
+    image: str
+    size: int = 0                   #: image bytes
+    files: int = 0                  #: regular files (inodes)
+    dirs: int = 0                   #: directories, the root included
+    symlinks: int = 0
+    others: int = 0                 #: FIFOs, sockets, character and block devices
+    hardlinks: int = 0              #: names beyond an inode's first (hard links)
+    bytes: int = 0                  #: file data copied
+    skipped: list[tuple[str, str]] = field(default_factory=list)   #: (path, reason)
+
+
+class _Node:
+    """One inode to be: its source, what it holds, and where it goes."""
+
+    __slots__ = ("path", "st", "fmt", "ino", "children", "xattrs", "target", "data", "extents",
+                 "links", "meta", "runs", "xattr_block", "nblocks", "parent", "blocks")
+
+    def __init__(self, path: bytes | None, st: Any, fmt: int) -> None:
+        self.path = path                #: source path (None: made by pack, e.g. a .pyc)
+        self.st = st
+        self.fmt = fmt
+        self.ino = 0
+        self.children: list[tuple[bytes, _Node]] | None = [] if fmt == st_.S_IFDIR else None
+        self.xattrs: tuple[tuple[str, bytes], ...] = ()
+        self.target = b""               #: symlink target
+        self.parent = 0                 #: a directory's parent inode
+        self.blocks: list[bytes] = []   #: a directory's encoded blocks
+        self.data: bytes | None = None  #: content made by pack (no source file)
+        self.extents: list[tuple[int, int]] | None = None   #: sparse files: byte ranges of data
+        self.links = 1
+        self.meta: list[int] = []       #: indirect blocks, in build order
+        self.runs: list[tuple[int, int, int]] = []  #: (file block, device block, count)
+        self.xattr_block = 0
+        self.nblocks = 0                #: data blocks (directory, file or long symlink)
+
+
+class _Stat:
+    """The stat fields pack uses, for entries pack makes itself."""
+
+    def __init__(self, mode: int, uid: int, gid: int, size: int, ns: int) -> None:
+        self.st_mode, self.st_uid, self.st_gid, self.st_size = mode, uid, gid, size
+        self.st_atime_ns = self.st_mtime_ns = self.st_ctime_ns = ns
+        self.st_mtime = ns // 1_000_000_000
+        self.st_nlink, self.st_ino, self.st_dev, self.st_rdev, self.st_blocks = 1, 0, 0, 0, 0
+
+
+def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device, *,
+         size: int | None = None, block_size: int = 4096, inode_size: int = 256,
+         extra: float | int = 0.1, label: str | None = None, uuid: str | None = None,
+         progress: ProgressArg = None, compile: bool = False) -> PackResult:  # noqa: A002 - as compileall
+    """Build an ext2 image of the tree at ``src_dir`` in ``image`` (created or overwritten).
+
+    ``image`` is a path, a POSIX shared-memory name or an open device. ``size=None`` makes the
+    image as large as the tree needs plus ``extra`` free space: a float is a fraction of what
+    the tree needs (0.1 = 10 %), an int a number of bytes. With an explicit ``size`` the inode
+    count is mke2fs's default for that size; ENOSPC if the tree does not fit (checked before the
+    image is touched). The image has no root-reserved blocks (``mke2fs -m 0``).
+
+    Kept: regular files (sparse ones stay sparse), directories, symlinks, hard links (as
+    links), FIFOs, sockets and device nodes, modes, owners, nanosecond times and xattrs.
+    ``compile=True`` adds a valid ``__pycache__/*.pyc`` beside every ``.py`` file, as
+    ``compileall`` would, so that imports from the image need not compile.
+    """
+    src = os.fsencode(os.fspath(src_dir))
+    target = image if isinstance(image, Device) else os.fsdecode(os.fspath(image))
+    result = PackResult(image=target.name if isinstance(target, Device) else target)
+    root = _scan(src, result, _image_identity(target))
+    if compile:
+        _add_bytecode(root, result)
+    nodes = _number(root, result)
+    geo = _geometry(nodes, size if not isinstance(target, Device) else target.size,
+                    block_size, inode_size, extra)
+    layout = _Layout(geo, nodes)               # ENOSPC here leaves the target untouched
+    dev, zeroed, owned = _open_target(target, geo.blocks * geo.bs if size is None else size)
+    try:
+        bar = progress_bar(progress, result.bytes, "pack", "B")
+        try:
+            format_device(dev, block_size=geo.bs, inode_size=geo.isize, inodes=geo.groups * geo.ipg,
+                          label=label, uuid=uuid, zeroed=zeroed, reserved_percent=0.0,
+                          populate=lambda d, g, ft: layout.write(d, g, ft, zeroed, result, bar))
+        finally:
+            bar.close()
+    finally:
+        if owned:
+            dev.close()
+    result.size = geo.blocks * geo.bs
+    return result
+
+
+# -- scanning --------------------------------------------------------------------------------
+
+def _image_identity(target: str | Device) -> tuple[int, int] | None:
+    if isinstance(target, Device):
+        return None
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _scan(src: bytes, result: PackResult, image_id: tuple[int, int] | None) -> _Node:
+    """The tree under ``src`` as nodes (directories' children sorted by name)."""
+    try:
+        st = os.stat(src)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, os.fsdecode(src)) from None
+    if not st_.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fsdecode(src))
+    root = _Node(src, st, st_.S_IFDIR)
+    root.xattrs = _xattrs(src, result)
+    seen: dict[tuple[int, int], _Node] = {}
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d.path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            result.skipped.append((os.fsdecode(d.path), f"cannot list: {err.strerror}"))
+            continue
+        subdirs = []
+        for e in entries:
+            path = e.path
+            name = e.name
+            try:
+                est = e.stat(follow_symlinks=False)
+            except OSError as err:
+                result.skipped.append((os.fsdecode(path), _vanished(err)))
+                continue
+            if len(name) > 255:
+                result.skipped.append((os.fsdecode(path), "name longer than 255 bytes"))
+                continue
+            if image_id is not None and (est.st_dev, est.st_ino) == image_id:
+                result.skipped.append((os.fsdecode(path), "the image being written"))
+                continue
+            fmt = st_.S_IFMT(est.st_mode)
+            if fmt != st_.S_IFDIR and est.st_nlink > 1:
+                first = seen.get((est.st_dev, est.st_ino))
+                if first is not None:
+                    first.links += 1
+                    d.children.append((name, first))
+                    continue
+            node = _Node(path, est, fmt)
+            if fmt != st_.S_IFDIR and est.st_nlink > 1:
+                seen[(est.st_dev, est.st_ino)] = node
+            if fmt == st_.S_IFLNK:
+                try:
+                    node.target = os.readlink(path)
+                except OSError as err:
+                    result.skipped.append((os.fsdecode(path), _vanished(err)))
+                    continue
+            elif fmt == st_.S_IFREG and est.st_blocks * 512 < est.st_size:
+                node.extents = _data_extents(path)         # sparse: byte ranges for now
+            elif fmt == st_.S_IFDIR:
+                subdirs.append(node)
+            node.xattrs = _xattrs(path, result)
+            d.children.append((name, node))
+        stack.extend(reversed(subdirs))
+    return root
+
+
+def _vanished(err: OSError) -> str:
+    return "vanished while packing" if err.errno == errno.ENOENT else f"cannot read: {err.strerror}"
+
+
+def _xattrs(path: bytes, result: PackResult) -> tuple[tuple[str, bytes], ...]:
+    """The extended attributes ext2 can hold, sorted; the others reported."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    if not names:
+        return ()
+    out = []
+    for name in sorted(names):
+        try:
+            split_name(name)
+            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+        except OSError as err:
+            result.skipped.append((f"{os.fsdecode(path)} [{name}]", f"xattr not kept: {err.strerror}"))
+    return tuple(out)
+
+
+def _data_extents(path: bytes) -> list[tuple[int, int]]:
+    """Byte ranges ``(start, end)`` holding data in a sparse file (SEEK_DATA / SEEK_HOLE)."""
+    out: list[tuple[int, int]] = []
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return out
+    try:
+        end = os.fstat(fd).st_size
+        pos = 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, _SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:           # only a hole from here on
+                    break
+                return [(0, end)]                      # no SEEK_DATA: treat as all data
+            stop = os.lseek(fd, start, _SEEK_HOLE)
+            out.append((start, min(stop, end)))
+            pos = stop
+    finally:
+        os.close(fd)
+    return out
+
+
+def _add_bytecode(root: _Node, result: PackResult) -> None:
+    """A ``__pycache__/NAME.TAG.pyc`` for every ``.py`` file, timestamp-checked as importlib
+    expects (source mtime and size as the image will store them)."""
+    tag = importlib.util.cache_from_source("x.py")
+    suffix = os.fsencode(tag[tag.index("x.") + 1:])      # b".cpython-311.pyc"
+    stack = [(root, b"")]
+    while stack:
+        d, where = stack.pop()
+        pycs: list[tuple[bytes, _Node]] = []
+        for name, node in d.children:
+            if node.fmt == st_.S_IFDIR:
+                stack.append((node, where + b"/" + name))
+            elif node.fmt == st_.S_IFREG and name.endswith(b".py") and node.path is not None:
+                pyc = _compile_one(node, os.fsdecode(where + b"/" + name), result)
+                if pyc is not None:
+                    pst = _Stat(st_.S_IFREG | 0o644, node.st.st_uid, node.st.st_gid, len(pyc),
+                                node.st.st_mtime_ns)
+                    made = _Node(None, pst, st_.S_IFREG)
+                    made.data = pyc
+                    pycs.append((name[:-3] + suffix, made))
+        if not pycs:
+            continue
+        cache = next((n for name, n in d.children if name == b"__pycache__"), None)
+        if cache is None or cache.fmt != st_.S_IFDIR:
+            if cache is not None:
+                result.skipped.append((os.fsdecode(cache.path or b"__pycache__"),
+                                       "not a directory: no bytecode"))
+                continue
+            cst = _Stat(st_.S_IFDIR | 0o755, d.st.st_uid, d.st.st_gid, 0, time.time_ns())
+            cache = _Node(None, cst, st_.S_IFDIR)
+            d.children.append((b"__pycache__", cache))
+            d.children.sort(key=lambda c: c[0])
+        names = {name for name, _ in pycs}
+        cache.children = [c for c in cache.children if c[0] not in names] + pycs
+        cache.children.sort(key=lambda c: c[0])
+
+
+def _compile_one(node: _Node, inner: str, result: PackResult) -> bytes | None:
+    """Bytecode of one source file, named by its path inside the image; None if it does not compile."""
+    from importlib._bootstrap_external import _code_to_timestamp_pyc
+
+    path = node.path
+    assert path is not None
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+        code = compile(source, inner, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError) as err:
+        result.skipped.append((os.fsdecode(path) + " (bytecode)", f"not compiled: {err}"))
+        return None
+    return bytes(_code_to_timestamp_pyc(code, node.st.st_mtime, len(source)))
+
+
+def _number(root: _Node, result: PackResult) -> list[_Node]:
+    """Inode numbers in tree order (root 2, lost+found 11, the rest from 12); every node once."""
+    root.ino = root.parent = ROOT_INO
+    lost = next((n for name, n in root.children if name == b"lost+found"), None)
+    if lost is not None and lost.fmt != st_.S_IFDIR:
+        result.skipped.append((os.fsdecode(lost.path or b"lost+found"), "lost+found must be a directory"))
+        root.children = [c for c in root.children if c[0] != b"lost+found"]
+        lost = None
+    if lost is None:
+        now = time.time_ns()
+        lost = _Node(None, _Stat(st_.S_IFDIR | 0o700, 0, 0, 0, now), st_.S_IFDIR)
+        root.children.append((b"lost+found", lost))
+        root.children.sort(key=lambda c: c[0])
+    nodes = [root]
+    ino = LOST_FOUND_INO + 1
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        for _, node in d.children:
+            if node.ino:
+                result.hardlinks += 1                      # a further name of a file
+                continue
+            if node is lost:
+                node.ino = LOST_FOUND_INO
+            else:
+                node.ino = ino
+                ino += 1
+            node.parent = d.ino
+            nodes.append(node)
+        stack.extend(reversed([n for _, n in d.children if n.fmt == st_.S_IFDIR]))
+    for node in nodes:
+        fmt = node.fmt
+        if fmt == st_.S_IFDIR:
+            result.dirs += 1
+        elif fmt == st_.S_IFREG:
+            result.files += 1
+            result.bytes += len(node.data) if node.data is not None else _data_bytes(node)
+        elif fmt == st_.S_IFLNK:
+            result.symlinks += 1
+        else:
+            result.others += 1
+    return nodes
+
+
+def _data_bytes(node: _Node) -> int:
+    if node.extents is not None:
+        return sum(end - start for start, end in node.extents)
+    return node.st.st_size
+
+
+# -- sizing ----------------------------------------------------------------------------------
+
+def _dir_blocks(node: _Node, bs: int) -> list[bytes]:
+    """A directory's blocks: '.', '..' then its entries in name order, packed, each block's last
+    entry running to the block's end (lost+found keeps mke2fs's 16 KiB)."""
+    blocks: list[bytes] = []
+    buf = bytearray(bs)
+    pos = 0
+    last = 0
+    fts = L.IFMT_TO_FT
+    entries = [(b".", node.ino, st_.S_IFDIR), (b"..", node.parent, st_.S_IFDIR)]
+    entries += [(name, child.ino, child.fmt) for name, child in node.children]
+    for name, ino, fmt in entries:
+        need = (8 + len(name) + 3) & ~3
+        if pos + need > bs:
+            struct.pack_into("<H", buf, last + 4, bs - last if bs < 65536 else 0)
+            blocks.append(bytes(buf))
+            buf = bytearray(bs)
+            pos = 0
+        _DIRENT.pack_into(buf, pos, ino, need, len(name), fts[fmt])
+        buf[pos + 8:pos + 8 + len(name)] = name
+        last = pos
+        pos += need
+    struct.pack_into("<H", buf, last + 4, bs - last if bs < 65536 else 0)
+    blocks.append(bytes(buf))
+    if node.ino == LOST_FOUND_INO:
+        empty = struct.pack("<IH", 0, bs if bs < 65536 else 0).ljust(bs, b"\0")
+        blocks.extend([empty] * (lost_found_blocks(bs) - len(blocks)))
+    return blocks
+
+
+def _file_blocks(node: _Node, bs: int) -> list[tuple[int, int]]:
+    """``(first file block, count)`` ranges a regular file's data occupies."""
+    if node.data is not None:
+        n = -(-len(node.data) // bs)
+        return [(0, n)] if n else []
+    if node.extents is None:
+        n = -(-node.st.st_size // bs)
+        return [(0, n)] if n else []
+    out: list[tuple[int, int]] = []
+    for start, end in node.extents:
+        first, stop = start // bs, -(-end // bs)
+        if out and first <= out[-1][0] + out[-1][1]:
+            f0, c0 = out.pop()
+            first, stop = f0, max(stop, f0 + c0)
+        out.append((first, stop - first))
+    return out
+
+
+def _meta_count(ranges: list[tuple[int, int]], p: int) -> int:
+    """Indirect blocks the ext2 block map needs for file blocks in ``ranges`` (p pointers a block)."""
+    if not ranges or ranges[-1][0] + ranges[-1][1] <= 12:
+        return 0                                       # direct blocks only: most files
+    if len(ranges) == 1 and ranges[0][0] == 0:
+        n = ranges[0][1]
+        if n <= 12 + p:
+            return 1
+        if n <= 12 + p + p * p:
+            return 2 + -(-(n - 12 - p) // p)
+    count = 0
+    for level_first, span, unit in ((12, p, p), (12 + p, p * p, p), (12 + p + p * p, p * p * p, p * p)):
+        level_end = level_first + span
+        hit_top = False
+        leaves: set[int] = set()
+        mids: set[int] = set()
+        for first, n in ranges:
+            lo, hi = max(first, level_first), min(first + n, level_end)
+            if lo >= hi:
+                continue
+            hit_top = True
+            if unit == p and span == p:                # the single indirect block itself
+                continue
+            leaves.update(range((lo - level_first) // p, (hi - 1 - level_first) // p + 1))
+            if span == p * p * p:
+                mids.update(range((lo - level_first) // (p * p), (hi - 1 - level_first) // (p * p) + 1))
+        count += hit_top + len(leaves) + len(mids)
+    return count
+
+
+def _geometry(nodes: list[_Node], size: int | None, bs: int, isize: int, extra: float | int) -> Geometry:
+    """The geometry of the image: ``size`` given, or what the tree needs plus ``extra``."""
+    _, _, ro = feature_words(None)
+    sparse = bool(ro & L.RO_COMPAT_SPARSE_SUPER)
+    need_inodes = max(n.ino for n in nodes)
+    need = _blocks_needed(nodes, bs)
+    if isinstance(extra, float):
+        spare_blocks, spare_inodes = int(need * extra), int(need_inodes * extra)
+    else:
+        spare_blocks, spare_inodes = -(-int(extra) // bs), int(extra) // inode_ratio(int(extra) or 1)
+    if size is not None:
+        default = max(16, size // inode_ratio(size))
+        try:
+            return plan(size, bs, isize, max(default, need_inodes + 16), sparse)
+        except ValueError as err:
+            raise OSError(errno.ENOSPC, f"the tree needs more than {size} bytes ({err})") from None
+    inodes = need_inodes + spare_inodes + 16
+    want = need + spare_blocks
+    blocks = want + want // 32 + 64
+    for _ in range(64):
+        try:
+            geo = plan(blocks * bs, bs, isize, inodes, sparse)
+        except ValueError:
+            blocks += max(64, blocks // 8)
+            continue
+        room = sum(geo.group_blocks(g) - geo.overhead(g) for g in range(geo.groups))
+        if room >= want:
+            return geo
+        blocks += want - room + 16
+    raise OSError(errno.EFBIG, "cannot size an image for this tree")
+
+
+def _blocks_needed(nodes: list[_Node], bs: int) -> int:
+    p = bs // 4
+    total = 0
+    shared: dict[tuple, int] = {}
+    for node in nodes:
+        fmt = node.fmt
+        if fmt == st_.S_IFDIR:
+            node.blocks = _dir_blocks(node, bs)
+            n = len(node.blocks)
+            total += n + _meta_count([(0, n)], p)
+        elif fmt == st_.S_IFREG:
+            ranges = _file_blocks(node, bs)
+            total += sum(n for _, n in ranges) + _meta_count(ranges, p)
+        elif fmt == st_.S_IFLNK and len(node.target) >= 60:
+            total += 1
+        if node.xattrs:
+            shared[node.xattrs] = shared.get(node.xattrs, 0) + 1
+    total += sum(-(-users // _XATTR_SHARE_MAX) for users in shared.values())
+    return total
+
+
+# -- layout and writing --------------------------------------------------------------------
+
+class _Cursor:
+    """Hands out blocks in order, group by group, skipping each group's metadata."""
+
+    def __init__(self, geo: Geometry) -> None:
+        self.geo = geo
+        self.group = 0
+        self.next = geo.group_start(0) + geo.overhead(0)
+        self.end = geo.group_start(0) + geo.group_blocks(0)
+        self.used = [0] * geo.groups
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """``n`` blocks as runs ``(first, count)``; ENOSPC when the image is full."""
+        first = self.next
+        if first + n <= self.end:                        # the usual case: room in this group
+            self.next = first + n
+            self.used[self.group] += n
+            return [(first, n)]
+        geo = self.geo
+        runs: list[tuple[int, int]] = []
+        while n:
+            end = self.end
+            if self.next >= end:
+                if self.group + 1 >= geo.groups:
+                    raise OSError(errno.ENOSPC, "the tree does not fit in the image")
+                self.group += 1
+                self.next = geo.group_start(self.group) + geo.overhead(self.group)
+                self.end = geo.group_start(self.group) + geo.group_blocks(self.group)
+                continue
+            k = min(n, end - self.next)
+            runs.append((self.next, k))
+            self.used[self.group] += k
+            self.next += k
+            n -= k
+        return runs
+
+
+class _Layout:
+    """Where every node's blocks go; computed whole before the image is touched."""
+
+    def __init__(self, geo: Geometry, nodes: list[_Node]) -> None:
+        self.geo = geo
+        self.nodes = nodes
+        bs = geo.bs
+        if max(n.ino for n in nodes) > geo.groups * geo.ipg:
+            raise OSError(errno.ENOSPC, "the tree has more entries than the image has inodes")
+        cur = _Cursor(geo)
+        p = bs // 4
+        xblocks: dict[tuple, list[int]] = {}         # xattr set -> [block, users]
+        self.xattr_blocks: list[tuple[int, tuple]] = []
+        for node in nodes:
+            if node.xattrs:
+                slot = xblocks.get(node.xattrs)
+                if slot is None or slot[1] >= _XATTR_SHARE_MAX:
+                    slot = xblocks[node.xattrs] = [cur.take(1)[0][0], 0]
+                    self.xattr_blocks.append((slot[0], node.xattrs))
+                slot[1] += 1
+                node.xattr_block = slot[0]
+            fmt = node.fmt
+            if fmt == st_.S_IFDIR:
+                ranges = [(0, len(node.blocks))]
+            elif fmt == st_.S_IFREG:
+                ranges = _file_blocks(node, bs)
+            elif fmt == st_.S_IFLNK and len(node.target) >= 60:
+                ranges = [(0, 1)]
+            else:
+                continue
+            m = _meta_count(ranges, p)
+            if m:
+                node.meta = [b for first, k in cur.take(m) for b in range(first, first + k)]
+            for first, n in ranges:
+                for pblk, k in cur.take(n):
+                    node.runs.append((first, pblk, k))
+                    first += k
+                node.nblocks += n
+        self.used = cur.used
+        self.refcounts = {blk: 0 for blk, _ in self.xattr_blocks}
+        for node in nodes:
+            if node.xattr_block:
+                self.refcounts[node.xattr_block] += 1
+
+    def write(self, dev: Device, geo: Geometry, filetype: bool, zeroed: bool, result: PackResult,
+              bar: Any) -> list[GroupUse]:
+        """Write everything into the freshly formatted ``dev``; what each group now holds."""
+        assert (geo.blocks, geo.ipg, filetype) == (self.geo.blocks, self.geo.ipg, True)
+        bs, isize = geo.bs, geo.isize
+        copier = _Copier(dev, zeroed)
+        freed: list[tuple[int, int]] = []
+        for blk, attrs in self.xattr_blocks:
+            block = bytearray(build_block(list(attrs), bs))
+            struct.pack_into("<I", block, 4, self.refcounts[blk])
+            dev.write_new(block, blk * bs)
+        last_ino = max(n.ino for n in self.nodes)
+        table = bytearray(last_ino * isize)
+        dirs = [0] * geo.groups
+        for node in self.nodes:
+            fmt = node.fmt
+            if fmt == st_.S_IFDIR:
+                dirs[(node.ino - 1) // geo.ipg] += 1
+                data = b"".join(node.blocks)
+                for lblk, pblk, k in node.runs:
+                    dev.write_new(data[lblk * bs:(lblk + k) * bs], pblk * bs)
+                size = len(data)
+            elif fmt == st_.S_IFREG:
+                size = copier.copy(node, bs, result)
+                bar.update(len(node.data) if node.data is not None else _data_bytes(node))
+                if size < 0:                           # changed or vanished: packed empty
+                    freed.extend((pblk, k) for _, pblk, k in node.runs)
+                    freed.extend((b, 1) for b in node.meta)
+                    node.runs, node.meta, node.nblocks, size = [], [], 0, 0
+            elif fmt == st_.S_IFLNK:
+                size = len(node.target)
+                if node.runs:
+                    dev.write_new(node.target.ljust(bs, b"\0"), node.runs[0][1] * bs)
+            else:
+                size = 0
+            i_block = self._block_map(dev, node, bs)
+            blocks = (node.nblocks + len(node.meta) + (1 if node.xattr_block else 0)) * (bs // 512)
+            s = node.st
+            mode = (s.st_mode & 0o7777) | fmt
+            links = node.links + (1 + sum(1 for _, c in node.children if c.fmt == st_.S_IFDIR)
+                                  if fmt == st_.S_IFDIR else 0)
+            at = (node.ino - 1) * isize
+            table[at:at + isize] = encode_inode(
+                isize, mode, s.st_uid, s.st_gid, size, links, blocks, i_block,
+                atime_ns=s.st_atime_ns, ctime_ns=s.st_ctime_ns, mtime_ns=s.st_mtime_ns,
+                crtime_ns=s.st_ctime_ns, file_acl=node.xattr_block)
+        per_group = geo.ipg * isize
+        for g in range(-(-last_ino // geo.ipg)):
+            dev.write_new(table[g * per_group:(g + 1) * per_group], geo.inode_table(g) * bs)
+        use = [GroupUse(self.used[g], min(geo.ipg, max(0, last_ino - g * geo.ipg)), dirs[g])
+               for g in range(geo.groups)]
+        for pblk, k in freed:
+            _free_run(geo, use, pblk, k)
+        return use
+
+    def _block_map(self, dev: Device, node: _Node, bs: int) -> bytes:
+        """``i_block`` for ``node``; its indirect blocks written."""
+        fmt = node.fmt
+        if fmt in (st_.S_IFCHR, st_.S_IFBLK):
+            r = node.st.st_rdev
+            return encode_rdev(os.major(r), os.minor(r))
+        if fmt == st_.S_IFLNK and not node.runs:
+            return node.target.ljust(60, b"\0")
+        if not node.runs:
+            return bytes(60)
+        last = max(lblk + k for lblk, _, k in node.runs)
+        if last <= 12 and len(node.runs) == 1 and node.runs[0][0] == 0:     # the usual small file
+            first = node.runs[0][1]
+            return _DIRECT.pack(*range(first, first + last), *([0] * (15 - last)))
+        pmap = array("I", bytes(4 * last))
+        for lblk, pblk, k in node.runs:
+            pmap[lblk:lblk + k] = array("I", range(pblk, pblk + k))
+        return _build_tree(dev, pmap, iter(node.meta), bs)
+
+
+def _build_tree(dev: Device, pmap: array, meta: Iterator[int], bs: int) -> bytes:
+    """The 15 ``i_block`` words for block map ``pmap`` (0 = hole), writing the indirect blocks
+    it needs from ``meta`` in the order :func:`_meta_count` counted them."""
+    p = bs // 4
+    words = list(pmap[:12]) + [0] * (12 - min(12, len(pmap))) + [0, 0, 0]
+
+    def level(first: int, depth: int) -> int:
+        """Block for the subtree of ``depth`` (1 = leaf) covering file blocks from ``first``."""
+        span = p ** depth
+        if not any(pmap[first:first + span]):
+            return 0
+        blk = next(meta)
+        if depth == 1:
+            ptrs = pmap[first:first + p]
+        else:
+            child = p ** (depth - 1)
+            ptrs = array("I", [level(first + i * child, depth - 1) for i in range(p)
+                               if first + i * child < len(pmap)])
+        dev.write_new(ptrs.tobytes().ljust(bs, b"\0"), blk * bs)
+        return blk
+
+    words[12] = level(12, 1)
+    words[13] = level(12 + p, 2)
+    words[14] = level(12 + p + p * p, 3)
+    return _DIRECT.pack(*words)
+
+
+def _free_run(geo: Geometry, use: list[GroupUse], pblk: int, k: int) -> None:
+    """Give back blocks laid out for a file that could not be copied (its group's bitmap
+    becomes explicit)."""
+    while k:
+        g = (pblk - geo.first_data_block) // geo.bpg
+        u = use[g]
+        base = geo.group_start(g)
+        if u.blocks_bitmap is None:
+            bits = bytearray(geo.bs)
+            used = geo.overhead(g) + u.blocks
+            bits[:used // 8] = b"\xff" * (used // 8)
+            if used % 8:
+                bits[used // 8] = (1 << (used % 8)) - 1
+            nb = geo.group_blocks(g)
+            for i in range(nb, geo.bs * 8):
+                bits[i >> 3] |= 1 << (i & 7)
+            u.blocks_bitmap = bits
+        n = min(k, base + geo.group_blocks(g) - pblk)
+        bits = u.blocks_bitmap
+        assert isinstance(bits, bytearray)
+        for i in range(pblk - base, pblk - base + n):
+            bits[i >> 3] &= ~(1 << (i & 7))
+        u.blocks -= n
+        pblk += n
+        k -= n
+
+
+class _Copier:
+    """Copies a file's data from its source into the image, by the cheapest path the device has."""
+
+    def __init__(self, dev: Device, zeroed: bool) -> None:
+        self.dev = dev
+        self.zeroed = zeroed
+        self.fd = dev.fileno() if isinstance(dev, MemoryDevice) and getattr(dev, "_pwrite_ok", False) else -1
+        self.kernel_copy = self.fd >= 0
+
+    def copy(self, node: _Node, bs: int, result: PackResult) -> int:
+        """The file's size, its data in place; -1 (reported) when it changed or vanished."""
+        if node.data is not None:
+            if node.runs:
+                self._write_runs(node, node.data, bs)
+            return len(node.data)
+        path = node.path
+        assert path is not None
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except OSError as err:
+            result.skipped.append((os.fsdecode(path), _vanished(err) + ": packed empty"))
+            return -1
+        try:
+            before = os.fstat(fd)
+            expect = node.st
+            if (before.st_ino, before.st_size, before.st_mtime_ns) != (expect.st_ino, expect.st_size,
+                                                                       expect.st_mtime_ns):
+                result.skipped.append((os.fsdecode(path), "changed while packing: packed empty"))
+                return -1
+            size = before.st_size
+            for lblk, pblk, k in node.runs:
+                start = lblk * bs
+                n = min(k * bs, size - start)
+                if n > 0 and self._copy_range(fd, start, n, pblk * bs) < n:
+                    result.skipped.append((os.fsdecode(path), "shrank while packing: packed empty"))
+                    return -1
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+                result.skipped.append((os.fsdecode(path), "changed while packing: packed empty"))
+                return -1
+            lblk, pblk, k = node.runs[-1] if node.runs else (0, 0, 0)
+            if not self.zeroed and size % bs and lblk + k == -(-size // bs):
+                tail = bs - size % bs                          # no old bytes past the end
+                self.dev.write(bytes(tail), (pblk + k) * bs - tail)
+            return size
+        except OSError as err:
+            result.skipped.append((os.fsdecode(path), f"cannot read: {err.strerror}: packed empty"))
+            return -1
+        finally:
+            os.close(fd)
+
+    def _copy_range(self, fd: int, src: int, n: int, dst: int) -> int:
+        """Copy ``n`` bytes at ``src`` of ``fd`` to image offset ``dst``; bytes copied."""
+        done = 0
+        if self.kernel_copy:
+            try:
+                while done < n:
+                    k = os.copy_file_range(fd, self.fd, n - done, src + done, dst + done)
+                    if k == 0:
+                        return done
+                    done += k
+                return done
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self.kernel_copy = False            # another filesystem: copy through memory
+        dev = self.dev
+        if isinstance(dev, MemoryDevice):
+            while done < n:                          # straight into the mapped image: one copy
+                k = os.preadv(fd, [dev.view(dst + done, n - done)], src + done)
+                if k == 0:
+                    break
+                done += k
+            return done
+        while done < n:
+            chunk = os.pread(fd, min(n - done, 8 << 20), src + done)
+            if not chunk:
+                break
+            dev.write(chunk, dst + done)
+            done += len(chunk)
+        return done
+
+    def _write_runs(self, node: _Node, data: bytes, bs: int) -> None:
+        for lblk, pblk, k in node.runs:
+            self.dev.write_new(data[lblk * bs:(lblk + k) * bs].ljust(k * bs, b"\0"), pblk * bs)
+
+
+# -- the target ------------------------------------------------------------------------------
+
+def _open_target(target: str | Device, size: int) -> tuple[Device, bool, bool]:
+    """``(device, known all zeros, ours to close)`` for the image, created at ``size`` bytes."""
+    from .device.detect import looks_like_shm_name, open_device
+
+    if isinstance(target, Device):
+        return target, False, False
+    if looks_like_shm_name(target, bare=False) and not os.path.exists(target):
+        return MemoryDevice.from_shm(target, create_size=size), True, True
+    zeroed = False
+    if not os.path.exists(target) or os.path.isfile(target):
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        zeroed = True
+    return open_device(target, readonly=False), zeroed, True

@@ -8,6 +8,7 @@ of an indirect block are computed once and cached, so a large read is a handful 
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import stat as _stat
@@ -284,6 +285,8 @@ class Inode:
 
 
 _I_BLOCK = struct.Struct("<15I").unpack
+#: Ranges longer than this many indirect blocks' worth are served from the whole file's runs.
+_WHOLE_FILE_RUNS_FROM = 4
 
 
 class BlockMap:
@@ -295,7 +298,7 @@ class BlockMap:
     """
 
     __slots__ = ("inode", "volume", "bs", "apb", "nblocks", "direct", "roots", "_runs", "_ptrs",
-                 "whole", "_last")
+                 "whole", "_last", "_all", "_all_starts")
 
     def __init__(self, inode: Inode) -> None:
         vol = inode.volume
@@ -310,6 +313,9 @@ class BlockMap:
         self.roots = list(words[L.N_DIRECT:])
         self._runs: dict[tuple[int, int], list[Run]] = {}   # (indirect block, entries) -> runs
         self._ptrs: dict[int, array] = {}       # (double/triple) indirect block -> its entries
+        #: Runs of the whole file, once a large range was asked for; dropped on any change.
+        self._all: list[Run] | None = None
+        self._all_starts: list[int] = []
         self._last = (-1, 0)                    # (file block, device block) last allocated
         #: Device block of the whole file when it is one contiguous run (the common case), else 0.
         self.whole = self._whole_run()
@@ -341,6 +347,29 @@ class BlockMap:
             return out
         if self.whole:
             return [(first, last - first, self.whole + first)]
+        if last - first > _WHOLE_FILE_RUNS_FROM * self.apb:
+            return self._from_all(first, last)
+        return self._walk_range(first, last)
+
+    def _from_all(self, first: int, last: int) -> list[Run]:
+        """Runs of ``[first, last)`` cut from the cached runs of the whole file (made once, so
+        mapping or reading a large file costs its number of runs, not its number of blocks)."""
+        runs = self._all
+        if runs is None:
+            runs = self._all = self._walk_range(0, self.nblocks)
+            self._all_starts = [r[0] for r in runs]
+        i = bisect.bisect_right(self._all_starts, first) - 1
+        out: list[Run] = []
+        for lblk, count, pblk in runs[i:]:
+            if lblk >= last:
+                break
+            lo, hi = max(lblk, first), min(lblk + count, last)
+            out.append((lo, hi - lo, pblk + (lo - lblk) if pblk else 0))
+        return out
+
+    def _walk_range(self, first: int, last: int) -> list[Run]:
+        """Runs of ``[first, last)`` (within EOF) from the block map, leaf by leaf."""
+        out: list[Run] = []
         end = self.nblocks
         apb = self.apb
         if first < L.N_DIRECT:
@@ -418,6 +447,7 @@ class BlockMap:
         node.blocks -= sum(n for _, n in freed) * (self.bs // 512)
         self._runs.clear()
         self._ptrs.clear()
+        self._all = None
         return freed
 
     def resize(self, nblocks: int) -> None:
@@ -425,6 +455,7 @@ class BlockMap:
         if nblocks != self.nblocks:
             self.nblocks = nblocks
             self.whole = self._whole_run()
+            self._all = None
 
     # -- internals: reading -----------------------------------------------------------------
     def _whole_run(self) -> int:
@@ -571,6 +602,7 @@ class BlockMap:
                 self._last = (lblk + k - 1, pblk + k - 1)
             self.whole = 0
             self._runs.clear()
+            self._all = None
         return k
 
     def _leaf_slot(self, lblk: int, near: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from bench_fsspec import BENCHMARKS as FSSPEC_BENCHMARKS  # noqa: E402
 from bench_map import BENCHMARKS as MAP_BENCHMARKS  # noqa: E402
 from bench_pack import BENCHMARKS as PACK_BENCHMARKS  # noqa: E402
 from bench_read import BENCHMARKS as READ_BENCHMARKS  # noqa: E402
@@ -35,7 +36,7 @@ import xipfs  # noqa: E402
 
 SCRATCH_PARENT = "/dev/shm"
 BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MAP_BENCHMARKS,
-              **PACK_BENCHMARKS}
+              **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -298,6 +298,21 @@ def test_source_lost_found_and_image_inside_tree(work):
         assert "self.img" not in fs.listdir("/")
 
 
+def test_exclude_patterns(work):
+    """Patterns match names anywhere, or paths from the top; excluded directories are not entered."""
+    src = os.path.join(work, "src")
+    for rel in ("a/site-packages/x.py", "a/keep.py", "a/keep.o", "build/tmp/junk", "build/out", "top.o"):
+        os.makedirs(os.path.dirname(os.path.join(src, rel)), exist_ok=True)
+        with open(os.path.join(src, rel), "w") as f:
+            f.write(rel)
+    img = os.path.join(work, "e.img")
+    xipfs.pack(src, img, exclude=["site-packages", "*.o", "build/tmp"])
+    assert_fsck_clean(img)
+    with xipfs.open(img) as fs:
+        found = sorted(top.rstrip("/") + "/" + n for top, _, files in fs.walk("/") for n in files)
+    assert found == ["/a/keep.py", "/build/out"]
+
+
 def test_bad_sources(work):
     with pytest.raises(FileNotFoundError):
         xipfs.pack(os.path.join(work, "missing"), os.path.join(work, "x.img"))

@@ -12,9 +12,10 @@ page cache in between. Anything else is read through a bounded page cache, the c
 
 from .device import Device, FileDevice, MemoryDevice, PageCache, open_device
 from .errors import CorruptImageError, UnsupportedFeatureError, XipfsError
+from .ext2.check import Problem
 from .ext2.mkfs import mkfs
 from .file import XipFile
-from .fs import DirEntry, Filesystem, open  # noqa: A004 - xipfs.open is the entry point, like io.open
+from .fs import DirEntry, Filesystem, check, open  # noqa: A004 - xipfs.open is the entry point, like io.open
 from .mapping import Mapping, map_budget, set_map_budget
 from .pack import PackResult, pack
 
@@ -30,9 +31,11 @@ __all__ = [
     "MemoryDevice",
     "PackResult",
     "PageCache",
+    "Problem",
     "UnsupportedFeatureError",
     "XipFile",
     "XipfsError",
+    "check",
     "map_budget",
     "mkfs",
     "open",

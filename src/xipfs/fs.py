@@ -22,11 +22,13 @@ from .errors import CorruptImageError, XipfsError, fs_error
 from .ext2 import data as _data
 from .ext2 import layout as L
 from .ext2 import namei
+from .ext2.check import Problem
 from .ext2.inode import Inode, Run
 from .ext2.volume import Volume
 from .ext2.xattr import write_xattrs as xattr_write
 from .file import XipFile
 from .mapping import PAGE, Mapping, detach, map_file
+from .progress import ProgressArg
 
 PathArg = str | bytes | os.PathLike
 
@@ -717,6 +719,14 @@ class Filesystem:
             return []
         return node.map.runs(0, node.map.nblocks)
 
+    # -- consistency ------------------------------------------------------------------------
+    def check(self, progress: ProgressArg = None) -> list[Problem]:
+        """What ``e2fsck -fn`` would find wrong with this image, as :class:`~xipfs.Problem` data
+        (an empty list: clean). Read-only; a writable filesystem is synced first."""
+        from .ext2.check import check_volume
+
+        return check_volume(self.volume, progress)
+
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
         """Write everything back, mark the image clean, release it.
@@ -848,6 +858,26 @@ def open(image: PathArg | Device, mode: str = "r", *, xip: bool | None = None,  
     owns = not isinstance(image, Device)
     device = open_device(image, readonly=not rw, xip=xip, cache_bytes=cache_bytes)
     return Filesystem(device, "r+" if rw else "r", owns_device=owns, lock=lock)
+
+
+def check(image: PathArg | Device, *, progress: ProgressArg = None) -> list[Problem]:
+    """Check the ext2 image ``image`` read-only, as ``e2fsck -fn`` does; the problems found.
+
+    Works on images too damaged to open (their group descriptors, say); only a superblock that
+    describes no filesystem raises :class:`~xipfs.CorruptImageError`. Takes the reader's lock,
+    so a writer in another process is not caught half-way (``OSError(EBUSY)`` then).
+    """
+    from .ext2.check import check_device
+
+    owns = not isinstance(image, Device)
+    device = open_device(image, readonly=True)
+    try:
+        if owns:
+            device.lock(exclusive=False)
+        return check_device(device, progress)
+    finally:
+        if owns:
+            device.close()
 
 
 def _current_umask() -> int:

@@ -12,13 +12,14 @@ files. A file that changes or vanishes while it is copied is packed empty and re
 from __future__ import annotations
 
 import errno
+import fnmatch
 import importlib.util
 import os
 import stat as st_
 import struct
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +102,8 @@ class _Stat:
 def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device, *,
          size: int | None = None, block_size: int = 4096, inode_size: int = 256,
          extra: float | int = 0.1, label: str | None = None, uuid: str | None = None,
-         progress: ProgressArg = None, compile: bool = False) -> PackResult:  # noqa: A002 - as compileall
+         exclude: Iterable[str] = (), progress: ProgressArg = None,
+         compile: bool = False) -> PackResult:  # noqa: A002 - as compileall
     """Build an ext2 image of the tree at ``src_dir`` in ``image`` (created or overwritten).
 
     ``image`` is a path, a POSIX shared-memory name or an open device. ``size=None`` makes the
@@ -112,13 +114,15 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
 
     Kept: regular files (sparse ones stay sparse), directories, symlinks, hard links (as
     links), FIFOs, sockets and device nodes, modes, owners, nanosecond times and xattrs.
-    ``compile=True`` adds a valid ``__pycache__/*.pyc`` beside every ``.py`` file, as
-    ``compileall`` would, so that imports from the image need not compile.
+    ``exclude`` lists glob patterns (``fnmatch``) of entries to leave out: a pattern matches
+    an entry's name, or its path from the top of the tree (``"site-packages"``, ``"*.o"``,
+    ``"build/tmp"``). ``compile=True`` adds a valid ``__pycache__/*.pyc`` beside every ``.py``
+    file, as ``compileall`` would, so that imports from the image need not compile.
     """
     src = os.fsencode(os.fspath(src_dir))
     target = image if isinstance(image, Device) else os.fsdecode(os.fspath(image))
     result = PackResult(image=target.name if isinstance(target, Device) else target)
-    root = _scan(src, result, _image_identity(target))
+    root = _scan(src, result, _image_identity(target), _excluder(exclude))
     if compile:
         _add_bytecode(root, result)
     nodes = _number(root, result)
@@ -153,7 +157,16 @@ def _image_identity(target: str | Device) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _scan(src: bytes, result: PackResult, image_id: tuple[int, int] | None) -> _Node:
+def _excluder(patterns: Iterable[str]) -> Callable[[bytes, bytes], bool] | None:
+    """``excluded(name, path from the top)`` for ``patterns``, or None when there are none."""
+    pats = [os.fsencode(p).strip(b"/") for p in ([patterns] if isinstance(patterns, str) else patterns)]
+    if not pats:
+        return None
+    return lambda name, rel: any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in pats)
+
+
+def _scan(src: bytes, result: PackResult, image_id: tuple[int, int] | None,
+          excluded: Callable[[bytes, bytes], bool] | None) -> _Node:
     """The tree under ``src`` as nodes (directories' children sorted by name)."""
     try:
         st = os.stat(src)
@@ -177,6 +190,8 @@ def _scan(src: bytes, result: PackResult, image_id: tuple[int, int] | None) -> _
         for e in entries:
             path = e.path
             name = e.name
+            if excluded is not None and excluded(name, path[len(src):].strip(b"/")):
+                continue
             try:
                 est = e.stat(follow_symlinks=False)
             except OSError as err:

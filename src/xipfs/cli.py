@@ -435,12 +435,17 @@ def _size_arg(text: str, what: str) -> int:
         raise CliError(text, f"invalid {what}: {err}", status=2) from None
 
 
-def _extra_arg(text: str) -> float:
-    """``--extra``: a fraction (``0.1``) or a percentage (``10%``)."""
+def _extra_arg(text: str) -> float | int:
+    """``--extra``: a fraction (``0.1``), a percentage (``10%``), or bytes with a suffix (``64M``)."""
     try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        if text.endswith("%"):
+            value: float | int = float(text[:-1]) / 100
+        elif text[-1:].isalpha():
+            value = F.parse_size(text)
+        else:
+            value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid fraction {text!r} (e.g. 0.1 or 10%)") from None
+        raise argparse.ArgumentTypeError(f"invalid room {text!r} (e.g. 0.1, 10% or 64M)") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
     return value
@@ -457,20 +462,25 @@ def cmd_pack(ctx: Context, args: argparse.Namespace) -> None:
     with about(Spec(image, None, image)):
         try:
             result = pack(args.src, image, size=size, block_size=args.block_size, inode_size=args.inode_size,
-                          extra=args.extra, label=args.label, progress=ctx.progress, compile=args.compile)
+                          extra=args.extra, label=args.label, uuid=args.uuid, progress=ctx.progress,
+                          compile=args.compile)
         except ValueError as err:
             raise CliError(image, str(err)) from err
-    for path, why in getattr(result, "skipped", []):
+    for path, why in result.skipped:
         ctx.report(CliError(os.fsdecode(path), f"not packed: {why}"))
     if not ctx.quiet:
-        parts = [F.plural(result.files, "file", "files"), F.plural(result.dirs, "directory", "directories"),
-                 F.plural(result.symlinks, "symlink", "symlinks")]
-        if result.hardlinks:
-            parts.append(F.plural(result.hardlinks, "hard link", "hard links"))
-        if result.others:
-            parts.append(F.plural(result.others, "other", "others"))
-        emit(f"packed {args.src} into {image}: {', '.join(parts)}, {F.human_size(result.bytes)} of data, "
-             f"image {F.human_size(result.size)}")
+        emit(f"packed {args.src} into {image}: {_counts(result)}, image {F.human_size(result.size)}")
+
+
+def _counts(result: Any) -> str:
+    """``"12 files, 3 directories, 1 symlink, 40K of data"`` from a pack or unpack result."""
+    parts = [F.plural(result.files, "file", "files"), F.plural(result.dirs, "directory", "directories"),
+             F.plural(result.symlinks, "symlink", "symlinks")]
+    if result.hardlinks:
+        parts.append(F.plural(result.hardlinks, "hard link", "hard links"))
+    if result.others:
+        parts.append(F.plural(result.others, "other", "others"))
+    return ", ".join(parts) + f", {F.human_size(result.bytes)} of data"
 
 
 def cmd_unpack(ctx: Context, args: argparse.Namespace) -> None:
@@ -479,18 +489,10 @@ def cmd_unpack(ctx: Context, args: argparse.Namespace) -> None:
     ctx.fs(spec.image)                          # the one-line errors for a missing or bad image
     with about(spec, local=(args.dest, os.path.abspath(args.dest))):
         result = unpack(spec.image, args.dest, spec.path, progress=ctx.progress)
-    for path, why in getattr(result, "skipped", None) or []:
-        ctx.report(CliError(os.fsdecode(path), f"not unpacked: {why}"))
+    for path, why in result.skipped:
+        ctx.report(CliError(f"{spec.image}:{os.fsdecode(path)}", f"not unpacked: {why}"))
     if not ctx.quiet:
-        counts = []
-        if dataclasses.is_dataclass(result):
-            for fld in dataclasses.fields(result):
-                value = getattr(result, fld.name)
-                if isinstance(value, int) and not isinstance(value, bool) and fld.name != "bytes":
-                    counts.append(f"{value} {fld.name}")
-            if isinstance(getattr(result, "bytes", None), int):
-                counts.append(f"{F.human_size(result.bytes)} of data")
-        emit(f"unpacked {spec.text} into {args.dest}" + (": " + ", ".join(counts) if counts else ""))
+        emit(f"unpacked {spec.text} into {args.dest}: {_counts(result)}")
 
 
 # -- info / df / check --------------------------------------------------------------------------
@@ -657,6 +659,10 @@ def _target(tree: Tree, path: str, st: os.stat_result) -> str | None:
         return "?"
 
 
+#: One line of ``ls``: (shown name, path, lstat or None when not needed, the side it is on).
+Item = tuple[str, str, "os.stat_result | None", Tree]
+
+
 class Lister:
     """``ls``: collects what to print, in the order GNU ls prints it."""
 
@@ -669,51 +675,51 @@ class Lister:
         self.wide = _stdout_is_terminal() and not args.long
         self.needs_stat = args.long or args.json or args.recursive
 
-    def entries(self, tree: Tree, path: str) -> list[tuple[str, str, os.stat_result | None]]:
-        """``(name, path, lstat or None)`` of a directory's entries, sorted, hidden ones as -a says."""
+    def entries(self, tree: Tree, path: str) -> list[Item]:
+        """The entries of directory ``path``, sorted, hidden ones as -a says."""
         names = [n for n in tree.listdir(path) if self.args.all or not n.startswith(".")]
-        out: list[tuple[str, str, os.stat_result | None]] = []
+        out: list[Item] = []
         if self.args.all:
-            out.append((".", path, tree.stat(path) if self.needs_stat else None))
+            out.append((".", path, tree.stat(path) if self.needs_stat else None, tree))
             parent = posixpath.dirname(path.rstrip("/")) or "/"
-            out.append(("..", parent, tree.stat(parent) if self.needs_stat else None))
+            out.append(("..", parent, tree.stat(parent) if self.needs_stat else None, tree))
         for name in names:
             full = tree.join(path, name)
             st = None
             if self.needs_stat:
-                st = self.ctx_lstat(tree, full)
+                st = self._lstat_or_report(tree, full)
                 if st is None:
                     continue
-            out.append((name, full, st))
+            out.append((name, full, st, tree))
         return out
 
-    def ctx_lstat(self, tree: Tree, path: str) -> os.stat_result | None:
+    def _lstat_or_report(self, tree: Tree, path: str) -> os.stat_result | None:
         st = None
         with self.ctx.each():
             st = tree.lstat(path)
         return st
 
-    def show(self, tree: Tree, items: list[tuple[str, str, os.stat_result | None]], directory: bool) -> None:
-        """Print one group of names (a directory's entries, or the file operands)."""
+    def show(self, items: list[Item], directory: bool) -> None:
+        """Print one group of names (a directory's entries, or the operands that are not listed)."""
         if self.args.json:
-            self.records += [F.entry_dict(full, st, _target(tree, full, st)) for name, full, st in items
+            self.records += [F.entry_dict(full, st, _target(tree, full, st)) for name, full, st, tree in items
                              if name not in (".", "..") and st is not None]
             return
         if self.args.long:
             if directory:
-                total = sum(st.st_blocks for _, _, st in items if st is not None) // 2
+                total = sum(st.st_blocks for _, _, st, _ in items if st is not None) // 2
                 emit(f"total {F.human_size(total * 1024) if self.args.human else total}")
             rows = []
-            for name, full, st in items:
+            for name, full, st, tree in items:
                 target = _target(tree, full, st)
                 rows.append((st, name + (f" -> {target}" if target is not None else "")))
             for line in F.ls_long_lines(rows, self.args.human, self.now):
                 emit(line)
         elif self.wide:
-            for line in F.columns([name for name, _, _ in items], shutil.get_terminal_size().columns):
+            for line in F.columns([name for name, _, _, _ in items], shutil.get_terminal_size().columns):
                 emit(line)
         else:
-            for name, _, _ in items:
+            for name, _, _, _ in items:
                 emit(name)
 
     def directory(self, tree: Tree, path: str, header: bool) -> None:
@@ -724,9 +730,9 @@ class Lister:
                 emit(f"{path}:")
         self.sections += 1
         items = self.entries(tree, path)
-        self.show(tree, items, True)
+        self.show(items, True)
         if self.args.recursive:
-            for name, full, st in items:
+            for name, full, st, _ in items:
                 if name not in (".", "..") and st is not None and stat.S_ISDIR(st.st_mode):
                     with self.ctx.each():
                         self.directory(tree, full, True)
@@ -734,7 +740,7 @@ class Lister:
 
 def cmd_ls(ctx: Context, args: argparse.Namespace) -> None:
     lister = Lister(ctx, args)
-    files: list[tuple[Tree, str, os.stat_result]] = []
+    files: list[Item] = []
     dirs: list[tuple[Tree, str]] = []
     for arg in args.paths:
         with ctx.each():
@@ -746,10 +752,9 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> None:
             if stat.S_ISDIR(st.st_mode) and not args.directory:
                 dirs.append((tree, spec.path))
             else:
-                files.append((tree, spec.path, st))
-    for tree, path, st in files:       # operands that are not listed as directories, first
-        lister.show(tree, [(path, path, st)], False)
-    if files:
+                files.append((spec.path, spec.path, st, tree))
+    if files:                          # operands that are not listed as directories come first
+        lister.show(files, False)
         lister.sections += 1
     header = len(files) + len(dirs) > 1 or args.recursive
     for tree, path in dirs:
@@ -882,10 +887,10 @@ class Copier:
             self._finish(dst, dp, st, False, follow=False)
         elif stat.S_ISREG(st.st_mode):
             self._copy_file(src, sp, st, dst, dp)
-        else:
+        else:                                       # FIFO, socket, device node: made anew
             self._replace(dst, dp, st, src.show(sp))
-            dst.mknod(dp, stat.S_IFMT(st.st_mode) | (stat.S_IMODE(st.st_mode) & ~self.umask), st.st_rdev)
-            self._finish(dst, dp, st, False, follow=False)
+            dst.mknod(dp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)
+            self._finish(dst, dp, st, True)
 
     def _replace(self, dst: Tree, dp: str, st: os.stat_result, shown: str) -> None:
         """Make room at ``dp`` for a symlink or device node (an existing directory stays)."""
@@ -927,6 +932,13 @@ class Copier:
                 if src.same(dst) and dst_st.st_ino == st.st_ino:
                     raise CliError(src.show(sp), f"{src.show(sp)!r} and {dst.show(dp)!r} are the same file")
                 new = False
+        if not dst.local and st.st_size <= CHUNK:        # small into an image: one lean write
+            with src.open_read(sp) as fin:
+                data = src.call(sp, fin.read)
+            dst.call(dp, dst.fs.write_bytes, dp, data)
+            self.bar.update(len(data))
+            self._finish(dst, dp, st, new)
+            return
         with src.open_read(sp) as fin, dst.open_write(dp) as fout:
             buf = memoryview(bytearray(min(CHUNK, max(st.st_size, 1))))
             while True:
@@ -999,7 +1011,7 @@ def _target_path(spec: Spec, dest: Spec, dest_is_dir: bool) -> str:
 
 
 def cmd_cp(ctx: Context, args: argparse.Namespace) -> None:
-    sources, dest, dst_tree, dest_is_dir = _sources_and_target(ctx, args.paths, False)
+    sources, dest, dst_tree, dest_is_dir = _sources_and_target(ctx, [*args.sources, args.dest], False)
     from .progress import progress_bar
 
     total = sum(_bytes_to_copy(t, s.path, args.recursive) for s, t in sources)
@@ -1011,7 +1023,7 @@ def cmd_cp(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_mv(ctx: Context, args: argparse.Namespace) -> None:
-    sources, dest, dst_tree, dest_is_dir = _sources_and_target(ctx, args.paths, True)
+    sources, dest, dst_tree, dest_is_dir = _sources_and_target(ctx, [*args.sources, args.dest], True)
     from .progress import progress_bar
 
     for spec, tree in sources:
@@ -1031,6 +1043,7 @@ def cmd_mv(ctx: Context, args: argparse.Namespace) -> None:
 
 # -- mkdir / rm / ln / chmod / chown / touch ----------------------------------------------------
 def cmd_mkdir(ctx: Context, args: argparse.Namespace) -> None:
+    mode = _mode_arg(args.mode, 0o40777) if args.mode is not None else None   # as chmod, from a=rwx
     for arg in args.paths:
         with ctx.each():
             spec = image_spec(arg)
@@ -1039,8 +1052,8 @@ def cmd_mkdir(ctx: Context, args: argparse.Namespace) -> None:
                 tree.makedirs(spec.path)
             else:
                 tree.mkdir(spec.path)
-            if args.mode is not None:
-                tree.chmod(spec.path, _mode_arg(args.mode, 0o40777))
+            if mode is not None:
+                tree.chmod(spec.path, mode)
 
 
 def _mode_arg(text: str, mode: int) -> int:
@@ -1106,12 +1119,13 @@ def _walk_for_change(ctx: Context, tree: Tree, path: str, recursive: bool) -> It
     if recursive and stat.S_ISDIR(tree.stat(path).st_mode):
         for name in tree.listdir(path):
             full = tree.join(path, name)
+            st = None
             with ctx.each():
                 st = tree.lstat(full)
-                if stat.S_ISDIR(st.st_mode):
-                    yield from _walk_for_change(ctx, tree, full, True)
-                else:
-                    yield full
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                yield from _walk_for_change(ctx, tree, full, True)
+            elif st is not None:
+                yield full
 
 
 def cmd_chmod(ctx: Context, args: argparse.Namespace) -> None:
@@ -1164,8 +1178,9 @@ def cmd_touch(ctx: Context, args: argparse.Namespace) -> None:
                     continue
                 tree.open_write(spec.path, "ab").close()
             st = tree.stat(spec.path)
-            atime = st.st_atime_ns if args.mtime_only else when
-            mtime = st.st_mtime_ns if args.atime_only else when
+            both = args.atime_only == args.mtime_only           # neither or both of -a, -m
+            atime = when if both or args.atime_only else st.st_atime_ns
+            mtime = when if both or args.mtime_only else st.st_mtime_ns
             tree.utime(spec.path, (atime, mtime))
 
 
@@ -1175,28 +1190,56 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> None:
     spec = image_spec(args.image, "/")
     fs = ctx.fs(spec.image)
     with about(spec):
-        if not fs.isdir(spec.path):
+        if not stat.S_ISDIR(fs.stat(spec.path).st_mode):
             raise CliError(spec.text, os.strerror(errno.ENOTDIR), code=errno.ENOTDIR)
     ctx.close_all()                                  # the importer opens the image itself
-    entry = spec.image if spec.path == "/" else spec.image.rstrip("/") + "/" + spec.path.strip("/")
+    entry = spec.image if spec.path == "/" else f"{spec.image}:{spec.path}"
     try:
         run_module(entry, args.module, list(args.args))
     except SystemExit as exc:
         ctx.status = _exit_code(exc.code)
-    except ModuleNotFoundError as err:
-        wanted = args.module.split(".")
-        if err.name and err.name in {".".join(wanted[:i]) for i in range(1, len(wanted) + 1)}:
-            raise CliError(spec.text, f"no module named {args.module!r}") from err
-        _program_error(ctx)
-    except Exception:                          # the program's own error: its traceback, as python -m shows
-        _program_error(ctx)
+    except ImportError as err:
+        if not _module_not_found(err, args.module):
+            _program_error(ctx, err)
+            return
+        raise CliError(spec.text, str(err)) from err
+    except Exception as err:                   # the program's own error: its traceback, as python -m shows
+        _program_error(ctx, err)
 
 
-def _program_error(ctx: Context) -> None:
+def _module_not_found(err: ImportError, module: str) -> bool:
+    """True when MODULE itself could not be found or run (python -m says so in one line too).
+
+    Such errors come from runpy (the innermost frame is runpy's), or name MODULE or a parent.
+    """
+    wanted = module.split(".")
+    parents = {".".join(wanted[:i]) for i in range(1, len(wanted) + 1)}
+    if isinstance(err, ModuleNotFoundError) and err.name in parents:
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename in ("<frozen runpy>", _runpy_file())
+
+
+def _runpy_file() -> str:
+    import runpy
+
+    return runpy.__file__ or ""
+
+
+def _program_error(ctx: Context, err: BaseException) -> None:
+    """Print the traceback of the program run, from its own frames on (as python -m does)."""
     import traceback
 
+    from . import importer
+
+    ours = {__file__, importer.__file__, _runpy_file(), "<frozen runpy>"}
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in ours:
+        tb = tb.tb_next
     _flush_stdout()
-    traceback.print_exc()
+    traceback.print_exception(type(err), err, tb if not ctx.debug else err.__traceback__)
     ctx.status = 1
 
 
@@ -1206,7 +1249,7 @@ def cmd_mount(ctx: Context, args: argparse.Namespace) -> None:
     readonly = "ro" in opts
     rest = [o for o in opts if o not in ("ro", "rw")]
     spec = image_spec(args.image, "/")
-    ctx.fs(spec.image, writable=not readonly)       # one-line errors: missing, corrupt, locked
+    ctx.fs(spec.image)                              # one-line errors for a missing or corrupt image
     ctx.close_all()
     if not os.path.isdir(args.mountpoint):
         code = errno.ENOTDIR if os.path.exists(args.mountpoint) else errno.ENOENT
@@ -1239,6 +1282,23 @@ ENTRY_KEYS_HELP = ("JSON: a list of entries with the keys " + ", ".join(F.ENTRY_
                    "and *_ns integers; rdev [major, minor] or null; target null unless a symlink).")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out = []
+        for para in text.split("\n\n"):
+            lines = para.splitlines()
+            if any(line.startswith(" ") or line.endswith(":") for line in lines):
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(lines), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+        return "\n\n".join(out)
+
+
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -1252,7 +1312,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``xipfs`` command, with every subcommand."""
     common = _common()
     parser = argparse.ArgumentParser(
-        prog="xipfs", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="xipfs", parents=[common], formatter_class=HelpFormatter,
         description="Make, pack, inspect and change ext2 images; run and mount them in place.",
         epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"xipfs {__version__}")
@@ -1261,7 +1321,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Callable[[Context, argparse.Namespace], None], summary: str, description: str,
             epilog: str | None = None, add_help: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=description, epilog=epilog, parents=[common],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+                           formatter_class=HelpFormatter, add_help=add_help)
         p.set_defaults(func=func)
         return p
 
@@ -1283,8 +1343,8 @@ def _add_make(add: Callable[..., argparse.ArgumentParser]) -> None:
             "SIZE is bytes, or with a K, M, G, T suffix (powers of 1024). Without SIZE an existing "
             "file keeps its size.\n\nexamples:\n  xipfs mkfs /dev/shm/data.img 1G\n"
             "  xipfs mkfs -b 1024 -I 128 -L small -O ^dir_index small.img 8M")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("size", metavar="SIZE", nargs="?")
+    p.add_argument("image", metavar="IMAGE", help="a file, a block device or a shared-memory name")
+    p.add_argument("size", metavar="SIZE", nargs="?", help="bytes, or with a K, M, G, T suffix")
     p.add_argument("-b", dest="block_size", type=int, default=4096, metavar="BLOCK_SIZE",
                    help="block size in bytes (1024, 2048, 4096, ...; default 4096)")
     p.add_argument("-I", dest="inode_size", type=int, default=256, metavar="INODE_SIZE",
@@ -1304,23 +1364,25 @@ def _add_make(add: Callable[..., argparse.ArgumentParser]) -> None:
             "Files that change or vanish while packing are reported and the exit status is 1 "
             "(as tar does).\n\nexamples:\n  xipfs pack ./site /dev/shm/site.img\n"
             "  xipfs pack --size 1G --label app --compile ./venv/lib /dev/shm/app.img")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("src", metavar="SRC", help="the directory tree to pack")
+    p.add_argument("image", metavar="IMAGE", help="the image to make (a file or a shared-memory name)")
     p.add_argument("--size", default=None,
                    help="image size (K/M/G suffixes); default: what SRC needs + --extra")
     p.add_argument("--block-size", type=int, default=4096, help="block size in bytes (default 4096)")
     p.add_argument("--inode-size", type=int, default=256, help="inode size in bytes (default 256)")
     p.add_argument("--extra", type=_extra_arg, default=0.1,
-                   help="free room to leave when the size is computed: 0.1 or 10%% (default 0.1)")
+                   help="free room when the size is computed: a fraction of what SRC needs (0.1, "
+                        "10%%) or bytes (64M); default 0.1")
     p.add_argument("--label", default=None, help="volume label")
+    p.add_argument("--uuid", default=None, help="filesystem UUID (default: random)")
     p.add_argument("--compile", action="store_true", help="add a .pyc for every .py (as py_compile would)")
 
     p = add("unpack", cmd_unpack, "extract an image (or a directory of it) into a local directory",
             "Extract IMAGE[:PATH] into DEST. Nothing is written outside DEST; ownership is kept "
             "only when run as root; hard links stay links.",
             "example:\n  xipfs unpack /dev/shm/site.img:/static ./static")
-    p.add_argument("image", metavar="IMAGE[:PATH]")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("image", metavar="IMAGE[:PATH]", help="the image, or a directory or file in it")
+    p.add_argument("dest", metavar="DEST", help="the local directory to extract into (made if missing)")
 
 
 def _add_inspect(add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -1332,14 +1394,14 @@ def _add_inspect(add: Callable[..., argparse.ArgumentParser]) -> None:
             "inodes_per_group, inode_blocks_per_group, groups, created, mounted, written, "
             "checked (epoch seconds or null), mount_count, max_mount_count, writable, "
             "readonly_reason.")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE", help="the image to show")
     p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = add("ls", cmd_ls, "list directory contents (like ls)",
             "List the entries of directories inside images (names sorted; dotfiles with -a).",
             ENTRY_KEYS_HELP + "\n\nexamples:\n  xipfs ls -l /dev/shm/site.img:/static\n"
             "  xipfs ls -laR --json site.img | jq '.[].path'", add_help=False)
-    p.add_argument("paths", metavar="IMAGE[:PATH]", nargs="+")
+    p.add_argument("paths", metavar="IMAGE[:PATH]", nargs="+", help="what to list (default PATH: /)")
     p.add_argument("-l", dest="long", action="store_true",
                    help="long listing: mode, links, owner, size, time")
     p.add_argument("-a", "--all", action="store_true", help="show entries starting with '.', and . and ..")
@@ -1352,12 +1414,12 @@ def _add_inspect(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("cat", cmd_cat, "write files to standard output",
             "Write the contents of files inside images to standard output, byte for byte.",
             "example:\n  xipfs cat /dev/shm/site.img:/index.html | head")
-    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
 
     p = add("stat", cmd_stat, "show a file's inode (like stat)",
             "Show what the inode of each path says, as stat(1) prints it (a symlink itself unless -L).",
             ENTRY_KEYS_HELP + " Each entry also has 'image'.")
-    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
     p.add_argument("-L", "--dereference", action="store_true", help="follow symlinks")
     p.add_argument("--json", action="store_true", help="one JSON list of entries")
 
@@ -1365,7 +1427,7 @@ def _add_inspect(add: Callable[..., argparse.ArgumentParser]) -> None:
             "Show each image's size, used and available space (or inodes with -i).",
             "JSON: a list with the keys image, label, block_size, size, used, available (bytes), "
             "use_percent, inodes, inodes_used, inodes_free, inodes_use_percent.")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="images to show")
     p.add_argument("-i", "--inodes", action="store_true", help="inodes instead of blocks")
     p.add_argument("-k", dest="human", action="store_false", default=True,
                    help="1K blocks instead of 4.0K, 13M")
@@ -1373,7 +1435,7 @@ def _add_inspect(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     p = add("tree", cmd_tree, "show a directory tree (like tree)",
             "Show the tree below a directory inside an image, with the count line at the end.")
-    p.add_argument("path", metavar="IMAGE[:PATH]")
+    p.add_argument("path", metavar="IMAGE[:PATH]", help="the directory to show (default PATH: /)")
     p.add_argument("-a", "--all", action="store_true", help="show entries starting with '.'")
     p.add_argument("-d", dest="dirs_only", action="store_true", help="directories only")
     p.add_argument("-L", dest="level", type=int, default=None, metavar="LEVEL", help="descend LEVEL levels")
@@ -1383,7 +1445,7 @@ def _add_inspect(add: Callable[..., argparse.ArgumentParser]) -> None:
             "bitmaps, free counts, link counts, directories, blocks claimed twice, sizes. Exit "
             "status 0 when clean, 1 when problems were found.",
             "JSON keys: image, clean, count, problems (each: code, message, ino, block, path).")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE", help="the image to check (opened read-only)")
     p.add_argument("--json", action="store_true", help="one JSON object")
 
 
@@ -1393,23 +1455,25 @@ def _add_change(add: Callable[..., argparse.ArgumentParser]) -> None:
             "local path (image to image works too, the same image or another).",
             "examples:\n  xipfs cp notes.txt data.img:/docs/\n  xipfs cp -rp data.img:/docs ./docs-copy\n"
             "  xipfs cp -r a.img:/lib b.img:/lib")
-    p.add_argument("paths", metavar="SRC... DEST", nargs="+")
+    p.add_argument("sources", metavar="SRC", nargs="+", help="IMAGE:PATH or a local path")
+    p.add_argument("dest", metavar="DEST", help="IMAGE:PATH or a local path")
     p.add_argument("-r", "-R", "--recursive", dest="recursive", action="store_true", help="copy directories")
     p.add_argument("-p", "--preserve", action="store_true", help="keep mode, owner and times")
 
     p = add("mv", cmd_mv, "move or rename (like mv)",
             "Rename SRC to DEST, or move SRCs into the directory DEST. Within one image this is a "
             "rename; between images (or with a local side) a copy with metadata, then a removal.")
-    p.add_argument("paths", metavar="SRC... DEST", nargs="+")
+    p.add_argument("sources", metavar="SRC", nargs="+", help="IMAGE:PATH or a local path")
+    p.add_argument("dest", metavar="DEST", help="IMAGE:PATH or a local path")
 
     p = add("mkdir", cmd_mkdir, "make directories (like mkdir)", "Make directories inside images.")
-    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
     p.add_argument("-p", "--parents", action="store_true",
                    help="make parents as needed; no error if it exists")
     p.add_argument("-m", "--mode", default=None, help="mode of the new directory (octal or symbolic)")
 
     p = add("rm", cmd_rm, "remove files or directories (like rm)", "Remove entries inside images.")
-    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
     p.add_argument("-r", "-R", "--recursive", dest="recursive", action="store_true",
                    help="remove directories and what they hold")
     p.add_argument("-f", "--force", action="store_true", help="no error for paths that do not exist")
@@ -1419,15 +1483,15 @@ def _add_change(add: Callable[..., argparse.ArgumentParser]) -> None:
             "whose text is TARGET.",
             "examples:\n  xipfs ln -s ../lib/libz.so.1 app.img:/bin/libz.so\n"
             "  xipfs ln app.img:/a app.img:/b")
-    p.add_argument("target", metavar="TARGET")
-    p.add_argument("link", metavar="IMAGE:LINK")
+    p.add_argument("target", metavar="TARGET", help="a path in LINK's image; with -s any text")
+    p.add_argument("link", metavar="IMAGE:LINK", help="the link to make (inside it, if a directory)")
     p.add_argument("-s", "--symbolic", action="store_true", help="make a symbolic link")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing LINK")
 
     p = add("chmod", cmd_chmod, "change permission bits (like chmod)",
             "Change the mode of paths inside images: octal (755) or symbolic (u+x,go-w, a=rX).")
-    p.add_argument("mode", metavar="MODE")
-    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+")
+    p.add_argument("mode", metavar="MODE", help="octal (755) or symbolic ([ugoa][-+=][rwxXst], ...)")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
     p.add_argument("-R", "--recursive", action="store_true", help="change everything below too")
 
     p = add("chown", cmd_chown, "change owner and group (like chown)",
@@ -1435,8 +1499,8 @@ def _add_change(add: Callable[..., argparse.ArgumentParser]) -> None:
             "from this machine's passwd and group.",
             "examples:\n  xipfs chown 1000:1000 app.img:/data\n  xipfs chown -R www-data: app.img:/srv",
             add_help=False)
-    p.add_argument("owner", metavar="USER[:GROUP]")
-    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+")
+    p.add_argument("owner", metavar="USER[:GROUP]", help="USER, USER:GROUP, USER: (login group), :GROUP")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
     p.add_argument("-R", "--recursive", action="store_true", help="change everything below too")
     p.add_argument("-h", "--no-dereference", action="store_true",
                    help="change symlinks, not what they point to")
@@ -1446,7 +1510,7 @@ def _add_change(add: Callable[..., argparse.ArgumentParser]) -> None:
             "Set access and modification times (to now, or -d DATE); create empty files that do not exist.",
             "DATE is ISO 8601 (2024-05-01, 2024-05-01T12:00:00.5+02:00; local time without a "
             "zone) or @SECONDS since the epoch.")
-    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
     p.add_argument("-d", "--date", default=None, help="use DATE instead of now")
     p.add_argument("-c", "--no-create", action="store_true", help="do not create missing files")
     p.add_argument("-a", dest="atime_only", action="store_true", help="change the access time only")
@@ -1458,16 +1522,16 @@ def _add_exec(add: Callable[..., argparse.ArgumentParser]) -> None:
             "Run MODULE from IMAGE (or the directory DIR inside it) as python -m would, importing "
             "straight from the image.",
             "example:\n  xipfs run /dev/shm/app.img:/site-packages http.server 8000")
-    p.add_argument("image", metavar="IMAGE[:DIR]")
-    p.add_argument("module", metavar="MODULE")
-    p.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER)
+    p.add_argument("image", metavar="IMAGE[:DIR]", help="the image, or the directory in it to import from")
+    p.add_argument("module", metavar="MODULE", help="the module to run as __main__")
+    p.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER, help="its arguments (sys.argv[1:])")
 
     p = add("mount", cmd_mount, "serve an image through FUSE",
             "Mount IMAGE on MOUNTPOINT through FUSE, so every program can use it; unmount with "
             "fusermount3 -u MOUNTPOINT (or Ctrl-C with -f).",
             "example:\n  xipfs mount -o ro /dev/shm/app.img /mnt/app")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("image", metavar="IMAGE", help="the image to serve")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma separated (ro for read-only)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")

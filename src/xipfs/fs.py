@@ -439,7 +439,12 @@ class Filesystem:
         head, _, tail = p.rstrip("/").rpartition("/")
         if not tail:
             raise fs_error(errno.EBUSY if p.strip("/") == "" else errno.ENOENT, p)
-        parent = self.volume.resolve(head or "/", True)
+        try:
+            parent = self.volume.resolve(head or "/", True)
+        except OSError as err:                # named by the whole path, as os names it
+            if isinstance(err, XipfsError) or err.errno is None:
+                raise
+            raise fs_error(err.errno, p) from None
         if not parent.is_dir:
             raise fs_error(errno.ENOTDIR, p)
         return parent, os.fsencode(tail)

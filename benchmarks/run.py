@@ -29,6 +29,7 @@ from bench_pack import BENCHMARKS as PACK_BENCHMARKS  # noqa: E402
 from bench_read import BENCHMARKS as READ_BENCHMARKS  # noqa: E402
 from bench_read import config  # noqa: E402
 from bench_transfer import BENCHMARKS as TRANSFER_BENCHMARKS  # noqa: E402
+from bench_unpack import BENCHMARKS as UNPACK_BENCHMARKS  # noqa: E402
 from bench_write import BENCHMARKS as WRITE_BENCHMARKS  # noqa: E402
 from common import loadavg, print_section, print_summary  # noqa: E402
 
@@ -36,7 +37,7 @@ import xipfs  # noqa: E402
 
 SCRATCH_PARENT = "/dev/shm"
 BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MAP_BENCHMARKS,
-              **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS}
+              **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS, **UNPACK_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

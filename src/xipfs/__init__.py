@@ -18,6 +18,7 @@ from .file import XipFile
 from .fs import DirEntry, Filesystem, check, open  # noqa: A004 - xipfs.open is the entry point, like io.open
 from .mapping import Mapping, map_budget, set_map_budget
 from .pack import PackResult, pack
+from .unpack import UnpackResult, unpack
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "PackResult",
     "PageCache",
     "Problem",
+    "UnpackResult",
     "UnsupportedFeatureError",
     "XipFile",
     "XipfsError",
@@ -42,4 +44,5 @@ __all__ = [
     "open_device",
     "pack",
     "set_map_budget",
+    "unpack",
 ]

@@ -1329,8 +1329,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(add)
     _add_change(add)
     _add_exec(add)
-    demo = add("demo", _cmd_demo, "build an image in /dev/shm with mke2fs -d and read it in place",
-               "Build a small tree into an image with mke2fs -d, open it with xipfs, read it back.")
+    demo = add("demo", _cmd_demo, "the main job: pack the standard library into /dev/shm and use it",
+               "Pack this Python's standard library into an image in /dev/shm, check it, list it, "
+               "read every file back, map the largest file in place and import a module from it.")
     demo.add_argument("--image", default=None, help="where to build the image")
     demo.add_argument("--keep", action="store_true", help="keep the image afterwards")
     return parser

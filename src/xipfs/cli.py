@@ -463,7 +463,7 @@ def cmd_pack(ctx: Context, args: argparse.Namespace) -> None:
         try:
             result = pack(args.src, image, size=size, block_size=args.block_size, inode_size=args.inode_size,
                           extra=args.extra, label=args.label, uuid=args.uuid, progress=ctx.progress,
-                          compile=args.compile)
+                          compile=args.compile, exclude=args.exclude)
         except ValueError as err:
             raise CliError(image, str(err)) from err
     for path, why in result.skipped:
@@ -1377,6 +1377,9 @@ def _add_make(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--label", default=None, help="volume label")
     p.add_argument("--uuid", default=None, help="filesystem UUID (default: random)")
     p.add_argument("--compile", action="store_true", help="add a .pyc for every .py (as py_compile would)")
+    p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+                   help="leave out entries whose name, or path from the top of SRC, matches the glob "
+                        "PATTERN (repeatable; e.g. --exclude '*.o' --exclude build/tmp)")
 
     p = add("unpack", cmd_unpack, "extract an image (or a directory of it) into a local directory",
             "Extract IMAGE[:PATH] into DEST. Nothing is written outside DEST; ownership is kept "

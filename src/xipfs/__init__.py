@@ -16,11 +16,14 @@ from .ext2.check import Problem
 from .ext2.mkfs import mkfs
 from .file import XipFile
 from .fs import DirEntry, Filesystem, check, open  # noqa: A004 - xipfs.open is the entry point, like io.open
+from .importer import install, run_module, uninstall
 from .mapping import Mapping, map_budget, set_map_budget
 from .pack import PackResult, pack
 from .unpack import UnpackResult, unpack
 
 __version__ = "0.1.0"
+
+install()          # sys.path entries naming an image (/dev/shm/app.img/lib) import in place
 
 __all__ = [
     "CorruptImageError",
@@ -41,8 +44,11 @@ __all__ = [
     "map_budget",
     "mkfs",
     "open",
+    "install",
     "open_device",
     "pack",
+    "run_module",
     "set_map_budget",
+    "uninstall",
     "unpack",
 ]

@@ -1,0 +1,212 @@
+"""Import benchmark: a real pure-Python package imported from an ext2 image in /dev/shm.
+
+The tree is a copy of installed pure-Python packages (pytest with the packages it imports, and
+tqdm) with their dist-info and valid ``__pycache__`` bytecode, put on ``sys.path`` three ways:
+
+* ours: an ext2 image of the tree (``mke2fs -t ext2 -d``) in /dev/shm, entry ``IMAGE/site``;
+* the baseline: the same tree as a directory on tmpfs (/dev/shm), the stock ``FileFinder``;
+* ``zipimport``: a zip of the same tree (it ignores ``__pycache__``, so it compiles every
+  module), and, for information, a zip with legacy ``NAME.pyc`` files beside the sources
+  (the bytecode zipimport can use: its best case).
+
+A sample is one fresh interpreter that imports xipfs (all sides alike), then times
+``import PKG`` alone with ``time.perf_counter_ns``. Two rows per package: the whole import
+(with the standard-library modules it pulls in, read from disk the same way on every side),
+and the package's own modules only (those standard-library modules imported before the clock
+starts). Samples are interleaved, the order rotating each round, after one untimed round. The
+process CPU time of the same imports is shown for information (less sensitive to a busy machine).
+
+Standalone: ``.venv/bin/python benchmarks/bench_import.py [--quick] [--repeat N]``.
+"""
+
+from __future__ import annotations
+
+import compileall
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from typing import Any
+
+from common import Measurement, Row, Section
+
+PACKAGES = {  # what to time -> the installed top-level names copied into the tree
+    "pytest": ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py"),
+    "tqdm": ("tqdm",),
+}
+
+# One sample: import xipfs, pre-import the given modules, time ``import PKG``; prints the wall
+# and CPU nanoseconds.
+SAMPLE = r"""
+import importlib, sys, time
+import xipfs
+from xipfs import importer
+importer.install()
+entry, pkg, pre = sys.argv[1], sys.argv[2], sys.argv[3]
+for name in filter(None, pre.split(",")):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+sys.path.insert(0, entry)
+c0 = time.process_time_ns()
+t0 = time.perf_counter_ns()
+mod = importlib.import_module(pkg)
+t1 = time.perf_counter_ns()
+c1 = time.process_time_ns()
+if not mod.__file__.startswith(entry):
+    sys.exit(f"{pkg} came from {mod.__file__}, not {entry}")
+print(t1 - t0, c1 - c0)
+"""
+
+# The modules ``import PKG`` brings in from outside the entry, then ";", then those from inside it.
+PROBE = r"""
+import importlib, sys
+import xipfs
+from xipfs import importer
+importer.install()
+entry, pkg = sys.argv[1], sys.argv[2]
+sys.path.insert(0, entry)
+before = set(sys.modules)
+importlib.import_module(pkg)
+outside, inside = [], []
+for name, mod in list(sys.modules.items()):
+    spec = getattr(mod, "__spec__", None)
+    origin = getattr(spec, "origin", None)
+    if name in before or origin is None:
+        continue
+    (inside if origin.startswith(entry) else outside).append(name)
+print(",".join(outside) + ";" + ",".join(inside))
+"""
+
+
+def _site_packages() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
+def _copy_installed(names: tuple[str, ...], dest: str) -> None:
+    """Copy installed top-level packages/modules and their dist-info into ``dest`` (mtimes kept)."""
+    site = _site_packages()
+    for name in names:
+        src = os.path.join(site, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, name), dirs_exist_ok=True)
+        else:
+            shutil.copy2(src + ".py", dest)
+        dist = name.replace("_", "-").lower()
+        for entry in os.listdir(site):
+            low = entry.lower().replace("_", "-")
+            if low.endswith(".dist-info") and low[:-len(".dist-info")].rpartition("-")[0] == dist:
+                shutil.copytree(os.path.join(site, entry), os.path.join(dest, entry), dirs_exist_ok=True)
+
+
+def _tree_bytes(top: str) -> tuple[int, int]:
+    files = size = 0
+    for d, _, names in os.walk(top):
+        for n in names:
+            files += 1
+            size += os.lstat(os.path.join(d, n)).st_size
+    return files, size
+
+
+def build(root: str) -> dict[str, str]:
+    """The tree in ``root`` and its three forms; returns ``{form: sys.path entry}``."""
+    tree = os.path.join(root, "import-tree")
+    site = os.path.join(tree, "site")
+    os.makedirs(site, exist_ok=True)
+    for names in PACKAGES.values():
+        _copy_installed(names, site)
+    # Valid __pycache__ bytecode for every source (kept where the installed one is valid).
+    compileall.compile_dir(site, quiet=2)
+    files, size = _tree_bytes(tree)
+    img = os.path.join(root, "import.img")
+    blocks = (size * 2 + files * 8192) // 4096 + 2048
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-N", str(files * 2 + 256),
+                    "-m", "0", "-d", tree, img, str(blocks)], check=True, stdout=subprocess.DEVNULL)
+    plain_zip = os.path.join(root, "import.zip")
+    pyc_zip = os.path.join(root, "import-pyc.zip")
+    _zip_tree(site, plain_zip, legacy_pycs=False)
+    _zip_tree(site, pyc_zip, legacy_pycs=True)
+    return {"image": img + "/site", "dir": site, "zip": plain_zip, "zip+pyc": pyc_zip}
+
+
+def _zip_tree(site: str, dest: str, legacy_pycs: bool) -> None:
+    """A zip of ``site``; with ``legacy_pycs`` each ``__pycache__`` pyc is stored as ``NAME.pyc``
+    beside its source, where zipimport looks for bytecode."""
+    tag = sys.implementation.cache_tag
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as z:
+        for d, dirs, names in os.walk(site):
+            dirs.sort()
+            rel = os.path.relpath(d, site)
+            for n in sorted(names):
+                arc = n if rel == "." else f"{rel}/{n}"
+                if legacy_pycs and os.path.basename(d) == "__pycache__":
+                    stem, _, rest = n.partition(".")
+                    if rest != f"{tag}.pyc":
+                        continue
+                    parent = os.path.dirname(rel)
+                    arc = f"{parent}/{stem}.pyc" if parent else f"{stem}.pyc"
+                z.write(os.path.join(d, n), arc)
+
+
+def _run(script: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"import sample failed ({args}):\n{proc.stderr}")
+    return proc.stdout.strip()
+
+
+def _measure(entries: dict[str, str], pkg: str, pre: str, repeat: int,
+             label: str) -> tuple[dict[str, Measurement], dict[str, Measurement]]:
+    """Interleaved samples (one fresh interpreter each, order rotating) after one untimed round:
+    ``({form: wall-clock Measurement}, {form: CPU-time Measurement})``."""
+    forms = list(entries)
+    for form in forms:
+        _run(SAMPLE, entries[form], pkg, pre)
+    wall: dict[str, list[int]] = {f: [] for f in forms}
+    cpu: dict[str, list[int]] = {f: [] for f in forms}
+    for r in range(repeat):
+        for i in range(len(forms)):
+            form = forms[(r + i) % len(forms)]
+            w, c = _run(SAMPLE, entries[form], pkg, pre).split()
+            wall[form].append(int(w))
+            cpu[form].append(int(c))
+    return ({f: Measurement(f"{pkg} {label}: {f}", wall[f], 1, "ms/call") for f in forms},
+            {f: Measurement(f"{pkg} {label}: {f} (CPU time)", cpu[f], 1, "ms/call") for f in forms})
+
+
+def bench_import(root: str, cfg: Any) -> Section:
+    entries = build(root)
+    repeat = max(5, getattr(cfg, "repeat", 11))
+    section = Section("15. Import a real package: image in /dev/shm vs a tmpfs directory and zipimport "
+                      "(fresh interpreter per sample, import timed in-process)")
+    files, size = _tree_bytes(os.path.join(root, "import-tree"))
+    section.notes.append(f"tree: {', '.join(n for v in PACKAGES.values() for n in v)} with dist-info and "
+                         f"__pycache__: {files} files, {size / 2**20:.1f} MiB")
+    for pkg in PACKAGES:
+        deps, _, inside = _run(PROBE, entries["dir"], pkg).partition(";")
+        own = len(inside.split(","))
+        for label, pre in (("whole import", ""), ("package modules only", deps)):
+            wall, cpu = _measure(entries, pkg, pre, repeat, label)
+            ours = wall["image"]
+            section.rows += [
+                Row(f"import {pkg} ({own} modules), {label}: image vs tmpfs dir", ours, wall["dir"], 1.0),
+                Row(f"import {pkg}, {label}: image vs zip of the tree", ours, wall["zip"], 1.0),
+                Row(f"import {pkg}, {label}: image vs zip with legacy .pyc", ours, wall["zip+pyc"]),
+                Row(f"import {pkg}, {label}: CPU time, image vs tmpfs dir", cpu["image"], cpu["dir"]),
+            ]
+            section.raw += [*wall.values(), *cpu.values()]
+    return section
+
+
+BENCHMARKS = {"import": bench_import}
+
+
+if __name__ == "__main__":          # benchmarks/ is sys.path[0] when run as a script
+    from run import main
+
+    sys.exit(main(["--only", "import", *sys.argv[1:]]))

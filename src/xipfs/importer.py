@@ -1,0 +1,875 @@
+"""Import Python code in place from ext2 images: a path hook, its finder and loader.
+
+A ``sys.path`` entry that names an image, optionally followed by a directory inside it
+(``/dev/shm/app.img/site-packages``, split the way ``zipimport`` splits ``app.zip/lib``), makes
+the modules and packages in that directory importable with nothing extracted. Sources and
+``__pycache__`` bytecode are read straight from the image; ``importlib.resources`` and
+``importlib.metadata`` see data files and ``*.dist-info`` in it. Nothing is ever written to
+the image (no ``.pyc`` writing).
+
+    >>> import sys
+    >>> from xipfs import importer
+    >>> importer.install()                    # done by ``import xipfs`` too
+    >>> sys.path.insert(0, "/dev/shm/app.img/site-packages")
+    >>> import tqdm                           # tqdm.__file__ points into the image
+
+Each image is opened once per process (read-only) and shared by every finder on it;
+``importlib.invalidate_caches()`` drops the directory listings and notices a changed image.
+
+Limits: the interpreter's built-in traceback printer (``sys.excepthook``, Python 3.11, 3.12) reads
+source lines from real files only, so an uncaught exception shows no source lines for frames
+in an image (``traceback`` and ``inspect`` do show them, through the loader's
+``get_source``); ``importlib.resources`` cannot read a *namespace* package spread over an
+image (Python's namespace reader wants real directories); an extension module is copied into
+a memory file to be loaded, and the shared libraries it finds through ``$ORIGIN`` are not.
+"""
+
+from __future__ import annotations
+
+import _imp
+import errno
+import io
+import os
+import posixpath
+import stat
+import sys
+import threading
+from collections.abc import Iterator
+from importlib import _bootstrap  # noqa: I001 - frozen, always loaded
+from importlib import _bootstrap_external as _bx  # the loaders' shared logic, always loaded
+from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
+from typing import Any
+
+from .errors import CorruptImageError, XipfsError, fs_error
+
+__all__ = [
+    "ImageResourceReader",
+    "ImageTraversable",
+    "XipLoader",
+    "XipMetadataFinder",
+    "XipPathFinder",
+    "entry_path",
+    "find_image",
+    "install",
+    "invalidate_caches",
+    "path_hook",
+    "run_module",
+    "uninstall",
+]
+
+_EXT2_MAGIC = b"\x53\xef"
+_EXT2_MAGIC_AT = 1024 + 56          # s_magic in the superblock
+_SUPERBLOCK = (1024, 1024)          # (offset, size): compared to notice a changed image
+_FT_REG, _FT_DIR = 1, 2
+#: FileFinder's order: extension modules (None), then source (True), then sourceless bytecode.
+_SUFFIXES = (*((s, None) for s in EXTENSION_SUFFIXES), (".py", True), (".pyc", False))
+
+
+# -- images: opened once per process ----------------------------------------------------------
+class _Image:
+    """One image file, opened read-only once and shared by every finder and loader on it.
+
+    Directory listings are kept per directory (``{name: (inode, file type)}``), so a finder,
+    the loaders of its modules and their ``__pycache__`` each cost one directory read. File
+    data is read with ``pread`` from the image file: one copy from the storage, without the
+    page faults a first touch of a fresh mapping costs in every new process.
+    """
+
+    def __init__(self, real: str) -> None:
+        self.real = real
+        #: Serialises the finders' and loaders' reads (the volume's caches are plain dicts).
+        self.lock = threading.RLock()
+        self.fs: Any = None
+        self._fd = -1
+        self._signature: tuple[Any, ...] | None = None
+        self._dirs: dict[str, dict[str, tuple[int, int]]] = {}
+        self._open()
+
+    def _open(self) -> None:
+        from .device.memory import MemoryDevice
+        from .fs import Filesystem
+        from .fs import open as open_fs
+        try:                        # mapped whatever the storage: reading needs no page cache
+            device = MemoryDevice.from_path(self.real, readonly=True, kind="image")
+        except (OSError, ValueError):
+            fs = open_fs(self.real, "r")
+        else:
+            fs = Filesystem(device, "r")
+        self.fs = fs
+        self._fd = fs.device.fileno()
+        self._dirs = {}
+        self._signature = _signature(self.real, self._fd if self._fd >= 0 else None)
+
+    def refresh(self, forget: bool = True) -> None:
+        """Reopen the image when its file or superblock changed; else, with ``forget``, drop
+        what was read (listings, inodes) so that changes made through a mapping show."""
+        with self.lock:
+            try:
+                changed = _signature(self.real) != self._signature
+            except OSError:
+                return                  # gone: keep serving what is mapped, as an open file does
+            if changed:
+                self._open()            # the old Filesystem goes with the last loader using it
+            elif forget:
+                self._dirs = {}
+                self.fs.volume.forget_cached()
+
+    # -- reading, through the cached listings -------------------------------------------------
+    def entries(self, directory: str) -> dict[str, tuple[int, int]]:
+        """``{name: (inode, file type)}`` of ``directory`` (absolute in the image); {} if it is none."""
+        listing = self._dirs.get(directory)
+        if listing is None:
+            with self.lock:
+                vol = self.fs.volume
+                try:
+                    node = vol.resolve(directory, True)
+                    listing = vol.dir_index(node).entries if node.is_dir else {}
+                except XipfsError:
+                    raise
+                except OSError:
+                    listing = {}
+                self._dirs[directory] = listing
+        return listing
+
+    def kind(self, path: str) -> str:
+        """"d" (directory), "f" (regular file) or "" (anything else, or nothing) at ``path``."""
+        head, _, name = path.rpartition("/")
+        entry = self.entries(head or "/").get(name)
+        if entry is None:
+            return ""
+        ftype = entry[1]
+        if ftype == _FT_REG:
+            return "f"
+        if ftype == _FT_DIR:
+            return "d"
+        with self.lock:                   # a symlink, or an image without file types
+            try:
+                mode = self.fs.stat(path).st_mode
+            except XipfsError:
+                raise
+            except OSError:
+                return ""
+        return "d" if stat.S_ISDIR(mode) else "f" if stat.S_ISREG(mode) else ""
+
+    def file(self, path: str) -> Any:
+        """The inode of regular file ``path``; the ``OSError`` that ``os`` raises where there is none."""
+        head, _, name = path.rpartition("/")
+        entry = self.entries(head or "/").get(name)
+        with self.lock:
+            vol = self.fs.volume
+            if entry is not None and entry[1] == _FT_REG:
+                return vol.live_inode(entry[0], name, head or "/")
+            node = vol.resolve(path, True)      # a symlink, or the error for what is missing
+            if not node.is_reg:
+                raise fs_error(errno.EISDIR if node.is_dir else errno.ENXIO, path)
+            return node
+
+    def read(self, path: str) -> bytes:
+        """The content of regular file ``path`` in the image (one ``pread`` per run of blocks)."""
+        node = self.file(path)
+        size = node.size
+        fd = self._fd
+        with self.lock:
+            vol = self.fs.volume
+            if fd < 0 or size == 0:
+                return vol.read_bytes(node, 0, size)
+            parts = []
+            for _, length, where in vol.segments(node, 0, size):
+                if where < 0:
+                    parts.append(bytes(length))
+                    continue
+                data = os.pread(fd, length, where)
+                if len(data) != length:
+                    raise CorruptImageError(f"file data at byte {where} lies past the end of the image",
+                                            f"inode {node.ino}")
+                parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def mtime_size(self, path: str) -> tuple[float, int]:
+        """``(st_mtime, st_size)`` of regular file ``path``, ``st_mtime`` computed as ``os.stat`` does."""
+        node = self.file(path)
+        sec, nsec = divmod(node.mtime_ns, 1_000_000_000)
+        return sec + nsec * 1e-9, node.size
+
+
+def _signature(path: str, fd: int | None = None) -> tuple[Any, ...]:
+    """What tells that an image changed: its identity, size, mtime and superblock bytes
+    (of the file ``path`` names now, or of the open descriptor ``fd``)."""
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, os.pread(fd, _SUPERBLOCK[1], _SUPERBLOCK[0])
+    finally:
+        if own:
+            os.close(fd)
+
+
+_images: dict[str, _Image] = {}
+_images_lock = threading.Lock()
+
+
+def _image(path: str) -> _Image:
+    """The shared :class:`_Image` of the image file ``path`` (keyed by its real path)."""
+    real = os.path.realpath(path)
+    with _images_lock:
+        image = _images.get(real)
+        if image is None:
+            image = _images[real] = _Image(real)
+        else:
+            image.refresh(forget=False)     # a new path entry: notice an image made anew
+        return image
+
+
+def _reset_locks_after_fork() -> None:
+    global _images_lock
+    _images_lock = threading.Lock()
+    for image in _images.values():
+        image.lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_after_fork)
+
+
+# -- which path entries are images ------------------------------------------------------------
+def _is_ext2(path: str) -> bool:
+    """True when the regular file ``path`` carries the ext2 superblock magic."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.pread(fd, 2, _EXT2_MAGIC_AT) == _EXT2_MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _shm_file(name: str) -> str | None:
+    """``/dev/shm/NAME`` for a path ``/NAME`` that looks like a POSIX shared-memory name."""
+    if len(name) > 1 and name[0] == "/" and "/" not in name[1:]:
+        return "/dev/shm" + name
+    return None
+
+
+def find_image(entry: str) -> tuple[str, str, str] | None:
+    """Split a path entry into ``(image as named, image file, directory inside)``, or None.
+
+    Walks up ``entry`` as ``zipimport`` does until a prefix exists: it must be a regular file
+    that is an ext2 image (or a ``/NAME`` that exists only as the shared-memory object
+    ``/dev/shm/NAME``); the rest is the directory inside, ``""`` for the root.
+    """
+    path = os.path.abspath(entry) if entry else os.getcwd()
+    rest: list[str] = []
+    while True:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            shm = _shm_file(path)
+            if shm is not None:
+                try:
+                    if stat.S_ISREG(os.stat(shm).st_mode) and _is_ext2(shm):
+                        return path, shm, "/".join(reversed(rest))
+                except OSError:
+                    pass
+            head, tail = os.path.split(path)
+            if head == path or not tail:
+                return None
+            rest.append(tail)
+            path = head
+            continue
+        if stat.S_ISREG(st.st_mode) and _is_ext2(path):
+            return path, path, "/".join(reversed(rest))
+        return None
+
+
+#: Images found through path entries, by the name the entries give them: a package's
+#: ``__path__`` entry inside a known image costs no system call (dropped by invalidate_caches).
+_known: dict[str, _Image] = {}
+
+
+def _known_image(path: str) -> tuple[str, _Image, str] | None:
+    """``(image as named, image, directory inside)`` when absolute ``path`` is in a known image."""
+    for named, image in _known.items():
+        if path.startswith(named) and (len(path) == len(named) or path[len(named)] == "/"):
+            return named, image, path[len(named):].strip("/")
+    return None
+
+
+def path_hook(entry: str) -> XipPathFinder:
+    """The ``sys.path_hooks`` callable: a finder for an image entry, ImportError for anything else."""
+    if not isinstance(entry, str):
+        raise ImportError("not an ext2 image path")
+    if _known:
+        hit = _known_image(os.path.abspath(entry) if entry else os.getcwd())
+        if hit is not None:
+            named, image, inner = hit
+            return XipPathFinder(image, named, inner)
+    found = find_image(entry)
+    if found is None:
+        raise ImportError("not an ext2 image path", path=entry)
+    named, real, inner = found
+    try:
+        image = _image(real)
+    except OSError as err:
+        raise ImportError(f"cannot open ext2 image {named!r}: {err}", path=entry) from err
+    _known[named] = image
+    return XipPathFinder(image, named, inner)
+
+
+path_hook.__xipfs_hook__ = True  # type: ignore[attr-defined]
+
+
+# -- the finder ---------------------------------------------------------------------------------
+class XipPathFinder:
+    """Finds modules in one directory of an image (``importlib.abc.PathEntryFinder`` protocol).
+
+    The directory is listed once (like ``FileFinder``) and the listing kept until
+    :meth:`invalidate_caches`.
+    """
+
+    def __init__(self, image: _Image, named: str, inner: str) -> None:
+        self._image = image
+        self.image = named                        # the image as the path entry names it
+        self.inner = "/" + inner.strip("/")        # the directory inside, absolute in the image
+        self.path = named + self.inner.rstrip("/")  # the directory as a path entry
+
+    def __repr__(self) -> str:
+        return f"XipPathFinder({self.path!r})"
+
+    def _join(self, name: str) -> str:
+        return self.inner + name if self.inner == "/" else self.inner + "/" + name
+
+    # -- the PathEntryFinder protocol -------------------------------------------------------
+    def find_spec(self, fullname: str, target: object = None) -> ModuleSpec | None:
+        """A spec for ``fullname`` in this directory: package, module, namespace portion or None.
+
+        The order is ``FileFinder``'s: a directory with ``__init__`` is a package; else a module
+        file (an extension module, ``NAME.py``, or a sourceless ``NAME.pyc``); else the
+        directory is a portion of a namespace package (a spec with no loader and
+        ``submodule_search_locations``).
+        """
+        tail = fullname.rpartition(".")[2]
+        image = self._image
+        entries = image.entries(self.inner)
+        namespace = None
+        if tail in entries and image.kind(self._join(tail)) == "d":
+            base = self._join(tail)
+            for suffix, source in _SUFFIXES:
+                init = base + "/__init__" + suffix
+                if image.kind(init) == "f":
+                    return self._spec(fullname, init, source, base)
+            namespace = base
+        for suffix, source in _SUFFIXES:
+            name = tail + suffix
+            if name in entries and image.kind(self._join(name)) == "f":
+                return self._spec(fullname, self._join(name), source, None)
+        if namespace is not None:
+            spec = ModuleSpec(fullname, None)
+            spec.submodule_search_locations = [self.image + namespace]
+            return spec
+        return None
+
+    def _spec(self, fullname: str, inner: str, source: bool | None, package: str | None) -> ModuleSpec:
+        origin = self.image + inner
+        if source is None:
+            loader: Any = _ExtensionLoader(self._image, self.image, fullname, origin)
+        else:
+            cls = XipLoader if source else _SourcelessLoader
+            loader = cls(self._image, self.image, fullname, origin, package is not None)
+        spec = ModuleSpec(fullname, loader, origin=origin, is_package=package is not None)
+        spec.has_location = True
+        if package is not None:
+            spec.submodule_search_locations = [self.image + package]
+        return spec
+
+    def iter_modules(self, prefix: str = "") -> Iterator[tuple[str, bool]]:
+        """``(prefix + name, is package)`` for the modules of this directory, as ``pkgutil``
+        lists a directory (``pkgutil.iter_modules`` and ``walk_packages`` call this)."""
+        image = self._image
+        seen: set[str] = set()
+        for name in sorted(image.entries(self.inner)):
+            path = self._join(name)
+            kind = image.kind(path)
+            if kind == "d":
+                if "." in name or not any(image.kind(f"{path}/__init__{sfx}") == "f" for sfx, _ in _SUFFIXES):
+                    continue
+                modname, ispkg = name, True
+            elif kind == "f":
+                sfx = next((sfx for sfx, _ in _SUFFIXES if name.endswith(sfx)), None)
+                modname, ispkg = (name[:-len(sfx)] if sfx else ""), False
+                if not modname or "." in modname or modname == "__init__":
+                    continue
+            else:
+                continue
+            if modname not in seen:
+                seen.add(modname)
+                yield prefix + modname, ispkg
+
+    def invalidate_caches(self) -> None:
+        """Drop the directory listings (and what the image remembers); see a changed image."""
+        _known.clear()
+        self._image.refresh()
+
+    # -- importlib.metadata ---------------------------------------------------------------------
+    def distributions(self, name: str | None) -> Iterator[Any]:
+        """The ``*.dist-info`` / ``*.egg-info`` of this directory for ``name`` (all when None)."""
+        want = _normalize(name) if name else None
+        for child in list(self._image.entries(self.inner)):
+            low = child.lower()
+            if not low.endswith((".dist-info", ".egg-info")):
+                continue
+            if want is not None and _normalize(low.rpartition(".")[0].partition("-")[0]) != want:
+                continue
+            yield _distribution_class()(ImageTraversable(self._image, self.image, self._join(child)))
+
+
+def _normalize(name: str) -> str:
+    """PEP 503 normalisation with underscores, as ``importlib.metadata`` matches names."""
+    import re
+    return re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
+
+
+# -- loaders --------------------------------------------------------------------------------
+class _ImageData:
+    """Reading files of one image by their full names ("<image>/<path inside>")."""
+
+    def __init__(self, image: _Image, named: str) -> None:
+        self._image = image
+        self._named = named
+        self._prefix = named + "/"
+
+    def _inner(self, path: Any) -> str:
+        p = os.fspath(path)
+        if isinstance(p, bytes):
+            p = os.fsdecode(p)
+        if p.startswith(self._prefix):
+            return "/" + p[len(self._prefix):]
+        if not os.path.isabs(p):                  # relative names are inside the image, as zipimport does
+            return "/" + p
+        raise FileNotFoundError(errno.ENOENT, f"not inside the image {self._named!r}", p)
+
+    def get_data(self, path: Any) -> bytes:
+        """The bytes of file ``path`` ("<image>/<path inside>", or relative to the image root)."""
+        return self._image.read(self._inner(path))
+
+    def path_stats(self, path: str) -> dict[str, Any]:
+        """``{"mtime", "size"}`` of a source file, from the image's inode (for pyc validation)."""
+        mtime, size = self._image.mtime_size(self._inner(path))
+        return {"mtime": mtime, "size": size}
+
+
+class XipLoader(_ImageData, _bx.SourceLoader):
+    """Loads one source module of an image (``importlib.abc.SourceLoader`` semantics).
+
+    Bytecode comes from ``__pycache__`` in the image when the ``.pyc`` is valid (magic number,
+    flags, and the source's mtime and size from the image, or its hash), else from compiling
+    the source. ``set_data`` writes nothing: an image is never changed by importing from it.
+    """
+
+    def __init__(self, image: _Image, named: str, fullname: str, origin: str, package: bool) -> None:
+        super().__init__(image, named)
+        self.name = fullname
+        self.path = origin
+        self._package = package
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} from {self.path!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is type(self) and self.name == other.name  # type: ignore[attr-defined]
+                and self.path == other.path)  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.path))
+
+    def _check(self, fullname: str | None) -> None:
+        # "__main__": linecache asks by __name__, which runpy sets to "__main__".
+        if fullname is not None and fullname != self.name and fullname != "__main__":
+            raise ImportError(f"loader for {self.name} cannot handle {fullname}", name=fullname)
+
+    def get_filename(self, fullname: str | None = None) -> str:
+        """``__file__`` of the module: ``<image>/<path inside>``."""
+        self._check(fullname)
+        return self.path
+
+    def is_package(self, fullname: str | None = None) -> bool:
+        self._check(fullname)
+        return self._package
+
+    def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
+        """Writing bytecode: never done, the image stays as it is."""
+
+    def _cache_bytecode(self, source_path: str, cache_path: str, data: bytes) -> None:
+        raise NotImplementedError   # SourceLoader.get_code skips writing on this
+
+    def get_resource_reader(self, fullname: str | None = None) -> ImageResourceReader:
+        """A reader (``TraversableResources`` protocol) of the module's directory in the image."""
+        directory = posixpath.dirname(self._inner(self.path))
+        return ImageResourceReader(ImageTraversable(self._image, self._named, directory))
+
+
+class _SourcelessLoader(XipLoader):
+    """Loads a module that is only a ``NAME.pyc`` in the image, as ``SourcelessFileLoader`` does."""
+
+    def get_code(self, fullname: str) -> Any:
+        path = self.get_filename(fullname)
+        data = self.get_data(path)
+        details = {"name": fullname, "path": path}
+        _bx._classify_pyc(data, fullname, details)
+        return _bx._compile_bytecode(memoryview(data)[16:], name=fullname, bytecode_path=path)
+
+    def get_source(self, fullname: str) -> None:
+        self._check(fullname)
+        return None
+
+
+class _ExtensionLoader(_ImageData):
+    """Loads an extension module of an image: ``dlopen`` needs a file, so its bytes are copied
+    into an anonymous memory file (``memfd``) and loaded from there; ``__file__`` still points
+    into the image. Shared libraries it needs through ``$ORIGIN`` are not found this way."""
+
+    def __init__(self, image: _Image, named: str, fullname: str, origin: str) -> None:
+        super().__init__(image, named)
+        self.name = fullname
+        self.path = origin
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} from {self.path!r}>"
+
+    def create_module(self, spec: ModuleSpec) -> Any:
+        data = self.get_data(self.path)
+        try:
+            fd = os.memfd_create(posixpath.basename(self.path), os.MFD_CLOEXEC)
+        except (AttributeError, OSError) as err:
+            raise ImportError(f"cannot load extension module {self.name!r} from an ext2 image: no "
+                              f"memory file to load it from ({err})", name=self.name, path=self.path) from err
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            shadow = ModuleSpec(spec.name, self, origin=f"/proc/self/fd/{fd}")
+            module = _bootstrap._call_with_frames_removed(_imp.create_dynamic, shadow)
+        finally:
+            os.close(fd)
+        module.__file__ = self.path
+        return module
+
+    def exec_module(self, module: Any) -> None:
+        _bootstrap._call_with_frames_removed(_imp.exec_dynamic, module)
+
+    def is_package(self, fullname: str | None = None) -> bool:
+        return False
+
+    def get_code(self, fullname: str | None = None) -> None:
+        return None
+
+    def get_source(self, fullname: str | None = None) -> None:
+        return None
+
+    def get_filename(self, fullname: str | None = None) -> str:
+        return self.path
+
+
+# -- importlib.resources ----------------------------------------------------------------------
+class ImageTraversable:
+    """A file or directory inside an image (``importlib.resources.abc.Traversable`` protocol).
+
+    Also what :class:`ImageDistribution` locates files with. ``str()`` is the full name,
+    ``<image>/<path inside>``; it is not an OS path, so there is no ``__fspath__``.
+    """
+
+    def __init__(self, image: _Image, named: str, inner: str) -> None:
+        self._image = image
+        self._named = named
+        self.inner = "/" + inner.strip("/")
+
+    def __repr__(self) -> str:
+        return f"ImageTraversable({str(self)!r})"
+
+    def __str__(self) -> str:
+        return self._named + self.inner.rstrip("/")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageTraversable) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def _child(self, inner: str) -> ImageTraversable:
+        return ImageTraversable(self._image, self._named, inner)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.inner)
+
+    @property
+    def parent(self) -> ImageTraversable:
+        return self._child(posixpath.dirname(self.inner))
+
+    def iterdir(self) -> Iterator[ImageTraversable]:
+        with self._image.lock:
+            names = self._image.fs.listdir(self.inner)    # the errors of os.listdir
+        base = self.inner.rstrip("/")
+        return iter([self._child(base + "/" + n) for n in names])
+
+    def _mode(self) -> int:
+        with self._image.lock:
+            try:
+                return self._image.fs.stat(self.inner).st_mode
+            except OSError:
+                return 0
+
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self._mode())
+
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self._mode())
+
+    def exists(self) -> bool:
+        return self._mode() != 0
+
+    def joinpath(self, *descendants: Any) -> ImageTraversable:
+        """The path below this one (names split on "/"; ".." stays inside the image)."""
+        parts = [self.inner]
+        for d in descendants:
+            d = os.fspath(d)
+            parts.append(os.fsdecode(d) if isinstance(d, bytes) else d)
+        return self._child(posixpath.normpath(posixpath.join(*parts)))
+
+    def __truediv__(self, child: Any) -> ImageTraversable:
+        return self.joinpath(child)
+
+    def read_bytes(self) -> bytes:
+        return self._image.read(self.inner)
+
+    def read_text(self, encoding: str | None = None, errors: str | None = None) -> str:
+        with self.open("r", encoding=encoding, errors=errors) as f:
+            return f.read()
+
+    def open(self, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        """``"rb"``: a binary file object reading from the image; ``"r"``: text over it."""
+        if mode not in ("r", "rb"):
+            raise ValueError(f"invalid mode {mode!r}: an image is read-only here (use 'r' or 'rb')")
+        with self._image.lock:
+            raw = self._image.fs.open(self.inner, "rb")
+        if mode == "rb":
+            return raw
+        return io.TextIOWrapper(raw, *args, **kwargs)
+
+
+class ImageResourceReader:
+    """The resource reader of a package in an image (``TraversableResources`` protocol)."""
+
+    def __init__(self, root: ImageTraversable) -> None:
+        self._root = root
+
+    def files(self) -> ImageTraversable:
+        return self._root
+
+    def open_resource(self, resource: str) -> Any:
+        return self._root.joinpath(resource).open("rb")
+
+    def resource_path(self, resource: str) -> str:
+        raise FileNotFoundError(errno.ENOENT, "resources in an ext2 image have no file-system path",
+                                str(self._root.joinpath(resource)))
+
+    def is_resource(self, path: str) -> bool:
+        return self._root.joinpath(path).is_file()
+
+    def contents(self) -> Iterator[str]:
+        return (item.name for item in self._root.iterdir())
+
+
+# -- importlib.metadata -----------------------------------------------------------------------
+_DIST_CLASS: Any = None
+
+
+def _distribution_class() -> Any:
+    """``ImageDistribution``: made on first use, so importing xipfs does not load importlib.metadata."""
+    global _DIST_CLASS
+    if _DIST_CLASS is None:
+        import importlib.metadata as md
+
+        class ImageDistribution(md.Distribution):
+            """A distribution whose ``*.dist-info`` (or ``*.egg-info``) directory is in an image."""
+
+            def __init__(self, path: ImageTraversable) -> None:
+                self._path = path
+
+            def __repr__(self) -> str:
+                return f"<ImageDistribution {str(self._path)!r}>"
+
+            def read_text(self, filename: str) -> str | None:
+                path = self._path if self._path.is_file() else self._path.joinpath(filename)
+                if path is self._path and filename != "PKG-INFO":
+                    return None                   # an egg-info *file* is only PKG-INFO
+                try:
+                    return path.read_text(encoding="utf-8")
+                except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+                    return None
+
+            def locate_file(self, path: Any) -> ImageTraversable:
+                return self._path.parent.joinpath(path)
+
+            @property
+            def _normalized_name(self) -> str:
+                stem = self._path.name
+                base, _, ext = stem.rpartition(".")
+                if ext in ("dist-info", "egg-info"):
+                    return _normalize(base.partition("-")[0])
+                return super()._normalized_name
+
+        ImageDistribution.__module__ = __name__
+        _DIST_CLASS = ImageDistribution
+    return _DIST_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ImageDistribution":
+        return _distribution_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _finder_for(entry: Any) -> XipPathFinder | None:
+    """The image finder of path entry ``entry`` (made and cached if need be), or None."""
+    if not isinstance(entry, str):
+        return None
+    cache = sys.path_importer_cache
+    if entry in cache:
+        finder = cache[entry]
+        return finder if isinstance(finder, XipPathFinder) else None
+    try:
+        finder = path_hook(entry)
+    except ImportError:
+        return None
+    cache[entry] = finder
+    return finder
+
+
+class XipMetadataFinder:
+    """On ``sys.meta_path``: answers ``importlib.metadata`` for the image entries of ``sys.path``.
+
+    It finds no modules (the path hook does that); ``find_distributions(context)`` yields an
+    ``ImageDistribution`` for each matching ``*.dist-info`` in an image directory of
+    ``context.path``.
+    """
+
+    @classmethod
+    def find_spec(cls, fullname: str, path: object = None, target: object = None) -> None:
+        return None
+
+    @classmethod
+    def find_distributions(cls, context: Any = None) -> Iterator[Any]:
+        name = getattr(context, "name", None)
+        paths = getattr(context, "path", None)
+        if paths is None:
+            paths = sys.path
+        for entry in list(paths):
+            finder = _finder_for(entry)
+            if finder is not None:
+                yield from finder.distributions(name)
+
+    @classmethod
+    def invalidate_caches(cls) -> None:
+        invalidate_caches()
+
+
+# -- install / uninstall ----------------------------------------------------------------------
+def _is_our_hook(hook: object) -> bool:
+    return bool(getattr(hook, "__xipfs_hook__", False))
+
+
+def _is_our_metadata_finder(finder: object) -> bool:
+    return (isinstance(finder, type) and finder.__name__ == XipMetadataFinder.__name__
+            and getattr(finder, "__module__", None) == __name__)
+
+
+def install() -> None:
+    """Make image entries of ``sys.path`` importable (idempotent).
+
+    Puts :func:`path_hook` first in ``sys.path_hooks``, forgets ``sys.path_importer_cache``
+    entries that remembered an image entry as unimportable (None), and adds the metadata
+    finder to ``sys.meta_path`` (before ``PathFinder``, so ``importlib.metadata`` prefers a
+    distribution in an image on ``sys.path`` to an installed one of the same name).
+    """
+    if not any(_is_our_hook(h) for h in sys.path_hooks):
+        sys.path_hooks.insert(0, path_hook)
+    for entry, finder in list(sys.path_importer_cache.items()):
+        if finder is None and isinstance(entry, str) and find_image(entry) is not None:
+            sys.path_importer_cache.pop(entry, None)
+    if not any(_is_our_metadata_finder(f) for f in sys.meta_path):
+        # Before PathFinder: a distribution in an image on sys.path wins over an installed one
+        # of the same name, as the image's modules do when the image comes first on sys.path.
+        from importlib.machinery import PathFinder
+        where = sys.meta_path.index(PathFinder) if PathFinder in sys.meta_path else len(sys.meta_path)
+        sys.meta_path.insert(where, XipMetadataFinder)
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: no more imports from images (modules already imported stay)."""
+    sys.path_hooks[:] = [h for h in sys.path_hooks if not _is_our_hook(h)]
+    _known.clear()
+    for entry, finder in list(sys.path_importer_cache.items()):
+        if isinstance(finder, XipPathFinder):
+            sys.path_importer_cache.pop(entry, None)
+    sys.meta_path[:] = [f for f in sys.meta_path if not _is_our_metadata_finder(f)]
+
+
+def invalidate_caches() -> None:
+    """Drop every image finder's listing and notice changed images (``importlib.invalidate_caches``)."""
+    _known.clear()
+    with _images_lock:
+        images = list(_images.values())
+    for image in images:
+        image.refresh()
+
+
+# -- running a module from an image -----------------------------------------------------------
+def entry_path(entry: str) -> str:
+    """The ``sys.path`` entry for ``IMAGE``, ``IMAGE:DIR`` or ``IMAGE/DIR``.
+
+    ``IMAGE:DIR`` applies when the text before the first ":" names an existing file or a
+    ``/dev/shm`` name; a shared-memory name ``NAME`` (not a path here) becomes ``/NAME``.
+    """
+    head, sep, tail = entry.partition(":")
+    if sep and head:
+        image = head if os.path.isfile(head) else _shm_name_path(head)
+        if image is not None:
+            inner = tail.strip("/")
+            return f"{image}/{inner}" if inner else image
+    return _shm_name_path(entry) or entry
+
+
+def _shm_name_path(name: str) -> str | None:
+    """``/NAME`` when ``name`` (``NAME`` or ``/NAME``) is not a path but a /dev/shm object."""
+    if not name or os.path.exists(name):
+        return None
+    bare = name[1:] if name.startswith("/") else name
+    if not bare or "/" in bare or not os.path.isfile("/dev/shm/" + bare):
+        return None
+    return "/" + bare
+
+
+def run_module(entry: str, module: str, args: list[str]) -> None:
+    """Run ``module`` from an image like ``python -m``: ``entry`` (``IMAGE[:DIR]``) first on
+    ``sys.path``, ``sys.argv = [<module file>, *args]``, ``__name__ == "__main__"``.
+
+    Exceptions (``SystemExit`` too) propagate. ``sys.path`` and ``sys.argv`` are restored after.
+    """
+    import runpy
+    path = entry_path(entry)
+    if find_image(path) is None:
+        raise FileNotFoundError(errno.ENOENT, "no ext2 image in this path", entry)
+    install()
+    saved_path, saved_argv = sys.path[:], sys.argv[:]
+    sys.path.insert(0, path)
+    sys.argv = [path, *args]      # runpy puts the module's file in sys.argv[0]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        sys.path[:] = saved_path
+        sys.argv = saved_argv

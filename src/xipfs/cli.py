@@ -26,6 +26,7 @@ from typing import Any
 from . import __version__
 from . import cli_format as F
 from .errors import XipfsError
+from .fs import current_umask
 
 CHUNK = 1 << 20
 #: Exit status after stdout went away (``xipfs cat ... | head``): 128 + SIGPIPE, as a shell shows.
@@ -329,12 +330,6 @@ class Tree:
         if stat.S_ISDIR(st.st_mode):
             for name in self.listdir(top):
                 yield from self.walk_paths(self.join(top, name), follow_top=False)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -871,7 +866,7 @@ class Copier:
         self.recursive = recursive
         self.preserve = preserve
         self.bar = bar
-        self.umask = _current_umask()
+        self.umask = current_umask()
         self.failed = False
 
     def copy(self, src: Tree, sp: str, dst: Tree, dp: str, top: bool = True) -> None:
@@ -1058,7 +1053,7 @@ def cmd_mkdir(ctx: Context, args: argparse.Namespace) -> None:
 
 def _mode_arg(text: str, mode: int) -> int:
     try:
-        return F.apply_mode(text, mode, _current_umask())
+        return F.apply_mode(text, mode, current_umask())
     except ValueError as err:
         raise CliError("", str(err), status=2) from None
 
@@ -1129,7 +1124,7 @@ def _walk_for_change(ctx: Context, tree: Tree, path: str, recursive: bool) -> It
 
 
 def cmd_chmod(ctx: Context, args: argparse.Namespace) -> None:
-    umask = _current_umask()
+    umask = current_umask()
     try:
         F.apply_mode(args.mode, 0o100644, umask)         # reject a bad mode before any change
     except ValueError as err:

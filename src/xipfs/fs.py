@@ -11,24 +11,27 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import functools
 import io
 import os
 import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .device import Device, open_device
 from .errors import CorruptImageError, XipfsError, fs_error
 from .ext2 import data as _data
 from .ext2 import layout as L
 from .ext2 import namei
-from .ext2.check import Problem
 from .ext2.inode import Inode, Run
 from .ext2.volume import Volume
 from .ext2.xattr import write_xattrs as xattr_write
 from .file import XipFile
 from .mapping import PAGE, Mapping, detach, map_file
 from .progress import ProgressArg
+
+if TYPE_CHECKING:
+    from .ext2.check import Problem
 
 PathArg = str | bytes | os.PathLike
 
@@ -64,9 +67,13 @@ class Filesystem:
                 device.close()
             raise
         self._dev_id = int.from_bytes(bytes(self.volume.sb.s_uuid[:4]), "little")
-        self._umask = _current_umask()
         #: Owner of new files: the effective user and group when the image was opened.
         self._owner = (os.geteuid(), os.getegid())
+
+    @functools.cached_property
+    def _umask(self) -> int:
+        """The process umask when this filesystem first created something (as ``open`` uses it)."""
+        return current_umask()
 
     # -- what this is -------------------------------------------------------------------------
     @property
@@ -885,7 +892,7 @@ def check(image: PathArg | Device, *, progress: ProgressArg = None) -> list[Prob
             device.close()
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it (``/proc/self/status``), 0o022 if unknown."""
     try:
         with builtins.open("/proc/self/status") as f:

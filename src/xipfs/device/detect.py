@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 
@@ -54,6 +55,30 @@ def dax_char_device(st: os.stat_result) -> bool:
     return os.path.basename(os.path.realpath(link)) == "dax"
 
 
+#: statfs ``f_type`` of the memory filesystems, known without reading the mount table.
+_MEMORY_MAGIC = {0x01021994: "tmpfs", 0x958458F6: "hugetlbfs", 0x858458F6: "ramfs"}
+
+
+def _fs_magic(path: str | os.PathLike[str]) -> int | None:
+    """``statfs(2)``'s ``f_type`` for ``path`` (its first field), or None where unavailable."""
+    try:
+        import ctypes
+
+        buf = ctypes.create_string_buffer(512)
+        if _libc().statfs(os.fsencode(path), buf) != 0:
+            return None
+        return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+    except (OSError, AttributeError, ImportError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> object:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def storage_kind(path: str | os.PathLike[str]) -> str:
     """What backs ``path``: "tmpfs", "hugetlbfs", "dax" (memory) or "file" / "block device"."""
     st = os.stat(path)
@@ -61,6 +86,10 @@ def storage_kind(path: str | os.PathLike[str]) -> str:
         return "dax"
     if stat.S_ISBLK(st.st_mode):
         return "block device"
+    if stat.S_ISREG(st.st_mode):
+        kind = _MEMORY_MAGIC.get(_fs_magic(path) or 0)
+        if kind is not None:                 # the common case, in one system call
+            return kind
     _, fstype, opts = mount_of(path)
     if fstype in MEMORY_FILESYSTEMS:
         return fstype

@@ -23,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from bench_check import BENCHMARKS as CHECK_BENCHMARKS  # noqa: E402
 from bench_fsspec import BENCHMARKS as FSSPEC_BENCHMARKS  # noqa: E402
 from bench_fuse import BENCHMARKS as FUSE_BENCHMARKS  # noqa: E402
 from bench_import import BENCHMARKS as IMPORT_BENCHMARKS  # noqa: E402
@@ -40,7 +41,8 @@ import xipfs  # noqa: E402
 SCRATCH_PARENT = "/dev/shm"
 BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MAP_BENCHMARKS,
               **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS, **UNPACK_BENCHMARKS,
-              **IMPORT_BENCHMARKS, **FUSE_BENCHMARKS}
+              **IMPORT_BENCHMARKS, **FUSE_BENCHMARKS,
+              **CHECK_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -378,6 +379,40 @@ def bench_map_runs(root: str, cfg: Config) -> Section:
 
 
 # -- 11. numpy sum over a mapping --------------------------------------------------------------
+def _huge_tmpfs_sum(root: str, size: int, pattern: np.ndarray, expected: int, cfg: Config) -> Row | str:
+    """The XIP sum with the image on a tmpfs mounted ``huge=always`` (2 MiB pages, as pmem and
+    DAX give) against an ndarray in memory: what the 4 KiB pages of /dev/shm cost. Root only."""
+    if os.geteuid() != 0:
+        return "needs root (mounts a tmpfs with huge=always)"
+    mnt = os.path.join(root, "huge-tmpfs")
+    os.makedirs(mnt, exist_ok=True)
+    opts = f"size={(2 * size + size // 2 + 64 * MIB) >> 20}m,huge=always"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", mnt], capture_output=True).returncode:
+        return "mount -t tmpfs -o huge=always failed"
+    try:
+        img, plain_big, _ = _make_big(mnt, size, pattern, small=False)
+        os.unlink(plain_big)
+        with xipfs.open(img) as fs:
+            arr = {"xip": fs.map_array("/big", np.uint64)}
+            arr["mem"] = np.empty(size // 8, dtype=np.uint64)
+            arr["mem"][:] = arr["xip"]
+            if int(np.add.reduce(arr["xip"])) != expected:
+                raise AssertionError("huge tmpfs mapping: wrong sum")
+            names = {"xip": "warm: fs.map_array on tmpfs huge=always (XIP)",
+                     "mem": "in memory: ndarray copy (np.empty), same rounds"}
+            m = measure([Case(names[k], lambda _, k=k: np.add.reduce(arr[k]), size, "GiB/s") for k in names],
+                        cfg.repeat, warmup=1)
+            base = arr["xip"].base
+            arr.clear()
+            base.close()
+        return Row("[huge pages] warm sum, image on a tmpfs mounted huge=always, vs the ndarray in memory",
+                   m[names["xip"]], m[names["mem"]])
+    finally:
+        for name in os.listdir(mnt):
+            os.unlink(os.path.join(mnt, name))
+        subprocess.run(["umount", mnt], capture_output=True)
+
+
 def _huge_kib(addr: int, nbytes: int) -> int:
     """AnonHugePages (KiB) of this process's mappings that overlap ``[addr, addr + nbytes)``."""
     total = 0
@@ -489,6 +524,7 @@ def bench_map_sum(root: str, cfg: Config) -> Section:
         fsf.close()
         _unlink(img, plain_big)
 
+    huge_row = _huge_tmpfs_sum(root, size, pattern, expected, cfg)
     xw, nd = w[labels["xip"]], w[labels["ndarray"]]
     xc, kc = c[COLD_XIP], c[COLD_KERNEL]
     pages = size // PAGE
@@ -503,6 +539,11 @@ def bench_map_sum(root: str, cfg: Config) -> Section:
         Row("cold: first sum over a fresh fs.map_array (XIP, page faults) vs a fresh kernel mmap", xc, kc),
         Row("cold: first sum (XIP) vs the warm sum (XIP)", xc, xw),
     ]
+    if isinstance(huge_row, Row):
+        section.rows.append(huge_row)
+        section.raw += [huge_row.ours, huge_row.base]
+    else:
+        section.notes.append(f"Huge-page tmpfs row skipped: {huge_row}")
     section.raw += list(w.values()) + list(c.values())
     section.notes += [
         f"The same {_size(size)} of data everywhere (/big is {runs} runs); np.add.reduce of uint64, "

@@ -723,7 +723,9 @@ def _free_run(geo: Geometry, use: list[GroupUse], pblk: int, k: int) -> None:
 
 
 class _Copier:
-    """Copies a file's data from its source into the image, by the cheapest path the device has."""
+    """Copies a file's data from its source into the image, by the cheapest path the device has:
+    ``copy_file_range`` within one filesystem, ``sendfile`` from another (both copy in the
+    kernel, page cache to page cache), or a read straight into the mapped image."""
 
     def __init__(self, dev: Device, zeroed: bool) -> None:
         self.dev = dev
@@ -787,7 +789,15 @@ class _Copier:
             except OSError as err:
                 if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                     raise
-                self.kernel_copy = False            # another filesystem: copy through memory
+                self.kernel_copy = False            # another filesystem: sendfile from here on
+        if self.fd >= 0:
+            os.lseek(self.fd, dst, os.SEEK_SET)     # the image's descriptor is ours alone while packing
+            while done < n:
+                k = os.sendfile(self.fd, fd, src + done, n - done)
+                if k == 0:
+                    break
+                done += k
+            return done
         dev = self.dev
         if isinstance(dev, MemoryDevice):
             while done < n:                          # straight into the mapped image: one copy

@@ -30,7 +30,7 @@ from .errors import CorruptImageError, XipfsError
 from .ext2 import layout as L
 from .ext2.inode import Inode
 from .ext2.volume import Volume
-from .fs import Filesystem, PathArg
+from .fs import Filesystem, PathArg, current_umask
 from .fs import open as open_image
 from .progress import Progress, ProgressArg, progress_bar
 
@@ -113,18 +113,6 @@ def unpack(image: PathArg | Filesystem, dest_dir: PathArg, path: PathArg = "/", 
         return _Unpacker(fs, progress).run(dest_dir, path)
 
 
-def _current_umask() -> int:
-    """The process umask, read without changing it (``/proc/self/status``), 0o022 if unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def _join(top: str, name: str) -> str:
     return top + name if top.endswith("/") else top + "/" + name
 
@@ -165,7 +153,7 @@ class _Unpacker:
         self.bar: Progress | None = None
         self.root = os.geteuid() == 0
         self.uid, self.egid = os.geteuid(), os.getegid()
-        self.umask = _current_umask()
+        self.umask = current_umask()
         #: inode -> (directory names from dest_dir, name) of its first extracted name.
         self.links: dict[int, tuple[tuple[str, ...], str]] = {}
         self.dirs_seen: set[int] = set()

@@ -38,6 +38,15 @@ Caching (nothing but this process changes the image while it is mounted):
   no xipfs writer can change it underneath (one that tries gets ``EBUSY``; mounting while a
   writer has it fails the same way). The image is then immutable: names, attributes and data
   are cached for an hour (``kernel_cache``).
+
+Warm reads (data already in the page cache) never reach the server, not even as a GETATTR: the
+kernel copies from its page cache, and how fast is the kernel's business. Linux 6.18 caches FUSE
+file data in 4 KiB folios only (large folios for FUSE, without writeback cache and sized by
+``min(max_read, max_write)``, were proposed upstream in August 2025 and are not in it), where
+ext4 uses folios of up to 2 MiB; so a warm sequential read through the mount runs at 0.3-0.5x
+of one through a loop mount (``benchmarks/bench_fuse.py``). No mount option or init flag
+changes that, and FUSE passthrough cannot help: it reads a backing file at the same offsets,
+while a file's bytes lie at other offsets (and in pieces) inside the image.
 """
 
 from __future__ import annotations

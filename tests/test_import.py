@@ -718,3 +718,71 @@ def test_pycs_from_pack_compile_are_used(tmp_path, clean_import, monkeypatch):
     sys.path.insert(0, img + "/site")
     assert importlib.import_module("packq").M == 7
     fsck_clean(img)
+
+
+# -- the fast paths give what the general ones give ---------------------------------------------
+def test_fast_file_reads_match_the_block_map(tmp_path, clean_import):
+    sizes = {"empty": 0, "one": 100, "twelve_blocks": 12 * 4096, "indirect": 13 * 4096 + 5, "big": 300_000}
+    files = {f"rd/{name}.bin": os.urandom(n) for name, n in sizes.items()}
+    tree = write_tree(tmp_path / "rd", files)
+    img = pack(tree, str(tmp_path / "rd.img"))
+    with xipfs.open(img, "r+") as fs, fs.open("/rd/sparse.bin", "wb") as f:   # a hole, then data
+        f.seek(5 * 4096)
+        f.write(b"tail")
+    image = importer._image(img)
+    vol = image.fs.volume
+    for name in [*sizes, "sparse"]:
+        path = f"/rd/{name}.bin"
+        node = vol.resolve(path)
+        if node.size:
+            assert importer._direct_run(vol, node) == node.map.whole, name
+        expected = files[f"rd/{name}.bin"] if name in sizes else bytes(5 * 4096) + b"tail"
+        assert image.read(path) == expected, name
+    assert importer._direct_run(vol, vol.resolve("/rd/one.bin"))           # the common case: one run
+    assert not importer._direct_run(vol, vol.resolve("/rd/indirect.bin"))  # needs the block map
+
+
+def test_image_reached_by_two_names_is_opened_once(tmp_path, clean_import):
+    tree = write_tree(tmp_path / "t", {"two_names_q.py": "N = 2\n"})
+    img = pack(tree, str(tmp_path / "two.img"))
+    alias = str(tmp_path / "alias.img")
+    os.symlink(img, alias)
+    assert importer.path_hook(img)._image is importer.path_hook(alias)._image
+    assert importer._image(alias) is importer._image(img)
+
+
+def test_new_entry_sees_an_image_changed_in_place(tmp_path, clean_import):
+    tree = write_tree(tmp_path / "t", {"b/keep.txt": "x"})
+    img = pack(tree, str(tmp_path / "ip.img"))
+    sys.path.insert(0, img + "/b")
+    with pytest.raises(ModuleNotFoundError):           # /b is listed now, without the module
+        importlib.import_module("inplace_b_q")
+    with xipfs.open(img, "r+") as fs:
+        fs.write_bytes("/b/inplace_b_q.py", b"B = 2\n")
+    alias = str(tmp_path / "alias.img")
+    os.symlink(img, alias)
+    sys.path.insert(0, alias + "/b")                    # a new entry: the path hook looks again
+    assert importlib.import_module("inplace_b_q").B == 2
+
+
+def test_normalize_matches_importlib_metadata():
+    import re
+
+    def reference(name: str) -> str:                    # importlib.metadata.Prepared.normalize
+        return re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
+    for name in ["tqdm", "Foo.Bar--baz__q", "a-_.-b", "XipDemo_Q", "__x__", "a..b", "-lead", "trail.", ""]:
+        assert importer._normalize(name) == reference(name)
+
+
+def test_resource_text_has_universal_newlines_like_a_file(image_of, tmp_path):
+    raw = b"one\r\ntwo\rthree\n\xc3\xa9\n"
+    img, entry = image_of({"nlq/__init__.py": "", "nlq/t.txt": raw})
+    disk = tmp_path / "t.txt"
+    disk.write_bytes(raw)
+    root = resources.files(importlib.import_module("nlq"))
+    for encoding in ("utf-8", "latin-1", None):
+        assert root.joinpath("t.txt").read_text(encoding=encoding) == disk.read_text(encoding=encoding)
+    with pytest.raises(UnicodeDecodeError):
+        root.joinpath("t.txt").read_text(encoding="ascii")
+    assert root.joinpath("t.txt").read_text(encoding="ascii", errors="replace") == \
+        disk.read_text(encoding="ascii", errors="replace")

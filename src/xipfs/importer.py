@@ -32,6 +32,7 @@ import io
 import os
 import posixpath
 import stat
+import struct
 import sys
 import threading
 from collections.abc import Iterator
@@ -63,6 +64,7 @@ _SUPERBLOCK = (1024, 1024)          # (offset, size): compared to notice a chang
 _FT_REG, _FT_DIR = 1, 2
 #: FileFinder's order: extension modules (None), then source (True), then sourceless bytecode.
 _SUFFIXES = (*((s, None) for s in EXTENSION_SUFFIXES), (".py", True), (".pyc", False))
+_INITS = tuple(("__init__" + suffix, source) for suffix, source in _SUFFIXES)
 
 
 # -- images: opened once per process ----------------------------------------------------------
@@ -75,7 +77,7 @@ class _Image:
     page faults a first touch of a fresh mapping costs in every new process.
     """
 
-    def __init__(self, real: str) -> None:
+    def __init__(self, real: str, probe: _Probe | None = None) -> None:
         self.real = real
         #: Serialises the finders' and loaders' reads (the volume's caches are plain dicts).
         self.lock = threading.RLock()
@@ -83,34 +85,51 @@ class _Image:
         self._fd = -1
         self._signature: tuple[Any, ...] | None = None
         self._dirs: dict[str, dict[str, tuple[int, int]]] = {}
-        self._open()
+        self._open(probe)
 
-    def _open(self) -> None:
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of the image file: what the process-wide registry knows it by."""
+        assert self._signature is not None
+        return self._signature[0], self._signature[1]
+
+    def _open(self, probe: _Probe | None = None) -> None:
+        """Map the image (from the descriptor of ``probe`` when given: no second open)."""
         from .device.memory import MemoryDevice
         from .fs import Filesystem
         from .fs import open as open_fs
+        if probe is None:
+            probe = _probe(self.real)
+        fd, signature = probe
         try:                        # mapped whatever the storage: reading needs no page cache
-            device = MemoryDevice.from_path(self.real, readonly=True, kind="image")
-        except (OSError, ValueError):
+            device = MemoryDevice.from_fd(fd, size=signature[2] or None, readonly=True, name=self.real,
+                                           kind="image")
+        except (OSError, ValueError):   # from_fd has closed fd
             fs = open_fs(self.real, "r")
+            signature = _signature(self.real, fs.device.fileno() if fs.device.fileno() >= 0 else None)
         else:
             fs = Filesystem(device, "r")
         self.fs = fs
         self._fd = fs.device.fileno()
         self._dirs = {}
-        self._signature = _signature(self.real, self._fd if self._fd >= 0 else None)
+        self._signature = signature
 
-    def refresh(self, forget: bool = True) -> None:
+    def refresh(self, forget: bool = True, probe: _Probe | None = None) -> None:
         """Reopen the image when its file or superblock changed; else, with ``forget``, drop
-        what was read (listings, inodes) so that changes made through a mapping show."""
+        what was read (listings, inodes) so that changes made through a mapping show.
+
+        ``probe`` is the image file already opened (and is consumed): no second open."""
         with self.lock:
-            try:
-                changed = _signature(self.real) != self._signature
-            except OSError:
-                return                  # gone: keep serving what is mapped, as an open file does
-            if changed:
-                self._open()            # the old Filesystem goes with the last loader using it
-            elif forget:
+            if probe is None:
+                try:
+                    probe = _probe(self.real)
+                except OSError:
+                    return              # gone: keep serving what is mapped, as an open file does
+            if probe[1] != self._signature:
+                self._open(probe)       # the old Filesystem goes with the last loader using it
+                return
+            os.close(probe[0])
+            if forget:
                 self._dirs = {}
                 self.fs.volume.forget_cached()
 
@@ -137,6 +156,10 @@ class _Image:
         entry = self.entries(head or "/").get(name)
         if entry is None:
             return ""
+        return self.entry_kind(entry, path)
+
+    def entry_kind(self, entry: tuple[int, int], path: str) -> str:
+        """:meth:`kind` of ``path`` whose entry in its directory's listing is ``entry``."""
         ftype = entry[1]
         if ftype == _FT_REG:
             return "f"
@@ -154,18 +177,23 @@ class _Image:
     def file(self, path: str) -> Any:
         """The inode of regular file ``path``; the ``OSError`` that ``os`` raises where there is none."""
         head, _, name = path.rpartition("/")
-        entry = self.entries(head or "/").get(name)
+        head = head or "/"
+        listing = self._dirs.get(head)
+        if listing is None:
+            listing = self.entries(head)
+        entry = listing.get(name)
         with self.lock:
             vol = self.fs.volume
             if entry is not None and entry[1] == _FT_REG:
-                return vol.live_inode(entry[0], name, head or "/")
+                return vol.live_inode(entry[0], name, head)
             node = vol.resolve(path, True)      # a symlink, or the error for what is missing
             if not node.is_reg:
                 raise fs_error(errno.EISDIR if node.is_dir else errno.ENXIO, path)
             return node
 
     def read(self, path: str) -> bytes:
-        """The content of regular file ``path`` in the image (one ``pread`` per run of blocks)."""
+        """The content of regular file ``path`` in the image: one ``pread`` per run of blocks
+        (one for nearly every file: a small file is one run)."""
         node = self.file(path)
         size = node.size
         fd = self._fd
@@ -173,16 +201,20 @@ class _Image:
             vol = self.fs.volume
             if fd < 0 or size == 0:
                 return vol.read_bytes(node, 0, size)
-            parts = []
-            for _, length, where in vol.segments(node, 0, size):
-                if where < 0:
-                    parts.append(bytes(length))
-                    continue
-                data = os.pread(fd, length, where)
-                if len(data) != length:
-                    raise CorruptImageError(f"file data at byte {where} lies past the end of the image",
-                                            f"inode {node.ino}")
-                parts.append(data)
+            whole = _direct_run(vol, node)
+            runs = None if whole else list(vol.segments(node, 0, size))
+        if whole:
+            runs = [(0, size, whole * vol.bs)]
+        parts = []
+        for _, length, where in runs:
+            if where < 0:
+                parts.append(bytes(length))
+                continue
+            data = os.pread(fd, length, where)
+            if len(data) != length:
+                raise CorruptImageError(f"file data at byte {where} lies past the end of the image",
+                                        f"inode {node.ino}")
+            parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def mtime_size(self, path: str) -> tuple[float, int]:
@@ -192,6 +224,29 @@ class _Image:
         return sec + nsec * 1e-9, node.size
 
 
+def _direct_run(vol: Any, node: Any) -> int:
+    """The first device block of a file held in one contiguous run of direct blocks (nearly
+    every module and bytecode file), checked as the block map checks it; else 0. Reading
+    such a file needs no block map (``Volume.segments`` gives the same run)."""
+    n = -(-node.size // vol.bs)
+    if n > _N_DIRECT:
+        return 0
+    words = _I_BLOCK_DIRECT(node.i_block, 0)
+    first = words[0]
+    if not first or words[:n] != tuple(range(first, first + n)):
+        return 0
+    node.check_format()
+    vol.check_data_run(first, n, node.ino)
+    return first
+
+
+_N_DIRECT = 12
+_I_BLOCK_DIRECT = struct.Struct("<12I").unpack_from
+
+#: An image file opened for reading: ``(descriptor, signature)``.
+_Probe = tuple[int, tuple[Any, ...]]
+
+
 def _signature(path: str, fd: int | None = None) -> tuple[Any, ...]:
     """What tells that an image changed: its identity, size, mtime and superblock bytes
     (of the file ``path`` names now, or of the open descriptor ``fd``)."""
@@ -199,27 +254,59 @@ def _signature(path: str, fd: int | None = None) -> tuple[Any, ...]:
     if own:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, os.pread(fd, _SUPERBLOCK[1], _SUPERBLOCK[0])
+        return _fd_signature(fd)
     finally:
         if own:
             os.close(fd)
 
 
-_images: dict[str, _Image] = {}
+def _fd_signature(fd: int) -> tuple[Any, ...]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, os.pread(fd, _SUPERBLOCK[1], _SUPERBLOCK[0])
+
+
+def _probe(path: str) -> _Probe:
+    """Open the file ``path`` for reading and take its signature (the caller owns the descriptor)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fd, _fd_signature(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_ext2_signature(signature: tuple[Any, ...]) -> bool:
+    sb = signature[4]
+    return sb[_EXT2_MAGIC_AT - _SUPERBLOCK[0]:_EXT2_MAGIC_AT - _SUPERBLOCK[0] + 2] == _EXT2_MAGIC
+
+
+#: The images opened in this process, by ``(st_dev, st_ino)`` of the image file.
+_images: dict[tuple[int, int], _Image] = {}
 _images_lock = threading.Lock()
 
 
-def _image(path: str) -> _Image:
-    """The shared :class:`_Image` of the image file ``path`` (keyed by its real path)."""
-    real = os.path.realpath(path)
+def _image(path: str, probe: _Probe | None = None) -> _Image:
+    """The shared :class:`_Image` of the image file ``path`` (one per file, whatever names it).
+
+    ``probe`` is the file already opened (consumed); a known image is checked for changes with it.
+    """
+    if probe is None:
+        probe = _probe(path)
+    key = probe[1][0], probe[1][1]
     with _images_lock:
-        image = _images.get(real)
+        image = _images.get(key)
         if image is None:
-            image = _images[real] = _Image(real)
-        else:
-            image.refresh(forget=False)     # a new path entry: notice an image made anew
-        return image
+            image = _images[key] = _Image(path, probe)
+            return image
+    image.refresh(forget=False, probe=probe)    # a new path entry: notice an image changed in place
+    _register(image)
+    return image
+
+
+def _register(image: _Image) -> None:
+    """Know ``image`` by its file's current identity (which a reopen may have changed)."""
+    with _images_lock:
+        _images.setdefault(image.key, image)
 
 
 def _reset_locks_after_fork() -> None:
@@ -234,18 +321,17 @@ if hasattr(os, "register_at_fork"):
 
 
 # -- which path entries are images ------------------------------------------------------------
-def _is_ext2(path: str) -> bool:
-    """True when the regular file ``path`` carries the ext2 superblock magic."""
+def _ext2_probe(path: str) -> _Probe | None:
+    """The regular file ``path`` opened with its signature when it carries the ext2 superblock
+    magic (the caller then owns the descriptor), else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        probe = _probe(path)
     except OSError:
-        return False
-    try:
-        return os.pread(fd, 2, _EXT2_MAGIC_AT) == _EXT2_MAGIC
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+        return None
+    if _is_ext2_signature(probe[1]):
+        return probe
+    os.close(probe[0])
+    return None
 
 
 def _shm_file(name: str) -> str | None:
@@ -262,7 +348,21 @@ def find_image(entry: str) -> tuple[str, str, str] | None:
     that is an ext2 image (or a ``/NAME`` that exists only as the shared-memory object
     ``/dev/shm/NAME``); the rest is the directory inside, ``""`` for the root.
     """
-    path = os.path.abspath(entry) if entry else os.getcwd()
+    found = _locate(entry)
+    if found is None:
+        return None
+    os.close(found[3][0])
+    return found[:3]
+
+
+def _is_clean_absolute(path: str) -> bool:
+    """True when ``os.path.abspath(path)`` is ``path`` (most entries): no call needed."""
+    return path[:1] == "/" and path[-1:] != "/" and "//" not in path and "/." not in path
+
+
+def _locate(entry: str) -> tuple[str, str, str, _Probe] | None:
+    """:func:`find_image` and the image file opened (the caller owns its descriptor)."""
+    path = entry if _is_clean_absolute(entry) else os.path.abspath(entry) if entry else os.getcwd()
     rest: list[str] = []
     while True:
         try:
@@ -271,19 +371,21 @@ def find_image(entry: str) -> tuple[str, str, str] | None:
             shm = _shm_file(path)
             if shm is not None:
                 try:
-                    if stat.S_ISREG(os.stat(shm).st_mode) and _is_ext2(shm):
-                        return path, shm, "/".join(reversed(rest))
+                    probe = _ext2_probe(shm) if stat.S_ISREG(os.stat(shm).st_mode) else None
                 except OSError:
-                    pass
-            head, tail = os.path.split(path)
-            if head == path or not tail:
+                    probe = None
+                if probe is not None:
+                    return path, shm, "/".join(reversed(rest)), probe
+            head, _, tail = path.rpartition("/")     # os.path.split of a normalised path
+            if not tail:
                 return None
             rest.append(tail)
-            path = head
+            path = head or "/"
             continue
-        if stat.S_ISREG(st.st_mode) and _is_ext2(path):
-            return path, path, "/".join(reversed(rest))
-        return None
+        probe = _ext2_probe(path) if stat.S_ISREG(st.st_mode) else None
+        if probe is None:
+            return None
+        return path, path, "/".join(reversed(rest)), probe
 
 
 #: Images found through path entries, by the name the entries give them: a package's
@@ -308,12 +410,12 @@ def path_hook(entry: str) -> XipPathFinder:
         if hit is not None:
             named, image, inner = hit
             return XipPathFinder(image, named, inner)
-    found = find_image(entry)
+    found = _locate(entry)
     if found is None:
         raise ImportError("not an ext2 image path", path=entry)
-    named, real, inner = found
+    named, real, inner, probe = found
     try:
-        image = _image(real)
+        image = _image(real, probe)
     except OSError as err:
         raise ImportError(f"cannot open ext2 image {named!r}: {err}", path=entry) from err
     _known[named] = image
@@ -336,12 +438,13 @@ class XipPathFinder:
         self.image = named                        # the image as the path entry names it
         self.inner = "/" + inner.strip("/")        # the directory inside, absolute in the image
         self.path = named + self.inner.rstrip("/")  # the directory as a path entry
+        self._prefix = self.inner.rstrip("/") + "/"  # what names in the directory start with
 
     def __repr__(self) -> str:
         return f"XipPathFinder({self.path!r})"
 
     def _join(self, name: str) -> str:
-        return self.inner + name if self.inner == "/" else self.inner + "/" + name
+        return self._prefix + name
 
     # -- the PathEntryFinder protocol -------------------------------------------------------
     def find_spec(self, fullname: str, target: object = None) -> ModuleSpec | None:
@@ -354,19 +457,25 @@ class XipPathFinder:
         """
         tail = fullname.rpartition(".")[2]
         image = self._image
-        entries = image.entries(self.inner)
+        entries = image._dirs.get(self.inner)
+        if entries is None:
+            entries = image.entries(self.inner)
+        prefix = self._prefix
         namespace = None
-        if tail in entries and image.kind(self._join(tail)) == "d":
-            base = self._join(tail)
-            for suffix, source in _SUFFIXES:
-                init = base + "/__init__" + suffix
-                if image.kind(init) == "f":
-                    return self._spec(fullname, init, source, base)
+        entry = entries.get(tail)
+        if entry is not None and image.entry_kind(entry, prefix + tail) == "d":
+            base = prefix + tail
+            inside = image.entries(base)
+            for name, source in _INITS:
+                entry = inside.get(name)
+                if entry is not None and image.entry_kind(entry, f"{base}/{name}") == "f":
+                    return self._spec(fullname, f"{base}/{name}", source, base)
             namespace = base
         for suffix, source in _SUFFIXES:
             name = tail + suffix
-            if name in entries and image.kind(self._join(name)) == "f":
-                return self._spec(fullname, self._join(name), source, None)
+            entry = entries.get(name)
+            if entry is not None and image.entry_kind(entry, prefix + name) == "f":
+                return self._spec(fullname, prefix + name, source, None)
         if namespace is not None:
             spec = ModuleSpec(fullname, None)
             spec.submodule_search_locations = [self.image + namespace]
@@ -413,6 +522,7 @@ class XipPathFinder:
         """Drop the directory listings (and what the image remembers); see a changed image."""
         _known.clear()
         self._image.refresh()
+        _register(self._image)
 
     # -- importlib.metadata ---------------------------------------------------------------------
     def distributions(self, name: str | None) -> Iterator[Any]:
@@ -428,9 +538,16 @@ class XipPathFinder:
 
 
 def _normalize(name: str) -> str:
-    """PEP 503 normalisation with underscores, as ``importlib.metadata`` matches names."""
-    import re
-    return re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
+    """PEP 503 normalisation with underscores, as ``importlib.metadata`` matches names: runs of
+    "-", "_" and "." become one "_" (without a regular expression: compiling one costs more
+    than a first import from an image saves)."""
+    name = name.lower().translate(_SEPARATORS)
+    while "__" in name:
+        name = name.replace("__", "_")
+    return name
+
+
+_SEPARATORS = str.maketrans("-.", "__")
 
 
 # -- loaders --------------------------------------------------------------------------------
@@ -443,6 +560,8 @@ class _ImageData:
         self._prefix = named + "/"
 
     def _inner(self, path: Any) -> str:
+        if type(path) is str and path.startswith(self._prefix):    # the usual case, made short
+            return path[len(self._named):]
         p = os.fspath(path)
         if isinstance(p, bytes):
             p = os.fsdecode(p)
@@ -471,7 +590,9 @@ class XipLoader(_ImageData, _bx.SourceLoader):
     """
 
     def __init__(self, image: _Image, named: str, fullname: str, origin: str, package: bool) -> None:
-        super().__init__(image, named)
+        self._image = image             # _ImageData.__init__, inline: one loader per module
+        self._named = named
+        self._prefix = named + "/"
         self.name = fullname
         self.path = origin
         self._package = package
@@ -647,8 +768,12 @@ class ImageTraversable:
         return self._image.read(self.inner)
 
     def read_text(self, encoding: str | None = None, errors: str | None = None) -> str:
-        with self.open("r", encoding=encoding, errors=errors) as f:
-            return f.read()
+        """The file decoded with universal newlines, as ``open(mode="r").read()`` returns it."""
+        data = self._image.read(self.inner)
+        if encoding is None:            # the locale's encoding, as TextIOWrapper picks it
+            return io.TextIOWrapper(io.BytesIO(data), errors=errors).read()
+        text = data.decode(encoding, errors or "strict")
+        return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
     def open(self, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         """``"rb"``: a binary file object reading from the image; ``"r"``: text over it."""
@@ -704,9 +829,13 @@ def _distribution_class() -> Any:
                 return f"<ImageDistribution {str(self._path)!r}>"
 
             def read_text(self, filename: str) -> str | None:
-                path = self._path if self._path.is_file() else self._path.joinpath(filename)
-                if path is self._path and filename != "PKG-INFO":
-                    return None                   # an egg-info *file* is only PKG-INFO
+                here = self._path
+                if here._image.kind(here.inner) == "f":
+                    if filename != "PKG-INFO":
+                        return None               # an egg-info *file* is only PKG-INFO
+                    path = here
+                else:
+                    path = here.joinpath(filename)
                 try:
                     return path.read_text(encoding="utf-8")
                 except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
@@ -826,6 +955,7 @@ def invalidate_caches() -> None:
         images = list(_images.values())
     for image in images:
         image.refresh()
+        _register(image)
 
 
 # -- running a module from an image -----------------------------------------------------------

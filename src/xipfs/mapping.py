@@ -27,6 +27,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ._libc import libc
 from .ext2 import data as _data
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = libc
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int64]

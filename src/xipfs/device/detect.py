@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import functools
+import ctypes
 import os
 import stat
 
+from .._libc import libc
 from .base import Device
 from .file import FileDevice, PageCache
 from .memory import MemoryDevice
@@ -59,24 +60,18 @@ def dax_char_device(st: os.stat_result) -> bool:
 _MEMORY_MAGIC = {0x01021994: "tmpfs", 0x958458F6: "hugetlbfs", 0x858458F6: "ramfs"}
 
 
+_statfs = libc.statfs                      # looked up once, at import, not on the first open
+_statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+_statfs.restype = ctypes.c_int
+_StatfsBuffer = ctypes.c_char * 512              # struct statfs is 120 bytes on 64-bit Linux
+
+
 def _fs_magic(path: str | os.PathLike[str]) -> int | None:
     """``statfs(2)``'s ``f_type`` for ``path`` (its first field), or None where unavailable."""
-    try:
-        import ctypes
-
-        buf = ctypes.create_string_buffer(512)
-        if _libc().statfs(os.fsencode(path), buf) != 0:
-            return None
-        return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
-    except (OSError, AttributeError, ImportError):
+    buf = _StatfsBuffer()
+    if _statfs(os.fsencode(path), buf) != 0:
         return None
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> object:
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def storage_kind(path: str | os.PathLike[str]) -> str:

@@ -387,3 +387,40 @@ def test_pack_then_unpack_gives_the_tree_back(tree_src, work, bs):
             groups_src.setdefault(node.src_ino, set()).add(path)
             groups_back.setdefault(got.src_ino, set()).add(path)
     assert sorted(map(sorted, groups_src.values())) == sorted(map(sorted, groups_back.values()))
+
+
+def test_repacking_replaces_the_image_whole(work):
+    """A new image replaces the old one in one rename: a mapping of the old image keeps its
+    bytes, a pack that fails half-way leaves the old image as it was, and no file is left over."""
+    src = os.path.join(work, "src")
+    os.makedirs(src)
+    with open(os.path.join(src, "f"), "wb") as f:
+        f.write(b"old" * 5000)
+    img = os.path.join(work, "r.img")
+    xipfs.pack(src, img)
+    os.chmod(img, 0o640)
+    old = xipfs.open(img)
+    m = old.mmap("/f")
+    with open(os.path.join(src, "f"), "wb") as f:
+        f.write(b"new" * 5000)
+    for i in range(100):                                 # enough files for the progress to run
+        with open(os.path.join(src, f"g{i}"), "wb") as f:
+            f.write(b"x")
+
+    def fail(done: int, total: int) -> None:
+        if done > 15000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        xipfs.pack(src, img, progress=fail)
+    assert sorted(os.listdir(work)) == ["r.img", "src"]
+    with xipfs.open(img) as fs:
+        assert fs.read_bytes("/f") == b"old" * 5000
+    xipfs.pack(src, img)
+    assert os.stat(img).st_mode & 0o777 == 0o640
+    assert bytes(m[:6]) == b"oldold"                      # the old image, still mapped, unchanged
+    m.close()
+    old.close()
+    with xipfs.open(img) as fs:
+        assert fs.read_bytes("/f") == b"new" * 5000
+    assert_fsck_clean(img)

@@ -11,6 +11,7 @@ files. A file that changes or vanishes while it is copied is packed empty and re
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import importlib.util
@@ -104,7 +105,8 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
          extra: float | int = 0.1, label: str | None = None, uuid: str | None = None,
          exclude: Iterable[str] = (), progress: ProgressArg = None,
          compile: bool = False) -> PackResult:  # noqa: A002 - as compileall
-    """Build an ext2 image of the tree at ``src_dir`` in ``image`` (created or overwritten).
+    """Build an ext2 image of the tree at ``src_dir`` in ``image`` (created, or replaced whole:
+    an existing image file is renamed over only when the new one is complete).
 
     ``image`` is a path, a POSIX shared-memory name or an open device. ``size=None`` makes the
     image as large as the tree needs plus ``extra`` free space: a float is a fraction of what
@@ -129,7 +131,8 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
     geo = _geometry(nodes, size if not isinstance(target, Device) else target.size,
                     block_size, inode_size, extra)
     layout = _Layout(geo, nodes)               # ENOSPC here leaves the target untouched
-    dev, zeroed, owned = _open_target(target, geo.blocks * geo.bs if size is None else size)
+    dev, zeroed, temp = _open_target(target, geo.blocks * geo.bs if size is None else size)
+    done = False
     try:
         bar = progress_bar(progress, result.bytes, "pack", "B")
         try:
@@ -138,9 +141,15 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
                           populate=lambda d, g, ft: layout.write(d, g, ft, zeroed, result, bar))
         finally:
             bar.close()
+        done = True
     finally:
-        if owned:
+        if dev is not target:
             dev.close()
+        if temp is not None:
+            if done:
+                os.replace(temp, target)
+            else:
+                os.unlink(temp)
     result.size = geo.blocks * geo.bs
     return result
 
@@ -821,21 +830,34 @@ class _Copier:
 
 # -- the target ------------------------------------------------------------------------------
 
-def _open_target(target: str | Device, size: int) -> tuple[Device, bool, bool]:
-    """``(device, known all zeros, ours to close)`` for the image, created at ``size`` bytes."""
+def _open_target(target: str | Device, size: int) -> tuple[Device, bool, str | None]:
+    """``(device, known all zeros, file to rename over the target when done)`` for the image,
+    made ``size`` bytes. A file target is built as a new file beside it: the old image (and
+    every mapping of it in other processes) stays whole until the new one replaces it, and a
+    pack that fails leaves it as it was."""
     from .device.detect import looks_like_shm_name, open_device
 
     if isinstance(target, Device):
-        return target, False, False
+        return target, False, None
     if looks_like_shm_name(target, bare=False) and not os.path.exists(target):
-        return MemoryDevice.from_shm(target, create_size=size), True, True
-    zeroed = False
-    if not os.path.exists(target) or os.path.isfile(target):
-        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-        zeroed = True
-    return open_device(target, readonly=False), zeroed, True
+        return MemoryDevice.from_shm(target, create_size=size), True, None
+    if os.path.exists(target) and not os.path.isfile(target):
+        return open_device(target, readonly=False), False, None      # a block or DAX device
+    head, _, tail = target.rpartition("/")
+    temp = f"{head}/.{tail}.xipfs-pack-{os.getpid()}" if head or target.startswith("/") \
+        else f".{tail}.xipfs-pack-{os.getpid()}"
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.fchmod(fd, os.stat(target).st_mode & 0o7777)        # keep the old image's mode
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp)
+        raise
+    os.close(fd)
+    try:
+        return open_device(temp, readonly=False), True, temp
+    except BaseException:
+        os.unlink(temp)
+        raise

@@ -538,3 +538,27 @@ def test_invalidate_cache_sees_another_process(img: str) -> None:
     reader.invalidate_cache()
     assert reader.cat_file("hello.txt") == b"rewritten by another process"
     assert reader.cat_file("new") == b"n"
+
+
+def test_close_all_releases_images_written_through_urls(tmp_path):
+    """A URL chain opened ``r+`` makes its own cached instance; ``close_all`` closes every one,
+    so the image is clean and unlocked again (xipfs.check takes a reader's lock)."""
+    import xipfs
+
+    Ext2FileSystem = fsspec.get_filesystem_class("ext2")  # noqa: N806 - a class
+    img = os.path.join("/dev/shm", f"xipfs-fsspec-closeall-{os.getpid()}.img")
+    try:
+        xipfs.mkfs(img, 8 << 20)
+        with fsspec.open(f"ext2://a.txt::{img}", "wb", ext2={"mode": "r+"}) as f:
+            f.write(b"hello")
+        with pytest.raises(OSError) as err:
+            xipfs.check(img)
+        assert err.value.errno == errno.EBUSY
+        Ext2FileSystem.close_all()
+        assert xipfs.check(img) == []
+        with xipfs.open(img) as fs:
+            assert fs.read_bytes("/a.txt") == b"hello"
+    finally:
+        Ext2FileSystem.clear_instance_cache()
+        if os.path.exists(img):
+            os.unlink(img)

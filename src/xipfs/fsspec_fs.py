@@ -907,6 +907,16 @@ class Ext2FileSystem(AbstractFileSystem):
         if image.pid == os.getpid():
             image.release(self.mode == "r+")
 
+    @classmethod
+    def close_all(cls) -> None:
+        """Close every cached instance: each image written through them (URL chains such as
+        ``pandas.to_csv("ext2://x.csv::img", ...)`` make their own) is written back, marked
+        clean and unlocked, as at process exit."""
+        with cls._instantiation_lock:
+            instances = list(cls._cache.values())
+        for fs in instances:
+            fs.close()
+
     def __enter__(self) -> Ext2FileSystem:
         return self
 

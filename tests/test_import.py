@@ -733,13 +733,10 @@ def test_fast_file_reads_match_the_block_map(tmp_path, clean_import):
     vol = image.fs.volume
     for name in [*sizes, "sparse"]:
         path = f"/rd/{name}.bin"
-        node = vol.resolve(path)
-        if node.size:
-            assert importer._direct_run(vol, node) == node.map.whole, name
         expected = files[f"rd/{name}.bin"] if name in sizes else bytes(5 * 4096) + b"tail"
         assert image.read(path) == expected, name
-    assert importer._direct_run(vol, vol.resolve("/rd/one.bin"))           # the common case: one run
-    assert not importer._direct_run(vol, vol.resolve("/rd/indirect.bin"))  # needs the block map
+    assert vol.resolve("/rd/one.bin").map.whole              # the common case: one pread
+    assert not vol.resolve("/rd/indirect.bin").map.whole     # needs the block map
 
 
 def test_image_reached_by_two_names_is_opened_once(tmp_path, clean_import):

@@ -842,14 +842,7 @@ def test_fallocate_out_of_space(bs: int, start: int) -> None:
     with tempfile.TemporaryDirectory(dir=SHM) as tmp:
         img = mkfs(os.path.join(tmp, "img"), "4M", bs=bs)
         with xipfs.open(img, "r+") as fs:
-            with fs.open("/fill", "wb", buffering=0) as f:
-                while True:
-                    try:
-                        if f.write(payload(2, 1 << 16)) < 1 << 16:
-                            break
-                    except OSError:
-                        break
-            fs.truncate("/fill", fs.stat("/fill").st_size - 3 * bs)       # three blocks free
+            fill_all_but(fs, 3)
             fs.write_bytes("/f", payload(3, 100))
             fs.truncate("/f", 300_000)
             with fs.open("/f", "r+b", buffering=0) as f:

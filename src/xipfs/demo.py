@@ -70,7 +70,7 @@ def _show_mapping(fs: Filesystem, image: str, path: str, size: int) -> None:
     with fs.mmap(path) as m:
         kind = "XIP: the image's own pages, stitched in" if m.is_xip else "a private copy"
         print(f"  fs.mmap({path!r}): {size} bytes in {m.runs} run(s); {kind}")
-        lblk, _count, pblk = fs.block_runs(path)[0]
+        _, _, pblk = fs.block_runs(path)[0]
         with open(image, "rb") as raw:                    # the same bytes at the block's offset
             same = os.pread(raw.fileno(), 64, pblk * fs.block_size) == m[:64]
         print(f"  its first bytes are image block {pblk}'s bytes: {same}")

@@ -32,7 +32,6 @@ import io
 import os
 import posixpath
 import stat
-import struct
 import sys
 import threading
 from collections.abc import Iterator
@@ -201,7 +200,7 @@ class _Image:
             vol = self.fs.volume
             if fd < 0 or size == 0:
                 return vol.read_bytes(node, 0, size)
-            whole = _direct_run(vol, node)
+            whole = node.map.whole          # one contiguous run: nearly every module
             runs = None if whole else list(vol.segments(node, 0, size))
         if whole:
             runs = [(0, size, whole * vol.bs)]
@@ -223,25 +222,6 @@ class _Image:
         sec, nsec = divmod(node.mtime_ns, 1_000_000_000)
         return sec + nsec * 1e-9, node.size
 
-
-def _direct_run(vol: Any, node: Any) -> int:
-    """The first device block of a file held in one contiguous run of direct blocks (nearly
-    every module and bytecode file), checked as the block map checks it; else 0. Reading
-    such a file needs no block map (``Volume.segments`` gives the same run)."""
-    n = -(-node.size // vol.bs)
-    if n > _N_DIRECT:
-        return 0
-    words = _I_BLOCK_DIRECT(node.i_block, 0)
-    first = words[0]
-    if not first or words[:n] != tuple(range(first, first + n)):
-        return 0
-    node.check_format()
-    vol.check_data_run(first, n, node.ino)
-    return first
-
-
-_N_DIRECT = 12
-_I_BLOCK_DIRECT = struct.Struct("<12I").unpack_from
 
 #: An image file opened for reading: ``(descriptor, signature)``.
 _Probe = tuple[int, tuple[Any, ...]]

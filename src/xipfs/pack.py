@@ -31,11 +31,13 @@ from .ext2.mkfs import (
     LOST_FOUND_INO,
     Geometry,
     GroupUse,
+    empty_block,
     feature_words,
     format_device,
     inode_ratio,
     lost_found_blocks,
     plan,
+    prefix_bitmap,
 )
 from .ext2.xattr import build_block, split_name
 from .progress import ProgressArg, progress_bar
@@ -414,8 +416,7 @@ def _dir_blocks(node: _Node, bs: int) -> list[bytes]:
     struct.pack_into("<H", buf, last + 4, bs - last if bs < 65536 else 0)
     blocks.append(bytes(buf))
     if node.ino == LOST_FOUND_INO:
-        empty = struct.pack("<IH", 0, bs if bs < 65536 else 0).ljust(bs, b"\0")
-        blocks.extend([empty] * (lost_found_blocks(bs) - len(blocks)))
+        blocks.extend([empty_block(bs)] * (lost_found_blocks(bs) - len(blocks)))
     return blocks
 
 
@@ -569,15 +570,16 @@ class _Layout:
             raise OSError(errno.ENOSPC, "the tree has more entries than the image has inodes")
         cur = _Cursor(geo)
         p = bs // 4
-        xblocks: dict[tuple, list[int]] = {}         # xattr set -> [block, users]
-        self.xattr_blocks: list[tuple[int, tuple]] = []
+        xblocks: dict[tuple, list] = {}              # xattr set -> its block being filled
+        #: Shared xattr blocks: [block, attributes, inodes using it (its refcount)].
+        self.xattr_blocks: list[list] = []
         for node in nodes:
             if node.xattrs:
                 slot = xblocks.get(node.xattrs)
-                if slot is None or slot[1] >= _XATTR_SHARE_MAX:
-                    slot = xblocks[node.xattrs] = [cur.take(1)[0][0], 0]
-                    self.xattr_blocks.append((slot[0], node.xattrs))
-                slot[1] += 1
+                if slot is None or slot[2] >= _XATTR_SHARE_MAX:
+                    slot = xblocks[node.xattrs] = [cur.take(1)[0][0], node.xattrs, 0]
+                    self.xattr_blocks.append(slot)
+                slot[2] += 1
                 node.xattr_block = slot[0]
             fmt = node.fmt
             if fmt == st_.S_IFDIR:
@@ -597,10 +599,6 @@ class _Layout:
                     first += k
                 node.nblocks += n
         self.used = cur.used
-        self.refcounts = {blk: 0 for blk, _ in self.xattr_blocks}
-        for node in nodes:
-            if node.xattr_block:
-                self.refcounts[node.xattr_block] += 1
 
     def write(self, dev: Device, geo: Geometry, filetype: bool, zeroed: bool, result: PackResult,
               bar: Any) -> list[GroupUse]:
@@ -609,9 +607,9 @@ class _Layout:
         bs, isize = geo.bs, geo.isize
         copier = _Copier(dev, zeroed)
         freed: list[tuple[int, int]] = []
-        for blk, attrs in self.xattr_blocks:
+        for blk, attrs, users in self.xattr_blocks:
             block = bytearray(build_block(list(attrs), bs))
-            struct.pack_into("<I", block, 4, self.refcounts[blk])
+            struct.pack_into("<I", block, 4, users)          # h_refcount
             dev.write_new(block, blk * bs)
         last_ino = max(n.ino for n in self.nodes)
         table = bytearray(last_ino * isize)
@@ -712,15 +710,8 @@ def _free_run(geo: Geometry, use: list[GroupUse], pblk: int, k: int) -> None:
         u = use[g]
         base = geo.group_start(g)
         if u.blocks_bitmap is None:
-            bits = bytearray(geo.bs)
             used = geo.overhead(g) + u.blocks
-            bits[:used // 8] = b"\xff" * (used // 8)
-            if used % 8:
-                bits[used // 8] = (1 << (used % 8)) - 1
-            nb = geo.group_blocks(g)
-            for i in range(nb, geo.bs * 8):
-                bits[i >> 3] |= 1 << (i & 7)
-            u.blocks_bitmap = bits
+            u.blocks_bitmap = bytearray(prefix_bitmap(used, geo.group_blocks(g), geo.bs))
         n = min(k, base + geo.group_blocks(g) - pblk)
         bits = u.blocks_bitmap
         assert isinstance(bits, bytearray)

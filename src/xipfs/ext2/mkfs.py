@@ -189,8 +189,8 @@ def format_device(dev: Device, *, block_size: int = 4096, inode_size: int = 256,
         if u.blocks_bitmap is not None:
             dev.write(u.blocks_bitmap, bb * bs)
         else:
-            dev.write(_bitmap(geo.overhead(g) + u.blocks, nblocks, bs), bb * bs)
-        dev.write(_bitmap(u.inodes, geo.ipg, bs), ib * bs)
+            dev.write(prefix_bitmap(geo.overhead(g) + u.blocks, nblocks, bs), bb * bs)
+        dev.write(prefix_bitmap(u.inodes, geo.ipg, bs), ib * bs)
         free_b, free_i = nblocks - geo.overhead(g) - u.blocks, geo.ipg - u.inodes
         free_blocks_total += free_b
         free_inodes_total += free_i
@@ -270,7 +270,7 @@ def empty_block(bs: int) -> bytes:
     return struct.pack("<IH", 0, bs if bs < 65536 else 0).ljust(bs, b"\0")
 
 
-def _bitmap(used: int, nbits: int, bs: int) -> bytes:
+def prefix_bitmap(used: int, nbits: int, bs: int) -> bytes:
     """A bitmap block: the first ``used`` bits set, bits ``nbits``.. (padding) set, rest clear."""
     bits = bytearray(bs)
     full, rest = divmod(used, 8)

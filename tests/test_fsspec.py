@@ -556,6 +556,7 @@ def test_close_all_releases_images_written_through_urls(tmp_path):
         assert err.value.errno == errno.EBUSY
         Ext2FileSystem.close_all()
         assert xipfs.check(img) == []
+        assert_fsck_clean(img)
         with xipfs.open(img) as fs:
             assert fs.read_bytes("/a.txt") == b"hello"
     finally:

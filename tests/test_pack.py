@@ -29,7 +29,13 @@ def work(shm_dir, request):
     path = os.path.join(shm_dir, "pack-" + request.node.name.replace("/", "_")[:60])
     os.makedirs(path)
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        for top, _, names in os.walk(path):                 # every image a test leaves is clean
+            for name in names:
+                if name.endswith(".img"):
+                    assert_fsck_clean(os.path.join(top, name))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_times_ns(fs: xipfs.Filesystem, nodes: dict[bytes, treegen.Node], isize: int) -> None:

@@ -873,3 +873,28 @@ def test_xipfs_reads_what_linux_wrote(tmp: str, bs: int, isize: int, umask0: Non
         fs.rename("/linux/a", "/linux/b-dir")
         fs.setxattr("/linux/b-dir/f6", "user.more", b"1")
     assert_fsck_clean(img)
+
+
+@pytest.mark.parametrize("xip", [True, False], ids=["xip", "pagecache"])
+def test_whole_file_runs_follow_every_change(tmp: str, xip: bool) -> None:
+    """Large reads and mappings use the runs of the whole file, kept once computed: filling a
+    hole, truncating and growing again must each show in the next large read."""
+    img = mkfs(os.path.join(tmp, "img"), "16M", bs=1024)       # 1 KiB blocks: 256 pointers a block
+    size = 3 << 20                                               # past 4 indirect blocks' worth
+    with xipfs.open(img, "r+", xip=xip) as fs:
+        with fs.open("/f", "wb", buffering=0) as f:
+            f.write(b"a" * (1 << 20))
+            f.pwrite(b"c" * (1 << 20), 2 << 20)                  # a 1 MiB hole in the middle
+        assert fs.read_bytes("/f") == b"a" * (1 << 20) + bytes(1 << 20) + b"c" * (1 << 20)
+        with fs.open("/f", "r+b", buffering=0) as f:
+            f.pwrite(b"b" * (1 << 20), 1 << 20)                  # the hole gets blocks
+        assert fs.read_bytes("/f") == b"a" * (1 << 20) + b"b" * (1 << 20) + b"c" * (1 << 20)
+        fs.truncate("/f", 1 << 20)
+        fs.truncate("/f", size)                                  # grown again: a hole
+        assert fs.read_bytes("/f") == b"a" * (1 << 20) + bytes(2 << 20)
+        with fs.open("/f", "r+b", buffering=0) as f:
+            f.pwrite(b"d" * (2 << 20), 1 << 20)
+        assert fs.read_bytes("/f") == b"a" * (1 << 20) + b"d" * (2 << 20)
+        fs.truncate("/f", 4 << 20)                               # grown with nothing freed
+        assert fs.read_bytes("/f") == b"a" * (1 << 20) + b"d" * (2 << 20) + bytes(1 << 20)
+    assert_fsck_clean(img)

@@ -485,6 +485,53 @@ def test_fill_image_with_small_files(tmp: str, bs: int) -> None:
     assert_fsck_clean(img)
 
 
+def test_small_files_fill_gaps_in_one_run(tmp: str) -> None:
+    """Small files land in the first free gap of the bitmap that holds them whole, as one run,
+    and never on a block in use: with every other block of a region taken, a one-block file
+    takes the first hole, a two-block file skips the one-block holes for the first two free
+    blocks in a row (the last hole and the block after it), and the image stays clean."""
+    img = mkfs(os.path.join(tmp, "img"), "16M", bs=4096)
+    with xipfs.open(img, "r+") as fs:
+        for i in range(40):
+            fs.write_bytes(f"/a{i}", pattern(i, 4096))
+        blocks = [fs.block_runs(f"/a{i}")[0][2] for i in range(40)]
+        assert blocks == list(range(blocks[0], blocks[0] + 40))        # one after another
+        for i in range(3, 40, 2):                   # holes at every other block from the 4th
+            fs.unlink(f"/a{i}")
+        holes = blocks[3::2]
+        fs.write_bytes("/one", pattern(100, 4096))
+        assert fs.block_runs("/one") == [(0, 1, holes[0])]
+        fs.write_bytes("/two", pattern(101, 2 * 4096))
+        (run_,) = fs.block_runs("/two")
+        assert run_[1:] == (2, blocks[-1])
+        for n in range(1, 9):                        # every size the fast path handles
+            fs.write_bytes(f"/n{n}", pattern(n, n * 4096 - 1))
+            runs = fs.block_runs(f"/n{n}")
+            assert len(runs) == 1 and runs[0][1] == n
+        for i in range(3):
+            assert fs.read_bytes(f"/a{i}") == pattern(i, 4096)
+        assert fs.read_bytes("/two") == pattern(101, 2 * 4096)
+    assert_fsck_clean(img)
+
+
+def test_append_continues_after_the_last_block(tmp: str) -> None:
+    """A file that grows takes the block after its last one, not a free block just before it
+    (the goal is where the search starts, even inside one byte of the bitmap)."""
+    img = mkfs(os.path.join(tmp, "img"), "16M", bs=4096)
+    with xipfs.open(img, "r+") as fs:
+        where = {}
+        for i in range(16):
+            fs.write_bytes(f"/f{i}", pattern(i, 4096))
+            where[i] = fs.block_runs(f"/f{i}")[0][2]
+        i = next(i for i in range(15) if where[i] % 8 <= 5 and where[i + 1] == where[i] + 1
+                 and where[i + 1] + 1 not in where.values())
+        fs.unlink(f"/f{i}")                          # a free block just before /f{i+1}'s
+        with fs.open(f"/f{i + 1}", "ab") as f:
+            f.write(pattern(99, 4096))
+        assert fs.block_runs(f"/f{i + 1}") == [(0, 2, where[i + 1])]
+    assert_fsck_clean(img)
+
+
 @pytest.mark.parametrize("xip", [True, False])
 def test_new_small_file_hides_old_data_past_eof(tmp: str, xip: bool) -> None:
     """A small file written into blocks another file just freed: the bytes of its last block

@@ -443,6 +443,11 @@ class Filesystem:
 
     def _parent(self, p: str) -> tuple[Inode, bytes]:
         """The directory that holds ``p``'s last name, and that name (as bytes)."""
+        parent, tail = self._parent_str(p)
+        return parent, os.fsencode(tail)
+
+    def _parent_str(self, p: str) -> tuple[Inode, str]:
+        """The directory that holds ``p``'s last name, and that name."""
         head, _, tail = p.rstrip("/").rpartition("/")
         if not tail:
             raise fs_error(errno.EBUSY if p.strip("/") == "" else errno.ENOENT, p)
@@ -454,7 +459,7 @@ class Filesystem:
             raise fs_error(err.errno, p) from None
         if not parent.is_dir:
             raise fs_error(errno.ENOTDIR, p)
-        return parent, os.fsencode(tail)
+        return parent, tail
 
     def _create(self, p: str, mode: int, **kw: Any) -> Inode:
         """Make ``p`` (following a dangling symlink at its end, as ``open(O_CREAT)`` does)."""
@@ -683,8 +688,9 @@ class Filesystem:
         vol = self._writable(p)
         with vol.lock:
             if view.nbytes:
-                parent, name = self._parent(p)
-                if p.rstrip("/").rpartition("/")[2] not in vol.dir_index(parent).entries:
+                parent, key = self._parent_str(p)
+                if key not in vol.dir_index(parent).entries:
+                    name = os.fsencode(key)
                     uid, gid = self._owner
                     if parent.mode & 0o2000:                   # setgid directory
                         gid = parent.gid
@@ -692,7 +698,7 @@ class Filesystem:
                     try:
                         namei.check_name(name)
                         if view.nbytes <= vol.bs * 12:          # the direct blocks: one lean pass
-                            namei.create_small(vol, parent, name, mode, uid, gid, view)
+                            namei.create_small(vol, parent, name, mode, uid, gid, view, key)
                         else:
                             namei.create(vol, parent, name, mode, uid, gid, content=view)
                         return view.nbytes

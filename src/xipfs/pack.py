@@ -26,7 +26,7 @@ from typing import Any
 
 from .device import Device, MemoryDevice
 from .ext2 import layout as L
-from .ext2.inode import encode_inode, encode_rdev
+from .ext2.inode import encode_direct_run, encode_inode, encode_rdev
 from .ext2.mkfs import (
     LOST_FOUND_INO,
     Geometry,
@@ -668,7 +668,7 @@ class _Layout:
         last = max(lblk + k for lblk, _, k in node.runs)
         if last <= 12 and len(node.runs) == 1 and node.runs[0][0] == 0:     # the usual small file
             first = node.runs[0][1]
-            return _DIRECT.pack(*range(first, first + last), *([0] * (15 - last)))
+            return encode_direct_run(first, last)
         pmap = array("I", bytes(4 * last))
         for lblk, pblk, k in node.runs:
             pmap[lblk:lblk + k] = array("I", range(pblk, pblk + k))

@@ -145,7 +145,8 @@ class MemoryDevice(Device):
             return
         if self.readonly:
             raise OSError(30, "device is read-only", self.name)
-        self.check_range(offset, n)
+        if offset < 0 or offset + n > self.size:
+            self.check_range(offset, n)
         view = memoryview(data)
         while view:
             done = os.pwrite(self._fd, view, offset)

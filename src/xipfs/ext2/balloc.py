@@ -51,14 +51,22 @@ class BlockAllocator:
         return (block - self.first) // self.bpg
 
     # -- allocation ---------------------------------------------------------------------------
-    def alloc(self, goal: int, count: int) -> list[tuple[int, int]]:
-        """Up to ``count`` blocks as runs ``(first, n)``, from ``goal`` on; ENOSPC if none."""
-        avail = self.available()
+    def alloc(self, goal: int, count: int, whole: bool = False) -> list[tuple[int, int]]:
+        """Up to ``count`` blocks as runs ``(first, n)``, from ``goal`` on; ENOSPC if none.
+
+        ``whole``: a new small file, better placed in the first gap that holds it in one run
+        than spread over the single free blocks nearer the goal.
+        """
+        avail = self._free if self.may_use_reserved else self._free - self.reserved
         if avail <= 0:
             raise fs_error(errno.ENOSPC)
         want = min(count, avail)
         if want <= 8:
-            pblk = self._take_in_byte(goal, want)
+            pblk = self._take_near(goal, want)
+            if pblk:
+                return [(pblk, want)]
+        if whole and want == count:
+            pblk = self._take_fitting(goal, want)
             if pblk:
                 return [(pblk, want)]
         vol = self.volume
@@ -80,36 +88,74 @@ class BlockAllocator:
             raise fs_error(errno.ENOSPC)
         return runs
 
-    def _take_in_byte(self, goal: int, count: int) -> int:
-        """Small files' fast path: ``count`` (at most 8) free blocks in the one bitmap byte
-        where the search from ``goal`` starts. Their first block, or 0 (then search fully)."""
+    def _take_near(self, goal: int, count: int) -> int:
+        """Small files' fast path: ``count`` (at most 8) contiguous free blocks among the 64
+        bits of bitmap where the search from ``goal`` starts. Their first block, or 0 (then
+        search fully)."""
         if not self.first <= goal < self.blocks:
             return 0
         g = (goal - self.first) // self.bpg
         base, nbits = self._span[g]
         bit = max(goal - base, self._low[g])
-        if (bit | 7) >= nbits:
+        byte = bit >> 3
+        if (byte + 8) << 3 > nbits:
             return 0
         vol = self.volume
         gd = vol.groups[g]
         if gd.free_blocks < count:
             return 0
-        at = gd.block_bitmap * vol.bs + (bit >> 3)
-        old = vol.device.view(at, 1)[0]
-        used = old | ((1 << (bit & 7)) - 1)             # bits before the start count as used
-        mask = (1 << count) - 1
-        for shift in range(bit & 7, 9 - count):
-            if not used & (mask << shift):
-                break
-        else:
+        at = gd.block_bitmap * vol.bs + byte
+        old = int.from_bytes(vol.device.view(at, 8), "little")
+        free = ~(old | ((1 << (bit & 7)) - 1)) & 0xFFFF_FFFF_FFFF_FFFF   # bits before the start: used
+        for _ in range(count - 1):
+            free &= free >> 1                  # bit i stays set when bits i..i+count-1 are free
+        if not free:
             return 0
-        first = base + (bit & ~7) + shift
+        shift = (free & -free).bit_length() - 1
+        first = base + (byte << 3) + shift
         vol.check_data_run(first, count, 0, "block the bitmap marks free")
-        vol.device.write(bytes((old | (mask << shift),)), at)
+        new = old | (((1 << count) - 1) << shift)
+        lo, hi = shift >> 3, (shift + count - 1) >> 3
+        vol.device.write(new.to_bytes(8, "little")[lo:hi + 1], at + lo)
         gd.free_blocks -= count
         self._free -= count
         vol.write_group_desc(g)
         return first
+
+    def _take_fitting(self, goal: int, count: int) -> int:
+        """``count`` free blocks in one run in ``goal``'s group, from the goal on: the first
+        gap that holds them among the next few, else the first free bitmap bytes that do.
+        Their first block, or 0 (then the caller takes what it finds)."""
+        if not self.first <= goal < self.blocks:
+            return 0
+        g = (goal - self.first) // self.bpg
+        vol = self.volume
+        gd = vol.groups[g]
+        if gd.free_blocks < count:
+            return 0
+        base, nbits = self._span[g]
+        bm = vol.device.view(gd.block_bitmap * vol.bs, (nbits + 7) >> 3)
+        pos = bitmap.find_zero(bm, self._low[g], nbits)
+        if pos < 0:
+            return 0
+        self._low[g] = pos                          # nothing free below ``pos``
+        pos = max(pos, goal - base)
+        for _ in range(16):                          # first fit, among the nearest gaps
+            pos = bitmap.find_zero(bm, pos, nbits)
+            if pos < 0:
+                return 0
+            n = bitmap.zero_run(bm, pos, min(nbits, pos + count))
+            if n == count:
+                break
+            pos += n
+        else:                                        # many small gaps: whole free bytes
+            byte = bytes(bm[:nbits >> 3]).find(bytes((count + 7) >> 3), (pos + 7) >> 3)
+            if byte < 0:
+                return 0
+            pos = byte << 3
+        vol.check_data_run(base + pos, count, 0, "block the bitmap marks free")
+        self._mark(g, pos, count, True)
+        return base + pos
 
     def _take_from_group(self, g: int, start: int, want: int, runs: list[tuple[int, int]]) -> int:
         """Take up to ``want`` free blocks of group ``g``, searching from bit ``start`` then from 0."""

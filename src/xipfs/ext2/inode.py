@@ -63,6 +63,17 @@ def encode_time(ns: int) -> tuple[int, int]:
     return low, epoch | (nsec << 2)
 
 
+#: Per count, the ``i_block`` of that many direct blocks in a row (the rest zero).
+_DIRECT_RUN = [struct.Struct(f"<{n}I{60 - 4 * n}x") for n in range(L.N_DIRECT + 1)]
+#: Per large inode size, a whole new inode in one struct: base, time extras, zero padding.
+_NEW_WHOLE: dict[int, struct.Struct] = {}
+
+
+def encode_direct_run(first: int, count: int) -> bytes:
+    """``i_block`` for ``count`` (at most 12) direct blocks from ``first`` on: a small file."""
+    return _DIRECT_RUN[count].pack(*range(first, first + count))
+
+
 def encode_new_inode(isize: int, mode: int, uid: int, gid: int, size: int, blocks: int,
                      i_block: bytes, now_ns: int, generation: int) -> bytes:
     """The bytes of a brand-new inode with no links yet, all four times ``now_ns``.
@@ -71,13 +82,16 @@ def encode_new_inode(isize: int, mode: int, uid: int, gid: int, size: int, block
     small files needs no decoded object until someone looks at one.
     """
     sec, x = encode_time(now_ns)
-    base = _NEW_BASE.pack(mode, uid & 0xFFFF, size & 0xFFFFFFFF, sec, sec, sec, 0, gid & 0xFFFF, 0,
-                          blocks, 0, i_block, generation, 0,
-                          size >> 32 if (mode & 0o170000) == 0o100000 else 0, 0,
-                          (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF)
+    head = (mode, uid & 0xFFFF, size & 0xFFFFFFFF, sec, sec, sec, 0, gid & 0xFFFF, 0, blocks, 0,
+            i_block, generation, 0, size >> 32 if (mode & 0o170000) == 0o100000 else 0, 0,
+            (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF)
     if isize < 160:
-        return base.ljust(isize, b"\0")
-    return (base + _NEW_EXTRA.pack(32, x, x, x, sec, x)).ljust(isize, b"\0")
+        return _NEW_BASE.pack(*head).ljust(isize, b"\0")
+    whole = _NEW_WHOLE.get(isize)
+    if whole is None:
+        whole = _NEW_WHOLE[isize] = struct.Struct(
+            _NEW_BASE.format + _NEW_EXTRA.format[1:] + f"{isize - _NEW_BASE.size - _NEW_EXTRA.size}x")
+    return whole.pack(*head, 32, x, x, x, sec, x)
 
 
 def encode_inode(isize: int, mode: int, uid: int, gid: int, size: int, links: int, blocks: int,

@@ -31,7 +31,7 @@ from .dir import (
     rec_len_of,
     remove_from_block,
 )
-from .inode import Inode, encode_new_inode, encode_rdev
+from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev
 from .xattr import drop_block
 
 if TYPE_CHECKING:
@@ -92,13 +92,17 @@ def _touch_dir(vol: Volume, d: Inode, store: bool) -> None:
         vol.touch(d)
 
 
-def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
-    """Insert ``name -> ino`` into directory ``d`` (reusing free space, else a new block)."""
+def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str | None = None) -> None:
+    """Insert ``name -> ino`` into directory ``d`` (reusing free space, else a new block).
+
+    ``key`` is ``name`` decoded, when the caller has it already.
+    """
     bs = vol.bs
     space = dir_space(vol, d)
-    _unindex(vol, d)
+    if d.flags & L.FL_INDEX:
+        _unindex(vol, d)
     ftype = L.IFMT_TO_FT.get(mode & S_IFMT, 0) if vol.filetype else 0
-    need = rec_len_of(len(name))
+    need = (len(name) + 11) & ~3                # rec_len_of, inline: this is the create hot path
     lblk, kind = space.find_slot(need)
     if lblk < 0:
         lblk = d.size // bs
@@ -123,7 +127,7 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
     _touch_dir(vol, d, store=kind == "")
     index = d._dir
     if index is not None:
-        index.entries[os.fsdecode(name)] = (ino, ftype)
+        index.entries[os.fsdecode(name) if key is None else key] = (ino, ftype)
         index._names = None
 
 
@@ -286,7 +290,7 @@ def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int,
 
 
 def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int,
-                 content: memoryview) -> int:
+                 content: memoryview, key: str | None = None) -> int:
     """Make regular file ``name`` with ``content`` (it fits the direct blocks); its number.
 
     ``create`` in one lean pass, for the many-small-files case: inode bit, data blocks, data,
@@ -299,7 +303,7 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
     ino = vol.ialloc.alloc(d.ino, False)
     vol._inodes.pop(ino, None)                          # a free inode someone looked at
     try:
-        runs = vol.balloc.alloc(vol.inode_group_goal(ino), count)
+        runs = vol.balloc.alloc(vol.inode_group_goal(ino), count, whole=True)
     except BaseException:
         vol.ialloc.free(ino, False)
         raise
@@ -321,12 +325,13 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
             pos += c * bs
     if n % bs:                                           # zero the tail of the last block
         vol.device.write_new(bytes(bs - n % bs), blocks[-1] * bs + n % bs)
-    i_block = _DIRECT.pack(*blocks, *([0] * (15 - len(blocks))))
+    i_block = encode_direct_run(blocks[0], count) if len(runs) == 1 else \
+        _DIRECT.pack(*blocks, *([0] * (15 - len(blocks))))
     at = vol.inode_offset(ino)
     vol.device.write(encode_new_inode(vol.isize, mode, uid, gid, n, count * (bs // 512), i_block,
                                       time.time_ns(), random.getrandbits(32)), at)
     try:
-        add_entry(vol, d, name, ino, mode)
+        add_entry(vol, d, name, ino, mode, key)
     except BaseException:
         _discard(vol, vol.inode(ino), False)
         raise

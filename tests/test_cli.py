@@ -356,6 +356,37 @@ def test_cp_directory_needs_r(capsys, img, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_cp_reads_a_fifo_unless_recursive(capsys, empty, tmp_path):
+    """Like cp: a named FIFO given as a source is read (its contents become a file); with -r
+    a FIFO is made anew."""
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:
+            f.write(b"through a pipe\n" * 1000)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    write(capsys, empty, "cp", fifo, f"{empty}:/copied")
+    writer.join()
+    write(capsys, empty, "cp", "-r", fifo, f"{empty}:/node")
+    with xipfs.open(empty) as fs:
+        assert fs.read_bytes("/copied") == b"through a pipe\n" * 1000
+        assert stat.S_ISFIFO(fs.lstat("/node").st_mode)
+
+
+def test_image_name_with_a_colon(capsys, shm, empty):
+    """An image whose file name has a colon is still an image for info, check and ls."""
+    odd = os.path.join(shm, "a:b.img")
+    shutil.copy(empty, odd)
+    assert "Filesystem UUID" in ok(capsys, "info", odd)
+    assert "clean" in ok(capsys, "check", odd)
+    assert "lost+found" in ok(capsys, "ls", f"{odd}:/")
+
+
 def test_cp_image_to_image(capsys, img, empty):
     write(capsys, img, "cp", "-r", f"{img}:/docs", f"{img}:/docs2")         # the same image
     write(capsys, empty, "cp", "-rp", f"{img}:/docs", f"{img}:/link", f"{empty}:/")  # another image
@@ -763,5 +794,5 @@ def test_mount_read_only(img, tmp_path):
         assert (mnt / "docs" / "readme.txt").read_text() == "read me\n"
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)            # waits, and closes its pipes
     assert_fsck_clean(img)

@@ -96,6 +96,8 @@ def _inner(path: str) -> str:
 
 def image_spec(arg: str, default: str | None = None) -> Spec:
     """An operand that must be ``IMAGE[:PATH]`` (``default`` is the path when there is none)."""
+    if default is not None and ":" in arg and is_image_name(arg):
+        return Spec(arg, arg, default)          # an image whose own name has a colon
     split = _image_split(arg)
     if split is None and ":" in arg:
         image, _, path = arg.partition(":")
@@ -879,8 +881,8 @@ class Copier:
             self._replace(dst, dp, st, src.show(sp))
             dst.symlink(src.readlink(sp), dp)
             self._finish(dst, dp, st, False, follow=False)
-        elif stat.S_ISREG(st.st_mode):
-            self._copy_file(src, sp, st, dst, dp)
+        elif stat.S_ISREG(st.st_mode) or (top and not self.recursive and not stat.S_ISSOCK(st.st_mode)):
+            self._copy_file(src, sp, st, dst, dp)   # cp reads a named FIFO or device unless -r
         else:                                       # FIFO, socket, device node: made anew
             self._replace(dst, dp, st, src.show(sp))
             dst.mknod(dp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)

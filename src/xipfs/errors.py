@@ -68,3 +68,11 @@ def fs_error(code: int, path: object = None, path2: object = None) -> OSError:
     if path2 is None:
         return cls(code, os.strerror(code), path)
     return cls(code, os.strerror(code), path, None, path2)
+
+
+def named(err: OSError, path: object) -> OSError:
+    """``err`` as ``os`` would raise it on ``path``; xipfs's own errors (a corrupt image, an
+    unsupported feature) keep their message, which says what is wrong."""
+    if isinstance(err, XipfsError) or err.errno is None:
+        return err
+    return fs_error(err.errno, path)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from .device import Device, open_device
-from .errors import CorruptImageError, XipfsError, fs_error
+from .errors import CorruptImageError, XipfsError, fs_error, named
 from .ext2 import data as _data
 from .ext2 import layout as L
 from .ext2 import namei
@@ -64,7 +64,8 @@ class Filesystem:
             self.volume = Volume(device, readonly=mode == "r")
         except BaseException:
             if owns_device:
-                device.close()
+                with contextlib.suppress(OSError):   # the reason it failed is what to report
+                    device.close()
             raise
         self._dev_id = int.from_bytes(bytes(self.volume.sb.s_uuid[:4]), "little")
         #: Owner of new files: the effective user and group when the image was opened.
@@ -372,7 +373,7 @@ class Filesystem:
             try:
                 node = vol.resolve(p, True)
             except OSError as err:
-                raise fs_error(err.errno, p) from None
+                raise named(err, p) from None
             try:
                 return map_file(vol, node, p, access, offset, length)
             except FileNotFoundError:
@@ -454,9 +455,7 @@ class Filesystem:
         try:
             parent = self.volume.resolve(head or "/", True)
         except OSError as err:                # named by the whole path, as os names it
-            if isinstance(err, XipfsError) or err.errno is None:
-                raise
-            raise fs_error(err.errno, p) from None
+            raise named(err, p) from None
         if not parent.is_dir:
             raise fs_error(errno.ENOTDIR, p)
         return parent, tail
@@ -481,7 +480,7 @@ class Filesystem:
             try:
                 return namei.create(vol, parent, name, mode, uid, gid, **kw)
             except OSError as err:
-                raise fs_error(err.errno, p) from None
+                raise named(err, p) from None
         raise fs_error(errno.ELOOP, p)
 
     def _named(self, call: Any, path: object, *args: Any) -> Any:
@@ -493,7 +492,7 @@ class Filesystem:
             except OSError as err:
                 if isinstance(err, XipfsError) or err.filename is not None:
                     raise
-                raise fs_error(err.errno, path) from None
+                raise named(err, path) from None
 
     def mkdir(self, path: PathArg, mode: int = 0o777) -> None:
         """Create directory ``path``, like ``os.mkdir`` (the process umask applies)."""
@@ -673,7 +672,7 @@ class Filesystem:
             xattr_write(vol, node, attrs)
         except OSError as err:
             if err.filename is None:
-                raise fs_error(err.errno, p) from None
+                raise named(err, p) from None
             raise
         node.ctime_ns = time.time_ns()
         vol.write_inode(node)
@@ -704,7 +703,7 @@ class Filesystem:
                         return view.nbytes
                     except OSError as err:
                         if err.errno != errno.ENOSPC:
-                            raise fs_error(err.errno, p) from None
+                            raise named(err, p) from None
         with self.open(path, "wb", buffering=0) as f:
             done = 0
             while done < view.nbytes:

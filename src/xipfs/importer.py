@@ -232,7 +232,7 @@ def _signature(path: str, fd: int | None = None) -> tuple[Any, ...]:
     (of the file ``path`` names now, or of the open descriptor ``fd``)."""
     own = fd is None
     if own:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # a FIFO must not block
     try:
         return _fd_signature(fd)
     finally:
@@ -247,7 +247,7 @@ def _fd_signature(fd: int) -> tuple[Any, ...]:
 
 def _probe(path: str) -> _Probe:
     """Open the file ``path`` for reading and take its signature (the caller owns the descriptor)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # a FIFO must not block
     try:
         return fd, _fd_signature(fd)
     except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 
@@ -111,6 +112,17 @@ def looks_like_shm_name(image: str, *, bare: bool = True) -> bool:
     return bare and bool(image) and "/" not in image
 
 
+def _check_image_file(path: str) -> None:
+    """Refuse what cannot hold an image before opening it: a directory, and a FIFO, socket or
+    character device other than DAX (opening a FIFO would wait for a writer forever)."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not an image", path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or dax_char_device(st)):
+        raise OSError(errno.ENODEV, "not an image: a regular file, a block device or a DAX device "
+                      "is needed", path)
+
+
 def open_device(image: str | os.PathLike[str] | Device, *, readonly: bool,
                 xip: bool | None = None, cache_bytes: int | None = None) -> Device:
     """Open ``image`` on the right device.
@@ -131,6 +143,7 @@ def open_device(image: str | os.PathLike[str] | Device, *, readonly: bool,
         if xip is False:
             raise ValueError("a POSIX shared-memory object is memory; it has no file path (xip=False)")
         return MemoryDevice.from_shm(path, readonly=readonly)
+    _check_image_file(path)
     kind = storage_kind(path)
     use_memory = kind in ("tmpfs", "hugetlbfs", "ramfs", "shm", "dax") if xip is None else xip
     if use_memory:

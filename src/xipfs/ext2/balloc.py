@@ -215,6 +215,7 @@ class BlockAllocator:
     def free(self, block: int, count: int) -> None:
         """Return ``count`` blocks from ``block`` to the free pool (may span groups)."""
         vol = self.volume
+        vol.check_data_run(block, count, 0, "block to free")   # never free metadata
         while count > 0:
             g = self.group_of(block)
             base, nbits = self._span[g]

@@ -136,8 +136,9 @@ def truncate(vol: Volume, node: Inode, size: int) -> None:
     old = node.size
     now = time.time_ns()
     if size < old:
-        vol.before_shrink(node, size)
         keep = -(-size // bs)
+        node.map.runs(keep, max(keep, node.map.nblocks))   # a damaged pointer fails before any change
+        vol.before_shrink(node, size)
         if size % bs:
             tail = node.map.runs(keep - 1, keep)
             if tail and tail[0][2]:

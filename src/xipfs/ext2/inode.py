@@ -458,7 +458,7 @@ class BlockMap:
             span *= self.apb
         node = self.inode
         node.i_block = _PACK_I_BLOCK(*self.direct, *self.roots)
-        node.blocks -= sum(n for _, n in freed) * (self.bs // 512)
+        node.blocks = max(0, node.blocks - sum(n for _, n in freed) * (self.bs // 512))  # damaged
         self._runs.clear()
         self._ptrs.clear()
         self._all = None

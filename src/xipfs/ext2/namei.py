@@ -20,7 +20,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import fs_error
+from ..errors import CorruptImageError, fs_error
 from . import data as D
 from . import layout as L
 from .dir import (
@@ -380,7 +380,17 @@ def link(vol: Volume, node: Inode, d: Inode, name: bytes) -> None:
 
 
 def drop_link(vol: Volume, node: Inode) -> None:
-    """One name of ``node`` is going: lower its link count; at zero it dies (data freed later)."""
+    """One name of ``node`` is going: lower its link count; at zero it dies (data freed later).
+
+    Refused, before anything changes, when the inode is damaged: a named inode with no links
+    (e2fsck counts it free, its blocks may be another file's), or one whose block pointers
+    lead outside the data area (freeing them would free metadata).
+    """
+    if node.links == 0:
+        raise CorruptImageError(f"inode {node.ino} is named in a directory but has link count 0",
+                                f"inode {node.ino}")
+    if (node.is_dir or node.links == 1) and has_block_map(vol, node):
+        node.map.runs(0, node.map.nblocks)        # checks every pointer up to i_size
     now = time.time_ns()
     node.ctime_ns = now
     if node.is_dir or node.links <= 1:

@@ -85,7 +85,8 @@ class Volume:
     def __init__(self, device: Device, readonly: bool = True) -> None:
         self.device = device
         if device.size < L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE:
-            raise CorruptImageError("image too small to hold a superblock", f"{device.size} bytes")
+            raise CorruptImageError("image too small to hold a superblock",
+                                    f"{device.name}: {device.size} bytes")
         raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
         self.sb: Superblock = parse_superblock(raw, device.size)
         self.readonly = readonly
@@ -185,15 +186,24 @@ class Volume:
         return self.first_data_block + (ino - 1) // self.ipg * self.bpg
 
     def set_large_file(self) -> None:
-        """Turn on large_file when a file reaches 2 GiB (upgrading a revision 0 image first)."""
+        """Turn on large_file when a file reaches 2 GiB."""
+        self._set_feature("s_feature_ro_compat", L.RO_COMPAT_LARGE_FILE)
+
+    def set_ext_attr(self) -> None:
+        """Turn on ext_attr before the first xattr block is linked (Linux ext2 does the same)."""
+        self._set_feature("s_feature_compat", L.COMPAT_EXT_ATTR)
+
+    def _set_feature(self, field: str, bit: int) -> None:
+        """Turn on feature ``bit`` of superblock ``field``, upgrading a revision 0 image first
+        (features need revision 1), as Linux's ``ext2_update_dynamic_rev``."""
         f = self.sb.fields
-        if f["s_feature_ro_compat"] & L.RO_COMPAT_LARGE_FILE:
+        if f[field] & bit:
             return
         if f["s_rev_level"] == 0:
             f["s_rev_level"] = 1
             f["s_first_ino"] = L.GOOD_OLD_FIRST_INO
             f["s_inode_size"] = L.GOOD_OLD_INODE_SIZE
-        f["s_feature_ro_compat"] |= L.RO_COMPAT_LARGE_FILE
+        f[field] |= bit
         self.write_super()
 
     def sync(self) -> None:
@@ -320,18 +330,20 @@ class Volume:
         return starts, ends
 
     def check_data_run(self, pblk: int, count: int, ino: int, what: str = "data block") -> None:
-        """Refuse a run of blocks an inode points to that lies outside the data area."""
+        """Refuse a run of blocks an inode (``ino``; 0: the allocator) points to that lies outside
+        the data area."""
         if pblk <= self.first_data_block or pblk + count > self.blocks_count:
             raise CorruptImageError(
                 f"{what} {pblk}" + (f"..{pblk + count - 1}" if count > 1 else "")
-                + f" outside the filesystem (1..{self.blocks_count - 1})", f"inode {ino}")
+                + f" outside the filesystem's data area ({self.first_data_block + 1}.."
+                f"{self.blocks_count - 1})", f"inode {ino}" if ino else "block bitmap")
         if ino == L.RESIZE_INO:  # its blocks are the reserved descriptor blocks, by design
             return
         i = bisect_right(self._zone_starts, pblk + count - 1) - 1
         if i >= 0 and self._zone_ends[i] > pblk:
             raise CorruptImageError(
                 f"{what} {pblk} overlaps filesystem metadata (blocks {self._zone_starts[i]}.."
-                f"{self._zone_ends[i] - 1})", f"inode {ino}")
+                f"{self._zone_ends[i] - 1})", f"inode {ino}" if ino else "block bitmap")
 
     # -- inodes -------------------------------------------------------------------------------
     def inode_offset(self, ino: int) -> int:

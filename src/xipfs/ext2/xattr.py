@@ -200,6 +200,7 @@ def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> No
             raw[start:] = bytes(len(raw) - start)
             node._raw = bytes(raw)
     if new_block is not None:
+        vol.set_ext_attr()
         blk = vol.balloc.alloc(vol.inode_group_goal(node.ino), 1)[0][0]
         vol.device.write(new_block, blk * bs)
         node.file_acl = blk

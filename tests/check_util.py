@@ -252,6 +252,20 @@ def _padding(p: Patch) -> None:
     flip_bit(p, off, n % 8)
 
 
+def _inode_bitmap_tail(p: Patch) -> None:
+    """Clear a bit in the bytes of group 0's inode bitmap block past its inodes (mke2fs sets them)."""
+    base = p.base
+    assert base.sb["inodes_per_group"] // 8 < base.bs, "the inode bitmap fills its block"
+    flip_bit(p, base.groups[0].inode_bitmap * base.bs + base.bs - 1, 7)
+
+
+def _reserved_inode_size(p: Patch) -> None:
+    """A size no block-mapped file can have on reserved inode 10 (unused by ext2)."""
+    off = p.base.groups[0].inode_table * p.base.bs + 9 * p.base.sb["inode_size"]
+    p.put(off + 4, "I", 0xFFFF0000)                  # i_size
+    p.put(off + 108, "I", 0xA0000000)                # i_size_high
+
+
 def _dir_hole(p: Patch) -> None:
     p.iblock("/dir", 1, 0)
 
@@ -360,6 +374,10 @@ DAMAGES: list[Damage] = [
     Damage("padding of the last block bitmap cleared", _padding,
            frozenset({"bitmap_padding"}), r"Padding at end of block bitmap is not set",
            block_sizes=(1024,)),
+    Damage("padding past the inodes of an inode bitmap block cleared", _inode_bitmap_tail,
+           frozenset({"bitmap_padding"}), r"Padding at end of inode bitmap is not set"),
+    Damage("reserved inode 10 with a size no file can have", _reserved_inode_size,
+           frozenset({"i_size"}), r"Inode 10, i_size is \d+, should be 0"),
     Damage("root is not a directory", _inode_field("/", "mode", lambda v: 0o100755),
            frozenset({"root_not_dir", "no_root"}), r"Root inode is not a directory"),
 ]

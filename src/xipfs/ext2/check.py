@@ -174,6 +174,12 @@ def _run_base(n: int) -> tuple[int, int]:
     return int.from_bytes(words.tobytes(), "little"), int.from_bytes(b"\1\0\0\0" * n, "little")
 
 
+def _tail_unset(bitmap: bytes | memoryview, nbits: int) -> bool:
+    """Whether the bytes of a bitmap block past its ``nbits`` bits are not all ones (mke2fs sets
+    them, and e2fsck checks them: ``bitmap_tail_verify``)."""
+    return bool(bytes(bitmap[(nbits + 7) >> 3:]).strip(b"\xff"))
+
+
 def _expand_bits(bitmap: bytes | memoryview, nbits: int) -> bytes:
     """A bitmap as one byte (0 or 1) per bit, ``nbits`` of them."""
     nbytes = (nbits + 7) >> 3
@@ -847,6 +853,10 @@ class _Checker:
             nclaimed += self.walk(ino, v[9:24], L.FT_REG).count
         if v[7] != nclaimed * (self.bs // 512) and ino != 1:
             self.check_i_blocks(ino, v, nclaimed)
+        size = v[1] | v[25] << 32
+        if size > self.max_file_size():               # e2fsck checks every inode's size this way
+            self.report("i_size", f"reserved inode {ino} has size {size}, more than a block-mapped "
+                        "file can hold", ino=ino)
 
     def other_inode(self, ino: int, v: tuple, ft: int, table: bytes | bytearray, off: int,
                     max_size: int) -> int:
@@ -1360,7 +1370,7 @@ class _Checker:
             if free != self.gd[g][3]:
                 self.report("free_blocks_count", f"group {g} free blocks count is {self.gd[g][3]}, "
                             f"counted {free}")
-            if n < self.bpg and bits[n:].count(0):
+            if (n < self.bpg and bits[n:].count(0)) or _tail_unset(self.block(self.gd[g][0]), self.bpg):
                 self.report("bitmap_padding", f"padding at the end of group {g}'s block bitmap is not set",
                             block=self.gd[g][0])
         if differ_minus:
@@ -1383,6 +1393,9 @@ class _Checker:
             if not self.ib_ok[g]:
                 continue
             base = g * ipg
+            if _tail_unset(self.block(self.gd[g][1]), ipg):
+                self.report("bitmap_padding", f"padding at the end of group {g}'s inode bitmap is not set",
+                            block=self.gd[g][1])
             ondisk = _expand_bits(self.block(self.gd[g][1]), ipg)
             computed = bytes(iused[base + 1:base + ipg + 1])
             types = itype[base + 1:base + ipg + 1]

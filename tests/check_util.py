@@ -266,6 +266,11 @@ def _reserved_inode_size(p: Patch) -> None:
     p.put(off + 108, "I", 0xA0000000)                # i_size_high
 
 
+def _journal_uuid(p: Patch) -> None:
+    """An external journal's UUID in the superblock of an image without has_journal."""
+    p.buf[1024 + 0xD0:1024 + 0xE0] = bytes(range(1, 17))
+
+
 def _dir_hole(p: Patch) -> None:
     p.iblock("/dir", 1, 0)
 
@@ -378,6 +383,8 @@ DAMAGES: list[Damage] = [
            frozenset({"bitmap_padding"}), r"Padding at end of inode bitmap is not set"),
     Damage("reserved inode 10 with a size no file can have", _reserved_inode_size,
            frozenset({"i_size"}), r"Inode 10, i_size is \d+, should be 0"),
+    Damage("external journal UUID without has_journal", _journal_uuid,
+           frozenset({"journal"}), r"Can't find external journal"),
     Damage("root is not a directory", _inode_field("/", "mode", lambda v: 0o100755),
            frozenset({"root_not_dir", "no_root"}), r"Root inode is not a directory"),
 ]

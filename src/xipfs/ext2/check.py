@@ -330,6 +330,9 @@ class _Checker:
                 v = f[name]
                 if v and (v < 4 or v > top or v & 3):
                     self.report("bad_superblock", f"{name[2:]} {v} is invalid")
+        if not sb.has_compat(L.COMPAT_HAS_JOURNAL) and not f["s_journal_inum"] and any(f["s_journal_uuid"]):
+            self.report("journal", "has_journal is off, but the superblock names an external journal "
+                        f"(UUID {bytes(f['s_journal_uuid']).hex()}), which e2fsck cannot find")
         self.read_group_descriptors()
         self.mark_metadata()
         self.check_resize_inode()

@@ -945,3 +945,29 @@ def test_whole_file_runs_follow_every_change(tmp: str, xip: bool) -> None:
         fs.truncate("/f", 4 << 20)                               # grown with nothing freed
         assert fs.read_bytes("/f") == b"a" * (1 << 20) + b"d" * (2 << 20) + bytes(1 << 20)
     assert_fsck_clean(img)
+
+
+@pytest.mark.parametrize("backups", [0, 1, 2])
+def test_sparse_super2_backups_only_where_the_superblock_says(tmp: str, backups: int) -> None:
+    """sparse_super2 keeps superblock and descriptor copies only in the (at most two) groups
+    ``s_backup_bgs`` names: xipfs must neither write copies into other groups nor keep their
+    blocks from files. Filling and thinning eight groups leaves the image clean."""
+    img = mkfs(os.path.join(tmp, "img"), "64M", bs=1024,
+               extra=("-O", "sparse_super2", "-E", f"num_backup_sb={backups}"))
+    assert xipfs.check(img) == []
+    with xipfs.open(img, "r+") as fs:
+        n = 0
+        while True:
+            try:
+                fs.write_bytes(f"/f{n}", pattern(n, 65536))
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+                break
+            n += 1
+        for i in range(0, n, 3):
+            fs.unlink(f"/f{i}")
+    assert_fsck_clean(img)
+    with xipfs.open(img) as fs:
+        for i in range(1, n, 3):
+            assert fs.read_bytes(f"/f{i}") == pattern(i, 65536)
+    assert xipfs.check(img) == []

@@ -139,6 +139,9 @@ COMPAT_HAS_JOURNAL = 0x4
 COMPAT_EXT_ATTR = 0x8
 COMPAT_RESIZE_INODE = 0x10
 COMPAT_DIR_INDEX = 0x20
+COMPAT_SPARSE_SUPER2 = 0x200
+#: Where sparse_super2 keeps its two backup groups (``s_backup_bgs``, past the fields decoded above).
+BACKUP_BGS_OFFSET = 0x24C
 INCOMPAT_FILETYPE = 0x2
 INCOMPAT_META_BG = 0x10
 RO_COMPAT_SPARSE_SUPER = 0x1

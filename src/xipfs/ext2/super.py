@@ -7,6 +7,7 @@ zero, allocate without bound or read outside the device.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
@@ -53,6 +54,8 @@ class Superblock:
     addr_per_block: int = 0
     #: Why this image may only be opened read-only ("" when it may be written).
     readonly_reason: str = ""
+    #: With sparse_super2: the only groups besides 0 that hold backups (0 means none).
+    backup_bgs: tuple[int, int] = (0, 0)
     warnings: list[str] = field(default_factory=list)
 
     def __getattr__(self, name: str) -> object:
@@ -99,6 +102,9 @@ class Superblock:
         return min(self.group_first_block(group) + f["s_blocks_per_group"], f["s_blocks_count"]) - 1
 
     def group_has_super(self, group: int) -> bool:
+        """Whether ``group`` holds a superblock and descriptor copy (e2fsprogs' ext2fs_bg_has_super)."""
+        if self.fields["s_feature_compat"] & L.COMPAT_SPARSE_SUPER2:
+            return group == 0 or group in self.backup_bgs
         return group_has_super(group, self.has_ro_compat(L.RO_COMPAT_SPARSE_SUPER))
 
 
@@ -168,6 +174,8 @@ def parse_superblock(raw: bytes, device_size: int) -> Superblock:
     sb.inodes_per_block = ipb
     sb.itable_blocks = itable_blocks
     sb.addr_per_block = bs // 4
+    if f["s_feature_compat"] & L.COMPAT_SPARSE_SUPER2:
+        sb.backup_bgs = struct.unpack_from("<2I", raw, L.BACKUP_BGS_OFFSET)
     return sb
 
 

@@ -971,3 +971,23 @@ def test_sparse_super2_backups_only_where_the_superblock_says(tmp: str, backups:
         for i in range(1, n, 3):
             assert fs.read_bytes(f"/f{i}") == pattern(i, 65536)
     assert xipfs.check(img) == []
+
+
+@pytest.mark.parametrize(("feature", "writable"), [("stable_inodes", True), ("lazy_bg", False),
+                                                  ("orphan_file", False)])
+def test_compatible_features_xipfs_does_not_maintain_mean_read_only(tmp: str, feature: str,
+                                                                    writable: bool) -> None:
+    """A compatible feature names structures an old reader may ignore but a writer must keep
+    right: xipfs writes only where it knows them all, and reads everything else."""
+    img = mkfs(os.path.join(tmp, "img"), "8M", bs=4096)
+    run(["debugfs", "-w", "-R", f"feature {feature}", img])
+    with xipfs.open(img) as fs:
+        assert fs.listdir("/") == ["lost+found"]
+    if writable:
+        with xipfs.open(img, "r+") as fs:
+            fs.write_bytes("/x", b"x")
+        assert_fsck_clean(img)
+    else:
+        with pytest.raises(OSError, match=f"read-only: compatible feature {feature}") as info:
+            xipfs.open(img, "r+")
+        assert info.value.errno == errno.EROFS

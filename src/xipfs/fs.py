@@ -425,10 +425,16 @@ class Filesystem:
     def read_bytes(self, path: PathArg) -> bytes:
         """The whole content of file ``path`` (one copy)."""
         p, _ = _fspath(path)
-        node = self.volume.resolve(p, True)
-        if not node.is_reg:
-            raise fs_error(errno.EISDIR if node.is_dir else errno.ENXIO, p)
-        return self.volume.read_bytes(node, 0, node.size)
+        vol = self.volume
+        for _ in range(8):
+            node = vol.resolve(p, True)
+            if not node.is_reg:
+                raise fs_error(errno.EISDIR if node.is_dir else errno.ENXIO, p)
+            data = vol.read_bytes(node, 0, node.size)
+            if not (vol.follows_writers and vol.name_moved(p, node)):
+                return data
+            # the name was read while a writer in another process moved it: read it again
+        raise OSError(errno.EAGAIN, "the image kept changing under a writer in another process", p)
 
     def read_text(self, path: PathArg, encoding: str | None = None, errors: str | None = None) -> str:
         """The content of file ``path`` decoded as text (universal newlines, like ``pathlib``)."""

@@ -41,6 +41,12 @@ _SB_MUTABLE = ("s_free_blocks_count", "s_free_inodes_count", "s_mtime", "s_wtime
                "s_block_group_nr")
 
 _ZEROS = memoryview(bytes(1 << 20))
+_STAMP_AT, _STAMP_LEN = 0x2C, 16           # s_mtime .. s_state, in the superblock
+#: A reader's attempts at a copy or a lookup that a writer in another process keeps changing.
+_TRIES = 8
+#: i_mode, i_size, i_dtime, i_links_count, i_blocks, i_block, i_generation, i_size_high.
+_INODE_KEY = struct.Struct("<H2xI12xI2xHI8x60sI4xI")
+_NO_BLOCK = bytes(4)
 
 
 def zero_fill(dst: memoryview) -> None:
@@ -108,6 +114,10 @@ class Volume:
         #: Serialises every change of metadata (reads of file data need no lock).
         self.lock = threading.RLock()
         self._mounted = False
+        #: A reader of shared memory watches the superblock for writers elsewhere (see
+        #: ``_follow_writers``); the bytes it saw when it last trusted its caches.
+        self._watch = readonly and device.is_xip
+        self._stamp = self._writer_stamp() if self._watch else b""
         self._spaces: dict[int, DirSpace] = {}     # directories being written: where entries fit
         self._dirty_groups: set[int] = set()       # descriptors whose counts changed since sync
         self._dirty_inodes: dict[int, Inode] = {}  # inodes whose times changed since sync
@@ -373,6 +383,73 @@ class Volume:
         keep = {ino: n for ino, n in self._inodes.items() if ino in self._open or ino in self._dirty_inodes}
         self._inodes = keep
 
+    def _writer_stamp(self) -> bytes:
+        """s_mtime, s_wtime, s_mnt_count and s_state: a writer mounting, syncing or unmounting
+        changes them, and while one is mounted the state says "not clean"."""
+        return bytes(self.device.view(L.SUPERBLOCK_OFFSET + _STAMP_AT, _STAMP_LEN))
+
+    def _follow_writers(self) -> None:
+        """Before a read-only attachment of shared memory trusts its cached names and inodes:
+        drop them if a writer in another process is mounted now or has been since they were
+        read (it may have deleted a file and given its inode and blocks to another)."""
+        stamp = self._writer_stamp()
+        if stamp != self._stamp or not stamp[-2] & STATE_VALID:
+            self.forget_cached()
+            self._stamp = stamp
+
+    @property
+    def follows_writers(self) -> bool:
+        """Whether this is a read-only attachment of shared memory that watches for writers."""
+        return self._watch
+
+    def name_moved(self, path: str, node: Inode) -> bool:
+        """After a read through ``path``: True if a writer elsewhere may have changed the image
+        meanwhile and ``path``, read again from storage, no longer names ``node`` (a name read
+        torn or stale). Raises FileNotFoundError when it names nothing now."""
+        if not self._writer_busy():
+            return False
+        self.forget_cached()
+        return self.resolve(path, True).ino != node.ino
+
+    def _writer_busy(self) -> bool:
+        """Whether a writer in another process is mounted now, or has been since the caches
+        were last trusted (then what was just read may be torn)."""
+        stamp = self._writer_stamp()
+        return stamp != self._stamp or not stamp[-2] & STATE_VALID
+
+    def _copy_is_current(self, node: Inode) -> bool:
+        """After a reader of shared memory copied data of ``node``: True when no writer can have
+        changed the file meanwhile, or its inode shows none did. False when its size shrank or
+        a block pointer it had changed (``node`` now holds the new ones: copy again). A file a
+        writer deleted meanwhile raises FileNotFoundError.
+
+        A writer changes the inode before it frees a block, so blocks copied while the inode
+        stayed the same were this file's.
+        """
+        if not self._writer_busy():
+            return True
+        mode, size, dtime, links, blocks, i_block, gen, size_high = _INODE_KEY.unpack_from(
+            self.inode_raw(node.ino))
+        if links == 0 or dtime or gen != node.generation or mode != node.mode:
+            self.forget_cached()
+            raise OSError(errno.ENOENT, "the file was deleted by a writer in another process")
+        if (mode & 0o170000) == 0o100000:
+            size |= size_high << 32
+        old = node.i_block
+        if size >= node.size and all(old[i:i + 4] in (_NO_BLOCK, i_block[i:i + 4]) for i in range(0, 60, 4)):
+            return True                       # at most grown: what was copied is still the file's
+        self._reload(node)
+        return False
+
+    def _reload(self, node: Inode) -> None:
+        """Take ``node``'s size and block pointers from storage again (a writer changed them)."""
+        mode, size, _dtime, _links, blocks, i_block, _gen, size_high = _INODE_KEY.unpack_from(
+            self.inode_raw(node.ino))
+        if (mode & 0o170000) == 0o100000:
+            size |= size_high << 32
+        node.size, node.i_block, node.blocks = size, i_block, blocks
+        node.reset_map()
+
     def forget_cached(self) -> None:
         """Drop resolved paths and decoded inodes (a read-only attachment, before it relies
         on them for something lasting, such as a mapping)."""
@@ -465,6 +542,13 @@ class Volume:
 
     def read_into(self, node: Inode, dst: memoryview, pos: int) -> int:
         """Copy data of ``node`` from byte ``pos`` into ``dst`` (one copy); bytes copied."""
+        for _ in range(_TRIES):
+            n = self._read_into(node, dst, pos)
+            if not self._watch or self._copy_is_current(node):
+                return n
+        raise OSError(errno.EAGAIN, "the file kept changing under a writer in another process")
+
+    def _read_into(self, node: Inode, dst: memoryview, pos: int) -> int:
         size = node.size
         if pos >= size:
             return 0
@@ -486,6 +570,13 @@ class Volume:
 
     def read_bytes(self, node: Inode, pos: int, n: int) -> bytes:
         """``n`` bytes (fewer at EOF) of ``node``'s data from ``pos`` as a new ``bytes``: one copy."""
+        for _ in range(_TRIES):
+            data = self._read_bytes(node, pos, n)
+            if not self._watch or self._copy_is_current(node):
+                return data
+        raise OSError(errno.EAGAIN, "the file kept changing under a writer in another process")
+
+    def _read_bytes(self, node: Inode, pos: int, n: int) -> bytes:
         size = node.size
         if pos >= size or n <= 0:
             return b""
@@ -505,6 +596,18 @@ class Volume:
         index = node._dir
         if index is not None:
             return index
+        if not self._watch:
+            return self._index(node)
+        for _ in range(_TRIES):
+            try:
+                return self._index(node)
+            except CorruptImageError:
+                if not self._writer_busy():
+                    raise
+            self._reload(node)         # read while a writer elsewhere changed it: as it is now
+        raise OSError(errno.EAGAIN, "a directory kept changing under a writer in another process")
+
+    def _index(self, node: Inode) -> DirIndex:
         bs = self.bs
         where = f"directory inode {node.ino}"
         if node.size == 0 or node.size % bs:
@@ -556,6 +659,19 @@ class Volume:
         Resolved paths are remembered, and a path whose directory was resolved before costs
         one lookup in that directory.
         """
+        if not self._watch:
+            return self._resolve(path, follow)
+        for _ in range(_TRIES):
+            self._follow_writers()
+            try:
+                return self._resolve(path, follow)
+            except CorruptImageError:
+                if not self._writer_busy():
+                    raise
+            # a directory or inode read while a writer elsewhere was changing it: read it again
+        raise OSError(errno.EAGAIN, "the image kept changing under a writer in another process", path)
+
+    def _resolve(self, path: str, follow: bool) -> Inode:
         key = (path, follow)
         ino = self._paths.get(key)
         if ino is not None:

@@ -431,7 +431,7 @@ class Filesystem:
             if not node.is_reg:
                 raise fs_error(errno.EISDIR if node.is_dir else errno.ENXIO, p)
             data = vol.read_bytes(node, 0, node.size)
-            if not (vol.follows_writers and vol.name_moved(p, node)):
+            if not vol.name_moved(p, node):
                 return data
             # the name was read while a writer in another process moved it: read it again
         raise OSError(errno.EAGAIN, "the image kept changing under a writer in another process", p)

@@ -357,14 +357,13 @@ def _check_still_live(vol: Volume, node: Inode, path: str, state: _State) -> Non
         state.release()
         vol.forget_cached()
         raise OSError(errno.ENOENT, "the file was deleted by a writer", path)
-    if vol.follows_writers:                 # the name may have been read torn or stale
-        try:
-            moved = vol.name_moved(path, node)
-        except FileNotFoundError:
-            moved = True
-        if moved:
-            state.release()
-            raise OSError(errno.ENOENT, "the file was renamed or deleted by a writer", path)
+    try:                                   # the name may have been read torn or stale
+        moved = vol.name_moved(path, node)
+    except FileNotFoundError:
+        moved = True
+    if moved:
+        state.release()
+        raise OSError(errno.ENOENT, "the file was renamed or deleted by a writer", path)
     if (fresh.size, fresh.i_block, fresh.blocks) != (node.size, node.i_block, node.blocks):
         node.size, node.i_block, node.blocks = fresh.size, fresh.i_block, fresh.blocks
         node.reset_map()                   # changed by a writer: map what is there now

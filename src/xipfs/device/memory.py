@@ -117,6 +117,11 @@ class MemoryDevice(Device):
             self.check_range(offset, length)
         return self.buffer[offset:offset + length]
 
+    def peek(self, offset: int, length: int) -> bytes:
+        """A few bytes straight from the mapping, as ``bytes`` (the cheapest look at storage
+        another process may be changing; ``offset`` is trusted)."""
+        return self._mmap[offset:offset + length]
+
     def read_into(self, dst: memoryview, offset: int) -> None:
         n = len(dst)
         if offset < 0 or offset + n > self.size:

@@ -41,7 +41,7 @@ _SB_MUTABLE = ("s_free_blocks_count", "s_free_inodes_count", "s_mtime", "s_wtime
                "s_block_group_nr")
 
 _ZEROS = memoryview(bytes(1 << 20))
-_STAMP_AT, _STAMP_LEN = 0x2C, 16           # s_mtime .. s_state, in the superblock
+_STAMP_OFFSET, _STAMP_LEN = L.SUPERBLOCK_OFFSET + 0x2C, 16   # s_mtime .. s_state
 #: A reader's attempts at a copy or a lookup that a writer in another process keeps changing.
 _TRIES = 8
 #: i_mode, i_size, i_dtime, i_links_count, i_blocks, i_block, i_generation, i_size_high.
@@ -117,6 +117,7 @@ class Volume:
         #: A reader of shared memory watches the superblock for writers elsewhere (see
         #: ``_follow_writers``); the bytes it saw when it last trusted its caches.
         self._watch = readonly and device.is_xip
+        self._peek = device.peek if self._watch else None  # type: ignore[attr-defined]
         self._stamp = self._writer_stamp() if self._watch else b""
         self._spaces: dict[int, DirSpace] = {}     # directories being written: where entries fit
         self._dirty_groups: set[int] = set()       # descriptors whose counts changed since sync
@@ -386,27 +387,23 @@ class Volume:
     def _writer_stamp(self) -> bytes:
         """s_mtime, s_wtime, s_mnt_count and s_state: a writer mounting, syncing or unmounting
         changes them, and while one is mounted the state says "not clean"."""
-        return bytes(self.device.view(L.SUPERBLOCK_OFFSET + _STAMP_AT, _STAMP_LEN))
+        return self._peek(_STAMP_OFFSET, _STAMP_LEN)
 
     def _follow_writers(self) -> None:
         """Before a read-only attachment of shared memory trusts its cached names and inodes:
         drop them if a writer in another process is mounted now or has been since they were
         read (it may have deleted a file and given its inode and blocks to another)."""
-        stamp = self._writer_stamp()
+        stamp = self._peek(_STAMP_OFFSET, _STAMP_LEN)
         if stamp != self._stamp or not stamp[-2] & STATE_VALID:
             self.forget_cached()
             self._stamp = stamp
 
-    @property
-    def follows_writers(self) -> bool:
-        """Whether this is a read-only attachment of shared memory that watches for writers."""
-        return self._watch
-
     def name_moved(self, path: str, node: Inode) -> bool:
-        """After a read through ``path``: True if a writer elsewhere may have changed the image
-        meanwhile and ``path``, read again from storage, no longer names ``node`` (a name read
-        torn or stale). Raises FileNotFoundError when it names nothing now."""
-        if not self._writer_busy():
+        """After a read through ``path`` by a reader of shared memory: True if a writer elsewhere
+        may have changed the image meanwhile and ``path``, read again from storage, no longer
+        names ``node`` (a name read torn or stale). Raises FileNotFoundError when it names
+        nothing now."""
+        if not self._watch or not self._writer_busy():
             return False
         self.forget_cached()
         return self.resolve(path, True).ino != node.ino
@@ -414,20 +411,18 @@ class Volume:
     def _writer_busy(self) -> bool:
         """Whether a writer in another process is mounted now, or has been since the caches
         were last trusted (then what was just read may be torn)."""
-        stamp = self._writer_stamp()
+        stamp = self._peek(_STAMP_OFFSET, _STAMP_LEN)
         return stamp != self._stamp or not stamp[-2] & STATE_VALID
 
     def _copy_is_current(self, node: Inode) -> bool:
-        """After a reader of shared memory copied data of ``node``: True when no writer can have
-        changed the file meanwhile, or its inode shows none did. False when its size shrank or
+        """After a reader of shared memory copied data of ``node`` while a writer elsewhere was
+        busy: True when its inode shows the writer did not change it. False when its size shrank or
         a block pointer it had changed (``node`` now holds the new ones: copy again). A file a
         writer deleted meanwhile raises FileNotFoundError.
 
         A writer changes the inode before it frees a block, so blocks copied while the inode
         stayed the same were this file's.
         """
-        if not self._writer_busy():
-            return True
         mode, size, dtime, links, blocks, i_block, gen, size_high = _INODE_KEY.unpack_from(
             self.inode_raw(node.ino))
         if links == 0 or dtime or gen != node.generation or mode != node.mode:
@@ -542,10 +537,13 @@ class Volume:
 
     def read_into(self, node: Inode, dst: memoryview, pos: int) -> int:
         """Copy data of ``node`` from byte ``pos`` into ``dst`` (one copy); bytes copied."""
-        for _ in range(_TRIES):
-            n = self._read_into(node, dst, pos)
-            if not self._watch or self._copy_is_current(node):
+        n = self._read_into(node, dst, pos)
+        if not self._watch or not self._writer_busy():
+            return n
+        for _ in range(_TRIES):                      # a writer elsewhere may have changed it
+            if self._copy_is_current(node):
                 return n
+            n = self._read_into(node, dst, pos)
         raise OSError(errno.EAGAIN, "the file kept changing under a writer in another process")
 
     def _read_into(self, node: Inode, dst: memoryview, pos: int) -> int:
@@ -570,10 +568,13 @@ class Volume:
 
     def read_bytes(self, node: Inode, pos: int, n: int) -> bytes:
         """``n`` bytes (fewer at EOF) of ``node``'s data from ``pos`` as a new ``bytes``: one copy."""
-        for _ in range(_TRIES):
-            data = self._read_bytes(node, pos, n)
-            if not self._watch or self._copy_is_current(node):
+        data = self._read_bytes(node, pos, n)
+        if not self._watch or not self._writer_busy():
+            return data
+        for _ in range(_TRIES):                      # a writer elsewhere may have changed it
+            if self._copy_is_current(node):
                 return data
+            data = self._read_bytes(node, pos, n)
         raise OSError(errno.EAGAIN, "the file kept changing under a writer in another process")
 
     def _read_bytes(self, node: Inode, pos: int, n: int) -> bytes:
@@ -659,8 +660,18 @@ class Volume:
         Resolved paths are remembered, and a path whose directory was resolved before costs
         one lookup in that directory.
         """
-        if not self._watch:
-            return self._resolve(path, follow)
+        if self._watch:
+            stamp = self._peek(_STAMP_OFFSET, _STAMP_LEN)
+            if stamp != self._stamp or not stamp[-2] & STATE_VALID:
+                return self._resolve_following(path, follow)
+        key = (path, follow)
+        ino = self._paths.get(key)
+        if ino is not None:
+            return self.inode(ino)
+        return self._resolve(path, follow)
+
+    def _resolve_following(self, path: str, follow: bool) -> Inode:
+        """``resolve`` while a writer in another process is mounted, or after one was."""
         for _ in range(_TRIES):
             self._follow_writers()
             try:

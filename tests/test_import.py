@@ -633,6 +633,26 @@ def test_extension_module_from_the_image(tmp_path):
     assert proc.stdout.split() == ["ok", "Xxo"]
 
 
+def test_extension_that_cannot_load_names_the_image(tmp_path):
+    """An extension dlopen refuses (here: not an ELF file; for numpy: its libraries beside it)
+    raises ImportError naming the image and why, not dlopen's bare message."""
+    import importlib.machinery
+    tree = tmp_path / "ext"
+    tree.mkdir()
+    (tree / ("broken" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not an ELF file")
+    img = pack(str(tree), str(tmp_path / "ext.img"))
+    proc = run_py("""
+        sys.path.insert(0, sys.argv[1])
+        try:
+            import broken
+        except ImportError as err:
+            print(err.name, "|", err)
+    """, img)
+    name, _, message = proc.stdout.partition(" | ")
+    assert name == "broken"
+    assert f"from the ext2 image {img!r}" in message and "$ORIGIN" in message
+
+
 # -- running a module ---------------------------------------------------------------------------
 MAIN_FILES = {
     "site/appq/__init__.py": "",

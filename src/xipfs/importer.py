@@ -653,7 +653,14 @@ class _ExtensionLoader(_ImageData):
             while view:
                 view = view[os.write(fd, view):]
             shadow = ModuleSpec(spec.name, self, origin=f"/proc/self/fd/{fd}")
-            module = _bootstrap._call_with_frames_removed(_imp.create_dynamic, shadow)
+            try:
+                module = _bootstrap._call_with_frames_removed(_imp.create_dynamic, shadow)
+            except ImportError as err:
+                raise ImportError(
+                    f"cannot load extension module {self.name!r} from the ext2 image {self._named!r}: "
+                    f"{err}. An extension loaded from an image cannot find shared libraries beside it "
+                    "(through $ORIGIN, as numpy.libs); install such packages on disk",
+                    name=self.name, path=self.path) from err
         finally:
             os.close(fd)
         module.__file__ = self.path

@@ -991,3 +991,41 @@ def test_compatible_features_xipfs_does_not_maintain_mean_read_only(tmp: str, fe
         with pytest.raises(OSError, match=f"read-only: compatible feature {feature}") as info:
             xipfs.open(img, "r+")
         assert info.value.errno == errno.EROFS
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A ``system.posix_acl_access`` value in the wire format ``os.getxattr`` gives."""
+    import struct
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+ANY_ID = 0xFFFFFFFF
+PLAIN_ACL = _acl((1, 6, ANY_ID), (4, 4, ANY_ID), (0x20, 4, ANY_ID))                # u::rw g::r o::r
+NAMED_ACL = _acl((1, 6, ANY_ID), (2, 6, 1000), (4, 4, ANY_ID), (0x10, 6, ANY_ID), (0x20, 4, ANY_ID))
+
+
+@pytest.mark.parametrize("acl", [PLAIN_ACL, NAMED_ACL], ids=["plain", "named user and mask"])
+def test_access_acl_and_mode_move_together_as_on_linux(tmp: str, acl: bytes) -> None:
+    """Setting an access ACL sets the mode (a plain one is not kept); chmod rewrites the ACL's
+    owner, mask (or group) and other entries. The kernel on tmpfs is the oracle."""
+    ref = os.path.join(tmp, "ref")
+    with open(ref, "wb"):
+        pass
+    try:
+        os.setxattr(ref, "system.posix_acl_access", acl)
+    except OSError as err:
+        pytest.skip(f"tmpfs here keeps no POSIX ACLs: {err}")
+    img = mkfs(os.path.join(tmp, "img"), "8M", bs=4096)
+    with xipfs.open(img, "r+") as fs:
+        fs.write_bytes("/f", b"x")
+        fs.setxattr("/f", "system.posix_acl_access", acl)
+        for mode in (None, 0o640, 0o600, 0o755):
+            if mode is not None:
+                os.chmod(ref, mode)
+                fs.chmod("/f", mode)
+            assert oct(fs.stat("/f").st_mode) == oct(os.stat(ref).st_mode)
+            assert sorted(fs.listxattr("/f")) == sorted(os.listxattr(ref))
+            if "system.posix_acl_access" in os.listxattr(ref):
+                assert fs.getxattr("/f", "system.posix_acl_access") == \
+                    os.getxattr(ref, "system.posix_acl_access")
+    assert_fsck_clean(img)

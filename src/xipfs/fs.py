@@ -25,6 +25,7 @@ from .ext2 import layout as L
 from .ext2 import namei
 from .ext2.inode import Inode, Run
 from .ext2.volume import Volume
+from .ext2.xattr import ACCESS_ACL, acl_chmod, acl_mode
 from .ext2.xattr import write_xattrs as xattr_write
 from .file import XipFile
 from .mapping import PAGE, Mapping, detach, map_file
@@ -601,10 +602,20 @@ class Filesystem:
             vol.write_inode(node)
 
     def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
-        """Change the permission bits of ``path``, like ``os.chmod``."""
-        def change(node: Inode) -> None:
+        """Change the permission bits of ``path``, like ``os.chmod``; an access ACL follows
+        the new bits, as on Linux (else it would still grant what the mode now refuses)."""
+        p, _ = _fspath(path)
+        vol = self._writable(p)
+        with vol.lock:
+            node = vol.resolve(p, follow_symlinks)
             node.mode = (node.mode & 0o170000) | (mode & 0o7777)
-        self._change(path, follow_symlinks, change)
+            node.ctime_ns = time.time_ns()
+            attrs = vol.xattrs(node) if node.file_acl or node.extra_isize else []
+            if any(k == ACCESS_ACL for k, _ in attrs):
+                attrs = [(k, acl_chmod(v, node.mode) if k == ACCESS_ACL else v) for k, v in attrs]
+                self._store_xattrs(vol, node, attrs, p)     # stores the inode too
+            else:
+                vol.write_inode(node)
 
     def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
         """Change owner and group of ``path`` (-1 keeps one), like ``os.chown``."""
@@ -652,7 +663,13 @@ class Filesystem:
                 raise fs_error(errno.EEXIST, p)
             if flags & os.XATTR_REPLACE and not present:
                 raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), p)
-            return [(k, v) for k, v in attrs if k != name] + [(name, bytes(value))]
+            rest = [(k, v) for k, v in attrs if k != name]
+            if name == ACCESS_ACL:       # as Linux: the mode follows, and a plain one is not kept
+                node = self.volume.resolve(p, follow_symlinks)
+                node.mode, plain = acl_mode(bytes(value), node.mode)
+                if plain:
+                    return rest
+            return rest + [(name, bytes(value))]
         self._change_xattrs(path, attribute, follow_symlinks, change)
 
     def removexattr(self, path: PathArg, attribute: str | bytes, *, follow_symlinks: bool = True) -> None:

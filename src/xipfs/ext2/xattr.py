@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 _ENTRY = L.XATTR_ENTRY.struct.unpack_from
 _U32 = struct.Struct("<I").unpack_from
 
-ACL_USER, ACL_GROUP = 0x02, 0x08
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+ACCESS_ACL = "system.posix_acl_access"
 ACL_UNDEFINED_ID = 0xFFFFFFFF
 POSIX_ACL_XATTR_VERSION = 2
 EXT2_ACL_VERSION = 1
@@ -124,6 +125,40 @@ def split_name(name: str) -> tuple[int, bytes]:
                 raise OSError(errno.EINVAL if not suffix else errno.ERANGE, os.strerror(errno.EINVAL), name)
             return index, suffix
     raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), name)
+
+
+def _acl_entries(value: bytes) -> list[list[int]]:
+    """The ``[tag, perm, id]`` entries of an ACL in the ``system.posix_acl_*`` wire format."""
+    if len(value) < 4 or (len(value) - 4) % 8 or _U32(value, 0)[0] != POSIX_ACL_XATTR_VERSION:
+        raise OSError(errno.EINVAL, "invalid POSIX ACL")
+    return [list(struct.unpack_from("<HHI", value, pos)) for pos in range(4, len(value), 8)]
+
+
+def acl_chmod(value: bytes, mode: int) -> bytes:
+    """An access ACL with its owner, group-or-mask and other entries set from ``mode``
+    (Linux's ``posix_acl_chmod``: a chmod must not leave an ACL granting more)."""
+    entries = _acl_entries(value)
+    has_mask = any(e[0] == ACL_MASK for e in entries)
+    for e in entries:
+        if e[0] == ACL_USER_OBJ:
+            e[1] = (mode >> 6) & 7
+        elif e[0] == ACL_MASK or (e[0] == ACL_GROUP_OBJ and not has_mask):
+            e[1] = (mode >> 3) & 7
+        elif e[0] == ACL_OTHER:
+            e[1] = mode & 7
+    return value[:4] + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def acl_mode(value: bytes, mode: int) -> tuple[int, bool]:
+    """``(mode with its permission bits from the access ACL, whether the ACL says no more than
+    those bits)``, as Linux's ``posix_acl_equiv_mode``: an equivalent ACL is not stored."""
+    entries = _acl_entries(value)
+    perms = {e[0]: e[1] & 7 for e in entries}
+    if ACL_USER_OBJ not in perms or ACL_GROUP_OBJ not in perms or ACL_OTHER not in perms:
+        raise OSError(errno.EINVAL, "invalid POSIX ACL: owner, group or other entry missing")
+    group = perms.get(ACL_MASK, perms[ACL_GROUP_OBJ])
+    new = (mode & ~0o777) | perms[ACL_USER_OBJ] << 6 | group << 3 | perms[ACL_OTHER]
+    return new, all(e[0] in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER) for e in entries)
 
 
 def xattr_to_acl(value: bytes) -> bytes:

@@ -12,8 +12,8 @@ import struct
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from ..device import Device
 from ..errors import CorruptImageError, fs_error
@@ -47,6 +47,7 @@ _TRIES = 8
 #: i_mode, i_size, i_dtime, i_links_count, i_blocks, i_block, i_generation, i_size_high.
 _INODE_KEY = struct.Struct("<H2xI12xI2xHI8x60sI4xI")
 _NO_BLOCK = bytes(4)
+_T = TypeVar("_T")
 
 
 def zero_fill(dst: memoryview) -> None:
@@ -540,10 +541,15 @@ class Volume:
         n = self._read_into(node, dst, pos)
         if not self._watch or not self._writer_busy():
             return n
-        for _ in range(_TRIES):                      # a writer elsewhere may have changed it
+        return self._copy_again_while_changing(node, lambda: self._read_into(node, dst, pos), n)
+
+    def _copy_again_while_changing(self, node: Inode, copy: Callable[[], _T], done: _T) -> _T:
+        """``done``, a copy of ``node``'s data made while a writer in another process was busy,
+        or ``copy()`` made again until the inode shows the writer left the file alone."""
+        for _ in range(_TRIES):
             if self._copy_is_current(node):
-                return n
-            n = self._read_into(node, dst, pos)
+                return done
+            done = copy()
         raise OSError(errno.EAGAIN, "the file kept changing under a writer in another process")
 
     def _read_into(self, node: Inode, dst: memoryview, pos: int) -> int:
@@ -571,11 +577,7 @@ class Volume:
         data = self._read_bytes(node, pos, n)
         if not self._watch or not self._writer_busy():
             return data
-        for _ in range(_TRIES):                      # a writer elsewhere may have changed it
-            if self._copy_is_current(node):
-                return data
-            data = self._read_bytes(node, pos, n)
-        raise OSError(errno.EAGAIN, "the file kept changing under a writer in another process")
+        return self._copy_again_while_changing(node, lambda: self._read_bytes(node, pos, n), data)
 
     def _read_bytes(self, node: Inode, pos: int, n: int) -> bytes:
         size = node.size

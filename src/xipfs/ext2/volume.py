@@ -426,7 +426,7 @@ class Volume:
         """
         mode, size, dtime, links, blocks, i_block, gen, size_high = _INODE_KEY.unpack_from(
             self.inode_raw(node.ino))
-        if links == 0 or dtime or gen != node.generation or mode != node.mode:
+        if links == 0 or dtime or gen != node.generation or (mode ^ node.mode) & 0o170000:
             self.forget_cached()
             raise OSError(errno.ENOENT, "the file was deleted by a writer in another process")
         if (mode & 0o170000) == 0o100000:

@@ -114,6 +114,24 @@ class Device:
         if fd >= 0:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def writer_elsewhere(self) -> bool:
+        """Whether some open of the image holds the writer's lock (an exclusive ``flock``) now:
+        a probe through a new open of the same file, so this one's own lock is untouched."""
+        fd = self.fileno()
+        if fd < 0:
+            return False
+        try:
+            probe = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return True                  # cannot tell: assume a writer, the safe side
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(probe)
+        return False
+
     # -- pins: "this process maps inode N", visible to every process ---------------------------
     def pin(self, key: int) -> bool:
         """Announce to other processes that this one maps the blocks of ``key`` (an inode).

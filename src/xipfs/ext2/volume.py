@@ -120,6 +120,9 @@ class Volume:
         self._watch = readonly and device.is_xip
         self._peek = device.peek if self._watch else None  # type: ignore[attr-defined]
         self._stamp = self._writer_stamp() if self._watch else b""
+        #: No writer was mounted when ``_stamp`` was read (a "not clean" state alone, left by a
+        #: writer that was killed, does not make the caches useless).
+        self._quiet = self._no_writer(self._stamp) if self._watch else True
         self._spaces: dict[int, DirSpace] = {}     # directories being written: where entries fit
         self._dirty_groups: set[int] = set()       # descriptors whose counts changed since sync
         self._dirty_inodes: dict[int, Inode] = {}  # inodes whose times changed since sync
@@ -395,9 +398,15 @@ class Volume:
         drop them if a writer in another process is mounted now or has been since they were
         read (it may have deleted a file and given its inode and blocks to another)."""
         stamp = self._peek(_STAMP_OFFSET, _STAMP_LEN)
-        if stamp != self._stamp or not stamp[-2] & STATE_VALID:
+        if stamp != self._stamp or not self._quiet:
             self.forget_cached()
             self._stamp = stamp
+            self._quiet = self._no_writer(stamp)
+
+    def _no_writer(self, stamp: bytes) -> bool:
+        """Whether no writer is mounted: the state says clean, or nobody holds the writer's lock
+        (a writer that mounts later changes the mount count, so the stamp tells)."""
+        return bool(stamp[-2] & STATE_VALID) or not self.device.writer_elsewhere()
 
     def name_moved(self, path: str, node: Inode) -> bool:
         """After a read through ``path`` by a reader of shared memory: True if a writer elsewhere
@@ -412,8 +421,7 @@ class Volume:
     def _writer_busy(self) -> bool:
         """Whether a writer in another process is mounted now, or has been since the caches
         were last trusted (then what was just read may be torn)."""
-        stamp = self._peek(_STAMP_OFFSET, _STAMP_LEN)
-        return stamp != self._stamp or not stamp[-2] & STATE_VALID
+        return self._peek(_STAMP_OFFSET, _STAMP_LEN) != self._stamp or not self._quiet
 
     def _copy_is_current(self, node: Inode) -> bool:
         """After a reader of shared memory copied data of ``node`` while a writer elsewhere was
@@ -662,10 +670,8 @@ class Volume:
         Resolved paths are remembered, and a path whose directory was resolved before costs
         one lookup in that directory.
         """
-        if self._watch:
-            stamp = self._peek(_STAMP_OFFSET, _STAMP_LEN)
-            if stamp != self._stamp or not stamp[-2] & STATE_VALID:
-                return self._resolve_following(path, follow)
+        if self._watch and (self._peek(_STAMP_OFFSET, _STAMP_LEN) != self._stamp or not self._quiet):
+            return self._resolve_following(path, follow)
         key = (path, follow)
         ino = self._paths.get(key)
         if ino is not None:

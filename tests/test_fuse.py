@@ -406,6 +406,32 @@ def test_changes_through_the_mount_land_in_the_image(work: tuple[str, str]) -> N
         assert fs.isdir("/a/b/c")
 
 
+def test_chmod_through_the_mount_rewrites_the_access_acl(work: tuple[str, str]) -> None:
+    """cp -a stores an access ACL; a later chmod on the mount must carry it along, as the kernel
+    does on tmpfs (else the ACL would grant what the mode refuses)."""
+    import struct
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in (
+        (1, 6, 0xFFFFFFFF), (2, 6, 1000), (4, 4, 0xFFFFFFFF), (0x10, 6, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)))
+    d, mp = work
+    ref = os.path.join(d, "ref")
+    open(ref, "wb").close()
+    try:
+        os.setxattr(ref, "system.posix_acl_access", acl)
+    except OSError as err:
+        pytest.skip(f"tmpfs here keeps no POSIX ACLs: {err}")
+    os.chmod(ref, 0o640)
+    img = os.path.join(d, "acl.img")
+    xipfs.mkfs(img, 8 << 20)
+    with mounted(img, mp):
+        open(f"{mp}/f", "wb").close()
+        os.setxattr(f"{mp}/f", "system.posix_acl_access", acl)
+        os.chmod(f"{mp}/f", 0o640)
+    with xipfs.open(img) as fs:
+        assert fs.getxattr("/f", "system.posix_acl_access") == os.getxattr(ref, "system.posix_acl_access")
+        assert fs.stat("/f").st_mode == os.stat(ref).st_mode
+    assert_fsck_clean(img)
+
+
 def test_new_files_belong_to_the_caller_and_permissions_hold(work: tuple[str, str]) -> None:
     """With allow_other, another user's new files are theirs, and the kernel enforces modes."""
     d, mp = work

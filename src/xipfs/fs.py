@@ -25,7 +25,8 @@ from .ext2 import layout as L
 from .ext2 import namei
 from .ext2.inode import Inode, Run
 from .ext2.volume import Volume
-from .ext2.xattr import ACCESS_ACL, acl_chmod, acl_mode
+from .ext2.xattr import ACCESS_ACL, acl_mode
+from .ext2.xattr import chmod as xattr_chmod
 from .ext2.xattr import write_xattrs as xattr_write
 from .file import XipFile
 from .mapping import PAGE, Mapping, detach, map_file
@@ -605,17 +606,7 @@ class Filesystem:
         """Change the permission bits of ``path``, like ``os.chmod``; an access ACL follows
         the new bits, as on Linux (else it would still grant what the mode now refuses)."""
         p, _ = _fspath(path)
-        vol = self._writable(p)
-        with vol.lock:
-            node = vol.resolve(p, follow_symlinks)
-            node.mode = (node.mode & 0o170000) | (mode & 0o7777)
-            node.ctime_ns = time.time_ns()
-            attrs = vol.xattrs(node) if node.file_acl or node.extra_isize else []
-            if any(k == ACCESS_ACL for k, _ in attrs):
-                attrs = [(k, acl_chmod(v, node.mode) if k == ACCESS_ACL else v) for k, v in attrs]
-                self._store_xattrs(vol, node, attrs, p)     # stores the inode too
-            else:
-                vol.write_inode(node)
+        self._named(lambda vol: xattr_chmod(vol, vol.resolve(p, follow_symlinks), mode), p)
 
     def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
         """Change owner and group of ``path`` (-1 keeps one), like ``os.chown``."""

@@ -68,6 +68,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import CorruptImageError
+from .ext2.xattr import chmod as xattr_chmod
 
 if TYPE_CHECKING:
     from .ext2.inode import Inode
@@ -285,6 +286,13 @@ class Operations:
             gid = -1
         self.fs.chown(path, uid, gid, follow_symlinks=False)
 
+    def _make(self, path: str, make: Callable[[], None]) -> None:
+        """Run ``make``, which creates ``path``, and give the new entry to the calling user."""
+        self._writable()
+        with self._vlock:
+            make()
+            self._own(path)
+
     def _change(self, path: str | None, fh: int | None, change: Callable[[Inode], None]) -> None:
         """Apply ``change`` to the inode of ``path`` or handle ``fh`` and store it (new ctime)."""
         self._writable()
@@ -352,10 +360,7 @@ class Operations:
 
     @_errors
     def mkdir(self, path: str, mode: int) -> int:
-        self._writable()
-        with self._vlock:
-            self.fs.mkdir(path, mode)
-            self._own(path)
+        self._make(path, lambda: self.fs.mkdir(path, mode))
         return 0
 
     @_errors
@@ -394,26 +399,20 @@ class Operations:
     @_errors
     def symlink(self, target: str, source: str) -> int:
         """Make ``target`` a symlink whose content is ``source`` (mfusepy's argument order)."""
-        self._writable()
-        with self._vlock:
-            self.fs.symlink(source, target)
-            self._own(target)
+        self._make(target, lambda: self.fs.symlink(source, target))
         return 0
 
     @_errors
     def mknod(self, path: str, mode: int, dev: int) -> int:
-        self._writable()
-        with self._vlock:
-            self.fs.mknod(path, mode, dev)
-            self._own(path)
+        self._make(path, lambda: self.fs.mknod(path, mode, dev))
         return 0
 
     # -- changing attributes --------------------------------------------------------------------
     @_errors
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
-        def change(node: Inode) -> None:
-            node.mode = (node.mode & 0o170000) | (mode & 0o7777)
-        self._change(path, fh, change)
+        self._writable()
+        with self._vlock:
+            xattr_chmod(self.volume, self._node(path, fh), mode)     # an access ACL follows
         return 0
 
     @_errors

@@ -1376,15 +1376,7 @@ class _Checker:
             if (n < self.bpg and bits[n:].count(0)) or _tail_unset(self.block(self.gd[g][0]), self.bpg):
                 self.report("bitmap_padding", f"padding at the end of group {g}'s block bitmap is not set",
                             block=self.gd[g][0])
-        if differ_minus:
-            self.report("block_bitmap_differs", f"blocks marked in use but not used: {_ranges(differ_minus)}",
-                        block=differ_minus[0])
-        if differ_plus:
-            self.report("block_bitmap_differs", f"blocks used but marked free: {_ranges(differ_plus)}",
-                        block=differ_plus[0])
-        if all(self.bb_ok) and total_free != self.f["s_free_blocks_count"]:
-            self.report("sb_free_blocks_count", f"superblock free blocks count is "
-                        f"{self.f['s_free_blocks_count']}, counted {total_free}")
+        self.report_differences("block", differ_minus, differ_plus, all(self.bb_ok), total_free)
 
     def check_inode_bitmaps(self) -> None:
         iused, itype = self.iused, self.itype
@@ -1416,15 +1408,23 @@ class _Checker:
                 self.report("free_inodes_count", f"group {g} free inodes count is {fi}, counted {free}")
             if dirs != ndirs:
                 self.report("dirs_count", f"group {g} directories count is {ndirs}, counted {dirs}")
-        if differ_minus:
-            self.report("inode_bitmap_differs", f"inodes marked in use but not used: {_ranges(differ_minus)}",
-                        ino=differ_minus[0])
-        if differ_plus:
-            self.report("inode_bitmap_differs", f"inodes used but marked free: {_ranges(differ_plus)}",
-                        ino=differ_plus[0])
-        if all(self.ib_ok) and total_free != self.f["s_free_inodes_count"]:
-            self.report("sb_free_inodes_count", f"superblock free inodes count is "
-                        f"{self.f['s_free_inodes_count']}, counted {total_free}")
+        self.report_differences("inode", differ_minus, differ_plus, all(self.ib_ok), total_free)
+
+    def report_differences(self, what: str, minus: list[int], plus: list[int], whole: bool,
+                           total_free: int) -> None:
+        """Bitmap bits that disagree with what pass 1 found (``what``: "block" or "inode"), and,
+        when every bitmap could be read, the superblock's free count against the bitmaps'."""
+        key = "block" if what == "block" else "ino"
+        if minus:
+            self.report(f"{what}_bitmap_differs", f"{what}s marked in use but not used: {_ranges(minus)}",
+                        **{key: minus[0]})
+        if plus:
+            self.report(f"{what}_bitmap_differs", f"{what}s used but marked free: {_ranges(plus)}",
+                        **{key: plus[0]})
+        field = f"s_free_{what}s_count"
+        if whole and total_free != self.f[field]:
+            self.report(f"sb_free_{what}s_count", f"superblock free {what}s count is {self.f[field]}, "
+                        f"counted {total_free}")
 
     # == paths for the report ==================================================================
     def add_paths(self) -> None:

@@ -432,27 +432,30 @@ class Volume:
         A writer changes the inode before it frees a block, so blocks copied while the inode
         stayed the same were this file's.
         """
-        mode, size, dtime, links, blocks, i_block, gen, size_high = _INODE_KEY.unpack_from(
-            self.inode_raw(node.ino))
+        mode, size, dtime, links, blocks, i_block, gen = self._stored(node)
         if links == 0 or dtime or gen != node.generation or (mode ^ node.mode) & 0o170000:
             self.forget_cached()
             raise OSError(errno.ENOENT, "the file was deleted by a writer in another process")
-        if (mode & 0o170000) == 0o100000:
-            size |= size_high << 32
         old = node.i_block
         if size >= node.size and all(old[i:i + 4] in (_NO_BLOCK, i_block[i:i + 4]) for i in range(0, 60, 4)):
             return True                       # at most grown: what was copied is still the file's
-        self._reload(node)
+        node.size, node.i_block, node.blocks = size, i_block, blocks
+        node.reset_map()
         return False
 
     def _reload(self, node: Inode) -> None:
         """Take ``node``'s size and block pointers from storage again (a writer changed them)."""
-        mode, size, _dtime, _links, blocks, i_block, _gen, size_high = _INODE_KEY.unpack_from(
+        _mode, node.size, _dtime, _links, node.blocks, node.i_block, _gen = self._stored(node)
+        node.reset_map()
+
+    def _stored(self, node: Inode) -> tuple[int, int, int, int, int, bytes, int]:
+        """Mode, size, dtime, link count, i_blocks, i_block and generation of ``node`` as
+        storage holds them now."""
+        mode, size, dtime, links, blocks, i_block, gen, size_high = _INODE_KEY.unpack_from(
             self.inode_raw(node.ino))
         if (mode & 0o170000) == 0o100000:
             size |= size_high << 32
-        node.size, node.i_block, node.blocks = size, i_block, blocks
-        node.reset_map()
+        return mode, size, dtime, links, blocks, i_block, gen
 
     def forget_cached(self) -> None:
         """Drop resolved paths and decoded inodes (a read-only attachment, before it relies

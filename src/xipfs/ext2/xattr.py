@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import time
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
@@ -147,6 +148,18 @@ def acl_chmod(value: bytes, mode: int) -> bytes:
         elif e[0] == ACL_OTHER:
             e[1] = mode & 7
     return value[:4] + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def chmod(vol: Volume, node: Inode, mode: int) -> None:
+    """Give ``node`` the permission bits of ``mode`` and store it; a stored access ACL follows
+    the new bits, as on Linux (else it would still grant what the mode now refuses)."""
+    node.mode = (node.mode & 0o170000) | (mode & 0o7777)
+    node.ctime_ns = time.time_ns()
+    attrs = vol.xattrs(node) if node.file_acl or node.extra_isize else []
+    if any(k == ACCESS_ACL for k, _ in attrs):
+        write_xattrs(vol, node, [(k, acl_chmod(v, node.mode) if k == ACCESS_ACL else v) for k, v in attrs])
+    else:
+        vol.write_inode(node)
 
 
 def acl_mode(value: bytes, mode: int) -> tuple[int, bool]:

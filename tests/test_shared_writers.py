@@ -56,6 +56,7 @@ def test_replaced_file_is_gone_not_another_files_data(img: str) -> None:
                 call("/A")
         assert not r.exists("/A")
         assert r.read_bytes("/B") == b"B" * 8192
+    assert_fsck_clean(img)
 
 
 def test_truncated_and_regrown_file_reads_as_it_is_now(img: str) -> None:
@@ -67,6 +68,7 @@ def test_truncated_and_regrown_file_reads_as_it_is_now(img: str) -> None:
                        "f = w.open('/C', 'ab'); f.write(b'c' * 100); f.close()")
         assert r.read_bytes("/C") == b"c" * 100
         assert bytes(r.mmap("/C")) == b"c" * 100
+    assert_fsck_clean(img)
 
 
 def _content(name: str, version: int, size: int) -> bytes:

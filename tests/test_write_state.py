@@ -427,7 +427,8 @@ class WriteMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def truncate_path(self, data: st.DataObject) -> None:
-        p = self.pick(data, "file")
+        kind = data.draw(st.sampled_from(["file", "file", "link", "other", "all"]), label="kind")
+        p = self.pick(data, kind)
         size = self.offset(data, 0)
         ok, _, _ = self.both(f"truncate({p!r}, {size})", lambda: self.fs.truncate(p, size),
                              lambda: os.truncate(self.r(p), size))
@@ -520,14 +521,31 @@ class WriteMachine(RuleBasedStateMachine):
         self.both(f"rename({src!r}, {dst!r})", lambda: call(src, dst),
                   lambda: os.rename(self.r(src), self.r(dst)))
 
-    @rule(data=st.data())
-    def link(self, data: st.DataObject) -> None:
-        src = self.pick(data, "file", "src")
+    @rule(data=st.data(), follow=st.sampled_from(["default", "nofollow", "follow"]))
+    def link(self, data: st.DataObject, follow: str) -> None:
+        """Any entry may be the source (a symlink, a FIFO, a device node); ``follow_symlinks``
+        left out, False, or True (os.link with a directory fd: linkat(AT_SYMLINK_FOLLOW) on
+        every Python)."""
+        src = self.pick(data, data.draw(st.sampled_from(["file", "link", "other", "all"]), label="src kind"),
+                        "src")
         dst = self.pick(data, "all", "dst", too_long=True)
-        if os.path.isdir(self.r(src)) and not os.path.islink(self.r(src)) and os.path.lexists(self.r(dst)):
+        follows = follow == "follow" or (follow == "default" and sys.version_info >= (3, 14))
+        if os.path.isdir(self.r(src)) and (follows or not os.path.islink(self.r(src))) \
+                and os.path.lexists(self.r(dst)):
             return  # error precedence differs: test_link_directory_onto_existing_name
-        self.both(f"link({src!r}, {dst!r})", lambda: self.fs.link(src, dst, follow_symlinks=False),
-                  lambda: os.link(self.r(src), self.r(dst), follow_symlinks=False))
+        kw = {} if follow == "default" else {"follow_symlinks": follow == "follow"}
+
+        def theirs() -> None:
+            if follow != "follow":
+                os.link(self.r(src), self.r(dst), **kw)
+                return
+            fd = os.open(self.ref, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(self.r(src), self.r(dst), src_dir_fd=fd, follow_symlinks=True)
+            finally:
+                os.close(fd)
+
+        self.both(f"link({src!r}, {dst!r}, {kw})", lambda: self.fs.link(src, dst, **kw), theirs)
 
     @rule(data=st.data())
     def symlink(self, data: st.DataObject) -> None:
@@ -601,25 +619,35 @@ class WriteMachine(RuleBasedStateMachine):
             want = (theirs.st_atime_ns // unit * unit, theirs.st_mtime_ns // unit * unit)
             assert got == want, f"utime {p}: xipfs {got} != os {want}"
 
-    @rule(data=st.data(), name=st.sampled_from(["user.a", "user.b", "user.a_longer_name.x", "user.c"]),
-          size=st.sampled_from([0, 1, 5, 60, 100]), flags=st.sampled_from([0, 0, 1, 2]))
-    def setxattr(self, data: st.DataObject, name: str, size: int, flags: int) -> None:
+    # Every kind of entry is a target: Linux allows user.* only on regular files and
+    # directories (EPERM to change, ENODATA to read elsewhere), trusted.* everywhere (root).
+    @rule(data=st.data(), name=st.sampled_from(["user.a", "user.b", "user.a_longer_name.x", "user.c",
+                                                 "trusted.t"]),
+          size=st.sampled_from([0, 1, 5, 60, 100]), flags=st.sampled_from([0, 0, 1, 2]),
+          follow=st.booleans())
+    def setxattr(self, data: st.DataObject, name: str, size: int, flags: int, follow: bool) -> None:
         p = self.pick(data, "all")
-        if self.target_kind(p) not in (None, stat.S_IFREG, stat.S_IFDIR):
-            return  # Linux allows user.* only on files and directories (see the report)
         value = payload(data.draw(st.integers(0, 250), label="seed"), size)
         flags = (0, os.XATTR_CREATE, os.XATTR_REPLACE, 0)[flags]
-        self.both(f"setxattr({p!r}, {name!r}, {size} bytes, {flags})",
-                  lambda: self.fs.setxattr(p, name, value, flags),
-                  lambda: os.setxattr(self.r(p), name, value, flags))
+        self.both(f"setxattr({p!r}, {name!r}, {size} bytes, {flags}, follow={follow})",
+                  lambda: self.fs.setxattr(p, name, value, flags, follow_symlinks=follow),
+                  lambda: os.setxattr(self.r(p), name, value, flags, follow_symlinks=follow))
 
-    @rule(data=st.data(), name=st.sampled_from(["user.a", "user.b", "user.c"]))
-    def removexattr(self, data: st.DataObject, name: str) -> None:
+    @rule(data=st.data(), name=st.sampled_from(["user.a", "user.b", "user.c", "trusted.t"]),
+          follow=st.booleans())
+    def removexattr(self, data: st.DataObject, name: str, follow: bool) -> None:
         p = self.pick(data, "all")
-        if self.target_kind(p) not in (None, stat.S_IFREG, stat.S_IFDIR):
-            return
-        self.both(f"removexattr({p!r}, {name!r})", lambda: self.fs.removexattr(p, name),
-                  lambda: os.removexattr(self.r(p), name))
+        self.both(f"removexattr({p!r}, {name!r}, follow={follow})",
+                  lambda: self.fs.removexattr(p, name, follow_symlinks=follow),
+                  lambda: os.removexattr(self.r(p), name, follow_symlinks=follow))
+
+    @rule(data=st.data(), name=st.sampled_from(["user.a", "user.b", "trusted.t"]), follow=st.booleans())
+    def getxattr(self, data: st.DataObject, name: str, follow: bool) -> None:
+        p = self.pick(data, "all")
+        _, mine, theirs = self.both(f"getxattr({p!r}, {name!r}, follow={follow})",
+                                    lambda: self.fs.getxattr(p, name, follow_symlinks=follow),
+                                    lambda: os.getxattr(self.r(p), name, follow_symlinks=follow))
+        assert mine == theirs, f"getxattr({p!r}, {name!r}): xipfs {mine!r} != os {theirs!r}"
 
     # -- durability ---------------------------------------------------------------------------
     @rule()
@@ -636,6 +664,21 @@ class WriteMachine(RuleBasedStateMachine):
     @invariant()
     def same_tree(self) -> None:
         compare_trees(self.fs, self.ref)
+        for p in self.tree()["all"]:          # the xattrs of every kind of entry, not followed
+            assert self.xattrs(p, mine=True) == self.xattrs(p, mine=False), f"{p}: xattrs"
+
+    def xattrs(self, p: str, mine: bool) -> dict[str, object]:
+        """``{name: value or errno}`` of what listxattr shows (and of user.a, which it must not
+        show where it cannot be), as xipfs or os give them, without following symlinks."""
+        rp = self.r(p)
+        names = self.fs.listxattr(p, follow_symlinks=False) if mine else \
+            os.listxattr(rp, follow_symlinks=False)
+        out: dict[str, object] = {}
+        for name in sorted({*names, "user.a"}):
+            value, err = attempt(lambda name=name: self.fs.getxattr(p, name, follow_symlinks=False) if mine
+                                 else os.getxattr(rp, name, follow_symlinks=False))
+            out[name] = err.errno if err is not None else value
+        return out
 
     def teardown(self) -> None:
         try:

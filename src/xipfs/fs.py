@@ -14,6 +14,7 @@ import errno
 import functools
 import io
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
@@ -24,10 +25,9 @@ from .ext2 import data as _data
 from .ext2 import layout as L
 from .ext2 import namei
 from .ext2.inode import Inode, Run
-from .ext2.volume import Volume
-from .ext2.xattr import ACCESS_ACL, acl_mode
+from .ext2.volume import PATH_MAX, Volume
 from .ext2.xattr import chmod as xattr_chmod
-from .ext2.xattr import write_xattrs as xattr_write
+from .ext2.xattr import get_xattr, remove_xattr, set_xattr
 from .file import XipFile
 from .mapping import PAGE, Mapping, detach, map_file
 from .progress import ProgressArg
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 PathArg = str | bytes | os.PathLike
 
 _MISSING = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)
+
+#: What ``os.link`` does on Linux when ``follow_symlinks`` is not given. Python 3.14 calls
+#: ``linkat(AT_SYMLINK_FOLLOW)``: the symlink's target gets the name. Before, it called
+#: ``link(2)``, which on Linux gives the new name to the symlink itself (python/cpython#81793).
+LINK_FOLLOWS_SYMLINKS = sys.version_info >= (3, 14)
 
 
 def _fspath(path: PathArg) -> tuple[str, bool]:
@@ -72,6 +77,11 @@ class Filesystem:
         self._dev_id = int.from_bytes(bytes(self.volume.sb.s_uuid[:4]), "little")
         #: Owner of new files: the effective user and group when the image was opened.
         self._owner = (os.geteuid(), os.getegid())
+        #: The longest path a call takes, in bytes with the NUL (Linux's PATH_MAX, enforced as
+        #: ``getname`` does): ENAMETOOLONG beyond. A door that passes on paths assembled
+        #: elsewhere (a FUSE mount gets paths from the mount's root, as deep as the tree)
+        #: sets it to None; paths built inside (symlinks followed) are never limited.
+        self.path_max: int | None = PATH_MAX
 
     @functools.cached_property
     def _umask(self) -> int:
@@ -105,8 +115,17 @@ class Filesystem:
         return self.volume.sb.features
 
     # -- names --------------------------------------------------------------------------------
+    def _fspath(self, path: PathArg) -> tuple[str, bool]:
+        """``(path as str, whether the caller used bytes)``; ENAMETOOLONG for a path Linux
+        would refuse before looking at it (``path_max`` bytes or more with the NUL)."""
+        p, as_bytes = _fspath(path)
+        limit = self.path_max
+        if limit is not None and len(p) >= limit // 4 and len(os.fsencode(p)) >= limit:
+            raise fs_error(errno.ENAMETOOLONG, p)
+        return p, as_bytes
+
     def _inode(self, path: PathArg, follow: bool = True) -> Inode:
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         return self.volume.resolve(p, follow)
 
     def _dir(self, path: PathArg) -> Inode:
@@ -118,13 +137,13 @@ class Filesystem:
     def listdir(self, path: PathArg = "/") -> list[Any]:
         """Names in directory ``path`` (not ``.`` and ``..``), in on-disk order, like ``os.listdir``."""
         names = self.volume.dir_index(self._dir(path)).names()
-        if _fspath(path)[1]:
+        if self._fspath(path)[1]:
             return [os.fsencode(n) for n in names]
         return names
 
     def scandir(self, path: PathArg = "/") -> ScandirIterator:
         """Entries of directory ``path`` as :class:`DirEntry` objects, like ``os.scandir``."""
-        p, as_bytes = _fspath(path)
+        p, as_bytes = self._fspath(path)
         node = self._dir(p)
         return ScandirIterator(self, p, as_bytes, list(self.volume.dir_index(node).entries.items()))
 
@@ -253,7 +272,7 @@ class Filesystem:
 
     def readlink(self, path: PathArg) -> Any:
         """The target of symlink ``path``, like ``os.readlink``."""
-        p, as_bytes = _fspath(path)
+        p, as_bytes = self._fspath(path)
         node = self.volume.resolve(p, False)
         if not node.is_symlink:
             raise fs_error(errno.EINVAL, p)
@@ -262,11 +281,12 @@ class Filesystem:
 
     def getxattr(self, path: PathArg, attribute: str | bytes, *, follow_symlinks: bool = True) -> bytes:
         """The value of extended attribute ``attribute``, like ``os.getxattr`` (ENODATA if absent)."""
-        name = os.fsdecode(attribute)
-        for key, value in self.volume.xattrs(self._inode(path, follow_symlinks)):
-            if key == name:
-                return value
-        raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), _fspath(path)[0])
+        p, _ = self._fspath(path)
+        node = self.volume.resolve(p, follow_symlinks)
+        try:
+            return get_xattr(self.volume, node, os.fsdecode(attribute))
+        except OSError as err:
+            raise named(err, p) from None
 
     def listxattr(self, path: PathArg = "/", *, follow_symlinks: bool = True) -> list[str]:
         """Names of the extended attributes of ``path``, like ``os.listxattr``."""
@@ -295,7 +315,7 @@ class Filesystem:
              errors: str | None = None, newline: str | None = None) -> IO[Any]:
         """Open a file of the image, like the built-in ``open`` (all its modes)."""
         if mode == "rb" and buffering == 0:          # the hot path: no parsing, no lock
-            p = path if isinstance(path, str) else _fspath(path)[0]
+            p = path if isinstance(path, str) and len(path) < 1024 else self._fspath(path)[0]
             node = self.volume.resolve(p, True)
             if (node.mode & 0o170000) == 0o100000:
                 return XipFile(self.volume, node, p)
@@ -334,7 +354,7 @@ class Filesystem:
 
     def _open_raw(self, path: PathArg, mode: str, readable: bool, writable: bool, append: bool,
                   trunc: bool, excl: bool, create: bool = False) -> XipFile:
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         vol = self.volume
         if writable and vol.readonly:
             raise fs_error(errno.EROFS, p)
@@ -369,7 +389,7 @@ class Filesystem:
         file device, blocks below a page, a file too fragmented for the budget) the mapping
         is a private copy with ``is_xip`` False, written back by ``flush()``/``close()``.
         """
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         vol = self.volume
         for attempt in range(2):
             try:
@@ -426,7 +446,7 @@ class Filesystem:
 
     def read_bytes(self, path: PathArg) -> bytes:
         """The whole content of file ``path`` (one copy)."""
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         vol = self.volume
         for _ in range(8):
             node = vol.resolve(p, True)
@@ -504,7 +524,7 @@ class Filesystem:
 
     def mkdir(self, path: PathArg, mode: int = 0o777) -> None:
         """Create directory ``path``, like ``os.mkdir`` (the process umask applies)."""
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         vol = self._writable(p)
         with vol.lock:
             # set-id bits are not taken from ``mode`` (a setgid parent passes its S_ISGID on)
@@ -515,7 +535,7 @@ class Filesystem:
 
         As there, ``mode`` applies to the last directory only.
         """
-        p, _ = _fspath(name)
+        p, _ = self._fspath(name)
         head, _, tail = p.rstrip("/").rpartition("/")
         if head and tail and not self.exists(head):
             with contextlib.suppress(FileExistsError):
@@ -529,7 +549,7 @@ class Filesystem:
                 raise
 
     def _remove(self, path: PathArg, op: Any) -> None:
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         vol = self._writable(p)
         with vol.lock:
             parent, name = self._parent(p)
@@ -547,8 +567,8 @@ class Filesystem:
 
     def rename(self, src: PathArg, dst: PathArg) -> None:
         """Rename ``src`` to ``dst``, replacing ``dst`` if it exists, like ``os.rename``."""
-        s, _ = _fspath(src)
-        d, _ = _fspath(dst)
+        s, _ = self._fspath(src)
+        d, _ = self._fspath(dst)
         vol = self._writable(s)
         with vol.lock:
             sparent, sname = self._parent(s)
@@ -557,10 +577,17 @@ class Filesystem:
 
     replace = rename
 
-    def link(self, src: PathArg, dst: PathArg, *, follow_symlinks: bool = True) -> None:
-        """Make ``dst`` a new name of the file ``src``, like ``os.link``."""
-        s, _ = _fspath(src)
-        d, _ = _fspath(dst)
+    def link(self, src: PathArg, dst: PathArg, *,
+             follow_symlinks: bool = LINK_FOLLOWS_SYMLINKS) -> None:
+        """Make ``dst`` a new name of the file ``src``, like ``os.link`` on Linux.
+
+        ``follow_symlinks`` True gives the name to what a symlink ``src`` points to
+        (``linkat(AT_SYMLINK_FOLLOW)``), False to the symlink itself (``link(2)`` on Linux).
+        Left out, it does what ``os.link`` does on this Python: Python 3.14 and later follow,
+        earlier ones link the symlink itself (:data:`LINK_FOLLOWS_SYMLINKS`).
+        """
+        s, _ = self._fspath(src)
+        d, _ = self._fspath(dst)
         vol = self._writable(d)
         with vol.lock:
             node = vol.resolve(s, follow_symlinks)
@@ -572,7 +599,9 @@ class Filesystem:
         target = os.fsencode(src)
         if not target:
             raise fs_error(errno.ENOENT, os.fspath(dst))
-        d, _ = _fspath(dst)
+        if self.path_max is not None and len(target) >= self.path_max:
+            raise fs_error(errno.ENAMETOOLONG, os.fsdecode(target))   # a string like a path
+        d, _ = self._fspath(dst)
         vol = self._writable(d)
         with vol.lock:
             parent, name = self._parent(d)
@@ -581,7 +610,7 @@ class Filesystem:
 
     def mknod(self, path: PathArg, mode: int = 0o600, device: int = 0) -> None:
         """Create a FIFO, socket, or character/block device node, like ``os.mknod``."""
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         fmt = mode & 0o170000 or 0o100000
         if fmt not in (0o010000, 0o020000, 0o060000, 0o140000, 0o100000):
             raise fs_error(errno.EINVAL, p)
@@ -594,7 +623,7 @@ class Filesystem:
         self.mknod(path, 0o010000 | (mode & 0o7777))
 
     def _change(self, path: PathArg, follow: bool, change: Any) -> None:
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         vol = self._writable(p)
         with vol.lock:
             node = vol.resolve(p, follow)
@@ -605,7 +634,7 @@ class Filesystem:
     def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
         """Change the permission bits of ``path``, like ``os.chmod``; an access ACL follows
         the new bits, as on Linux (else it would still grant what the mode now refuses)."""
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         self._named(lambda vol: xattr_chmod(vol, vol.resolve(p, follow_symlinks), mode), p)
 
     def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
@@ -635,7 +664,7 @@ class Filesystem:
 
     def truncate(self, path: PathArg, length: int) -> None:
         """Resize file ``path`` to ``length`` bytes, like ``os.truncate``."""
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         vol = self._writable(p)
         with vol.lock:
             node = vol.resolve(p, True)
@@ -647,56 +676,40 @@ class Filesystem:
 
     def setxattr(self, path: PathArg, attribute: str | bytes, value: bytes, flags: int = 0, *,
                  follow_symlinks: bool = True) -> None:
-        """Set extended attribute ``attribute``, like ``os.setxattr`` (XATTR_CREATE/REPLACE)."""
-        def change(attrs: list[tuple[str, bytes]], name: str, p: str) -> list[tuple[str, bytes]]:
-            present = any(k == name for k, _ in attrs)
-            if flags & os.XATTR_CREATE and present:
-                raise fs_error(errno.EEXIST, p)
-            if flags & os.XATTR_REPLACE and not present:
-                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), p)
-            rest = [(k, v) for k, v in attrs if k != name]
-            if name == ACCESS_ACL:       # as Linux: the mode follows, and a plain one is not kept
-                node = self.volume.resolve(p, follow_symlinks)
-                node.mode, plain = acl_mode(bytes(value), node.mode)
-                if plain:
-                    return rest
-            return rest + [(name, bytes(value))]
-        self._change_xattrs(path, attribute, follow_symlinks, change)
+        """Set extended attribute ``attribute``, like ``os.setxattr`` (XATTR_CREATE/REPLACE).
+
+        As on Linux: ``user.*`` only on regular files and directories (EPERM elsewhere), POSIX
+        ACLs set the mode bits, and none on a symlink (EOPNOTSUPP).
+        """
+        self._change_xattrs(path, follow_symlinks,
+                            lambda vol, node: set_xattr(vol, node, os.fsdecode(attribute), value, flags))
 
     def removexattr(self, path: PathArg, attribute: str | bytes, *, follow_symlinks: bool = True) -> None:
-        """Remove extended attribute ``attribute``, like ``os.removexattr``."""
-        def change(attrs: list[tuple[str, bytes]], name: str, p: str) -> list[tuple[str, bytes]]:
-            if not any(k == name for k, _ in attrs):
-                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), p)
-            return [(k, v) for k, v in attrs if k != name]
-        self._change_xattrs(path, attribute, follow_symlinks, change)
+        """Remove extended attribute ``attribute``, like ``os.removexattr`` (ENODATA if absent,
+        but an absent POSIX ACL is removed without error, as on Linux)."""
+        self._change_xattrs(path, follow_symlinks,
+                            lambda vol, node: remove_xattr(vol, node, os.fsdecode(attribute)))
 
-    def _change_xattrs(self, path: PathArg, attribute: str | bytes, follow: bool, change: Any) -> None:
-        """Read the attributes of ``path``, let ``change`` make the new list, store it whole."""
-        p, _ = _fspath(path)
+    def _change_xattrs(self, path: PathArg, follow: bool, change: Any) -> None:
+        """Run ``change(volume, inode)`` on what ``path`` names, under the writer's lock, its
+        errors named by ``path``."""
+        p, _ = self._fspath(path)
         vol = self._writable(p)
         with vol.lock:
             node = vol.resolve(p, follow)
-            attrs = change(vol.xattrs(node), os.fsdecode(attribute), p)
-            self._store_xattrs(vol, node, attrs, p)
-
-    @staticmethod
-    def _store_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]], p: str) -> None:
-        try:
-            xattr_write(vol, node, attrs)
-        except OSError as err:
-            if err.filename is None:
+            try:
+                change(vol, node)
+            except OSError as err:
+                if isinstance(err, XipfsError) or err.filename is not None:
+                    raise
                 raise named(err, p) from None
-            raise
-        node.ctime_ns = time.time_ns()
-        vol.write_inode(node)
 
     def write_bytes(self, path: PathArg, data: Any) -> int:
         """Create or replace file ``path`` with ``data``, like ``pathlib.Path.write_bytes``.
 
         A new file gets its content before its name appears (one step fewer, never seen empty).
         """
-        p, _ = _fspath(path)
+        p, _ = self._fspath(path)
         view = memoryview(data).cast("B")
         vol = self._writable(p)
         with vol.lock:

@@ -24,6 +24,10 @@ _U32 = struct.Struct("<I").unpack_from
 
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 ACCESS_ACL = "system.posix_acl_access"
+DEFAULT_ACL = "system.posix_acl_default"
+#: Longest attribute name ``setxattr(2)`` takes, prefix included (XATTR_NAME_MAX): ERANGE beyond.
+XATTR_NAME_MAX = 255
+_S_IFMT, _S_IFREG, _S_IFDIR, _S_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
 ACL_UNDEFINED_ID = 0xFFFFFFFF
 POSIX_ACL_XATTR_VERSION = 2
 EXT2_ACL_VERSION = 1
@@ -115,17 +119,122 @@ _PREFIX_ORDER = sorted(((p, i) for i, p in L.XATTR_PREFIXES.items() if p.endswit
 
 def split_name(name: str) -> tuple[int, bytes]:
     """``(name index, suffix)`` for a full attribute name; EOPNOTSUPP for unknown namespaces."""
-    if name == "system.posix_acl_access":
+    if name == ACCESS_ACL:
         return 2, b""
-    if name == "system.posix_acl_default":
+    if name == DEFAULT_ACL:
         return 3, b""
+    if len(name.encode("utf-8", "surrogateescape")) > XATTR_NAME_MAX:
+        raise OSError(errno.ERANGE, os.strerror(errno.ERANGE), name)
     for prefix, index in _PREFIX_ORDER:
         if name.startswith(prefix) and index != 7:
             suffix = name[len(prefix):].encode("utf-8", "surrogateescape")
-            if not suffix or len(suffix) > 255:
-                raise OSError(errno.EINVAL if not suffix else errno.ERANGE, os.strerror(errno.EINVAL), name)
+            if not suffix:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), name)
             return index, suffix
     raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), name)
+
+
+def check_access(node: Inode, name: str, write: bool) -> None:
+    """Refuse what Linux refuses for every filesystem, before any filesystem is asked.
+
+    ``user.*`` attributes belong to regular files and directories only: on anything else
+    changing one is EPERM and reading one ENODATA, even when the image holds one
+    (``xattr_permission`` in fs/xattr.c; listing still shows it, as Linux's ext2 does). A
+    symlink has no POSIX ACL: EOPNOTSUPP (``vfs_get_acl``/``vfs_set_acl``). ``trusted.*`` and
+    ``security.*`` are allowed on every type (xipfs checks no capabilities: root's view).
+    """
+    fmt = node.mode & _S_IFMT
+    if name.startswith("user.") and fmt != _S_IFREG and fmt != _S_IFDIR:
+        code = errno.EPERM if write else errno.ENODATA
+        raise OSError(code, os.strerror(code))
+    if fmt == _S_IFLNK and name in (ACCESS_ACL, DEFAULT_ACL):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+
+def get_xattr(vol: Volume, node: Inode, name: str) -> bytes:
+    """The value of attribute ``name`` of ``node``, as ``getxattr(2)`` gives it: EOPNOTSUPP for
+    a namespace ext2 has not, ENODATA when absent or hidden (:func:`check_access`)."""
+    split_name(name)
+    check_access(node, name, write=False)
+    for key, value in vol.xattrs(node):
+        if key == name:
+            return value
+    raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+
+
+def set_xattr(vol: Volume, node: Inode, name: str, value: bytes, flags: int = 0) -> None:
+    """Set attribute ``name`` of ``node`` as ``setxattr(2)`` does on Linux's ext2.
+
+    ``flags`` is XATTR_CREATE (EEXIST if present) or XATTR_REPLACE (ENODATA if absent); POSIX
+    ACLs go through :func:`set_acl`, which ignores them, as Linux does.
+    """
+    value = bytes(value)
+    if name in (ACCESS_ACL, DEFAULT_ACL):
+        set_acl(vol, node, name, value or None)
+        return
+    split_name(name)
+    if len(value) > vol.bs:                  # ext2_xattr_set: no value outgrows a block
+        raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
+    check_access(node, name, write=True)
+    attrs = vol.xattrs(node)
+    present = any(k == name for k, _ in attrs)
+    if flags & os.XATTR_CREATE and present:
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+    if flags & os.XATTR_REPLACE and not present:
+        raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+    store_xattrs(vol, node, [(k, v) for k, v in attrs if k != name] + [(name, value)])
+
+
+def remove_xattr(vol: Volume, node: Inode, name: str) -> None:
+    """Remove attribute ``name`` of ``node`` (ENODATA if absent), as ``removexattr(2)``; an
+    absent POSIX ACL is no error (Linux removes it through ``set_acl(NULL)``)."""
+    if name in (ACCESS_ACL, DEFAULT_ACL):
+        set_acl(vol, node, name, None)
+        return
+    split_name(name)
+    check_access(node, name, write=True)
+    attrs = vol.xattrs(node)
+    rest = [(k, v) for k, v in attrs if k != name]
+    if len(rest) == len(attrs):
+        raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+    store_xattrs(vol, node, rest)
+
+
+def set_acl(vol: Volume, node: Inode, name: str, value: bytes | None) -> None:
+    """Set (``value``) or remove (None) a POSIX ACL the way Linux's ``vfs_set_acl`` and
+    ``ext2_set_acl`` do: a default ACL exists only on directories (setting one elsewhere is
+    EACCES, removing one succeeds), an access ACL sets the mode bits and is not stored when it
+    says no more than they do, and removing an absent ACL succeeds."""
+    if value is not None:
+        _acl_entries(value)                          # a malformed value: EINVAL first
+    check_access(node, name, write=True)
+    if name == DEFAULT_ACL and (node.mode & _S_IFMT) != _S_IFDIR:
+        if value is not None:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return
+    setting = value is not None
+    mode = node.mode
+    if value is not None:
+        new_mode, plain = acl_mode(value, mode)      # also refuses an incomplete ACL (EINVAL)
+        if name == ACCESS_ACL:
+            mode = new_mode
+            if plain:
+                value = None
+    attrs = vol.xattrs(node) if node.file_acl or node.extra_isize else []
+    rest = [(k, v) for k, v in attrs if k != name]
+    node.mode = mode
+    if value is None and len(rest) == len(attrs):    # no ACL stored and none to store
+        if setting:                                  # a plain access ACL: the mode only
+            node.ctime_ns = time.time_ns()
+            vol.write_inode(node)
+        return
+    store_xattrs(vol, node, rest if value is None else rest + [(name, value)])
+
+
+def store_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> None:
+    """Store ``node``'s complete attribute list and its new ctime (one inode write)."""
+    node.ctime_ns = time.time_ns()
+    write_xattrs(vol, node, attrs)
 
 
 def _acl_entries(value: bytes) -> list[list[int]]:
@@ -235,8 +344,12 @@ def build_block(attrs: list[tuple[str, bytes]], bs: int) -> bytes:
 def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> None:
     """Store the complete attribute list of ``node`` in an xattr block (the Linux ext2 way).
 
-    Attributes that were in the inode body move to the block; the new block is written before
-    the inode points at it, and the old one is released after.
+    Attributes that were in the inode body move to the block. A block only ``node`` uses
+    (``h_refcount`` 1) is rewritten in place, as Linux's ``ext2_xattr_set`` does: one store of
+    one block, so it needs no free block (a full filesystem can still lose an attribute or
+    chmod a file with an ACL) and a kill sees the old list or the new one. A shared block is
+    left to its other users: a new block is written before the inode points at it, and the
+    old one is released (its count lowered) after.
     """
     bs = vol.bs
     new_block = build_block(attrs, bs) if attrs else None
@@ -249,6 +362,12 @@ def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> No
             node._raw = bytes(raw)
     if new_block is not None:
         vol.set_ext_attr()
+        if old:
+            vol.check_data_run(old, 1, node.ino, "xattr block")   # never write over metadata
+        if old and refcount(vol, old) == 1:
+            vol.device.write(new_block, old * bs)
+            vol.write_inode(node)
+            return
         blk = vol.balloc.alloc(vol.inode_group_goal(node.ino), 1)[0][0]
         vol.device.write(new_block, blk * bs)
         node.file_acl = blk
@@ -272,10 +391,15 @@ def drop_block(vol: Volume, node: Inode) -> None:
     release_block(vol, old)
 
 
+def refcount(vol: Volume, blk: int) -> int:
+    """``h_refcount`` of xattr block ``blk``: how many inodes share it."""
+    return _U32(vol.device.view(blk * vol.bs + 4, 4), 0)[0]
+
+
 def release_block(vol: Volume, blk: int) -> None:
-    bs = vol.bs
-    refcount = _U32(vol.device.view(blk * bs + 4, 4), 0)[0]
-    if refcount > 1:
-        vol.device.write(struct.pack("<I", refcount - 1), blk * bs + 4)
+    """One inode no longer uses xattr block ``blk``: lower its count, or free it (the last)."""
+    count = refcount(vol, blk)
+    if count > 1:
+        vol.device.write(struct.pack("<I", count - 1), blk * vol.bs + 4)
     else:
         vol.balloc.free(blk, 1)

@@ -31,6 +31,11 @@ Info rows show the other ways the server can run: one thread (``nothreads``), th
 default readahead (128 KiB requests), and reads copied by Python (``read_path=copy``) or
 pread by libfuse (``read_path=pread``) instead of spliced.
 
+Sections 18-20 (``--only fusetar,fusersync,fuserm``) copy a real tree instead: ``tar x`` of the
+standard library (no site-packages, no ``__pycache__``), ``rsync -aHAX`` of it, and ``rm -rf`` of
+it, each into a fresh empty image on /dev/shm mounted read-write, through xipfs and by Linux's
+ext2 on a loop device, the unmount timed with the command (see ``Target.unmount``).
+
 Needs root (loop mounts, dropping caches), /dev/fuse and libfuse 3; otherwise the section says
 why it was skipped. Standalone: ``.venv/bin/python benchmarks/bench_fuse.py [--quick] [--repeat N]``.
 """
@@ -42,17 +47,22 @@ import ctypes
 import mmap
 import os
 import shutil
+import stat
+import statistics
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_read import Config  # noqa: E402
-from common import MIB, Case, Row, Section, measure  # noqa: E402
+from common import MIB, Case, Row, Section, measure, time_sample  # noqa: E402
+from stdlib_tree import image_size  # noqa: E402
 
 import xipfs  # noqa: E402
 from xipfs import fuse as xfuse  # noqa: E402
@@ -122,10 +132,11 @@ def loop_mount(img: str, mp: str) -> Iterator[str | None]:
 class Server:
     """``xipfs.fuse.mount(img, mp, readonly=True, options=...)`` in a child process."""
 
-    def __init__(self, img: str, mp: str, options: dict[str, Any]) -> None:
+    def __init__(self, img: str, mp: str, options: dict[str, Any], readonly: bool = True) -> None:
         os.makedirs(mp, exist_ok=True)
         self.mp = mp
-        code = f"import xipfs.fuse as f; f.mount({img!r}, {mp!r}, readonly=True, options={options!r})"
+        code = (f"import xipfs.fuse as f; f.mount({img!r}, {mp!r}, readonly={readonly!r}, "
+                f"options={options!r})")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not os.path.ismount(mp):
@@ -294,7 +305,238 @@ def bench_fuse(root: str, cfg: Config) -> Section:
     return section
 
 
-BENCHMARKS = {"fuse": bench_fuse}
+# -- copying a tree in and out: tar x, rsync -aHAX, rm -rf --------------------------------------
+#: Timed rounds of the copy rows (fewer with --quick or a smaller --repeat): an xipfs sample
+#: takes seconds.
+COPY_REPEAT = 5
+COPY_REPEAT_QUICK = 3
+#: The issue's target: each within 4x of the loop mount.
+COPY_TARGET = 0.25
+#: ``mke2fs`` with what ``xipfs.mkfs`` makes by default: 4 KiB blocks, 256-byte inodes,
+#: sparse_super, large_file, filetype, ext_attr, dir_index, and no resize_inode.
+MKE2FS = ["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-I", "256", "-O", "^resize_inode"]
+
+_COPY_SOURCES: dict[str, tuple[str, str, int, int]] = {}
+
+
+def copy_source(root: str) -> tuple[str, str, int, int]:
+    """``(tree, tarball, entries, bytes)``: this Python's standard library without site-packages
+    and ``__pycache__``, copied to ``root``, and a tar of it whose members start with ``stdlib/``."""
+    if root not in _COPY_SOURCES:
+        parent = os.path.join(root, "copy-src")
+        tree = os.path.join(parent, "stdlib")
+        shutil.copytree(sysconfig.get_paths()["stdlib"], tree, symlinks=True,
+                        ignore=shutil.ignore_patterns("site-packages", "__pycache__"))
+        entries = data = 0
+        for top, dirs, files in os.walk(tree):
+            entries += len(dirs) + len(files)
+            data += sum(os.lstat(os.path.join(top, f)).st_size for f in files)
+        tar = os.path.join(root, "stdlib.tar")
+        subprocess.run(["tar", "cf", tar, "-C", parent, "stdlib"], check=True)
+        _COPY_SOURCES[root] = (tree, tar, entries, data)
+    return _COPY_SOURCES[root]
+
+
+class Target:
+    """A fresh empty file system mounted read-write at ``mp``: ``xipfs`` (an image made by
+    ``xipfs.mkfs``, served by ``xipfs.fuse.mount`` from a child process) or ``loop`` (an image
+    of the same size made by mke2fs, mounted by Linux with ``mount -o loop -t ext2``)."""
+
+    def __init__(self, kind: str, root: str, size: int) -> None:
+        self.kind = kind
+        self.size = size
+        self.img = os.path.join(root, f"copy-{kind}.ext2")
+        self.mp = os.path.join(root, f"copy-{kind}-mnt")
+        self.server: Server | None = None
+        #: per sample: seconds of the command, seconds of the unmount
+        self.split: list[tuple[float, float]] = []
+
+    def mount(self) -> None:
+        """Untimed: a new image, mounted."""
+        if self.kind == "xipfs":
+            xipfs.mkfs(self.img, self.size)
+            self.server = Server(self.img, self.mp, {}, readonly=False)
+        else:
+            subprocess.run([*MKE2FS, self.img, f"{self.size >> 10}k"], check=True,
+                           stdout=subprocess.DEVNULL)
+            os.makedirs(self.mp, exist_ok=True)
+            subprocess.run(["mount", "-o", "loop", "-t", "ext2", self.img, self.mp], check=True,
+                           capture_output=True)
+
+    def unmount(self) -> None:
+        """Timed: until everything is in the image. Loop: ``umount`` (writes back the dirty
+        pages and inodes, releases the loop device). xipfs: ``fusermount3 -u`` and the server's
+        exit (it closes the image clean)."""
+        command = ["fusermount3", "-u", self.mp] if self.kind == "xipfs" else ["umount", self.mp]
+        for _ in range(200):                      # busy right after the last close: retry
+            if subprocess.run(command, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.005)
+        else:
+            raise RuntimeError(f"could not unmount {self.mp}")
+        if self.server is not None:
+            self.server.proc.wait(timeout=MOUNT_TIMEOUT)
+            if self.server.proc.stderr:
+                self.server.proc.stderr.close()
+            self.server = None
+
+    def cleanup(self) -> None:
+        """Unmount if a sample failed half way; the image stays for checking."""
+        if os.path.ismount(self.mp):
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+            else:
+                subprocess.run(["umount", "-l", self.mp], capture_output=True)
+
+    def timed(self, command: list[str]) -> None:
+        """Run ``command`` (it must succeed), then unmount; remember both times."""
+        t0 = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True)
+        t1 = time.perf_counter()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} on {self.kind} exited {proc.returncode}: "
+                               f"{proc.stderr.decode(errors='replace')[-2000:]}")
+        self.unmount()
+        self.split.append((t1 - t0, time.perf_counter() - t1))
+
+
+def image_tree(img: str) -> tuple[int, int]:
+    """``(entries, bytes of regular files)`` under the image's ``/stdlib`` (0, 0 when absent)."""
+    entries = data = 0
+    with xipfs.open(img) as fs:
+        if not fs.exists("/stdlib"):
+            return 0, 0
+        for top, dirs, files in fs.walk("/stdlib"):
+            entries += len(dirs) + len(files)
+            for name in files:
+                st = fs.lstat(f"{top}/{name}")
+                data += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return entries, data
+
+
+def fsck_state(img: str) -> str:
+    proc = subprocess.run(["e2fsck", "-fn", img], capture_output=True)
+    return "clean" if proc.returncode == 0 else f"NOT CLEAN (e2fsck -fn exited {proc.returncode})"
+
+
+def machine_speed() -> str:
+    """This machine's Python and syscall speed, to read the ratios by: both sides of a copy row
+    pay kernel round trips, and the xipfs side pays Python for each request."""
+    n = 1_000_000
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        pass
+    loop = (time.perf_counter_ns() - t0) / n
+    m = 100_000
+    t0 = time.perf_counter_ns()
+    for _ in range(m):
+        os.getppid()
+    getppid = (time.perf_counter_ns() - t0) / m
+    t0 = time.perf_counter_ns()
+    for _ in range(m):
+        os.stat("/dev/shm")
+    stat_ns = (time.perf_counter_ns() - t0) / m
+    return (f"Machine speed during this section: empty Python loop {loop:.0f} ns/iteration, "
+            f"os.getppid() {getppid:.0f} ns, os.stat on tmpfs {stat_ns:.0f} ns; load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.")
+
+
+def copy_unavailable(tools: tuple[str, ...]) -> str | None:
+    reason = unavailable()
+    if reason:
+        return reason
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed" + (" (apt-get install rsync)" if tool == "rsync" else "")
+    return None
+
+
+def bench_copy(root: str, cfg: Config, op: str) -> Section:
+    """One of the copy rows: ``op`` is ``tar``, ``rsync`` or ``rm``."""
+    number, what = {"tar": ("18", "tar x of"), "rsync": ("19", "rsync -aHAX of"),
+                    "rm": ("20", "rm -rf of")}[op]
+    section = Section(f"{number}. {what} the standard library (no site-packages, no __pycache__) "
+                      "on a read-write FUSE mount (xipfs.fuse) vs a loop mount by Linux's ext2, "
+                      "image on /dev/shm, unmount included")
+    reason = copy_unavailable(("tar", "mke2fs", "e2fsck") + (("rsync",) if op == "rsync" else ()))
+    if reason:
+        section.notes.append(f"skipped: {reason}")
+        return section
+    tree, tar, entries, data = copy_source(root)
+    size = image_size(data, entries)
+    targets = [Target("xipfs", root, size), Target("loop", root, size)]
+    quick = cfg.big_bytes < 1 << 30
+    repeat = min(cfg.repeat_cold, COPY_REPEAT_QUICK if quick else COPY_REPEAT)
+
+    def case(t: Target) -> Case:
+        extract = ["tar", "xf", tar, "-C", t.mp]
+        if op == "tar":
+            command, prepare = extract, None
+        elif op == "rsync":
+            command, prepare = ["rsync", "-aHAX", tree, t.mp + "/"], None
+        else:
+            command, prepare = ["rm", "-rf", os.path.join(t.mp, "stdlib")], extract
+
+        def setup() -> None:
+            t.mount()
+            if prepare is not None:                   # rm: the tree first, written back
+                subprocess.run(prepare, check=True)
+                subprocess.run(["sync", "-f", t.mp], check=True)
+
+        return Case(f"{t.kind} {op}", lambda _: t.timed(command), entries, "us/file", setup=setup,
+                    teardown=lambda _: t.cleanup())
+
+    cases = [case(t) for t in targets]
+    try:
+        for c in cases:                               # untimed first round, then check it
+            time_sample(c)
+        found = {t.kind: (image_tree(t.img), fsck_state(t.img)) for t in targets}
+        want = (0, 0) if op == "rm" else (entries, data)
+        for t in targets:
+            if found[t.kind][0] != want:
+                raise AssertionError(f"{op} on {t.kind}: the image holds {found[t.kind][0]} "
+                                     f"(entries, bytes) under /stdlib, expected {want}")
+            t.split.clear()
+        m = measure(cases, repeat, warmup=0)
+    finally:
+        for t in targets:
+            t.cleanup()
+            with contextlib.suppress(OSError):
+                os.unlink(t.img)
+    label = {"tar": f"tar x of a tarball ({entries} files and directories, {data / MIB:.0f} MiB) "
+                    "into an empty mount, then unmount",
+             "rsync": f"rsync -aHAX of the tree ({entries} entries, {data / MIB:.0f} MiB) from "
+                      "tmpfs into an empty mount, then unmount",
+             "rm": f"rm -rf of the extracted tree ({entries} entries), then unmount"}[op]
+    section.rows.append(Row(label, m[f"xipfs {op}"], m[f"loop {op}"], COPY_TARGET))
+    split = "; ".join(
+        f"{t.kind}: command {statistics.median(s for s, _ in t.split):.3f} s, unmount "
+        f"{statistics.median(u for _, u in t.split):.3f} s" for t in targets)
+    section.notes.append(
+        f"Each sample: a new image of {size >> 20} MiB (xipfs.mkfs, or mke2fs with the same "
+        "features: 4 KiB blocks, 256-byte inodes, no resize_inode) mounted untimed"
+        + (", the tree extracted into it by tar and written back with `sync -f`, untimed"
+           if op == "rm" else "")
+        + "; timed: the command, then the unmount (loop: `umount`, which writes back dirty pages "
+        "and inodes; xipfs: `fusermount3 -u` and the server's exit, which closes the image "
+        f"clean). Medians of the two parts: {split}.")
+    section.notes.append("Checked after an untimed first round: the images hold "
+                         + ("nothing under /stdlib" if op == "rm" else "every entry and byte")
+                         + "; e2fsck -fn: " + ", ".join(f"{k} {v[1]}" for k, v in found.items())
+                         + ".")
+    section.notes.append("FUSE mount: read-write, the server's defaults (multithreaded).")
+    section.notes.append(machine_speed())
+    section.raw += list(m.values())
+    return section
+
+
+BENCHMARKS = {
+    "fuse": bench_fuse,
+    "fusetar": partial(bench_copy, op="tar"),
+    "fusersync": partial(bench_copy, op="rsync"),
+    "fuserm": partial(bench_copy, op="rm"),
+}
 
 
 if __name__ == "__main__":          # benchmarks/ is sys.path[0] when run as a script

@@ -37,8 +37,8 @@ How it is served:
   forgets it; any left at unmount are freed then.
 * ``lsattr``/``chattr`` work (``FS_IOC_GETFLAGS``/``SETFLAGS``, stored in ``i_flags``, with
   immutable and append-only enforced as Linux does). ``filefrag`` cannot: FUSE carries neither
-  FIEMAP nor, outside block-device mounts, FIBMAP. ``fallocate`` allocates; punching a hole is
-  EOPNOTSUPP, as on ext2 (ext2 has no unwritten extents).
+  FIEMAP nor, outside block-device mounts, FIBMAP. ``fallocate`` is EOPNOTSUPP in every mode,
+  as Linux gives on ext2 (no unwritten extents): ``posix_fallocate`` writes zeros instead.
 
 Round trips are what a FUSE mount pays for, so the server asks the kernel for fewer of them:
 ``readdirplus`` (a listing carries every entry's attributes, so ``rm -rf`` needs no LOOKUP per
@@ -432,17 +432,19 @@ class Operations:
             node = self.node(ino)
             if to_set & SET_MODE:
                 nodes.chmod(node, mode)
-            if to_set & (SET_UID | SET_GID):
+            if to_set & (SET_UID | SET_GID) or to_set == SET_CTIME:
+                # chown(2); with owner and group both -1 the kernel sends ctime alone (no other
+                # SETATTR does: time write-back always carries mtime), and it still drops bits
                 nodes.setattr(node, uid=uid if to_set & SET_UID else -1,
                               gid=gid if to_set & SET_GID else -1)
                 if not node.is_dir and node.mode & (stat.S_ISUID | stat.S_ISGID):
-                    self.kill_suid(node, _in_group(node.gid, groups))     # as chown(2) does
+                    self.kill_suid(node, _in_group(node.gid, groups))
             if to_set & SET_SIZE:
                 nodes.truncate(node, size)
                 if to_set & SET_KILL_SUIDGID:
                     self.kill_suid(node, _in_group(node.gid, groups))
             times = to_set & (SET_ATIME | SET_MTIME | SET_ATIME_NOW | SET_MTIME_NOW | SET_CTIME)
-            if times:
+            if times and to_set != SET_CTIME:
                 now = time.time_ns()
                 a = now if to_set & SET_ATIME_NOW else atime_ns if to_set & SET_ATIME else None
                 m = now if to_set & SET_MTIME_NOW else mtime_ns if to_set & SET_MTIME else None
@@ -561,13 +563,10 @@ class Operations:
         return n, killed
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        """Mode 0 allocates (and grows the file); every other mode is EOPNOTSUPP, as on ext2."""
-        if mode:
-            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        f = self.file(fh)
-        if not f.writable():
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        f.fallocate(offset, length)
+        """EOPNOTSUPP, whatever the mode, as Linux gives on ext2 (its files have no unwritten
+        extents): ``posix_fallocate`` then writes zeros itself, as it does on a loop mount."""
+        self.file(fh)
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
     def fsync(self, fh: int | None = None) -> None:
         self.nodes.sync()
@@ -947,8 +946,8 @@ class _Session:
             n, killed = self.ops.write(self._fh(fi), view, offset, self._ctx(req)[0], self._groups(req))
         finally:
             view.release()
-        if killed and self._se:                  # the kernel's copy of the mode is stale now
-            self.lib.fuse_lowlevel_notify_inval_inode(self._se, ino, -1, 0)
+        if killed:                               # the kernel's copy of the mode is stale now
+            self._attrs_changed(ino)
         self.lib.fuse_reply_write(req, n)
 
     def _release(self, req: int, ino: int, fi: int) -> None:
@@ -1043,11 +1042,19 @@ class _Session:
 
     def _setxattr(self, req: int, ino: int, name: bytes, value: int, size: int, flags: int) -> None:
         self.ops.setxattr(ino, name, ctypes.string_at(value, size) if size else b"", flags)
+        self._attrs_changed(ino)
         self._reply_err(req, 0)
 
     def _removexattr(self, req: int, ino: int, name: bytes) -> None:
         self.ops.removexattr(ino, name)
+        self._attrs_changed(ino)
         self._reply_err(req, 0)
+
+    def _attrs_changed(self, ino: int) -> None:
+        """The inode's attributes changed where the kernel cannot see it (ctime of a flag or
+        xattr change, the mode an access ACL sets): drop its cached copy (not the data)."""
+        if self._se:
+            self.lib.fuse_lowlevel_notify_inval_inode(self._se, ino, -1, 0)
 
     def _access(self, req: int, ino: int, mask: int) -> None:
         self.ops.access(ino, mask)
@@ -1061,6 +1068,7 @@ class _Session:
             self.lib.fuse_reply_ioctl(req, 0, value, 4)
         elif cmd == FS_IOC_SETFLAGS and in_size >= 4:
             self.ops.set_flags(ino, _U32.unpack(ctypes.string_at(in_buf, 4))[0])
+            self._attrs_changed(ino)
             self.lib.fuse_reply_ioctl(req, 0, None, 0)
         elif cmd == FS_IOC_FSGETXATTR and out_size >= _FSXATTR.size:
             flags = self.ops.get_flags(ino)
@@ -1070,6 +1078,7 @@ class _Session:
             xflags = _FSXATTR.unpack(ctypes.string_at(in_buf, _FSXATTR.size))[0]
             keep = self.ops.get_flags(ino) & ~sum(f for f, _ in _XFLAGS)
             self.ops.set_flags(ino, keep | sum(f for f, x in _XFLAGS if xflags & x))
+            self._attrs_changed(ino)
             self.lib.fuse_reply_ioctl(req, 0, None, 0)
         else:
             self._reply_err(req, errno.ENOTTY)

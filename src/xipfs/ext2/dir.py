@@ -168,6 +168,26 @@ class DirSpace:
         self.tail[lblk] = last
         self.gap[lblk] = gap
 
+    def removed(self, lblk: int, buf: memoryview | bytes, kept: int) -> None:
+        """The entry after the one at ``kept`` was just merged into it (or, ``kept`` being 0
+        and now unused, cleared in place): learn the block's new space.
+
+        A gap in the middle only grows: no rescan (removing every name of a directory in
+        order stays linear). When ``kept`` is now the last entry, its space joined the tail,
+        and a gap recorded before may be that same space: the block is learnt again.
+        """
+        self.full = min(self.full, lblk)
+        ino, rec_len, name_len, _ = _DIRENT(buf, kept)
+        bs = self.bs
+        if bs == 65536 and rec_len in (0, 65535):
+            rec_len = 65536
+        if kept + rec_len >= bs:
+            self.scan(lblk, buf)
+            return
+        free = rec_len - rec_len_of(name_len) if ino else rec_len
+        if free > self.gap[lblk]:
+            self.gap[lblk] = free
+
     def find_slot(self, need: int) -> tuple[int, str]:
         """A block with room for ``need`` bytes: ``(block, "tail" | "gap")``, or ``(-1, "")``.
 
@@ -226,16 +246,23 @@ def insert_into_block(buf: memoryview | bytes, bs: int, at: int | None, name: by
     raise CorruptImageError("directory block changed under the writer", f"offset {pos}")
 
 
-def remove_from_block(buf: memoryview | bytes, bs: int, off: int) -> list[tuple[int, bytes]]:
-    """Writes that delete the entry at ``off`` (Linux ``ext2_delete_entry``)."""
+def remove_from_block(buf: memoryview | bytes, bs: int,
+                      off: int) -> tuple[int, list[tuple[int, bytes]]]:
+    """The entry that takes the space, and the writes that delete the entry at ``off`` (Linux
+    ``ext2_delete_entry``: merged into the one before, or the first one's inode cleared)."""
     if off == 0:
-        return [(0, bytes(4))]
+        return 0, [(0, bytes(4))]
     pos = prev = 0
     while pos < off:
         prev = pos
-        rec_len = _DIRENT(buf, pos)[1] or bs
+        rec_len = _disk_rec_len(_DIRENT(buf, pos)[1], bs)
         pos += rec_len
     if pos != off:
         raise CorruptImageError("directory entry not where the index says", f"offset {off}")
-    merged = _DIRENT(buf, prev)[1] + _DIRENT(buf, off)[1]
-    return [(prev + 4, merged.to_bytes(2, "little"))]
+    merged = _disk_rec_len(_DIRENT(buf, prev)[1], bs) + _disk_rec_len(_DIRENT(buf, off)[1], bs)
+    return prev, [(prev + 4, min(merged, 65535).to_bytes(2, "little"))]     # 65535 is 64 KiB
+
+
+def _disk_rec_len(rec_len: int, bs: int) -> int:
+    """An on-disk rec_len in bytes (a 64 KiB block's whole-block entry says 0 or 65535)."""
+    return bs if bs == 65536 and rec_len in (0, 65535) else rec_len

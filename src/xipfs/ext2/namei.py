@@ -141,9 +141,10 @@ def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
     lblk, off = space.where.pop(name)
     bs = vol.bs
     pblk = _dblock(d, space, lblk)
-    for o, chunk in remove_from_block(vol.device.view(pblk * bs, bs), bs, off):
+    kept, writes = remove_from_block(vol.device.view(pblk * bs, bs), bs, off)
+    for o, chunk in writes:
         vol.device.write(chunk, pblk * bs + o)
-    space.scan(lblk, vol.device.view(pblk * bs, bs))
+    space.removed(lblk, vol.device.view(pblk * bs, bs), kept)
     _touch_dir(vol, d, store=False)
     index = d._dir
     if index is not None:

@@ -209,7 +209,9 @@ class DirSpace:
 
 
 def encode_entry(ino: int, rec_len: int, name: bytes, ftype: int) -> bytes:
-    return L.DIRENT.struct.pack(ino, rec_len, len(name), ftype) + name
+    """An entry's header and name; a whole 64 KiB block's rec_len is stored as 65535 (Linux's
+    ``ext2_rec_len_to_disk``)."""
+    return L.DIRENT.struct.pack(ino, min(rec_len, 65535), len(name), ftype) + name
 
 
 def empty_dir_block(bs: int, ino: int, parent: int, filetype: bool) -> bytes:

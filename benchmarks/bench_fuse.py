@@ -129,6 +129,10 @@ def loop_mount(img: str, mp: str) -> Iterator[str | None]:
         subprocess.run(["umount", mp], capture_output=True)
 
 
+#: Mount options of the copy rows (``XIPFS_BENCH_FUSE_OPTIONS="writeback_cache=0"`` to compare).
+COPY_OPTIONS = xfuse.parse_options(os.environ.get("XIPFS_BENCH_FUSE_OPTIONS", ""))
+
+
 class Server:
     """``xipfs.fuse.mount(img, mp, readonly=True, options=...)`` in a child process."""
 
@@ -355,7 +359,7 @@ class Target:
         """Untimed: a new image, mounted."""
         if self.kind == "xipfs":
             xipfs.mkfs(self.img, self.size)
-            self.server = Server(self.img, self.mp, {}, readonly=False)
+            self.server = Server(self.img, self.mp, dict(COPY_OPTIONS), readonly=False)
         else:
             subprocess.run([*MKE2FS, self.img, f"{self.size >> 10}k"], check=True,
                            stdout=subprocess.DEVNULL)

@@ -1214,7 +1214,7 @@ def parse_options(options: OptionsArg) -> dict[str, Any]:
 #: options of libfuse's high-level API are taken too: this door sets its timeouts itself.
 OUR_OPTIONS = ("ro", "rw", "threads", "nothreads", "debug", "foreground", "readahead_kb", "read_path",
                "attr_timeout", "entry_timeout", "negative_timeout", "use_ino", "kernel_cache",
-               "auto_cache", "max_idle_threads")
+               "auto_cache", "max_idle_threads", "writeback_cache")
 
 
 def fuse_options(image: str, readonly: bool, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -1320,6 +1320,7 @@ def _serve(image: Any, mountpoint: str, readonly: bool, opts: dict[str, Any],
             kwargs["max_read"] = splice_max_read()
         session.max_read = int(kwargs.get("max_read", 0))
         session.readahead_kb = int(opts.get("readahead_kb", READAHEAD_KB))
+        session.writeback = str(opts.get("writeback_cache", "1")).lower() not in ("0", "no", "false", "off")
         session.mountpoint = os.path.realpath(mountpoint)
         threads = bool(opts.get("threads", not opts.get("nothreads", False)))
         with _default_signals():

@@ -43,6 +43,11 @@ class XipFile(io.RawIOBase):
         if self._tracked:
             volume.opened(inode)
 
+    @property
+    def node(self) -> Inode:
+        """The inode this file reads and writes (stays the same if the name goes)."""
+        return self._inode
+
     def close(self) -> None:
         if self._tracked and not self.closed:
             try:

@@ -26,10 +26,10 @@ from .ext2 import layout as L
 from .ext2 import namei
 from .ext2.inode import Inode, Run
 from .ext2.volume import PATH_MAX, Volume
-from .ext2.xattr import chmod as xattr_chmod
-from .ext2.xattr import get_xattr, remove_xattr, set_xattr
+from .ext2.xattr import get_xattr
 from .file import XipFile
 from .mapping import PAGE, Mapping, detach, map_file
+from .nodes import Nodes
 from .progress import ProgressArg
 
 if TYPE_CHECKING:
@@ -75,6 +75,9 @@ class Filesystem:
                     device.close()
             raise
         self._dev_id = int.from_bytes(bytes(self.volume.sb.s_uuid[:4]), "little")
+        #: The same filesystem by inode number (what the FUSE mount drives; changes go
+        #: through it from here too).
+        self.nodes = Nodes(self)
         #: Owner of new files: the effective user and group when the image was opened.
         self._owner = (os.geteuid(), os.getegid())
         #: The longest path a call takes, in bytes with the NUL (Linux's PATH_MAX, enforced as
@@ -622,29 +625,29 @@ class Filesystem:
     def mkfifo(self, path: PathArg, mode: int = 0o666) -> None:
         self.mknod(path, 0o010000 | (mode & 0o7777))
 
-    def _change(self, path: PathArg, follow: bool, change: Any) -> None:
+    def _on_node(self, path: PathArg, follow: bool, change: Any) -> None:
+        """Run ``change(inode)`` on what ``path`` names, under the writer's lock, its errors
+        named by ``path``. The changes themselves are :class:`~xipfs.nodes.Nodes`' (the facade
+        by inode, which the FUSE mount uses too), so both doors change an inode one way."""
         p, _ = self._fspath(path)
         vol = self._writable(p)
         with vol.lock:
             node = vol.resolve(p, follow)
-            change(node)
-            node.ctime_ns = time.time_ns()
-            vol.write_inode(node)
+            try:
+                change(node)
+            except OSError as err:
+                if isinstance(err, XipfsError) or err.filename is not None:
+                    raise
+                raise named(err, p) from None
 
     def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
         """Change the permission bits of ``path``, like ``os.chmod``; an access ACL follows
         the new bits, as on Linux (else it would still grant what the mode now refuses)."""
-        p, _ = self._fspath(path)
-        self._named(lambda vol: xattr_chmod(vol, vol.resolve(p, follow_symlinks), mode), p)
+        self._on_node(path, follow_symlinks, lambda node: self.nodes.chmod(node, mode))
 
     def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
         """Change owner and group of ``path`` (-1 keeps one), like ``os.chown``."""
-        def change(node: Inode) -> None:
-            if uid != -1:
-                node.uid = uid
-            if gid != -1:
-                node.gid = gid
-        self._change(path, follow_symlinks, change)
+        self._on_node(path, follow_symlinks, lambda node: self.nodes.setattr(node, uid=uid, gid=gid))
 
     def utime(self, path: PathArg, times: tuple[float, float] | None = None, *,
               ns: tuple[int, int] | None = None, follow_symlinks: bool = True) -> None:
@@ -657,22 +660,13 @@ class Filesystem:
                 ns = (now, now)
             else:
                 ns = (int(times[0] * 1e9), int(times[1] * 1e9))
-
-        def change(node: Inode) -> None:
-            node.atime_ns, node.mtime_ns = ns
-        self._change(path, follow_symlinks, change)
+        atime, mtime = ns
+        self._on_node(path, follow_symlinks,
+                      lambda node: self.nodes.setattr(node, atime_ns=atime, mtime_ns=mtime))
 
     def truncate(self, path: PathArg, length: int) -> None:
         """Resize file ``path`` to ``length`` bytes, like ``os.truncate``."""
-        p, _ = self._fspath(path)
-        vol = self._writable(p)
-        with vol.lock:
-            node = vol.resolve(p, True)
-            if node.is_dir:
-                raise fs_error(errno.EISDIR, p)
-            if not node.is_reg:
-                raise fs_error(errno.EINVAL, p)
-            _data.truncate(vol, node, length)
+        self._on_node(path, True, lambda node: self.nodes.truncate(node, length))
 
     def setxattr(self, path: PathArg, attribute: str | bytes, value: bytes, flags: int = 0, *,
                  follow_symlinks: bool = True) -> None:
@@ -681,28 +675,13 @@ class Filesystem:
         As on Linux: ``user.*`` only on regular files and directories (EPERM elsewhere), POSIX
         ACLs set the mode bits, and none on a symlink (EOPNOTSUPP).
         """
-        self._change_xattrs(path, follow_symlinks,
-                            lambda vol, node: set_xattr(vol, node, os.fsdecode(attribute), value, flags))
+        self._on_node(path, follow_symlinks,
+                      lambda node: self.nodes.setxattr(node, attribute, value, flags))
 
     def removexattr(self, path: PathArg, attribute: str | bytes, *, follow_symlinks: bool = True) -> None:
         """Remove extended attribute ``attribute``, like ``os.removexattr`` (ENODATA if absent,
         but an absent POSIX ACL is removed without error, as on Linux)."""
-        self._change_xattrs(path, follow_symlinks,
-                            lambda vol, node: remove_xattr(vol, node, os.fsdecode(attribute)))
-
-    def _change_xattrs(self, path: PathArg, follow: bool, change: Any) -> None:
-        """Run ``change(volume, inode)`` on what ``path`` names, under the writer's lock, its
-        errors named by ``path``."""
-        p, _ = self._fspath(path)
-        vol = self._writable(p)
-        with vol.lock:
-            node = vol.resolve(p, follow)
-            try:
-                change(vol, node)
-            except OSError as err:
-                if isinstance(err, XipfsError) or err.filename is not None:
-                    raise
-                raise named(err, p) from None
+        self._on_node(path, follow_symlinks, lambda node: self.nodes.removexattr(node, attribute))
 
     def write_bytes(self, path: PathArg, data: Any) -> int:
         """Create or replace file ``path`` with ``data``, like ``pathlib.Path.write_bytes``.
@@ -755,6 +734,39 @@ class Filesystem:
         on a file device it is a page of the page cache.
         """
         return self.volume.get_xip_mem(self._inode(path), pgoff, create)
+
+    def iter_views(self, path: PathArg, size: int,
+                   window: int = 64 << 20) -> Iterator[tuple[int, int, memoryview | None]]:
+        """``(offset, length, view of the storage or None for a hole)`` covering the first
+        ``size`` bytes of file ``path``, a ``window`` of runs at a time (memory devices: no copy).
+
+        The runs of each window are taken under the lock, so a writer here never changes them
+        half-read; a file that shrinks meanwhile ends the iteration early.
+        """
+        vol = self.volume
+        node = self._inode(path)
+        dev = vol.device
+        pos = 0
+        while pos < size:
+            with vol.lock:
+                stop = min(size, node.size, pos + window)
+                segs = list(vol.segments(node, pos, stop)) if pos < stop else []
+            if not segs:
+                return
+            for off, length, where in segs:
+                yield off, length, dev.view(where, length) if where >= 0 else None
+                pos = off + length
+
+    def forget_cached(self) -> None:
+        """Drop cached names and inodes, so a read-only attachment sees what another process's
+        writer has changed since (``importlib.invalidate_caches`` does this for imports)."""
+        self.volume.forget_cached()
+
+    def unmount(self) -> None:
+        """Write everything back, mark the image clean and unlock it, keeping the device open
+        for views and mappings still in use; :meth:`close` releases it later."""
+        detach(self.volume)
+        self.volume.unmount()
 
     def block_runs(self, path: PathArg) -> list[Run]:
         """The runs of file ``path``: ``(file block, count, device block or 0 for a hole)``."""

@@ -84,7 +84,7 @@ from .device.detect import looks_like_shm_name
 from .errors import CorruptImageError, fs_error
 from .fs import Filesystem
 from .fs import open as xipfs_open
-from .mapping import Mapping, detach
+from .mapping import Mapping
 
 __all__ = ["Ext2FileSystem", "Ext2File", "Ext2RandomFile", "Ext2WriteFile"]
 
@@ -168,12 +168,11 @@ class _Image:
         writer, self.writer = self.writer, None
         assert writer is not None
         try:
-            detach(writer.volume)
-            writer.volume.unmount()
+            writer.unmount()
         finally:
             self._retired.append(writer)
             if self.reader is not None:          # it cached the image as it was before
-                self.reader.volume.forget_cached()
+                self.reader.forget_cached()
 
     def close(self) -> None:
         """Close every Filesystem of this image (the process ends, or no instance is left)."""
@@ -537,7 +536,7 @@ class Ext2FileSystem(AbstractFileSystem):
         super().invalidate_cache(path)
         image = self._image
         if not image.closed and image.writer is None and image.reader is not None:
-            image.reader.volume.forget_cached()
+            image.reader.forget_cached()
 
     # -- reading -----------------------------------------------------------------------------------
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
@@ -941,29 +940,17 @@ def _pieces(fs: Filesystem, p: str, src: Any, size: int) -> Iterator[tuple[int, 
     On a memory device a view is the storage itself (no copy); elsewhere the data is read
     through the page cache into one reused buffer, a piece at a time.
     """
-    vol = fs.volume
-    if not fs.is_xip:
-        buf = memoryview(bytearray(min(CHUNK, max(size, 1))))
-        pos = 0
-        while pos < size:
-            n = src.preadv([buf[:min(len(buf), size - pos)]], pos)
-            if n <= 0:
-                return
-            yield pos, n, buf[:n]
-            pos += n
+    if fs.is_xip:
+        yield from fs.iter_views("/" + p, size, WINDOW)
         return
-    node = vol.resolve("/" + p, True)
-    dev = vol.device
+    buf = memoryview(bytearray(min(CHUNK, max(size, 1))))
     pos = 0
     while pos < size:
-        with vol.lock:                                  # the runs, while no writer changes them
-            stop = min(size, node.size, pos + WINDOW)
-            segs = list(vol.segments(node, pos, stop)) if pos < stop else []
-        if not segs:
+        n = src.preadv([buf[:min(len(buf), size - pos)]], pos)
+        if n <= 0:
             return
-        for off, length, where in segs:
-            yield off, length, dev.view(where, length) if where >= 0 else None
-            pos = off + length
+        yield pos, n, buf[:n]
+        pos += n
 
 
 def _pwrite_all(fd: int, view: memoryview, off: int) -> None:

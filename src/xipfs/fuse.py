@@ -28,7 +28,7 @@ How it is served:
   (992 KiB; 1 MiB otherwise) and, as root, the mount's readahead window is raised from 128 KiB
   to 4 MiB so sequential reads send such requests (``readahead_kb=`` changes it).
 * Requests are served by libfuse's worker threads (``nothreads`` for one): metadata changes
-  are serialised by the volume lock; the copying of spliced reads runs in C, outside the GIL.
+  are serialised by the filesystem's lock; the copying of spliced reads runs in C, outside the GIL.
 * Permissions and the umask are the kernel's business (``default_permissions``): new files get
   exactly the mode the kernel sends, and belong to the calling process's user and group (a
   setgid directory passes its group on). ``st_ino`` is the ext2 inode number.
@@ -312,8 +312,9 @@ class Operations:
 
     def __init__(self, fs: Filesystem, *, read_path: str = "splice") -> None:
         self.fs = fs
-        self.nodes = Nodes(fs)
-        self.volume = fs.volume
+        self.nodes = nodes = Nodes(fs)
+        #: Serialises the requests that change something (the filesystem's own lock).
+        self.lock = nodes.lock
         self.readonly = fs.readonly
         self.timeout = RO_TIMEOUT if fs.readonly else RW_TIMEOUT
         #: open files and directories by handle number
@@ -339,11 +340,11 @@ class Operations:
         if self.readonly:
             return node
         ino = node.ino
-        with self.volume.lock:
+        with self.lock:
             n = self.refs.get(ino)
             if n is None:
                 self.refs[ino] = 1
-                self.volume.opened(node)
+                self.nodes.hold(node)
             else:
                 self.refs[ino] = n + 1
         return node
@@ -354,8 +355,7 @@ class Operations:
             return
         if ino == FUSE_ROOT_ID:
             ino = ROOT_INO
-        vol = self.volume
-        with vol.lock:
+        with self.lock:
             n = self.refs.get(ino)
             if n is None:
                 return
@@ -363,7 +363,7 @@ class Operations:
                 self.refs[ino] = n - count
                 return
             del self.refs[ino]
-            vol.closed(vol.inode(ino))
+            self.nodes.let_go(ino)
 
     def forget_all(self) -> None:
         """The kernel is gone: every reference with it (orphans are freed)."""
@@ -373,7 +373,7 @@ class Operations:
 
     # -- names --------------------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Inode:
-        with self.volume.lock:
+        with self.lock:
             return self._given(self.nodes.lookup(self.node(parent), name))
 
     def getattr(self, ino: int) -> Inode:
@@ -397,26 +397,26 @@ class Operations:
         return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
 
     def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, **kw: Any) -> Inode:
-        with self.volume.lock:
+        with self.lock:
             return self._given(self.nodes.create(self.node(parent), name, mode, uid, gid, **kw))
 
     def unlink(self, parent: int, name: bytes) -> None:
-        with self.volume.lock:
+        with self.lock:
             self.nodes.unlink(self.node(parent), name)
 
     def rmdir(self, parent: int, name: bytes) -> None:
-        with self.volume.lock:
+        with self.lock:
             self.nodes.rmdir(self.node(parent), name)
 
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
         if flags & ~RENAME_NOREPLACE:            # as Linux's ext2: no RENAME_EXCHANGE, no whiteouts
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        with self.volume.lock:
+        with self.lock:
             self.nodes.rename(self.node(parent), name, self.node(new_parent), new_name,
                               bool(flags & RENAME_NOREPLACE))
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
-        with self.volume.lock:
+        with self.lock:
             node = self.node(ino)
             self.nodes.link(node, self.node(new_parent), new_name)
             return self._given(node)
@@ -428,7 +428,7 @@ class Operations:
         """Change what ``to_set`` (``SET_*`` bits) names; the new attributes' inode.
         ``groups`` gives the caller's groups, asked for only when set-id bits may go."""
         nodes = self.nodes
-        with self.volume.lock:
+        with self.lock:
             node = self.node(ino)
             if to_set & SET_MODE:
                 nodes.chmod(node, mode)
@@ -464,7 +464,7 @@ class Operations:
         return self.nodes.get_flags(self.node(ino))
 
     def set_flags(self, ino: int, flags: int) -> None:
-        with self.volume.lock:
+        with self.lock:
             self.nodes.set_flags(self.node(ino), flags)
 
     # -- extended attributes (of the inode itself: the kernel resolved any symlink) -------------
@@ -475,11 +475,11 @@ class Operations:
         return self.nodes.listxattr(self.node(ino))
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
-        with self.volume.lock:
+        with self.lock:
             self.nodes.setxattr(self.node(ino), name, value, flags)
 
     def removexattr(self, ino: int, name: bytes) -> None:
-        with self.volume.lock:
+        with self.lock:
             self.nodes.removexattr(self.node(ino), name)
 
     # -- files ----------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ class Operations:
     def open(self, ino: int, flags: int, uid: int = 0,
              groups: Callable[[], Iterable[int]] | None = None) -> int:
         """A handle on ``ino``; an O_TRUNC open by a user (not root) drops set-id bits."""
-        with self.volume.lock:
+        with self.lock:
             node = self.node(ino)
             if not node.is_reg and not node.is_dir and (flags & os.O_ACCMODE) == os.O_RDONLY:
                 return self._add(_Listing(node, []))      # lsattr of a FIFO or device node
@@ -519,7 +519,7 @@ class Operations:
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                gid: int) -> tuple[Inode, int]:
-        with self.volume.lock:
+        with self.lock:
             node = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
             try:
                 return node, self._add(self.nodes.open(node, (flags & ~os.O_TRUNC) | os.O_RDWR))
@@ -535,16 +535,16 @@ class Operations:
 
     def read_into(self, fh: int, view: memoryview, offset: int) -> int:
         """Fill ``view`` from byte ``offset`` of handle ``fh``: one copy; the bytes copied."""
-        return self.volume.read_into(self.file(fh)._inode, view, offset)
+        return self.nodes.read_into(self.file(fh).node, view, offset)
 
     def read_segments(self, fh: int, size: int, offset: int) -> list[tuple[int, int]]:
         """Where the ``size`` bytes at ``offset`` of handle ``fh`` are: ``(length, byte offset in
         the image file, or -1 for a hole)`` pieces, fewer bytes at EOF."""
-        node = self.file(fh)._inode
+        node = self.file(fh).node
         end = min(offset + size, node.size)
         if end <= offset:
             return []
-        return [(length, where) for _, length, where in self.volume.segments(node, offset, end)]
+        return self.nodes.segments(node, offset, end)
 
     def write(self, fh: int, data: Any, offset: int, uid: int = 0,
               groups: Callable[[], Iterable[int]] | None = None) -> tuple[int, bool]:
@@ -557,9 +557,9 @@ class Operations:
         if n == 0 and len(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         killed = False
-        if uid != 0 and f._inode.mode & (stat.S_ISUID | stat.S_ISGID):
-            with self.volume.lock:
-                killed = self.kill_suid(f._inode, _in_group(f._inode.gid, groups))
+        if uid != 0 and f.node.mode & (stat.S_ISUID | stat.S_ISGID):
+            with self.lock:
+                killed = self.kill_suid(f.node, _in_group(f.node.gid, groups))
         return n, killed
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
@@ -574,12 +574,12 @@ class Operations:
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is not None and not isinstance(h, _Listing):
-            with self.volume.lock:
+            with self.lock:
                 h.close()
 
     def opendir(self, ino: int) -> int:
         node = self.node(ino)
-        with self.volume.lock:
+        with self.lock:
             return self._add(_Listing(node, self.nodes.entries(node)))
 
     def readdir(self, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
@@ -991,12 +991,12 @@ class _Session:
         stat_only = self._stat_buf()
         pack_entry, pack_stat = _ENTRY.pack_into, _STAT.pack_into
         timeout = self._timeout
-        vol = ops.volume
+        stored = ops.nodes.stored
         for i, (name, ino, fmt) in enumerate(entries, offset + 1):
             node = None
             if plus and name not in (b".", b".."):
                 try:
-                    node = vol.inode(ino)
+                    node = stored(ino)
                 except OSError:
                     node = None
             if node is not None:

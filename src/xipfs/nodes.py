@@ -80,6 +80,29 @@ class Nodes:
             raise fs_error(errno.ENOENT)
         return vol.inode(entry[0])
 
+    def stored(self, ino: int) -> Inode:
+        """Inode ``ino`` as stored, whatever its state (a listing's entry, not yet checked)."""
+        return self.volume.inode(ino)
+
+    def hold(self, node: Inode) -> None:
+        """Someone outside (the kernel, for a FUSE mount) uses ``node``: it outlives its last
+        name until :meth:`let_go`, as a file open here does."""
+        self.volume.opened(node)
+
+    def let_go(self, ino: int) -> None:
+        """The outside user of inode ``ino`` is gone; an orphan is freed now."""
+        vol = self.volume
+        vol.closed(vol.inode(ino))
+
+    def read_into(self, node: Inode, view: memoryview, pos: int) -> int:
+        """Copy file data from byte ``pos`` into ``view`` (one copy); the bytes copied."""
+        return self.volume.read_into(node, view, pos)
+
+    def segments(self, node: Inode, pos: int, end: int) -> list[tuple[int, int]]:
+        """Where bytes ``[pos, end)`` of ``node`` are: ``(length, byte offset in the image, or
+        -1 for a hole)`` pieces."""
+        return [(length, where) for _, length, where in self.volume.segments(node, pos, end)]
+
     def attrs(self, node: Inode) -> Attrs:
         """The attributes of ``node`` as :data:`Attrs`."""
         mode = node.mode
@@ -217,19 +240,19 @@ class Nodes:
             vol.write_inode(node)
 
     # -- extended attributes --------------------------------------------------------------------
-    def getxattr(self, node: Inode, name: bytes) -> bytes:
+    def getxattr(self, node: Inode, name: str | bytes) -> bytes:
         return get_xattr(self.volume, node, self._decode(name))
 
     def listxattr(self, node: Inode) -> list[str]:
         return [k for k, _ in self.volume.xattrs(node)]
 
-    def setxattr(self, node: Inode, name: bytes, value: bytes, flags: int) -> None:
+    def setxattr(self, node: Inode, name: str | bytes, value: bytes, flags: int = 0) -> None:
         vol = self._writable()
         with vol.lock:
             _check_mutable(node)
             set_xattr(vol, node, self._decode(name), value, flags)
 
-    def removexattr(self, node: Inode, name: bytes) -> None:
+    def removexattr(self, node: Inode, name: str | bytes) -> None:
         vol = self._writable()
         with vol.lock:
             _check_mutable(node)

@@ -25,7 +25,7 @@ from write_util import mkfs as mke2fs
 
 import xipfs
 from xipfs import cli
-from xipfs import cli_format as F
+from xipfs.cli import format as F
 
 ERROR_LINE = re.compile(r"^xipfs: [a-z]+: .+: .+$")
 BIG = bytes(range(256)) * 800 + b"tail"          # 204804 bytes: more than one copy chunk at 1 KiB blocks

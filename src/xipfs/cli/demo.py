@@ -16,10 +16,10 @@ import sys
 import sysconfig
 import time
 
-from .fs import Filesystem
-from .fs import check as xip_check
-from .fs import open as xip_open
-from .pack import pack
+from ..fs import Filesystem
+from ..fs import check as xip_check
+from ..fs import open as xip_open
+from ..pack import pack
 
 DEFAULT_IMAGE = "/dev/shm/xipfs-demo.img"
 EXCLUDE = ("site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib", "tkinter",
@@ -130,7 +130,7 @@ def _import_from(image: str, name: str) -> None:
     """Import ``name`` afresh with ``image`` first on sys.path, say where it came from and use it."""
     import importlib
 
-    from . import importer
+    from .. import importer
 
     importer.install()
     saved = sys.modules.pop(name, None)

@@ -1,0 +1,462 @@
+"""Subcommands that look: ``info``, ``df``, ``check``, ``ls``, ``tree``, ``stat``, ``cat``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import posixpath
+import shutil
+import stat
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import format as F
+from .common import (
+    CHUNK,
+    CliError,
+    Context,
+    Tree,
+    _flush_stdout,
+    _stdout_is_terminal,
+    about,
+    emit,
+    image_spec,
+)
+
+# -- info / df / check --------------------------------------------------------------------------
+_ERRORS_BEHAVIOR = {1: "Continue", 2: "Remount read-only", 3: "Panic"}
+
+ENTRY_KEYS_HELP = ("JSON: a list of entries with the keys " + ", ".join(F.ENTRY_KEYS)
+                   + " (type: file, dir, symlink, fifo, socket, char, block; times ISO 8601 UTC "
+                   "and *_ns integers; rdev [major, minor] or null; target null unless a symlink).")
+
+
+def _storage(fs: Any, image: str) -> str:
+    from ..device.detect import storage_kind
+
+    try:
+        kind = storage_kind(image) if os.path.exists(image) else "shm"
+    except OSError:
+        kind = "unknown"
+    path = "read in place (XIP)" if fs.is_xip else "page cache"
+    return f"{kind}, {path}"
+
+
+def info_dict(fs: Any, image: str) -> dict[str, Any]:
+    """What ``xipfs info --json`` prints (keys documented in the command's help)."""
+    sb = fs.volume.sb
+    f = sb.fields
+    state = "clean" if f["s_state"] & 1 else "not clean"
+    if f["s_state"] & 2:
+        state += " with errors"
+    return {
+        "image": image, "image_size": fs.device.size, "storage": _storage(fs, image), "xip": fs.is_xip,
+        "label": sb.label, "uuid": sb.uuid, "revision": f["s_rev_level"], "features": sb.features,
+        "state": state, "errors_behavior": _ERRORS_BEHAVIOR.get(f["s_errors"], str(f["s_errors"])),
+        "inodes_count": f["s_inodes_count"], "blocks_count": f["s_blocks_count"],
+        "reserved_blocks": f["s_r_blocks_count"], "free_blocks": f["s_free_blocks_count"],
+        "free_inodes": f["s_free_inodes_count"], "first_data_block": f["s_first_data_block"],
+        "block_size": sb.block_size, "inode_size": sb.inode_size, "first_inode": sb.first_ino,
+        "blocks_per_group": f["s_blocks_per_group"], "inodes_per_group": f["s_inodes_per_group"],
+        "inode_blocks_per_group": sb.itable_blocks, "groups": sb.groups,
+        "created": f["s_mkfs_time"] or None, "mounted": f["s_mtime"] or None,
+        "written": f["s_wtime"] or None, "checked": f["s_lastcheck"] or None,
+        "mount_count": f["s_mnt_count"], "max_mount_count": f["s_max_mnt_count"],
+        "writable": not sb.readonly_reason, "readonly_reason": sb.readonly_reason or None,
+    }
+
+
+def cmd_info(ctx: Context, args: argparse.Namespace) -> None:
+    spec = image_spec(args.image, "/")
+    fs = ctx.fs(spec.image)
+    d = info_dict(fs, spec.image)
+    if args.json:
+        emit(F.to_json(d))
+        return
+    rev = {0: "0 (original)", 1: "1 (dynamic)"}.get(d["revision"], str(d["revision"]))
+    rows = [
+        ("Filesystem volume name", d["label"] or "<none>"), ("Filesystem UUID", d["uuid"]),
+        ("Filesystem revision #", rev), ("Filesystem features", " ".join(d["features"]) or "(none)"),
+        ("Filesystem state", d["state"]), ("Errors behavior", d["errors_behavior"]),
+        ("Inode count", d["inodes_count"]), ("Block count", d["blocks_count"]),
+        ("Reserved block count", d["reserved_blocks"]), ("Free blocks", d["free_blocks"]),
+        ("Free inodes", d["free_inodes"]), ("First block", d["first_data_block"]),
+        ("Block size", d["block_size"]), ("Inode size", d["inode_size"]), ("First inode", d["first_inode"]),
+        ("Blocks per group", d["blocks_per_group"]), ("Inodes per group", d["inodes_per_group"]),
+        ("Inode blocks per group", d["inode_blocks_per_group"]), ("Block groups", d["groups"]),
+        ("Filesystem created", F.ctime_text(d["created"] or 0)),
+        ("Last mount time", F.ctime_text(d["mounted"] or 0)),
+        ("Last write time", F.ctime_text(d["written"] or 0)),
+        ("Mount count", d["mount_count"]), ("Maximum mount count", d["max_mount_count"]),
+        ("Last checked", F.ctime_text(d["checked"] or 0)),
+        ("Image", f"{d['image']} ({d['image_size']} bytes, {F.human_size(d['image_size'])})"),
+        ("Storage", d["storage"]),
+        ("Writable", "yes" if d["writable"] else f"no: {d['readonly_reason']}"),
+    ]
+    for key, value in rows:
+        emit(f"{key + ':':<26}{value}")
+
+
+def df_dict(fs: Any, image: str) -> dict[str, Any]:
+    """One row of ``xipfs df --json`` (keys documented in the command's help)."""
+    sv = fs.statvfs("/")
+    bs = sv.f_frsize
+    used = (sv.f_blocks - sv.f_bfree) * bs
+    avail = sv.f_bavail * bs
+    iused = sv.f_files - sv.f_ffree
+    return {
+        "image": image, "label": fs.label, "block_size": bs, "size": sv.f_blocks * bs, "used": used,
+        "available": avail, "use_percent": -(-used * 100 // (used + avail)) if used + avail else 0,
+        "inodes": sv.f_files, "inodes_used": iused, "inodes_free": sv.f_ffree,
+        "inodes_use_percent": -(-iused * 100 // sv.f_files) if sv.f_files else 0,
+    }
+
+
+def cmd_df(ctx: Context, args: argparse.Namespace) -> None:
+    rows = []
+    for arg in args.images:
+        with ctx.each():
+            spec = image_spec(arg, "/")
+            rows.append(df_dict(ctx.fs(spec.image), spec.image))
+    if args.json:
+        emit(F.to_json(rows))
+        return
+    if args.inodes:
+        head = ("Filesystem", "Inodes", "IUsed", "IFree", "IUse%")
+        cells = [(r["image"], str(r["inodes"]), str(r["inodes_used"]), str(r["inodes_free"]),
+                  f"{r['inodes_use_percent']}%") for r in rows]
+    else:
+        size = F.human_size if args.human else (lambda n: str(-(-n // 1024)))
+        head = ("Filesystem", "Size" if args.human else "1K-blocks", "Used", "Avail", "Use%")
+        cells = [(r["image"], size(r["size"]), size(r["used"]), size(r["available"]), f"{r['use_percent']}%")
+                 for r in rows]
+    if not rows:
+        return
+    widths = [max(len(c[i]) for c in [head, *cells]) for i in range(5)]
+    for c in [head, *cells]:
+        emit(f"{c[0]:<{widths[0]}} " + " ".join(f"{v:>{w}}" for v, w in zip(c[1:], widths[1:], strict=True)))
+
+
+def _problem_dict(p: Any) -> dict[str, Any]:
+    if hasattr(p, "to_dict"):
+        return p.to_dict()
+    return dataclasses.asdict(p)
+
+
+def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
+    from ..ext2.check import MINOR_CODES
+    from ..fs import check
+
+    spec = image_spec(args.image, "/")
+    with about(spec):                      # the device, not a Volume: damaged descriptors too
+        problems = check(spec.image, progress=ctx.progress)
+    if args.json:
+        emit(F.to_json({"image": spec.image, "clean": not problems, "count": len(problems),
+                        "problems": [_problem_dict(p) for p in problems]}))
+    else:
+        for p in problems:
+            extra = f" ({p.path})" if getattr(p, "path", None) and p.path not in p.message else ""
+            emit(f"{p.code}: {p.message}{extra}")
+        if problems:
+            emit(f"{spec.image}: {F.plural(len(problems), 'problem', 'problems')} found")
+        else:
+            fs = ctx.fs(spec.image)
+            sb = fs.volume.sb
+            sv = fs.statvfs("/")
+            used = sb.s_blocks_count - sum(g.free_blocks for g in fs.volume.groups)
+            emit(f"{spec.image}: clean, {sv.f_files - sv.f_ffree}/{sv.f_files} files, "
+                 f"{used}/{sb.s_blocks_count} blocks")
+    if any(p.code not in MINOR_CODES for p in problems):   # as e2fsck -n: lagging counts are not errors
+        ctx.status = max(ctx.status, 1)
+
+
+# -- ls / tree / stat / cat ---------------------------------------------------------------------
+def _follow_if_dir(tree: Tree, path: str, st: os.stat_result) -> os.stat_result:
+    """A command-line symlink to a directory lists the directory (as ls without -l does)."""
+    if stat.S_ISLNK(st.st_mode):
+        with contextlib.suppress(CliError):
+            target = tree.stat(path)
+            if stat.S_ISDIR(target.st_mode):
+                return target
+    return st
+
+
+def _target(tree: Tree, path: str, st: os.stat_result) -> str | None:
+    if not stat.S_ISLNK(st.st_mode):
+        return None
+    try:
+        return tree.readlink(path)
+    except CliError:
+        return "?"
+
+
+#: One line of ``ls``: (shown name, path, lstat or None when not needed, the side it is on).
+Item = tuple[str, str, "os.stat_result | None", Tree]
+
+
+class Lister:
+    """``ls``: collects what to print, in the order GNU ls prints it."""
+
+    def __init__(self, ctx: Context, args: argparse.Namespace) -> None:
+        self.ctx = ctx
+        self.args = args
+        self.now = time.time()
+        self.records: list[dict[str, Any]] = []
+        self.sections = 0
+        self.wide = _stdout_is_terminal() and not args.long
+        self.needs_stat = args.long or args.json or args.recursive
+
+    def entries(self, tree: Tree, path: str) -> list[Item]:
+        """The entries of directory ``path``, sorted, hidden ones as -a says."""
+        names = [n for n in tree.listdir(path) if self.args.all or not n.startswith(".")]
+        out: list[Item] = []
+        if self.args.all:
+            out.append((".", path, tree.stat(path) if self.needs_stat else None, tree))
+            parent = posixpath.dirname(path.rstrip("/")) or "/"
+            out.append(("..", parent, tree.stat(parent) if self.needs_stat else None, tree))
+        for name in names:
+            full = tree.join(path, name)
+            st = None
+            if self.needs_stat:
+                st = self._lstat_or_report(tree, full)
+                if st is None:
+                    continue
+            out.append((name, full, st, tree))
+        return out
+
+    def _lstat_or_report(self, tree: Tree, path: str) -> os.stat_result | None:
+        st = None
+        with self.ctx.each():
+            st = tree.lstat(path)
+        return st
+
+    def show(self, items: list[Item], directory: bool) -> None:
+        """Print one group of names (a directory's entries, or the operands that are not listed)."""
+        if self.args.json:
+            self.records += [F.entry_dict(full, st, _target(tree, full, st)) for name, full, st, tree in items
+                             if name not in (".", "..") and st is not None]
+            return
+        if self.args.long:
+            if directory:
+                total = sum(st.st_blocks for _, _, st, _ in items if st is not None) // 2
+                emit(f"total {F.human_size(total * 1024) if self.args.human else total}")
+            rows = []
+            for name, full, st, tree in items:
+                target = _target(tree, full, st)
+                rows.append((st, name + (f" -> {target}" if target is not None else "")))
+            for line in F.ls_long_lines(rows, self.args.human, self.now):
+                emit(line)
+        elif self.wide:
+            for line in F.columns([name for name, _, _, _ in items], shutil.get_terminal_size().columns):
+                emit(line)
+        else:
+            for name, _, _, _ in items:
+                emit(name)
+
+    def directory(self, tree: Tree, path: str, header: bool) -> None:
+        if not self.args.json:
+            if self.sections:
+                emit()
+            if header:
+                emit(f"{path}:")
+        self.sections += 1
+        items = self.entries(tree, path)
+        self.show(items, True)
+        if self.args.recursive:
+            for name, full, st, _ in items:
+                if name not in (".", "..") and st is not None and stat.S_ISDIR(st.st_mode):
+                    with self.ctx.each():
+                        self.directory(tree, full, True)
+
+
+def cmd_ls(ctx: Context, args: argparse.Namespace) -> None:
+    lister = Lister(ctx, args)
+    files: list[Item] = []
+    dirs: list[tuple[Tree, str]] = []
+    for arg in args.paths:
+        with ctx.each():
+            spec = image_spec(arg, "/")
+            tree = ctx.tree(spec)
+            st = tree.lstat(spec.path)
+            if not args.long and not args.directory:
+                st = _follow_if_dir(tree, spec.path, st)
+            if stat.S_ISDIR(st.st_mode) and not args.directory:
+                dirs.append((tree, spec.path))
+            else:
+                files.append((spec.path, spec.path, st, tree))
+    if files:                          # operands that are not listed as directories come first
+        lister.show(files, False)
+        lister.sections += 1
+    header = len(files) + len(dirs) > 1 or args.recursive
+    for tree, path in dirs:
+        with ctx.each(tree.spec(path)):
+            lister.directory(tree, path, header)
+    if args.json:
+        emit(F.to_json(lister.records))
+
+
+def cmd_tree(ctx: Context, args: argparse.Namespace) -> None:
+    spec = image_spec(args.path, "/")
+    tree = ctx.tree(spec)
+    st = tree.stat(spec.path)
+    counts = [0, 0]                                     # directories, files
+    emit(spec.text)
+    if stat.S_ISDIR(st.st_mode):
+        _tree_below(ctx, tree, spec.path, "", 1, args, counts)
+    emit()
+    summary = F.plural(counts[0], "directory", "directories")
+    if not args.dirs_only:
+        summary += ", " + F.plural(counts[1], "file", "files")
+    emit(summary)
+
+
+def _tree_below(ctx: Context, tree: Tree, path: str, prefix: str, depth: int, args: argparse.Namespace,
+                counts: list[int]) -> None:
+    """The lines of ``tree(1)`` below ``path``: entries sorted, ``├──``/``└──`` branches."""
+    if args.level is not None and depth > args.level:
+        return
+    items = []
+    for name in tree.listdir(path):
+        if not args.all and name.startswith("."):
+            continue
+        full = tree.join(path, name)
+        st = tree.lstat(full)
+        is_dir = stat.S_ISDIR(_follow_if_dir(tree, full, st).st_mode)
+        if args.dirs_only and not is_dir:
+            continue
+        items.append((name, full, st, is_dir))
+    for i, (name, full, st, is_dir) in enumerate(items):
+        last = i == len(items) - 1
+        target = _target(tree, full, st)
+        emit(prefix + ("└── " if last else "├── ") + name + (f" -> {target}" if target is not None else ""))
+        counts[0 if is_dir else 1] += 1
+        if stat.S_ISDIR(st.st_mode):
+            with ctx.each():
+                _tree_below(ctx, tree, full, prefix + ("    " if last else "│   "), depth + 1, args, counts)
+
+
+def cmd_stat(ctx: Context, args: argparse.Namespace) -> None:
+    records = []
+    for arg in args.paths:
+        with ctx.each():
+            spec = image_spec(arg)
+            tree = ctx.tree(spec)
+            st = tree.stat(spec.path) if args.dereference else tree.lstat(spec.path)
+            target = _target(tree, spec.path, st)
+            if args.json:
+                rec = F.entry_dict(spec.path, st, target)
+                rec["image"] = spec.image
+                records.append(rec)
+            else:
+                _print_stat(spec.text, st, target)
+    if args.json:
+        emit(F.to_json(records))
+
+
+def _print_stat(shown: str, st: os.stat_result, target: str | None) -> None:
+    """The lines ``stat(1)`` prints for one file."""
+    name = shown + (f" -> {target}" if target is not None else "")
+    emit(f"  File: {name}")
+    emit(f"  Size: {st.st_size:<10}\tBlocks: {st.st_blocks:<10} IO Block: {st.st_blksize:<6} "
+         f"{F.stat_type_name(st.st_mode, st.st_size)}")
+    dev = f"Device: {st.st_dev:x}h/{st.st_dev}d\tInode: {st.st_ino:<11} Links: {st.st_nlink}"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        dev += f"     Device type: {os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
+    emit(dev)
+    emit(f"Access: ({stat.S_IMODE(st.st_mode):04o}/{stat.filemode(st.st_mode)})  "
+         f"Uid: ({st.st_uid:5}/{F.user_name(st.st_uid):>8})   "
+         f"Gid: ({st.st_gid:5}/{F.group_name(st.st_gid):>8})")
+    emit(f"Access: {F.stat_time(st.st_atime_ns)}")
+    emit(f"Modify: {F.stat_time(st.st_mtime_ns)}")
+    emit(f"Change: {F.stat_time(st.st_ctime_ns)}")
+    emit(" Birth: -")
+
+
+def cmd_cat(ctx: Context, args: argparse.Namespace) -> None:
+    _flush_stdout()
+    out = getattr(sys.stdout, "buffer", None)
+    buf = memoryview(bytearray(CHUNK))
+    for arg in args.paths:
+        with ctx.each():
+            spec = image_spec(arg)
+            tree = ctx.tree(spec)
+            with tree.open_read(spec.path) as f, about(spec):
+                while True:
+                    n = f.readinto(buf)
+                    if not n:
+                        break
+                    if out is not None:
+                        out.write(buf[:n])
+                    else:
+                        sys.stdout.write(bytes(buf[:n]).decode("utf-8", "surrogateescape"))
+    if out is not None:
+        out.flush()
+
+
+
+def _add_inspect(add: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add("info", cmd_info, "show the superblock (like dumpe2fs -h)",
+            "Show an image's superblock: geometry, counts, features, state, times, storage.",
+            "JSON keys: image, image_size, storage, xip, label, uuid, revision, features, state, "
+            "errors_behavior, inodes_count, blocks_count, reserved_blocks, free_blocks, "
+            "free_inodes, first_data_block, block_size, inode_size, first_inode, blocks_per_group, "
+            "inodes_per_group, inode_blocks_per_group, groups, created, mounted, written, "
+            "checked (epoch seconds or null), mount_count, max_mount_count, writable, "
+            "readonly_reason.")
+    p.add_argument("image", metavar="IMAGE", help="the image to show")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+    p = add("ls", cmd_ls, "list directory contents (like ls)",
+            "List the entries of directories inside images (names sorted; dotfiles with -a).",
+            ENTRY_KEYS_HELP + "\n\nexamples:\n  xipfs ls -l /dev/shm/site.img:/static\n"
+            "  xipfs ls -laR --json site.img | jq '.[].path'", add_help=False)
+    p.add_argument("paths", metavar="IMAGE[:PATH]", nargs="+", help="what to list (default PATH: /)")
+    p.add_argument("-l", dest="long", action="store_true",
+                   help="long listing: mode, links, owner, size, time")
+    p.add_argument("-a", "--all", action="store_true", help="show entries starting with '.', and . and ..")
+    p.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
+    p.add_argument("-d", "--directory", action="store_true", help="list directories themselves")
+    p.add_argument("-h", "--human-readable", dest="human", action="store_true", help="sizes like 4.0K, 13M")
+    p.add_argument("--json", action="store_true", help="one JSON list of entries")
+    p.add_argument("--help", action="help", help="show this help message and exit")
+
+    p = add("cat", cmd_cat, "write files to standard output",
+            "Write the contents of files inside images to standard output, byte for byte.",
+            "example:\n  xipfs cat /dev/shm/site.img:/index.html | head")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
+
+    p = add("stat", cmd_stat, "show a file's inode (like stat)",
+            "Show what the inode of each path says, as stat(1) prints it (a symlink itself unless -L).",
+            ENTRY_KEYS_HELP + " Each entry also has 'image'.")
+    p.add_argument("paths", metavar="IMAGE:PATH", nargs="+", help="paths inside images")
+    p.add_argument("-L", "--dereference", action="store_true", help="follow symlinks")
+    p.add_argument("--json", action="store_true", help="one JSON list of entries")
+
+    p = add("df", cmd_df, "show free space (like df -h)",
+            "Show each image's size, used and available space (or inodes with -i).",
+            "JSON: a list with the keys image, label, block_size, size, used, available (bytes), "
+            "use_percent, inodes, inodes_used, inodes_free, inodes_use_percent.")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="images to show")
+    p.add_argument("-i", "--inodes", action="store_true", help="inodes instead of blocks")
+    p.add_argument("-k", dest="human", action="store_false", default=True,
+                   help="1K blocks instead of 4.0K, 13M")
+    p.add_argument("--json", action="store_true", help="one JSON list")
+
+    p = add("tree", cmd_tree, "show a directory tree (like tree)",
+            "Show the tree below a directory inside an image, with the count line at the end.")
+    p.add_argument("path", metavar="IMAGE[:PATH]", help="the directory to show (default PATH: /)")
+    p.add_argument("-a", "--all", action="store_true", help="show entries starting with '.'")
+    p.add_argument("-d", dest="dirs_only", action="store_true", help="directories only")
+    p.add_argument("-L", dest="level", type=int, default=None, metavar="LEVEL", help="descend LEVEL levels")
+
+    p = add("check", cmd_check, "check an image's consistency (like e2fsck -fn)",
+            "Check an image read-only, the way e2fsck's passes do: superblock and descriptors, "
+            "bitmaps, free counts, link counts, directories, blocks claimed twice, sizes. Exit "
+            "status 0 when clean, 1 when problems were found.",
+            "JSON keys: image, clean, count, problems (each: code, message, ino, block, path).")
+    p.add_argument("image", metavar="IMAGE", help="the image to check (opened read-only)")
+    p.add_argument("--json", action="store_true", help="one JSON object")

@@ -121,7 +121,6 @@ FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 FUSE_CAP_SPLICE_WRITE = 1 << 7
 FUSE_CAP_IOCTL_DIR = 1 << 11
 FUSE_CAP_READDIRPLUS = 1 << 13
-FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 FUSE_INIT = 26                          # the opcode of the kernel's first request
 FUSE_HANDLE_KILLPRIV_V2 = 1 << 28       # an INIT reply flag of the kernel's, unknown to libfuse 3.14
@@ -142,7 +141,6 @@ FS_IOC_FSSETXATTR = 0x401C5820          # before it changes flags
 _XFLAGS = ((0x8, 0x20), (0x10, 0x8), (0x20, 0x10), (0x40, 0x80), (0x80, 0x40))
 _FSXATTR = struct.Struct("<5I8x")
 
-FALLOC_FL_KEEP_SIZE = 1
 
 OptionsArg = str | Iterable[str] | Mapping[str, Any] | None
 #: An image path, a POSIX shared-memory name, or an open device (as for :func:`xipfs.open`).
@@ -281,7 +279,7 @@ _ENTRY = struct.Struct(f"<QQ{_STAT.size}sdd")     # struct fuse_entry_param
 _STATVFS = struct.Struct("<11Q24x")
 _FH_OFFSET = 16                                   # fuse_file_info.fh
 _FI_BITS = 4                                      # the bit-field word after fuse_file_info.flags
-FI_DIRECT_IO, FI_KEEP_CACHE, FI_CACHE_READDIR, FI_NOFLUSH = 1 << 1, 1 << 2, 1 << 6, 1 << 7
+FI_DIRECT_IO, FI_KEEP_CACHE, FI_NOFLUSH = 1 << 1, 1 << 2, 1 << 7
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _TIMESPEC = struct.Struct("<qq")

@@ -1,0 +1,327 @@
+"""What the passes of the check share (e2fsck's ``e2fsck_t``): the device and its geometry, the
+maps each pass fills for the next, the problems found; and the decoded shapes they read.
+
+One :class:`Context` per run. Pass 0 fills the group descriptors and the metadata map, pass 1 the
+per-inode maps (in use, type, links), the claimed blocks and the directories, pass 2 the
+references, parents and names; passes 3 to 5 only read. Every field is declared in ``__slots__``
+and set in ``__init__``, so what a pass may rely on is written in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .. import layout as L
+from . import problems as P
+
+if TYPE_CHECKING:
+    from ...device import Device
+    from ..super import Superblock
+
+# -- format constants the checks use (ext4 flags and features ext2 must not have) ----------------
+S_IFMT = 0o170000
+S_IFREG, S_IFDIR = 0o100000, 0o040000
+#: File type code (directory entry ``file_type``) for each ``mode >> 12``; 0 for invalid types.
+FT_OF_TYPE = bytes([0, L.FT_FIFO, L.FT_CHR, 0, L.FT_DIR, 0, L.FT_BLK, 0, L.FT_REG, 0, L.FT_SYMLINK,
+                    0, L.FT_SOCK, 0, 0, 0])
+FT_NAMES = {0: "unknown", 1: "regular file", 2: "directory", 3: "character device",
+            4: "block device", 5: "fifo", 6: "socket", 7: "symlink"}
+FL_IMMUTABLE, FL_APPEND = 0x10, 0x20
+FL_INDEX = 0x1000
+FL_IMAGIC = 0x2000
+FL_HUGE_FILE = 0x40000
+FL_EXTENTS = 0x80000
+FL_INLINE_DATA = 0x10000000
+COMPAT_IMAGIC = 0x2
+INCOMPAT_LARGEDIR = 0x4000
+INCOMPAT_64BIT = 0x80
+RO_COMPAT_HUGE_FILE = 0x8
+RO_COMPAT_GDT_CSUM = 0x10
+RO_COMPAT_DIR_NLINK = 0x20
+RO_COMPAT_METADATA_CSUM = 0x400
+BG_INODE_UNINIT, BG_BLOCK_UNINIT = 0x1, 0x2
+LINK_MAX = 65000
+QUOTA_INOS = (3, 4)
+#: Blocks listed in one problem's message, at most.
+LIST_MAX = 16
+
+_U32 = struct.Struct("<I").unpack_from
+
+
+# -- the inode as the checks decode it -------------------------------------------------------------
+def select_format(layout: L.Layout, names: Iterable[str], expand: dict[str, str] | None = None,
+            size: int = 0) -> str:
+    """A struct format (no byte order) for ``names`` of ``layout`` from its start to the end of the
+    last (or to ``size``), the fields between as pad bytes; ``expand`` decodes a field another way
+    (``i_block`` as 15 words)."""
+    expand = expand or {}
+    fmt: list[str] = []
+    pos = 0
+    for name in sorted(names, key=layout.offsets.__getitem__):
+        off = layout.offsets[name]
+        if off > pos:
+            fmt.append(f"{off - pos}x")
+        code = layout.codes[name]
+        fmt.append(expand.get(name, code.format.lstrip("<")))
+        pos = off + code.size
+    if size > pos:
+        fmt.append(f"{size - pos}x")
+    return "".join(fmt)
+
+
+#: The fields of the 128-byte inode the checks read, in on-disk order.
+_INODE_NAMES = ("i_mode", "i_size", "i_atime", "i_ctime", "i_mtime", "i_dtime", "i_links_count",
+                "i_blocks", "i_flags", "i_block", "i_file_acl", "i_size_high", "i_faddr",
+                "i_blocks_hi", "i_file_acl_high")
+#: Then, in large inodes, these (the times' high bits and the creation time).
+_EXTRA_NAMES = ("i_extra_isize", "i_checksum_hi", "i_ctime_extra", "i_mtime_extra", "i_atime_extra",
+                "i_crtime", "i_crtime_extra")
+#: The 128-byte inode, what the checks read; it decodes to a tuple indexed by the ``I_*`` below.
+INODE = struct.Struct("<" + select_format(L.INODE, _INODE_NAMES, {"i_block": f"{L.N_BLOCKS}I"}, L.INODE.size))
+#: The same, then the fields of a large inode (``INODE_LARGE`` values from index ``I_EXTRA_ISIZE``).
+INODE_LARGE = struct.Struct(INODE.format + select_format(L.INODE_EXTRA, _EXTRA_NAMES))
+
+# positions in the tuples INODE and INODE_LARGE decode to (one per field; i_block is 15)
+(I_MODE, I_SIZE, I_ATIME, I_CTIME, I_MTIME, I_DTIME, I_LINKS_COUNT, I_BLOCKS, I_FLAGS) = range(9)
+I_BLOCK = slice(9, 9 + L.N_BLOCKS)                  # the 15 block pointers
+I_DIRECT = slice(9, 9 + L.N_DIRECT)                 # the 12 direct ones
+I_BLOCK0 = 9
+I_IND, I_DIND, I_TIND = 9 + L.IND_BLOCK, 9 + L.DIND_BLOCK, 9 + L.TIND_BLOCK
+(I_FILE_ACL, I_SIZE_HIGH, I_FADDR, I_BLOCKS_HI, I_FILE_ACL_HIGH, I_EXTRA_ISIZE, I_CHECKSUM_HI,
+ I_CTIME_EXTRA, I_MTIME_EXTRA, I_ATIME_EXTRA, I_CRTIME, I_CRTIME_EXTRA,
+ #: the word at 128 + i_extra_isize (the in-inode xattr magic), in the structs of inode_struct()
+ I_XATTR_MAGIC) = range(24, 37)
+assert len(INODE.unpack(bytes(INODE.size))) == I_EXTRA_ISIZE
+assert len(INODE_LARGE.unpack(bytes(INODE_LARGE.size))) == I_XATTR_MAGIC
+
+
+class GroupDesc(NamedTuple):
+    """A group descriptor, the fields the checks read (names as in ``layout.GROUP_DESC``)."""
+
+    bg_block_bitmap: int
+    bg_inode_bitmap: int
+    bg_inode_table: int
+    bg_free_blocks_count: int
+    bg_free_inodes_count: int
+    bg_used_dirs_count: int
+    bg_flags: int
+    bg_itable_unused: int
+
+
+GROUP_DESC = struct.Struct("<" + select_format(L.GROUP_DESC, GroupDesc._fields, size=L.GROUP_DESC.size))
+
+
+class DirInfo(NamedTuple):
+    """A directory found in pass 1, for pass 2."""
+
+    ino: int
+    #: ``(logical, physical)`` of each block mapped
+    blocks: list[tuple[int, int]]
+    #: logical blocks up to the last one mapped (holes between are reported in pass 2)
+    nblocks: int
+    htree: bool
+
+
+class XattrRef:
+    """An xattr block's reference count as stored, and the references pass 1 saw."""
+
+    __slots__ = ("refcount", "seen")
+
+    def __init__(self, refcount: int) -> None:
+        self.refcount = refcount
+        self.seen = 1
+
+
+class Context:
+    """One run of the check over one device: geometry, shared maps, the problems found."""
+
+    __slots__ = (
+        # the device and its geometry (set here)
+        "dev", "sb", "f", "bs", "log_bs", "bpg", "ipg", "isize", "ngroups", "nblocks", "ninodes",
+        "fdb", "first_ino", "desc_blocks", "itable_blocks", "apb", "unpack_map", "filetype",
+        "piece_bytes", "problems", "run_chunks", "_buffer", "_fd",
+        # pass 0
+        "gd", "bb_ok", "ib_ok", "it_ok", "meta", "used",
+        # pass 1
+        "iused", "itype", "bad", "links", "inode_structs", "runs", "dirs", "claims", "ea_refs",
+        "claim_budget", "low_dtime_check",
+        # pass 2
+        "refs", "more_refs", "parent", "dotdot", "names", "expected",
+    )
+
+    def __init__(self, device: Device, sb: Superblock, piece_bytes: int) -> None:
+        self.dev = device
+        self.sb = sb
+        f = sb.fields
+        self.f: dict[str, Any] = f
+        self.bs: int = sb.block_size
+        self.log_bs: int = f["s_log_block_size"]
+        self.bpg: int = f["s_blocks_per_group"]
+        self.ipg: int = f["s_inodes_per_group"]
+        self.isize: int = sb.inode_size
+        self.ngroups: int = sb.groups
+        self.nblocks: int = f["s_blocks_count"]
+        self.ninodes: int = f["s_inodes_count"]
+        self.fdb: int = f["s_first_data_block"]
+        self.first_ino: int = sb.first_ino
+        self.desc_blocks: int = sb.desc_blocks
+        self.itable_blocks: int = sb.itable_blocks
+        #: block pointers per indirect block, and the struct that decodes them
+        self.apb: int = self.bs // 4
+        self.unpack_map = struct.Struct(f"<{self.apb}I").unpack_from
+        self.filetype: bool = sb.has_incompat(L.INCOMPAT_FILETYPE)
+        #: bytes of inode table read and scanned at a time (pass 1)
+        self.piece_bytes = piece_bytes
+        self.problems: list[P.Problem] = []
+        #: tables of consecutive block numbers (see walk.run_bytes)
+        self.run_chunks: dict[int, bytes] = {}
+        buffer = getattr(device, "buffer", None)
+        self._buffer = buffer if isinstance(buffer, memoryview) else None
+        try:
+            self._fd = device.fileno()
+        except (OSError, ValueError):
+            self._fd = -1
+        # pass 0
+        self.gd: list[GroupDesc] = []
+        #: per group: whether its block bitmap, inode bitmap, inode table can be used
+        self.bb_ok: list[bool] = []
+        self.ib_ok: list[bool] = []
+        self.it_ok: list[bool] = []
+        #: per block: 1 for filesystem metadata (superblocks, descriptors, bitmaps, tables)
+        self.meta = b""
+        #: per block: 1 when in use (metadata, then, after pass 1b, every block claimed)
+        self.used = bytearray()
+        # pass 1
+        n = self.ninodes + 1
+        #: per inode: 1 when in use (as e2fsck's inode_used_map)
+        self.iused = bytearray(n)
+        #: per inode in use: its file type code (FT_*), 0 for an invalid mode
+        self.itype = bytearray(n)
+        #: inodes with bad fields (e2fsck's inode_bad_map): their entries should have type 0
+        self.bad: set[int] = set()
+        #: per inode: i_links_count
+        self.links = array("H", bytes(2 * n))
+        #: i_extra_isize -> the struct decoding a large inode with it (see pass1.inode_struct)
+        self.inode_structs: dict[int, struct.Struct] = {}
+        #: contiguous ranges of claimed blocks: (first, count)
+        self.runs: list[tuple[int, int]] = []
+        self.dirs: list[DirInfo] = []
+        #: the blocks claimed by inodes one by one (runs of blocks are in ``runs``)
+        self.claims = array("I")
+        self.ea_refs: dict[int, XattrRef] = {}
+        self.claim_budget = 4 * self.nblocks + 64
+        self.low_dtime_check = False
+        # pass 2
+        #: per inode: directory entries naming it (past 65535 the count goes on in ``more_refs``)
+        self.refs = array("H")
+        self.more_refs: dict[int, int] = {}
+        #: per directory: the directory whose entry names it, and what its '..' says
+        self.parent = array("I")
+        self.dotdot = array("I")
+        #: per directory: the name its parent gives it
+        self.names: dict[int, bytes] = {}
+        #: per inode: what an entry naming it should say (see pass2)
+        self.expected = bytearray()
+
+    # -- reading --------------------------------------------------------------------------------
+    def view(self, offset: int, length: int) -> memoryview:
+        """``length`` bytes of the device at ``offset``, without a copy where it is mapped."""
+        if self._buffer is not None and offset >= 0 and offset + length <= len(self._buffer):
+            return self._buffer[offset:offset + length]
+        return self.dev.view(offset, length)
+
+    def read_into(self, buf: memoryview | bytearray, offset: int) -> None:
+        """Copy ``len(buf)`` bytes from ``offset`` into ``buf``: ``preadv`` when there is a
+        descriptor (a large inode table then costs one copy into a buffer used again and again,
+        not a page fault per page of a fresh mapping), else from the device."""
+        if self._fd >= 0 and _preadv is not None:
+            try:
+                if _preadv(self._fd, [buf], offset) == len(buf):
+                    return
+            except OSError:                      # a DAX device, say: it is only mapped
+                pass
+        buf[:] = self.view(offset, len(buf))
+
+    def block(self, blk: int) -> memoryview:
+        """Block ``blk`` (the caller has checked that it is inside the filesystem)."""
+        return self.view(blk * self.bs, self.bs)
+
+    def inode_view(self, ino: int) -> memoryview | None:
+        """The raw inode ``ino``, or None when its group's inode table is unusable."""
+        g, i = divmod(ino - 1, self.ipg)
+        if not self.it_ok[g]:
+            return None
+        return self.view(self.gd[g].bg_inode_table * self.bs + i * self.isize, self.isize)
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def max_file_size(self) -> int:
+        """The largest size e2fsck accepts for a block-mapped file at this block size."""
+        a = self.apb
+        return (12 + a + a * a + a * a * a) * self.bs
+
+    # -- problems ---------------------------------------------------------------------------------
+    def report(self, kind: P.ProblemKind, ino: int | None = None, block: int | None = None,
+               **fields: Any) -> None:
+        """Note a problem of ``kind`` (its message from ``fields``)."""
+        self.problems.append(kind(ino, block, **fields))
+
+    def mark_bad(self, kind: P.ProblemKind, ino: int, **fields: Any) -> None:
+        """Note a problem with inode ``ino``'s fields: entries naming it should say type 0."""
+        self.bad.add(ino)
+        self.report(kind, ino, **fields)
+
+
+_preadv = getattr(os, "preadv", None)
+
+# -- helpers over bitmaps and byte tables ---------------------------------------------------------
+#: byte -> 1 if nonzero (for ``bytes.translate``).
+NONZERO = bytes([0] + [1] * 255)
+#: byte of a bitmap -> its 8 bits as 8 bytes of 0/1 (least significant bit first).
+_EXPAND = [bytes((i >> k) & 1 for k in range(8)) for i in range(256)]
+
+
+def nonzero_mask(table: bytes | bytearray, offsets: Iterable[int], stride: int, n: int) -> int:
+    """An int whose byte ``i`` is 1 when any byte at ``offsets`` of record ``i`` is nonzero."""
+    mask = 0
+    for off in offsets:
+        mask |= int.from_bytes(table[off::stride][:n].translate(NONZERO), "little")
+    return mask
+
+
+def tail_unset(bitmap: bytes | memoryview, nbits: int) -> bool:
+    """Whether the bytes of a bitmap block past its ``nbits`` bits are not all ones (mke2fs sets
+    them, and e2fsck checks them: ``bitmap_tail_verify``)."""
+    return bool(bytes(bitmap[(nbits + 7) >> 3:]).strip(b"\xff"))
+
+
+def expand_bits(bitmap: bytes | memoryview, nbits: int) -> bytes:
+    """A bitmap as one byte (0 or 1) per bit, ``nbits`` of them."""
+    nbytes = (nbits + 7) >> 3
+    return b"".join(map(_EXPAND.__getitem__, bytes(bitmap[:nbytes])))[:nbits]
+
+
+def ranges(numbers: Iterable[int]) -> str:
+    """``1-3, 7`` for sorted numbers (as e2fsck lists bitmap differences), shortened."""
+    out: list[str] = []
+    start = prev = None
+    for n in numbers:
+        if prev is not None and n == prev + 1:
+            prev = n
+            continue
+        if start is not None:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = n
+    if start is not None:
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+    if len(out) > LIST_MAX:
+        out = out[:LIST_MAX] + [f"... ({len(out) - LIST_MAX} more)"]
+    return ", ".join(out)
+
+
+def u32(buf: Any, offset: int) -> int:
+    """The little-endian 32-bit word at ``offset`` of ``buf``."""
+    return _U32(buf, offset)[0]

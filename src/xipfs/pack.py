@@ -17,7 +17,6 @@ import fnmatch
 import importlib.util
 import os
 import stat as st_
-import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ from typing import Any
 
 from .device import Device, MemoryDevice
 from .ext2 import layout as L
+from .ext2.dir import rec_len_of
 from .ext2.inode import encode_direct_run, encode_inode, encode_rdev
 from .ext2.mkfs import (
     LOST_FOUND_INO,
@@ -42,9 +42,11 @@ from .ext2.mkfs import (
 from .ext2.xattr import build_block, split_name
 from .progress import ProgressArg, progress_bar
 
-ROOT_INO = 2
-_DIRECT = struct.Struct("<15I")
+ROOT_INO = L.ROOT_INO
 _DIRENT = L.DIRENT.struct
+_HEADER = L.DIRENT_HEADER
+_REC_LEN_AT = L.DIRENT.offsets["rec_len"]
+_REC_LEN = L.DIRENT.codes["rec_len"]
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 #: Linux ext2 shares one xattr block among at most this many inodes (EXT2_XATTR_REFCOUNT_MAX).
@@ -403,17 +405,17 @@ def _dir_blocks(node: _Node, bs: int) -> list[bytes]:
     entries = [(b".", node.ino, st_.S_IFDIR), (b"..", node.parent, st_.S_IFDIR)]
     entries += [(name, child.ino, child.fmt) for name, child in node.children]
     for name, ino, fmt in entries:
-        need = (8 + len(name) + 3) & ~3
+        need = rec_len_of(len(name))
         if pos + need > bs:
-            struct.pack_into("<H", buf, last + 4, bs - last if bs < 65536 else 0)
+            _REC_LEN.pack_into(buf, last + _REC_LEN_AT, bs - last if bs < 65536 else 0)
             blocks.append(bytes(buf))
             buf = bytearray(bs)
             pos = 0
         _DIRENT.pack_into(buf, pos, ino, need, len(name), fts[fmt])
-        buf[pos + 8:pos + 8 + len(name)] = name
+        buf[pos + _HEADER:pos + _HEADER + len(name)] = name
         last = pos
         pos += need
-    struct.pack_into("<H", buf, last + 4, bs - last if bs < 65536 else 0)
+    _REC_LEN.pack_into(buf, last + _REC_LEN_AT, bs - last if bs < 65536 else 0)
     blocks.append(bytes(buf))
     if node.ino == LOST_FOUND_INO:
         blocks.extend([empty_block(bs)] * (lost_found_blocks(bs) - len(blocks)))
@@ -609,7 +611,7 @@ class _Layout:
         freed: list[tuple[int, int]] = []
         for blk, attrs, users in self.xattr_blocks:
             block = bytearray(build_block(list(attrs), bs))
-            struct.pack_into("<I", block, 4, users)          # h_refcount
+            L.XATTR_HEADER.pack_field(block, "h_refcount", users)
             dev.write_new(block, blk * bs)
         last_ino = max(n.ino for n in self.nodes)
         table = bytearray(last_ino * isize)
@@ -638,7 +640,7 @@ class _Layout:
             i_block = self._block_map(dev, node, bs)
             blocks = (node.nblocks + len(node.meta) + (1 if node.xattr_block else 0)) * (bs // 512)
             s = node.st
-            mode = (s.st_mode & 0o7777) | fmt
+            mode = st_.S_IMODE(s.st_mode) | fmt
             links = node.links + (1 + sum(1 for _, c in node.children if c.fmt == st_.S_IFDIR)
                                   if fmt == st_.S_IFDIR else 0)
             at = (node.ino - 1) * isize
@@ -699,7 +701,7 @@ def _build_tree(dev: Device, pmap: array, meta: Iterator[int], bs: int) -> bytes
     words[12] = level(12, 1)
     words[13] = level(12 + p, 2)
     words[14] = level(12 + p + p * p, 3)
-    return _DIRECT.pack(*words)
+    return L.I_BLOCK.pack(*words)
 
 
 def _free_run(geo: Geometry, use: list[GroupUse], pblk: int, k: int) -> None:

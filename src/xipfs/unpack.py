@@ -22,9 +22,9 @@ import errno
 import os
 import queue
 import stat
-import struct
 import threading
 from dataclasses import dataclass, field
+from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, S_ISREG
 
 from .errors import CorruptImageError, XipfsError
 from .ext2 import layout as L
@@ -35,15 +35,6 @@ from .fs import open as open_image
 from .progress import Progress, ProgressArg, progress_bar
 
 __all__ = ["UnpackResult", "unpack"]
-
-_S_IFMT = 0o170000
-_S_IFREG = 0o100000
-_S_IFDIR = 0o040000
-_S_IFLNK = 0o120000
-_S_IFCHR = 0o020000
-_S_IFBLK = 0o060000
-_S_IFIFO = 0o010000
-_S_IFSOCK = 0o140000
 
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -67,11 +58,18 @@ _PIECE = 16 << 20
 _NO_CFR = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF,
                      errno.EIO})
 
-_U32 = struct.Struct("<I").unpack_from
+_IBODY_MAGIC = L.XATTR_IBODY_HEADER.struct.unpack_from
+#: In-inode xattrs start at ``_IBODY + i_extra_isize`` and need ``_IBODY_END + i_extra_isize``
+#: bytes of inode for their magic.
+_IBODY = L.INODE.size
+_IBODY_END = L.INODE.size + L.XATTR_IBODY_HEADER.size
 _DIRENT = L.DIRENT.struct.unpack_from
-_I_BLOCK = struct.Struct("<15I").unpack
-#: A whole large inode (base and extra fields), for the lean path of small files.
-_INODE_FULL = struct.Struct(L.INODE.struct.format + L.INODE_EXTRA.struct.format[1:]).unpack_from
+_I_BLOCK = L.I_BLOCK.unpack
+#: The fields of a large inode the lean path of small files reads.
+_LEAN_INODE = L.INODE_LARGE.select(
+    "i_mode", "i_uid", "i_size", "i_atime", "i_mtime", "i_gid", "i_links_count", "i_flags",
+    "i_block", "i_file_acl", "i_size_high", "i_uid_high", "i_gid_high", "i_extra_isize",
+    "i_mtime_extra", "i_atime_extra").unpack_from
 _NS = 1_000_000_000
 
 
@@ -303,11 +301,11 @@ class _Unpacker:
             return True
         extra = node.extra_isize
         vol = self.vol
-        if not extra or 132 + extra > vol.isize:
+        if not extra or _IBODY_END + extra > vol.isize:
             return False
         group, index = divmod(node.ino - 1, vol.ipg)
-        off = vol.groups[group].inode_table * self.bs + index * vol.isize + 128 + extra
-        return _U32(vol.device.view(off, 4), 0)[0] == L.XATTR_MAGIC
+        off = vol.groups[group].inode_table * self.bs + index * vol.isize + _IBODY + extra
+        return _IBODY_MAGIC(vol.device.view(off, L.XATTR_IBODY_HEADER.size), 0)[0] == L.XATTR_MAGIC
 
     # -- the walk ---------------------------------------------------------------------------
     def _fill(self, first: _Frame) -> None:
@@ -356,8 +354,8 @@ class _Unpacker:
                 mode = node.mode
                 if node.links == 0 and (mode == 0 or node.dtime):
                     raise CorruptImageError(f"entry points to deleted inode {ino}")
-                fmt = mode & _S_IFMT
-                if fmt == _S_IFDIR:
+                fmt = S_IFMT(mode)
+                if fmt == S_IFDIR:
                     child = self._enter_dir(frame, name, node)
                     if child is not None:
                         return child
@@ -367,16 +365,16 @@ class _Unpacker:
                     if first_name is not None and self._link(frame, name, first_name):
                         result.hardlinks += 1
                         continue
-                if fmt == _S_IFREG:
+                if fmt == S_IFREG:
                     self._file(frame, name, node)
                     result.files += 1
                     result.bytes += node.size
                     if bar is not None:
                         bar.update(node.size)
-                elif fmt == _S_IFLNK:
+                elif fmt == S_IFLNK:
                     self._symlink(frame, name, node)
                     result.symlinks += 1
-                elif fmt in (_S_IFIFO, _S_IFSOCK, _S_IFCHR, _S_IFBLK):
+                elif fmt in (S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK):
                     if not self._special(frame, name, node, fmt):
                         continue
                     result.others += 1
@@ -424,19 +422,19 @@ class _Unpacker:
             return -1
         group, index = divmod(ino - 1, vol.ipg)
         raw = vol.device.view(vol.groups[group].inode_table * bs + index * vol.isize, vol.isize)
-        f = _INODE_FULL(raw, 0)
-        mode, extra = f[0], f[23]
-        if ((mode & _S_IFMT) != _S_IFREG or f[8] != 1 or f[14] or f[10] & L.FL_FOREIGN_FORMAT
-                or extra < 16 or extra & 3 or 132 + extra > vol.isize
-                or _U32(raw, 128 + extra)[0] == L.XATTR_MAGIC):
+        (mode, uid_lo, size_lo, atime, mtime, gid_lo, links, flags, i_block, file_acl, size_high,
+         uid_hi, gid_hi, extra, m_x, a_x) = _LEAN_INODE(raw, 0)
+        if (not S_ISREG(mode) or links != 1 or file_acl or flags & L.FL_FOREIGN_FORMAT
+                or extra < 16 or extra & 3 or _IBODY_END + extra > vol.isize
+                or _IBODY_MAGIC(raw, _IBODY + extra)[0] == L.XATTR_MAGIC):
             return -1
-        size = f[2] | (f[15] << 32)
+        size = size_lo | (size_high << 32)
         n = -(-size // bs)
         if n > L.N_DIRECT:
             return -1
         first = 0
         if n:
-            words = _I_BLOCK(f[12])
+            words = _I_BLOCK(i_block)
             first = words[0]
             if not first or words[n - 1] != first + n - 1 or (
                     n > 2 and words[:n] != tuple(range(first, first + n))):
@@ -452,15 +450,14 @@ class _Unpacker:
         try:
             if n:
                 self._copy_run(fd, first * bs, 0, size)
-            uid, gid = f[1] | (f[19] << 16), f[7] | (f[20] << 16)
+            uid, gid = uid_lo | (uid_hi << 16), gid_lo | (gid_hi << 16)
             if self.root and (uid != self.uid or gid != frame.gid):
                 os.fchown(fd, uid, gid)
             perm = mode & 0o7777
             if perm != perm & 0o777 & ~self.umask:
                 os.fchmod(fd, perm)
-            a_x, m_x = f[27], f[26]
-            os.utime(fd, ns=((f[3] + ((a_x & 3) << 32)) * _NS + (a_x >> 2),
-                             (f[5] + ((m_x & 3) << 32)) * _NS + (m_x >> 2)))
+            os.utime(fd, ns=((atime + ((a_x & 3) << 32)) * _NS + (a_x >> 2),
+                             (mtime + ((m_x & 3) << 32)) * _NS + (m_x >> 2)))
             done = True
         finally:
             os.close(fd)
@@ -678,11 +675,11 @@ class _Unpacker:
 
     def _special(self, frame: _Frame, name: str, node: Inode, fmt: int) -> bool:
         """A FIFO, socket or device node (devices as root only); False when it was skipped."""
-        if fmt in (_S_IFCHR, _S_IFBLK) and not self.root:
+        if fmt in (S_IFCHR, S_IFBLK) and not self.root:
             self.skipped.append((_join(frame.path, name), "device node: only root can make one"))
             return False
         dfd = frame.fd
-        rdev = os.makedev(*node.rdev) if fmt in (_S_IFCHR, _S_IFBLK) else 0
+        rdev = os.makedev(*node.rdev) if fmt in (S_IFCHR, S_IFBLK) else 0
         perm = node.mode & 0o777
         try:
             os.mknod(name, fmt | perm, rdev, dir_fd=dfd)

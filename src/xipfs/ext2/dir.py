@@ -14,6 +14,11 @@ from ..errors import CorruptImageError
 from . import layout as L
 
 _DIRENT = L.DIRENT.struct.unpack_from
+_HEADER = L.DIRENT_HEADER
+#: Where an entry's rec_len is, and the one-field stores the write side makes in place.
+_REC_LEN_AT = L.DIRENT.offsets["rec_len"]
+_PACK_REC_LEN = L.DIRENT.codes["rec_len"].pack
+_PACK_INODE = L.DIRENT.codes["inode"].pack
 
 
 class DirIndex:
@@ -118,7 +123,7 @@ def _rec_len_problem(rec_len: int, name_len: int, pos: int, bs: int) -> str:
 
 def rec_len_of(name_len: int) -> int:
     """Space an entry with a name of ``name_len`` bytes needs (8-byte header, 4-byte aligned)."""
-    return (8 + name_len + 3) & ~3
+    return (_HEADER + name_len + 3) & ~3
 
 
 class DirSpace:
@@ -237,11 +242,11 @@ def insert_into_block(buf: memoryview | bytes, bs: int, at: int | None, name: by
             rec_len = 65536
         if cur == 0 and rec_len >= need:
             entry = encode_entry(0, rec_len, name, ftype)
-            return pos, [(pos + 4, entry[4:]), (pos, ino.to_bytes(4, "little"))]
+            return pos, [(pos + _REC_LEN_AT, entry[_REC_LEN_AT:]), (pos, _PACK_INODE(ino))]
         used = rec_len_of(name_len)
         if cur and rec_len - used >= need:
             return pos + used, [(pos + used, encode_entry(ino, rec_len - used, name, ftype)),
-                                (pos + 4, used.to_bytes(2, "little"))]
+                                (pos + _REC_LEN_AT, _PACK_REC_LEN(used))]
         if at is not None:
             break
         pos += rec_len
@@ -253,7 +258,7 @@ def remove_from_block(buf: memoryview | bytes, bs: int,
     """The entry that takes the space, and the writes that delete the entry at ``off`` (Linux
     ``ext2_delete_entry``: merged into the one before, or the first one's inode cleared)."""
     if off == 0:
-        return 0, [(0, bytes(4))]
+        return 0, [(0, _PACK_INODE(0))]
     pos = prev = 0
     while pos < off:
         prev = pos
@@ -262,7 +267,7 @@ def remove_from_block(buf: memoryview | bytes, bs: int,
     if pos != off:
         raise CorruptImageError("directory entry not where the index says", f"offset {off}")
     merged = _disk_rec_len(_DIRENT(buf, prev)[1], bs) + _disk_rec_len(_DIRENT(buf, off)[1], bs)
-    return prev, [(prev + 4, min(merged, 65535).to_bytes(2, "little"))]     # 65535 is 64 KiB
+    return prev, [(prev + _REC_LEN_AT, _PACK_REC_LEN(min(merged, 65535)))]     # 65535 is 64 KiB
 
 
 def _disk_rec_len(rec_len: int, bs: int) -> int:

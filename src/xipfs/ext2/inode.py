@@ -16,6 +16,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Callable
+from stat import S_IFMT, S_IFREG, S_ISDIR, S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
@@ -25,20 +26,36 @@ if TYPE_CHECKING:
     from .volume import Volume
 
 _SWAP = sys.byteorder != "little"
-_INODE_UNPACK = L.INODE.struct.unpack_from
+_BASE_UNPACK = L.INODE.struct.unpack_from
 _EXTRA_UNPACK = L.INODE_EXTRA.struct.unpack_from
-_FULL_UNPACK = struct.Struct(L.INODE.struct.format + L.INODE_EXTRA.struct.format[1:]).unpack_from
+_LARGE_UNPACK = L.INODE_LARGE.struct.unpack_from
+_AT = L.INODE_LARGE.offsets
 
-_HEAD = struct.Struct("<HHIiiiIHHII")          # i_mode .. i_flags (offset 0)
-_MIDDLE = struct.Struct("<60sIII")             # i_block, generation, file_acl, size_high (40)
-_MIDDLE3 = struct.Struct("<60sII")
-_IDS_HIGH = struct.Struct("<HH")               # uid_high, gid_high (120)
-_EXTRA_TIMES = struct.Struct("<H2xIII")        # extra_isize, [csum], c/m/a time extra (128)
-_CRTIME = struct.Struct("<iI")                 # crtime, crtime_extra (0x90)
+# Writing over an inode's old bytes: the fields xipfs models, in the pieces between the ones it
+# keeps (i_osd1, i_faddr, the high halves of i_blocks and i_file_acl, the checksums).
+_HEAD = L.INODE.span("i_mode", "i_flags")
+_MIDDLE = L.INODE.span("i_block", "i_size_high")
+_MIDDLE_NO_SIZE_HIGH = L.INODE.span("i_block", "i_file_acl")     # i_size_high is i_dir_acl
+_IDS_HIGH = L.INODE.span("i_uid_high", "i_gid_high")
+_AT_BLOCK, _AT_IDS_HIGH, _AT_EXTRA = _AT["i_block"], _AT["i_uid_high"], _AT["i_extra_isize"]
+_EXTRA_TIMES = L.INODE_LARGE.select("i_extra_isize", "i_ctime_extra", "i_mtime_extra", "i_atime_extra")
+_CRTIME = L.INODE_LARGE.span("i_crtime", "i_crtime_extra")
+_EXTRA_ISIZE = L.INODE_LARGE.codes["i_extra_isize"]
+_CTIME_EXTRA = L.INODE_LARGE.codes["i_ctime_extra"]
+_MTIME_EXTRA = L.INODE_LARGE.codes["i_mtime_extra"]
 
-# A whole new inode: the 128-byte base (i_osd1, i_faddr, blocks/acl high zero) and the time extras.
-_NEW_BASE = struct.Struct("<HHIiiiIHHII4x60sIIII4xHH4x")
-_NEW_EXTRA = struct.Struct("<H2xIIIiI")         # extra_isize, c/m/a time extra, crtime, crtime extra
+# A whole new inode over zeros: every field xipfs models, the others zero.
+_FRESH_FIELDS = ("i_mode", "i_uid", "i_size", "i_atime", "i_ctime", "i_mtime", "i_dtime", "i_gid",
+                 "i_links_count", "i_blocks", "i_flags", "i_block", "i_generation", "i_file_acl",
+                 "i_size_high", "i_uid_high", "i_gid_high")
+_FRESH_BASE = L.INODE.select(*_FRESH_FIELDS)
+_FRESH_EXTRA = ("i_extra_isize", "i_ctime_extra", "i_mtime_extra", "i_atime_extra", "i_crtime",
+                "i_crtime_extra")
+#: A new large inode's i_extra_isize, as mke2fs sets it: through i_projid (past i_crtime_extra
+#: the fields stay zero).
+NEW_EXTRA_ISIZE = 32
+#: Per large inode size, a whole new inode in one Struct: base, extra fields, zero padding.
+_FRESH_WHOLE: dict[int, struct.Struct] = {}
 
 #: A run: (first file block, number of blocks, first device block or 0 for a hole).
 Run = tuple[int, int, int]
@@ -64,9 +81,7 @@ def encode_time(ns: int) -> tuple[int, int]:
 
 
 #: Per count, the ``i_block`` of that many direct blocks in a row (the rest zero).
-_DIRECT_RUN = [struct.Struct(f"<{n}I{60 - 4 * n}x") for n in range(L.N_DIRECT + 1)]
-#: Per large inode size, a whole new inode in one struct: base, time extras, zero padding.
-_NEW_WHOLE: dict[int, struct.Struct] = {}
+_DIRECT_RUN = [L.pointers(n, L.I_BLOCK.size) for n in range(L.N_DIRECT + 1)]
 
 
 def encode_direct_run(first: int, count: int) -> bytes:
@@ -74,45 +89,76 @@ def encode_direct_run(first: int, count: int) -> bytes:
     return _DIRECT_RUN[count].pack(*range(first, first + count))
 
 
-def encode_new_inode(isize: int, mode: int, uid: int, gid: int, size: int, blocks: int,
-                     i_block: bytes, now_ns: int, generation: int) -> bytes:
-    """The bytes of a brand-new inode with no links yet, all four times ``now_ns``.
-
-    What :class:`Inode` ``encode`` gives for a fresh inode, built in one pass: creating many
-    small files needs no decoded object until someone looks at one.
-    """
-    sec, x = encode_time(now_ns)
-    head = (mode, uid & 0xFFFF, size & 0xFFFFFFFF, sec, sec, sec, 0, gid & 0xFFFF, 0, blocks, 0,
-            i_block, generation, 0, size >> 32 if (mode & 0o170000) == 0o100000 else 0, 0,
-            (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF)
-    if isize < 160:
-        return _NEW_BASE.pack(*head).ljust(isize, b"\0")
-    whole = _NEW_WHOLE.get(isize)
-    if whole is None:
-        whole = _NEW_WHOLE[isize] = struct.Struct(
-            _NEW_BASE.format + _NEW_EXTRA.format[1:] + f"{isize - _NEW_BASE.size - _NEW_EXTRA.size}x")
-    return whole.pack(*head, 32, x, x, x, sec, x)
-
-
 def encode_inode(isize: int, mode: int, uid: int, gid: int, size: int, links: int, blocks: int,
-                 i_block: bytes, *, atime_ns: int, ctime_ns: int, mtime_ns: int, crtime_ns: int,
-                 file_acl: int = 0, generation: int = 0) -> bytes:
-    """The bytes of a complete inode with every field given (what ``pack`` writes per entry).
+                 i_block: bytes, *, atime_ns: int, ctime_ns: int, mtime_ns: int,
+                 crtime_ns: int | None, file_acl: int = 0, generation: int = 0, flags: int = 0,
+                 dtime: int = 0, base: bytes | None = None, extra_isize: int = 0) -> bytes:
+    """The bytes of an inode: the one encoder (pack, mkfs, create and every inode write).
 
-    Times keep their nanoseconds in the ``_extra`` words of a large inode; a 128-byte inode
-    stores whole seconds.
+    With ``base`` (the inode's old bytes) the fields xipfs does not model are kept as they
+    were, and the ``_extra`` words written are those ``extra_isize`` covers (the crtime only
+    when given); without, the inode is new: zeros around the given fields, and a large inode
+    gets i_extra_isize 32 with every time's nanoseconds. A 128-byte inode stores whole seconds.
     """
     a_s, a_x = _encode_time(atime_ns)
     c_s, c_x = _encode_time(ctime_ns)
     m_s, m_x = _encode_time(mtime_ns)
-    base = _NEW_BASE.pack(mode, uid & 0xFFFF, size & 0xFFFFFFFF, a_s, c_s, m_s, 0, gid & 0xFFFF, links,
-                          blocks, 0, i_block, generation, file_acl,
-                          size >> 32 if (mode & 0o170000) == 0o100000 else 0, 0,
-                          (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF)
+    if base is None:
+        cr_s, cr_x = _encode_time(crtime_ns) if crtime_ns is not None else (0, 0)
+        return _encode_fresh(isize, mode, uid, gid, size, dtime, links, blocks, flags, i_block,
+                             generation, file_acl, a_s, a_x, c_s, c_x, m_s, m_x, cr_s, cr_x)
+    raw = bytearray(base)
+    _HEAD.pack_into(raw, 0, mode, uid & 0xFFFF, size & 0xFFFFFFFF, a_s, c_s, m_s, dtime,
+                    gid & 0xFFFF, links, blocks, flags)
+    if S_ISREG(mode):
+        _MIDDLE.pack_into(raw, _AT_BLOCK, i_block, generation, file_acl, size >> 32)
+    else:                                   # i_size_high is i_dir_acl elsewhere: keep it
+        _MIDDLE_NO_SIZE_HIGH.pack_into(raw, _AT_BLOCK, i_block, generation, file_acl)
+    _IDS_HIGH.pack_into(raw, _AT_IDS_HIGH, (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF)
+    extra = extra_isize
+    if extra >= 16:
+        _EXTRA_TIMES.pack_into(raw, _AT_EXTRA, extra, c_x, m_x, a_x)
+        if extra >= 24 and crtime_ns is not None:
+            _CRTIME.pack_into(raw, _AT["i_crtime"], *encode_time(crtime_ns))
+    elif extra:                             # a short extra area: only the words it covers
+        _EXTRA_ISIZE.pack_into(raw, _AT_EXTRA, extra)
+        if extra >= 8:
+            _CTIME_EXTRA.pack_into(raw, _AT["i_ctime_extra"], c_x)
+        if extra >= 12:
+            _MTIME_EXTRA.pack_into(raw, _AT["i_mtime_extra"], m_x)
+    return bytes(raw)
+
+
+def encode_new_inode(isize: int, mode: int, uid: int, gid: int, size: int, blocks: int,
+                     i_block: bytes, now_ns: int, generation: int, links: int = 0) -> bytes:
+    """:func:`encode_inode` of a brand-new inode, all four times ``now_ns`` (the create fast
+    path: one time encoding, one struct call, no decoded object until someone looks)."""
+    sec, x = encode_time(now_ns)
+    return _encode_fresh(isize, mode, uid, gid, size, 0, links, blocks, 0, i_block, generation, 0,
+                         sec, x, sec, x, sec, x, sec, x)
+
+
+def _encode_fresh(isize: int, mode: int, uid: int, gid: int, size: int, dtime: int, links: int,
+                  blocks: int, flags: int, i_block: bytes, generation: int, file_acl: int,
+                  a_s: int, a_x: int, c_s: int, c_x: int, m_s: int, m_x: int, cr_s: int,
+                  cr_x: int) -> bytes:
+    """A new inode's bytes from encoded times, in one struct call (:func:`encode_inode`'s own
+    path when there is nothing to keep)."""
+    head = (mode, uid & 0xFFFF, size & 0xFFFFFFFF, a_s, c_s, m_s, dtime, gid & 0xFFFF, links, blocks,
+            flags, i_block, generation, file_acl, size >> 32 if S_IFMT(mode) == S_IFREG else 0,
+            (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF)
     if isize < 160:
-        return base.ljust(isize, b"\0")
-    cr_s, cr_x = _encode_time(crtime_ns)
-    return (base + _NEW_EXTRA.pack(32, c_x, m_x, a_x, cr_s, cr_x)).ljust(isize, b"\0")
+        return _FRESH_BASE.pack(*head).ljust(isize, b"\0")
+    whole = _FRESH_WHOLE.get(isize)
+    if whole is None:
+        whole = _FRESH_WHOLE[isize] = _fresh_whole(isize)
+    return whole.pack(*head, NEW_EXTRA_ISIZE, c_x, m_x, a_x, cr_s, cr_x)
+
+
+def _fresh_whole(isize: int) -> struct.Struct:
+    """The Struct of a whole new inode of ``isize`` bytes: base, extra fields, zero padding."""
+    fields = L.INODE_LARGE.select(*_FRESH_FIELDS, *_FRESH_EXTRA)
+    return struct.Struct(fields.format + f"{isize - fields.size}x")
 
 
 def _encode_time(ns: int) -> tuple[int, int]:
@@ -126,12 +172,12 @@ def _encode_time(ns: int) -> tuple[int, int]:
 def encode_rdev(major: int, minor: int) -> bytes:
     """``i_block`` of a device node: the old 8-bit encoding in word 0 when it fits, else the
     new one in word 1, as Linux ext2 stores it."""
-    words = [0] * 15
+    words = [0] * L.N_BLOCKS
     if major < 256 and minor < 256:
         words[0] = (major << 8) | minor
     else:
         words[1] = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
-    return struct.pack("<15I", *words)
+    return L.I_BLOCK.pack(*words)
 
 
 @functools.lru_cache(maxsize=64)
@@ -166,11 +212,11 @@ class Inode:
         if big:
             (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
              i_block, generation, file_acl, size_high, _faddr, _blocks_hi, _acl_high, uid_hi,
-             gid_hi, _csum, _pad, extra, _csum_hi, c_x, m_x, a_x, cr, cr_x, _vh, _pid) = _FULL_UNPACK(raw, 0)
+             gid_hi, _csum, extra, _csum_hi, c_x, m_x, a_x, cr, cr_x, _vh, _pid) = _LARGE_UNPACK(raw, 0)
         else:
             (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
              i_block, generation, file_acl, size_high, _faddr, _blocks_hi, _acl_high, uid_hi,
-             gid_hi, _csum, _pad) = _INODE_UNPACK(raw, 0)
+             gid_hi, _csum) = _BASE_UNPACK(raw, 0)
             extra = raw[128] | (raw[129] << 8) if volume.isize > 128 else 0
         self.volume = volume
         self.ino = ino
@@ -178,7 +224,7 @@ class Inode:
         self.uid = uid_lo | (uid_hi << 16)
         self.gid = gid_lo | (gid_hi << 16)
         # Linux ext2 uses i_size_high only for regular files (it was i_dir_acl elsewhere).
-        self.size = size_lo | (size_high << 32) if (mode & 0o170000) == 0o100000 else size_lo
+        self.size = size_lo | (size_high << 32) if S_ISREG(mode) else size_lo
         self.links = links
         self.blocks = blocks
         self.flags = flags
@@ -226,29 +272,11 @@ class Inode:
     def encode(self) -> bytes:
         """The on-disk bytes of this inode, fields this class does not model kept as they were."""
         self.clip_times()
-        raw = bytearray(self._raw)
-        a_s, a_x = encode_time(self.atime_ns)
-        c_s, c_x = encode_time(self.ctime_ns)
-        m_s, m_x = encode_time(self.mtime_ns)
-        _HEAD.pack_into(raw, 0, self.mode, self.uid & 0xFFFF, self.size & 0xFFFFFFFF, a_s, c_s, m_s,
-                        self.dtime, self.gid & 0xFFFF, self.links, self.blocks, self.flags)
-        if (self.mode & 0o170000) == 0o100000:
-            _MIDDLE.pack_into(raw, 40, self.i_block, self.generation, self.file_acl, self.size >> 32)
-        else:                                   # i_size_high is i_dir_acl elsewhere: keep it
-            _MIDDLE3.pack_into(raw, 40, self.i_block, self.generation, self.file_acl)
-        _IDS_HIGH.pack_into(raw, 120, (self.uid >> 16) & 0xFFFF, (self.gid >> 16) & 0xFFFF)
-        extra = self.extra_isize
-        if extra >= 16:
-            _EXTRA_TIMES.pack_into(raw, 128, extra, c_x, m_x, a_x)
-            if extra >= 24 and self.crtime_ns is not None:
-                _CRTIME.pack_into(raw, 0x90, *encode_time(self.crtime_ns))
-        elif extra:
-            raw[128:130] = extra.to_bytes(2, "little")
-            if extra >= 8:
-                raw[0x84:0x88] = c_x.to_bytes(4, "little")
-            if extra >= 12:
-                raw[0x88:0x8C] = m_x.to_bytes(4, "little")
-        self._raw = raw = bytes(raw)
+        self._raw = raw = encode_inode(
+            len(self._raw), self.mode, self.uid, self.gid, self.size, self.links, self.blocks,
+            self.i_block, atime_ns=self.atime_ns, ctime_ns=self.ctime_ns, mtime_ns=self.mtime_ns,
+            crtime_ns=self.crtime_ns, file_acl=self.file_acl, generation=self.generation,
+            flags=self.flags, dtime=self.dtime, base=self._raw, extra_isize=self.extra_isize)
         return raw
 
     def reset_map(self) -> None:
@@ -259,15 +287,15 @@ class Inode:
     # -- type -------------------------------------------------------------------------------
     @property
     def is_dir(self) -> bool:
-        return (self.mode & 0o170000) == 0o040000
+        return S_ISDIR(self.mode)
 
     @property
     def is_reg(self) -> bool:
-        return (self.mode & 0o170000) == 0o100000
+        return S_ISREG(self.mode)
 
     @property
     def is_symlink(self) -> bool:
-        return (self.mode & 0o170000) == 0o120000
+        return S_ISLNK(self.mode)
 
     @property
     def rdev(self) -> tuple[int, int]:
@@ -298,7 +326,7 @@ class Inode:
         return f"<Inode {self.ino} mode={_stat.filemode(self.mode)} size={self.size}>"
 
 
-_I_BLOCK = struct.Struct("<15I").unpack
+_I_BLOCK = L.I_BLOCK.unpack
 #: Ranges longer than this many indirect blocks' worth are served from the whole file's runs.
 _WHOLE_FILE_RUNS_FROM = 4
 
@@ -694,7 +722,7 @@ class BlockMap:
             self.volume.device.write(out.tobytes(), ptr * self.bs)
 
 
-_PACK_I_BLOCK = struct.Struct("<15I").pack
+_PACK_I_BLOCK = L.I_BLOCK.pack
 
 
 def _add_run(runs: list[tuple[int, int]], pblk: int, n: int) -> None:

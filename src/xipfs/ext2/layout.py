@@ -2,35 +2,79 @@
 
 Each structure is a list of ``(field, struct code)`` pairs in on-disk order; ``_`` fields are
 padding or fields xipfs does not interpret. Offsets and meanings follow e2fsprogs
-``lib/ext2fs/ext2_fs.h`` (see ``docs`` in the shared folder, ext2-spec.md).
+``lib/ext2fs/ext2_fs.h`` (see ``docs`` in the shared folder, ext2-spec.md). The fast
+``struct.Struct``s of the hot paths are derived from these declarations (:meth:`Layout.span`,
+:meth:`Layout.select`), never written out by hand beside them.
 """
 
 from __future__ import annotations
 
+import stat
 import struct
 from typing import Any
 
 
 class Layout:
-    """A fixed-size little-endian record: decode to a dict or to attributes, encode back."""
+    """A fixed-size little-endian record: decode to a dict, encode back, derive fast Structs.
+
+    ``struct`` covers the whole record, ``_`` fields as pad bytes: it unpacks to the values of
+    ``fields`` in order (so ``fields.index(name)`` is a value's position in the tuple).
+    """
 
     def __init__(self, name: str, fields: list[tuple[str, str]]) -> None:
         self.name = name
-        self.fields = [f for f, _ in fields]
-        self.struct = struct.Struct("<" + "".join(code for _, code in fields))
-        self.size = self.struct.size
+        #: ``(field, code, offset, size)`` of every declared field, padding included.
+        self._slots: list[tuple[str, str, int, int]] = []
         self.offsets: dict[str, int] = {}
         self.codes: dict[str, struct.Struct] = {}
         pos = 0
         for field, code in fields:
-            self.offsets[field] = pos
-            self.codes[field] = struct.Struct("<" + code)
-            pos += struct.calcsize("<" + code)
+            size = struct.calcsize("<" + code)
+            self._slots.append((field, code, pos, size))
+            if field != "_":
+                self.offsets[field] = pos
+                self.codes[field] = struct.Struct("<" + code)
+            pos += size
+        self.size = pos
+        self.fields = list(self.offsets)
+        self.struct = self.span()
+
+    def span(self, first: str | None = None, last: str | None = None) -> struct.Struct:
+        """A Struct for every field from ``first`` through ``last`` (default: the whole record),
+        padding as pad bytes; it belongs at ``offsets[first]`` of the record."""
+        lo = self.offsets[first] if first is not None else 0
+        hi = self.offsets[last] + self.codes[last].size if last is not None else self.size
+        return self._derive([f for f, _, pos, _ in self._slots if f != "_" and lo <= pos < hi], lo, hi)
+
+    def select(self, *names: str) -> struct.Struct:
+        """A Struct for just ``names`` (in on-disk order), from the first to the end of the last,
+        at ``offsets[names[0]]``; the fields between them are pad bytes (zeros when packed)."""
+        if sorted(names, key=self.offsets.__getitem__) != list(names):
+            raise ValueError(f"{self.name}: fields {names} not in on-disk order")
+        return self._derive(list(names), self.offsets[names[0]],
+                            self.offsets[names[-1]] + self.codes[names[-1]].size)
+
+    def _derive(self, names: list[str], lo: int, hi: int) -> struct.Struct:
+        want = set(names)
+        fmt = ["<"]
+        gap = 0
+        for field, code, pos, size in self._slots:
+            if pos < lo or pos >= hi:
+                continue
+            if field in want:
+                if gap:
+                    fmt.append(f"{gap}x")
+                    gap = 0
+                fmt.append(code)
+            else:
+                gap += size
+        if gap:
+            fmt.append(f"{gap}x")
+        return struct.Struct("".join(fmt))
 
     def unpack(self, buf: Any, offset: int = 0) -> dict[str, Any]:
         """The record at ``offset`` of ``buf`` as ``{field: value}`` (padding dropped)."""
-        values = self.struct.unpack_from(buf, offset)
-        return {f: v for f, v in zip(self.fields, values, strict=True) if f != "_"}
+        return dict(zip(self.fields, self.struct.unpack_from(buf, offset), strict=True))
 
     def pack_field(self, buf: bytearray, field: str, value: Any, offset: int = 0) -> None:
         """Store one field of the record at ``offset`` of ``buf``."""
@@ -42,6 +86,13 @@ class Layout:
         for field, value in values.items():
             self.pack_field(buf, field, value)
         return bytes(buf)
+
+
+def pointers(count: int, size: int | None = None) -> struct.Struct:
+    """``count`` 32-bit block pointers (``i_block`` words, an indirect block's entries), then
+    zero padding up to ``size`` bytes."""
+    pad = (size - 4 * count) if size is not None else 0
+    return struct.Struct(f"<{count}I{pad}x" if pad else f"<{count}I")
 
 
 SUPERBLOCK_OFFSET = 1024
@@ -80,24 +131,32 @@ GROUP_DESC = Layout("group descriptor", [
 ])
 assert GROUP_DESC.size == 32
 
-#: The 128-byte inode, then the fields of large inodes (i_extra_isize and what it covers).
-INODE = Layout("inode", [
+#: The 128-byte inode (every inode) ...
+_INODE_BASE = [
     ("i_mode", "H"), ("i_uid", "H"), ("i_size", "I"), ("i_atime", "i"), ("i_ctime", "i"),
     ("i_mtime", "i"), ("i_dtime", "I"), ("i_gid", "H"), ("i_links_count", "H"),
     ("i_blocks", "I"), ("i_flags", "I"), ("i_osd1", "I"), ("i_block", "60s"),
     ("i_generation", "I"), ("i_file_acl", "I"), ("i_size_high", "I"), ("i_faddr", "I"),
     ("i_blocks_hi", "H"), ("i_file_acl_high", "H"), ("i_uid_high", "H"), ("i_gid_high", "H"),
     ("i_checksum_lo", "H"), ("_", "H"),
-])
-assert INODE.size == 128
-INODE_EXTRA = Layout("inode extra", [
+]
+#: ... then, in a large inode, i_extra_isize and the fields it covers (at offset 128).
+_INODE_EXTRA = [
     ("i_extra_isize", "H"), ("i_checksum_hi", "H"), ("i_ctime_extra", "I"), ("i_mtime_extra", "I"),
     ("i_atime_extra", "I"), ("i_crtime", "i"), ("i_crtime_extra", "I"), ("i_version_hi", "I"),
     ("i_projid", "I"),
-])
+]
+INODE = Layout("inode", _INODE_BASE)
+assert INODE.size == 128
+INODE_EXTRA = Layout("inode extra", _INODE_EXTRA)
+#: Both together, offsets from the inode's start (``ext2_inode_large``).
+INODE_LARGE = Layout("large inode", _INODE_BASE + _INODE_EXTRA)
 N_BLOCKS = 15
 N_DIRECT = 12
 IND_BLOCK, DIND_BLOCK, TIND_BLOCK = 12, 13, 14
+#: ``i_block`` of a block-mapped inode as its 15 pointers (direct, then single, double, triple).
+I_BLOCK = pointers(N_BLOCKS)
+assert I_BLOCK.size == INODE.codes["i_block"].size
 
 DIRENT = Layout("directory entry", [
     ("inode", "I"), ("rec_len", "H"), ("name_len", "B"), ("file_type", "B"),
@@ -115,6 +174,25 @@ XATTR_ENTRY = Layout("xattr entry", [
 ])
 XATTR_MAGIC = 0xEA020000
 XATTR_MAGIC_V1 = 0xEA010000
+#: In-inode attributes: this magic at ``128 + i_extra_isize``, then the entries.
+XATTR_IBODY_HEADER = Layout("xattr in-inode header", [("h_magic", "I")])
+
+#: A POSIX ACL as ext2 stores it in its xattr value: a header, then entries, short (tag and
+#: permissions) for the owner, group, mask and other, full (with an id) for named users and groups.
+ACL_HEADER = Layout("ext2 ACL header", [("a_version", "I")])
+ACL_ENTRY = Layout("ext2 ACL entry", [("e_tag", "H"), ("e_perm", "H"), ("e_id", "I")])
+ACL_ENTRY_SHORT = Layout("ext2 ACL short entry", [("e_tag", "H"), ("e_perm", "H")])
+EXT2_ACL_VERSION = 1
+
+#: An htree (dir_index) directory's first block: ``.`` and ``..``, then this root information
+#: (at offset 24), then a count/limit header and the index entries (Linux ``struct dx_root``).
+DX_ROOT_INFO = Layout("htree root info", [
+    ("reserved_zero", "I"), ("hash_version", "B"), ("info_length", "B"),
+    ("indirect_levels", "B"), ("unused_flags", "B"),
+])
+#: The start of every index block's entries: how many there are and how many fit.
+DX_COUNTLIMIT = Layout("htree count/limit", [("limit", "H"), ("count", "H")])
+DX_ENTRY = Layout("htree index entry", [("hash", "I"), ("block", "I")])
 
 # -- feature flags (names as dumpe2fs prints them) ---------------------------------------------
 COMPAT_FEATURES = {
@@ -147,6 +225,7 @@ COMPAT_SPARSE_SUPER2 = 0x200
 COMPAT_WRITABLE = 0x1 | 0x2 | COMPAT_HAS_JOURNAL | 0x8 | 0x10 | 0x20 | COMPAT_SPARSE_SUPER2 | 0x800
 #: Where sparse_super2 keeps its two backup groups (``s_backup_bgs``, past the fields decoded above).
 BACKUP_BGS_OFFSET = 0x24C
+BACKUP_BGS = Layout("s_backup_bgs", [("s_backup_bgs0", "I"), ("s_backup_bgs1", "I")])
 INCOMPAT_FILETYPE = 0x2
 INCOMPAT_META_BG = 0x10
 RO_COMPAT_SPARSE_SUPER = 0x1
@@ -179,8 +258,9 @@ FOREIGN_FLAG_NAMES = {
 # directory entry file types (filetype feature)
 FT_UNKNOWN, FT_REG, FT_DIR, FT_CHR, FT_BLK, FT_FIFO, FT_SOCK, FT_SYMLINK = range(8)
 #: S_IFMT value for each directory entry file type.
-FT_TO_IFMT = {1: 0o100000, 2: 0o040000, 3: 0o020000, 4: 0o060000, 5: 0o010000, 6: 0o140000,
-              7: 0o120000}
+FT_TO_IFMT = {FT_REG: stat.S_IFREG, FT_DIR: stat.S_IFDIR, FT_CHR: stat.S_IFCHR,
+              FT_BLK: stat.S_IFBLK, FT_FIFO: stat.S_IFIFO, FT_SOCK: stat.S_IFSOCK,
+              FT_SYMLINK: stat.S_IFLNK}
 IFMT_TO_FT = {v: k for k, v in FT_TO_IFMT.items()}
 
 # xattr name indexes -> prefixes

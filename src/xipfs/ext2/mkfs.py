@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import struct
+import stat
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..device import Device
 from . import layout as L
 from .dir import empty_dir_block, encode_entry
-from .inode import encode_time
+from .inode import encode_direct_run, encode_new_inode
 from .super import group_has_super
 
 DEFAULT_FEATURES = ("sparse_super", "large_file", "filetype", "ext_attr", "dir_index")
@@ -258,16 +258,14 @@ def root_and_lost_found(dev: Device, geo: Geometry, filetype: bool) -> list[Grou
     dev.write(empty_dir_block(bs, LOST_FOUND_INO, 2, filetype), lf_blk * bs)
     for i in range(1, nlf):
         dev.write(empty_block(bs), (lf_blk + i) * bs)
-    itable0 = geo.inode_table(0)
-    _write_inode(dev, geo, itable0, 2, 0o040755, 3, [root_blk], now)
-    _write_inode(dev, geo, itable0, LOST_FOUND_INO, 0o040700, 2,
-                 list(range(lf_blk, lf_blk + nlf)), now)
+    _write_dir_inode(dev, geo, L.ROOT_INO, stat.S_IFDIR | 0o755, 3, root_blk, 1, now)
+    _write_dir_inode(dev, geo, LOST_FOUND_INO, stat.S_IFDIR | 0o700, 2, lf_blk, nlf, now)
     return [GroupUse(1 + nlf, LOST_FOUND_INO, 2)] + [GroupUse() for _ in range(1, geo.groups)]
 
 
 def empty_block(bs: int) -> bytes:
     """A directory block with no entries: one unused record spanning the block."""
-    return struct.pack("<IH", 0, bs if bs < 65536 else 0).ljust(bs, b"\0")
+    return L.DIRENT.struct.pack(0, bs if bs < 65536 else 0, 0, 0).ljust(bs, b"\0")
 
 
 def prefix_bitmap(used: int, nbits: int, bs: int) -> bytes:
@@ -292,17 +290,13 @@ def _zero(dev: Device, offset: int, length: int) -> None:
         dev.write(chunk[:n], offset + pos)
 
 
-def _write_inode(dev: Device, geo: Geometry, itable: int, ino: int, mode: int, links: int,
-                 blocks: list[int], now: int) -> None:
-    raw = bytearray(geo.isize)
-    s, x = encode_time(now)
-    words = blocks + [0] * (15 - len(blocks))
-    struct.pack_into("<HHIiiiIHHII", raw, 0, mode, 0, len(blocks) * geo.bs, s, s, s, 0, 0, links,
-                     len(blocks) * (geo.bs // 512), 0)
-    struct.pack_into("<15I", raw, 40, *words)
-    if geo.isize >= 160:
-        struct.pack_into("<HHIIIiI", raw, 128, 32, 0, x, x, x, s, x)
-    dev.write(bytes(raw), itable * geo.bs + (ino - 1) * geo.isize)
+def _write_dir_inode(dev: Device, geo: Geometry, ino: int, mode: int, links: int, first: int,
+                     count: int, now: int) -> None:
+    """Write group 0's new directory inode ``ino``, owned by root, of ``count`` blocks from
+    ``first`` on (the root and lost+found, as mke2fs makes them)."""
+    raw = encode_new_inode(geo.isize, mode, 0, 0, count * geo.bs, count * (geo.bs // 512),
+                           encode_direct_run(first, count), now, 0, links)
+    dev.write(raw, geo.inode_table(0) * geo.bs + (ino - 1) * geo.isize)
 
 
 def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, block_size: int = 4096,

@@ -7,7 +7,6 @@ zero, allocate without bound or read outside the device.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
@@ -175,7 +174,7 @@ def parse_superblock(raw: bytes, device_size: int) -> Superblock:
     sb.itable_blocks = itable_blocks
     sb.addr_per_block = bs // 4
     if f["s_feature_compat"] & L.COMPAT_SPARSE_SUPER2:
-        sb.backup_bgs = struct.unpack_from("<2I", raw, L.BACKUP_BGS_OFFSET)
+        sb.backup_bgs = L.BACKUP_BGS.struct.unpack_from(raw, L.BACKUP_BGS_OFFSET)
     return sb
 
 

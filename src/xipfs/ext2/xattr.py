@@ -10,6 +10,7 @@ import errno
 import os
 import struct
 import time
+from stat import S_IFMT, S_IMODE, S_ISDIR, S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
@@ -19,18 +20,29 @@ if TYPE_CHECKING:
     from .inode import Inode
     from .volume import Volume
 
-_ENTRY = L.XATTR_ENTRY.struct.unpack_from
-_U32 = struct.Struct("<I").unpack_from
+_ENTRY = L.XATTR_ENTRY.struct
+_HEADER = L.XATTR_HEADER.struct
+_IBODY_MAGIC = L.XATTR_IBODY_HEADER.struct.unpack_from
+#: An entry list ends with four zero bytes where the next entry would start (IS_LAST_ENTRY).
+_LAST_ENTRY = bytes(4)
+_REFCOUNT = L.XATTR_HEADER.select("h_refcount")
+_REFCOUNT_AT = L.XATTR_HEADER.offsets["h_refcount"]
+_ACL_HEADER = L.ACL_HEADER.struct
+_ACL_ENTRY = L.ACL_ENTRY.struct
+_ACL_ENTRY_SHORT = L.ACL_ENTRY_SHORT.struct
+#: ``system.posix_acl_*`` values as ``getxattr(2)`` gives them (the kernel's wire format, not
+#: on-disk): a version word, then (tag, permissions, id) for every entry.
+_XATTR_ACL_HEADER = struct.Struct("<I")
+_XATTR_ACL_ENTRY = struct.Struct("<HHI")
 
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 ACCESS_ACL = "system.posix_acl_access"
 DEFAULT_ACL = "system.posix_acl_default"
 #: Longest attribute name ``setxattr(2)`` takes, prefix included (XATTR_NAME_MAX): ERANGE beyond.
 XATTR_NAME_MAX = 255
-_S_IFMT, _S_IFREG, _S_IFDIR, _S_IFLNK = 0o170000, 0o100000, 0o040000, 0o120000
 ACL_UNDEFINED_ID = 0xFFFFFFFF
 POSIX_ACL_XATTR_VERSION = 2
-EXT2_ACL_VERSION = 1
+EXT2_ACL_VERSION = L.EXT2_ACL_VERSION
 
 
 def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int,
@@ -41,14 +53,14 @@ def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int
     while True:
         if pos + 4 > end:
             raise CorruptImageError("xattr entry list runs past its region", where)
-        if _U32(buf, pos)[0] == 0:
+        if buf[pos:pos + 4] == _LAST_ENTRY:
             return out
-        if pos + 16 > end:
+        if pos + _ENTRY.size > end:
             raise CorruptImageError("xattr entry runs past its region", where)
-        name_len, index, offs, inum, size, _hash = _ENTRY(buf, pos)
+        name_len, index, offs, inum, size, _hash = _ENTRY.unpack_from(buf, pos)
         if name_len == 0 and index not in (2, 3):
             raise CorruptImageError("xattr entry with an empty name", f"{where} offset {pos}")
-        next_pos = pos + ((16 + name_len + 3) & ~3)
+        next_pos = pos + ((_ENTRY.size + name_len + 3) & ~3)
         if next_pos > end:
             raise CorruptImageError("xattr name runs past its region", f"{where} offset {pos}")
         if inum:
@@ -57,7 +69,7 @@ def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int
         if size and (vstart < value_base or vstart + size > value_end):
             raise CorruptImageError(f"xattr value ({size} bytes at {offs}) outside its region",
                                     f"{where} offset {pos}")
-        name = bytes(buf[pos + 16:pos + 16 + name_len])
+        name = bytes(buf[pos + _ENTRY.size:pos + _ENTRY.size + name_len])
         prefix = L.XATTR_PREFIXES.get(index)
         if prefix is not None:
             value = bytes(buf[vstart:vstart + size])
@@ -71,44 +83,44 @@ def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int
 
 def acl_to_xattr(value: bytes, where: str) -> bytes:
     """ext2 on-disk ACL (version 1, short entries) -> ``system.posix_acl_*`` wire format."""
-    if len(value) < 4 or _U32(value, 0)[0] != EXT2_ACL_VERSION:
+    if len(value) < _ACL_HEADER.size or _ACL_HEADER.unpack_from(value, 0)[0] != EXT2_ACL_VERSION:
         raise CorruptImageError("ACL xattr with a bad version", where)
-    out = [struct.pack("<I", POSIX_ACL_XATTR_VERSION)]
-    pos = 4
+    out = [_XATTR_ACL_HEADER.pack(POSIX_ACL_XATTR_VERSION)]
+    pos = _ACL_HEADER.size
     while pos < len(value):
-        if pos + 4 > len(value):
+        if pos + _ACL_ENTRY_SHORT.size > len(value):
             raise CorruptImageError("truncated ACL entry", where)
-        tag, perm = struct.unpack_from("<HH", value, pos)
+        tag, perm = _ACL_ENTRY_SHORT.unpack_from(value, pos)
         if tag in (ACL_USER, ACL_GROUP):
-            if pos + 8 > len(value):
+            if pos + _ACL_ENTRY.size > len(value):
                 raise CorruptImageError("truncated ACL entry", where)
-            ident = _U32(value, pos + 4)[0]
-            pos += 8
+            ident = _ACL_ENTRY.unpack_from(value, pos)[2]
+            pos += _ACL_ENTRY.size
         else:
             ident = ACL_UNDEFINED_ID
-            pos += 4
-        out.append(struct.pack("<HHI", tag, perm, ident))
+            pos += _ACL_ENTRY_SHORT.size
+        out.append(_XATTR_ACL_ENTRY.pack(tag, perm, ident))
     return b"".join(out)
 
 
 def inode_xattrs(raw: memoryview | bytes, isize: int, extra_isize: int, ino: int) -> list[tuple[str, bytes]]:
     """Attributes stored in the inode body, after ``i_extra_isize`` (empty when there are none)."""
-    start = 128 + extra_isize
-    if extra_isize == 0 or start + 4 > isize or _U32(raw, start)[0] != L.XATTR_MAGIC:
+    start = L.INODE.size + extra_isize
+    first = start + L.XATTR_IBODY_HEADER.size
+    if extra_isize == 0 or first > isize or _IBODY_MAGIC(raw, start)[0] != L.XATTR_MAGIC:
         return []
-    first = start + 4
     return parse_entries(raw, first, isize, first, isize, f"in-inode xattrs of inode {ino}")
 
 
 def block_xattrs(block: memoryview | bytes, bs: int, blk: int) -> list[tuple[str, bytes]]:
     """Attributes of an xattr block (header, entries from offset 32, values from the end)."""
     where = f"xattr block {blk}"
-    magic, _refcount, nblocks, _hash, _csum = struct.unpack_from("<5I", block, 0)
+    magic, _refcount, nblocks, _hash, _csum = _HEADER.unpack_from(block, 0)
     if magic not in (L.XATTR_MAGIC, L.XATTR_MAGIC_V1):
         raise CorruptImageError(f"bad xattr block magic 0x{magic:08x}", where)
     if nblocks != 1:
         raise CorruptImageError(f"xattr block claims {nblocks} blocks", where)
-    return parse_entries(block, 32, bs, 0, bs, where)
+    return parse_entries(block, _HEADER.size, bs, 0, bs, where)
 
 
 # -- the write side -----------------------------------------------------------------------------
@@ -143,11 +155,11 @@ def check_access(node: Inode, name: str, write: bool) -> None:
     symlink has no POSIX ACL: EOPNOTSUPP (``vfs_get_acl``/``vfs_set_acl``). ``trusted.*`` and
     ``security.*`` are allowed on every type (xipfs checks no capabilities: root's view).
     """
-    fmt = node.mode & _S_IFMT
-    if name.startswith("user.") and fmt != _S_IFREG and fmt != _S_IFDIR:
+    mode = node.mode
+    if name.startswith("user.") and not (S_ISREG(mode) or S_ISDIR(mode)):
         code = errno.EPERM if write else errno.ENODATA
         raise OSError(code, os.strerror(code))
-    if fmt == _S_IFLNK and name in (ACCESS_ACL, DEFAULT_ACL):
+    if S_ISLNK(mode) and name in (ACCESS_ACL, DEFAULT_ACL):
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
 
@@ -208,7 +220,7 @@ def set_acl(vol: Volume, node: Inode, name: str, value: bytes | None) -> None:
     if value is not None:
         _acl_entries(value)                          # a malformed value: EINVAL first
     check_access(node, name, write=True)
-    if name == DEFAULT_ACL and (node.mode & _S_IFMT) != _S_IFDIR:
+    if name == DEFAULT_ACL and not S_ISDIR(node.mode):
         if value is not None:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
         return
@@ -239,9 +251,11 @@ def store_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> No
 
 def _acl_entries(value: bytes) -> list[list[int]]:
     """The ``[tag, perm, id]`` entries of an ACL in the ``system.posix_acl_*`` wire format."""
-    if len(value) < 4 or (len(value) - 4) % 8 or _U32(value, 0)[0] != POSIX_ACL_XATTR_VERSION:
+    head, size = _XATTR_ACL_HEADER.size, _XATTR_ACL_ENTRY.size
+    if (len(value) < head or (len(value) - head) % size
+            or _XATTR_ACL_HEADER.unpack_from(value, 0)[0] != POSIX_ACL_XATTR_VERSION):
         raise OSError(errno.EINVAL, "invalid POSIX ACL")
-    return [list(struct.unpack_from("<HHI", value, pos)) for pos in range(4, len(value), 8)]
+    return [list(e) for e in _XATTR_ACL_ENTRY.iter_unpack(value[head:])]
 
 
 def acl_chmod(value: bytes, mode: int) -> bytes:
@@ -256,13 +270,13 @@ def acl_chmod(value: bytes, mode: int) -> bytes:
             e[1] = (mode >> 3) & 7
         elif e[0] == ACL_OTHER:
             e[1] = mode & 7
-    return value[:4] + b"".join(struct.pack("<HHI", *e) for e in entries)
+    return value[:_XATTR_ACL_HEADER.size] + b"".join(_XATTR_ACL_ENTRY.pack(*e) for e in entries)
 
 
 def chmod(vol: Volume, node: Inode, mode: int) -> None:
     """Give ``node`` the permission bits of ``mode`` and store it; a stored access ACL follows
     the new bits, as on Linux (else it would still grant what the mode now refuses)."""
-    node.mode = (node.mode & 0o170000) | (mode & 0o7777)
+    node.mode = S_IFMT(node.mode) | S_IMODE(mode)
     node.ctime_ns = time.time_ns()
     attrs = vol.xattrs(node) if node.file_acl or node.extra_isize else []
     if any(k == ACCESS_ACL for k, _ in attrs):
@@ -285,14 +299,19 @@ def acl_mode(value: bytes, mode: int) -> tuple[int, bool]:
 
 def xattr_to_acl(value: bytes) -> bytes:
     """``system.posix_acl_*`` wire format -> ext2 on-disk ACL (short entries where no id)."""
-    if len(value) < 4 or (len(value) - 4) % 8 or _U32(value, 0)[0] != POSIX_ACL_XATTR_VERSION:
+    head, size = _XATTR_ACL_HEADER.size, _XATTR_ACL_ENTRY.size
+    if (len(value) < head or (len(value) - head) % size
+            or _XATTR_ACL_HEADER.unpack_from(value, 0)[0] != POSIX_ACL_XATTR_VERSION):
         raise OSError(errno.EINVAL, "invalid POSIX ACL")
-    out = [struct.pack("<I", EXT2_ACL_VERSION)]
-    for pos in range(4, len(value), 8):
-        tag, perm, ident = struct.unpack_from("<HHI", value, pos)
-        out.append(struct.pack("<HHI", tag, perm, ident) if tag in (ACL_USER, ACL_GROUP)
-                   else struct.pack("<HH", tag, perm))
+    out = [_ACL_HEADER.pack(EXT2_ACL_VERSION)]
+    for tag, perm, ident in _XATTR_ACL_ENTRY.iter_unpack(value[head:]):
+        out.append(_ACL_ENTRY.pack(tag, perm, ident) if tag in (ACL_USER, ACL_GROUP)
+                   else _ACL_ENTRY_SHORT.pack(tag, perm))
     return b"".join(out)
+
+
+#: The value as the entry hash reads it: little-endian 32-bit words (Linux ``__le32``).
+_VALUE_WORDS = struct.Struct("<I")
 
 
 def entry_hash(name: bytes, value: bytes) -> int:
@@ -301,7 +320,7 @@ def entry_hash(name: bytes, value: bytes) -> int:
     for c in name:
         h = ((h << 5) & 0xFFFFFFFF) ^ (h >> 27) ^ c
     padded = value + bytes(-len(value) % 4)
-    for (word,) in struct.iter_unpack("<I", padded):
+    for (word,) in _VALUE_WORDS.iter_unpack(padded):
         h = ((h << 16) & 0xFFFFFFFF) ^ (h >> 16) ^ word
     return h
 
@@ -316,20 +335,20 @@ def build_block(attrs: list[tuple[str, bytes]], bs: int) -> bytes:
         items.append((index, len(suffix), suffix, value))
     items.sort()
     block = bytearray(bs)
-    pos = 32
+    pos = _HEADER.size
     vend = bs
     hashes = []
     for index, nlen, suffix, value in items:
         vsize = (len(value) + 3) & ~3
-        esize = (16 + nlen + 3) & ~3
+        esize = (_ENTRY.size + nlen + 3) & ~3
         if pos + esize + 4 > vend - vsize:
             raise OSError(errno.ENOSPC, "extended attributes do not fit in one block")
         vend -= vsize
         block[vend:vend + len(value)] = value
         h = entry_hash(suffix, value)
         hashes.append(h)
-        struct.pack_into("<BBHIII", block, pos, nlen, index, vend if value else 0, 0, len(value), h)
-        block[pos + 16:pos + 16 + nlen] = suffix
+        _ENTRY.pack_into(block, pos, nlen, index, vend if value else 0, 0, len(value), h)
+        block[pos + _ENTRY.size:pos + _ENTRY.size + nlen] = suffix
         pos += esize
     bh = 0
     for h in hashes:
@@ -337,7 +356,7 @@ def build_block(attrs: list[tuple[str, bytes]], bs: int) -> bytes:
             bh = 0
             break
         bh = ((bh << 16) & 0xFFFFFFFF) ^ (bh >> 16) ^ h
-    struct.pack_into("<5I", block, 0, L.XATTR_MAGIC, 1, 1, bh, 0)
+    _HEADER.pack_into(block, 0, L.XATTR_MAGIC, 1, 1, bh, 0)
     return bytes(block)
 
 
@@ -355,9 +374,9 @@ def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> No
     new_block = build_block(attrs, bs) if attrs else None
     old = node.file_acl
     if node.extra_isize:
-        start = 128 + node.extra_isize
+        start = L.INODE.size + node.extra_isize
         raw = bytearray(node._raw)
-        if start + 4 <= len(raw):
+        if start + L.XATTR_IBODY_HEADER.size <= len(raw):
             raw[start:] = bytes(len(raw) - start)
             node._raw = bytes(raw)
     if new_block is not None:
@@ -393,13 +412,13 @@ def drop_block(vol: Volume, node: Inode) -> None:
 
 def refcount(vol: Volume, blk: int) -> int:
     """``h_refcount`` of xattr block ``blk``: how many inodes share it."""
-    return _U32(vol.device.view(blk * vol.bs + 4, 4), 0)[0]
+    return _REFCOUNT.unpack_from(vol.device.view(blk * vol.bs + _REFCOUNT_AT, _REFCOUNT.size), 0)[0]
 
 
 def release_block(vol: Volume, blk: int) -> None:
     """One inode no longer uses xattr block ``blk``: lower its count, or free it (the last)."""
     count = refcount(vol, blk)
     if count > 1:
-        vol.device.write(struct.pack("<I", count - 1), blk * vol.bs + 4)
+        vol.device.write(_REFCOUNT.pack(count - 1), blk * vol.bs + _REFCOUNT_AT)
     else:
         vol.balloc.free(blk, 1)

@@ -11,10 +11,8 @@ check_volume must report at least one, ``fsck`` a regular expression e2fsck's ou
 
 from __future__ import annotations
 
-import os
 import re
 import struct
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,13 +24,6 @@ from xipfs.ext2.check import Problem, check_device, check_volume
 
 #: e2fsck's lines for a clean run (anything else is a problem it found).
 _CLEAN = re.compile(r"^(e2fsck \d|Pass \d|.*: \d+/\d+ files .*blocks$|$)")
-
-
-def fsck(path: str) -> tuple[int, str]:
-    """``e2fsck -fn PATH``: (exit status, output)."""
-    proc = subprocess.run(["e2fsck", "-fn", path], capture_output=True, text=True, timeout=60,
-                          check=False, env=dict(os.environ, LC_ALL="C"))
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def fsck_found(rc: int, out: str) -> bool:

@@ -19,17 +19,14 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import pytest
+import treegen
+from e2fs import LS_P_RE, SHM, DInode, MemoryImage, assert_fsck_clean, debugfs, mkfs, parse_stat, run
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import treegen  # noqa: E402
-from write_util import mkfs, run  # noqa: E402,F401  (re-exported to the read tests)
-
-import xipfs  # noqa: E402
+import xipfs
 
 BLOCK_SIZES = (1024, 2048, 4096)
 INODE_SIZES = (128, 256)
@@ -40,85 +37,7 @@ TREE_SEED = 20240611
 TREE_IMAGE_SIZE = "40M"
 
 
-# -- running e2fsprogs ------------------------------------------------------------------------
-def fsck(img: str) -> tuple[int, str]:
-    """``e2fsck -fn IMG``: (exit status, output). 0 means clean."""
-    proc = run(["e2fsck", "-fn", img], check=False)
-    return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
-
-
-def assert_fsck_clean(img: str) -> None:
-    rc, out = fsck(img)
-    assert rc == 0, f"e2fsck -fn {img} exited {rc}:\n{out}"
-
-
-def debugfs(img: str, *cmds: str, write: bool = False) -> bytes:
-    """Run debugfs commands on ``img`` (one process for all of them); raw stdout."""
-    with tempfile.NamedTemporaryFile("w", suffix=".cmds", dir="/dev/shm", delete=False) as f:
-        f.write("\n".join(cmds) + "\n")
-        name = f.name
-    try:
-        return run(["debugfs", *(["-w"] if write else []), "-f", name, img]).stdout
-    finally:
-        os.unlink(name)
-
-
 # -- what debugfs says about an image ---------------------------------------------------------
-@dataclass
-class DInode:
-    """One inode as ``debugfs stat`` prints it."""
-
-    ino: int
-    type: str
-    mode: int
-    links: int
-    blockcount: int
-    size: int
-    uid: int
-    gid: int
-    file_acl: int
-    #: logical block -> physical block, data blocks only
-    blocks: dict[int, int] = field(default_factory=dict)
-    #: the IND/DIND/TIND blocks
-    meta: list[int] = field(default_factory=list)
-    fast_link: bool = False
-
-
-_STAT_RE = {
-    "head": re.compile(rb"Inode: (\d+)\s+Type: (.+?)\s+Mode:\s+(\d+)"),
-    "user": re.compile(rb"User:\s+(-?\d+)\s+Group:\s+(-?\d+).*?Size: (\d+)"),
-    "acl": re.compile(rb"File ACL: (\d+)"),
-    "links": re.compile(rb"Links: (\d+)\s+Blockcount: (\d+)"),
-}
-_BLOCK_RE = re.compile(rb"\((\d+)(?:-(\d+))?\):(\d+)(?:-(\d+))?|\((?:IND|DIND|TIND)\):(\d+)")
-#: ``ls -p``: /inode/mode/uid/gid/name/size/ (debugfs prints uids >= 2^31 as negative numbers)
-_LS_RE = re.compile(rb"/(\d+)/([0-7]+)/(-?\d+)/(-?\d+)/([^/]*)/(\d*)/\n")
-
-
-def parse_stat(text: bytes) -> DInode:
-    head = _STAT_RE["head"].search(text)
-    user = _STAT_RE["user"].search(text)
-    links = _STAT_RE["links"].search(text)
-    acl = _STAT_RE["acl"].search(text)
-    node = DInode(ino=int(head[1]), type=head[2].decode(), mode=int(head[3], 8), links=int(links[1]),
-                  blockcount=int(links[2]), size=int(user[3]), uid=int(user[1]) & 0xFFFFFFFF,
-                  gid=int(user[2]) & 0xFFFFFFFF,
-                  file_acl=int(acl[1]) if acl else 0)
-    node.fast_link = b"Fast link dest:" in text
-    if b"BLOCKS:\n" in text:
-        section = text.split(b"BLOCKS:\n", 1)[1].split(b"TOTAL:", 1)[0]
-        for m in _BLOCK_RE.finditer(section):
-            if m[5] is not None:
-                node.meta.append(int(m[5]))
-                continue
-            lo = int(m[1])
-            hi = int(m[2]) if m[2] else lo
-            p = int(m[3])
-            for i in range(hi - lo + 1):
-                node.blocks[lo + i] = p + i
-    return node
-
-
 class DebugfsView:
     """An image as debugfs sees it: every name's inode number, every inode's ``stat``."""
 
@@ -137,7 +56,7 @@ class DebugfsView:
             for ino_s, body in zip(parts[1::2], parts[2::2], strict=True):
                 ino = int(ino_s)
                 entries = []
-                for m in _LS_RE.finditer(body):
+                for m in LS_P_RE.finditer(body):
                     name, child, mode = m[5], int(m[1]), int(m[2], 8)  # uid/gid unused
                     if name in (b".", b"..") or child == 0:     # 0: an empty slot
                         continue
@@ -188,6 +107,23 @@ def shm_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def mem_image():
+    """``mem_image(bs, size=None)``: a new filesystem on anonymous memory, opened for writing
+    (:class:`e2fs.MemoryImage`; 4 MiB at 1 KiB blocks, else 16 MiB); closed after the test."""
+    made: list[MemoryImage] = []
+    workdir = tempfile.mkdtemp(prefix="xipfs-mem-", dir=SHM)
+
+    def make(bs: int, size: int | None = None) -> MemoryImage:
+        made.append(MemoryImage(size or (4 << 20 if bs == 1024 else 16 << 20), bs, workdir=workdir))
+        return made[-1]
+
+    yield make
+    for img in made:
+        img.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tree_src(shm_dir):
     """The standard generated tree: (source root as bytes, recorded nodes)."""
@@ -203,7 +139,7 @@ def tree_image(request, tree_src, shm_dir):
     src, nodes = tree_src
     path = os.path.join(shm_dir, f"tree-{bs}-{isize}.img")
     mkfs(path, TREE_IMAGE_SIZE, src=src, bs=bs, isize=isize)
-    assert_fsck_clean(path)
+    assert_fsck_clean(path, exit_only=True)
     yield Image(path, bs, isize, src, nodes)
     os.unlink(path)
 

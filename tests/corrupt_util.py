@@ -27,11 +27,12 @@ import shutil
 import signal
 import stat
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from e2fs import mkfs, run
 
 import xipfs
 from xipfs import CorruptImageError, UnsupportedFeatureError
@@ -77,13 +78,6 @@ ENTRY_LIMIT = 5000
 
 
 # -- building and locating ----------------------------------------------------------------------
-def _run(*args: str, env: dict[str, str] | None = None) -> str:
-    res = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
-    if res.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
-    return res.stdout
-
-
 def _make_tree(root: str, bs: int) -> dict[str, bytes]:
     """The source tree for ``mke2fs -d``; returns the content of every regular file."""
     rnd = random.Random(20240601 + bs)
@@ -272,11 +266,11 @@ def build_image(workdir: str, bs: int) -> BaseImage:
     shutil.rmtree(tree, ignore_errors=True)
     os.makedirs(tree)
     contents = _make_tree(tree, bs)
-    env = dict(os.environ, E2FSPROGS_FAKE_TIME="1700000000", LC_ALL="C")
+    env = {"E2FSPROGS_FAKE_TIME": "1700000000"}
     size = "4M" if bs == 1024 else "8M"
-    _run("mke2fs", "-q", "-F", "-t", "ext2", "-b", str(bs), "-I", "256", "-N", "1024", "-g", "1024",
-         "-U", "12345678-1234-5678-1234-567812345678",
-         "-E", "hash_seed=87654321-4321-8765-4321-876543218765", "-d", tree, path, size, env=env)
+    mkfs(path, size, bs=bs, isize=256, src=tree, env=env,
+         extra=("-N", "1024", "-g", "1024", "-U", "12345678-1234-5678-1234-567812345678",
+                "-E", "hash_seed=87654321-4321-8765-4321-876543218765"))
     cmds = os.path.join(workdir, f"cmds{bs}")
     lines = []
     for i, (name, value) in enumerate(XF_ATTRS.items()):
@@ -290,8 +284,8 @@ def build_image(workdir: str, bs: int) -> BaseImage:
     lines.append(f"ea_set -f {aclfile} /aclf system.posix_acl_access")
     with open(cmds, "w") as f:
         f.write("\n".join(lines) + "\n")
-    _run("debugfs", "-w", "-f", cmds, path, env=env)
-    sb, groups = _parse_dumpe2fs(_run("dumpe2fs", path, env=env))
+    run(["debugfs", "-w", "-f", cmds, path], env=env)
+    sb, groups = _parse_dumpe2fs(run(["dumpe2fs", path], env=env).stdout.decode())
     assert sb["block_size"] == bs
     with open(path, "rb") as f:
         data = f.read()
@@ -302,13 +296,13 @@ def build_image(workdir: str, bs: int) -> BaseImage:
     for p in paths:
         if p == "/chr" and not os.path.lexists(os.path.join(tree, "chr")):
             continue  # not root: no device node
-        out = _run("debugfs", "-R", f"imap {p}", path, env=env)
+        out = run(["debugfs", "-R", f"imap {p}", path], env=env).stdout.decode()
         m = re.search(r"Inode (\d+) is part of block group \d+\s+"
                       r"located at block (\d+), offset 0x([0-9a-f]+)", out)
         assert m, out
         img.ino[p] = int(m.group(1))
         img.inode_off[p] = int(m.group(2)) * bs + int(m.group(3), 16)
-        out = _run("debugfs", "-R", f"blocks {p}", path, env=env)
+        out = run(["debugfs", "-R", f"blocks {p}", path], env=env).stdout.decode()
         img.blocks[p] = [int(x) for x in out.split()]
     for p in ("/fast", "/slow", "/loop1", "/loop2", "/self"):
         img.targets[p] = os.readlink(os.path.join(tree, p[1:])).encode()

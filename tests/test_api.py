@@ -6,9 +6,9 @@ import errno
 import io
 import os
 import shutil
-import subprocess
 
 import pytest
+from e2fs import mkfs
 
 import xipfs
 
@@ -34,8 +34,7 @@ def image(tmp_path_factory):
         f.seek(5 * BS + 3)
         f.write(b"tail")
     path = f"/dev/shm/xipfs-test-api-{os.getpid()}.img"
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", str(BS), "-d", str(src), path, "4M"],
-                   check=True, stdout=subprocess.DEVNULL)
+    mkfs(path, "4M", bs=BS, src=str(src))
     yield path
     os.unlink(path)
     shutil.rmtree(src)

@@ -20,21 +20,17 @@ import random
 import re
 import shutil
 import struct
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 
+import check_util as ck
+import corrupt_util as cu
 import pytest
+from e2fs import debugfs_r, e2fsck, fsck, run
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import check_util as ck  # noqa: E402
-import corrupt_util as cu  # noqa: E402
-
-import xipfs  # noqa: E402
-from xipfs.device import MemoryDevice, open_device  # noqa: E402
-from xipfs.ext2.check import MINOR_CODES, Problem, check_device, check_volume  # noqa: E402
+import xipfs
+from xipfs.device import MemoryDevice, open_device
+from xipfs.ext2.check import MINOR_CODES, Problem, check_device, check_volume
 
 pytestmark = pytest.mark.skipif(shutil.which("e2fsck") is None, reason="needs e2fsprogs")
 
@@ -53,12 +49,8 @@ def bases(workdir: str) -> dict[int, cu.BaseImage]:
     return {bs: cu.build_image(workdir, bs) for bs in BASE_SIZES}
 
 
-def run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
-
-
 def assert_both_clean(path: str) -> None:
-    rc, out = ck.fsck(path)
+    rc, out = fsck(path)
     assert not ck.fsck_found(rc, out), f"e2fsck -fn finds problems:\n{out}"
     problems = ck.check_image(path)
     assert problems == [], problems
@@ -83,8 +75,8 @@ def test_htree_indexed_images_are_clean(tree_image, workdir: str) -> None:
     path = os.path.join(workdir, f"htree-{tree_image.bs}-{tree_image.isize}.img")
     shutil.copyfile(tree_image.path, path)
     try:
-        assert run("e2fsck", "-fyD", path).returncode in (0, 1)
-        htree = run("debugfs", "-R", "htree /names/many", path).stdout
+        assert e2fsck(path, "-fyD")[0] in (0, 1)
+        htree = debugfs_r(path, "htree /names/many").decode()
         assert "Root node dump" in htree, "no htree index was built"
         assert_both_clean(path)
     finally:
@@ -99,9 +91,10 @@ def test_two_level_htree_is_clean(workdir: str) -> None:
         open(os.path.join(src, "big", f"a-rather-long-file-name-{i:05d}"), "wb").close()
     path = os.path.join(workdir, "bigdir.img")
     try:
-        assert run("mke2fs", "-q", "-F", "-t", "ext2", "-b", "1024", "-d", src, path, "16M").returncode == 0
-        assert run("e2fsck", "-fyD", path).returncode in (0, 1)
-        assert "Indirect levels: 1" in run("debugfs", "-R", "htree /big", path).stdout
+        assert run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "1024", "-d", src, path, "16M"],
+                   check=False, timeout=300).returncode == 0
+        assert e2fsck(path, "-fyD")[0] in (0, 1)
+        assert "Indirect levels: 1" in debugfs_r(path, "htree /big").decode()
         assert_both_clean(path)
     finally:
         shutil.rmtree(src)
@@ -119,7 +112,7 @@ def test_feature_variants_are_clean(tree_src, workdir: str, opts: tuple[str, ...
     path = os.path.join(workdir, "variant.img")
     src = () if opts == ("-r", "0") else ("-d", os.fsdecode(tree_src[0]))
     try:
-        proc = run("mke2fs", "-q", "-F", "-t", "ext2", *opts, *src, path, "64M")
+        proc = run(["mke2fs", "-q", "-F", "-t", "ext2", *opts, *src, path, "64M"], check=False, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert_both_clean(path)
     finally:
@@ -129,19 +122,19 @@ def test_feature_variants_are_clean(tree_src, workdir: str, opts: tuple[str, ...
 def test_file_type_without_the_feature(tree_src, workdir: str) -> None:
     """Without the filetype feature an entry's type byte must be 0: both checkers say so."""
     path = os.path.join(workdir, "noft.img")
-    assert run("mke2fs", "-q", "-F", "-t", "ext2", "-b", "1024", "-O", "^filetype", "-d",
-               os.fsdecode(tree_src[0]), path, "40M").returncode == 0
+    assert run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "1024", "-O", "^filetype", "-d",
+                os.fsdecode(tree_src[0]), path, "40M"], check=False, timeout=300).returncode == 0
     try:
         with open(path, "rb") as f:
             data = bytearray(f.read())
-        first = int(run("debugfs", "-R", "blocks /", path).stdout.split()[0])
+        first = int(debugfs_r(path, "blocks /").decode().split()[0])
         pos = first * 1024
         while struct.unpack_from("<HB", data, pos + 4)[1] != 5 or data[pos + 8:pos + 13] != b"empty":
             pos += struct.unpack_from("<H", data, pos + 4)[0]
         data[pos + 7] = 1
         with open(path, "wb") as f:
             f.write(data)
-        rc, out = ck.fsck(path)
+        rc, out = fsck(path)
         assert rc & 4 and "has filetype set" in out, out
         assert ck.codes(ck.check_image(path)) == {"file_type"}
     finally:
@@ -206,7 +199,7 @@ def test_damage_found_by_both(bases: dict[int, cu.BaseImage], workdir: str, bs: 
         ck.apply_damage(base, damage, path)
     except AssertionError as err:
         pytest.skip(f"this base image has nothing to damage so: {err}")
-    rc, out = ck.fsck(path)
+    rc, out = fsck(path)
     assert re.search(damage.fsck, out), f"e2fsck -fn does not report {damage.fsck!r}:\n{out}"
     problems = ck.check_image(path)
     found = ck.codes(problems)
@@ -249,10 +242,10 @@ def htree_image(bases: dict[int, cu.BaseImage], workdir: str) -> tuple[str, int]
     first block, which holds the index root)."""
     path = os.path.join(workdir, "htree-base.img")
     shutil.copyfile(bases[1024].path, path)
-    assert run("e2fsck", "-fyD", path).returncode in (0, 1)
-    assert "Root node dump" in run("debugfs", "-R", "htree /dir", path).stdout
+    assert e2fsck(path, "-fyD")[0] in (0, 1)
+    assert "Root node dump" in debugfs_r(path, "htree /dir").decode()
     assert_both_clean(path)
-    return path, int(run("debugfs", "-R", "blocks /dir", path).stdout.split()[0])
+    return path, int(debugfs_r(path, "blocks /dir").decode().split()[0])
 
 
 @pytest.mark.parametrize(("what", "offset", "code", "value"), HTREE_DAMAGES,
@@ -267,7 +260,7 @@ def test_htree_damage_found_by_both(htree_image: tuple[str, int], workdir: str, 
     path = os.path.join(workdir, "htree-damaged.img")
     with open(path, "wb") as f:
         f.write(data)
-    rc, out = ck.fsck(path)
+    rc, out = fsck(path)
     assert rc & 4 and "HTREE" in out, out
     assert "htree" in ck.codes(ck.check_image(path))
 
@@ -413,7 +406,7 @@ def test_directory_loop_detached_from_root(bases: dict[int, cu.BaseImage], workd
     p.put(ck.dirent_off(base, "/dir/sub/deep", b"leaf"), "I", base.ino["/dir"])
     p.put(ck.dirent_off(base, "/dir/sub/deep", b"leaf") + 7, "B", 2)
     path = p.write(os.path.join(workdir, "loop.img"))
-    rc, out = ck.fsck(path)
+    rc, out = fsck(path)
     assert rc & 4, out
     problems = check_bounded(p.buf)
     assert problems is not None
@@ -441,7 +434,8 @@ def test_stdlib_image_is_clean(workdir: str) -> None:
                     ignore=shutil.ignore_patterns("site-packages", "__pycache__"))
     path = os.path.join(workdir, "stdlib.img")
     try:
-        assert run("mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-d", src, path, "300M").returncode == 0
+        assert run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-d", src, path, "300M"],
+                   check=False, timeout=300).returncode == 0
         assert_both_clean(path)
     finally:
         shutil.rmtree(src)

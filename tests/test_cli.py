@@ -20,8 +20,8 @@ import sys
 import time
 
 import pytest
-from write_util import SHM, assert_fsck_clean, dumpe2fs_header
-from write_util import mkfs as mke2fs
+from e2fs import SHM, assert_fsck_clean, debugfs_r, dumpe2fs_header
+from e2fs import mkfs as mke2fs
 
 import xipfs
 from xipfs import cli
@@ -721,7 +721,7 @@ def test_check_clean_and_damaged(capsys, img):
     assert out.startswith(f"{img}: clean, ")
     doc = json.loads(ok(capsys, "check", "--json", img))
     assert doc == {"image": img, "clean": True, "count": 0, "problems": []}
-    subprocess.run(["debugfs", "-w", "-R", "sif /empty links_count 5", img], check=True, capture_output=True)
+    debugfs_r(img, "sif /empty links_count 5", write=True)
     rc, out, err = x(capsys, "check", img)
     assert rc == 1 and err == "" and "problem" in out.splitlines()[-1]
     rc, out, _ = x(capsys, "check", "--json", img)

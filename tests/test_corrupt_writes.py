@@ -17,13 +17,20 @@ import sys
 from collections.abc import Callable, Iterator
 
 import pytest
+from e2fs import (
+    SHM,
+    assert_fsck_clean,
+    debugfs_r,
+    dumpe2fs,
+    dumpe2fs_header,
+    e2fsck,
+    fsck,
+    fsck_problems,
+    mkfs,
+)
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from write_util import SHM, assert_fsck_clean, dumpe2fs_header, fsck, fsck_problems, mkfs, run  # noqa: E402
-
-import xipfs  # noqa: E402
-from xipfs import CorruptImageError  # noqa: E402
+import xipfs
+from xipfs import CorruptImageError
 
 pytestmark = pytest.mark.skipif(not shutil.which("debugfs"), reason="needs e2fsprogs (debugfs)")
 
@@ -42,7 +49,7 @@ def img(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def set_inode_field(img: str, path: str, field: str, value: int) -> None:
-    run(["debugfs", "-w", "-R", f"sif {path} {field} {value}", img])
+    debugfs_r(img, f"sif {path} {field} {value}", write=True)
 
 
 def problems(img: str) -> list[str]:
@@ -50,7 +57,7 @@ def problems(img: str) -> list[str]:
 
 
 def inode_table_block(img: str) -> int:
-    out = run(["dumpe2fs", img]).stdout.decode()
+    out = dumpe2fs(img)
     return int(out.split("Inode table at ")[1].split("-")[0])
 
 
@@ -92,7 +99,7 @@ def test_unlink_of_a_named_inode_with_no_links(img: str) -> None:
 
 def test_create_keeps_the_reason_of_a_corrupt_image(img: str) -> None:
     """An allocation that meets a bitmap marking metadata free reports that, not a bare errno."""
-    run(["debugfs", "-w", "-R", f"freeb {inode_table_block(img)}", img])
+    debugfs_r(img, f"freeb {inode_table_block(img)}", write=True)
     with xipfs.open(img, "r+") as fs, pytest.raises(CorruptImageError, match="overlaps filesystem metadata"):
         for i in range(64):
             fs.write_bytes(f"/n{i}", b"z" * 100)
@@ -149,4 +156,4 @@ def test_pointer_past_eof_into_metadata_is_never_freed(img: str) -> None:
     with xipfs.open(img, "r+") as fs, pytest.raises(CorruptImageError, match="block to free"):
         fs.unlink("/g")
     assert not any("+" in p for p in problems(img) if "bitmap differences" in p)
-    assert run(["e2fsck", "-fp", img], check=False).returncode in (0, 1)
+    assert e2fsck(img, "-fp")[0] in (0, 1)

@@ -50,13 +50,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import crash_worker as W
+import e2fs
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import crash_worker as W  # noqa: E402
-
-import xipfs  # noqa: E402
+import xipfs
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm") or shutil.which("e2fsck") is None,
                                 reason="needs /dev/shm and e2fsprogs")
@@ -88,9 +86,7 @@ def shm():
 
 
 def mkfs(img: str, bs: int) -> str:
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", str(bs), img, IMAGE_SIZE],
-                   check=True, capture_output=True)
-    return img
+    return e2fs.mkfs(img, IMAGE_SIZE, bs=bs)
 
 
 def e2fsck(img: str, opts: str) -> tuple[int, str]:
@@ -98,9 +94,8 @@ def e2fsck(img: str, opts: str) -> tuple[int, str]:
 
     The image's path is taken out of the output, so messages read "Entry 'x' in /d ...".
     """
-    proc = subprocess.run(["e2fsck", opts, img], capture_output=True, timeout=FSCK_TIMEOUT)
-    out = (proc.stdout + proc.stderr).decode(errors="replace")
-    return proc.returncode, out.replace(img + ": ", "")
+    rc, out = e2fs.e2fsck(img, opts, timeout=FSCK_TIMEOUT)
+    return rc, out.replace(img + ": ", "")
 
 
 def tail(path: str) -> str:
@@ -556,8 +551,7 @@ def test_enospc_inside_a_run_leaves_no_block_owned_twice(shm):
     file that stores its block pointers makes both own them.
     """
     img = os.path.join(shm, "enospc")
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "1024", img, "4M"], check=True,
-                   capture_output=True)
+    e2fs.mkfs(img, "4M", bs=1024)
     with xipfs.open(img, "r+") as fs:
         vol = fs.volume
         with fs.open("/fill", "wb", buffering=0) as f:
@@ -584,8 +578,7 @@ def test_enospc_inside_a_run_leaves_no_block_owned_twice(shm):
 def test_unlink_inode_without_block_map(shm, kind):
     """Unlinking a fast symlink or a device node frees its inode (i_block is not a block map)."""
     img = os.path.join(shm, "nomap")
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "1024", img, "4M"], check=True,
-                   capture_output=True)
+    e2fs.mkfs(img, "4M", bs=1024)
     with xipfs.open(img, "r+") as fs:
         fs.write_bytes("/a", b"\x11" * 20000)
         if kind == "fast symlink":

@@ -19,18 +19,14 @@ import os
 import random
 import stat
 import struct
-import sys
 from collections.abc import Iterator
 
 import pytest
+from e2fs import SHM, assert_fsck_clean, debugfs_r, fsck, run
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from write_util import SHM, assert_fsck_clean, fsck, run  # noqa: E402
-
-import xipfs  # noqa: E402
-from xipfs.ext2 import namei  # noqa: E402
-from xipfs.ext2.dir import DirSpace, insert_into_block, rec_len_of  # noqa: E402
+import xipfs
+from xipfs.ext2 import namei
+from xipfs.ext2.dir import DirSpace, insert_into_block, rec_len_of
 
 BIG = 65536
 SIZES = (1024, 4096, BIG)
@@ -92,7 +88,7 @@ def fill_dir(path: str, bs: int, entries: dict[str, str]) -> None:
 
 def debugfs_listing(path: str, d: str = "/dir") -> list[tuple[int, str]]:
     """``debugfs -R "ls -l DIR"``: (inode, name) of the live entries, in on-disk order."""
-    out = run(["debugfs", "-R", f"ls -l {d}", path]).stdout.decode()
+    out = debugfs_r(path, f"ls -l {d}").decode()
     rows = []
     for line in out.splitlines():
         fields = line.split()

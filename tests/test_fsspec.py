@@ -23,9 +23,8 @@ import pytest
 
 fsspec = pytest.importorskip("fsspec")
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from write_util import assert_fsck_clean, debugfs_cat, mkfs, shm_dir  # noqa: E402
+from e2fs import assert_fsck_clean, debugfs_cat, mkfs  # noqa: E402
+from write_util import shm_dir  # noqa: E402
 
 BIG = 3 * (1 << 20) + 12345
 CSV = b"a,b,c\n1,2,x\n3,4,y\n5,6,z\n"

@@ -23,13 +23,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from e2fs import assert_fsck_clean, mkfs, run
+from write_util import shm_dir
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from write_util import assert_fsck_clean, mkfs, run, shm_dir  # noqa: E402
-
-import xipfs  # noqa: E402
-from xipfs import fuse as xfuse  # noqa: E402
+import xipfs
+from xipfs import fuse as xfuse
 
 MOUNT_TIMEOUT = 15.0
 UID = 1000                                   # an unprivileged user for the permission tests

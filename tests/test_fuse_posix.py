@@ -27,25 +27,21 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import posix_ops as P
 import pytest
+from e2fs import dumpe2fs, fsck, mkfs
+from posix_ops import Tracer, creat, given_dir, given_file, lbrief
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import posix_ops as P  # noqa: E402
-from posix_ops import Tracer, creat, given_dir, given_file, lbrief  # noqa: E402
-
-import xipfs  # noqa: E402
-from xipfs import fuse as xfuse  # noqa: E402
+import xipfs
+from xipfs import fuse as xfuse
 
 BIG = 64 << 20
 SMALL = 4 << 20                    # runs out of space part-way through an 8 MiB write
-MKE2FS = ["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-I", "256", "-O", "^resize_inode"]
 NOBODY = 65534
 OTHER_GROUP = 65533                # a group the unprivileged user is not in
 SERVER_UMASK = 0o077
@@ -131,8 +127,7 @@ def sides() -> Iterator[dict[str, tuple[Side, Side]]]:
             linux = Side("linux", f"{work}/{kind}-linux.img", f"{work}/{kind}-linux")
             for s in (ours, linux):
                 os.mkdir(s.mp)
-            proc = _run([*MKE2FS, linux.img, f"{size >> 10}k"])
-            assert proc.returncode == 0, proc.stderr
+            mkfs(linux.img, f"{size >> 10}k", bs=4096, isize=256, extra=("-O", "^resize_inode"))
             proc = _run(["mount", "-o", "loop", "-t", "ext2", linux.img, linux.mp])
             if proc.returncode != 0:
                 pytest.skip(f"mount -o loop failed: {proc.stderr.decode(errors='replace').strip()}")
@@ -157,7 +152,7 @@ def sides() -> Iterator[dict[str, tuple[Side, Side]]]:
 
 
 def _features(img: str) -> tuple[str, str]:
-    out = _run(["dumpe2fs", "-h", img]).stdout.decode(errors="replace")
+    out = dumpe2fs(img, "-h")
     lines = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     return (" ".join(sorted(lines.get("Filesystem features", "").split())),
             " ".join(sorted(lines.get("Default mount options", "").split())))
@@ -651,8 +646,7 @@ def test_images_clean_after_unmount(sides: dict[str, tuple[Side, Side]]) -> None
         for side in pair:
             _unmount(side)
             assert not os.path.ismount(side.mp)
-            proc = _run(["e2fsck", "-fn", side.img])
-            if proc.returncode != 0:
-                failures.append(f"{side.name} {side.img}: e2fsck -fn exited {proc.returncode}\n"
-                                + (proc.stdout + proc.stderr).decode(errors="replace")[-3000:])
+            rc, out = fsck(side.img)
+            if rc != 0:
+                failures.append(f"{side.name} {side.img}: e2fsck -fn exited {rc}\n" + out[-3000:])
     assert not failures, "\n".join(failures)

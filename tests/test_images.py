@@ -17,17 +17,8 @@ import tempfile
 
 import pytest
 import treegen
-from conftest import (
-    IS_ROOT,
-    assert_fsck_clean,
-    debugfs,
-    kernel_snapshot,
-    mkfs,
-    mounted,
-    open_image,
-    parse_stat,
-    run,
-)
+from conftest import IS_ROOT, kernel_snapshot, mounted, open_image
+from e2fs import assert_fsck_clean, debugfs, dumpe2fs, e2fsck, mkfs, parse_stat, run
 
 import xipfs
 
@@ -57,10 +48,6 @@ def inode_flags(img: str, path: str) -> int:
     return int(re.search(r"Flags: (0x[0-9a-f]+)", out)[1], 16)
 
 
-def dumpe2fs_h(img: str) -> str:
-    return run(["dumpe2fs", "-h", img]).stdout.decode(errors="replace")
-
-
 # -- old and minimal formats ---------------------------------------------------------------------
 @pytest.mark.parametrize("opts, bs, isize, xattrs", [
     (("-r", "0"), 1024, None, False),
@@ -74,8 +61,8 @@ def dumpe2fs_h(img: str) -> str:
 def test_old_and_minimal_formats(small_tree, workdir, opts, bs, isize, xattrs, xip):
     src, nodes = small_tree
     img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=bs, isize=isize, extra=opts)
-    assert_fsck_clean(img)
-    head = dumpe2fs_h(img)
+    assert_fsck_clean(img, exit_only=True)
+    head = dumpe2fs(img, "-h")
     if opts == ("-r", "0"):
         assert re.search(r"Filesystem revision #:\s+0", head)
     with open_image(img, xip) as fs:
@@ -110,8 +97,8 @@ def huge_image(request, shm_dir):
     os.ftruncate(fd, HUGE_SIZE)
     os.close(fd)
     img = mkfs(os.path.join(work, "img"), "8G", src=src, bs=bs, extra=("-N", "256"))
-    assert_fsck_clean(img)
-    assert "large_file" in dumpe2fs_h(img)
+    assert_fsck_clean(img, exit_only=True)
+    assert "large_file" in dumpe2fs(img, "-h")
     yield img, bs, pieces
     shutil.rmtree(work)
 
@@ -250,10 +237,10 @@ def linux_image(request, shm_dir):
     try:
         with mounted(img, "ext2", "rw") as mnt:
             names = _fill_through_the_kernel(mnt, random.Random(bs))
-        assert_fsck_clean(img)
+        assert_fsck_clean(img, exit_only=True)
         if not inode_flags(img, "/big") & 0x1000:          # the driver did not index: force it
-            run(["e2fsck", "-fyD", img], check=False)
-            assert_fsck_clean(img)
+            e2fsck(img, "-fyD")
+            assert_fsck_clean(img, exit_only=True)
         with mounted(img) as mnt:                          # the kernel's view of the final image
             snapshot = kernel_snapshot(mnt)
         yield img, bs, isize, names, snapshot
@@ -303,7 +290,7 @@ def test_linux_image_nanosecond_times(linux_image, xip):
 def test_ext3_opens_read_only(small_tree, workdir, xip):
     src, nodes = small_tree
     img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=1024, fstype="ext3")
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with open_image(img, xip) as fs:
         assert "has_journal" in fs.features
         assert fs.readonly
@@ -322,7 +309,7 @@ def test_ext3_opens_read_only(small_tree, workdir, xip):
 def test_ext4_features_are_refused(small_tree, workdir, fstype, opts, feature, xip):
     src, _ = small_tree
     img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=1024, fstype=fstype, extra=opts)
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with pytest.raises(xipfs.UnsupportedFeatureError) as exc:
         open_image(img, xip)
     assert feature in str(exc.value)
@@ -335,9 +322,9 @@ def test_ext4_features_are_refused(small_tree, workdir, fstype, opts, feature, x
 def test_needs_recovery_is_refused(small_tree, workdir, xip):
     src, _ = small_tree
     img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=1024, fstype="ext3")
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     debugfs(img, "feature needs_recovery", write=True)
-    assert "needs_recovery" in dumpe2fs_h(img)
+    assert "needs_recovery" in dumpe2fs(img, "-h")
     with pytest.raises(xipfs.UnsupportedFeatureError) as exc:
         open_image(img, xip)
     assert "needs_recovery" in str(exc.value)
@@ -352,7 +339,7 @@ def test_needs_recovery_is_refused(small_tree, workdir, xip):
 def test_unknown_compatible_features_still_read(small_tree, workdir, field, value, xip):
     src, nodes = small_tree
     img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=1024)
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     debugfs(img, f"ssv {field} {value}", write=True)
     with open_image(img, xip) as fs:
         treegen.check_against_tree(fs, nodes, 1024)
@@ -364,7 +351,7 @@ def test_unknown_compatible_features_still_read(small_tree, workdir, field, valu
 def test_unknown_incompatible_feature_is_refused(small_tree, workdir, xip):
     src, _ = small_tree
     img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=1024)
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     debugfs(img, "ssv feature_incompat 0x80000002", write=True)     # filetype + bit 31
     with pytest.raises(xipfs.UnsupportedFeatureError) as exc:
         open_image(img, xip)
@@ -381,8 +368,8 @@ def test_meta_bg_is_read_right_or_refused(small_tree, workdir, xip):
     src, nodes = small_tree
     img = mkfs(os.path.join(workdir, "img"), "300M", src=src, bs=1024,
                extra=("-O", "meta_bg,^resize_inode"))
-    assert_fsck_clean(img)
-    assert "meta_bg" in dumpe2fs_h(img)
+    assert_fsck_clean(img, exit_only=True)
+    assert "meta_bg" in dumpe2fs(img, "-h")
     try:
         fs = open_image(img, xip)
     except xipfs.UnsupportedFeatureError as err:
@@ -391,7 +378,7 @@ def test_meta_bg_is_read_right_or_refused(small_tree, workdir, xip):
     with fs:
         treegen.check_against_tree(fs, nodes, 1024)
         sv = fs.statvfs("/")
-        assert sv.f_files == int(re.search(r"Inode count:\s+(\d+)", dumpe2fs_h(img))[1])
+        assert sv.f_files == int(re.search(r"Inode count:\s+(\d+)", dumpe2fs(img, "-h"))[1])
 
 
 @pytest.fixture
@@ -432,7 +419,7 @@ def big_dir_image(shm_dir):
             f.write(name)
         names.append(name)
     img = mkfs(os.path.join(work, "img"), "64M", src=src, bs=1024, extra=("-N", "12000"))
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     yield img, names
     shutil.rmtree(work)
 
@@ -470,8 +457,8 @@ def test_directory_with_10000_entries_indexed_by_e2fsck(big_dir_image, workdir, 
     img, names = big_dir_image
     copy = os.path.join(workdir, "indexed.img")
     shutil.copyfile(img, copy)
-    run(["e2fsck", "-fyD", copy], check=False)
-    assert_fsck_clean(copy)
+    e2fsck(copy, "-fyD")
+    assert_fsck_clean(copy, exit_only=True)
     assert inode_flags(copy, "/big") & 0x1000
     _check_big_dir(copy, names, xip)
 
@@ -481,7 +468,7 @@ def test_directory_with_10000_entries_indexed_by_e2fsck(big_dir_image, workdir, 
 def small_image(small_tree, shm_dir):
     src, nodes = small_tree
     img = mkfs(os.path.join(shm_dir, "small.img"), "16M", src=src, bs=4096)
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     yield img, nodes
     os.unlink(img)
 

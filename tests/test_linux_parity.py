@@ -25,13 +25,11 @@ import sys
 import tempfile
 
 import pytest
+from e2fs import SHM, assert_fsck_clean, debugfs_r, mkfs, run
+from write_util import IS_ROOT, attempt, err_key, umask
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from write_util import IS_ROOT, SHM, assert_fsck_clean, attempt, err_key, mkfs, run, umask  # noqa: E402
-
-import xipfs  # noqa: E402
-from xipfs.ext2 import namei  # noqa: E402
+import xipfs
+from xipfs.ext2 import namei
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
 
@@ -175,7 +173,7 @@ def test_user_xattrs_already_on_a_symlink_as_linux_ext2() -> None:
     trusted.* there reads and goes normally. The image is the oracle mounted by Linux."""
     with tempfile.TemporaryDirectory(dir=SHM) as tmp:
         img = mkfs(f"{tmp}/img", "4M", bs=1024)
-        run(["debugfs", "-w", "-R", "symlink /s target", img])
+        debugfs_r(img, "symlink /s target", write=True)
         with xipfs.open(img, "r+") as fs:
             fs.mkfifo("/p")
         cmds = "".join(f"ea_set {p} {n} abc\n" for p in ("/s", "/p") for n in ("user.u", "trusted.t"))

@@ -16,7 +16,8 @@ import sysconfig
 
 import pytest
 import treegen
-from conftest import assert_fsck_clean, kernel_snapshot, mounted
+from conftest import kernel_snapshot, mounted
+from e2fs import assert_fsck_clean
 
 import xipfs
 from xipfs.device import MemoryDevice
@@ -33,7 +34,7 @@ def work(shm_dir, request):
         for top, _, names in os.walk(path):                 # every image a test leaves is clean
             for name in names:
                 if name.endswith(".img"):
-                    assert_fsck_clean(os.path.join(top, name))
+                    assert_fsck_clean(os.path.join(top, name), exit_only=True)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -51,7 +52,7 @@ def _check_times_ns(fs: xipfs.Filesystem, nodes: dict[bytes, treegen.Node], isiz
 
 def _pack_and_check(src: bytes, img: str, nodes: dict, bs: int, isize: int, **kw) -> xipfs.PackResult:
     result = xipfs.pack(src, img, block_size=bs, inode_size=isize, **kw)
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with xipfs.open(img) as fs:
         treegen.check_names(fs, nodes)
         treegen.check_lstat(fs, nodes, bs, times=False)
@@ -132,7 +133,7 @@ def test_stdlib_tree(work):
     img = os.path.join(work, "std.img")
     result = xipfs.pack(src, img)
     assert result.skipped == []
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with xipfs.open(img) as fs:
         count = 0
         for top, dirs, files in os.walk(src):
@@ -173,7 +174,7 @@ def test_size_and_extra(tree_src, work):
         assert f.read() == b"keep me"
     xipfs.pack(src, img, size=small.size + (16 << 20))
     assert os.path.getsize(img) == small.size + (16 << 20)
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
 
 
 def test_targets_shm_name_and_device(tree_src, work):
@@ -200,7 +201,7 @@ def test_non_memory_target_and_reuse_of_old_bytes(tree_src, work, tmp_path):
     src, nodes = tree_src
     img = str(tmp_path / "disk.img")
     xipfs.pack(src, img)
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with xipfs.open(img, xip=False) as fs:
         treegen.check_content(fs, nodes)
     dev = MemoryDevice.anonymous(64 << 20)
@@ -242,7 +243,7 @@ def test_changed_and_vanished_files_are_reported(work):
     reasons = dict(result.skipped)
     assert "changed" in reasons[os.path.join(src, "c")]
     assert "vanished" in reasons[os.path.join(src, "d")]
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with xipfs.open(img) as fs:
         assert fs.read_bytes("/a") == b"a" * 10000 and fs.read_bytes("/b") == b"b" * 10000
         assert fs.read_bytes("/c") == b"" and fs.read_bytes("/d") == b""
@@ -270,7 +271,7 @@ def test_compile_adds_valid_bytecode(work):
     img = os.path.join(work, "c.img")
     result = xipfs.pack(src, img, compile=True)
     assert [p for p, _ in result.skipped] == [os.path.join(src, "pkg", "broken.py") + " (bytecode)"]
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     tag = sys.implementation.cache_tag
     from importlib._bootstrap_external import _validate_timestamp_pyc
 
@@ -297,7 +298,7 @@ def test_source_lost_found_and_image_inside_tree(work):
     assert xipfs.pack(src, img).skipped == []            # made after the scan: not seen
     result = xipfs.pack(src, img)                        # there now: left out, and said so
     assert result.skipped == [(img, "the image being written")]
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with xipfs.open(img) as fs:
         assert fs.lstat("/lost+found").st_ino == 11
         assert fs.read_bytes("/lost+found/kept") == b"x"
@@ -313,7 +314,7 @@ def test_exclude_patterns(work):
             f.write(rel)
     img = os.path.join(work, "e.img")
     xipfs.pack(src, img, exclude=["site-packages", "*.o", "build/tmp"])
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with xipfs.open(img) as fs:
         found = sorted(top.rstrip("/") + "/" + n for top, _, files in fs.walk("/") for n in files)
     assert found == ["/a/keep.py", "/build/out"]
@@ -342,7 +343,7 @@ def test_large_directory_and_triple_indirect(work):
         f.write(b"end")
     img = os.path.join(work, "l.img")
     xipfs.pack(src, img, block_size=1024)
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)
     with xipfs.open(img) as fs:
         assert len(fs.listdir("/many")) == 600
         assert fs.lstat("/many").st_size > 12 * 1024
@@ -429,4 +430,4 @@ def test_repacking_replaces_the_image_whole(work):
     old.close()
     with xipfs.open(img) as fs:
         assert fs.read_bytes("/f") == b"new" * 5000
-    assert_fsck_clean(img)
+    assert_fsck_clean(img, exit_only=True)

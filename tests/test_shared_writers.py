@@ -17,12 +17,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from e2fs import SHM, assert_fsck_clean, debugfs_r
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from write_util import SHM, assert_fsck_clean  # noqa: E402
-
-import xipfs  # noqa: E402
+import xipfs
 
 SIZES = (100, 4096, 20000, 300000)
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -158,7 +155,7 @@ def test_an_image_left_not_clean_keeps_the_readers_caches(img: str) -> None:
     A writer that mounts later is noticed; so is one that leaves."""
     with xipfs.open(img, "r+") as w:
         w.write_bytes("/a", b"a")
-    subprocess.run(["debugfs", "-w", "-R", "ssv state 0", img], check=True, capture_output=True)
+    debugfs_r(img, "ssv state 0", write=True)
     with xipfs.open(img) as r:
         forgets = []
         real = r.volume.forget_cached

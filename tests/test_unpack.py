@@ -18,9 +18,9 @@ import tempfile
 
 import pytest
 import treegen
+from e2fs import assert_fsck_clean, debugfs_r, mkfs, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from write_util import assert_fsck_clean, mkfs, run
 
 import xipfs
 from xipfs.unpack import UnpackResult, unpack
@@ -561,8 +561,8 @@ def test_a_directory_linked_twice_or_into_itself(work):
         fs.write_bytes("/a/b/f", b"f")
 
     def edit(img):
-        run(["debugfs", "-w", "-R", "link /a /a/b/loop", img])
-        run(["debugfs", "-w", "-R", "link / /a/rootlink", img])
+        debugfs_r(img, "link /a /a/b/loop", write=True)
+        debugfs_r(img, "link / /a/rootlink", write=True)
 
     img, parent, dest, before = _hostile(work, build, edit)
     result = unpack(img, dest, progress=False)
@@ -597,7 +597,7 @@ def test_a_damaged_block_map_is_reported_and_leaves_no_file(work):
         fs.write_bytes("/bad", b"z" * 10_000)
 
     def edit(img):
-        out = run(["debugfs", "-R", "imap /bad", img]).stdout.decode()
+        out = debugfs_r(img, "imap /bad").decode()
         found = re.search(r"located at block (\d+), offset (0x[0-9a-f]+)", out)
         blk, off = int(found[1]), int(found[2], 16)
         with open(img, "r+b") as f:

@@ -26,25 +26,10 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from e2fs import SHM, assert_fsck_clean, debugfs, debugfs_cat, debugfs_r, dumpe2fs_header, e2fsck, mkfs, run
+from write_util import IS_ROOT, compare_trees, umask, user_xattrs_os, user_xattrs_xip
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from write_util import (  # noqa: E402
-    IS_ROOT,
-    SHM,
-    assert_fsck_clean,
-    compare_trees,
-    debugfs,
-    debugfs_cat,
-    dumpe2fs_header,
-    mkfs,
-    run,
-    umask,
-    user_xattrs_os,
-    user_xattrs_xip,
-)
-
-import xipfs  # noqa: E402
+import xipfs
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
 
@@ -119,7 +104,7 @@ def compare_with_debugfs(img: str, ref: str, skip: tuple[str, ...] = ()) -> int:
 
 
 def debugfs_stat(img: str, path: str) -> str:
-    return run(["debugfs", "-R", f'stat "{path}"', img]).stdout.decode(errors="replace")
+    return debugfs_r(img, f'stat "{path}"').decode(errors="replace")
 
 
 def inode_flags(img: str, path: str) -> int:
@@ -342,8 +327,8 @@ def test_htree_directory_loses_index(tmp: str, change: str) -> None:
         with open(os.path.join(src, "big", n), "wb") as f:
             f.write(n.encode())
     img = mkfs(os.path.join(tmp, "img"), "32M", bs=1024, src=src)
-    proc = run(["e2fsck", "-fyD", img], check=False)
-    assert proc.returncode in (0, 1), proc.stdout
+    rc, out = e2fsck(img, "-fyD")
+    assert rc in (0, 1), out
     assert inode_flags(img, "/big") & 0x1000, "e2fsck -D did not index the directory"
     assert_fsck_clean(img)
     want = set(names)
@@ -364,7 +349,7 @@ def test_htree_directory_loses_index(tmp: str, change: str) -> None:
         assert set(fs.listdir("/big")) == want
     assert not inode_flags(img, "/big") & 0x1000, "index flag still set after a change"
     assert_fsck_clean(img)
-    listing = run(["debugfs", "-R", "ls -p /big", img]).stdout.decode()
+    listing = debugfs_r(img, "ls -p /big").decode()
     # (an entry removed from the start of a block stays with inode 0, as Linux leaves it)
     seen = {line.split("/")[5] for line in listing.splitlines()
             if line.count("/") >= 6 and line.split("/")[1] != "0"}
@@ -980,7 +965,7 @@ def test_compatible_features_xipfs_does_not_maintain_mean_read_only(tmp: str, fe
     """A compatible feature names structures an old reader may ignore but a writer must keep
     right: xipfs writes only where it knows them all, and reads everything else."""
     img = mkfs(os.path.join(tmp, "img"), "8M", bs=4096)
-    run(["debugfs", "-w", "-R", f"feature {feature}", img])
+    debugfs_r(img, f"feature {feature}", write=True)
     with xipfs.open(img) as fs:
         assert fs.listdir("/") == ["lost+found"]
     if writable:

@@ -24,25 +24,13 @@ import tempfile
 import zlib
 
 import pytest
+from e2fs import SHM, assert_fsck_clean, mkfs
 from hypothesis import HealthCheck, Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from write_util import attempt, compare_trees, copy_to_ref, err_key, is_enospc, umask
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from write_util import (  # noqa: E402
-    SHM,
-    assert_fsck_clean,
-    attempt,
-    compare_trees,
-    copy_to_ref,
-    err_key,
-    is_enospc,
-    mkfs,
-    umask,
-)
-
-import xipfs  # noqa: E402
+import xipfs
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
 

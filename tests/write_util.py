@@ -1,4 +1,5 @@
-"""Helpers for the write-path tests: images, e2fsck, and comparing an image with a real tree.
+"""Helpers for the write-path tests: private directories, calling xipfs and os side by side, and
+comparing an image with a real tree (e2fsprogs are in ``e2fs.py``).
 
 Everything here is independent of ``conftest.py``: the write tests make their own images in
 their own directory under /dev/shm and remove it when they finish.
@@ -9,29 +10,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import shutil
 import stat
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-SHM = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-IS_ROOT = os.geteuid() == 0
-FSCK_TIMEOUT = 60
-CHUNK = 1 << 20
+from e2fs import SHM
 
-#: Lines ``e2fsck -fn`` prints for a clean filesystem; anything else is a problem it found.
-#: "last write/mount time is in the future (by less than a day)" is no problem of the image:
-#: e2fsck compares with time(2), which glibc reads from the coarse clock, up to a tick behind
-#: the clock_gettime(2) time a writer stores; just after a second boundary they differ by one.
-_CLEAN_LINE = re.compile(
-    r"^(e2fsck \d[\d.]* \(.*\)|Pass \d[A-Z]?: .*|.*: \d+/\d+ files \(.*\), \d+/\d+ blocks"
-    r"|Superblock last (write|mount) time is in the future\."
-    r"|\s*\(by less than a day, probably due to the hardware clock being incorrectly set\)"
-    r"|\s*)$")
+IS_ROOT = os.geteuid() == 0
+CHUNK = 1 << 20
 
 
 @contextlib.contextmanager
@@ -51,83 +39,6 @@ def umask(mask: int) -> Iterator[None]:
         yield
     finally:
         os.umask(old)
-
-
-def run(cmd: list[str], *, timeout: int = 120, check: bool = True,
-        input: bytes | None = None) -> subprocess.CompletedProcess:  # noqa: A002
-    """Run a tool under ``timeout``; raise with its output when ``check`` and it fails."""
-    proc = subprocess.run(["timeout", str(timeout), *cmd], input=input, capture_output=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
-                             f"{proc.stdout.decode(errors='replace')}"
-                             f"{proc.stderr.decode(errors='replace')}")
-    return proc
-
-
-def mkfs(img: str, size: str, *, bs: int | None = None, isize: int | None = None,
-         src: str | bytes | None = None, extra: tuple[str, ...] = (), fstype: str = "ext2") -> str:
-    """``mke2fs -q -F -t TYPE [-b BS] [-I IS] [EXTRA] [-d SRC] IMG SIZE``; returns ``img``.
-
-    mke2fs warns on stderr about 128-byte inodes and y2038; only its exit status matters.
-    """
-    cmd = ["mke2fs", "-q", "-F", "-t", fstype]
-    if bs:
-        cmd += ["-b", str(bs)]
-    if isize:
-        cmd += ["-I", str(isize)]
-    cmd += list(extra)
-    if src is not None:
-        cmd += ["-d", os.fsdecode(src)]
-    cmd += [img, size]
-    run(cmd, timeout=300)
-    return img
-
-
-def fsck(img: str, *extra: str) -> tuple[int, str]:
-    """``e2fsck -fn [EXTRA] IMG`` under ``timeout 60``: (exit status, all output)."""
-    proc = run(["e2fsck", "-fn", *extra, img], timeout=FSCK_TIMEOUT, check=False)
-    return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
-
-
-def fsck_problems(out: str) -> list[str]:
-    """The lines of e2fsck output that are not part of a clean run."""
-    return [line for line in out.splitlines() if not _CLEAN_LINE.match(line)]
-
-
-def assert_fsck_clean(img: str, *extra: str) -> None:
-    rc, out = fsck(img, *extra)
-    problems = fsck_problems(out)
-    if rc == 0 and not problems:
-        return
-    header = run(["dumpe2fs", "-h", img], check=False).stdout.decode(errors="replace")
-    times = "\n".join(line for line in header.splitlines() if "time" in line.lower() or "state" in line)
-    raise AssertionError(f"e2fsck -fn {' '.join(extra)} {img} exited {rc} at {time.time():.3f}:\n"
-                         f"{out}\n{times}")
-
-
-def dumpe2fs_header(img: str) -> dict[str, str]:
-    out = run(["dumpe2fs", "-h", img]).stdout.decode(errors="replace")
-    fields = {}
-    for line in out.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip()] = value.strip()
-    return fields
-
-
-def debugfs(img: str, *cmds: str) -> bytes:
-    """Run debugfs commands (read-only, one process); raw stdout."""
-    with tempfile.NamedTemporaryFile("w", suffix=".cmds", dir=SHM, delete=False) as f:
-        f.write("\n".join(cmds) + "\n")
-        name = f.name
-    try:
-        return run(["debugfs", "-f", name, img]).stdout
-    finally:
-        os.unlink(name)
-
-
-def debugfs_cat(img: str, path: str) -> bytes:
-    return run(["debugfs", "-R", f'cat "{path}"', img]).stdout
 
 
 # -- calling xipfs and os side by side ----------------------------------------------------------

@@ -241,7 +241,7 @@ class MemoryImage:
     def check(self, name: str = "img") -> str:
         """Sync, write the image out to ``WORKDIR/NAME.img``, assert ``e2fsck -fn`` finds it
         clean (no output but a clean run's); the file's path, for debugfs."""
-        self.vol.sync()
+        self.fs.sync()
         path = write_out(self.dev, os.path.join(self.workdir, f"{name}.img"))
         assert_fsck_clean(path)
         return path
@@ -250,7 +250,7 @@ class MemoryImage:
         """A second, read-only Filesystem on the same memory (nothing cached): what is stored."""
         import xipfs
 
-        self.vol.sync()
+        self.fs.sync()
         return xipfs.open(self.dev, "r")
 
     def close(self) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .ext2 import data as _data
+from .ext2 import orphans
+from .ext2.mount import sync
 
 if TYPE_CHECKING:
     from .ext2.inode import Inode
@@ -41,7 +43,7 @@ class XipFile(io.RawIOBase):
         # Only a writable filesystem can unlink a file while it is open: count opens there.
         self._tracked = not volume.readonly
         if self._tracked:
-            volume.opened(inode)
+            orphans.opened(volume, inode)
 
     @property
     def node(self) -> Inode:
@@ -53,7 +55,7 @@ class XipFile(io.RawIOBase):
             try:
                 super().close()
             finally:
-                self._volume.closed(self._inode)
+                orphans.closed(self._volume, self._inode)
         else:
             super().close()
 
@@ -236,7 +238,7 @@ class XipFile(io.RawIOBase):
     def fsync(self) -> None:
         """Make this file's data and the metadata durable (msync, or write-back and fsync)."""
         self._check_open()
-        self._volume.sync()
+        sync(self._volume)
 
     def _check_writable(self) -> None:
         self._check_open()

@@ -25,6 +25,7 @@ from .ext2 import data as _data
 from .ext2 import layout as L
 from .ext2 import namei
 from .ext2.inode import Inode, Run
+from .ext2.mount import sync, unmount
 from .ext2.volume import PATH_MAX, Volume
 from .ext2.xattr import get_xattr
 from .file import XipFile
@@ -724,7 +725,7 @@ class Filesystem:
 
     def sync(self) -> None:
         """Make everything written durable: free counts, backups, msync or write-back + fsync."""
-        self.volume.sync()
+        sync(self.volume)
 
     # -- the XIP layer, visible ---------------------------------------------------------------
     def get_xip_mem(self, path: PathArg, pgoff: int, create: bool = False) -> memoryview | None:
@@ -766,7 +767,7 @@ class Filesystem:
         """Write everything back, mark the image clean and unlock it, keeping the device open
         for views and mappings still in use; :meth:`close` releases it later."""
         detach(self.volume)
-        self.volume.unmount()
+        unmount(self.volume)
 
     def block_runs(self, path: PathArg) -> list[Run]:
         """The runs of file ``path``: ``(file block, count, device block or 0 for a hole)``."""
@@ -794,7 +795,7 @@ class Filesystem:
         if self._owns_device:
             self.volume.close()
         else:
-            self.volume.unmount()
+            unmount(self.volume)
 
     def __enter__(self) -> Filesystem:
         return self

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._libc import libc
 from .ext2 import data as _data
+from .ext2 import orphans
 
 if TYPE_CHECKING:
     from .ext2.inode import Inode
@@ -246,7 +247,7 @@ class _State:
     def register(self) -> None:
         vol = self.vol
         if not vol.readonly:
-            vol.opened(self.node)
+            orphans.opened(vol, self.node)
             self.tracked = True
         vol.mappings.setdefault(self.node.ino, []).append(self)
 
@@ -262,7 +263,7 @@ class _State:
         self.unpin()
         if self.tracked:
             self.tracked = False
-            vol.closed(self.node)
+            orphans.closed(vol, self.node)
 
     def check_shrink(self, size: int) -> None:
         """Refuse (EBUSY) to let the file shrink under a writable mapping."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .errors import fs_error
 from .ext2 import data as _data
-from .ext2 import namei
+from .ext2 import namei, orphans
 from .ext2.xattr import chmod as xattr_chmod
 from .ext2.xattr import get_xattr, remove_xattr, set_xattr
 from .file import XipFile
@@ -60,7 +60,7 @@ class Nodes:
         if not 0 < ino <= vol.inodes_count:
             raise fs_error(errno.ESTALE)
         node = vol.inode(ino)
-        if node.mode == 0 or (node.links == 0 and ino not in vol.orphans and not vol.is_open(ino)):
+        if node.mode == 0 or (node.links == 0 and ino not in vol.orphans and not orphans.is_open(vol, ino)):
             raise fs_error(errno.ESTALE)
         return node
 
@@ -87,12 +87,12 @@ class Nodes:
     def hold(self, node: Inode) -> None:
         """Someone outside (the kernel, for a FUSE mount) uses ``node``: it outlives its last
         name until :meth:`let_go`, as a file open here does."""
-        self.volume.opened(node)
+        orphans.opened(self.volume, node)
 
     def let_go(self, ino: int) -> None:
         """The outside user of inode ``ino`` is gone; an orphan is freed now."""
         vol = self.volume
-        vol.closed(vol.inode(ino))
+        orphans.closed(vol, vol.inode(ino))
 
     def read_into(self, node: Inode, view: memoryview, pos: int) -> int:
         """Copy file data from byte ``pos`` into ``view`` (one copy); the bytes copied."""

@@ -14,7 +14,10 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import fs_error
+from . import layout as L
+from . import orphans
 from .inode import Inode
+from .super import set_feature
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -107,7 +110,7 @@ def set_size(vol: Volume, node: Inode, size: int) -> None:
     """Record a new ``i_size`` (the caller writes the inode)."""
     node.size = size
     if size >= LARGE_FILE_SIZE and node.is_reg:
-        vol.set_large_file()
+        set_feature(vol, "s_feature_ro_compat", L.RO_COMPAT_LARGE_FILE)
     m = node._map
     if m is not None:
         m.resize(-(-size // vol.bs))
@@ -138,7 +141,7 @@ def truncate(vol: Volume, node: Inode, size: int) -> None:
     if size < old:
         keep = -(-size // bs)
         node.map.runs(keep, max(keep, node.map.nblocks))   # a damaged pointer fails before any change
-        vol.before_shrink(node, size)
+        orphans.before_shrink(vol, node, size)
         if size % bs:
             tail = node.map.runs(keep - 1, keep)
             if tail and tail[0][2]:

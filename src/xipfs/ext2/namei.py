@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptImageError, fs_error
 from . import data as D
 from . import layout as L
+from . import orphans
 from .dir import (
     DirSpace,
     empty_dir_block,
@@ -405,9 +406,9 @@ def drop_link(vol: Volume, node: Inode) -> None:
 def release(vol: Volume, node: Inode, force: bool = False) -> None:
     """Free the blocks, xattr block and inode of a dead inode (links 0, dtime set).
 
-    While something still uses it (``vol.is_open``) it waits as an orphan, unless ``force``.
+    While something still uses it (``orphans.is_open``) it waits as an orphan, unless ``force``.
     """
-    if not force and vol.is_open(node.ino):
+    if not force and orphans.is_open(vol, node.ino):
         vol.orphans.add(node.ino)        # freed when the last file object closes
         return
     if has_block_map(vol, node):

@@ -8,9 +8,13 @@ zero, allocate without bound or read outside the device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import layout as L
+
+if TYPE_CHECKING:
+    from .volume import Volume
 
 
 def feature_names(bits: int, table: dict[int, str], kind: str) -> list[str]:
@@ -196,3 +200,37 @@ def _check_features(sb: Superblock) -> None:
     elif f["s_feature_compat"] & ~L.COMPAT_WRITABLE:
         names = feature_names(f["s_feature_compat"] & ~L.COMPAT_WRITABLE, L.COMPAT_FEATURES, "C")
         sb.readonly_reason = "compatible feature " + ", ".join(names) + " that xipfs does not maintain"
+
+
+# -- writing the superblock ---------------------------------------------------------------------
+STATE_VALID = 1
+#: Superblock fields a writer changes (everything else is preserved byte for byte).
+_SB_MUTABLE = ("s_free_blocks_count", "s_free_inodes_count", "s_mtime", "s_wtime", "s_mnt_count",
+               "s_max_mnt_count", "s_state", "s_feature_compat", "s_feature_incompat",
+               "s_feature_ro_compat", "s_rev_level", "s_first_ino", "s_inode_size",
+               "s_block_group_nr")
+
+
+def write_super(vol: Volume) -> None:
+    """Store the superblock fields xipfs changes; every other byte stays as it was."""
+    sb = vol.sb
+    raw = bytearray(sb.raw)
+    for name in _SB_MUTABLE:
+        L.SUPERBLOCK.pack_field(raw, name, sb.fields[name])
+    sb.raw = bytes(raw)
+    vol.device.write(sb.raw, L.SUPERBLOCK_OFFSET)
+
+
+def set_feature(vol: Volume, field: str, bit: int) -> None:
+    """Turn on feature ``bit`` of superblock ``field`` (for example large_file when a file
+    reaches 2 GiB, ext_attr before the first xattr block), upgrading a revision 0 image first
+    (features need revision 1), as Linux's ``ext2_update_dynamic_rev``."""
+    f = vol.sb.fields
+    if f[field] & bit:
+        return
+    if f["s_rev_level"] == 0:
+        f["s_rev_level"] = 1
+        f["s_first_ino"] = L.GOOD_OLD_FIRST_INO
+        f["s_inode_size"] = L.GOOD_OLD_INODE_SIZE
+    f[field] |= bit
+    write_super(vol)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
+from .super import set_feature
 
 if TYPE_CHECKING:
     from .inode import Inode
@@ -380,7 +381,7 @@ def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> No
             raw[start:] = bytes(len(raw) - start)
             node._raw = bytes(raw)
     if new_block is not None:
-        vol.set_ext_attr()
+        set_feature(vol, "s_feature_compat", L.COMPAT_EXT_ATTR)
         if old:
             vol.check_data_run(old, 1, node.ino, "xattr block")   # never write over metadata
         if old and refcount(vol, old) == 1:

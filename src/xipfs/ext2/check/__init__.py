@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from ...device import Device
 from ...progress import ProgressArg, progress_bar
 from .. import layout as L
+from ..mount import sync
 from ..super import Superblock, parse_superblock
 from . import pass0, pass1, pass1b, pass2, pass3, pass4, pass5
 from .context import Context
@@ -66,7 +67,7 @@ def check_volume(vol: Volume, progress: ProgressArg = None) -> list[Problem]:
     A volume opened for writing is synced first, so the check sees what the writer would leave.
     """
     if not vol.readonly:
-        vol.sync()
+        sync(vol)
     return run(vol.device, vol.sb, progress)
 
 

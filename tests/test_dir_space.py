@@ -27,6 +27,8 @@ from e2fs import SHM, assert_fsck_clean, debugfs_r, fsck, run
 import xipfs
 from xipfs.ext2 import namei
 from xipfs.ext2.dir import DirSpace, insert_into_block, rec_len_of
+from xipfs.ext2.dir import dir_blocks as blocks_of_dir
+from xipfs.ext2.namei import resolve
 
 BIG = 65536
 SIZES = (1024, 4096, BIG)
@@ -131,8 +133,8 @@ def records(buf, bs: int) -> list[tuple[int, int, int, int]]:
 
 def dir_blocks(fs, path: str = "/dir") -> tuple[object, object, list]:
     vol = fs.volume
-    d = vol.resolve(path)
-    return vol, d, list(vol._dir_blocks(d))
+    d = resolve(vol, path)
+    return vol, d, list(blocks_of_dir(vol, d))
 
 
 def fresh_space(fs, path: str = "/dir") -> DirSpace:
@@ -394,8 +396,8 @@ def test_incremental_space_agrees_with_rescan(bs, img):
                 new = namer().encode()
                 namei.create(vol, d, new, 0o100644, 0, 0)
                 kinds[new] = "f"
-            blocks = list(vol._dir_blocks(d))
-            inc = vol._spaces[d.ino]
+            blocks = list(blocks_of_dir(vol, d))
+            inc = vol.spaces[d.ino]
             fresh = DirSpace(blocks, bs)
             for need in NEEDS:
                 got, want = inc.find_slot(need), fresh.find_slot(need)

@@ -31,6 +31,7 @@ from e2fs import assert_fsck_clean, mkfs
 
 import xipfs
 from xipfs import importer
+from xipfs.ext2.namei import resolve
 
 PY = sys.executable
 SITE = sysconfig.get_paths()["purelib"]
@@ -234,14 +235,14 @@ def test_each_directory_is_listed_once(image_of, monkeypatch):
     files = {f"many_q/m{i}.py": f"I = {i}\n" for i in range(20)}
     files["many_q/__init__.py"] = ""
     img, entry = image_of(files)
-    from xipfs.ext2 import volume
+    from xipfs.ext2 import dir as ext2_dir
     calls = []
-    real = volume.index_directory
+    real = ext2_dir.index_directory
 
     def counting(blocks, bs, count, filetype, ino):
         calls.append(ino)
         return real(blocks, bs, count, filetype, ino)
-    monkeypatch.setattr(volume, "index_directory", counting)
+    monkeypatch.setattr(ext2_dir, "index_directory", counting)
     for i in range(20):
         value = importlib.import_module(f"many_q.m{i}").I
         assert value == i
@@ -749,8 +750,8 @@ def test_fast_file_reads_match_the_block_map(tmp_path, clean_import):
         path = f"/rd/{name}.bin"
         expected = files[f"rd/{name}.bin"] if name in sizes else bytes(5 * 4096) + b"tail"
         assert image.read(path) == expected, name
-    assert vol.resolve("/rd/one.bin").map.whole              # the common case: one pread
-    assert not vol.resolve("/rd/indirect.bin").map.whole     # needs the block map
+    assert resolve(vol, "/rd/one.bin").map.whole              # the common case: one pread
+    assert not resolve(vol, "/rd/indirect.bin").map.whole     # needs the block map
 
 
 def test_image_reached_by_two_names_is_opened_once(tmp_path, clean_import):

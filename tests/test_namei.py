@@ -19,6 +19,7 @@ import pytest
 from e2fs import MemoryImage, debugfs_ls
 
 from xipfs.ext2 import namei
+from xipfs.ext2.namei import resolve
 
 BLOCK_SIZES = (1024, 4096)
 REG = 0o100644
@@ -31,7 +32,7 @@ Snapshot = dict[str, tuple[int, int, int]]
 
 # -- helpers ---------------------------------------------------------------------------------------
 def node_at(img: MemoryImage, path: str):  # noqa: ANN201 - an Inode
-    return img.vol.resolve(path, False)
+    return resolve(img.vol, path, False)
 
 
 def create(img: MemoryImage, path: str, mode: int = REG, **kw):  # noqa: ANN201, ANN003

@@ -23,6 +23,8 @@ import pytest
 from e2fs import assert_fsck_clean
 
 import xipfs
+from xipfs import transfer as xfer
+from xipfs.ext2 import data as ext2_data
 
 BIG = 5 << 20
 # (file offset, bytes) written into /sparse; everything else in it is a hole.
@@ -286,8 +288,9 @@ def test_xip_sends_without_a_python_copy(monkeypatch: pytest.MonkeyPatch, image:
         def boom(*_: Any) -> None:
             raise AssertionError("file data copied through Python")
 
-        for obj, name in ((fs.volume, "read_into"), (fs.volume, "read_bytes"),
-                          (fs.device, "read_into")):
+        for obj, name in ((ext2_data, "read_into"), (ext2_data, "read_bytes"),
+                          (xfer, "read_into"), (xipfs.file, "read_into"),
+                          (xipfs.file, "read_bytes"), (fs.device, "read_into")):
             monkeypatch.setattr(obj, name, boom)
         a, b = socket.socketpair()
         d = Dribble(a, 1 << 30)
@@ -441,24 +444,24 @@ def test_async_on_memory_uses_no_thread(monkeypatch: pytest.MonkeyPatch, scratch
             await f.seek(0)
             assert len(await f.read()) == 3000
 
-    with xipfs.open(scratch, "r+") as fs:
+    with xipfs.open(scratch, "r+") as fs, pytest.MonkeyPatch.context() as mp:
         assert fs.is_xip
-        orig = fs.volume.read_into
+        orig = xipfs.file.read_into                  # the copy every file read makes
 
         def spy(*args: Any) -> int:
             seen.add(threading.get_ident())
             return orig(*args)
 
-        fs.volume.read_into = spy  # type: ignore[method-assign]
+        mp.setattr(xipfs.file, "read_into", spy)
         asyncio.run(main(fs))
     assert seen == {threading.get_ident()}
 
 
 def test_async_on_file_device_keeps_the_loop_running(scratch: str) -> None:
     xipfs.mkfs(scratch, 16 << 20, block_size=4096)
-    with xipfs.open(scratch, "r+", xip=False) as fs:
+    with xipfs.open(scratch, "r+", xip=False) as fs, pytest.MonkeyPatch.context() as mp:
         fs.write_bytes("/a", b"q" * 10_000)
-        orig = fs.volume.read_into
+        orig = xipfs.file.read_into                  # the copy every file read makes
         threads: set[int] = set()
 
         def slow(*args: Any) -> int:                 # a device that takes its time
@@ -466,7 +469,7 @@ def test_async_on_file_device_keeps_the_loop_running(scratch: str) -> None:
             time.sleep(0.3)
             return orig(*args)
 
-        fs.volume.read_into = slow  # type: ignore[method-assign]
+        mp.setattr(xipfs.file, "read_into", slow)
 
         async def main() -> int:
             ticks = 0

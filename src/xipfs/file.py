@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .ext2 import data as _data
 from .ext2 import orphans
+from .ext2.data import read_bytes, read_into
 from .ext2.mount import sync
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class XipFile(io.RawIOBase):
         with memoryview(buffer) as view:
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
-            n = self._volume.read_into(self._inode, view, self._pos)
+            n = read_into(self._volume, self._inode, view, self._pos)
         self._pos += n
         return n
 
@@ -107,7 +108,7 @@ class XipFile(io.RawIOBase):
             raise io.UnsupportedOperation("File not open for reading")
         if size is None or size < 0:
             size = self._inode.size - self._pos
-        data = self._volume.read_bytes(self._inode, self._pos, size)
+        data = read_bytes(self._volume, self._inode, self._pos, size)
         self._pos += len(data)
         return data
 
@@ -146,7 +147,7 @@ class XipFile(io.RawIOBase):
         self._check_read_fd()
         if offset < 0:
             raise OSError(22, "Invalid argument")
-        return self._volume.read_bytes(self._inode, offset, size)
+        return read_bytes(self._volume, self._inode, offset, size)
 
     def readv(self, buffers: Iterable[Any]) -> int:
         """Like ``os.readv``: fill each buffer in turn from the current position; bytes read."""
@@ -157,7 +158,7 @@ class XipFile(io.RawIOBase):
                 if view.format != "B" or view.ndim != 1:
                     view = view.cast("B")
                 want = len(view)
-                n = self._volume.read_into(self._inode, view, self._pos)
+                n = read_into(self._volume, self._inode, view, self._pos)
             self._pos += n
             total += n
             if n < want:

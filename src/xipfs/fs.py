@@ -24,10 +24,12 @@ from .errors import CorruptImageError, XipfsError, fs_error, named
 from .ext2 import data as _data
 from .ext2 import layout as L
 from .ext2 import namei
+from .ext2.data import get_xip_mem, read_bytes, segments
 from .ext2.inode import Inode, Run
 from .ext2.mount import sync, unmount
-from .ext2.volume import PATH_MAX, Volume
-from .ext2.xattr import get_xattr
+from .ext2.namei import PATH_MAX, name_moved, readlink, resolve
+from .ext2.volume import Volume
+from .ext2.xattr import get_xattr, read_xattrs
 from .file import XipFile
 from .mapping import PAGE, Mapping, detach, map_file
 from .nodes import Nodes
@@ -130,7 +132,7 @@ class Filesystem:
 
     def _inode(self, path: PathArg, follow: bool = True) -> Inode:
         p, _ = self._fspath(path)
-        return self.volume.resolve(p, follow)
+        return resolve(self.volume, p, follow)
 
     def _dir(self, path: PathArg) -> Inode:
         node = self._inode(path)
@@ -277,16 +279,16 @@ class Filesystem:
     def readlink(self, path: PathArg) -> Any:
         """The target of symlink ``path``, like ``os.readlink``."""
         p, as_bytes = self._fspath(path)
-        node = self.volume.resolve(p, False)
+        node = resolve(self.volume, p, False)
         if not node.is_symlink:
             raise fs_error(errno.EINVAL, p)
-        target = self.volume.readlink(node)
+        target = readlink(self.volume, node)
         return target if as_bytes else os.fsdecode(target)
 
     def getxattr(self, path: PathArg, attribute: str | bytes, *, follow_symlinks: bool = True) -> bytes:
         """The value of extended attribute ``attribute``, like ``os.getxattr`` (ENODATA if absent)."""
         p, _ = self._fspath(path)
-        node = self.volume.resolve(p, follow_symlinks)
+        node = resolve(self.volume, p, follow_symlinks)
         try:
             return get_xattr(self.volume, node, os.fsdecode(attribute))
         except OSError as err:
@@ -294,7 +296,7 @@ class Filesystem:
 
     def listxattr(self, path: PathArg = "/", *, follow_symlinks: bool = True) -> list[str]:
         """Names of the extended attributes of ``path``, like ``os.listxattr``."""
-        return [key for key, _ in self.volume.xattrs(self._inode(path, follow_symlinks))]
+        return [key for key, _ in read_xattrs(self.volume, self._inode(path, follow_symlinks))]
 
     def statvfs(self, path: PathArg = "/") -> os.statvfs_result:
         """Filesystem totals, like ``os.statvfs`` (counted the way Linux ext2 counts them)."""
@@ -320,7 +322,7 @@ class Filesystem:
         """Open a file of the image, like the built-in ``open`` (all its modes)."""
         if mode == "rb" and buffering == 0:          # the hot path: no parsing, no lock
             p = path if isinstance(path, str) and len(path) < 1024 else self._fspath(path)[0]
-            node = self.volume.resolve(p, True)
+            node = resolve(self.volume, p, True)
             if (node.mode & 0o170000) == 0o100000:
                 return XipFile(self.volume, node, p)
             return self._open_raw(p, mode, True, False, False, False, False)
@@ -363,13 +365,13 @@ class Filesystem:
         if writable and vol.readonly:
             raise fs_error(errno.EROFS, p)
         if not create:
-            node = vol.resolve(p, True)
+            node = resolve(vol, p, True)
         else:
             with vol.lock:
                 if excl and self.lexists(p):          # O_EXCL: even a dangling symlink counts
                     raise fs_error(errno.EEXIST, p)
                 try:
-                    node = vol.resolve(p, True)
+                    node = resolve(vol, p, True)
                 except FileNotFoundError:
                     node = self._create(p, 0o100000 | (0o666 & ~self._umask))
         if not node.is_reg:
@@ -397,7 +399,7 @@ class Filesystem:
         vol = self.volume
         for attempt in range(2):
             try:
-                node = vol.resolve(p, True)
+                node = resolve(vol, p, True)
             except OSError as err:
                 raise named(err, p) from None
             try:
@@ -453,11 +455,11 @@ class Filesystem:
         p, _ = self._fspath(path)
         vol = self.volume
         for _ in range(8):
-            node = vol.resolve(p, True)
+            node = resolve(vol, p, True)
             if not node.is_reg:
                 raise fs_error(errno.EISDIR if node.is_dir else errno.ENXIO, p)
-            data = vol.read_bytes(node, 0, node.size)
-            if not vol.name_moved(p, node):
+            data = read_bytes(vol, node, 0, node.size)
+            if not name_moved(vol, p, node):
                 return data
             # the name was read while a writer in another process moved it: read it again
         raise OSError(errno.EAGAIN, "the image kept changing under a writer in another process", p)
@@ -485,7 +487,7 @@ class Filesystem:
         if not tail:
             raise fs_error(errno.EBUSY if p.strip("/") == "" else errno.ENOENT, p)
         try:
-            parent = self.volume.resolve(head or "/", True)
+            parent = resolve(self.volume, head or "/", True)
         except OSError as err:                # named by the whole path, as os names it
             raise named(err, p) from None
         if not parent.is_dir:
@@ -501,7 +503,7 @@ class Filesystem:
             if entry is not None and (mode & 0o170000) == 0o100000:
                 link = vol.inode(entry[0])
                 if link.is_symlink:
-                    target = os.fsdecode(vol.readlink(link))
+                    target = os.fsdecode(readlink(vol, link))
                     p = target if target.startswith("/") else p.rstrip("/").rpartition("/")[0] + "/" + target
                     continue
             uid, gid = self._owner
@@ -594,7 +596,7 @@ class Filesystem:
         d, _ = self._fspath(dst)
         vol = self._writable(d)
         with vol.lock:
-            node = vol.resolve(s, follow_symlinks)
+            node = resolve(vol, s, follow_symlinks)
             parent, name = self._parent(d)
             self._named(namei.link, d, node, parent, name)
 
@@ -633,7 +635,7 @@ class Filesystem:
         p, _ = self._fspath(path)
         vol = self._writable(p)
         with vol.lock:
-            node = vol.resolve(p, follow)
+            node = resolve(vol, p, follow)
             try:
                 change(node)
             except OSError as err:
@@ -734,7 +736,7 @@ class Filesystem:
         Returns None for a hole. On a memory device the view is the storage itself (no copy);
         on a file device it is a page of the page cache.
         """
-        return self.volume.get_xip_mem(self._inode(path), pgoff, create)
+        return get_xip_mem(self.volume, self._inode(path), pgoff, create)
 
     def iter_views(self, path: PathArg, size: int,
                    window: int = 64 << 20) -> Iterator[tuple[int, int, memoryview | None]]:
@@ -751,7 +753,7 @@ class Filesystem:
         while pos < size:
             with vol.lock:
                 stop = min(size, node.size, pos + window)
-                segs = list(vol.segments(node, pos, stop)) if pos < stop else []
+                segs = list(segments(vol, node, pos, stop)) if pos < stop else []
             if not segs:
                 return
             for off, length, where in segs:

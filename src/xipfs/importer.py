@@ -41,6 +41,8 @@ from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
 from typing import Any
 
 from .errors import CorruptImageError, XipfsError, fs_error
+from .ext2.data import read_bytes, segments
+from .ext2.namei import resolve
 
 __all__ = [
     "ImageResourceReader",
@@ -140,7 +142,7 @@ class _Image:
             with self.lock:
                 vol = self.fs.volume
                 try:
-                    node = vol.resolve(directory, True)
+                    node = resolve(vol, directory, True)
                     listing = vol.dir_index(node).entries if node.is_dir else {}
                 except XipfsError:
                     raise
@@ -185,7 +187,7 @@ class _Image:
             vol = self.fs.volume
             if entry is not None and entry[1] == _FT_REG:
                 return vol.live_inode(entry[0], name, head)
-            node = vol.resolve(path, True)      # a symlink, or the error for what is missing
+            node = resolve(vol, path, True)      # a symlink, or the error for what is missing
             if not node.is_reg:
                 raise fs_error(errno.EISDIR if node.is_dir else errno.ENXIO, path)
             return node
@@ -199,9 +201,9 @@ class _Image:
         with self.lock:
             vol = self.fs.volume
             if fd < 0 or size == 0:
-                return vol.read_bytes(node, 0, size)
+                return read_bytes(vol, node, 0, size)
             whole = node.map.whole          # one contiguous run: nearly every module
-            runs = None if whole else list(vol.segments(node, 0, size))
+            runs = None if whole else list(segments(vol, node, 0, size))
         if whole:
             runs = [(0, size, whole * vol.bs)]
         parts = []

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from ._libc import libc
 from .ext2 import data as _data
 from .ext2 import orphans
+from .ext2.data import read_into, segments
+from .ext2.namei import name_moved
 
 if TYPE_CHECKING:
     from .ext2.inode import Inode
@@ -359,7 +361,7 @@ def _check_still_live(vol: Volume, node: Inode, path: str, state: _State) -> Non
         vol.forget_cached()
         raise OSError(errno.ENOENT, "the file was deleted by a writer", path)
     try:                                   # the name may have been read torn or stale
-        moved = vol.name_moved(path, node)
+        moved = name_moved(vol, path, node)
     except FileNotFoundError:
         moved = True
     if moved:
@@ -394,7 +396,7 @@ def _can_stitch(vol: Volume) -> bool:
 
 def _fill_holes(vol: Volume, node: Inode, offset: int, length: int) -> None:
     """A writable mapping must not write into nothing: holes in range get zeroed blocks."""
-    if any(where < 0 for _, _, where in vol.segments(node, offset, offset + length)):
+    if any(where < 0 for _, _, where in segments(vol, node, offset, offset + length)):
         _data.fallocate(vol, node, offset, length)
 
 
@@ -402,7 +404,7 @@ def _try_xip(vol: Volume, node: Inode, state: _State) -> Mapping | None:
     """The stitched mapping, or None when the runs are too many or too short to pay."""
     offset, length = state.offset, state.length
     end = offset + _round_up(length)
-    segs = list(vol.segments(node, offset, min(end, -(-node.size // vol.bs) * vol.bs)))
+    segs = list(segments(vol, node, offset, min(end, -(-node.size // vol.bs) * vol.bs)))
     data = [s for s in segs if s[2] >= 0]
     pieces = len(data) + sum(1 for s in segs if s[2] < 0)       # holes stay anonymous pieces
     if data and sum(s[1] for s in data) // len(data) < _budget.min_run and len(data) > 1:
@@ -433,7 +435,7 @@ def _copy(vol: Volume, node: Inode, state: _State) -> Mapping:
     m = Mapping(length, state.writable)
     if state.writable:
         with memoryview(m) as view:
-            vol.read_into(node, view, state.offset)
+            read_into(vol, node, view, state.offset)
         return m
     # Read-only to Python from the start; filled through a private writable mapping of the same
     # pages, then made read-only for the process too.
@@ -441,6 +443,6 @@ def _copy(vol: Volume, node: Inode, state: _State) -> Mapping:
     span = _round_up(length)
     _map_fixed(base, span, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     with memoryview((ctypes.c_char * length).from_address(base)).cast("B") as view:
-        vol.read_into(node, view, state.offset)
+        read_into(vol, node, view, state.offset)
     _libc.mprotect(base, span, mmap.PROT_READ)
     return m

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 from .errors import fs_error
 from .ext2 import data as _data
 from .ext2 import namei, orphans
+from .ext2.data import read_into, segments
+from .ext2.namei import readlink
 from .ext2.xattr import chmod as xattr_chmod
-from .ext2.xattr import get_xattr, remove_xattr, set_xattr
+from .ext2.xattr import get_xattr, read_xattrs, remove_xattr, set_xattr
 from .file import XipFile
 
 if TYPE_CHECKING:
@@ -96,12 +98,12 @@ class Nodes:
 
     def read_into(self, node: Inode, view: memoryview, pos: int) -> int:
         """Copy file data from byte ``pos`` into ``view`` (one copy); the bytes copied."""
-        return self.volume.read_into(node, view, pos)
+        return read_into(self.volume, node, view, pos)
 
     def segments(self, node: Inode, pos: int, end: int) -> list[tuple[int, int]]:
         """Where bytes ``[pos, end)`` of ``node`` are: ``(length, byte offset in the image, or
         -1 for a hole)`` pieces."""
-        return [(length, where) for _, length, where in self.volume.segments(node, pos, end)]
+        return [(length, where) for _, length, where in segments(self.volume, node, pos, end)]
 
     def attrs(self, node: Inode) -> Attrs:
         """The attributes of ``node`` as :data:`Attrs`."""
@@ -127,7 +129,7 @@ class Nodes:
     def readlink(self, node: Inode) -> bytes:
         if not node.is_symlink:
             raise fs_error(errno.EINVAL)
-        return self.volume.readlink(node)
+        return readlink(self.volume, node)
 
     # -- making names ---------------------------------------------------------------------------
     def _writable(self) -> Volume:
@@ -244,7 +246,7 @@ class Nodes:
         return get_xattr(self.volume, node, self._decode(name))
 
     def listxattr(self, node: Inode) -> list[str]:
-        return [k for k, _ in self.volume.xattrs(node)]
+        return [k for k, _ in read_xattrs(self.volume, node)]
 
     def setxattr(self, node: Inode, name: str | bytes, value: bytes, flags: int = 0) -> None:
         vol = self._writable()

@@ -23,6 +23,8 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .ext2.data import read_into, segments
+
 if TYPE_CHECKING:
     from .ext2.inode import Inode
     from .ext2.volume import Volume
@@ -91,7 +93,7 @@ def _send_xip(vol: Volume, node: Inode, sink: _Sink, pos: int, end: int) -> int:
     while pos < end:
         with vol.lock:                       # the runs, while no writer can change them
             stop = min(end, node.size, pos + WINDOW)
-            segs = list(vol.segments(node, pos, stop)) if pos < stop else []
+            segs = list(segments(vol, node, pos, stop)) if pos < stop else []
         if not segs:
             break                            # the file shrank below pos meanwhile
         for off, length, where in segs:
@@ -111,13 +113,13 @@ def _send_xip(vol: Volume, node: Inode, sink: _Sink, pos: int, end: int) -> int:
 
 # -- the file device: through the page cache --------------------------------------------------
 def _send_copy(vol: Volume, node: Inode, sink: _Sink, pos: int, end: int) -> int:
-    """Send ``[pos, end)`` through ``vol.read_into`` (dirty cached pages included), a chunk at a time."""
+    """Send ``[pos, end)`` through ``read_into`` (dirty cached pages included), a chunk at a time."""
     buf = memoryview(bytearray(min(COPY_CHUNK, end - pos)))
     start = pos
     while pos < end:
         piece = buf[:min(len(buf), end - pos)]
         with vol.lock:                       # one chunk is one consistent state of the file
-            n = vol.read_into(node, piece, pos)
+            n = read_into(vol, node, piece, pos)
         if n <= 0:
             break                            # the file shrank below pos meanwhile
         sink.send_view(piece[:n])

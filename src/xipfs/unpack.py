@@ -29,7 +29,9 @@ from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S
 from .errors import CorruptImageError, XipfsError
 from .ext2 import layout as L
 from .ext2.inode import Inode
+from .ext2.namei import readlink, resolve
 from .ext2.volume import Volume
+from .ext2.xattr import read_xattrs
 from .fs import Filesystem, PathArg, current_umask
 from .fs import open as open_image
 from .progress import Progress, ProgressArg, progress_bar
@@ -172,7 +174,7 @@ class _Unpacker:
     # -- the whole job ----------------------------------------------------------------------
     def run(self, dest_dir: PathArg, path: PathArg) -> UnpackResult:
         p = os.fsdecode(os.fspath(path)) or "/"
-        node = self.vol.resolve(p, p.endswith("/") or p.strip("/") == "")
+        node = resolve(self.vol, p, p.endswith("/") or p.strip("/") == "")
         dest = os.fspath(dest_dir)
         created = not os.path.lexists(dest)
         os.makedirs(dest, exist_ok=True)
@@ -579,7 +581,7 @@ class _Unpacker:
     def _xattrs(self, target: int | str, node: Inode, path: str) -> None:
         """Set ``node``'s xattrs on ``target`` (a descriptor or a no-follow path); failures reported."""
         follow = isinstance(target, int)         # a descriptor: nothing to follow
-        for key, value in self.vol.xattrs(node):
+        for key, value in read_xattrs(self.vol, node):
             try:
                 os.setxattr(target, key, value, follow_symlinks=follow)
             except OSError as err:
@@ -664,7 +666,7 @@ class _Unpacker:
         os.utime(fd, ns=(node.atime_ns, node.mtime_ns))
 
     def _symlink(self, frame: _Frame, name: str, node: Inode) -> None:
-        target = self.vol.readlink(node)
+        target = readlink(self.vol, node)
         dfd = frame.fd
         try:
             os.symlink(target, name, dir_fd=dfd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import fs_error
@@ -207,3 +208,106 @@ def zero_blocks(vol: Volume, pblk: int, count: int) -> None:
     for i in range(0, count, step):
         k = min(step, count - i)
         vol.device.write(zeros[:k * bs] if k < step else zeros, (pblk + i) * bs)
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def zero_fill(dst: memoryview) -> None:
+    """Fill ``dst`` with zeros without allocating a buffer of its size."""
+    n = len(dst)
+    step = len(_ZEROS)
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        dst[i:j] = _ZEROS[:j - i]
+
+
+# -- reading (the XIP read path: get_xip_mem and copies run by run) ----------------------------
+def get_xip_mem(vol: Volume, node: Inode, lblk: int, create: bool = False) -> memoryview | None:
+    """The seed's ``get_xip_mem``: file block ``lblk`` of ``node`` in the device, or None (hole).
+
+    On a memory device the view *is* the storage. ``create=True`` gives a hole a zeroed
+    block first (a filesystem opened for writing; within the file's size, since ext2 has no
+    blocks past EOF).
+    """
+    if create:
+        if vol.readonly:
+            raise fs_error(errno.EROFS)
+        if not 0 <= lblk < node.map.nblocks:
+            raise OSError(errno.EINVAL, f"block {lblk} is past the end of the file")
+        with vol.lock:
+            if node.map.assign(lblk, lblk + 1, lambda lb, n, pb: zero_blocks(vol, pb, n)) < 1:
+                raise fs_error(errno.ENOSPC)
+            vol.write_inode(node)
+        pblk = node.map.runs(lblk, lblk + 1, lblk + 1)[0][2]
+    else:
+        pblk = node.map.bmap(lblk)
+    if not pblk:
+        return None
+    view = vol.device.view(pblk * vol.bs, vol.bs)
+    # A page-cache page is not the storage: changing it would bypass write-back.
+    return view if vol.device.is_xip and not vol.readonly else view.toreadonly()
+
+
+def segments(vol: Volume, node: Inode, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """``(offset in the file, length, device offset or -1 for a hole)`` covering ``[pos, end)``."""
+    bs = vol.bs
+    for lblk, count, pblk in node.map.runs(pos // bs, (end - 1) // bs + 1):
+        lo = lblk * bs
+        a = lo if lo > pos else pos
+        b = min(lo + count * bs, end)
+        yield a, b - a, pblk * bs + (a - lo) if pblk else -1
+
+
+def read_into(vol: Volume, node: Inode, dst: memoryview, pos: int) -> int:
+    """Copy data of ``node`` from byte ``pos`` into ``dst`` (one copy); bytes copied."""
+    n = _read_into(vol, node, dst, pos)
+    watch = vol.watch
+    if watch is None or not watch.busy():
+        return n
+    return watch.copy_again_while_changing(node, lambda: _read_into(vol, node, dst, pos), n)
+
+
+def _read_into(vol: Volume, node: Inode, dst: memoryview, pos: int) -> int:
+    size = node.size
+    if pos >= size:
+        return 0
+    n = min(len(dst), size - pos)
+    if n <= 0:
+        return 0
+    m = node.map
+    if m.whole:
+        vol.device.read_into(dst[:n] if n != len(dst) else dst, m.whole * vol.bs + pos)
+        return n
+    dev = vol.device
+    for off, length, where in segments(vol, node, pos, pos + n):
+        piece = dst[off - pos:off - pos + length]
+        if where >= 0:
+            dev.read_into(piece, where)
+        else:
+            zero_fill(piece)
+    return n
+
+
+def read_bytes(vol: Volume, node: Inode, pos: int, n: int) -> bytes:
+    """``n`` bytes (fewer at EOF) of ``node``'s data from ``pos`` as a new ``bytes``: one copy."""
+    data = _read_bytes(vol, node, pos, n)
+    watch = vol.watch
+    if watch is None or not watch.busy():
+        return data
+    return watch.copy_again_while_changing(node, lambda: _read_bytes(vol, node, pos, n), data)
+
+
+def _read_bytes(vol: Volume, node: Inode, pos: int, n: int) -> bytes:
+    size = node.size
+    if pos >= size or n <= 0:
+        return b""
+    if n > size - pos:
+        n = size - pos
+    m = node.map
+    if m.whole:
+        return bytes(vol.device.view(m.whole * vol.bs + pos, n))
+    dev = vol.device
+    parts = [dev.view(where, length) if where >= 0 else bytes(length)
+             for _, length, where in segments(vol, node, pos, pos + n)]
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)

@@ -8,10 +8,15 @@ by name once, on first use, so that each later lookup is one dict access.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
+
+if TYPE_CHECKING:
+    from .inode import Inode
+    from .volume import Volume
 
 _DIRENT = L.DIRENT.struct.unpack_from
 _HEADER = L.DIRENT_HEADER
@@ -36,6 +41,10 @@ class DirIndex:
         if self._names is None:
             self._names = list(self.entries)
         return list(self._names)
+
+    def changed(self) -> None:
+        """An entry was added, removed or renamed: the name list is built again when asked."""
+        self._names = None
 
     def get(self, name: str) -> tuple[int, int] | None:
         return self.entries.get(name)
@@ -273,3 +282,31 @@ def remove_from_block(buf: memoryview | bytes, bs: int,
 def _disk_rec_len(rec_len: int, bs: int) -> int:
     """An on-disk rec_len in bytes (a 64 KiB block's whole-block entry says 0 or 65535)."""
     return bs if bs == 65536 and rec_len in (0, 65535) else rec_len
+
+
+# -- a directory's blocks and their index -------------------------------------------------------
+def dir_blocks(vol: Volume, node: Inode) -> Iterator[tuple[int, memoryview]]:
+    """``(file block, view)`` for every block of directory ``node``; a hole is corruption."""
+    bs = vol.bs
+    dev = vol.device
+    for lblk, nblk, pblk in node.map.runs(0, node.size // bs):
+        if not pblk:
+            raise CorruptImageError(f"hole at block {lblk} of a directory", f"directory inode {node.ino}")
+        for i in range(nblk):
+            yield lblk + i, dev.view((pblk + i) * bs, bs)
+
+
+def build_index(vol: Volume, node: Inode) -> DirIndex:
+    bs = vol.bs
+    where = f"directory inode {node.ino}"
+    if node.size == 0 or node.size % bs:
+        raise CorruptImageError(f"directory size {node.size} is not a multiple of the block size", where)
+    index = index_directory(dir_blocks(vol, node), bs, vol.inodes_count, vol.filetype, node.ino)
+    if node.ino == L.ROOT_INO and index.parent != L.ROOT_INO:
+        raise CorruptImageError(f"'..' of the root points to inode {index.parent}", where)
+    if index.parent != node.ino:
+        parent = vol.live_inode(index.parent, "..", where)
+        if not parent.is_dir:
+            raise CorruptImageError(f"'..' points to inode {index.parent}, not a directory", where)
+    node._dir = index
+    return index

@@ -18,6 +18,7 @@ import os
 import random
 import struct
 import time
+from stat import S_ISDIR, S_ISLNK
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, fs_error
@@ -26,6 +27,7 @@ from . import layout as L
 from . import orphans
 from .dir import (
     DirSpace,
+    dir_blocks,
     empty_dir_block,
     encode_entry,
     insert_into_block,
@@ -33,12 +35,17 @@ from .dir import (
     remove_from_block,
 )
 from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev
+from .watch import STAMP_LEN, STAMP_OFFSET, TRIES, WriterWatch
 from .xattr import drop_block
 
 if TYPE_CHECKING:
     from .volume import Volume
 
 LINK_MAX = 32000            # Linux EXT2_LINK_MAX
+#: Symlinks followed while resolving one path before ELOOP (Linux: 40).
+MAX_SYMLINKS = 40
+NAME_MAX = 255
+PATH_MAX = 4096
 S_IFMT = 0o170000
 S_IFDIR = 0o040000
 S_IFLNK = 0o120000
@@ -67,10 +74,10 @@ def _dblock(d: Inode, space: DirSpace, lblk: int) -> int:
 
 
 def dir_space(vol: Volume, d: Inode) -> DirSpace:
-    space = vol._spaces.get(d.ino)
+    space = vol.spaces.get(d.ino)
     if space is None:
         vol.dir_index(d)                     # validates the directory first
-        space = vol._spaces[d.ino] = DirSpace(vol._dir_blocks(d), vol.bs)
+        space = vol.spaces[d.ino] = DirSpace(dir_blocks(vol, d), vol.bs)
     return space
 
 
@@ -129,7 +136,7 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str 
     index = d._dir
     if index is not None:
         index.entries[os.fsdecode(name) if key is None else key] = (ino, ftype)
-        index._names = None
+        index.changed()
 
 
 def encode_block(bs: int, name: bytes, ino: int, ftype: int) -> bytes:
@@ -150,7 +157,7 @@ def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
     index = d._dir
     if index is not None:
         index.entries.pop(os.fsdecode(name), None)
-        index._names = None
+        index.changed()
 
 
 def set_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
@@ -190,7 +197,7 @@ def rename_in_place(vol: Volume, d: Inode, old: bytes, new: bytes) -> bool:
     index = d._dir
     if index is not None:
         index.entries[os.fsdecode(new)] = index.entries.pop(os.fsdecode(old))
-        index._names = None
+        index.changed()
     return True
 
 
@@ -303,7 +310,7 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
     n = len(content)
     count = -(-n // bs)
     ino = vol.ialloc.alloc(d.ino, False)
-    vol._inodes.pop(ino, None)                          # a free inode someone looked at
+    vol.forget(ino)                                      # a free inode someone looked at
     try:
         runs = vol.balloc.alloc(vol.inode_group_goal(ino), count, whole=True)
     except BaseException:
@@ -443,7 +450,7 @@ def rmdir(vol: Volume, d: Inode, name: bytes) -> None:
     d.links = max(2, d.links - 1)
     vol.write_inode(d)
     release(vol, node)
-    vol._spaces.pop(node.ino, None)
+    vol.spaces.pop(node.ino, None)
     vol.names_changed()
 
 
@@ -514,7 +521,159 @@ def rename(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> Non
             if sd.ino == dd.ino:
                 dd.links = max(2, dd.links - 1)
                 vol.write_inode(dd)
-            vol._spaces.pop(dst.ino, None)
+            vol.spaces.pop(dst.ino, None)
         if dst.links == 0:
             release(vol, dst)
     vol.names_changed()
+
+
+# -- looking names up (what Linux does in namei.c: the path walk) ------------------------------
+def readlink(vol: Volume, node: Inode) -> bytes:
+    """The target of symlink ``node`` (fast: in ``i_block``; slow: in its first block)."""
+    size = node.size
+    where = f"symlink inode {node.ino}"
+    acl_blocks = vol.bs // 512 if node.file_acl else 0
+    if 0 < size < 60 and node.blocks - acl_blocks == 0:
+        target = node.i_block[:size]
+    else:
+        node.check_format()
+        if size == 0 or size >= vol.bs:
+            raise CorruptImageError(f"symlink length {size} invalid", where)
+        target = D.read_bytes(vol, node, 0, size)
+        if node.map.bmap(0) == 0:
+            raise CorruptImageError("slow symlink without a data block", where)
+    if b"\0" in target:
+        raise CorruptImageError("symlink target contains a NUL byte", where)
+    return target
+
+
+def resolve(vol: Volume, path: str, follow: bool = True) -> Inode:
+    """The inode ``path`` names (absolute from the image root; relative means the same).
+
+    Symlinks in the middle are always followed, the last one only with ``follow``; a
+    trailing slash demands a directory. Errors are the ``OSError`` that ``os`` raises.
+    Resolved paths are remembered, and a path whose directory was resolved before costs
+    one lookup in that directory.
+    """
+    watch = vol.watch                     # inline: this is every lookup's first step
+    if watch is not None and (watch.peek(STAMP_OFFSET, STAMP_LEN) != watch.stamp or not watch.quiet):
+        return _resolve_following(vol, path, follow, watch)
+    key = (path, follow)
+    ino = vol.paths.get(key)
+    if ino is not None:
+        return vol.inode(ino)
+    return _resolve(vol, path, follow)
+
+
+def _resolve_following(vol: Volume, path: str, follow: bool, watch: WriterWatch) -> Inode:
+    """``resolve`` while a writer in another process is mounted, or after one was."""
+    for _ in range(TRIES):
+        watch.follow()
+        try:
+            return _resolve(vol, path, follow)
+        except CorruptImageError:
+            if not watch.busy():
+                raise
+        # a directory or inode read while a writer elsewhere was changing it: read it again
+    raise OSError(errno.EAGAIN, "the image kept changing under a writer in another process", path)
+
+
+def _resolve(vol: Volume, path: str, follow: bool) -> Inode:
+    key = (path, follow)
+    ino = vol.paths.get(key)
+    if ino is not None:
+        return vol.inode(ino)
+    node = _child_of_known(vol, path, follow)
+    if node is None:
+        node = _walk(vol, path, follow)
+    vol.paths[key] = node.ino
+    return node
+
+
+def _child_of_known(vol: Volume, path: str, follow: bool) -> Inode | None:
+    """``path`` looked up in its directory when that directory resolved before, else None."""
+    head, sep, tail = path.rpartition("/")
+    if not sep or not tail or tail == "." or tail == ".." or head.endswith("/"):
+        return None
+    pino = vol.paths.get((head or "/", True))
+    if pino is None:
+        if head.count("/") > 64 or not head:
+            return None
+        try:
+            parent = resolve(vol, head, True)
+        except OSError:
+            return None                    # the full walk names the error with the full path
+    else:
+        parent = vol.inode(pino)
+    if not S_ISDIR(parent.mode):
+        return None
+    entry = (parent._dir or vol.dir_index(parent)).entries.get(tail)
+    if entry is None:
+        return None
+    child = vol.live_inode(entry[0], tail, f"directory inode {parent.ino}")
+    if follow and S_ISLNK(child.mode):
+        return None
+    return child
+
+
+def _walk(vol: Volume, path: str, follow: bool) -> Inode:
+    if not path:
+        raise fs_error(errno.ENOENT, path)
+    # No PATH_MAX here: Linux limits the path a caller passes (the facade checks that),
+    # not one a door assembled or symlinks built up; NAME_MAX is each lookup's limit.
+    root = vol.root
+    pending = components(path)
+    # The directories walked through: ".." goes back one, as in Linux, whatever the
+    # on-disk ".." entry says (a damaged one cannot send a lookup elsewhere).
+    stack = [root]
+    links = 0
+    while pending:
+        name = pending.pop()
+        cur = stack[-1]
+        if not cur.is_dir:
+            raise fs_error(errno.ENOTDIR, path)
+        if name == ".":
+            continue
+        if name == "..":
+            if len(stack) > 1:
+                stack.pop()
+            continue
+        index = cur._dir or vol.dir_index(cur)
+        entry = index.entries.get(name)
+        if entry is None:
+            if len(name) > NAME_MAX // 4 and len(os.fsencode(name)) > NAME_MAX:
+                raise fs_error(errno.ENAMETOOLONG, path)
+            raise fs_error(errno.ENOENT, path)
+        child = vol.live_inode(entry[0], name, f"directory inode {cur.ino}")
+        if S_ISLNK(child.mode) and (pending or follow):
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise fs_error(errno.ELOOP, path)
+            target = os.fsdecode(readlink(vol, child))
+            if target.startswith("/"):
+                del stack[1:]
+            pending.extend(components(target))
+            continue
+        stack.append(child)
+    return stack[-1]
+
+
+def name_moved(vol: Volume, path: str, node: Inode) -> bool:
+    """After a read through ``path`` by a reader of shared memory: True if a writer elsewhere
+    may have changed the image meanwhile and ``path``, read again from storage, no longer
+    names ``node`` (a name read torn or stale). Raises FileNotFoundError when it names
+    nothing now."""
+    if vol.watch is None or not vol.watch.busy():
+        return False
+    vol.forget_cached()
+    return resolve(vol, path, True).ino != node.ino
+
+
+def components(path: str) -> list[str]:
+    """The names of ``path`` in reverse order (a stack), ``.`` kept; a trailing slash is a final
+    ``.``, which makes the lookup demand a directory and follow a symlink there, as in Linux."""
+    names = [c for c in path.split("/") if c]
+    if path.endswith("/") and names:
+        names.append(".")
+    names.reverse()
+    return names

@@ -81,7 +81,7 @@ def _adopt(vol: Volume, node: Inode) -> bool:
     another file (and so into that process's mapping) in a later writing session."""
     try:
         try:
-            found = vol.resolve("/lost+found", False)
+            found = namei.resolve(vol, "/lost+found", False)
         except FileNotFoundError:
             found = namei.create(vol, vol.inode(L.ROOT_INO), b"lost+found", 0o40700, 0, 0)
         if not found.is_dir:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptImageError
 from . import layout as L
 from .super import set_feature
+from .watch import TRIES
 
 if TYPE_CHECKING:
     from .inode import Inode
@@ -169,7 +170,7 @@ def get_xattr(vol: Volume, node: Inode, name: str) -> bytes:
     a namespace ext2 has not, ENODATA when absent or hidden (:func:`check_access`)."""
     split_name(name)
     check_access(node, name, write=False)
-    for key, value in vol.xattrs(node):
+    for key, value in read_xattrs(vol, node):
         if key == name:
             return value
     raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
@@ -189,7 +190,7 @@ def set_xattr(vol: Volume, node: Inode, name: str, value: bytes, flags: int = 0)
     if len(value) > vol.bs:                  # ext2_xattr_set: no value outgrows a block
         raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
     check_access(node, name, write=True)
-    attrs = vol.xattrs(node)
+    attrs = read_xattrs(vol, node)
     present = any(k == name for k, _ in attrs)
     if flags & os.XATTR_CREATE and present:
         raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
@@ -206,7 +207,7 @@ def remove_xattr(vol: Volume, node: Inode, name: str) -> None:
         return
     split_name(name)
     check_access(node, name, write=True)
-    attrs = vol.xattrs(node)
+    attrs = read_xattrs(vol, node)
     rest = [(k, v) for k, v in attrs if k != name]
     if len(rest) == len(attrs):
         raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
@@ -233,7 +234,7 @@ def set_acl(vol: Volume, node: Inode, name: str, value: bytes | None) -> None:
             mode = new_mode
             if plain:
                 value = None
-    attrs = vol.xattrs(node) if node.file_acl or node.extra_isize else []
+    attrs = read_xattrs(vol, node) if node.file_acl or node.extra_isize else []
     rest = [(k, v) for k, v in attrs if k != name]
     node.mode = mode
     if value is None and len(rest) == len(attrs):    # no ACL stored and none to store
@@ -279,7 +280,7 @@ def chmod(vol: Volume, node: Inode, mode: int) -> None:
     the new bits, as on Linux (else it would still grant what the mode now refuses)."""
     node.mode = S_IFMT(node.mode) | S_IMODE(mode)
     node.ctime_ns = time.time_ns()
-    attrs = vol.xattrs(node) if node.file_acl or node.extra_isize else []
+    attrs = read_xattrs(vol, node) if node.file_acl or node.extra_isize else []
     if any(k == ACCESS_ACL for k, _ in attrs):
         write_xattrs(vol, node, [(k, acl_chmod(v, node.mode) if k == ACCESS_ACL else v) for k, v in attrs])
     else:
@@ -423,3 +424,34 @@ def release_block(vol: Volume, blk: int) -> None:
         vol.device.write(_REFCOUNT.pack(count - 1), blk * vol.bs + _REFCOUNT_AT)
     else:
         vol.balloc.free(blk, 1)
+
+
+# -- reading an inode's attributes --------------------------------------------------------------
+def read_xattrs(vol: Volume, node: Inode) -> list[tuple[str, bytes]]:
+    """All extended attributes of ``node``: in the inode first, then its xattr block.
+
+    A writer in another process rewrites an unshared xattr block in place: what was read
+    half-changed is read again, not reported as corrupt.
+    """
+    watch = vol.watch
+    if watch is None:
+        return _read_xattrs(vol, node)
+    for _ in range(TRIES):
+        try:
+            return _read_xattrs(vol, node)
+        except CorruptImageError:
+            if not watch.busy():
+                raise
+    raise OSError(errno.EAGAIN, "extended attributes kept changing under a writer in another process")
+
+
+def _read_xattrs(vol: Volume, node: Inode) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    if node.extra_isize:
+        out.extend(inode_xattrs(vol.inode_raw(node.ino), vol.sb.inode_size,
+                                node.extra_isize, node.ino))
+    blk = node.file_acl
+    if blk:
+        vol.check_data_run(blk, 1, node.ino, "xattr block")
+        out.extend(block_xattrs(vol.device.view(blk * vol.bs, vol.bs), vol.bs, blk))
+    return out

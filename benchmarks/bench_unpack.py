@@ -26,7 +26,7 @@ from typing import Any
 from common import MIB, Case, Row, Section, measure
 from stdlib_tree import stdlib_image, stdlib_tree
 
-from xipfs.unpack import unpack
+from xipfs.tools.unpack import unpack
 
 
 def bench_unpack(root: str, cfg: Any) -> Section:
@@ -58,7 +58,7 @@ def bench_unpack(root: str, cfg: Any) -> Section:
         subprocess.run(["debugfs", "-R", f"rdump / {dest}", img], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    command = ("import sys; from xipfs.unpack import unpack; "
+    command = ("import sys; from xipfs.tools.unpack import unpack; "
                "r = unpack(sys.argv[1], sys.argv[2], progress=False); sys.exit(bool(r.skipped))")
 
     # as an installed package runs: bytecode cached (here in the scratch directory, whatever

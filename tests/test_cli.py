@@ -730,7 +730,7 @@ def test_check_clean_and_damaged(capsys, img):
     assert {"code", "message", "ino", "block", "path"} <= set(doc["problems"][0])
 
 
-@needs("xipfs.pack")
+@needs("xipfs.tools.pack")
 def test_pack_then_list_and_unpack(capsys, shm, src, tmp_path):
     image = os.path.join(shm, "p.img")
     out = ok(capsys, "pack", src, image)
@@ -740,13 +740,13 @@ def test_pack_then_list_and_unpack(capsys, shm, src, tmp_path):
     assert ok(capsys, "-q", "pack", "--size", "4M", "--label", "lbl", src, image) == ""
     assert json.loads(ok(capsys, "info", "--json", image))["label"] == "lbl"
     assert "No such file or directory" in fails(capsys, "pack", tmp_path / "none", image)
-    if has_module("xipfs.unpack"):
+    if has_module("xipfs.tools.unpack"):
         dest = tmp_path / "out"
         ok(capsys, "-q", "unpack", f"{image}:/docs", dest)
         assert (dest / "readme.txt").read_text() == "read me\n"
 
 
-@needs("xipfs.unpack")
+@needs("xipfs.tools.unpack")
 def test_unpack(capsys, img, tmp_path):
     dest = tmp_path / "u"
     out = ok(capsys, "unpack", img, dest)

@@ -23,8 +23,8 @@ import pytest
 from e2fs import assert_fsck_clean
 
 import xipfs
-from xipfs import transfer as xfer
 from xipfs.ext2 import data as ext2_data
+from xipfs.xip import transfer as xfer
 
 BIG = 5 << 20
 # (file offset, bytes) written into /sparse; everything else in it is a hole.
@@ -446,7 +446,7 @@ def test_async_on_memory_uses_no_thread(monkeypatch: pytest.MonkeyPatch, scratch
 
     with xipfs.open(scratch, "r+") as fs, pytest.MonkeyPatch.context() as mp:
         assert fs.is_xip
-        orig = xipfs.file.read_into                  # the copy every file read makes
+        orig = xipfs.xip.file.read_into              # the copy every file read makes
 
         def spy(*args: Any) -> int:
             seen.add(threading.get_ident())
@@ -461,7 +461,7 @@ def test_async_on_file_device_keeps_the_loop_running(scratch: str) -> None:
     xipfs.mkfs(scratch, 16 << 20, block_size=4096)
     with xipfs.open(scratch, "r+", xip=False) as fs, pytest.MonkeyPatch.context() as mp:
         fs.write_bytes("/a", b"q" * 10_000)
-        orig = xipfs.file.read_into                  # the copy every file read makes
+        orig = xipfs.xip.file.read_into              # the copy every file read makes
         threads: set[int] = set()
 
         def slow(*args: Any) -> int:                 # a device that takes its time

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xipfs
-from xipfs.unpack import UnpackResult, unpack
+from xipfs.tools.unpack import UnpackResult, unpack
 
 #: The module (``xipfs.unpack`` is the function).
 unpack_mod = sys.modules[unpack.__module__]
@@ -625,7 +625,7 @@ def test_as_an_ordinary_user(work):
         os.chmod(os.path.join(area, "u.img"), 0o644)
         os.mkdir(os.path.join(area, "out"))
         os.chown(os.path.join(area, "out"), 65534, 65534)
-        code = ("import os, sys, json; from xipfs.unpack import unpack; "     # (imports while root)
+        code = ("import os, sys, json; from xipfs.tools.unpack import unpack; "     # (imports while root)
                 "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
                 "r = unpack(sys.argv[1], sys.argv[2], progress=False); "
                 "again = unpack(sys.argv[1], sys.argv[2], progress=False); "   # over it: 000 dirs

@@ -13,12 +13,12 @@ page cache in between. Anything else is read through a bounded page cache, the c
 from .device import Device, FileDevice, MemoryDevice, PageCache, open_device
 from .errors import CorruptImageError, UnsupportedFeatureError, XipfsError
 from .ext2.mkfs import mkfs
-from .file import XipFile
 from .fs import DirEntry, Filesystem, check, open  # noqa: A004 - xipfs.open is the entry point, like io.open
 from .importer import install, run_module, uninstall
-from .mapping import Mapping, map_budget, set_map_budget
-from .pack import PackResult, pack
-from .unpack import UnpackResult, unpack
+from .tools.pack import PackResult, pack
+from .tools.unpack import UnpackResult, unpack
+from .xip.file import XipFile
+from .xip.mapping import Mapping, map_budget, set_map_budget
 
 __version__ = "0.1.0"
 

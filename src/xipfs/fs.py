@@ -30,10 +30,10 @@ from .ext2.mount import sync, unmount
 from .ext2.namei import PATH_MAX, name_moved, readlink, resolve
 from .ext2.volume import Volume
 from .ext2.xattr import get_xattr, read_xattrs
-from .file import XipFile
-from .mapping import PAGE, Mapping, detach, map_file
 from .nodes import Nodes
 from .progress import ProgressArg
+from .xip.file import XipFile
+from .xip.mapping import PAGE, Mapping, detach, map_file
 
 if TYPE_CHECKING:
     from .ext2.check import Problem
@@ -442,7 +442,7 @@ class Filesystem:
         The seed's ``aio_read``/``aio_write``: on a memory device a copy needs no thread; on the
         file device the I/O runs off the event loop.
         """
-        from .aio import open_async
+        from .xip.aio import open_async
         return open_async(self, path, mode)
 
     def sendfile(self, sock: Any, path: PathArg, offset: int = 0, count: int | None = None) -> int:

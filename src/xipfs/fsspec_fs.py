@@ -84,7 +84,7 @@ from .device.detect import looks_like_shm_name
 from .errors import CorruptImageError, fs_error
 from .fs import Filesystem
 from .fs import open as xipfs_open
-from .mapping import Mapping
+from .xip.mapping import Mapping
 
 __all__ = ["Ext2FileSystem", "Ext2File", "Ext2RandomFile", "Ext2WriteFile"]
 

@@ -88,8 +88,8 @@ from .nodes import Nodes
 
 if TYPE_CHECKING:
     from .ext2.inode import Inode
-    from .file import XipFile
     from .fs import Filesystem
+    from .xip.file import XipFile
 
 __all__ = ["Operations", "mount", "fuse_available"]
 

@@ -21,7 +21,7 @@ from .ext2.data import read_into, segments
 from .ext2.namei import readlink
 from .ext2.xattr import chmod as xattr_chmod
 from .ext2.xattr import get_xattr, read_xattrs, remove_xattr, set_xattr
-from .file import XipFile
+from .xip.file import XipFile
 
 if TYPE_CHECKING:
     from .ext2.inode import Inode

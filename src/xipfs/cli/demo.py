@@ -19,7 +19,7 @@ import time
 from ..fs import Filesystem
 from ..fs import check as xip_check
 from ..fs import open as xip_open
-from ..pack import pack
+from ..tools.pack import pack
 
 DEFAULT_IMAGE = "/dev/shm/xipfs-demo.img"
 EXCLUDE = ("site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib", "tkinter",

@@ -76,7 +76,7 @@ def _extra_arg(text: str) -> float | int:
 
 # -- pack / unpack ------------------------------------------------------------------------------
 def cmd_pack(ctx: Context, args: argparse.Namespace) -> None:
-    pack = _lazy("pack", "pack", "pack")
+    pack = _lazy("tools.pack", "pack", "pack")
     image = args.image
     if not os.path.isdir(args.src):
         code = errno.ENOTDIR if os.path.exists(args.src) else errno.ENOENT
@@ -107,7 +107,7 @@ def _counts(result: Any) -> str:
 
 
 def cmd_unpack(ctx: Context, args: argparse.Namespace) -> None:
-    unpack = _lazy("unpack", "unpack", "unpack")
+    unpack = _lazy("tools.unpack", "unpack", "unpack")
     spec = image_spec(args.image, "/")
     ctx.fs(spec.image)                          # the one-line errors for a missing or bad image
     with about(spec, local=(args.dest, os.path.abspath(args.dest))):

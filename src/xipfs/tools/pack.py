@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .device import Device, MemoryDevice
-from .ext2 import layout as L
-from .ext2.dir import rec_len_of
-from .ext2.inode import encode_direct_run, encode_inode, encode_rdev
-from .ext2.mkfs import (
+from ..device import Device, MemoryDevice
+from ..ext2 import layout as L
+from ..ext2.dir import rec_len_of
+from ..ext2.inode import encode_direct_run, encode_inode, encode_rdev
+from ..ext2.mkfs import (
     LOST_FOUND_INO,
     Geometry,
     GroupUse,
@@ -39,8 +39,8 @@ from .ext2.mkfs import (
     plan,
     prefix_bitmap,
 )
-from .ext2.xattr import build_block, split_name
-from .progress import ProgressArg, progress_bar
+from ..ext2.xattr import build_block, split_name
+from ..progress import ProgressArg, progress_bar
 
 ROOT_INO = L.ROOT_INO
 _DIRENT = L.DIRENT.struct
@@ -828,7 +828,7 @@ def _open_target(target: str | Device, size: int) -> tuple[Device, bool, str | N
     made ``size`` bytes. A file target is built as a new file beside it: the old image (and
     every mapping of it in other processes) stays whole until the new one replaces it, and a
     pack that fails leaves it as it was."""
-    from .device.detect import looks_like_shm_name, open_device
+    from ..device.detect import looks_like_shm_name, open_device
 
     if isinstance(target, Device):
         return target, False, None

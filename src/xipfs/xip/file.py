@@ -14,14 +14,14 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .ext2 import data as _data
-from .ext2 import orphans
-from .ext2.data import read_bytes, read_into
-from .ext2.mount import sync
+from ..ext2 import data as _data
+from ..ext2 import orphans
+from ..ext2.data import read_bytes, read_into
+from ..ext2.mount import sync
 
 if TYPE_CHECKING:
-    from .ext2.inode import Inode
-    from .ext2.volume import Volume
+    from ..ext2.inode import Inode
+    from ..ext2.volume import Volume
 
 
 class XipFile(io.RawIOBase):

@@ -26,15 +26,15 @@ import threading
 from dataclasses import dataclass, field
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, S_ISREG
 
-from .errors import CorruptImageError, XipfsError
-from .ext2 import layout as L
-from .ext2.inode import Inode
-from .ext2.namei import readlink, resolve
-from .ext2.volume import Volume
-from .ext2.xattr import read_xattrs
-from .fs import Filesystem, PathArg, current_umask
-from .fs import open as open_image
-from .progress import Progress, ProgressArg, progress_bar
+from ..errors import CorruptImageError, XipfsError
+from ..ext2 import layout as L
+from ..ext2.inode import Inode
+from ..ext2.namei import readlink, resolve
+from ..ext2.volume import Volume
+from ..ext2.xattr import read_xattrs
+from ..fs import Filesystem, PathArg, current_umask
+from ..fs import open as open_image
+from ..progress import Progress, ProgressArg, progress_bar
 
 __all__ = ["UnpackResult", "unpack"]
 

@@ -7,7 +7,7 @@
         data = await f.read()
 
 Every method of :class:`AsyncXipFile` is a coroutine wrapping the same call of the synchronous
-:class:`~xipfs.file.XipFile` (``fs.open(path, mode, buffering=0)``), so results and errors are
+:class:`~xipfs.xip.file.XipFile` (``fs.open(path, mode, buffering=0)``), so results and errors are
 the synchronous API's. Where it runs depends on the storage:
 
 * memory device (``fs.is_xip``): an operation is a copy between memory and memory that never
@@ -32,8 +32,8 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from ..fs import Filesystem
     from .file import XipFile
-    from .fs import Filesystem
 
 T = TypeVar("T")
 

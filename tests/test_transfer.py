@@ -289,8 +289,8 @@ def test_xip_sends_without_a_python_copy(monkeypatch: pytest.MonkeyPatch, image:
             raise AssertionError("file data copied through Python")
 
         for obj, name in ((ext2_data, "read_into"), (ext2_data, "read_bytes"),
-                          (xfer, "read_into"), (xipfs.file, "read_into"),
-                          (xipfs.file, "read_bytes"), (fs.device, "read_into")):
+                          (xfer, "read_into"), (xipfs.xip.file, "read_into"),
+                          (xipfs.xip.file, "read_bytes"), (fs.device, "read_into")):
             monkeypatch.setattr(obj, name, boom)
         a, b = socket.socketpair()
         d = Dribble(a, 1 << 30)
@@ -452,7 +452,7 @@ def test_async_on_memory_uses_no_thread(monkeypatch: pytest.MonkeyPatch, scratch
             seen.add(threading.get_ident())
             return orig(*args)
 
-        mp.setattr(xipfs.file, "read_into", spy)
+        mp.setattr(xipfs.xip.file, "read_into", spy)
         asyncio.run(main(fs))
     assert seen == {threading.get_ident()}
 
@@ -469,7 +469,7 @@ def test_async_on_file_device_keeps_the_loop_running(scratch: str) -> None:
             time.sleep(0.3)
             return orig(*args)
 
-        mp.setattr(xipfs.file, "read_into", slow)
+        mp.setattr(xipfs.xip.file, "read_into", slow)
 
         async def main() -> int:
             ticks = 0

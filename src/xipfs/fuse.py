@@ -381,7 +381,7 @@ class Operations:
         return self.nodes.readlink(self.node(ino))
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
-        fmt = mode & 0o170000 or stat.S_IFREG
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
         if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return self._make(parent, name, fmt | (mode & 0o7777), uid, gid, rdev=rdev)

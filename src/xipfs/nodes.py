@@ -12,10 +12,12 @@ from __future__ import annotations
 import errno
 import os
 import time
+from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_ISBLK, S_ISCHR, S_ISGID
 from typing import TYPE_CHECKING
 
 from .errors import fs_error
 from .ext2 import data as _data
+from .ext2 import layout as L
 from .ext2 import namei, orphans
 from .ext2.data import read_into, segments
 from .ext2.namei import readlink
@@ -28,11 +30,6 @@ if TYPE_CHECKING:
     from .ext2.volume import Volume
     from .fs import Filesystem
 
-S_IFMT = 0o170000
-S_IFDIR = 0o040000
-S_IFREG = 0o100000
-S_IFLNK = 0o120000
-S_ISGID = 0o2000
 
 #: Inode flags (``chattr``) Linux's ext2 shows and lets a user change (``FS_FL_USER_*``).
 FLAGS_VISIBLE = 0x0003DFFF
@@ -109,7 +106,7 @@ class Nodes:
         """The attributes of ``node`` as :data:`Attrs`."""
         mode = node.mode
         rdev = 0
-        if mode & 0o130000 == 0o020000:                 # a character or block device
+        if S_ISCHR(mode) or S_ISBLK(mode):
             rdev = os.makedev(*node.rdev)
         return (node.ino, mode, node.links, node.uid, node.gid, rdev, node.size, self.block_size,
                 node.blocks, node.atime_ns, node.mtime_ns, node.ctime_ns)
@@ -144,12 +141,12 @@ class Nodes:
         vol = self._writable()
         with vol.lock:
             _check_dir_writable(parent)
-            fmt = mode & S_IFMT
+            fmt = S_IFMT(mode)
             if parent.mode & S_ISGID:
                 gid = parent.gid
                 if fmt == S_IFDIR:
                     mode |= S_ISGID
-            dev = (os.major(rdev), os.minor(rdev)) if fmt in (0o020000, 0o060000) else None
+            dev = (os.major(rdev), os.minor(rdev)) if fmt in (S_IFCHR, S_IFBLK) else None
             return namei.create(vol, parent, name, mode, uid, gid, rdev=dev, target=target)
 
     def link(self, node: Inode, parent: Inode, name: bytes) -> None:
@@ -288,8 +285,7 @@ class Nodes:
         return self.fs.statvfs("/")
 
 
-_FTYPE_MODE = {1: 0o100000, 2: 0o040000, 3: 0o020000, 4: 0o060000, 5: 0o010000, 6: 0o140000,
-               7: 0o120000}
+_FTYPE_MODE = L.FT_TO_IFMT
 
 
 def _check_mutable(node: Inode) -> None:

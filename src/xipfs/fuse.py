@@ -289,7 +289,8 @@ _BUFVEC_HEAD = struct.Struct("<QQQ")              # count idx off
 
 # -- the operations, by inode --------------------------------------------------------------------
 class _Listing:
-    """An open directory: its entries as they were at opendir, so offsets stay valid."""
+    """An open directory, its entries as they were at opendir (so offsets stay valid); also the
+    handle of a FIFO or device node the kernel opens only to ask for its flags (no entries)."""
 
     __slots__ = ("node", "entries")
 

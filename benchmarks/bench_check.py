@@ -24,13 +24,13 @@ from common import MIB, Case, Row, Section, measure
 from stdlib_tree import stdlib_image, stdlib_tree
 
 import xipfs
-from xipfs.ext2.check import check_volume
+from xipfs.extfs.check import check_volume
 
 TARGET = 1 / 3
 
 CHILD = r"""
 import sys, xipfs
-from xipfs.ext2.check import check_volume
+from xipfs.extfs.check import check_volume
 with xipfs.open(sys.argv[1]) as fs:
     sys.exit(1 if check_volume(fs.volume, progress=False) else 0)
 """

@@ -20,7 +20,7 @@ import xipfs
 def bench_pack(root: str, cfg: Config) -> Section:
     src, entries, data = stdlib_tree(root)
     size = image_size(data, entries)
-    ours_img = os.path.join(root, "pack-xipfs.ext2")
+    ours_img = os.path.join(root, "pack-xipfs.extfs")
     base_img = os.path.join(root, "pack-mke2fs.ext2")
     section = Section(f"12. Pack the standard library ({entries} entries, {data >> 20} MiB) into a "
                       f"{size >> 20} MiB image on /dev/shm")

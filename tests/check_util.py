@@ -20,7 +20,7 @@ from corrupt_util import GD, SB, SB_OFF, BaseImage, Patch
 
 import xipfs
 from xipfs.device import open_device
-from xipfs.ext2.check import Problem, check_device, check_volume
+from xipfs.extfs.check import Problem, check_device, check_volume
 
 #: e2fsck's lines for a clean run (anything else is a problem it found).
 _CLEAN = re.compile(r"^(e2fsck \d|Pass \d|.*: \d+/\d+ files .*blocks$|$)")

@@ -4,7 +4,7 @@ exercise xipfs over everything in them.
 Images are built with e2fsprogs (``mke2fs -d`` from a generated tree, ``debugfs ea_set`` for the
 extended attributes) and located with ``debugfs`` (``stat``, ``imap``, ``blocks``) and ``dumpe2fs``.
 Offsets of on-disk fields are written out here from the format description
-(``/work/shared/docs/ext2-spec.md``), independently of ``xipfs.ext2.layout``, so that a mistake in
+(``/work/shared/docs/ext2-spec.md``), independently of ``xipfs.extfs.layout``, so that a mistake in
 xipfs's own layout cannot hide in the tests.
 
 :func:`exercise` opens a (damaged) image and touches everything: the whole tree by hand (scandir,

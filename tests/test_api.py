@@ -220,7 +220,7 @@ def test_modes_other_than_read_are_refused(image):
 
 def test_directory_block_rules_named():
     """Each rule Linux applies to a directory block is checked on its own, with its own message."""
-    from xipfs.ext2.dir import encode_entry, index_directory
+    from xipfs.extfs.dir import encode_entry, index_directory
 
     bs = 1024
 

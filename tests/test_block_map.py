@@ -19,8 +19,8 @@ import struct
 import pytest
 from e2fs import MemoryImage, debugfs_stat
 
-from xipfs.ext2 import data as D
-from xipfs.ext2 import namei
+from xipfs.extfs import data as D
+from xipfs.extfs import namei
 
 BLOCK_SIZES = (1024, 4096)
 REG = 0o100644

@@ -30,7 +30,7 @@ from e2fs import debugfs_r, e2fsck, fsck, run
 
 import xipfs
 from xipfs.device import MemoryDevice, open_device
-from xipfs.ext2.check import MINOR_CODES, Problem, check_device, check_volume
+from xipfs.extfs.check import MINOR_CODES, Problem, check_device, check_volume
 
 pytestmark = pytest.mark.skipif(shutil.which("e2fsck") is None, reason="needs e2fsprogs")
 
@@ -217,7 +217,7 @@ def test_small_pieces_of_inode_table(bases: dict[int, cu.BaseImage], workdir: st
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Inode tables read a few inodes at a time (reserved inodes spread over several pieces)
     give the same problems as whole groups at a time."""
-    import xipfs.ext2.check as check_module
+    import xipfs.extfs.check as check_module
 
     base = bases[bs]
     path = os.path.join(workdir, f"pieces-{bs}.img")

@@ -715,7 +715,7 @@ def needs(module: str):
     return pytest.mark.skipif(not has_module(module), reason=f"{module} not there yet")
 
 
-@needs("xipfs.ext2.check")
+@needs("xipfs.extfs.check")
 def test_check_clean_and_damaged(capsys, img):
     out = ok(capsys, "check", img)
     assert out.startswith(f"{img}: clean, ")

@@ -25,10 +25,10 @@ import pytest
 from e2fs import SHM, assert_fsck_clean, debugfs_r, fsck, run
 
 import xipfs
-from xipfs.ext2 import namei
-from xipfs.ext2.dir import DirSpace, insert_into_block, rec_len_of
-from xipfs.ext2.dir import dir_blocks as blocks_of_dir
-from xipfs.ext2.namei import resolve
+from xipfs.extfs import namei
+from xipfs.extfs.dir import DirSpace, insert_into_block, rec_len_of
+from xipfs.extfs.dir import dir_blocks as blocks_of_dir
+from xipfs.extfs.namei import resolve
 
 BIG = 65536
 SIZES = (1024, 4096, BIG)

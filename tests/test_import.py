@@ -31,7 +31,7 @@ from e2fs import assert_fsck_clean, mkfs
 
 import xipfs
 from xipfs import importer
-from xipfs.ext2.namei import resolve
+from xipfs.extfs.namei import resolve
 
 PY = sys.executable
 SITE = sysconfig.get_paths()["purelib"]
@@ -235,7 +235,7 @@ def test_each_directory_is_listed_once(image_of, monkeypatch):
     files = {f"many_q/m{i}.py": f"I = {i}\n" for i in range(20)}
     files["many_q/__init__.py"] = ""
     img, entry = image_of(files)
-    from xipfs.ext2 import dir as ext2_dir
+    from xipfs.extfs import dir as ext2_dir
     calls = []
     real = ext2_dir.index_directory
 

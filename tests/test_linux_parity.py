@@ -29,8 +29,8 @@ from e2fs import SHM, assert_fsck_clean, debugfs_r, mkfs, run
 from write_util import IS_ROOT, attempt, err_key, umask
 
 import xipfs
-from xipfs.ext2 import namei
-from xipfs.ext2.namei import resolve
+from xipfs.extfs import namei
+from xipfs.extfs.namei import resolve
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
 

@@ -1,4 +1,4 @@
-"""The name operations on their own (``xipfs.ext2.namei``: create, link, unlink, rmdir, rename),
+"""The name operations on their own (``xipfs.extfs.namei``: create, link, unlink, rmdir, rename),
 on images in anonymous memory.
 
 After each operation the image is compared with what it must hold: every path's inode number,
@@ -18,8 +18,8 @@ from collections.abc import Callable
 import pytest
 from e2fs import MemoryImage, debugfs_ls
 
-from xipfs.ext2 import namei
-from xipfs.ext2.namei import resolve
+from xipfs.extfs import namei
+from xipfs.extfs.namei import resolve
 
 BLOCK_SIZES = (1024, 4096)
 REG = 0o100644

@@ -23,7 +23,7 @@ import pytest
 from e2fs import assert_fsck_clean
 
 import xipfs
-from xipfs.ext2 import data as ext2_data
+from xipfs.extfs import data as ext2_data
 from xipfs.xip import transfer as xfer
 
 BIG = 5 << 20

@@ -536,7 +536,7 @@ def test_consecutive_pointers() -> None:
     """The lane arithmetic that fills indirect blocks gives exactly what an array would."""
     from array import array
 
-    from xipfs.ext2.inode import consecutive_pointers
+    from xipfs.extfs.inode import consecutive_pointers
     for first, count in [(5, 1), (123_456, 256), (2**32 - 1025, 1024), (7, 1000), (99, 16384)]:
         want = array("I", range(first, first + count))
         if sys.byteorder != "little":

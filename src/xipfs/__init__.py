@@ -12,7 +12,7 @@ page cache in between. Anything else is read through a bounded page cache, the c
 
 from .device import Device, FileDevice, MemoryDevice, PageCache, open_device
 from .errors import CorruptImageError, UnsupportedFeatureError, XipfsError
-from .ext2.mkfs import mkfs
+from .extfs.mkfs import mkfs
 from .fs import DirEntry, Filesystem, check, open  # noqa: A004 - xipfs.open is the entry point, like io.open
 from .importer import install, run_module, uninstall
 from .tools.pack import PackResult, pack
@@ -28,7 +28,7 @@ install()          # sys.path entries naming an image (/dev/shm/app.img/lib) imp
 def __getattr__(name: str) -> object:
     """``xipfs.Problem`` on first use: the checker is imported only by those who check."""
     if name == "Problem":
-        from .ext2.check import Problem
+        from .extfs.check import Problem
 
         return Problem
     raise AttributeError(f"module 'xipfs' has no attribute {name!r}")

@@ -21,22 +21,22 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .device import Device, open_device
 from .errors import CorruptImageError, XipfsError, fs_error, named
-from .ext2 import data as _data
-from .ext2 import layout as L
-from .ext2 import namei
-from .ext2.data import get_xip_mem, read_bytes, segments
-from .ext2.inode import Inode, Run
-from .ext2.mount import sync, unmount
-from .ext2.namei import PATH_MAX, name_moved, readlink, resolve
-from .ext2.volume import Volume
-from .ext2.xattr import get_xattr, read_xattrs
+from .extfs import data as _data
+from .extfs import layout as L
+from .extfs import namei
+from .extfs.data import get_xip_mem, read_bytes, segments
+from .extfs.inode import Inode, Run
+from .extfs.mount import sync, unmount
+from .extfs.namei import PATH_MAX, name_moved, readlink, resolve
+from .extfs.volume import Volume
+from .extfs.xattr import get_xattr, read_xattrs
 from .nodes import Nodes
 from .progress import ProgressArg
 from .xip.file import XipFile
 from .xip.mapping import PAGE, Mapping, detach, map_file
 
 if TYPE_CHECKING:
-    from .ext2.check import Problem
+    from .extfs.check import Problem
 
 PathArg = str | bytes | os.PathLike
 
@@ -782,7 +782,7 @@ class Filesystem:
     def check(self, progress: ProgressArg = None) -> list[Problem]:
         """What ``e2fsck -fn`` would find wrong with this image, as :class:`~xipfs.Problem` data
         (an empty list: clean). Read-only; a writable filesystem is synced first."""
-        from .ext2.check import check_volume
+        from .extfs.check import check_volume
 
         return check_volume(self.volume, progress)
 
@@ -926,7 +926,7 @@ def check(image: PathArg | Device, *, progress: ProgressArg = None) -> list[Prob
     describes no filesystem raises :class:`~xipfs.CorruptImageError`. Takes the reader's lock,
     so a writer in another process is not caught half-way (``OSError(EBUSY)`` then).
     """
-    from .ext2.check import check_device
+    from .extfs.check import check_device
 
     owns = not isinstance(image, Device)
     device = open_device(image, readonly=True)

@@ -87,7 +87,7 @@ from .errors import CorruptImageError
 from .nodes import Nodes
 
 if TYPE_CHECKING:
-    from .ext2.inode import Inode
+    from .extfs.inode import Inode
     from .fs import Filesystem
     from .xip.file import XipFile
 

@@ -41,8 +41,8 @@ from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
 from typing import Any
 
 from .errors import CorruptImageError, XipfsError, fs_error
-from .ext2.data import read_bytes, segments
-from .ext2.namei import resolve
+from .extfs.data import read_bytes, segments
+from .extfs.namei import resolve
 
 __all__ = [
     "ImageResourceReader",

@@ -16,18 +16,18 @@ from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_ISBLK, S_ISCHR, S_ISGID
 from typing import TYPE_CHECKING
 
 from .errors import fs_error
-from .ext2 import data as _data
-from .ext2 import layout as L
-from .ext2 import namei, orphans
-from .ext2.data import read_into, segments
-from .ext2.namei import readlink
-from .ext2.xattr import chmod as xattr_chmod
-from .ext2.xattr import get_xattr, read_xattrs, remove_xattr, set_xattr
+from .extfs import data as _data
+from .extfs import layout as L
+from .extfs import namei, orphans
+from .extfs.data import read_into, segments
+from .extfs.namei import readlink
+from .extfs.xattr import chmod as xattr_chmod
+from .extfs.xattr import get_xattr, read_xattrs, remove_xattr, set_xattr
 from .xip.file import XipFile
 
 if TYPE_CHECKING:
-    from .ext2.inode import Inode
-    from .ext2.volume import Volume
+    from .extfs.inode import Inode
+    from .extfs.volume import Volume
     from .fs import Filesystem
 
 

@@ -26,7 +26,7 @@ def _holds_ext2(image: str) -> bool:
 
 
 def cmd_mkfs(ctx: Context, args: argparse.Namespace) -> None:
-    from ..ext2.mkfs import mkfs
+    from ..extfs.mkfs import mkfs
 
     image = args.image
     spec = Spec(image, None, image)

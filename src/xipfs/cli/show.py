@@ -148,7 +148,7 @@ def _problem_dict(p: Any) -> dict[str, Any]:
 
 
 def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
-    from ..ext2.check import MINOR_CODES
+    from ..extfs.check import MINOR_CODES
     from ..fs import check
 
     spec = image_spec(args.image, "/")

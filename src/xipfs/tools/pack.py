@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..device import Device, MemoryDevice
-from ..ext2 import layout as L
-from ..ext2.dir import rec_len_of
-from ..ext2.inode import encode_direct_run, encode_inode, encode_rdev
-from ..ext2.mkfs import (
+from ..extfs import layout as L
+from ..extfs.dir import rec_len_of
+from ..extfs.inode import encode_direct_run, encode_inode, encode_rdev
+from ..extfs.mkfs import (
     LOST_FOUND_INO,
     Geometry,
     GroupUse,
@@ -39,7 +39,7 @@ from ..ext2.mkfs import (
     plan,
     prefix_bitmap,
 )
-from ..ext2.xattr import build_block, split_name
+from ..extfs.xattr import build_block, split_name
 from ..progress import ProgressArg, progress_bar
 
 ROOT_INO = L.ROOT_INO

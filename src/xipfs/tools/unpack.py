@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, S_ISREG
 
 from ..errors import CorruptImageError, XipfsError
-from ..ext2 import layout as L
-from ..ext2.inode import Inode
-from ..ext2.namei import readlink, resolve
-from ..ext2.volume import Volume
-from ..ext2.xattr import read_xattrs
+from ..extfs import layout as L
+from ..extfs.inode import Inode
+from ..extfs.namei import readlink, resolve
+from ..extfs.volume import Volume
+from ..extfs.xattr import read_xattrs
 from ..fs import Filesystem, PathArg, current_umask
 from ..fs import open as open_image
 from ..progress import Progress, ProgressArg, progress_bar

@@ -14,14 +14,14 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..ext2 import data as _data
-from ..ext2 import orphans
-from ..ext2.data import read_bytes, read_into
-from ..ext2.mount import sync
+from ..extfs import data as _data
+from ..extfs import orphans
+from ..extfs.data import read_bytes, read_into
+from ..extfs.mount import sync
 
 if TYPE_CHECKING:
-    from ..ext2.inode import Inode
-    from ..ext2.volume import Volume
+    from ..extfs.inode import Inode
+    from ..extfs.volume import Volume
 
 
 class XipFile(io.RawIOBase):

@@ -28,14 +28,14 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from .._libc import libc
-from ..ext2 import data as _data
-from ..ext2 import orphans
-from ..ext2.data import read_into, segments
-from ..ext2.namei import name_moved
+from ..extfs import data as _data
+from ..extfs import orphans
+from ..extfs.data import read_into, segments
+from ..extfs.namei import name_moved
 
 if TYPE_CHECKING:
-    from ..ext2.inode import Inode
-    from ..ext2.volume import Volume
+    from ..extfs.inode import Inode
+    from ..extfs.volume import Volume
 
 PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10
@@ -354,7 +354,7 @@ def _check_still_live(vol: Volume, node: Inode, path: str, state: _State) -> Non
     """A read-only attachment may hold an inode a writer elsewhere has since deleted (and its
     blocks reused): read it again from storage, now that it is pinned, and map only if it is
     the same live file."""
-    from ..ext2.inode import Inode as _Inode
+    from ..extfs.inode import Inode as _Inode
     fresh = _Inode(vol, node.ino, vol.inode_raw(node.ino))
     if fresh.links == 0 or fresh.dtime or fresh.mode != node.mode or fresh.generation != node.generation:
         state.release()

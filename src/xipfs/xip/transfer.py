@@ -23,11 +23,11 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..ext2.data import read_into, segments
+from ..extfs.data import read_into, segments
 
 if TYPE_CHECKING:
-    from ..ext2.inode import Inode
-    from ..ext2.volume import Volume
+    from ..extfs.inode import Inode
+    from ..extfs.volume import Volume
 
 #: Most bytes asked of one ``os.sendfile`` call (CPython caps at 1 GiB too, bpo-38319).
 SENDFILE_MAX = 1 << 30

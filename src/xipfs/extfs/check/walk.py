@@ -2,7 +2,7 @@
 process_block): every legal block found, illegal ones and loops reported, contiguous runs of
 blocks recognised whole.
 
-Unlike the read path's :class:`~xipfs.ext2.indirect.BlockMap`, the walk trusts nothing: a pointer
+Unlike the read path's :class:`~xipfs.extfs.indirect.BlockMap`, the walk trusts nothing: a pointer
 outside the filesystem is noted and skipped, indirect blocks are followed only to their fixed
 depth, and the blocks one inode may claim are capped, so a looping map ends as a problem.
 """

@@ -62,7 +62,7 @@ PIECE_BYTES = 1 << 20
 
 
 def check_volume(vol: Volume, progress: ProgressArg = None) -> list[Problem]:
-    """Check the filesystem ``vol`` (a :class:`~xipfs.ext2.volume.Volume`); the problems found.
+    """Check the filesystem ``vol`` (a :class:`~xipfs.extfs.volume.Volume`); the problems found.
 
     A volume opened for writing is synced first, so the check sees what the writer would leave.
     """
@@ -73,7 +73,7 @@ def check_volume(vol: Volume, progress: ProgressArg = None) -> list[Problem]:
 
 def check_device(device: Device, progress: ProgressArg = None) -> list[Problem]:
     """Check the ext2 image on ``device``, including images whose group descriptors are too
-    damaged for :class:`~xipfs.ext2.volume.Volume` to open them.
+    damaged for :class:`~xipfs.extfs.volume.Volume` to open them.
 
     Raises :class:`~xipfs.CorruptImageError` when the superblock itself is unusable.
     """

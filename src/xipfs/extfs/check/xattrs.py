@@ -20,7 +20,7 @@ XATTR_MAGIC = L.XATTR_MAGIC
 
 
 def entry_hash_signed(name: bytes, value: bytes) -> int:
-    """:func:`~xipfs.ext2.xattr.entry_hash` with the name's bytes as signed ``char``: what
+    """:func:`~xipfs.extfs.xattr.entry_hash` with the name's bytes as signed ``char``: what
     kernels before 6.2 stored on x86 for names with bytes past 127 (e2fsprogs 1.47's
     ``ext2fs_ext_attr_hash_entry_signed``; e2fsck accepts either)."""
     h = 0

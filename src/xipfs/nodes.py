@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 #: Inode flags (``chattr``) Linux's ext2 shows and lets a user change (``FS_FL_USER_*``).
 FLAGS_VISIBLE = 0x0003DFFF
 FLAGS_MODIFIABLE = 0x000380FF
-FL_IMMUTABLE = 0x10
-FL_APPEND = 0x20
+FL_IMMUTABLE = L.FL_IMMUTABLE
+FL_APPEND = L.FL_APPEND
 
 #: ``(ino, mode, nlink, uid, gid, rdev, size, blksize, blocks, atime_ns, mtime_ns, ctime_ns)``
 Attrs = tuple[int, int, int, int, int, int, int, int, int, int, int, int]

@@ -228,9 +228,16 @@ BACKUP_BGS_OFFSET = 0x24C
 BACKUP_BGS = Layout("s_backup_bgs", [("s_backup_bgs0", "I"), ("s_backup_bgs1", "I")])
 INCOMPAT_FILETYPE = 0x2
 INCOMPAT_META_BG = 0x10
+INCOMPAT_64BIT = 0x80
+INCOMPAT_LARGEDIR = 0x4000
+COMPAT_IMAGIC = 0x2
 RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_LARGE_FILE = 0x2
 RO_COMPAT_BTREE_DIR = 0x4
+RO_COMPAT_HUGE_FILE = 0x8
+RO_COMPAT_GDT_CSUM = 0x10
+RO_COMPAT_DIR_NLINK = 0x20
+RO_COMPAT_METADATA_CSUM = 0x400
 
 #: What xipfs reads: any other incompat bit refuses the image. (Linux's ext2 also reads
 #: meta_bg; xipfs does not, yet.)
@@ -246,9 +253,16 @@ GOOD_OLD_FIRST_INO = 11
 GOOD_OLD_INODE_SIZE = 128
 
 # i_flags that change how i_block is read (ext4 formats): an ext2 reader must not follow them.
+FL_IMMUTABLE = 0x10
+FL_APPEND = 0x20
 FL_INDEX = 0x1000
+FL_IMAGIC = 0x2000
+FL_HUGE_FILE = 0x40000
 FL_EXTENTS = 0x80000
 FL_INLINE_DATA = 0x10000000
+#: Group descriptor flags (ext4): inode table or block bitmap not initialised.
+BG_INODE_UNINIT = 0x1
+BG_BLOCK_UNINIT = 0x2
 FL_FOREIGN_FORMAT = 0x80000 | 0x10000000 | 0x800 | 0x200000 | 0x100000 | 0x40000000
 FOREIGN_FLAG_NAMES = {
     0x80000: "extents", 0x10000000: "inline_data", 0x800: "encrypt", 0x200000: "ea_inode",

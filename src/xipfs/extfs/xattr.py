@@ -327,6 +327,22 @@ def entry_hash(name: bytes, value: bytes) -> int:
     return h
 
 
+def entry_hash_signed(name: bytes, value: bytes) -> int:
+    """:func:`entry_hash` with the name's bytes as signed ``char``: what
+    kernels before 6.2 stored on x86 for names with bytes past 127 (e2fsprogs 1.47's
+    ``ext2fs_ext_attr_hash_entry_signed``; e2fsck accepts either)."""
+    h = 0
+    for c in name:
+        if c > 127:
+            c -= 256
+        h = ((h << 5) ^ (h >> 27) ^ c) & 0xFFFFFFFF
+    n = (len(value) + 3) >> 2
+    if n:
+        for w in struct.unpack(f"<{n}I", value + bytes(4 * n - len(value))):
+            h = ((h << 16) ^ (h >> 16) ^ w) & 0xFFFFFFFF
+    return h
+
+
 def build_block(attrs: list[tuple[str, bytes]], bs: int) -> bytes:
     """An xattr block holding ``attrs`` (sorted as Linux keeps them); ENOSPC if they do not fit."""
     items = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 from .. import layout as L
-from ..xattr import entry_hash
+from ..xattr import entry_hash, entry_hash_signed
 from . import problems as P
 from .context import Context, XattrRef, select_format, u32
 
@@ -17,22 +17,6 @@ _XHEADER = struct.Struct(
     "<" + select_format(L.XATTR_HEADER, ("h_magic", "h_refcount", "h_blocks"))).unpack_from
 _XHEADER_SIZE = L.XATTR_HEADER.size
 XATTR_MAGIC = L.XATTR_MAGIC
-
-
-def entry_hash_signed(name: bytes, value: bytes) -> int:
-    """:func:`~xipfs.extfs.xattr.entry_hash` with the name's bytes as signed ``char``: what
-    kernels before 6.2 stored on x86 for names with bytes past 127 (e2fsprogs 1.47's
-    ``ext2fs_ext_attr_hash_entry_signed``; e2fsck accepts either)."""
-    h = 0
-    for c in name:
-        if c > 127:
-            c -= 256
-        h = ((h << 5) ^ (h >> 27) ^ c) & 0xFFFFFFFF
-    n = (len(value) + 3) >> 2
-    if n:
-        for w in struct.unpack(f"<{n}I", value + bytes(4 * n - len(value))):
-            h = ((h << 16) ^ (h >> 16) ^ w) & 0xFFFFFFFF
-    return h
 
 
 def xattr_hash(name: bytes, value: bytes | memoryview, signed: bool) -> int:

@@ -24,7 +24,7 @@ from .errors import CorruptImageError, XipfsError, fs_error, named
 from .extfs import data as _data
 from .extfs import layout as L
 from .extfs import namei
-from .extfs.data import get_xip_mem, read_bytes, segments
+from .extfs.data import get_xip_mem, read_bytes, windowed_segments
 from .extfs.inode import Inode, Run
 from .extfs.mount import sync, unmount
 from .extfs.namei import PATH_MAX, name_moved, readlink, resolve
@@ -747,18 +747,9 @@ class Filesystem:
         half-read; a file that shrinks meanwhile ends the iteration early.
         """
         vol = self.volume
-        node = self._inode(path)
-        dev = vol.device
-        pos = 0
-        while pos < size:
-            with vol.lock:
-                stop = min(size, node.size, pos + window)
-                segs = list(segments(vol, node, pos, stop)) if pos < stop else []
-            if not segs:
-                return
-            for off, length, where in segs:
-                yield off, length, dev.view(where, length) if where >= 0 else None
-                pos = off + length
+        view = vol.device.view
+        for off, length, where in windowed_segments(vol, self._inode(path), 0, size, window):
+            yield off, length, view(where, length) if where >= 0 else None
 
     def forget_cached(self) -> None:
         """Drop cached names and inodes, so a read-only attachment sees what another process's

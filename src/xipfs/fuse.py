@@ -423,9 +423,9 @@ class Operations:
     # -- attributes -----------------------------------------------------------------------------
     def setattr(self, ino: int, to_set: int, *, mode: int = 0, uid: int = -1, gid: int = -1,
                 size: int = 0, atime_ns: int = 0, mtime_ns: int = 0, ctime_ns: int = 0,
-                fh: int | None = None, groups: Callable[[], Iterable[int]] | None = None) -> Inode:
+                fh: int | None = None, caller: Caller | None = None) -> Inode:
         """Change what ``to_set`` (``SET_*`` bits) names; the new attributes' inode.
-        ``groups`` gives the caller's groups, asked for only when set-id bits may go."""
+        ``caller`` (None: root) matters only when set-id bits may go."""
         nodes = self.nodes
         with self.lock:
             node = self.node(ino)
@@ -437,11 +437,11 @@ class Operations:
                 nodes.setattr(node, uid=uid if to_set & SET_UID else -1,
                               gid=gid if to_set & SET_GID else -1)
                 if not node.is_dir and node.mode & (stat.S_ISUID | stat.S_ISGID):
-                    self.kill_suid(node, _in_group(node.gid, groups))
+                    self.kill_suid(node, caller is None or caller.in_group(node.gid))
             if to_set & SET_SIZE:
                 nodes.truncate(node, size)
                 if to_set & SET_KILL_SUIDGID:
-                    self.kill_suid(node, _in_group(node.gid, groups))
+                    self.kill_suid(node, caller is None or caller.in_group(node.gid))
             times = to_set & (SET_ATIME | SET_MTIME | SET_ATIME_NOW | SET_MTIME_NOW | SET_CTIME)
             if times and to_set != SET_CTIME:
                 now = time.time_ns()
@@ -487,16 +487,16 @@ class Operations:
         self.handles[fh] = handle
         return fh
 
-    def open(self, ino: int, flags: int, uid: int = 0,
-             groups: Callable[[], Iterable[int]] | None = None) -> int:
+    def open(self, ino: int, flags: int, caller: Caller | None = None) -> int:
         """A handle on ``ino``; an O_TRUNC open by a user (not root) drops set-id bits."""
         with self.lock:
             node = self.node(ino)
             if not node.is_reg and not node.is_dir and (flags & os.O_ACCMODE) == os.O_RDONLY:
                 return self._add(_Listing(node, []))      # lsattr of a FIFO or device node
             fh = self._add(self.nodes.open(node, flags))
-            if flags & os.O_TRUNC and uid != 0 and node.mode & (stat.S_ISUID | stat.S_ISGID):
-                self.kill_suid(node, _in_group(node.gid, groups))
+            if flags & os.O_TRUNC and _drops_setid(node, caller):
+                assert caller is not None
+                self.kill_suid(node, caller.in_group(node.gid))
             return fh
 
     def kill_suid(self, node: Inode, in_group: bool = True) -> bool:
@@ -545,8 +545,8 @@ class Operations:
             return []
         return self.nodes.segments(node, offset, end)
 
-    def write(self, fh: int, data: Any, offset: int, uid: int = 0,
-              groups: Callable[[], Iterable[int]] | None = None) -> tuple[int, bool]:
+    def write(self, fh: int, data: Any, offset: int,
+              caller: Caller | None = None) -> tuple[int, bool]:
         """Write ``data`` at ``offset``: ``(bytes written, whether set-id bits were dropped)``
         (a write by a user, not root, drops them; the kernel's own write-back comes as root)."""
         f = self.file(fh)
@@ -556,9 +556,10 @@ class Operations:
         if n == 0 and len(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         killed = False
-        if uid != 0 and f.node.mode & (stat.S_ISUID | stat.S_ISGID):
+        if _drops_setid(f.node, caller):
+            assert caller is not None
             with self.lock:
-                killed = self.kill_suid(f.node, _in_group(f.node.gid, groups))
+                killed = self.kill_suid(f.node, caller.in_group(f.node.gid))
         return n, killed
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
@@ -600,9 +601,40 @@ class Operations:
         self.forget_all()
 
 
-def _in_group(gid: int, groups: Callable[[], Iterable[int]] | None) -> bool:
-    """Whether the caller whose groups ``groups`` gives is in group ``gid`` (or is root)."""
-    return groups is None or gid in groups()
+class Caller:
+    """Who made a request, asked of libfuse only when a set-id bit makes it matter (the
+    common write of an ordinary file asks nothing). Root stands for CAP_FSETID."""
+
+    __slots__ = ("_lib", "_req", "_ids")
+
+    def __init__(self, lib: Any, req: int) -> None:
+        self._lib = lib
+        self._req = req
+        self._ids: tuple[int, int] | None = None
+
+    @property
+    def uid(self) -> int:
+        if self._ids is None:
+            c = self._lib.fuse_req_ctx(self._req).contents
+            self._ids = (c.uid, c.gid)
+        return self._ids[0]
+
+    def in_group(self, gid: int) -> bool:
+        """Whether the caller is root or in group ``gid`` (its own or a supplementary one)."""
+        if self.uid == 0:
+            return True
+        assert self._ids is not None
+        if self._ids[1] == gid:
+            return True
+        out = (ctypes.c_uint32 * 256)()
+        n = self._lib.fuse_req_getgroups(self._req, 256, out)
+        return gid in out[:max(0, min(n, 256))]
+
+
+def _drops_setid(node: Inode, caller: Caller | None) -> bool:
+    """Whether a write, truncate or O_TRUNC open by ``caller`` must drop ``node``'s set-id
+    bits: it has some, and the caller is not root (the kernel's own write-back comes as root)."""
+    return bool(node.mode & (stat.S_ISUID | stat.S_ISGID)) and caller is not None and caller.uid != 0
 
 
 #: How reads are served (the ``read_path`` option): "splice" -- libfuse splices the image file's
@@ -770,18 +802,6 @@ class _Session:
         c = self.lib.fuse_req_ctx(req).contents
         return c.uid, c.gid
 
-    def _groups(self, req: int) -> Callable[[], list[int]] | None:
-        """The caller's groups, asked for on call (None for root: CAP_FSETID keeps set-id bits)."""
-        uid, gid = self._ctx(req)
-        if uid == 0:
-            return None
-
-        def groups() -> list[int]:
-            out = (ctypes.c_uint32 * 256)()
-            n = self.lib.fuse_req_getgroups(req, 256, out)
-            return [gid, *out[:max(0, min(n, 256))]]
-        return groups
-
     # -- lifetime -------------------------------------------------------------------------------
     def _init(self, userdata: int, conn_p: int) -> None:
         """The kernel connected: the mount is live. libfuse wants ``max_read`` (a mount option)
@@ -859,7 +879,7 @@ class _Session:
         fh = _U64.unpack_from(ctypes.string_at(fi + _FH_OFFSET, 8))[0] if fi else None
         node = self.ops.setattr(ino, to_set, mode=mode, uid=uid, gid=gid, size=size,
                                 atime_ns=a_s * 1_000_000_000 + a_n, mtime_ns=m_s * 1_000_000_000 + m_n,
-                                ctime_ns=c_s * 1_000_000_000 + c_n, fh=fh, groups=self._groups(req))
+                                ctime_ns=c_s * 1_000_000_000 + c_n, fh=fh, caller=Caller(self.lib, req))
         self.lib.fuse_reply_attr(req, self._attr_bytes(node), self._timeout)
 
     def _readlink(self, req: int, ino: int) -> None:
@@ -899,8 +919,7 @@ class _Session:
 
     def _open(self, req: int, ino: int, fi: int) -> None:
         flags = ctypes.c_int.from_address(fi).value
-        uid = self._ctx(req)[0] if flags & os.O_TRUNC else 0
-        fh = self.ops.open(ino, flags, uid, self._groups(req))
+        fh = self.ops.open(ino, flags, Caller(self.lib, req))
         self._set_fh(fi, fh, FI_KEEP_CACHE | FI_NOFLUSH)
         self.lib.fuse_reply_open(req, fi)
 
@@ -942,7 +961,7 @@ class _Session:
     def _write(self, req: int, ino: int, buf: int, size: int, offset: int, fi: int) -> None:
         view = memoryview((ctypes.c_char * size).from_address(buf)).cast("B")
         try:
-            n, killed = self.ops.write(self._fh(fi), view, offset, self._ctx(req)[0], self._groups(req))
+            n, killed = self.ops.write(self._fh(fi), view, offset, Caller(self.lib, req))
         finally:
             view.release()
         if killed:                               # the kernel's copy of the mode is stale now

@@ -259,6 +259,22 @@ def segments(vol: Volume, node: Inode, pos: int, end: int) -> Iterator[tuple[int
         yield a, b - a, pblk * bs + (a - lo) if pblk else -1
 
 
+def windowed_segments(vol: Volume, node: Inode, pos: int, end: int,
+                      window: int) -> Iterator[tuple[int, int, int]]:
+    """:func:`segments` of ``[pos, end)``, a ``window`` of bytes at a time, each window's runs
+    taken under the lock (a writer here never changes them half-read); a file that shrinks
+    meanwhile ends them early. For long sends and copies that give the lock up in between."""
+    while pos < end:
+        with vol.lock:
+            stop = min(end, node.size, pos + window)
+            segs = list(segments(vol, node, pos, stop)) if pos < stop else []
+        if not segs:
+            return
+        for seg in segs:
+            yield seg
+            pos = seg[0] + seg[1]
+
+
 def read_into(vol: Volume, node: Inode, dst: memoryview, pos: int) -> int:
     """Copy data of ``node`` from byte ``pos`` into ``dst`` (one copy); bytes copied."""
     n = _read_into(vol, node, dst, pos)

@@ -23,7 +23,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..extfs.data import read_into, segments
+from ..extfs.data import read_into, windowed_segments
 
 if TYPE_CHECKING:
     from ..extfs.inode import Inode
@@ -89,26 +89,20 @@ def _send_xip(vol: Volume, node: Inode, sink: _Sink, pos: int, end: int) -> int:
     """Send ``[pos, end)`` run by run: ``os.sendfile`` from the image, or views of the mapping."""
     dev = vol.device
     fd = -1 if sink.tls else dev.fileno()
-    start = pos
-    while pos < end:
-        with vol.lock:                       # the runs, while no writer can change them
-            stop = min(end, node.size, pos + WINDOW)
-            segs = list(segments(vol, node, pos, stop)) if pos < stop else []
-        if not segs:
-            break                            # the file shrank below pos meanwhile
-        for off, length, where in segs:
-            if where < 0:
-                sink.send_zeros(length)
-            elif fd >= 0:
-                try:
-                    sink.send_from_fd(fd, where, length)
-                except _CannotSplice:
-                    fd = -1                  # nothing of this run went out: send it as a view
-                    sink.send_view(dev.view(where, length))
-            else:
+    sent = 0
+    for _, length, where in windowed_segments(vol, node, pos, end, WINDOW):
+        if where < 0:
+            sink.send_zeros(length)
+        elif fd >= 0:
+            try:
+                sink.send_from_fd(fd, where, length)
+            except _CannotSplice:
+                fd = -1                      # nothing of this run went out: send it as a view
                 sink.send_view(dev.view(where, length))
-            pos = off + length
-    return pos - start
+        else:
+            sink.send_view(dev.view(where, length))
+        sent += length
+    return sent
 
 
 # -- the file device: through the page cache --------------------------------------------------

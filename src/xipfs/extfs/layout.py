@@ -46,16 +46,21 @@ class Layout:
         hi = self.offsets[last] + self.codes[last].size if last is not None else self.size
         return self._derive([f for f, _, pos, _ in self._slots if f != "_" and lo <= pos < hi], lo, hi)
 
-    def select(self, *names: str) -> struct.Struct:
-        """A Struct for just ``names`` (in on-disk order), from the first to the end of the last,
-        at ``offsets[names[0]]``; the fields between them are pad bytes (zeros when packed)."""
+    def select(self, *names: str, expand: dict[str, str] | None = None,
+               end: int | None = None) -> struct.Struct:
+        """A Struct for just ``names`` (in on-disk order), from the first to the end of the last
+        (or to byte ``end`` of the record), at ``offsets[names[0]]``; the fields between them are
+        pad bytes (zeros when packed). ``expand`` decodes a field as another code (``i_block``
+        as its 15 words)."""
         if sorted(names, key=self.offsets.__getitem__) != list(names):
             raise ValueError(f"{self.name}: fields {names} not in on-disk order")
-        return self._derive(list(names), self.offsets[names[0]],
-                            self.offsets[names[-1]] + self.codes[names[-1]].size)
+        last = self.offsets[names[-1]] + self.codes[names[-1]].size
+        return self._derive(list(names), self.offsets[names[0]], max(last, end or 0), expand or {})
 
-    def _derive(self, names: list[str], lo: int, hi: int) -> struct.Struct:
+    def _derive(self, names: list[str], lo: int, hi: int,
+                expand: dict[str, str] | None = None) -> struct.Struct:
         want = set(names)
+        expand = expand or {}
         fmt = ["<"]
         gap = 0
         for field, code, pos, size in self._slots:
@@ -65,7 +70,7 @@ class Layout:
                 if gap:
                     fmt.append(f"{gap}x")
                     gap = 0
-                fmt.append(code)
+                fmt.append(expand.get(field, code))
             else:
                 gap += size
         if gap:

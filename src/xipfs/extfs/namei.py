@@ -18,7 +18,7 @@ import os
 import random
 import struct
 import time
-from stat import S_ISDIR, S_ISLNK
+from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, S_ISDIR, S_ISLNK
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, fs_error
@@ -46,11 +46,6 @@ LINK_MAX = 32000            # Linux EXT2_LINK_MAX
 MAX_SYMLINKS = 40
 NAME_MAX = 255
 PATH_MAX = 4096
-S_IFMT = 0o170000
-S_IFDIR = 0o040000
-S_IFLNK = 0o120000
-S_IFCHR = 0o020000
-S_IFBLK = 0o060000
 _DIRECT = struct.Struct("<15I")
 
 
@@ -109,7 +104,7 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str 
     space = dir_space(vol, d)
     if d.flags & L.FL_INDEX:
         _unindex(vol, d)
-    ftype = L.IFMT_TO_FT.get(mode & S_IFMT, 0) if vol.filetype else 0
+    ftype = L.IFMT_TO_FT.get(S_IFMT(mode), 0) if vol.filetype else 0
     need = (len(name) + 11) & ~3                # rec_len_of, inline: this is the create hot path
     lblk, kind = space.find_slot(need)
     if lblk < 0:
@@ -167,7 +162,7 @@ def set_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
     lblk, off = space.where[name]
     bs = vol.bs
     pblk = _dblock(d, space, lblk)
-    ftype = L.IFMT_TO_FT.get(mode & S_IFMT, 0) if vol.filetype else 0
+    ftype = L.IFMT_TO_FT.get(S_IFMT(mode), 0) if vol.filetype else 0
     vol.device.write(bytes([ftype]), pblk * bs + off + 7)
     vol.device.write(ino.to_bytes(4, "little"), pblk * bs + off)
     _touch_dir(vol, d, store=False)
@@ -217,7 +212,7 @@ def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int) -> Inod
     It becomes live when a name links to it. Until it is written, its slot holds zeros or a
     deleted inode, which e2fsck -p treats as free: a kill in between only leaks the bit.
     """
-    ino = vol.ialloc.alloc(parent.ino, (mode & S_IFMT) == S_IFDIR)
+    ino = vol.ialloc.alloc(parent.ino, S_IFMT(mode) == S_IFDIR)
     isize = vol.isize
     node = Inode(vol, ino, vol.zero_inode)
     now = time.time_ns()
@@ -244,7 +239,7 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
     check_name(name)
     if os.fsdecode(name) in vol.dir_index(d).entries:
         raise fs_error(errno.EEXIST)
-    is_dir = (mode & S_IFMT) == S_IFDIR
+    is_dir = S_IFMT(mode) == S_IFDIR
     if is_dir and d.links >= LINK_MAX:
         raise fs_error(errno.EMLINK)
     if content is not None and 0 < len(content) <= L.N_DIRECT * vol.bs:
@@ -267,7 +262,7 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
 def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int, int] | None,
               target: bytes | None, content: memoryview | None = None) -> None:
     bs = vol.bs
-    fmt = node.mode & S_IFMT
+    fmt = S_IFMT(node.mode)
     if content:
         if D.write(vol, node, content, 0) < len(content):
             raise fs_error(errno.ENOSPC)
@@ -350,8 +345,8 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
 
 def has_block_map(vol: Volume, node: Inode) -> bool:
     """True when ``i_block`` holds block pointers (not a fast symlink's text or a device number)."""
-    fmt = node.mode & S_IFMT
-    if fmt in (0o100000, S_IFDIR):
+    fmt = S_IFMT(node.mode)
+    if fmt in (S_IFREG, S_IFDIR):
         return True
     if fmt == S_IFLNK:
         return node.blocks - (vol.bs // 512 if node.file_acl else 0) > 0
@@ -422,7 +417,7 @@ def release(vol: Volume, node: Inode, force: bool = False) -> None:
         D.drop_blocks(vol, node, 0)
     if node.file_acl:
         drop_block(vol, node)
-    vol.ialloc.free(node.ino, (node.mode & S_IFMT) == S_IFDIR)
+    vol.ialloc.free(node.ino, S_IFMT(node.mode) == S_IFDIR)
     vol.forget(node.ino)
 
 

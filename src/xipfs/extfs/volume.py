@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import threading
 from bisect import bisect_right
+from stat import S_ISDIR
 from typing import Any
 
 from ..device import Device
@@ -175,7 +176,7 @@ class Volume:
     @property
     def root(self) -> Inode:
         node = self.inode(L.ROOT_INO)
-        if (node.mode & 0o170000) != 0o040000:
+        if not S_ISDIR(node.mode):
             raise CorruptImageError("root inode is not a directory", "inode 2")
         return node
 

@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from ..super import Superblock
 
 # -- format constants the checks use (ext4 flags and features ext2 must not have) ----------------
-S_IFMT = 0o170000
-S_IFREG, S_IFDIR = 0o100000, 0o040000
 #: File type code (directory entry ``file_type``) for each ``mode >> 12``; 0 for invalid types.
 FT_OF_TYPE = bytes([0, L.FT_FIFO, L.FT_CHR, 0, L.FT_DIR, 0, L.FT_BLK, 0, L.FT_REG, 0, L.FT_SYMLINK,
                     0, L.FT_SOCK, 0, 0, 0])
@@ -46,26 +44,6 @@ _U32 = struct.Struct("<I").unpack_from
 
 
 # -- the inode as the checks decode it -------------------------------------------------------------
-def select_format(layout: L.Layout, names: Iterable[str], expand: dict[str, str] | None = None,
-            size: int = 0) -> str:
-    """A struct format (no byte order) for ``names`` of ``layout`` from its start to the end of the
-    last (or to ``size``), the fields between as pad bytes; ``expand`` decodes a field another way
-    (``i_block`` as 15 words)."""
-    expand = expand or {}
-    fmt: list[str] = []
-    pos = 0
-    for name in sorted(names, key=layout.offsets.__getitem__):
-        off = layout.offsets[name]
-        if off > pos:
-            fmt.append(f"{off - pos}x")
-        code = layout.codes[name]
-        fmt.append(expand.get(name, code.format.lstrip("<")))
-        pos = off + code.size
-    if size > pos:
-        fmt.append(f"{size - pos}x")
-    return "".join(fmt)
-
-
 #: The fields of the 128-byte inode the checks read, in on-disk order.
 _INODE_NAMES = ("i_mode", "i_size", "i_atime", "i_ctime", "i_mtime", "i_dtime", "i_links_count",
                 "i_blocks", "i_flags", "i_block", "i_file_acl", "i_size_high", "i_faddr",
@@ -74,9 +52,9 @@ _INODE_NAMES = ("i_mode", "i_size", "i_atime", "i_ctime", "i_mtime", "i_dtime", 
 _EXTRA_NAMES = ("i_extra_isize", "i_checksum_hi", "i_ctime_extra", "i_mtime_extra", "i_atime_extra",
                 "i_crtime", "i_crtime_extra")
 #: The 128-byte inode, what the checks read; it decodes to a tuple indexed by the ``I_*`` below.
-INODE = struct.Struct("<" + select_format(L.INODE, _INODE_NAMES, {"i_block": f"{L.N_BLOCKS}I"}, L.INODE.size))
+INODE = L.INODE.select(*_INODE_NAMES, expand={"i_block": f"{L.N_BLOCKS}I"}, end=L.INODE.size)
 #: The same, then the fields of a large inode (``INODE_LARGE`` values from index ``I_EXTRA_ISIZE``).
-INODE_LARGE = struct.Struct(INODE.format + select_format(L.INODE_EXTRA, _EXTRA_NAMES))
+INODE_LARGE = L.INODE_LARGE.select(*_INODE_NAMES, *_EXTRA_NAMES, expand={"i_block": f"{L.N_BLOCKS}I"})
 
 # positions in the tuples INODE and INODE_LARGE decode to (one per field; i_block is 15)
 (I_MODE, I_SIZE, I_ATIME, I_CTIME, I_MTIME, I_DTIME, I_LINKS_COUNT, I_BLOCKS, I_FLAGS) = range(9)
@@ -105,7 +83,7 @@ class GroupDesc(NamedTuple):
     bg_itable_unused: int
 
 
-GROUP_DESC = struct.Struct("<" + select_format(L.GROUP_DESC, GroupDesc._fields, size=L.GROUP_DESC.size))
+GROUP_DESC = L.GROUP_DESC.select(*GroupDesc._fields, end=L.GROUP_DESC.size)
 
 
 class DirInfo(NamedTuple):

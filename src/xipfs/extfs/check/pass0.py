@@ -4,6 +4,8 @@ its pass 1)."""
 
 from __future__ import annotations
 
+from stat import S_IFREG
+
 from .. import layout as L
 from . import problems as P
 from .context import (
@@ -17,7 +19,6 @@ from .context import (
     INODE,
     RO_COMPAT_GDT_CSUM,
     RO_COMPAT_METADATA_CSUM,
-    S_IFREG,
     Context,
     GroupDesc,
 )

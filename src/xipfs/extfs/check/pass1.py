@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from stat import S_IFDIR, S_IFMT, S_IFREG
 from typing import Any
 
 from .. import layout as L
@@ -60,9 +61,6 @@ from .context import (
     INODE_LARGE,
     QUOTA_INOS,
     RO_COMPAT_HUGE_FILE,
-    S_IFDIR,
-    S_IFMT,
-    S_IFREG,
     Context,
     DirInfo,
     nonzero_mask,
@@ -344,14 +342,14 @@ def reserved_inode(c: Context, ino: int, v: tuple[int, ...]) -> None:
             c.report(P.RESERVED_NOT_CLEAR, ino, what="quota" if ino in QUOTA_INOS else "journal")
         return
     if ino == L.JOURNAL_INO:
-        if mode & S_IFMT != S_IFREG:
+        if S_IFMT(mode) != S_IFREG:
             c.report(P.JOURNAL_NOT_REGULAR, ino)
         reserved_blocks(c, ino, v, regular=True)
         return
-    if (ino == L.RESIZE_INO and mode and mode & S_IFMT != S_IFREG) or (
-            ino == 5 and mode & S_IFMT == S_IFDIR) or (ino not in (5, L.RESIZE_INO) and mode):
+    if (ino == L.RESIZE_INO and mode and S_IFMT(mode) != S_IFREG) or (
+            ino == 5 and S_IFMT(mode) == S_IFDIR) or (ino not in (5, L.RESIZE_INO) and mode):
         c.report(P.RESERVED_BAD_MODE, ino, mode=mode)
-    reserved_blocks(c, ino, v, regular=mode & S_IFMT == S_IFREG)
+    reserved_blocks(c, ino, v, regular=S_IFMT(mode) == S_IFREG)
 
 
 def reserved_blocks(c: Context, ino: int, v: tuple[int, ...], regular: bool) -> None:
@@ -427,7 +425,7 @@ def symlink_ok(c: Context, v: tuple[int, ...], table: bytes | bytearray, off: in
     return length < len(buf) and length == size
 
 
-_DX_ROOT_INFO = struct.Struct("<IBBBB").unpack_from     # reserved_zero, hash_version, info_length,
+_DX_ROOT_INFO = L.DX_ROOT_INFO.struct.unpack_from     # reserved_zero, hash_version, info_length,
 #                                                         indirect_levels, unused_flags
 DX_ROOT_INFO_AT = 24                                     # after '.' and '..' in the first block
 

@@ -9,7 +9,6 @@ the whole-block test.
 
 from __future__ import annotations
 
-import struct
 from array import array
 from itertools import chain
 from typing import Any
@@ -20,9 +19,9 @@ from .context import FT_NAMES, FT_OF_TYPE, INCOMPAT_LARGEDIR, Context
 
 _DIRENT = L.DIRENT.struct.unpack_from
 _MODE = L.INODE.codes["i_mode"].unpack_from
-_DX_ROOT_INFO = struct.Struct("<IBBBB").unpack_from     # as pass1.htree_root
-_DX_COUNTLIMIT = struct.Struct("<HH").unpack_from       # limit, count
-_DX_ENTRY = struct.Struct("<II").unpack_from            # hash, block
+_DX_ROOT_INFO = L.DX_ROOT_INFO.struct.unpack_from
+_DX_COUNTLIMIT = L.DX_COUNTLIMIT.struct.unpack_from     # limit, count
+_DX_ENTRY = L.DX_ENTRY.struct.unpack_from               # hash, block
 #: Markers in the table of what entries should say: not file type codes.
 UNUSED_INODE, BAD_NUMBER = 0xFF, 0xFE
 #: per-inode "in use" byte -> UNUSED_INODE when 0.

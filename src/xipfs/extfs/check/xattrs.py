@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import struct
-
 from .. import layout as L
 from ..xattr import entry_hash, entry_hash_signed
 from . import problems as P
-from .context import Context, XattrRef, select_format, u32
+from .context import Context, XattrRef, u32
 
 #: e_name_len, e_name_index, e_value_offs, e_value_inum, e_value_size, e_hash
 _XENTRY = L.XATTR_ENTRY.struct.unpack_from
 _XENTRY_SIZE = L.XATTR_ENTRY.size
-_XHEADER = struct.Struct(
-    "<" + select_format(L.XATTR_HEADER, ("h_magic", "h_refcount", "h_blocks"))).unpack_from
+_XHEADER = L.XATTR_HEADER.select("h_magic", "h_refcount", "h_blocks").unpack_from
 _XHEADER_SIZE = L.XATTR_HEADER.size
 XATTR_MAGIC = L.XATTR_MAGIC
 

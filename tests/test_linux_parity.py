@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 import pytest
-from e2fs import SHM, assert_fsck_clean, debugfs_r, mkfs, run
+from e2fs import SHM, assert_fsck_clean, debugfs_r, memory_image, mkfs, run
 from write_util import IS_ROOT, attempt, err_key, umask
 
 import xipfs
@@ -503,3 +503,24 @@ class loop_mounted:  # noqa: N801  (used as a context manager, like a function)
     def __exit__(self, *exc: object) -> None:
         run(["umount", self.mnt], timeout=60)
         os.rmdir(self.mnt)
+
+
+@pytest.mark.parametrize("mode", [0o6755, 0o6745, 0o4700, 0o2710, 0o2700])
+@pytest.mark.parametrize("owner", [(-1, -1), (5, -1), (-1, 5), (0, 0)])
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_chown_drops_set_id_bits(kind: str, owner: tuple[int, int], mode: int) -> None:
+    """``chown`` takes S_ISUID, and S_ISGID with group execute, from a non-directory, as
+    ``os.chown`` does on Linux (for root too, and with both ids -1)."""
+    if not IS_ROOT and owner != (-1, -1):
+        pytest.skip("giving a file away needs root")
+    with tempfile.TemporaryDirectory(dir=SHM) as d:
+        p = os.path.join(d, "x")
+        os.mkdir(p) if kind == "dir" else open(p, "w").close()
+        os.chmod(p, mode)
+        os.chown(p, *owner)
+        want = stat.S_IMODE(os.stat(p).st_mode)
+    with xipfs.open(memory_image(1 << 20), "r+") as fs:
+        fs.mkdir("/x") if kind == "dir" else fs.write_bytes("/x", b"")
+        fs.chmod("/x", mode)
+        fs.chown("/x", *owner)
+        assert stat.S_IMODE(fs.stat("/x").st_mode) == want

@@ -649,8 +649,10 @@ class Filesystem:
         self._on_node(path, follow_symlinks, lambda node: self.nodes.chmod(node, mode))
 
     def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
-        """Change owner and group of ``path`` (-1 keeps one), like ``os.chown``."""
-        self._on_node(path, follow_symlinks, lambda node: self.nodes.setattr(node, uid=uid, gid=gid))
+        """Change owner and group of ``path`` (-1 keeps one), like ``os.chown``: a file that is
+        not a directory loses its set-user-id bit (and set-group-id with group execute), as on
+        Linux."""
+        self._on_node(path, follow_symlinks, lambda node: self.nodes.chown(node, uid, gid))
 
     def utime(self, path: PathArg, times: tuple[float, float] | None = None, *,
               ns: tuple[int, int] | None = None, follow_symlinks: bool = True) -> None:

@@ -434,14 +434,14 @@ class Operations:
             if to_set & (SET_UID | SET_GID) or to_set == SET_CTIME:
                 # chown(2); with owner and group both -1 the kernel sends ctime alone (no other
                 # SETATTR does: time write-back always carries mtime), and it still drops bits
-                nodes.setattr(node, uid=uid if to_set & SET_UID else -1,
-                              gid=gid if to_set & SET_GID else -1)
-                if not node.is_dir and node.mode & (stat.S_ISUID | stat.S_ISGID):
-                    self.kill_suid(node, caller is None or caller.in_group(node.gid))
+                in_group = (caller is None or not node.mode & stat.S_ISGID
+                            or caller.in_group(gid if to_set & SET_GID else node.gid))
+                nodes.chown(node, uid if to_set & SET_UID else -1, gid if to_set & SET_GID else -1,
+                            in_group=in_group)
             if to_set & SET_SIZE:
                 nodes.truncate(node, size)
                 if to_set & SET_KILL_SUIDGID:
-                    self.kill_suid(node, caller is None or caller.in_group(node.gid))
+                    self.nodes.drop_setid(node, caller is None or caller.in_group(node.gid))
             times = to_set & (SET_ATIME | SET_MTIME | SET_ATIME_NOW | SET_MTIME_NOW | SET_CTIME)
             if times and to_set != SET_CTIME:
                 now = time.time_ns()
@@ -496,25 +496,8 @@ class Operations:
             fh = self._add(self.nodes.open(node, flags))
             if flags & os.O_TRUNC and _drops_setid(node, caller):
                 assert caller is not None
-                self.kill_suid(node, caller.in_group(node.gid))
+                self.nodes.drop_setid(node, caller.in_group(node.gid))
             return fh
-
-    def kill_suid(self, node: Inode, in_group: bool = True) -> bool:
-        """Drop S_ISUID, and S_ISGID of a group-executable file (of any file, for a caller not
-        in its group), as Linux does when a file is written or truncated by someone without
-        CAP_FSETID, or given away (``setattr_should_drop_suidgid``); whether it did.
-
-        The kernel leaves this to the server (FUSE_HANDLE_KILLPRIV_V2), so that it need not ask
-        for ``security.capability`` before every write.
-        """
-        mode = node.mode
-        kill = mode & stat.S_ISUID
-        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group):
-            kill |= stat.S_ISGID
-        if not kill:
-            return False
-        self.nodes.chmod(node, mode & ~kill & 0o7777)
-        return True
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                gid: int) -> tuple[Inode, int]:
@@ -559,7 +542,7 @@ class Operations:
         if _drops_setid(f.node, caller):
             assert caller is not None
             with self.lock:
-                killed = self.kill_suid(f.node, caller.in_group(f.node.gid))
+                killed = self.nodes.drop_setid(f.node, caller.in_group(f.node.gid))
         return n, killed
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

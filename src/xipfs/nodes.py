@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_ISBLK, S_ISCHR, S_ISGID
+from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_ISBLK, S_ISCHR, S_ISGID, S_ISUID, S_IXGRP
 from typing import TYPE_CHECKING
 
 from .errors import fs_error
@@ -214,6 +214,28 @@ class Nodes:
             node.ctime_ns = time.time_ns() if ctime_ns is None else ctime_ns
             node.clip_times()
             vol.write_inode(node)
+
+    def chown(self, node: Inode, uid: int = -1, gid: int = -1, *, in_group: bool = True) -> None:
+        """Owner and group (-1 keeps one), then the set-id bits a non-directory loses to
+        chown(2) on Linux, even to root's and even with both -1 (:meth:`drop_setid`)."""
+        vol = self._writable()
+        with vol.lock:
+            self.setattr(node, uid=uid, gid=gid)
+            if not node.is_dir:
+                self.drop_setid(node, in_group)
+
+    def drop_setid(self, node: Inode, in_group: bool = True) -> bool:
+        """Drop S_ISUID, and S_ISGID of a group-executable file (of any file when the caller is
+        not in its group), as Linux does when a file is written or truncated by someone without
+        CAP_FSETID, or given away (``setattr_should_drop_suidgid``); whether it did."""
+        mode = node.mode
+        kill = mode & S_ISUID
+        if mode & S_ISGID and (mode & S_IXGRP or not in_group):
+            kill |= S_ISGID
+        if not kill:
+            return False
+        self.chmod(node, mode & ~kill & 0o7777)
+        return True
 
     def truncate(self, node: Inode, size: int) -> None:
         vol = self._writable()

@@ -3,7 +3,10 @@ direct pointers and the roots of a single, a double and a triple indirect tree.
 
 :class:`BlockMap` is this scheme behind the seam of :mod:`.bmap` (Linux's
 ``ext4_ind_map_blocks``): runs for reads, cached per indirect block; ``assign`` and
-``truncate`` for writes, ordered so that a killed writer leaves an image e2fsck repairs.
+``truncate`` for writes, ordered so that a killed writer leaves an image e2fsck repairs;
+:func:`build_tree` encodes a whole map at once (pack). The check walks the same tree its own
+way (:mod:`.check.walk`): it must go on past every bad pointer and report it, where a reader
+stops at the first.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import errno
 import functools
 import sys
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from . import layout as L
 
 if TYPE_CHECKING:
+    from ..device import Device
     from .bmap import Run
     from .inode import Inode
 
@@ -454,3 +458,62 @@ def _append(out: list[Run], lblk: int, count: int, pblk: int) -> None:
             out[-1] = (plb, pcount + count, ppb)
             return
     out.append((lblk, count, pblk))
+
+
+# -- encoding a whole tree at once (pack) --------------------------------------------------------
+def indirect_blocks_needed(ranges: list[tuple[int, int]], p: int) -> int:
+    """How many indirect blocks the map of file blocks ``ranges`` (``(first, count)`` sorted) needs,
+    ``p`` pointers a block: what :func:`build_tree` takes from its ``meta``."""
+    if not ranges or ranges[-1][0] + ranges[-1][1] <= 12:
+        return 0                                       # direct blocks only: most files
+    if len(ranges) == 1 and ranges[0][0] == 0:
+        n = ranges[0][1]
+        if n <= 12 + p:
+            return 1
+        if n <= 12 + p + p * p:
+            return 2 + -(-(n - 12 - p) // p)
+    count = 0
+    for level_first, span, unit in ((12, p, p), (12 + p, p * p, p), (12 + p + p * p, p * p * p, p * p)):
+        level_end = level_first + span
+        hit_top = False
+        leaves: set[int] = set()
+        mids: set[int] = set()
+        for first, n in ranges:
+            lo, hi = max(first, level_first), min(first + n, level_end)
+            if lo >= hi:
+                continue
+            hit_top = True
+            if unit == p and span == p:                # the single indirect block itself
+                continue
+            leaves.update(range((lo - level_first) // p, (hi - 1 - level_first) // p + 1))
+            if span == p * p * p:
+                mids.update(range((lo - level_first) // (p * p), (hi - 1 - level_first) // (p * p) + 1))
+        count += hit_top + len(leaves) + len(mids)
+    return count
+
+
+def build_tree(dev: Device, pmap: array, meta: Iterator[int], bs: int) -> bytes:
+    """The 15 ``i_block`` words for block map ``pmap`` (0 = hole), writing the indirect blocks
+    it needs (``dev.write_new``) from ``meta``, as many as :func:`indirect_blocks_needed` counts."""
+    p = bs // 4
+    words = list(pmap[:12]) + [0] * (12 - min(12, len(pmap))) + [0, 0, 0]
+
+    def level(first: int, depth: int) -> int:
+        """Block for the subtree of ``depth`` (1 = leaf) covering file blocks from ``first``."""
+        span = p ** depth
+        if not any(pmap[first:first + span]):
+            return 0
+        blk = next(meta)
+        if depth == 1:
+            ptrs = pmap[first:first + p]
+        else:
+            child = p ** (depth - 1)
+            ptrs = array("I", [level(first + i * child, depth - 1) for i in range(p)
+                               if first + i * child < len(pmap)])
+        dev.write_new(ptrs.tobytes().ljust(bs, b"\0"), blk * bs)
+        return blk
+
+    words[12] = level(12, 1)
+    words[13] = level(12 + p, 2)
+    words[14] = level(12 + p + p * p, 3)
+    return L.I_BLOCK.pack(*words)

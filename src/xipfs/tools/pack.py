@@ -19,13 +19,14 @@ import os
 import stat as st_
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..device import Device, MemoryDevice
 from ..extfs import layout as L
 from ..extfs.dir import rec_len_of
+from ..extfs.indirect import build_tree, indirect_blocks_needed
 from ..extfs.inode import encode_direct_run, encode_inode, encode_rdev
 from ..extfs.mkfs import (
     LOST_FOUND_INO,
@@ -440,36 +441,6 @@ def _file_blocks(node: _Node, bs: int) -> list[tuple[int, int]]:
     return out
 
 
-def _meta_count(ranges: list[tuple[int, int]], p: int) -> int:
-    """Indirect blocks the ext2 block map needs for file blocks in ``ranges`` (p pointers a block)."""
-    if not ranges or ranges[-1][0] + ranges[-1][1] <= 12:
-        return 0                                       # direct blocks only: most files
-    if len(ranges) == 1 and ranges[0][0] == 0:
-        n = ranges[0][1]
-        if n <= 12 + p:
-            return 1
-        if n <= 12 + p + p * p:
-            return 2 + -(-(n - 12 - p) // p)
-    count = 0
-    for level_first, span, unit in ((12, p, p), (12 + p, p * p, p), (12 + p + p * p, p * p * p, p * p)):
-        level_end = level_first + span
-        hit_top = False
-        leaves: set[int] = set()
-        mids: set[int] = set()
-        for first, n in ranges:
-            lo, hi = max(first, level_first), min(first + n, level_end)
-            if lo >= hi:
-                continue
-            hit_top = True
-            if unit == p and span == p:                # the single indirect block itself
-                continue
-            leaves.update(range((lo - level_first) // p, (hi - 1 - level_first) // p + 1))
-            if span == p * p * p:
-                mids.update(range((lo - level_first) // (p * p), (hi - 1 - level_first) // (p * p) + 1))
-        count += hit_top + len(leaves) + len(mids)
-    return count
-
-
 def _geometry(nodes: list[_Node], size: int | None, bs: int, isize: int, extra: float | int) -> Geometry:
     """The geometry of the image: ``size`` given, or what the tree needs plus ``extra``."""
     _, _, ro = feature_words(None)
@@ -511,10 +482,10 @@ def _blocks_needed(nodes: list[_Node], bs: int) -> int:
         if fmt == st_.S_IFDIR:
             node.blocks = _dir_blocks(node, bs)
             n = len(node.blocks)
-            total += n + _meta_count([(0, n)], p)
+            total += n + indirect_blocks_needed([(0, n)], p)
         elif fmt == st_.S_IFREG:
             ranges = _file_blocks(node, bs)
-            total += sum(n for _, n in ranges) + _meta_count(ranges, p)
+            total += sum(n for _, n in ranges) + indirect_blocks_needed(ranges, p)
         elif fmt == st_.S_IFLNK and len(node.target) >= 60:
             total += 1
         if node.xattrs:
@@ -592,7 +563,7 @@ class _Layout:
                 ranges = [(0, 1)]
             else:
                 continue
-            m = _meta_count(ranges, p)
+            m = indirect_blocks_needed(ranges, p)
             if m:
                 node.meta = [b for first, k in cur.take(m) for b in range(first, first + k)]
             for first, n in ranges:
@@ -674,34 +645,7 @@ class _Layout:
         pmap = array("I", bytes(4 * last))
         for lblk, pblk, k in node.runs:
             pmap[lblk:lblk + k] = array("I", range(pblk, pblk + k))
-        return _build_tree(dev, pmap, iter(node.meta), bs)
-
-
-def _build_tree(dev: Device, pmap: array, meta: Iterator[int], bs: int) -> bytes:
-    """The 15 ``i_block`` words for block map ``pmap`` (0 = hole), writing the indirect blocks
-    it needs from ``meta`` in the order :func:`_meta_count` counted them."""
-    p = bs // 4
-    words = list(pmap[:12]) + [0] * (12 - min(12, len(pmap))) + [0, 0, 0]
-
-    def level(first: int, depth: int) -> int:
-        """Block for the subtree of ``depth`` (1 = leaf) covering file blocks from ``first``."""
-        span = p ** depth
-        if not any(pmap[first:first + span]):
-            return 0
-        blk = next(meta)
-        if depth == 1:
-            ptrs = pmap[first:first + p]
-        else:
-            child = p ** (depth - 1)
-            ptrs = array("I", [level(first + i * child, depth - 1) for i in range(p)
-                               if first + i * child < len(pmap)])
-        dev.write_new(ptrs.tobytes().ljust(bs, b"\0"), blk * bs)
-        return blk
-
-    words[12] = level(12, 1)
-    words[13] = level(12 + p, 2)
-    words[14] = level(12 + p + p * p, 3)
-    return L.I_BLOCK.pack(*words)
+        return build_tree(dev, pmap, iter(node.meta), bs)
 
 
 def _free_run(geo: Geometry, use: list[GroupUse], pblk: int, k: int) -> None:

@@ -31,6 +31,19 @@ import xipfs
 BLOCK_SIZES = (1024, 2048, 4096)
 INODE_SIZES = (128, 256)
 IMAGE_PARAMS = [(bs, isize) for bs in BLOCK_SIZES for isize in INODE_SIZES]
+#: ext4 images as ``mke2fs -t ext4`` of e2fsprogs 1.47 makes them, and in variants:
+#: ``(id, block size, inode size, extra mke2fs options)``.
+EXT4_PARAMS = [
+    ("ext4", 4096, 256, ()),
+    ("ext4-bs1024", 1024, 256, ()),
+    ("ext4-i128", 4096, 128, ("-I", "128")),
+    ("ext4-no64bit-noflex", 4096, 256, ("-O", "^64bit,^flex_bg")),
+    ("ext4-meta_bg", 1024, 256, ("-O", "meta_bg,^resize_inode")),
+    ("ext4-bigalloc", 4096, 256, ("-O", "bigalloc", "-C", "16384")),
+    ("ext4-inline", 4096, 256, ("-O", "inline_data")),
+    ("ext4-uninit_bg", 2048, 256, ("-O", "^metadata_csum,uninit_bg")),
+    ("ext4-csum_seed", 4096, 256, ("-O", "metadata_csum_seed")),
+]
 IS_ROOT = os.geteuid() == 0
 TREE_SEED = 20240611
 #: Size of the images built from the standard tree (its real data is about 16 MiB).
@@ -84,6 +97,12 @@ class Image:
     isize: int
     src: bytes | None = None
     tree: dict | None = None
+    #: "ext2", or the ext4 variant's id (EXT4_PARAMS)
+    kind: str = "ext2"
+
+    @property
+    def ext4(self) -> bool:
+        return self.kind != "ext2"
 
     @cached_property
     def debugfs(self) -> DebugfsView:
@@ -132,15 +151,23 @@ def tree_src(shm_dir):
     return root, treegen.record_tree(root)
 
 
-@pytest.fixture(scope="session", params=IMAGE_PARAMS, ids=[f"bs{b}-i{i}" for b, i in IMAGE_PARAMS])
+_TREE_PARAMS = [("ext2", bs, isize, ()) for bs, isize in IMAGE_PARAMS] + EXT4_PARAMS
+
+
+@pytest.fixture(scope="session", params=_TREE_PARAMS,
+                ids=[f"bs{b}-i{i}" if k == "ext2" else k for k, b, i, _ in _TREE_PARAMS])
 def tree_image(request, tree_src, shm_dir):
-    """The standard tree as an ext2 image, for every block size and inode size (one at a time)."""
-    bs, isize = request.param
+    """The standard tree as an ext2 image, for every block size and inode size, and as ext4
+    images by mke2fs's defaults and variants (one at a time)."""
+    kind, bs, isize, extra = request.param
     src, nodes = tree_src
-    path = os.path.join(shm_dir, f"tree-{bs}-{isize}.img")
-    mkfs(path, TREE_IMAGE_SIZE, src=src, bs=bs, isize=isize)
+    path = os.path.join(shm_dir, f"tree-{kind}-{bs}-{isize}.img")
+    if kind == "ext2":
+        mkfs(path, TREE_IMAGE_SIZE, src=src, bs=bs, isize=isize)
+    else:
+        mkfs(path, TREE_IMAGE_SIZE, src=src, bs=bs, extra=extra, fstype="ext4")
     assert_fsck_clean(path, exit_only=True)
-    yield Image(path, bs, isize, src, nodes)
+    yield Image(path, bs, isize, src, nodes, kind)
     os.unlink(path)
 
 

@@ -166,7 +166,7 @@ _STAT_RE = {
     "acl": re.compile(rb"File ACL: (\d+)"),
     "links": re.compile(rb"Links: (\d+)\s+Blockcount: (\d+)"),
 }
-_BLOCK_RE = re.compile(rb"\((\d+)(?:-(\d+))?\):(\d+)(?:-(\d+))?|\((?:IND|DIND|TIND)\):(\d+)")
+_BLOCK_RE = re.compile(rb"\((\d+)(?:-(\d+))?\):(\d+)(?:-(\d+))?|\((?:IND|DIND|TIND|ETB\d+)\):(\d+)")
 #: ``ls -p``: /inode/mode/uid/gid/name/size/ (debugfs prints uids >= 2^31 as negative numbers)
 LS_P_RE = re.compile(rb"/(\d+)/([0-7]+)/(-?\d+)/(-?\d+)/([^/]*)/(\d*)/\n")
 
@@ -182,8 +182,10 @@ def parse_stat(text: bytes) -> DInode:
                   gid=int(user[2]) & 0xFFFFFFFF,
                   file_acl=int(acl[1]) if acl else 0)
     node.fast_link = b"Fast link dest:" in text
-    if b"BLOCKS:\n" in text:
-        section = text.split(b"BLOCKS:\n", 1)[1].split(b"TOTAL:", 1)[0]
+    for title in (b"BLOCKS:\n", b"EXTENTS:\n"):        # block-mapped, or extents (ETB: tree blocks)
+        if title not in text:
+            continue
+        section = text.split(title, 1)[1].split(b"TOTAL:", 1)[0]
         for m in _BLOCK_RE.finditer(section):
             if m[5] is not None:
                 node.meta.append(int(m[5]))

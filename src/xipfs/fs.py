@@ -25,6 +25,7 @@ from .extfs import data as _data
 from .extfs import layout as L
 from .extfs import namei
 from .extfs.data import get_xip_mem, read_bytes, windowed_segments
+from .extfs.groups import statfs_overhead
 from .extfs.inode import Inode, Run
 from .extfs.mount import sync, unmount
 from .extfs.namei import PATH_MAX, name_moved, readlink, resolve
@@ -302,13 +303,11 @@ class Filesystem:
         """Filesystem totals, like ``os.statvfs`` (counted the way Linux ext2 counts them)."""
         self._inode(path)
         sb = self.volume.sb
-        overhead = sb.s_first_data_block + sum(
-            (1 + sb.desc_blocks if sb.group_has_super(g) else 0) + 2 + sb.itable_blocks
-            for g in range(sb.groups))
-        groups = self.volume.groups             # live counts, summed as Linux's ext2_statfs does
-        bfree = sum(gd.free_blocks for gd in groups)
+        overhead, reserve = statfs_overhead(self.volume)
+        groups = self.volume.groups             # live counts, summed as Linux's statfs does
+        bfree = sum(gd.free_blocks for gd in groups) * sb.cluster_ratio
         ffree = sum(gd.free_inodes for gd in groups)
-        bavail = max(0, bfree - sb.s_r_blocks_count)
+        bavail = max(0, bfree - sb.s_r_blocks_count - reserve)
         uuid = bytes(sb.s_uuid)
         fsid = int.from_bytes(uuid[:8], "little") ^ int.from_bytes(uuid[8:], "little")
         flags = os.ST_NOSUID | (os.ST_RDONLY if self.readonly else 0)

@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from . import layout as L
+from .extent import ExtentMap
 from .indirect import BlockMap
+from .inline import InlineMap
 
 if TYPE_CHECKING:
     from .inode import Inode
@@ -48,7 +51,12 @@ class BlockMapping(Protocol):
 
 
 def block_map(inode: Inode) -> BlockMapping:
-    """The block map of ``inode``'s scheme: the indirect tree (an inode flagged for another
-    scheme, such as extents, is refused until that scheme is here)."""
+    """The block map of ``inode``'s scheme: its extent tree (ext4's EXTENTS flag), its inline
+    data (INLINE_DATA: no blocks at all), else the indirect tree."""
     inode.check_format()
+    flags = inode.flags
+    if flags & L.FL_EXTENTS:
+        return ExtentMap(inode, csum_seed=inode.volume.csum_seed)
+    if flags & L.FL_INLINE_DATA:
+        return InlineMap(inode)
     return BlockMap(inode)

@@ -16,7 +16,15 @@ _MASK = 0xFFFFFFFF
 
 def crc32c_raw(seed: int, data: bytes | bytearray | memoryview) -> int:
     """CRC32C of ``data`` with the register started at ``seed`` and no final XOR."""
+    if type(data) is not bytes:                 # google-crc32c takes bytes only
+        data = bytes(data)
     return _extend(seed ^ _MASK, data) ^ _MASK
+
+
+def inode_seed(fs_seed: int, ino: int, generation: int) -> int:
+    """The seed of every checksum that belongs to inode ``ino`` (the inode, its extent blocks,
+    its directory blocks): the filesystem's seed, then the inode number and generation."""
+    return crc32c_raw(crc32c_raw(fs_seed, ino.to_bytes(4, "little")), generation.to_bytes(4, "little"))
 
 
 def _crc16_table() -> tuple[int, ...]:

@@ -241,6 +241,8 @@ def get_xip_mem(vol: Volume, node: Inode, lblk: int, create: bool = False) -> me
             vol.write_inode(node)
         pblk = node.map.runs(lblk, lblk + 1, lblk + 1)[0][2]
     else:
+        if node.flags & L.FL_INLINE_DATA:
+            raise OSError(errno.EOPNOTSUPP, f"inode {node.ino} keeps its data inline, in no block")
         pblk = node.map.bmap(lblk)
     if not pblk:
         return None
@@ -252,6 +254,9 @@ def get_xip_mem(vol: Volume, node: Inode, lblk: int, create: bool = False) -> me
 def segments(vol: Volume, node: Inode, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     """``(offset in the file, length, device offset or -1 for a hole)`` covering ``[pos, end)``."""
     bs = vol.bs
+    if node.flags & L.FL_INLINE_DATA:                 # bytes in the inode itself, not in blocks
+        yield from node.map.segments(pos, end)
+        return
     for lblk, count, pblk in node.map.runs(pos // bs, (end - 1) // bs + 1):
         lo = lblk * bs
         a = lo if lo > pos else pos

@@ -7,12 +7,14 @@ by name once, on first use, so that each later lookup is one dict access.
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
+from .csum import crc32c_raw, inode_seed
 
 if TYPE_CHECKING:
     from .inode import Inode
@@ -24,6 +26,8 @@ _HEADER = L.DIRENT_HEADER
 _REC_LEN_AT = L.DIRENT.offsets["rec_len"]
 _PACK_REC_LEN = L.DIRENT.codes["rec_len"].pack
 _PACK_INODE = L.DIRENT.codes["inode"].pack
+#: ``.`` or ``..`` as a 12-byte entry (for an inline directory, which stores only the parent).
+_DOT_ENTRY = struct.Struct(L.DIRENT.struct.format + "4s")
 
 
 class DirIndex:
@@ -72,13 +76,14 @@ def index_directory(blocks: Iterable[tuple[int, memoryview]], bs: int, inodes_co
         # and an ASCII name (nearly all of them) is already the right str.
         text = str(buf, "latin-1") if utf8 else ""
         pos = 0
-        while pos < bs:
-            if pos + 12 > bs:
+        end = len(buf)                  # bs, or a region of an inline directory
+        while pos < end:
+            if pos + 12 > end:
                 raise CorruptImageError("directory entry header crosses the block end",
                                         _where(ino, lblk, pos))
             child, rec_len, name_len, ftype = unpack(buf, pos)
-            if rec_len < 12 or rec_len & 3 or pos + rec_len > bs or rec_len < ((8 + name_len + 3) & ~3):
-                if bs == 65536 and rec_len in (0, 65535) and pos == 0:
+            if rec_len < 12 or rec_len & 3 or pos + rec_len > end or rec_len < ((8 + name_len + 3) & ~3):
+                if end == 65536 and rec_len in (0, 65535) and pos == 0:
                     rec_len = 65536
                 else:
                     raise CorruptImageError(_rec_len_problem(rec_len, name_len, pos, bs),
@@ -286,22 +291,63 @@ def _disk_rec_len(rec_len: int, bs: int) -> int:
 
 # -- a directory's blocks and their index -------------------------------------------------------
 def dir_blocks(vol: Volume, node: Inode) -> Iterator[tuple[int, memoryview]]:
-    """``(file block, view)`` for every block of directory ``node``; a hole is corruption."""
+    """``(file block, view)`` for every block of directory ``node``; a hole is corruption.
+    With metadata_csum every leaf's checksum tail is verified (htree nodes have their own)."""
     bs = vol.bs
     dev = vol.device
+    seed = inode_seed(vol.csum_seed, node.ino, node.generation) if vol.verify else None
+    indexed = bool(node.flags & L.FL_INDEX)
     for lblk, nblk, pblk in node.map.runs(0, node.size // bs):
         if not pblk:
             raise CorruptImageError(f"hole at block {lblk} of a directory", f"directory inode {node.ino}")
         for i in range(nblk):
-            yield lblk + i, dev.view((pblk + i) * bs, bs)
+            view = dev.view((pblk + i) * bs, bs)
+            if seed is not None:
+                verify_leaf(view, seed, bs, node.ino, lblk + i, indexed)
+            yield lblk + i, view
+
+
+#: The 12-byte tail that ends every directory leaf under metadata_csum (``ext4_dir_entry_tail``):
+#: inode 0, rec_len 12, name_len 0, file type 0xDE, then the checksum.
+DIR_TAIL = b"\0\0\0\0\x0c\0\0\xde"
+_U32 = struct.Struct("<I").unpack_from
+
+
+def verify_leaf(view: memoryview, seed: int, bs: int, ino: int, lblk: int, indexed: bool) -> None:
+    """Check a directory leaf's checksum tail. The nodes of an htree (block 0 of an indexed
+    directory, and blocks whose one entry is a fake spanning the block) carry their own."""
+    if bytes(view[bs - 12:bs - 4]) != DIR_TAIL:
+        if indexed and (lblk == 0 or (view[4] | view[5] << 8) in (0, bs)):
+            return
+        raise CorruptImageError("directory block has no checksum tail", _where(ino, lblk, bs - 12))
+    if crc32c_raw(seed, view[:bs - 12]) != _U32(view, bs - 4)[0]:
+        raise CorruptImageError("directory block checksum does not match", _where(ino, lblk, bs - 12))
+
+
+def inline_dir_blocks(vol: Volume, node: Inode) -> Iterator[tuple[int, bytes | memoryview]]:
+    """The regions of an inline directory as :func:`index_directory` reads them: ``.`` and
+    ``..`` (from the parent stored in ``i_block``) with the entries of ``i_block``, then those
+    of the ``system.data`` value."""
+    m = node.map
+    (_, n0, at0), (_, n1, at1) = m.pieces
+    dev = vol.device
+    head = bytes(dev.view(at0, n0))
+    parent = _U32(head, 0)[0]
+    dots = (_DOT_ENTRY.pack(node.ino, 12, 1, 2, b".") + _DOT_ENTRY.pack(parent, 12, 2, 2, b".."))
+    yield 0, dots + head[4:]
+    if n1:
+        yield 1, dev.view(at1, n1)
 
 
 def build_index(vol: Volume, node: Inode) -> DirIndex:
     bs = vol.bs
     where = f"directory inode {node.ino}"
-    if node.size == 0 or node.size % bs:
+    if node.flags & L.FL_INLINE_DATA and vol.inode_formats & L.FL_INLINE_DATA:
+        index = index_directory(inline_dir_blocks(vol, node), bs, vol.inodes_count, vol.filetype, node.ino)
+    elif node.size == 0 or node.size % bs:
         raise CorruptImageError(f"directory size {node.size} is not a multiple of the block size", where)
-    index = index_directory(dir_blocks(vol, node), bs, vol.inodes_count, vol.filetype, node.ino)
+    else:
+        index = index_directory(dir_blocks(vol, node), bs, vol.inodes_count, vol.filetype, node.ino)
     if node.ino == L.ROOT_INO and index.parent != L.ROOT_INO:
         raise CorruptImageError(f"'..' of the root points to inode {index.parent}", where)
     if index.parent != node.ino:

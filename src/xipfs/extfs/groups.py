@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
+from .csum import crc16, crc32c_raw
 
 if TYPE_CHECKING:
     from ..device import Device
@@ -13,64 +14,150 @@ if TYPE_CHECKING:
     from .volume import Volume
 
 _GD_HEAD = L.GROUP_DESC.span("bg_block_bitmap", "bg_flags")
+_GD_ITABLE_UNUSED = L.GROUP_DESC.codes["bg_itable_unused"]
+_GD_HI = L.GROUP_DESC_HI.select("bg_block_bitmap_hi", "bg_inode_bitmap_hi", "bg_inode_table_hi",
+                                "bg_free_blocks_count_hi", "bg_free_inodes_count_hi",
+                                "bg_used_dirs_count_hi", "bg_itable_unused_hi")
+_CSUM_AT = L.GROUP_DESC.offsets["bg_checksum"]
+_GD_CSUM = L.GROUP_DESC.codes["bg_checksum"]
 
 
 class GroupDesc:
-    """One decoded group descriptor (the fields ext2 uses; the rest kept as it was)."""
+    """One decoded group descriptor (the fields xipfs uses; the rest kept as it was)."""
 
     __slots__ = ("block_bitmap", "inode_bitmap", "inode_table", "free_blocks", "free_inodes",
-                 "used_dirs", "flags", "raw")
+                 "used_dirs", "flags", "itable_unused", "raw")
 
-    def __init__(self, fields: dict[str, int], raw: bytes) -> None:
-        self.block_bitmap = fields["bg_block_bitmap"]
-        self.inode_bitmap = fields["bg_inode_bitmap"]
-        self.inode_table = fields["bg_inode_table"]
-        self.free_blocks = fields["bg_free_blocks_count"]
-        self.free_inodes = fields["bg_free_inodes_count"]
-        self.used_dirs = fields["bg_used_dirs_count"]
-        self.flags = fields["bg_flags"]
+    def __init__(self, raw: bytes) -> None:
+        (self.block_bitmap, self.inode_bitmap, self.inode_table, self.free_blocks, self.free_inodes,
+         self.used_dirs, self.flags) = _GD_HEAD.unpack_from(raw, 0)
+        self.itable_unused = _GD_ITABLE_UNUSED.unpack_from(raw, L.GROUP_DESC.offsets["bg_itable_unused"])[0]
+        if len(raw) >= 64:                          # 64bit: the high halves
+            bb, ib, it, fb, fi, ud, iu = _GD_HI.unpack_from(raw, L.GROUP_DESC.size)
+            self.block_bitmap |= bb << 32
+            self.inode_bitmap |= ib << 32
+            self.inode_table |= it << 32
+            self.free_blocks |= fb << 16
+            self.free_inodes |= fi << 16
+            self.used_dirs |= ud << 16
+            self.itable_unused |= iu << 16
         self.raw = raw
 
     def encode(self) -> bytes:
-        """The on-disk bytes, the fields after bg_flags kept as they were."""
+        """The on-disk bytes, the fields after bg_flags kept as they were (ext2's 32 bytes)."""
         self.raw = _GD_HEAD.pack(self.block_bitmap, self.inode_bitmap, self.inode_table,
                                  self.free_blocks, self.free_inodes, self.used_dirs,
                                  self.flags) + self.raw[_GD_HEAD.size:]
         return self.raw
 
 
-def read_group_descriptors(device: Device, sb: Superblock) -> list[GroupDesc]:
-    """Every group's descriptor, each checked against its group before anything trusts it."""
+def desc_checksum(sb: Superblock, g: int, raw: bytes | memoryview) -> int:
+    """What group ``g``'s descriptor checksum should be: crc32c (metadata_csum) or the crc16 of
+    uninit_bg, over the descriptor with its checksum field left out."""
+    n = len(raw)
+    if sb.metadata_csum:
+        crc = crc32c_raw(sb.csum_seed, g.to_bytes(4, "little"))
+        crc = crc32c_raw(crc, raw[:_CSUM_AT])
+        crc = crc32c_raw(crc, b"\0\0")
+        if n > _CSUM_AT + 2:
+            crc = crc32c_raw(crc, raw[_CSUM_AT + 2:])
+        return crc & 0xFFFF
+    crc = crc16(0xFFFF, sb.fields["s_uuid"])
+    crc = crc16(crc, g.to_bytes(4, "little"))
+    crc = crc16(crc, raw[:_CSUM_AT])
+    if n > _CSUM_AT + 2:
+        crc = crc16(crc, raw[_CSUM_AT + 2:])
+    return crc
+
+
+def desc_block(sb: Superblock, i: int) -> int:
+    """Where descriptor block ``i`` lives (``ext2fs_descriptor_block_loc2``): after the primary
+    superblock, or with meta_bg from ``s_first_meta_bg`` on, in the first group of its metagroup
+    (after that group's superblock copy, if any)."""
+    first = sb.s_first_data_block
+    if not sb.has_incompat(L.INCOMPAT_META_BG) or i < sb.s_first_meta_bg:
+        return first + 1 + i
+    g = i * (sb.block_size // sb.desc_size)
+    return sb.group_first_block(g) + (1 if sb.group_has_super(g) else 0)
+
+
+def read_group_descriptors(device: Device, sb: Superblock, verify: bool = True) -> list[GroupDesc]:
+    """Every group's descriptor, each checked against the filesystem (its own group without
+    flex_bg) and its checksum before anything trusts it."""
     bs = sb.block_size
-    size = L.GROUP_DESC.size
-    raw = device.view((sb.s_first_data_block + 1) * bs, sb.groups * size)
-    unpack = L.GROUP_DESC.unpack
+    size = sb.desc_size
+    per_block = bs // size
+    flex = sb.has_incompat(L.INCOMPAT_FLEX_BG)
+    csum = verify and (sb.metadata_csum or sb.gdt_csum)
+    uninit_ok = sb.metadata_csum or sb.gdt_csum
+    blocks = sb.s_blocks_count
     groups = []
+    raw = b""
     for g in range(sb.groups):
-        off = g * size
-        gd = GroupDesc(unpack(raw, off), bytes(raw[off:off + size]))
-        first, last = sb.group_first_block(g), sb.group_last_block(g)
+        i, k = divmod(g, per_block)
+        if k == 0:
+            blk = desc_block(sb, i)
+            if blk >= blocks:
+                raise CorruptImageError(f"descriptor block {i} at {blk} is past the end",
+                                        "group descriptors")
+            raw = bytes(device.view(blk * bs, bs))
+        desc = raw[k * size:(k + 1) * size]
+        gd = GroupDesc(desc)
         where = f"group descriptor {g}"
+        if csum and desc_checksum(sb, g, desc) != _GD_CSUM.unpack_from(desc, _CSUM_AT)[0]:
+            raise CorruptImageError("group descriptor checksum does not match", where)
+        first, last = sb.group_first_block(g), sb.group_last_block(g)
+        if flex:
+            first, last = sb.s_first_data_block + 1, blocks - 1
         for what, blk, n in (("block bitmap", gd.block_bitmap, 1),
                              ("inode bitmap", gd.inode_bitmap, 1),
                              ("inode table", gd.inode_table, sb.itable_blocks)):
             if not (first <= blk and blk + n - 1 <= last):
                 raise CorruptImageError(
-                    f"{what} at block {blk} is outside group {g} (blocks {first}..{last})", where)
+                    f"{what} at block {blk} is outside "
+                    + ("the filesystem" if flex else f"group {g}") + f" (blocks {first}..{last})", where)
         if gd.free_blocks > sb.s_blocks_per_group or gd.free_inodes > sb.s_inodes_per_group:
             raise CorruptImageError("free counts exceed the group size", where)
+        if not uninit_ok:
+            gd.flags &= ~(L.BG_INODE_UNINIT | L.BG_BLOCK_UNINIT)   # meaningless without a checksum
+            gd.itable_unused = 0
+        elif gd.itable_unused > sb.s_inodes_per_group:
+            raise CorruptImageError(f"{gd.itable_unused} unused inodes exceed the group's", where)
         groups.append(gd)
     return groups
+
+
+def super_and_gdt(sb: Superblock, g: int, reserved: bool = True) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of group ``g``'s superblock copy, descriptor blocks (classic or
+    meta_bg) and (``reserved``) reserved GDT blocks (``ext2fs_super_and_bgd_loc2``); empty when
+    it holds none."""
+    first = sb.group_first_block(g)
+    if first == 0 and sb.block_size == 1024:     # 1 KiB blocks with bigalloc: the boot block
+        first = 1
+    has_super = sb.group_has_super(g)
+    meta_bg = sb.has_incompat(L.INCOMPAT_META_BG)
+    out = []
+    if has_super:
+        classic = (sb.s_first_meta_bg if meta_bg
+                   else sb.desc_blocks + (sb.s_reserved_gdt_blocks if reserved else 0))
+        out.append((first, first + 1))
+    per_block = sb.block_size // sb.desc_size
+    m, k = divmod(g, per_block)
+    if not meta_bg or m < sb.s_first_meta_bg:
+        if has_super and classic:
+            out.append((first + 1, first + 1 + classic))
+    elif k in (0, 1, per_block - 1):
+        at = first + has_super
+        out.append((at, at + 1))
+    return out
 
 
 def metadata_zones(sb: Superblock, groups: list[GroupDesc]) -> tuple[list[int], list[int]]:
     """Sorted, merged ``[start, end)`` block ranges that hold metadata, never file data."""
     zones = [(0, sb.s_first_data_block + 1)]
-    reserved = sb.s_reserved_gdt_blocks if sb.has_compat(L.COMPAT_RESIZE_INODE) else 0
+    resize = sb.has_compat(L.COMPAT_RESIZE_INODE)
     for g, gd in enumerate(groups):
-        if sb.group_has_super(g):
-            first = sb.group_first_block(g)
-            zones.append((first, first + 1 + sb.desc_blocks + reserved))
+        zones.extend(super_and_gdt(sb, g, reserved=resize))
         zones.append((gd.block_bitmap, gd.block_bitmap + 1))
         zones.append((gd.inode_bitmap, gd.inode_bitmap + 1))
         zones.append((gd.inode_table, gd.inode_table + sb.itable_blocks))
@@ -88,7 +175,32 @@ def metadata_zones(sb: Superblock, groups: list[GroupDesc]) -> tuple[list[int], 
 
 def flush_group_descs(vol: Volume) -> None:
     """Store the descriptors whose counts changed since the last sync (``write_group_desc``)."""
-    base = (vol.first_data_block + 1) * vol.bs
+    sb = vol.sb
+    per_block = vol.bs // sb.desc_size
     for g in sorted(vol.dirty_groups):
-        vol.device.write(vol.groups[g].encode(), base + g * L.GROUP_DESC.size)
+        i, k = divmod(g, per_block)
+        vol.device.write(vol.groups[g].encode(), desc_block(sb, i) * vol.bs + k * sb.desc_size)
     vol.dirty_groups.clear()
+
+
+def statfs_overhead(vol: Volume) -> tuple[int, int]:
+    """``(metadata blocks, blocks held back from users)`` as Linux's statfs counts them: ext2's
+    ``ext2_statfs`` (superblock copies, descriptors, bitmaps, inode tables), or, for an image
+    with extents (which only the ext4 driver mounts), ``ext4_calculate_overhead`` (also the
+    reserved GDT blocks and the journal, or ``s_overhead_clusters`` when mke2fs stored it) and
+    ``s_resv_clusters`` (2 % of the clusters, at most 4096)."""
+    sb = vol.sb
+    ratio = sb.cluster_ratio
+    if not vol.extents:
+        return sb.s_first_data_block + sum(
+            (1 + sb.desc_blocks if sb.group_has_super(g) else 0) + 2 + sb.itable_blocks
+            for g in range(sb.groups)), 0
+    reserve = min(sb.s_blocks_count // ratio // 50, 4096) * ratio
+    if sb.s_overhead_clusters:
+        return sb.s_overhead_clusters * ratio, reserve
+    overhead = sb.s_first_data_block + sb.groups * (2 + sb.itable_blocks)
+    for g in range(sb.groups):
+        overhead += sum(b - a for a, b in super_and_gdt(sb, g))
+    if sb.has_compat(L.COMPAT_HAS_JOURNAL) and sb.s_journal_inum:
+        overhead += -(-vol.inode(sb.s_journal_inum).size // vol.bs)
+    return overhead, reserve

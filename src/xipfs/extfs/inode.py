@@ -8,6 +8,7 @@ out *runs*: ``(file block, count, device block)`` with device block 0 for a hole
 
 from __future__ import annotations
 
+import errno
 import stat as _stat
 import struct
 from stat import S_IFMT, S_IFREG, S_ISDIR, S_ISLNK, S_ISREG
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptImageError
 from . import layout as L
 from .bmap import BlockMapping, Run, block_map
+from .csum import crc32c_raw, inode_seed
 from .indirect import BlockMap, consecutive_pointers
 
 if TYPE_CHECKING:
@@ -192,11 +194,11 @@ class Inode:
         big = volume.isize >= 160
         if big:
             (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
-             i_block, generation, file_acl, size_high, _faddr, _blocks_hi, _acl_high, uid_hi,
+             i_block, generation, file_acl, size_high, _faddr, blocks_hi, acl_high, uid_hi,
              gid_hi, _csum, extra, _csum_hi, c_x, m_x, a_x, cr, cr_x, _vh, _pid) = _LARGE_UNPACK(raw, 0)
         else:
             (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
-             i_block, generation, file_acl, size_high, _faddr, _blocks_hi, _acl_high, uid_hi,
+             i_block, generation, file_acl, size_high, _faddr, blocks_hi, acl_high, uid_hi,
              gid_hi, _csum) = _BASE_UNPACK(raw, 0)
             extra = raw[128] | (raw[129] << 8) if volume.isize > 128 else 0
         self.volume = volume
@@ -204,12 +206,17 @@ class Inode:
         self.mode = mode
         self.uid = uid_lo | (uid_hi << 16)
         self.gid = gid_lo | (gid_hi << 16)
-        # Linux ext2 uses i_size_high only for regular files (it was i_dir_acl elsewhere).
-        self.size = size_lo | (size_high << 32) if S_ISREG(mode) else size_lo
+        # Linux ext2 uses i_size_high only for regular files (it was i_dir_acl elsewhere);
+        # ext4 with large_dir for directories too (``ext4_isize``).
+        self.size = size_lo | (size_high << 32) if S_ISREG(mode) or volume.large_dir else size_lo
         self.links = links
+        if volume.huge_file:                     # 48-bit i_blocks, in fs blocks when flagged
+            blocks |= blocks_hi << 32
+            if flags & L.FL_HUGE_FILE:
+                blocks *= volume.bs >> 9
         self.blocks = blocks
         self.flags = flags
-        self.file_acl = file_acl
+        self.file_acl = file_acl | (acl_high << 32) if volume.is64 else file_acl
         self.generation = generation
         self.dtime = dtime
         self.i_block = i_block
@@ -287,12 +294,17 @@ class Inode:
         return (b1 >> 8) & 0xFFF, (b1 & 0xFF) | ((b1 >> 12) & 0xFFF00)
 
     def check_format(self) -> None:
-        """Refuse an inode whose flags say its i_block is not an ext2 block map."""
-        foreign = self.flags & L.FL_FOREIGN_FORMAT
+        """Refuse an inode whose flags name a format its filesystem does not have (extents
+        on ext2, say), and an encrypted file or directory, whose bytes are ciphertext."""
+        foreign = self.flags & L.FL_FOREIGN_FORMAT & ~self.volume.inode_formats
         if foreign:
             names = [n for bit, n in L.FOREIGN_FLAG_NAMES.items() if foreign & bit]
             raise CorruptImageError(
-                f"inode flag {', '.join(names)} is not valid on ext2", f"inode {self.ino}")
+                f"inode flag {', '.join(names)} without the filesystem feature", f"inode {self.ino}")
+        if self.flags & L.FL_ENCRYPT:
+            raise OSError(errno.ENOKEY, f"inode {self.ino} is encrypted (fscrypt), and xipfs holds no keys")
+        if self.flags & L.FL_EXTENTS and self.flags & L.FL_INLINE_DATA:
+            raise CorruptImageError("inode flagged both extents and inline data", f"inode {self.ino}")
 
     @property
     def map(self) -> BlockMapping:
@@ -307,3 +319,29 @@ class Inode:
 
 
 _I_BLOCK = L.I_BLOCK.unpack
+
+
+_CSUM_LO_AT = _AT["i_checksum_lo"]
+_CSUM_HI_AT = _AT["i_checksum_hi"]
+_GENERATION_AT = _AT["i_generation"]
+_U16 = struct.Struct("<H").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+
+
+def verify_inode(vol: Volume, ino: int, raw: memoryview | bytes) -> None:
+    """Check inode ``ino``'s checksum (metadata_csum): 16 bits in a 128-byte inode, 32 when
+    ``i_extra_isize`` reaches ``i_checksum_hi``. An all-zero inode (never used) passes."""
+    isize = len(raw)
+    data = bytes(raw)
+    stored = _U16(data, _CSUM_LO_AT)[0]
+    has_hi = isize > 128 and _U16(data, 128)[0] >= 4
+    if has_hi:
+        stored |= _U16(data, _CSUM_HI_AT)[0] << 16
+        zeroed = (data[:_CSUM_LO_AT] + b"\0\0" + data[_CSUM_LO_AT + 2:_CSUM_HI_AT] + b"\0\0"
+                  + data[_CSUM_HI_AT + 2:])
+    else:
+        zeroed = data[:_CSUM_LO_AT] + b"\0\0" + data[_CSUM_LO_AT + 2:]
+    seed = inode_seed(vol.csum_seed, ino, _U32(data, _GENERATION_AT)[0])
+    crc = crc32c_raw(seed, zeroed)
+    if (crc if has_hi else crc & 0xFFFF) != stored and data.count(0) != isize:
+        raise CorruptImageError("inode checksum does not match", f"inode {ino}")

@@ -23,6 +23,7 @@ class Layout:
 
     def __init__(self, name: str, fields: list[tuple[str, str]]) -> None:
         self.name = name
+        self._declared = list(fields)
         #: ``(field, code, offset, size)`` of every declared field, padding included.
         self._slots: list[tuple[str, str, int, int]] = []
         self.offsets: dict[str, int] = {}
@@ -123,10 +124,32 @@ SUPERBLOCK = Layout("superblock", [
     ("s_last_orphan", "I"), ("s_hash_seed", "16s"), ("s_def_hash_version", "B"),
     ("s_jnl_backup_type", "B"), ("s_desc_size", "H"), ("s_default_mount_opts", "I"),
     ("s_first_meta_bg", "I"), ("s_mkfs_time", "I"), ("s_jnl_blocks", "68s"),
-    # 0x150: ext4 fields xipfs reads (everything after is preserved, never interpreted)
+    # 0x150: ext4 (the _hi words count only with 64bit)
     ("s_blocks_count_hi", "I"), ("s_r_blocks_count_hi", "I"), ("s_free_blocks_hi", "I"),
     ("s_min_extra_isize", "H"), ("s_want_extra_isize", "H"), ("s_flags", "I"),
+    ("s_raid_stride", "H"), ("s_mmp_update_interval", "H"), ("s_mmp_block", "Q"),
+    ("s_raid_stripe_width", "I"), ("s_log_groups_per_flex", "B"), ("s_checksum_type", "B"),
+    ("s_encryption_level", "B"), ("_", "B"), ("s_kbytes_written", "Q"),
+    ("s_snapshot_inum", "I"), ("s_snapshot_id", "I"), ("s_snapshot_r_blocks_count", "Q"),
+    ("s_snapshot_list", "I"), ("s_error_count", "I"), ("s_first_error_time", "I"),
+    ("s_first_error_ino", "I"), ("s_first_error_block", "Q"), ("s_first_error_func", "32s"),
+    ("s_first_error_line", "I"), ("s_last_error_time", "I"), ("s_last_error_ino", "I"),
+    ("s_last_error_line", "I"), ("s_last_error_block", "Q"), ("s_last_error_func", "32s"),
+    ("s_mount_opts", "64s"),
+    # 0x240
+    ("s_usr_quota_inum", "I"), ("s_grp_quota_inum", "I"), ("s_overhead_clusters", "I"),
+    ("s_backup_bgs0", "I"), ("s_backup_bgs1", "I"), ("s_encrypt_algos", "4s"),
+    ("s_encrypt_pw_salt", "16s"), ("s_lpf_ino", "I"), ("s_prj_quota_inum", "I"),
+    ("s_checksum_seed", "I"), ("s_wtime_hi", "B"), ("s_mtime_hi", "B"), ("s_mkfs_time_hi", "B"),
+    ("s_lastcheck_hi", "B"), ("s_first_error_time_hi", "B"), ("s_last_error_time_hi", "B"),
+    ("s_first_error_errcode", "B"), ("s_last_error_errcode", "B"), ("s_encoding", "H"),
+    ("s_encoding_flags", "H"), ("s_orphan_file_inum", "I"), ("_", "376s"),
+    # 0x3FC: crc32c of everything before (metadata_csum)
+    ("s_checksum", "I"),
 ])
+assert SUPERBLOCK.size == SUPERBLOCK_SIZE and SUPERBLOCK.offsets["s_checksum_seed"] == 0x270
+assert SUPERBLOCK.offsets["s_orphan_file_inum"] == 0x280
+assert SUPERBLOCK.offsets["s_log_groups_per_flex"] == 0x174
 
 GROUP_DESC = Layout("group descriptor", [
     ("bg_block_bitmap", "I"), ("bg_inode_bitmap", "I"), ("bg_inode_table", "I"),
@@ -135,6 +158,15 @@ GROUP_DESC = Layout("group descriptor", [
     ("bg_inode_bitmap_csum_lo", "H"), ("bg_itable_unused", "H"), ("bg_checksum", "H"),
 ])
 assert GROUP_DESC.size == 32
+#: With 64bit, descriptors of ``s_desc_size`` (64) bytes: the high halves after the 32 above.
+GROUP_DESC_HI = Layout("group descriptor (64bit half)", [
+    ("bg_block_bitmap_hi", "I"), ("bg_inode_bitmap_hi", "I"), ("bg_inode_table_hi", "I"),
+    ("bg_free_blocks_count_hi", "H"), ("bg_free_inodes_count_hi", "H"),
+    ("bg_used_dirs_count_hi", "H"), ("bg_itable_unused_hi", "H"), ("bg_exclude_bitmap_hi", "I"),
+    ("bg_block_bitmap_csum_hi", "H"), ("bg_inode_bitmap_csum_hi", "H"), ("bg_reserved", "I"),
+])
+assert GROUP_DESC_HI.size == 32
+GROUP_DESC_64 = Layout("group descriptor (64bit)", GROUP_DESC._declared + GROUP_DESC_HI._declared)
 
 #: The 128-byte inode (every inode) ...
 _INODE_BASE = [
@@ -228,13 +260,22 @@ COMPAT_SPARSE_SUPER2 = 0x200
 #: Others (lazy_bg, exclude_inode, snapshot_bitmap, fast_commit, orphan_file) name structures
 #: xipfs would not update, so their images are opened read-only.
 COMPAT_WRITABLE = 0x1 | 0x2 | COMPAT_HAS_JOURNAL | 0x8 | 0x10 | 0x20 | COMPAT_SPARSE_SUPER2 | 0x800
-#: Where sparse_super2 keeps its two backup groups (``s_backup_bgs``, past the fields decoded above).
-BACKUP_BGS_OFFSET = 0x24C
-BACKUP_BGS = Layout("s_backup_bgs", [("s_backup_bgs0", "I"), ("s_backup_bgs1", "I")])
+INCOMPAT_COMPRESSION = 0x1
 INCOMPAT_FILETYPE = 0x2
+INCOMPAT_RECOVER = 0x4
+INCOMPAT_JOURNAL_DEV = 0x8
 INCOMPAT_META_BG = 0x10
+INCOMPAT_EXTENTS = 0x40
 INCOMPAT_64BIT = 0x80
+INCOMPAT_MMP = 0x100
+INCOMPAT_FLEX_BG = 0x200
+INCOMPAT_EA_INODE = 0x400
+INCOMPAT_DIRDATA = 0x1000
+INCOMPAT_CSUM_SEED = 0x2000
 INCOMPAT_LARGEDIR = 0x4000
+INCOMPAT_INLINE_DATA = 0x8000
+INCOMPAT_ENCRYPT = 0x10000
+INCOMPAT_CASEFOLD = 0x20000
 COMPAT_IMAGIC = 0x2
 RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_LARGE_FILE = 0x2
@@ -242,11 +283,21 @@ RO_COMPAT_BTREE_DIR = 0x4
 RO_COMPAT_HUGE_FILE = 0x8
 RO_COMPAT_GDT_CSUM = 0x10
 RO_COMPAT_DIR_NLINK = 0x20
+RO_COMPAT_EXTRA_ISIZE = 0x40
+RO_COMPAT_BIGALLOC = 0x200
 RO_COMPAT_METADATA_CSUM = 0x400
+RO_COMPAT_SHARED_BLOCKS = 0x4000
+RO_COMPAT_VERITY = 0x8000
+RO_COMPAT_ORPHAN_PRESENT = 0x10000
 
-#: What xipfs reads: any other incompat bit refuses the image. (Linux's ext2 also reads
-#: meta_bg; xipfs does not, yet.)
-INCOMPAT_SUPPORTED = INCOMPAT_FILETYPE
+#: What xipfs reads: any other incompat bit refuses the image (compression, journal_dev,
+#: dirdata). A journal that needs recovery is replayed in memory (see journal.py).
+INCOMPAT_SUPPORTED = (INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG | INCOMPAT_EXTENTS
+                      | INCOMPAT_64BIT | INCOMPAT_MMP | INCOMPAT_FLEX_BG | INCOMPAT_EA_INODE
+                      | INCOMPAT_CSUM_SEED | INCOMPAT_LARGEDIR | INCOMPAT_INLINE_DATA
+                      | INCOMPAT_ENCRYPT | INCOMPAT_CASEFOLD)
+#: What xipfs writes: any other incompat bit allows read-only use (writing ext4 comes next).
+INCOMPAT_WRITABLE = INCOMPAT_FILETYPE
 #: What xipfs may write: any other ro_compat bit allows read-only use only.
 RO_COMPAT_SUPPORTED = RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_BTREE_DIR
 
@@ -265,6 +316,10 @@ FL_IMAGIC = 0x2000
 FL_HUGE_FILE = 0x40000
 FL_EXTENTS = 0x80000
 FL_INLINE_DATA = 0x10000000
+FL_ENCRYPT = 0x800
+FL_EA_INODE = 0x200000
+FL_VERITY = 0x100000
+FL_CASEFOLD = 0x40000000
 #: Group descriptor flags (ext4): inode table or block bitmap not initialised.
 BG_INODE_UNINIT = 0x1
 BG_BLOCK_UNINIT = 0x2

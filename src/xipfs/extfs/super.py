@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import layout as L
+from .csum import crc32c_raw
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -55,6 +56,15 @@ class Superblock:
     inodes_per_block: int = 0
     itable_blocks: int = 0
     addr_per_block: int = 0
+    #: Bytes per group descriptor: 32, or ``s_desc_size`` with 64bit.
+    desc_size: int = 32
+    #: Blocks per allocation cluster (bigalloc), else 1.
+    cluster_ratio: int = 1
+    #: metadata_csum: crc32c over every structure, from this seed (``S`` of the spec).
+    metadata_csum: bool = False
+    csum_seed: int = 0
+    #: uninit_bg (gdt_csum): a crc16 over each group descriptor only.
+    gdt_csum: bool = False
     #: Why this image may only be opened read-only ("" when it may be written).
     readonly_reason: str = ""
     #: With sparse_super2: the only groups besides 0 that hold backups (0 means none).
@@ -111,8 +121,11 @@ class Superblock:
         return group_has_super(group, self.has_ro_compat(L.RO_COMPAT_SPARSE_SUPER))
 
 
-def parse_superblock(raw: bytes, device_size: int) -> Superblock:
-    """Decode and validate the superblock at byte 1024; raise on anything that breaks the format."""
+def parse_superblock(raw: bytes, device_size: int, verify: bool = True) -> Superblock:
+    """Decode and validate the superblock at byte 1024; raise on anything that breaks the format.
+
+    With 64bit the counts' high words are folded in (``s_blocks_count`` is the whole count);
+    ``verify`` checks the superblock's own checksum (metadata_csum)."""
     if len(raw) < L.SUPERBLOCK_SIZE:
         raise CorruptImageError("image too small to hold a superblock", f"{device_size} bytes")
     f = L.SUPERBLOCK.unpack(raw)
@@ -121,12 +134,31 @@ def parse_superblock(raw: bytes, device_size: int) -> Superblock:
     if f["s_magic"] != L.EXT2_MAGIC:
         raise CorruptImageError(f"bad magic 0x{f['s_magic']:04x}, not an ext2/3/4 filesystem", where)
     _check_features(sb)
+    incompat, ro = f["s_feature_incompat"], f["s_feature_ro_compat"]
+    if ro & L.RO_COMPAT_METADATA_CSUM:
+        if f["s_checksum_type"] != 1:
+            raise CorruptImageError(f"checksum type {f['s_checksum_type']} is not crc32c", where)
+        if verify and crc32c_raw(0xFFFFFFFF, raw[:0x3FC]) != f["s_checksum"]:
+            raise CorruptImageError("superblock checksum does not match", where)
+        sb.metadata_csum = True
+        sb.csum_seed = (f["s_checksum_seed"] if incompat & L.INCOMPAT_CSUM_SEED
+                        else crc32c_raw(0xFFFFFFFF, f["s_uuid"]))
+    elif incompat & L.INCOMPAT_CSUM_SEED:
+        raise CorruptImageError("metadata_csum_seed without metadata_csum", where)
+    elif ro & L.RO_COMPAT_GDT_CSUM:
+        sb.gdt_csum = True
     if f["s_log_block_size"] > 6:
         raise CorruptImageError(f"block size log {f['s_log_block_size']} too large", where)
     bs = 1024 << f["s_log_block_size"]
-    if f["s_log_frag_size"] != f["s_log_block_size"]:
+    ratio = 1
+    if ro & L.RO_COMPAT_BIGALLOC:
+        if not f["s_log_block_size"] <= f["s_log_frag_size"] <= f["s_log_block_size"] + 16:
+            raise CorruptImageError(f"cluster size log {f['s_log_frag_size']} invalid", where)
+        ratio = 1 << (f["s_log_frag_size"] - f["s_log_block_size"])
+    elif f["s_log_frag_size"] != f["s_log_block_size"]:
         raise CorruptImageError("fragment size differs from block size", where)
-    expected_fdb = 1 if bs == 1024 else 0
+    sb.cluster_ratio = ratio
+    expected_fdb = 1 if bs == 1024 and ratio == 1 else 0
     if f["s_first_data_block"] != expected_fdb:
         raise CorruptImageError(
             f"first data block is {f['s_first_data_block']}, must be {expected_fdb}", where)
@@ -141,8 +173,19 @@ def parse_superblock(raw: bytes, device_size: int) -> Superblock:
             raise CorruptImageError(f"inode size {isize} invalid", where)
         if first_ino < L.GOOD_OLD_FIRST_INO:
             raise CorruptImageError(f"first inode {first_ino} below 11", where)
+    if incompat & L.INCOMPAT_64BIT:
+        for lo, hi in (("s_blocks_count", "s_blocks_count_hi"), ("s_r_blocks_count", "s_r_blocks_count_hi"),
+                       ("s_free_blocks_count", "s_free_blocks_hi")):
+            f[lo] |= f[hi] << 32
+        desc_size = f["s_desc_size"]
+        if not 64 <= desc_size <= 1024 or desc_size & (desc_size - 1):
+            raise CorruptImageError(f"group descriptor size {desc_size} invalid", where)
+    else:
+        desc_size = L.GROUP_DESC.size
     bpg, ipg = f["s_blocks_per_group"], f["s_inodes_per_group"]
-    if not 8 <= bpg <= min(8 * bs, 65528):
+    if ratio > 1 and bpg != f["s_frags_per_group"] * ratio:
+        raise CorruptImageError(f"{bpg} blocks per group is not {f['s_frags_per_group']} clusters", where)
+    if not 8 <= bpg // ratio <= min(8 * bs, 65528) or bpg % 8:
         raise CorruptImageError(f"{bpg} blocks per group out of range", where)
     ipb = bs // isize
     if not ipb <= ipg <= 8 * bs:
@@ -159,18 +202,23 @@ def parse_superblock(raw: bytes, device_size: int) -> Superblock:
             f"inode count {f['s_inodes_count']} is not {groups} groups x {ipg} inodes", where)
     if first_ino >= f["s_inodes_count"]:
         raise CorruptImageError(f"first inode {first_ino} beyond inode count", where)
-    desc_blocks = -(-groups // (bs // L.GROUP_DESC.size))
-    if f["s_first_data_block"] + 1 + desc_blocks > blocks:
+    desc_blocks = -(-groups // (bs // desc_size))
+    if incompat & L.INCOMPAT_META_BG:
+        if f["s_first_meta_bg"] > desc_blocks:
+            raise CorruptImageError(
+                f"first meta_bg {f['s_first_meta_bg']} past the {desc_blocks} descriptor blocks", where)
+    elif f["s_first_data_block"] + 1 + desc_blocks > blocks:
         raise CorruptImageError("group descriptors do not fit in the filesystem", where)
     if f["s_free_blocks_count"] > blocks or f["s_free_inodes_count"] > f["s_inodes_count"]:
         sb.warnings.append("free counts exceed totals")
     itable_blocks = -(-ipg * isize // bs)
-    if itable_blocks + 3 > bpg:
+    if itable_blocks + 3 > bpg and not incompat & L.INCOMPAT_FLEX_BG:
         raise CorruptImageError(f"inode table ({itable_blocks} blocks) does not fit a group", where)
-    if rev == 0 and (f["s_feature_compat"] or f["s_feature_incompat"] or f["s_feature_ro_compat"]):
+    if rev == 0 and (f["s_feature_compat"] or incompat or ro):
         sb.warnings.append("feature flags set on a revision 0 filesystem")
     sb.block_size = bs
     sb.groups = groups
+    sb.desc_size = desc_size
     sb.desc_blocks = desc_blocks
     sb.inode_size = isize
     sb.first_ino = first_ino
@@ -178,7 +226,7 @@ def parse_superblock(raw: bytes, device_size: int) -> Superblock:
     sb.itable_blocks = itable_blocks
     sb.addr_per_block = bs // 4
     if f["s_feature_compat"] & L.COMPAT_SPARSE_SUPER2:
-        sb.backup_bgs = L.BACKUP_BGS.struct.unpack_from(raw, L.BACKUP_BGS_OFFSET)
+        sb.backup_bgs = (f["s_backup_bgs0"], f["s_backup_bgs1"])
     return sb
 
 
@@ -190,9 +238,13 @@ def _check_features(sb: Superblock) -> None:
         names = feature_names(unknown_incompat, L.INCOMPAT_FEATURES, "I")
         raise UnsupportedFeatureError(
             "unsupported incompatible feature" + ("s" if len(names) > 1 else "") + ": "
-            + ", ".join(names) + " (xipfs reads and writes ext2)", tuple(names))
+            + ", ".join(names) + " (xipfs reads ext2 and ext4)", tuple(names))
+    ro_incompat = f["s_feature_incompat"] & ~L.INCOMPAT_WRITABLE
     unknown_ro = f["s_feature_ro_compat"] & ~L.RO_COMPAT_SUPPORTED
-    if unknown_ro:
+    if ro_incompat:
+        names = feature_names(ro_incompat, L.INCOMPAT_FEATURES, "I")
+        sb.readonly_reason = "ext4 feature " + ", ".join(names) + " (xipfs writes ext2 only, so far)"
+    elif unknown_ro:
         names = feature_names(unknown_ro, L.RO_COMPAT_FEATURES, "R")
         sb.readonly_reason = "read-only compatible feature " + ", ".join(names)
     elif f["s_feature_compat"] & L.COMPAT_HAS_JOURNAL:
@@ -215,8 +267,14 @@ def write_super(vol: Volume) -> None:
     """Store the superblock fields xipfs changes; every other byte stays as it was."""
     sb = vol.sb
     raw = bytearray(sb.raw)
+    f = sb.fields
     for name in _SB_MUTABLE:
-        L.SUPERBLOCK.pack_field(raw, name, sb.fields[name])
+        if name == "s_free_blocks_count":         # 64 bits with 64bit, split in two words
+            L.SUPERBLOCK.pack_field(raw, name, f[name] & 0xFFFFFFFF)
+            if f["s_feature_incompat"] & L.INCOMPAT_64BIT:
+                L.SUPERBLOCK.pack_field(raw, "s_free_blocks_hi", f[name] >> 32)
+            continue
+        L.SUPERBLOCK.pack_field(raw, name, f[name])
     sb.raw = bytes(raw)
     vol.device.write(sb.raw, L.SUPERBLOCK_OFFSET)
 

@@ -24,7 +24,7 @@ from ..errors import CorruptImageError
 from . import layout as L
 from .dir import DirIndex, DirSpace, build_index
 from .groups import metadata_zones, read_group_descriptors
-from .inode import Inode
+from .inode import Inode, verify_inode
 from .mount import mount, unmount
 from .super import Superblock, parse_superblock
 from .watch import TRIES, WriterWatch
@@ -36,15 +36,32 @@ INODE_CACHE_MAX = 1 << 17
 class Volume:
     """The ext2 filesystem on a device: the layer between blocks and files."""
 
-    def __init__(self, device: Device, readonly: bool = True) -> None:
+    def __init__(self, device: Device, readonly: bool = True, verify: bool = True) -> None:
         self.device = device
         if device.size < L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE:
             raise CorruptImageError("image too small to hold a superblock",
                                     f"{device.name}: {device.size} bytes")
         raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
-        self.sb: Superblock = parse_superblock(raw, device.size)
+        self.sb: Superblock = parse_superblock(raw, device.size, verify)
         self.readonly = readonly
         sb = self.sb
+        #: metadata_csum checksums are checked as structures are read (``verify=False``: not).
+        self.verify = verify and sb.metadata_csum
+        #: The filesystem's checksum seed (``S``), None when checksums are not verified.
+        self.csum_seed: int | None = sb.csum_seed if self.verify else None
+        #: ext4 formats in use (the per-inode ones are also flagged in each inode).
+        self.extents = sb.has_incompat(L.INCOMPAT_EXTENTS)
+        self.large_dir = sb.has_incompat(L.INCOMPAT_LARGEDIR)
+        self.huge_file = sb.has_ro_compat(L.RO_COMPAT_HUGE_FILE)
+        self.is64 = sb.has_incompat(L.INCOMPAT_64BIT)
+        #: The inode flags that may name a format here (``Inode.check_format``).
+        self.inode_formats = (
+            (L.FL_EXTENTS if self.extents else 0)
+            | (L.FL_INLINE_DATA if sb.has_incompat(L.INCOMPAT_INLINE_DATA) else 0)
+            | (L.FL_ENCRYPT if sb.has_incompat(L.INCOMPAT_ENCRYPT) else 0)
+            | (L.FL_EA_INODE if sb.has_incompat(L.INCOMPAT_EA_INODE) else 0)
+            | (L.FL_VERITY if sb.has_ro_compat(L.RO_COMPAT_VERITY) else 0)
+            | (L.FL_CASEFOLD if sb.has_incompat(L.INCOMPAT_CASEFOLD) else 0))
         self.bs = sb.block_size
         self.filetype = sb.has_incompat(L.INCOMPAT_FILETYPE)
         # geometry read on hot paths, kept as plain attributes
@@ -52,10 +69,14 @@ class Volume:
         self.inodes_count = sb.s_inodes_count
         self.isize = sb.inode_size
         self.first_data_block = sb.s_first_data_block
-        self.blocks_count = sb.s_blocks_count
+        self.blocks_count = sb.s_blocks_count    # 64 bits with 64bit
         self.bpg = sb.s_blocks_per_group
         self.zero_inode = bytes(self.isize)
-        self.groups = read_group_descriptors(device, self.sb)
+        self.groups = read_group_descriptors(device, self.sb, verify)
+        #: Per group, the inodes past which the table is unused (INODE_UNINIT, itable_unused):
+        #: ext4 may leave those slots uninitialised, so they read as free inodes.
+        self.itable_used = [0 if gd.flags & L.BG_INODE_UNINIT else self.ipg - gd.itable_unused
+                            for gd in self.groups]
         self._zone_starts, self._zone_ends = metadata_zones(self.sb, self.groups)
         self._inodes: dict[int, Inode] = {}
         #: Resolved paths, ``(path, follow) -> inode`` (``namei.resolve``).
@@ -134,9 +155,18 @@ class Volume:
         group, index = divmod(ino - 1, self.ipg)
         return self.groups[group].inode_table * self.bs + index * self.isize
 
-    def inode_raw(self, ino: int) -> memoryview:
-        """The on-disk bytes of inode ``ino``."""
-        return self.device.view(self.inode_offset(ino), self.isize)
+    def inode_raw(self, ino: int) -> memoryview | bytes:
+        """The on-disk bytes of inode ``ino`` (zeros for a slot ext4 has not initialised),
+        their checksum verified (metadata_csum)."""
+        if not 0 < ino <= self.inodes_count:
+            raise CorruptImageError(f"inode number {ino} out of range 1..{self.inodes_count}")
+        group, index = divmod(ino - 1, self.ipg)
+        if index >= self.itable_used[group]:
+            return self.zero_inode
+        raw = self.device.view(self.groups[group].inode_table * self.bs + index * self.isize, self.isize)
+        if self.verify:
+            verify_inode(self, ino, raw)
+        return raw
 
     def inode(self, ino: int) -> Inode:
         """Inode ``ino``, decoded once and cached."""

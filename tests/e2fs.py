@@ -158,6 +158,12 @@ class DInode:
     #: the IND/DIND/TIND blocks
     meta: list[int] = field(default_factory=list)
     fast_link: bool = False
+    #: i_flags (ext4: 0x80000 extents, 0x10000000 inline data)
+    flags: int = 0
+
+    @property
+    def inline(self) -> bool:
+        return bool(self.flags & 0x10000000)
 
 
 _STAT_RE = {
@@ -182,6 +188,8 @@ def parse_stat(text: bytes) -> DInode:
                   gid=int(user[2]) & 0xFFFFFFFF,
                   file_acl=int(acl[1]) if acl else 0)
     node.fast_link = b"Fast link dest:" in text
+    flags = re.search(rb"Flags: (0x[0-9a-f]+)", text)
+    node.flags = int(flags[1], 16) if flags else 0
     for title in (b"BLOCKS:\n", b"EXTENTS:\n"):        # block-mapped, or extents (ETB: tree blocks)
         if title not in text:
             continue

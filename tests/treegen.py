@@ -687,10 +687,11 @@ def check_content(fs, nodes: dict[bytes, Node]) -> None:
 
 
 def check_against_tree(fs, nodes: dict[bytes, Node], bs: int, *, xattrs: bool = True,
-                       root_extra=IMAGE_ROOT_EXTRA) -> None:
-    """Everything xipfs shows of ``fs`` against the recorded source tree."""
+                       root_extra=IMAGE_ROOT_EXTRA, inline: bool = False) -> None:
+    """Everything xipfs shows of ``fs`` against the recorded source tree (``inline``: an
+    inline_data image Linux wrote, see :func:`check_lstat`)."""
     check_names(fs, nodes, root_extra)
-    check_lstat(fs, nodes, bs)
+    check_lstat(fs, nodes, bs, inline=inline, times=not inline)
     check_hardlinks(fs, nodes)
     check_symlinks(fs, nodes)
     check_content(fs, nodes)

@@ -237,7 +237,7 @@ class Filesystem:
             st = node._stat = os.stat_result((
                 node.mode, node.ino, self._dev_id, node.links, node.uid, node.gid, node.size,
                 a // 1_000_000_000, m // 1_000_000_000, c // 1_000_000_000,
-                a / 1e9, m / 1e9, c / 1e9, a, m, c, self.volume.bs, node.blocks, rdev))
+                a / 1e9, m / 1e9, c / 1e9, a, m, c, self.volume.bs, node.st_blocks, rdev))
         return st
 
     def exists(self, path: PathArg) -> bool:

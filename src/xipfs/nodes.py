@@ -109,7 +109,7 @@ class Nodes:
         if S_ISCHR(mode) or S_ISBLK(mode):
             rdev = os.makedev(*node.rdev)
         return (node.ino, mode, node.links, node.uid, node.gid, rdev, node.size, self.block_size,
-                node.blocks, node.atime_ns, node.mtime_ns, node.ctime_ns)
+                node.st_blocks, node.atime_ns, node.mtime_ns, node.ctime_ns)
 
     def entries(self, d: Inode) -> list[tuple[bytes, int, int]]:
         """``(name, inode, file type)`` of every entry of directory ``d``, ``.`` and ``..``

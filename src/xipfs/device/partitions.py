@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ..errors import CorruptImageError
 from .base import SECTOR_SIZE, Device
 from .file import FileDevice
+from .sparse import SparseDevice, is_sparse
 
 __all__ = ["Partition", "PartitionTable", "partitions", "GPT_TYPE_NAMES", "MBR_TYPE_NAMES"]
 
@@ -150,8 +151,6 @@ class _Reader:
             self._data = memoryview(source).cast("B")
             self.size = len(self._data)
         else:
-            from .sparse import SparseDevice, is_sparse    # sparse imports detect: not at load time
-
             self._owned = self._device = SparseDevice(source) if is_sparse(source) else \
                 FileDevice(source, readonly=True)
             self.size = self._owned.size

@@ -63,19 +63,22 @@ class InlineMap:
         base = vol.inode_offset(inode.ino)
         raw = vol.inode_raw(inode.ino)
         at, extra = data_value(raw, vol.isize, inode.extra_isize, inode.ino)
-        if inode.size > IBLOCK_BYTES + extra:
-            raise CorruptImageError(f"size {inode.size} exceeds the {IBLOCK_BYTES + extra} inline bytes",
-                                    f"inode {inode.ino}")
-        #: ``(offset in the file, length, device offset)`` of the file's two pieces.
+        #: ``(offset in the file, length, device offset)`` of the file's two pieces. A file may
+        #: be longer than they are (``mke2fs -d`` makes a sparse file so): the rest reads as
+        #: zeros, as Linux's ``ext4_readpage_inline`` gives it.
         self.pieces = [(0, IBLOCK_BYTES, base + L.INODE.offsets["i_block"]), (IBLOCK_BYTES, extra, base + at)]
 
     def segments(self, pos: int, end: int) -> list[tuple[int, int, int]]:
-        """``(offset in the file, length, device offset)`` covering ``[pos, end)``."""
+        """``(offset in the file, length, device offset or -1 for zeros)`` covering ``[pos, end)``."""
         out = []
         for off, length, where in self.pieces:
             a, b = max(pos, off), min(end, off + length)
             if a < b:
                 out.append((a, b - a, where + a - off))
+        tail = IBLOCK_BYTES + self.pieces[1][1]
+        if end > tail:
+            a = max(pos, tail)
+            out.append((a, end - a, -1))
         return out
 
     def runs(self, first: int, last: int, limit: int | None = None) -> list[Run]:

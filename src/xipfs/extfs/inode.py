@@ -286,6 +286,16 @@ class Inode:
         return S_ISLNK(self.mode)
 
     @property
+    def st_blocks(self) -> int:
+        """``st_blocks`` as Linux reports it: ``i_blocks``, plus the size in sectors for a
+        regular file with inline data (``ext4_file_getattr``: so that tar and rsync do not take
+        it for a hole)."""
+        if (self.flags & L.FL_INLINE_DATA and S_ISREG(self.mode)
+                and self.volume.inode_formats & L.FL_INLINE_DATA):
+            return self.blocks + ((self.size + 511) >> 9)
+        return self.blocks
+
+    @property
     def rdev(self) -> tuple[int, int]:
         """``(major, minor)`` of a character or block device, in either encoding Linux uses."""
         b0, b1 = _I_BLOCK(self.i_block)[:2]

@@ -245,9 +245,8 @@ class JournalSuperblock:
         if fs_block_size is not None and fs_block_size != self.blocksize:
             out.append(("Journal block size", str(self.blocksize)))
         out.append(("Total journal blocks", str(self.maxlen)))
-        if self.fast_commit:
-            out.append(("Max transaction length", str(self.maxlen - self.fc_blocks)))
-            out.append(("Fast commit length", str(self.fc_blocks)))
+        out.append(("Max transaction length", str(self.maxlen - self.fc_blocks)))
+        out.append(("Fast commit length", str(self.fc_blocks)))
         if self.first != 1:
             out.append(("Journal first block", str(self.first)))
         out.append(("Journal sequence", f"0x{self.sequence:08x}"))

@@ -524,11 +524,16 @@ def rename(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> Non
 
 # -- looking names up (what Linux does in namei.c: the path walk) ------------------------------
 def readlink(vol: Volume, node: Inode) -> bytes:
-    """The target of symlink ``node`` (fast: in ``i_block``; slow: in its first block)."""
+    """The target of symlink ``node`` (fast: in ``i_block``; slow: in its first block; ext4
+    inline: in ``i_block`` and the inode's ``system.data``)."""
     size = node.size
     where = f"symlink inode {node.ino}"
-    acl_blocks = vol.bs // 512 if node.file_acl else 0
-    if 0 < size < 60 and node.blocks - acl_blocks == 0:
+    acl_blocks = vol.bs * vol.sb.cluster_ratio // 512 if node.file_acl else 0
+    if node.flags & L.FL_INLINE_DATA and vol.inode_formats & L.FL_INLINE_DATA:
+        if not 0 < size < vol.bs:
+            raise CorruptImageError(f"symlink length {size} invalid", where)
+        target = D.read_bytes(vol, node, 0, size)
+    elif 0 < size < 60 and node.blocks - acl_blocks == 0:
         target = node.i_block[:size]
     else:
         node.check_format()

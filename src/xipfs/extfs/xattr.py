@@ -39,6 +39,8 @@ _XATTR_ACL_ENTRY = struct.Struct("<HHI")
 
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 ACCESS_ACL = "system.posix_acl_access"
+#: Where ext4 keeps an inline inode's bytes past the first 60 (hidden, as Linux hides it).
+INLINE_DATA_XATTR = "system.data"
 DEFAULT_ACL = "system.posix_acl_default"
 #: Longest attribute name ``setxattr(2)`` takes, prefix included (XATTR_NAME_MAX): ERANGE beyond.
 XATTR_NAME_MAX = 255
@@ -466,6 +468,8 @@ def _read_xattrs(vol: Volume, node: Inode) -> list[tuple[str, bytes]]:
     if node.extra_isize:
         out.extend(inode_xattrs(vol.inode_raw(node.ino), vol.sb.inode_size,
                                 node.extra_isize, node.ino))
+        if node.flags & L.FL_INLINE_DATA:     # the data of an inline inode, not an attribute
+            out = [(k, v) for k, v in out if k != INLINE_DATA_XATTR]
     blk = node.file_acl
     if blk:
         vol.check_data_run(blk, 1, node.ino, "xattr block")

@@ -1,4 +1,4 @@
-"""xipfs: execute-in-place ext2 for Python.
+"""xipfs: execute-in-place ext2 and ext4 for Python.
 
 Open a real ext2 image and read it in place: on memory storage (tmpfs, hugetlbfs, DAX, POSIX
 shared memory) file data is copied once, straight from the storage into your buffer, with no
@@ -31,9 +31,15 @@ def __getattr__(name: str) -> object:
         from .extfs.check import Problem
 
         return Problem
+    if name in ("partitions", "unsparse"):        # whole disks and sparse images, on first use
+        from . import device
+
+        return getattr(device, name)
     raise AttributeError(f"module 'xipfs' has no attribute {name!r}")
 
 __all__ = [
+    "partitions",
+    "unsparse",
     "CorruptImageError",
     "Device",
     "DirEntry",

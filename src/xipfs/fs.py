@@ -19,7 +19,8 @@ import time
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from .device import Device, open_device
+from .device import Device
+from .device.detect import open_container
 from .errors import CorruptImageError, XipfsError, fs_error, named
 from .extfs import data as _data
 from .extfs import layout as L
@@ -65,14 +66,14 @@ class Filesystem:
     """An ext2 image opened with :func:`xipfs.open`. Use it as a context manager."""
 
     def __init__(self, device: Device, mode: str = "r", *, owns_device: bool = True,
-                 lock: bool = False) -> None:
+                 lock: bool = False, verify: bool = True) -> None:
         self.device = device
         self.mode = mode
         self._owns_device = owns_device
         try:
             if lock and mode == "r":
                 device.lock(exclusive=False)
-            self.volume = Volume(device, readonly=mode == "r")
+            self.volume = Volume(device, readonly=mode == "r", verify=verify)
         except BaseException:
             if owns_device:
                 with contextlib.suppress(OSError):   # the reason it failed is what to report
@@ -891,13 +892,19 @@ class ScandirIterator:
 
 
 def open(image: PathArg | Device, mode: str = "r", *, xip: bool | None = None,  # noqa: A001
-         cache_bytes: int | None = None, lock: bool = False) -> Filesystem:
-    """Open an ext2 image, ``"r"`` to read or ``"r+"`` to read and write.
+         cache_bytes: int | None = None, lock: bool = False, partition: int | None = None,
+         offset: int | None = None, verify: bool = True) -> Filesystem:
+    """Open an ext2 or ext4 image, ``"r"`` to read or ``"r+"`` to read and write (ext2).
 
     ``image`` is a path (an image file, a block device, a DAX device), a POSIX shared-memory
     name, or a :class:`~xipfs.device.Device`. Memory-backed storage (tmpfs, hugetlbfs, DAX,
     shared memory) is read and written in place (``fs.is_xip``); anything else goes through a
     bounded page cache of ``cache_bytes``. ``xip`` forces either path.
+
+    A whole disk: ``partition=N`` opens its partition N (MBR or GPT, numbered as Linux numbers
+    ``loop0pN``; see :func:`xipfs.partitions`), ``offset=`` the filesystem at that byte. An
+    Android sparse image is recognised by its magic and read through its chunk table.
+    ``verify=False`` skips ext4's metadata checksums (for forensic reading of a damaged image).
 
     One writer at a time: ``"r+"`` takes an exclusive lock on the image and fails with
     ``OSError(EBUSY)`` naming the holder. A reader that wants a consistent image passes
@@ -907,11 +914,14 @@ def open(image: PathArg | Device, mode: str = "r", *, xip: bool | None = None,  
         raise ValueError(f"invalid mode: {mode!r} (use 'r' or 'r+')")
     rw = "+" in mode
     owns = not isinstance(image, Device)
-    device = open_device(image, readonly=not rw, xip=xip, cache_bytes=cache_bytes)
-    return Filesystem(device, "r+" if rw else "r", owns_device=owns, lock=lock)
+    device = open_container(image, readonly=not rw, xip=xip, cache_bytes=cache_bytes,
+                            partition=partition, offset=offset)
+    owns = owns or device is not image
+    return Filesystem(device, "r+" if rw else "r", owns_device=owns, lock=lock, verify=verify)
 
 
-def check(image: PathArg | Device, *, progress: ProgressArg = None) -> list[Problem]:
+def check(image: PathArg | Device, *, progress: ProgressArg = None, partition: int | None = None,
+          offset: int | None = None) -> list[Problem]:
     """Check the ext2 image ``image`` read-only, as ``e2fsck -fn`` does; the problems found.
 
     Works on images too damaged to open (their group descriptors, say); only a superblock that
@@ -921,7 +931,8 @@ def check(image: PathArg | Device, *, progress: ProgressArg = None) -> list[Prob
     from .extfs.check import check_device
 
     owns = not isinstance(image, Device)
-    device = open_device(image, readonly=True)
+    device = open_container(image, readonly=True, partition=partition, offset=offset)
+    owns = owns or device is not image
     try:
         if owns:
             device.lock(exclusive=False)

@@ -154,3 +154,43 @@ def open_device(image: str | os.PathLike[str] | Device, *, readonly: bool,
     if cache_bytes is None:
         return PageCache(device)
     return PageCache(device, cache_bytes)
+
+
+def open_container(image: str | os.PathLike[str] | Device, *, readonly: bool, xip: bool | None = None,
+                   cache_bytes: int | None = None, partition: int | None = None,
+                   offset: int | None = None) -> Device:
+    """:func:`open_device`, then what the bytes are: an Android sparse image is read through its
+    chunk table (read-only), and ``partition`` (numbered as Linux numbers ``loop0pN``) or
+    ``offset`` (bytes) picks a filesystem out of a whole disk, as a window of the one device,
+    still XIP when the disk is in memory."""
+    from .partitions import partitions
+    from .sparse import SPARSE_MAGIC, SparseDevice
+    from .window import WindowDevice
+
+    if partition is not None and offset is not None:
+        raise ValueError("give partition or offset, not both")
+    owns = not isinstance(image, Device)
+    device = open_device(image, readonly=readonly, xip=xip, cache_bytes=cache_bytes)
+    try:
+        if device.size >= 4 and int.from_bytes(bytes(device.view(0, 4)), "little") == SPARSE_MAGIC:
+            if not readonly:
+                raise OSError(errno.EROFS, f"{device.name}: an Android sparse image is read-only "
+                              "(xipfs unsparse writes the raw image)")
+            device = SparseDevice(device, close_source=owns)
+            owns = True
+        if partition is not None:
+            part = partitions(device).number(partition)
+            if part.extended:
+                raise OSError(errno.EINVAL, f"partition {partition} is an extended partition, "
+                              "a container of others")
+            return WindowDevice(device, part.start, part.size, close_parent=owns,
+                                name=f"{device.name}, partition {partition}")
+        if offset:
+            if not 0 <= offset < device.size:
+                raise ValueError(f"offset {offset} is outside the image ({device.size} bytes)")
+            return WindowDevice(device, offset, close_parent=owns, name=f"{device.name} at {offset}")
+        return device
+    except BaseException:
+        if owns:
+            device.close()
+        raise

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import xipfs
 from xipfs import CorruptImageError
 from xipfs.device import MemoryDevice, open_device
-from xipfs.device.partitions import PartitionTable, partitions
+from xipfs.device.parttable import PartitionTable, partitions
 from xipfs.device.window import WindowDevice
 
 MiB = 1 << 20

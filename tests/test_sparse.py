@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import xipfs
 from xipfs import CorruptImageError
 from xipfs.device import MemoryDevice
-from xipfs.device.partitions import partitions
+from xipfs.device.parttable import partitions
 from xipfs.device.sparse import SparseDevice, is_sparse, unsparse
 from xipfs.device.window import WindowDevice
 

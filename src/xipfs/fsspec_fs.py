@@ -287,7 +287,7 @@ def _attach(fo: Any, writable: bool, target_protocol: str | None, target_options
     source = _local_source(fo, target_protocol)
     with _IMAGES_LOCK:
         if source is not None:
-            key = _identity(source)
+            key = (*_identity(source), open_kw.get("partition"), open_kw.get("offset"))
             image = _IMAGES.get(key)
             if image is None or image.closed or image.pid != os.getpid():
                 def opener(mode: str, source: str = source) -> Filesystem:
@@ -298,15 +298,17 @@ def _attach(fo: Any, writable: bool, target_protocol: str | None, target_options
                 raise ValueError(f"mode='r+' needs an image on local storage or in shared memory; "
                                  f"{fo!r} is not (use mode='r', or copy it there first)")
             if isinstance(fo, (str, os.PathLike, fsspec.core.OpenFile)):
-                key = ("remote", tokenize(fo, target_protocol, target_options))
+                key = ("remote", tokenize(fo, target_protocol, target_options, sorted(open_kw.items())))
             else:
                 key = ("object", id(fo), object())     # a file object: never shared
             image = _IMAGES.get(key)
             if image is None or image.closed or image.pid != os.getpid():
                 dev = _download(fo, target_protocol, target_options)
 
-                def opener(mode: str, dev: MemoryDevice = dev) -> Filesystem:
-                    return xipfs_open(dev, mode)
+                container = {k: v for k, v in open_kw.items() if k in ("partition", "offset", "verify")}
+
+                def opener(mode: str, dev: MemoryDevice = dev, kw: dict = container) -> Filesystem:
+                    return xipfs_open(dev, mode, **kw)
                 image = _IMAGES[key] = _Image(key, opener, repr(fo), False, dev)
         try:
             image.acquire(writable)
@@ -351,7 +353,8 @@ class Ext2FileSystem(AbstractFileSystem):
     ``fo``: the image (a path, a shared-memory name, an fsspec URL or open file); ``mode``:
     ``"r"`` or ``"r+"``; ``target_protocol``/``target_options``: how to reach a remote ``fo``;
     ``auto_mkdir``: make missing parent directories when opening a file for writing (as
-    LocalFileSystem's option); ``xip``/``cache_bytes``: passed to :func:`xipfs.open`.
+    LocalFileSystem's option); ``xip``/``cache_bytes``/``partition``/``offset``/``verify``:
+    passed to :func:`xipfs.open`.
     """
 
     protocol = "ext2"
@@ -359,7 +362,8 @@ class Ext2FileSystem(AbstractFileSystem):
 
     def __init__(self, fo: Any = "", mode: str = "r", target_protocol: str | None = None,
                  target_options: dict | None = None, auto_mkdir: bool = False,
-                 xip: bool | None = None, cache_bytes: int | None = None, **kwargs: Any) -> None:
+                 xip: bool | None = None, cache_bytes: int | None = None, partition: int | None = None,
+                 offset: int | None = None, verify: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if mode not in ("r", "r+"):
             raise ValueError(f"mode {mode!r} not understood (use 'r' or 'r+')")
@@ -370,7 +374,9 @@ class Ext2FileSystem(AbstractFileSystem):
         self.target_protocol = target_protocol
         self.target_options = target_options
         self.auto_mkdir = auto_mkdir
-        self._open_kw = {k: v for k, v in (("xip", xip), ("cache_bytes", cache_bytes)) if v is not None}
+        options = (("xip", xip), ("cache_bytes", cache_bytes), ("partition", partition), ("offset", offset),
+                   ("verify", verify))
+        self._open_kw = {k: v for k, v in options if v is not None}
         self._local = threading.local()
         self._closed = False
         self._image = _attach(fo, mode == "r+", target_protocol, target_options, self._open_kw)
@@ -1055,6 +1061,13 @@ class _WriteSide:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path!r}>"
+
+
+class Ext4FileSystem(Ext2FileSystem):
+    """The same, as protocol ``ext4`` (either protocol opens either format: the superblock says
+    which it is)."""
+
+    protocol = "ext4"
 
 
 class Ext2WriteFile(_WriteSide, io.BufferedWriter):

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    ctx = Context(args.command, getattr(args, "debug", False), getattr(args, "quiet", False))
+    ctx = Context(args.command, getattr(args, "debug", False), getattr(args, "quiet", False),
+                  partition=getattr(args, "partition", None), offset=getattr(args, "offset", None))
     try:
         try:
             args.func(ctx, args)

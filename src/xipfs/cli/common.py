@@ -4,12 +4,14 @@ and its one-line errors (:class:`Context`), a tree that is an image or a local d
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import contextlib
 import dataclasses
 import errno
 import os
 import posixpath
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -142,12 +144,54 @@ def about(spec: Spec, local: tuple[str, ...] = ()) -> Iterator[None]:
 class Context:
     """What one command run shares: its name, flags, exit status and the images it opened."""
 
-    def __init__(self, command: str, debug: bool = False, quiet: bool = False) -> None:
+    def __init__(self, command: str, debug: bool = False, quiet: bool = False, *,
+                 partition: int | None = None, offset: int | None = None) -> None:
         self.command = command
         self.debug = debug
         self.quiet = quiet
         self.status = 0
+        #: ``--partition N`` / ``--offset BYTES``: where the filesystem lies in every image named.
+        self.partition = partition
+        self.offset = offset
         self._open: dict[str, Any] = {}
+
+    @property
+    def where(self) -> dict[str, int | None]:
+        """``partition=`` and ``offset=`` for the library's open and check."""
+        return {"partition": self.partition, "offset": self.offset}
+
+    def shown(self, image: str) -> str:
+        """``image`` as errors about opening it name it: with its partition or offset, if any."""
+        if self.partition is not None:
+            return f"{image} (partition {self.partition})"
+        if self.offset:
+            return f"{image} (offset {self.offset})"
+        return image
+
+    def check_partition(self, image: str) -> None:
+        """With ``--partition N``: a :class:`CliError` listing the partitions when N is not one."""
+        if self.partition is None:
+            return
+        from ..device.partitions import partitions
+
+        try:
+            table = partitions(image if os.path.exists(image) else "/dev/shm/" + image.lstrip("/"))
+        except OSError as err:
+            raise CliError(image, reason(err), code=err.errno) from err
+        if table.label is None:
+            raise CliError(image, f"no partition table, so no partition {self.partition} "
+                                  "(a bare filesystem: leave out --partition)")
+        if any(p.number == self.partition for p in table):
+            return
+        have = ", ".join(f"{p.number} ({p.type_name or p.type}, {_human(p.size)})" for p in table)
+        raise CliError(image, f"no partition {self.partition} on this {table.label} disk; it has "
+                              + (f"partitions {have}" if have else "no partitions"))
+
+    def open_error(self, image: str, err: Exception) -> CliError:
+        """The one-line error for ``err`` met opening ``image`` (with --partition/--offset named)."""
+        if isinstance(err, OSError):
+            return CliError(self.shown(image), reason(err), code=err.errno)
+        return CliError(self.shown(image), str(err.args[0]) if err.args else str(err))
 
     @property
     def progress(self) -> bool | None:
@@ -189,12 +233,11 @@ class Context:
             raise CliError(image, os.strerror(errno.EISDIR), code=errno.EISDIR)
         from ..fs import open as xipfs_open
 
+        self.check_partition(image)
         try:
-            fs = xipfs_open(image, "r+" if writable else "r")
-        except OSError as err:
-            raise CliError(image, reason(err), code=err.errno) from err
-        except ValueError as err:
-            raise CliError(image, str(err)) from err
+            fs = xipfs_open(image, "r+" if writable else "r", **self.where)
+        except (OSError, ValueError, LookupError) as err:
+            raise self.open_error(image, err) from err
         self._open[key] = fs
         return fs
 
@@ -321,6 +364,48 @@ class Tree:
         if stat.S_ISDIR(st.st_mode):
             for name in self.listdir(top):
                 yield from self.walk_paths(self.join(top, name), follow_top=False)
+
+
+# -- --partition / --offset -------------------------------------------------------------------
+def partition_arg(text: str) -> int:
+    """``--partition``: a partition number as Linux numbers it (``2``; ``p2`` and ``loop0p2`` too)."""
+    m = re.fullmatch(r"(?:.*p)?(\d+)", text.strip())
+    if not m or not 1 <= int(m[1]) < 256:
+        raise argparse.ArgumentTypeError(f"invalid partition {text!r} (a number from 1, as in loop0p1)")
+    return int(m[1])
+
+
+def offset_arg(text: str) -> int:
+    """``--offset``: bytes (``1048576``), with a K/M/G suffix (``1M``), or 512-byte sectors (``2048s``)."""
+    t = text.strip()
+    try:
+        if t.lower().endswith("s") and t[:-1].isdigit():
+            return int(t[:-1]) * 512
+        if t.isdigit():
+            return int(t)
+        from .format import parse_size
+
+        return parse_size(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid offset {text!r} (bytes, with a K/M/G suffix, or sectors as 2048s)") from None
+
+
+def add_where(p: argparse.ArgumentParser) -> None:
+    """Give a subcommand ``--partition N`` and ``--offset BYTES`` (one or the other)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--partition", type=partition_arg, default=None, metavar="N",
+                   help="use partition N of a whole-disk image (MBR or GPT, numbered as Linux "
+                        "numbers loop0pN; see 'xipfs parts'); applies to every image named")
+    g.add_argument("--offset", type=offset_arg, default=None, metavar="BYTES",
+                   help="use the filesystem that starts at byte BYTES (K/M/G suffixes, or 2048s "
+                        "for sectors of 512 bytes); applies to every image named")
+
+
+def _human(n: int) -> str:
+    from .format import human_size
+
+    return human_size(n)
 
 
 # -- output -------------------------------------------------------------------------------------

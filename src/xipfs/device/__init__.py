@@ -10,7 +10,7 @@ from .file import FileDevice, PageCache
 from .memory import MemoryDevice
 
 #: Imported on first use (most programs never open a whole disk or a sparse image).
-_LAZY = {"Partition": "partitions", "PartitionTable": "partitions", "partitions": "partitions",
+_LAZY = {"Partition": "parttable", "PartitionTable": "parttable", "partitions": "parttable",
          "SparseDevice": "sparse", "is_sparse": "sparse", "unsparse": "sparse",
          "WindowDevice": "window"}
 

@@ -163,7 +163,7 @@ def open_container(image: str | os.PathLike[str] | Device, *, readonly: bool, xi
     chunk table (read-only), and ``partition`` (numbered as Linux numbers ``loop0pN``) or
     ``offset`` (bytes) picks a filesystem out of a whole disk, as a window of the one device,
     still XIP when the disk is in memory."""
-    from .partitions import partitions
+    from .parttable import partitions
     from .sparse import SPARSE_MAGIC, SparseDevice
     from .window import WindowDevice
 

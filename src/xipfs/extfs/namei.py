@@ -26,10 +26,12 @@ from . import data as D
 from . import layout as L
 from . import orphans
 from .dir import (
+    HTREE_LOOKUP_BLOCKS,
     DirSpace,
     dir_blocks,
     empty_dir_block,
     encode_entry,
+    htree_lookup,
     insert_into_block,
     rec_len_of,
     remove_from_block,
@@ -607,13 +609,28 @@ def _child_of_known(vol: Volume, path: str, follow: bool) -> Inode | None:
         parent = vol.inode(pino)
     if not S_ISDIR(parent.mode):
         return None
-    entry = (parent._dir or vol.dir_index(parent)).entries.get(tail)
+    entry = lookup(vol, parent, tail)
     if entry is None:
         return None
     child = vol.live_inode(entry[0], tail, f"directory inode {parent.ino}")
     if follow and S_ISLNK(child.mode):
         return None
     return child
+
+
+def lookup(vol: Volume, d: Inode, name: str) -> tuple[int, int] | None:
+    """``(inode, file type)`` of ``name`` in directory ``d``: from its in-memory index, or, for
+    a large indexed directory not read yet, through its htree (a few blocks)."""
+    index = d._dir
+    if index is None:
+        flags = d.flags
+        if flags & L.FL_CASEFOLD and vol.inode_formats & L.FL_CASEFOLD:
+            raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded (names match "
+                          "without regard to case there), which xipfs does not implement")
+        if flags & L.FL_INDEX and vol.readonly and d.size >= HTREE_LOOKUP_BLOCKS * vol.bs:
+            return htree_lookup(vol, d, name)
+        index = vol.dir_index(d)
+    return index.entries.get(name)
 
 
 def _walk(vol: Volume, path: str, follow: bool) -> Inode:
@@ -638,8 +655,7 @@ def _walk(vol: Volume, path: str, follow: bool) -> Inode:
             if len(stack) > 1:
                 stack.pop()
             continue
-        index = cur._dir or vol.dir_index(cur)
-        entry = index.entries.get(name)
+        entry = lookup(vol, cur, name)
         if entry is None:
             if len(name) > NAME_MAX // 4 and len(os.fsencode(name)) > NAME_MAX:
                 raise fs_error(errno.ENAMETOOLONG, path)

@@ -54,6 +54,7 @@ class Volume:
         self.large_dir = sb.has_incompat(L.INCOMPAT_LARGEDIR)
         self.huge_file = sb.has_ro_compat(L.RO_COMPAT_HUGE_FILE)
         self.is64 = sb.has_incompat(L.INCOMPAT_64BIT)
+        self.ea_inode = sb.has_incompat(L.INCOMPAT_EA_INODE)
         #: The inode flags that may name a format here (``Inode.check_format``).
         self.inode_formats = (
             (L.FL_EXTENTS if self.extents else 0)

@@ -10,6 +10,7 @@ import errno
 import os
 import struct
 import time
+from collections.abc import Callable
 from stat import S_IFMT, S_IMODE, S_ISDIR, S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING
 
@@ -50,8 +51,10 @@ EXT2_ACL_VERSION = L.EXT2_ACL_VERSION
 
 
 def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int,
-                  value_end: int, where: str) -> list[tuple[str, bytes]]:
-    """Decode the entry list at ``buf[start:end]``; values at ``value_base + e_value_offs``."""
+                  value_end: int, where: str,
+                  ea_value: Callable[[int, int], bytes] | None = None) -> list[tuple[str, bytes]]:
+    """Decode the entry list at ``buf[start:end]``; values at ``value_base + e_value_offs``, or
+    (ext4 ea_inode) in an inode of their own, read by ``ea_value(inode, size)``."""
     out: list[tuple[str, bytes]] = []
     pos = start
     while True:
@@ -67,16 +70,17 @@ def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int
         next_pos = pos + ((_ENTRY.size + name_len + 3) & ~3)
         if next_pos > end:
             raise CorruptImageError("xattr name runs past its region", f"{where} offset {pos}")
-        if inum:
-            raise CorruptImageError("xattr value in an inode (ea_inode) is not ext2", f"{where} offset {pos}")
+        if inum and ea_value is None:
+            raise CorruptImageError("xattr value in an inode without the ea_inode feature",
+                                    f"{where} offset {pos}")
         vstart = value_base + offs
-        if size and (vstart < value_base or vstart + size > value_end):
+        if size and not inum and (vstart < value_base or vstart + size > value_end):
             raise CorruptImageError(f"xattr value ({size} bytes at {offs}) outside its region",
                                     f"{where} offset {pos}")
         name = bytes(buf[pos + _ENTRY.size:pos + _ENTRY.size + name_len])
         prefix = L.XATTR_PREFIXES.get(index)
         if prefix is not None:
-            value = bytes(buf[vstart:vstart + size])
+            value = ea_value(inum, size) if inum and ea_value else bytes(buf[vstart:vstart + size])
             if index in (2, 3):
                 value = acl_to_xattr(value, where)
             else:
@@ -107,16 +111,18 @@ def acl_to_xattr(value: bytes, where: str) -> bytes:
     return b"".join(out)
 
 
-def inode_xattrs(raw: memoryview | bytes, isize: int, extra_isize: int, ino: int) -> list[tuple[str, bytes]]:
+def inode_xattrs(raw: memoryview | bytes, isize: int, extra_isize: int, ino: int,
+                 ea_value: Callable[[int, int], bytes] | None = None) -> list[tuple[str, bytes]]:
     """Attributes stored in the inode body, after ``i_extra_isize`` (empty when there are none)."""
     start = L.INODE.size + extra_isize
     first = start + L.XATTR_IBODY_HEADER.size
     if extra_isize == 0 or first > isize or _IBODY_MAGIC(raw, start)[0] != L.XATTR_MAGIC:
         return []
-    return parse_entries(raw, first, isize, first, isize, f"in-inode xattrs of inode {ino}")
+    return parse_entries(raw, first, isize, first, isize, f"in-inode xattrs of inode {ino}", ea_value)
 
 
-def block_xattrs(block: memoryview | bytes, bs: int, blk: int) -> list[tuple[str, bytes]]:
+def block_xattrs(block: memoryview | bytes, bs: int, blk: int,
+                 ea_value: Callable[[int, int], bytes] | None = None) -> list[tuple[str, bytes]]:
     """Attributes of an xattr block (header, entries from offset 32, values from the end)."""
     where = f"xattr block {blk}"
     magic, _refcount, nblocks, _hash, _csum = _HEADER.unpack_from(block, 0)
@@ -124,7 +130,7 @@ def block_xattrs(block: memoryview | bytes, bs: int, blk: int) -> list[tuple[str
         raise CorruptImageError(f"bad xattr block magic 0x{magic:08x}", where)
     if nblocks != 1:
         raise CorruptImageError(f"xattr block claims {nblocks} blocks", where)
-    return parse_entries(block, _HEADER.size, bs, 0, bs, where)
+    return parse_entries(block, _HEADER.size, bs, 0, bs, where, ea_value)
 
 
 # -- the write side -----------------------------------------------------------------------------
@@ -465,13 +471,29 @@ def read_xattrs(vol: Volume, node: Inode) -> list[tuple[str, bytes]]:
 
 def _read_xattrs(vol: Volume, node: Inode) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
+    ea_value = (lambda inum, size: _ea_inode_value(vol, node, inum, size)) if vol.ea_inode else None
     if node.extra_isize:
         out.extend(inode_xattrs(vol.inode_raw(node.ino), vol.sb.inode_size,
-                                node.extra_isize, node.ino))
+                                node.extra_isize, node.ino, ea_value))
         if node.flags & L.FL_INLINE_DATA:     # the data of an inline inode, not an attribute
             out = [(k, v) for k, v in out if k != INLINE_DATA_XATTR]
     blk = node.file_acl
     if blk:
         vol.check_data_run(blk, 1, node.ino, "xattr block")
-        out.extend(block_xattrs(vol.device.view(blk * vol.bs, vol.bs), vol.bs, blk))
+        out.extend(block_xattrs(vol.device.view(blk * vol.bs, vol.bs), vol.bs, blk, ea_value))
     return out
+
+
+def _ea_inode_value(vol: Volume, node: Inode, inum: int, size: int) -> bytes:
+    """A value ext4 keeps in an inode of its own (ea_inode): that inode's data, all of it."""
+    where = f"xattr of inode {node.ino}"
+    if inum == node.ino or inum < vol.sb.first_ino:
+        raise CorruptImageError(f"xattr value in inode {inum}, which cannot hold one", where)
+    ea = vol.inode(inum)
+    if not ea.flags & L.FL_EA_INODE or not ea.is_reg or ea.links == 0:
+        raise CorruptImageError(f"xattr value in inode {inum}, which is not an xattr inode", where)
+    if ea.size != size:
+        raise CorruptImageError(f"xattr inode {inum} holds {ea.size} bytes, the entry says {size}", where)
+    from .data import read_bytes
+
+    return read_bytes(vol, ea, 0, size)

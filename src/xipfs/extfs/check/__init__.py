@@ -79,7 +79,7 @@ def check_device(device: Device, progress: ProgressArg = None) -> list[Problem]:
     """
     raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE)) \
         if device.size >= L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE else b""
-    return run(device, parse_superblock(raw, device.size), progress)
+    return run(device, parse_superblock(raw, device.size, verify=False), progress)
 
 
 def run(device: Device, sb: Superblock, progress: ProgressArg = None) -> list[Problem]:

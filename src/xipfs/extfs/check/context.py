@@ -95,6 +95,8 @@ class DirInfo(NamedTuple):
     #: logical blocks up to the last one mapped (holes between are reported in pass 2)
     nblocks: int
     htree: bool
+    #: its entries are in the inode (inline_data), not in blocks
+    inline: bool = False
 
 
 class XattrRef:
@@ -115,6 +117,8 @@ class Context:
         "dev", "sb", "f", "bs", "log_bs", "bpg", "ipg", "isize", "ngroups", "nblocks", "ninodes",
         "fdb", "first_ino", "desc_blocks", "itable_blocks", "apb", "unpack_map", "filetype",
         "piece_bytes", "problems", "run_chunks", "_buffer", "_fd",
+        # ext4: formats in use, checksums, clusters, inodes with their own rules
+        "extents", "inline", "csum", "gdt_csum", "csum_seed", "ratio", "special",
         # pass 0
         "gd", "bb_ok", "ib_ok", "it_ok", "meta", "used",
         # pass 1
@@ -145,6 +149,16 @@ class Context:
         self.apb: int = self.bs // 4
         self.unpack_map = struct.Struct(f"<{self.apb}I").unpack_from
         self.filetype: bool = sb.has_incompat(L.INCOMPAT_FILETYPE)
+        #: ext4: extent trees and inline data allowed; metadata_csum, uninit_bg; blocks per cluster
+        self.extents: bool = sb.has_incompat(L.INCOMPAT_EXTENTS)
+        self.inline: bool = sb.has_incompat(L.INCOMPAT_INLINE_DATA)
+        self.csum: bool = bool(getattr(sb, "metadata_csum", False))
+        self.gdt_csum: bool = self.csum or bool(getattr(sb, "gdt_csum", False))
+        self.csum_seed: int = getattr(sb, "csum_seed", 0) if self.csum else 0
+        self.ratio: int = getattr(sb, "cluster_ratio", 1) or 1
+        #: inodes past s_first_ino that no directory names (orphan file, quota files)
+        self.special: set[int] = {f.get(k, 0) for k in ("s_orphan_file_inum", "s_usr_quota_inum",
+                                                       "s_grp_quota_inum", "s_prj_quota_inum")} - {0}
         #: bytes of inode table read and scanned at a time (pass 1)
         self.piece_bytes = piece_bytes
         self.problems: list[P.Problem] = []

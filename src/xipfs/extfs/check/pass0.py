@@ -7,21 +7,29 @@ from __future__ import annotations
 from stat import S_IFREG
 
 from .. import layout as L
+from ..csum import crc32c_raw
+from ..groups import GroupDesc as ReadDesc
+from ..groups import desc_block, desc_checksum, super_and_gdt
 from . import problems as P
 from .context import (
     BG_BLOCK_UNINIT,
     BG_INODE_UNINIT,
-    GROUP_DESC,
     I_BLOCK,
     I_DIND,
     I_LINKS_COUNT,
     I_MODE,
     INODE,
-    RO_COMPAT_GDT_CSUM,
-    RO_COMPAT_METADATA_CSUM,
     Context,
     GroupDesc,
 )
+
+_CSUM_AT = L.GROUP_DESC.offsets["bg_checksum"]
+_SB_CSUM_AT = 0x3FC
+
+
+def u16(buf: bytes, offset: int) -> int:
+    """The little-endian 16-bit word at ``offset`` of ``buf``."""
+    return buf[offset] | buf[offset + 1] << 8
 
 
 def run(c: Context) -> None:
@@ -35,6 +43,11 @@ def run(c: Context) -> None:
 def check_superblock(c: Context) -> None:
     """Fields of the superblock that ``parse_superblock`` lets through but e2fsck rejects."""
     f, sb = c.f, c.sb
+    if c.csum:
+        raw = bytes(sb.raw)
+        want = crc32c_raw(0xFFFFFFFF, raw[:_SB_CSUM_AT])
+        if f["s_checksum"] != want:
+            c.report(P.SB_CSUM, value=f["s_checksum"], expect=want)
     if f["s_r_blocks_count"] > c.nblocks // 2:
         c.report(P.RESERVED_BLOCKS_COUNT, count=f["s_r_blocks_count"], blocks=c.nblocks)
     reserved = f["s_reserved_gdt_blocks"]
@@ -53,49 +66,70 @@ def check_superblock(c: Context) -> None:
 
 
 def read_group_descriptors(c: Context) -> None:
-    """Decode the descriptors; note (and leave aside) the structures outside their group."""
-    n = c.ngroups
-    size = L.GROUP_DESC.size
-    raw = bytes(c.view((c.fdb + 1) * c.bs, n * size))
-    c.gd = [GroupDesc._make(GROUP_DESC.unpack_from(raw, g * size)) for g in range(n)]
+    """Decode the descriptors (32 or 64 bytes, classic or meta_bg blocks); note bad checksums and
+    uninit flags, and leave aside the structures outside their group (or, with flex_bg, outside
+    the filesystem)."""
+    sb, n, bs = c.sb, c.ngroups, c.bs
+    size = getattr(sb, "desc_size", L.GROUP_DESC.size) or L.GROUP_DESC.size
+    per_block = bs // size
     c.bb_ok = [True] * n
     c.ib_ok = [True] * n
     c.it_ok = [True] * n
-    csum = c.sb.has_ro_compat(RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM)
+    c.gd = []
+    csum = c.gdt_csum
+    flex = sb.has_incompat(L.INCOMPAT_FLEX_BG)
     itb = c.itable_blocks
-    for g, d in enumerate(c.gd):
-        first, last = c.sb.group_first_block(g), c.sb.group_last_block(g)
-        where = f"group {g} (blocks {first}-{last})"
-        bb, ib, it = d.bg_block_bitmap, d.bg_inode_bitmap, d.bg_inode_table
-        if not first <= bb <= last:
-            c.report(P.BLOCK_BITMAP_OUTSIDE, block=bb, where=where)
-            c.bb_ok[g] = False
-        if not first <= ib <= last:
-            c.report(P.INODE_BITMAP_OUTSIDE, block=ib, where=where)
-            c.ib_ok[g] = False
-        if not (first <= it and it + itb - 1 <= last):
-            c.report(P.INODE_TABLE_OUTSIDE, block=it, where=where)
-            c.it_ok[g] = False
-        if not csum and (d.bg_flags & (BG_INODE_UNINIT | BG_BLOCK_UNINIT) or d.bg_itable_unused):
+    raw = b""
+    for g in range(n):
+        i, k = divmod(g, per_block)
+        if k == 0:
+            blk = desc_block(sb, i)
+            if blk >= c.nblocks:
+                c.report(P.DESC_BLOCK_OUTSIDE, block=blk, index=i)
+                raw = bytes(bs)
+            else:
+                raw = bytes(c.view(blk * bs, bs))
+        desc = raw[k * size:(k + 1) * size]
+        d = ReadDesc(desc)
+        flags, unused = d.flags, d.itable_unused
+        if csum:
+            stored = u16(desc, _CSUM_AT)
+            want = desc_checksum(sb, g, desc)
+            if stored != want:
+                c.report(P.GDT_CSUM, group=g, value=stored, expect=want)
+            if g == n - 1 and flags & BG_BLOCK_UNINIT:
+                c.report(P.BB_UNINIT_LAST, group=g)
+            if unused > d.free_inodes or unused > c.ipg:
+                c.report(P.ITABLE_UNUSED, group=g, value=unused, free=d.free_inodes)
+        elif flags & (BG_INODE_UNINIT | BG_BLOCK_UNINIT) or unused:
             c.report(P.GROUP_UNINIT, group=g)
-
-
-def super_and_gdt(c: Context, g: int) -> tuple[int, int]:
-    """``[start, end)`` of group ``g``'s superblock copy, descriptors and reserved GDT blocks
-    (empty when the group holds no backup)."""
-    if not c.sb.group_has_super(g):
-        return 0, 0
-    start = c.sb.group_first_block(g)
-    end = start + 1 + c.desc_blocks + c.f["s_reserved_gdt_blocks"]
-    return start, min(end, c.nblocks)
+            flags &= ~(BG_INODE_UNINIT | BG_BLOCK_UNINIT)   # meaningless without a checksum
+            unused = 0
+        c.gd.append(GroupDesc(d.block_bitmap, d.inode_bitmap, d.inode_table, d.free_blocks,
+                              d.free_inodes, d.used_dirs, flags, min(unused, c.ipg)))
+        first, last = sb.group_first_block(g), sb.group_last_block(g)
+        where = f"group {g} (blocks {first}-{last})"
+        if flex:
+            first, last = c.fdb, c.nblocks - 1
+            where = f"the filesystem (blocks {first}-{last})"
+        if not first <= d.block_bitmap <= last:
+            c.report(P.BLOCK_BITMAP_OUTSIDE, block=d.block_bitmap, where=where)
+            c.bb_ok[g] = False
+        if not first <= d.inode_bitmap <= last:
+            c.report(P.INODE_BITMAP_OUTSIDE, block=d.inode_bitmap, where=where)
+            c.ib_ok[g] = False
+        if not (first <= d.inode_table and d.inode_table + itb - 1 <= last):
+            c.report(P.INODE_TABLE_OUTSIDE, block=d.inode_table, where=where)
+            c.it_ok[g] = False
 
 
 def mark_metadata(c: Context) -> None:
     """Mark every metadata block as used (e2fsck's mark_table_blocks); overlaps are problems."""
     used = bytearray(c.nblocks)
     for g in range(c.ngroups):
-        a, b = super_and_gdt(c, g)
-        used[a:b] = bytes([1]) * (b - a)
+        for a, b in super_and_gdt(c.sb, g):
+            b = min(b, c.nblocks)
+            used[a:b] = bytes([1]) * max(0, b - a)
     itb = c.itable_blocks
     for g, d in enumerate(c.gd):
         it = d.bg_inode_table

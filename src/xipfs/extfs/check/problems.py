@@ -11,8 +11,10 @@ pass 0, superblock and group descriptors
     ``bad_superblock`` (a superblock field out of range), ``reserved_gdt_blocks`` (reserved GDT
     blocks without resize_inode), ``journal`` (an external journal named without has_journal),
     ``bad_group_descriptor`` (a bitmap or inode table outside its group), ``group_desc_uninit``
-    (uninit flags without uninit_bg), ``metadata_conflict`` (metadata structures overlapping),
-    ``resize_inode`` (the resize inode does not map the reserved GDT blocks).
+    (uninit flags without uninit_bg, BLOCK_UNINIT on the last group), ``metadata_conflict``
+    (metadata structures overlapping), ``resize_inode`` (the resize inode does not map the reserved
+    GDT blocks); ext4: ``superblock_csum``, ``group_desc_csum`` (checksums), ``itable_unused``
+    (more unused inodes than free ones).
 pass 1, inodes and blocks
     ``orphan_dtime``, ``zero_dtime``, ``dtime_set`` (deletion times), ``bad_inode_field`` (fields
     ext2 leaves zero), ``bad_flags``, ``extra_isize``, ``extra_time`` (pre-1970 times encoded as
@@ -21,20 +23,23 @@ pass 1, inodes and blocks
     ``special_file_size``, ``i_size``, ``i_blocks``, ``dir_empty``, ``htree`` (also pass 2: the
     index itself), ``bad_block`` (blocks outside the filesystem), ``metadata_collision`` (an
     indirect block on metadata), ``too_many_blocks`` (a loop in a block map), ``symlink_too_big``,
-    ``dir_too_big``.
+    ``dir_too_big``; ext4: ``inode_csum``, ``bad_extent`` (an extent tree that breaks the format),
+    ``extent_csum``, ``inline_data`` (no system.data), ``journal`` (the journal inode and its
+    superblock).
 pass 1b, blocks claimed twice
     ``dup_block``.
 pass 2, directories
     ``dir_hole``, ``bad_dir_entry`` (rec_len or name_len), ``bad_dot``, ``bad_dotdot``, ``dup_dot``,
     ``dup_dotdot``, ``link_to_dot``, ``link_to_root``, ``null_name``, ``bad_name``,
-    ``bad_inode_number``, ``unused_inode``, ``file_type``, ``dir_hardlink``, ``dup_entry``.
+    ``bad_inode_number``, ``unused_inode``, ``file_type``, ``dir_hardlink``, ``dup_entry``; ext4:
+    ``dir_csum`` (a leaf's checksum tail), ``htree`` (an index node's checksum too).
 pass 3, connectivity
     ``no_root``, ``unconnected_dir``, ``dir_loop``, ``dotdot_mismatch``.
 pass 4, link counts
     ``unattached_inode``, ``link_count``, ``dir_nlink``.
 pass 5, bitmaps and counts
     ``block_bitmap_differs``, ``inode_bitmap_differs``, ``bitmap_padding``, ``free_blocks_count``,
-    ``free_inodes_count``, ``dirs_count``, and the minor ``sb_free_blocks_count``,
+    ``free_inodes_count``, ``dirs_count``, ``bitmap_csum`` (ext4), and the minor ``sb_free_blocks_count``,
     ``sb_free_inodes_count`` (:data:`MINOR_CODES`).
 """
 
@@ -117,6 +122,15 @@ INODE_TABLE_CONFLICT = _kind("metadata_conflict", "group {group}'s inode table a
                              "filesystem metadata")
 BITMAP_CONFLICT = _kind("metadata_conflict", "group {group}'s {what} at {block} overlaps other filesystem "
                         "metadata")
+SB_CSUM = _kind("superblock_csum", "superblock checksum 0x{value:08x} does not match its contents "
+                "(0x{expect:08x})")
+DESC_BLOCK_OUTSIDE = _kind("bad_group_descriptor", "group descriptor block {index} at {block} is past the "
+                           "end of the filesystem")
+GDT_CSUM = _kind("group_desc_csum", "group {group} descriptor checksum is 0x{value:04x}, should be "
+                 "0x{expect:04x}")
+BB_UNINIT_LAST = _kind("group_desc_uninit", "the last group ({group}) is marked BLOCK_UNINIT")
+ITABLE_UNUSED = _kind("itable_unused", "group {group} has {value} unused inodes at the end of its table, "
+                      "more than its {free} free inodes")
 RESIZE_INODE_NOT_CLEAR = _kind("resize_inode", "resize_inode is off but the resize inode has blocks")
 RESIZE_INODE_INVALID = _kind("resize_inode", "the resize inode is invalid")
 
@@ -184,6 +198,14 @@ HTREE_BAD_ROOT = _kind("htree", "directory inode {ino} has an invalid htree root
 HTREE_HASH_VERSION = _kind("htree", "directory inode {ino} has unsupported hash version {version}")
 HTREE_ROOT_FLAGS = _kind("htree", "directory inode {ino} uses incompatible htree root flags")
 HTREE_TOO_DEEP = _kind("htree", "directory inode {ino} has an htree of {levels} levels, too deep")
+INODE_CSUM = _kind("inode_csum", "inode {ino} checksum does not match")
+EXTENT_BAD = _kind("bad_extent", "inode {ino} has an invalid extent tree: {why}")
+EXTENT_UNINIT_DIR = _kind("bad_extent", "directory inode {ino} has an unwritten extent at block {lblk}")
+EXTENT_CSUM = _kind("extent_csum", "extent block {block} of inode {ino} has a wrong checksum")
+INLINE_NO_ATTR = _kind("inline_data", "inode {ino} has inline data but no valid system.data attribute")
+INLINE_DIR_SIZE = _kind("i_size", "inline directory inode {ino} has size {size}, should be {expect}")
+JOURNAL_NOT_IN_USE = _kind("journal", "has_journal is on but journal inode {ino} is not in use")
+JOURNAL_BAD_SUPER = _kind("journal", "journal inode {ino} has an invalid journal superblock ({why})")
 # the block map walk
 BAD_BLOCKS = _kind("bad_block", "inode {ino} has illegal block(s) outside the filesystem: {blocks}")
 SYMLINK_TOO_BIG = _kind("symlink_too_big", "symlink inode {ino} maps block {lblk}")
@@ -245,6 +267,9 @@ HTREE_UNREFERENCED = _kind("htree", "htree directory inode {ino}: block {target}
 HTREE_LEAF_DEPTH = _kind("htree", "htree directory inode {ino}: leaf block {target} is at depth {depth}, "
                          "should be {expect}")
 
+DIR_CSUM = _kind("dir_csum", "directory inode {ino} block {lblk}: {why}")
+HTREE_CSUM = _kind("htree", "htree directory inode {ino}: block {lblk}: index checksum does not match")
+
 # -- pass 3: connectivity -------------------------------------------------------------------------
 NO_ROOT = _kind("no_root", "the root inode is not an allocated directory")
 UNCONNECTED_DIR = _kind("unconnected_dir", "directory inode {ino} is not connected to the tree ('..' "
@@ -268,6 +293,8 @@ BLOCK_BITMAP_PADDING = _kind("bitmap_padding", "padding at the end of group {gro
                              "set")
 INODE_BITMAP_PADDING = _kind("bitmap_padding", "padding at the end of group {group}'s inode bitmap is not "
                              "set")
+BLOCK_BITMAP_CSUM = _kind("bitmap_csum", "group {group}'s block bitmap checksum does not match")
+INODE_BITMAP_CSUM = _kind("bitmap_csum", "group {group}'s inode bitmap checksum does not match")
 GROUP_FREE_BLOCKS = _kind("free_blocks_count", "group {group} free blocks count is {value}, counted "
                           "{counted}")
 GROUP_FREE_INODES = _kind("free_inodes_count", "group {group} free inodes count is {value}, counted "

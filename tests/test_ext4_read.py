@@ -1,0 +1,267 @@
+"""ext4 read in place, beyond the generated-tree suite (which runs on nine mke2fs variants):
+what Linux itself writes (a large htree directory, unwritten extents, values in their own
+inodes), checksums caught and skipped, per-file refusals, and the doors and containers.
+
+The oracles are a Linux loop mount (the kernel writes the image, and reads it back for the
+expected answer), e2fsprogs, sfdisk and img2simg.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+from conftest import IS_ROOT, mounted
+from e2fs import SHM, debugfs_r, mkfs, run
+
+import xipfs
+from xipfs.extfs import layout as L
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ext4", numbered=True)
+    path = os.path.join(SHM, f"xipfs-ext4-{os.getpid()}")
+    os.makedirs(path, exist_ok=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+    del d
+
+
+def _small_tree(root: str) -> None:
+    os.makedirs(os.path.join(root, "d"), exist_ok=True)
+    with open(os.path.join(root, "hello"), "wb") as f:
+        f.write(b"hello ext4\n")
+    with open(os.path.join(root, "big"), "wb") as f:
+        f.write(os.urandom(3 << 20))
+    for i in range(40):
+        with open(os.path.join(root, "d", f"f{i}"), "wb") as f:
+            f.write(b"x" * i)
+
+
+@pytest.fixture(scope="module")
+def linux_image(work):
+    """An ext4 image written by Linux: a directory of 30,000 names (an htree of two levels), a
+    fallocated file written in part (unwritten extents), an xattr value in its own inode."""
+    if not IS_ROOT:
+        pytest.skip("the image is written through a loop mount, which needs root")
+    img = mkfs(os.path.join(work, "linux.img"), "160M", extra=("-N", "40000", "-O", "ea_inode"),
+               fstype="ext4")
+    with mounted(img, options="rw") as mnt:
+        os.mkdir(os.path.join(mnt, "many"))
+        for i in range(30000):
+            open(os.path.join(mnt, "many", f"entry-{i:05d}-{'x' * (i % 40)}"), "w").close()
+        fd = os.open(os.path.join(mnt, "prealloc"), os.O_CREAT | os.O_WRONLY)
+        os.posix_fallocate(fd, 0, 1 << 20)
+        os.pwrite(fd, b"W" * 5000, 300_000)
+        os.pwrite(fd, b"V" * 10, 900_000)
+        os.close(fd)
+        with open(os.path.join(mnt, "xattrs"), "w") as f:
+            f.write("x")
+        os.setxattr(os.path.join(mnt, "xattrs"), "user.large", b"L" * 30000)
+        os.setxattr(os.path.join(mnt, "xattrs"), "user.small", b"s")
+        with open(os.path.join(mnt, "prealloc"), "rb") as f:
+            want = f.read()
+    return img, want
+
+
+def test_htree_lookup_reads_a_few_blocks(linux_image):
+    img, _ = linux_image
+    with xipfs.open(img) as fs:
+        d = fs.volume.inode(fs.stat("/many").st_ino)
+        assert d.flags & L.FL_INDEX
+        for i in range(0, 30000, 997):
+            name = f"/many/entry-{i:05d}-{'x' * (i % 40)}"
+            assert fs.stat(name).st_size == 0
+        with pytest.raises(FileNotFoundError):
+            fs.stat("/many/entry-00001-")
+        assert d._dir is None                  # found through the index, never read whole
+        names = fs.listdir("/many")
+        assert len(names) == 30000 and len(set(names)) == 30000
+    with mounted(img) as mnt:
+        assert sorted(os.listdir(os.path.join(mnt, "many"))) == sorted(names)
+
+
+def test_unwritten_extents_read_as_zeros(linux_image):
+    img, want = linux_image
+    with xipfs.open(img) as fs:
+        assert fs.read_bytes("/prealloc") == want
+        assert want[300_000:305_000] == b"W" * 5000 and want[:100] == bytes(100)
+        runs = fs.block_runs("/prealloc")
+        assert any(p == 0 for _, _, p in runs)          # the unwritten parts are no storage
+        assert fs.get_xip_mem("/prealloc", 0) is None
+
+
+def test_xattr_values_in_their_own_inodes(linux_image):
+    img, _ = linux_image
+    with xipfs.open(img) as fs:
+        assert fs.getxattr("/xattrs", "user.large") == b"L" * 30000
+        assert sorted(fs.listxattr("/xattrs")) == ["user.large", "user.small"]
+
+
+def _ext4_image(work: str, name: str, *extra: str) -> str:
+    src = os.path.join(work, name + "-src")
+    if not os.path.isdir(src):
+        _small_tree(src)
+    return mkfs(os.path.join(work, name + ".img"), "64M", src=src, extra=extra, fstype="ext4")
+
+
+def _inode_offset(img: str, path: str) -> int:
+    out = debugfs_r(img, f"imap {path}").decode()
+    blk, off = (int(x, 0) for x in re.search(r"block (\d+), offset (0x[0-9a-f]+)", out).groups())
+    bs = int(re.search(r"Block size:\s+(\d+)", run(["dumpe2fs", "-h", img]).stdout.decode())[1])
+    return blk * bs + off
+
+
+def _flip(img: str, offset: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("what", ["superblock", "descriptor", "inode", "dir-leaf"])
+def test_checksums_caught_and_skipped(work, what):
+    img = _ext4_image(work, f"csum-{what}")
+    with xipfs.open(img) as fs:
+        dino = fs.stat("/d").st_ino
+        runs = fs.block_runs("/d")
+        bs = fs.block_size
+    if what == "superblock":
+        _flip(img, 1024 + L.SUPERBLOCK.offsets["s_mtime"])          # not a field anything checks
+    elif what == "descriptor":
+        _flip(img, (1 if bs == 1024 else 0) * bs + bs + L.GROUP_DESC.offsets["bg_used_dirs_count"])
+    elif what == "inode":
+        _flip(img, _inode_offset(img, "/hello") + L.INODE.offsets["i_mtime"])
+    else:
+        _flip(img, runs[0][2] * bs + 40)                              # inside a name
+    with pytest.raises(xipfs.CorruptImageError) as exc, xipfs.open(img) as fs:
+        fs.read_bytes("/hello")
+        fs.listdir("/d")
+    assert "checksum" in str(exc.value)
+    with xipfs.open(img, verify=False) as fs:                     # forensic reading
+        assert fs.read_bytes("/hello") == b"hello ext4\n"
+        assert fs.stat("/d").st_ino == dino
+
+
+def test_encrypted_file_refused_by_itself(work):
+    img = _ext4_image(work, "encrypt")
+    run(["tune2fs", "-O", "encrypt", img])
+    debugfs_r(img, "set_inode_field /hello flags 0x80800", write=True)
+    with xipfs.open(img, verify=False) as fs:
+        with pytest.raises(OSError) as exc:
+            fs.read_bytes("/hello")
+        assert exc.value.errno == errno.ENOKEY
+        assert len(fs.read_bytes("/big")) == 3 << 20             # the rest reads as ever
+
+
+def test_partitions_and_offsets_are_windows_of_one_mapping(work):
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk (Debian: fdisk) is not installed")
+    disk = os.path.join(work, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(100 << 20)
+    run(["sfdisk", "-q", disk], input=b"label: gpt\nsize=40M, type=L, name=root\ntype=L, name=data\n")
+    parts = xipfs.partitions(disk)
+    assert [p.number for p in parts] == [1, 2] and parts[0].name == "root"
+    src = os.path.join(work, "csum-none-src")
+    _small_tree(src)
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", src, "-E", f"offset={parts[1].start}", disk,
+         str(parts[1].size // 1024) + "k"])
+    with xipfs.open(disk, partition=2) as fs:
+        assert fs.is_xip
+        assert fs.read_bytes("/hello") == b"hello ext4\n"
+        view = fs.get_xip_mem("/hello", 0)
+        pblk = fs.block_runs("/hello")[0][2]
+        bs = fs.block_size
+    with open(disk, "rb") as f:
+        f.seek(parts[1].start + pblk * bs)
+        assert f.read(11) == bytes(view[:11])
+    with xipfs.open(disk, offset=parts[1].start) as fs:
+        assert sorted(fs.listdir("/")) == ["big", "d", "hello", "lost+found"]
+    with pytest.raises(LookupError):
+        xipfs.open(disk, partition=3)
+
+
+def test_sparse_image_reads_like_the_raw_one(work):
+    if shutil.which("img2simg") is None:
+        pytest.skip("img2simg (Debian: android-sdk-libsparse-utils) is not installed")
+    img = _ext4_image(work, "sparse")
+    simg = img + ".simg"
+    run(["img2simg", img, simg])
+    with xipfs.open(img) as raw, xipfs.open(simg) as sp:
+        for path in ("/hello", "/big", "/d/f33"):
+            assert sp.read_bytes(path) == raw.read_bytes(path)
+        assert sp.listdir("/d") == raw.listdir("/d")
+    with pytest.raises(OSError) as exc:
+        xipfs.open(simg, "r+")
+    assert exc.value.errno == errno.EROFS
+    xipfs.unsparse(simg, img + ".raw")
+    with open(img, "rb") as a, open(img + ".raw", "rb") as b:
+        assert hashlib.sha256(a.read()).digest() == hashlib.sha256(b.read()).digest()
+
+
+def test_fsspec_ext4_protocol(work):
+    fsspec = pytest.importorskip("fsspec")
+    img = _ext4_image(work, "fsspec")
+    with fsspec.open(f"ext4://hello::{img}", "rb") as f:
+        assert f.read() == b"hello ext4\n"
+    fs = fsspec.filesystem("ext4", fo=img)
+    assert sorted(fs.ls("/d", detail=False)) == sorted(f"d/f{i}" for i in range(40))
+
+
+def test_import_from_an_ext4_image(work):
+    src = os.path.join(work, "py-src")
+    os.makedirs(os.path.join(src, "pkg4"), exist_ok=True)
+    with open(os.path.join(src, "pkg4", "__init__.py"), "w") as f:
+        f.write("VALUE = 'from ext4'\n")
+    img = mkfs(os.path.join(work, "py.img"), "16M", src=src, fstype="ext4")
+    out = subprocess.run([sys.executable, "-c", "import xipfs, sys; sys.path.insert(0, sys.argv[1]); "
+                          "import pkg4; print(pkg4.VALUE, pkg4.__file__)", img + "/"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("from ext4 ")
+
+
+def test_writing_ext4_is_refused_naming_why(work):
+    img = _ext4_image(work, "rw")
+    with pytest.raises(OSError) as exc:
+        xipfs.open(img, "r+")
+    assert exc.value.errno == errno.EROFS and "extent" in str(exc.value)
+
+
+def test_casefolded_directory_refused_by_itself(work):
+    img = os.path.join(work, "casefold.img")
+    mkfs(img, "32M", extra=("-O", "casefold"), fstype="ext4")
+    if not IS_ROOT:
+        pytest.skip("the casefolded directory is made through a loop mount")
+    with mounted(img, options="rw") as mnt:
+        os.mkdir(os.path.join(mnt, "ci"))
+        r = subprocess.run(["chattr", "+F", os.path.join(mnt, "ci")], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"chattr +F failed: {r.stderr.decode().strip()}")
+        open(os.path.join(mnt, "ci", "Name"), "w").close()
+        open(os.path.join(mnt, "plain"), "w").close()
+    with xipfs.open(img) as fs:
+        assert fs.stat("/plain").st_size == 0
+        with pytest.raises(OSError) as exc:
+            fs.stat("/ci/name")
+        assert exc.value.errno == errno.EOPNOTSUPP and "casefold" in str(exc.value)
+
+
+def test_checksum_seed_struct():
+    """The raw CRC32C chains, as every checksum of ext4 relies on."""
+    from xipfs.extfs.csum import crc32c_raw
+
+    assert crc32c_raw(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283
+    assert crc32c_raw(crc32c_raw(7, b"abc"), memoryview(b"def")) == crc32c_raw(7, bytearray(b"abcdef"))
+    assert struct.calcsize("<I") == 4

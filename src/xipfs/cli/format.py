@@ -335,3 +335,32 @@ def plural(n: int, one: str, many: str) -> str:
 def to_json(obj: Any) -> str:
     """One JSON document, indented; names that are not valid UTF-8 keep their bytes as \\udcXX escapes."""
     return json.dumps(obj, indent=2)
+
+
+# -- ext2/3/4 superblock values, as blkid and dumpe2fs name them ---------------------------------
+#: Features an ext3 filesystem may have (libblkid's EXT3_FEATURE_*_SUPP); more makes it ext4.
+_EXT3_INCOMPAT = 0x2 | 0x4 | 0x10          # filetype, needs_recovery, meta_bg
+_EXT3_RO_COMPAT = 0x1 | 0x2 | 0x4          # sparse_super, large_file, btree_dir
+
+
+def ext_kind(compat: int, incompat: int, ro_compat: int) -> str:
+    """``"ext2"``, ``"ext3"`` or ``"ext4"``, decided from the feature words as blkid decides."""
+    if incompat & ~_EXT3_INCOMPAT or ro_compat & ~_EXT3_RO_COMPAT:
+        return "ext4"
+    return "ext3" if compat & 0x4 else "ext2"
+
+
+#: e2p_hash2string: the names of s_def_hash_version.
+HASH_NAMES = {0: "legacy", 1: "half_md4", 2: "tea", 6: "siphash"}
+#: print_super_flags: the bits of s_flags.
+SUPER_FLAGS = {0x1: "signed_directory_hash", 0x2: "unsigned_directory_hash", 0x4: "test_filesystem"}
+
+
+def kbytes_text(kb: int) -> str:
+    """``Lifetime writes`` as dumpe2fs prints s_kbytes_written: ``282 kB``, ``13 MB``, ``2 GB``."""
+    if kb < 1 << 13:
+        return f"{kb} kB"
+    for shift, unit in ((10, "MB"), (20, "GB"), (30, "TB")):
+        if kb < 1 << (shift + 13):
+            return f"{(kb + (1 << (shift - 1))) >> shift} {unit}"
+    return f"{(kb + (1 << 39)) >> 40} PB"

@@ -46,14 +46,20 @@ def _storage(fs: Any, image: str) -> str:
     return f"{kind}, {path}"
 
 
-def info_dict(fs: Any, image: str) -> dict[str, Any]:
+def _where_text(image: str, partition: int | None, offset: int | None) -> str:
+    if partition is not None:
+        return f"{image}, partition {partition}"
+    return f"{image} at byte {offset}" if offset else image
+
+
+def info_dict(fs: Any, image: str, partition: int | None = None, offset: int | None = None) -> dict[str, Any]:
     """What ``xipfs info --json`` prints (keys documented in the command's help)."""
     sb = fs.volume.sb
     f = sb.fields
     state = "clean" if f["s_state"] & 1 else "not clean"
     if f["s_state"] & 2:
         state += " with errors"
-    return {
+    d = {
         "image": image, "image_size": fs.device.size, "storage": _storage(fs, image), "xip": fs.is_xip,
         "label": sb.label, "uuid": sb.uuid, "revision": f["s_rev_level"], "features": sb.features,
         "state": state, "errors_behavior": _ERRORS_BEHAVIOR.get(f["s_errors"], str(f["s_errors"])),
@@ -68,32 +74,208 @@ def info_dict(fs: Any, image: str) -> dict[str, Any]:
         "mount_count": f["s_mnt_count"], "max_mount_count": f["s_max_mnt_count"],
         "writable": not sb.readonly_reason, "readonly_reason": sb.readonly_reason or None,
     }
+    d.update(ext4_dict(fs))
+    d["partition"] = partition
+    d["offset"] = fs.device.offset if partition is not None and hasattr(fs.device, "offset") else offset or 0
+    return d
+
+
+def ext4_dict(fs: Any) -> dict[str, Any]:
+    """The ext3/ext4 part of ``xipfs info``: what ``dumpe2fs -h`` shows beyond ext2's fields."""
+    from ..extfs import layout as L
+
+    sb = fs.volume.sb
+    f = sb.fields
+    csum_seed = bool(f["s_feature_incompat"] & L.INCOMPAT_CSUM_SEED)
+    return {
+        "type": F.ext_kind(f["s_feature_compat"], f["s_feature_incompat"], f["s_feature_ro_compat"]),
+        "flags": [name for bit, name in F.SUPER_FLAGS.items() if f["s_flags"] & bit],
+        "cluster_size": sb.block_size * sb.cluster_ratio,
+        "clusters_per_group": f["s_frags_per_group"],
+        "desc_size": sb.desc_size, "reserved_gdt_blocks": f["s_reserved_gdt_blocks"],
+        "first_meta_bg": f["s_first_meta_bg"],
+        "flex_bg_size": 1 << f["s_log_groups_per_flex"] if f["s_log_groups_per_flex"] else None,
+        "overhead_clusters": f["s_overhead_clusters"], "kbytes_written": f["s_kbytes_written"],
+        "min_extra_isize": f["s_min_extra_isize"], "want_extra_isize": f["s_want_extra_isize"],
+        "hash_version": F.HASH_NAMES.get(f["s_def_hash_version"], f"HASHALG_{f['s_def_hash_version']}"),
+        "hash_seed": _uuid_or_none(f["s_hash_seed"]),
+        "checksum_type": ("crc32c" if f["s_checksum_type"] == 1 else "unknown") if sb.metadata_csum else None,
+        "checksum": f["s_checksum"] if sb.metadata_csum else None,
+        "checksum_seed": f["s_checksum_seed"] if csum_seed else None,
+        "first_orphan": f["s_last_orphan"] or None,
+        "orphan_file_inode": f["s_orphan_file_inum"] or None,
+        "needs_recovery": bool(f["s_feature_incompat"] & L.INCOMPAT_RECOVER),
+        "journal": journal_dict(fs),
+    }
+
+
+def _uuid_or_none(raw: Any) -> str | None:
+    import uuid
+
+    raw = bytes(raw)
+    return str(uuid.UUID(bytes=raw)) if any(raw) else None
+
+
+def journal_dict(fs: Any) -> dict[str, Any] | None:
+    """The journal: where it is, its size, and (when readable) its superblock; None without one."""
+    from ..extfs import layout as L
+
+    vol = fs.volume
+    f = vol.sb.fields
+    if not vol.sb.has_compat(L.COMPAT_HAS_JOURNAL):
+        return None
+    d: dict[str, Any] = {
+        "inode": f["s_journal_inum"] or None, "device": f["s_journal_dev"] or None,
+        "uuid": _uuid_or_none(f["s_journal_uuid"]), "backup": f["s_jnl_backup_type"] == 1,
+        "size": None, "superblock": None, "error": None,
+    }
+    if not d["inode"]:
+        d["error"] = "external journal: not in this image"
+        return d
+    try:
+        from ..extfs.data import read_bytes
+
+        node = vol.inode(d["inode"])
+        d["size"] = node.size
+        raw = read_bytes(vol, node, 0, 1024)
+    except (OSError, ValueError) as err:
+        d["error"] = f"journal inode {d['inode']}: {err}"
+        return d
+    jsb, error = _journal_superblock(raw)
+    d["error"] = error
+    if jsb is not None:
+        d["superblock"] = {
+            "version": jsb.version, "block_size": jsb.blocksize, "blocks": jsb.maxlen, "first": jsb.first,
+            "sequence": jsb.sequence, "start": jsb.start, "errno": jsb.errno,
+            "features": jsb.feature_names(), "fast_commit_blocks": jsb.fc_blocks,
+            "users": jsb.nr_users, "checksum_type": jsb.checksum_type,
+            "checksum": jsb.checksum if jsb.csum_v2or3 else None, "checksum_ok": jsb.checksum_ok,
+            "needs_recovery": jsb.needs_recovery,
+            "lines": [list(row) for row in jsb.describe(vol.sb.block_size)],
+        }
+    return d
+
+
+def _journal_superblock(raw: bytes) -> tuple[Any, str | None]:
+    """The parsed journal superblock (None when the parser is not there or the block is not one)
+    and why it could not be read."""
+    try:
+        from ..extfs import journal
+    except ImportError:
+        return None, None
+    parse = getattr(journal, "parse_superblock", None)
+    if parse is None or not hasattr(journal, "JournalSuperblock"):
+        return None, None
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != getattr(journal, "JBD2_MAGIC", 0xC03B3998):
+        return None, f"no journal superblock (magic 0x{magic:08x})"
+    try:
+        jsb = parse(raw, verify=False)
+        needed = ("version", "blocksize", "maxlen", "first", "sequence", "start", "errno", "feature_names",
+                  "fc_blocks", "nr_users", "checksum_type", "checksum", "csum_v2or3", "checksum_ok",
+                  "needs_recovery", "describe")
+        if not all(hasattr(jsb, name) for name in needed):
+            return None, None
+        return jsb, None if jsb.checksum_ok else "journal superblock checksum does not match"
+    except (OSError, ValueError) as err:
+        return None, str(err)
+
+
+def _ext4_rows(d: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """The rows ``dumpe2fs -h`` adds for ext3/ext4: after the geometry, after the inode size, and
+    the Journal section."""
+    geometry: list[tuple[str, Any]] = []
+    if d["overhead_clusters"]:
+        geometry.append(("Overhead clusters", d["overhead_clusters"]))
+    bigalloc = "bigalloc" in d["features"]
+    if bigalloc:
+        geometry.append(("Cluster size", d["cluster_size"]))
+    if "64bit" in d["features"]:
+        geometry.append(("Group descriptor size", d["desc_size"]))
+    if d["reserved_gdt_blocks"]:
+        geometry.append(("Reserved GDT blocks", d["reserved_gdt_blocks"]))
+    if bigalloc:
+        geometry.append(("Clusters per group", d["clusters_per_group"]))
+    if d["first_meta_bg"]:
+        geometry.append(("First meta block group", d["first_meta_bg"]))
+    if d["flex_bg_size"]:
+        geometry.append(("Flex block group size", d["flex_bg_size"]))
+    more: list[tuple[str, Any]] = []
+    if d["kbytes_written"]:
+        more.append(("Lifetime writes", F.kbytes_text(d["kbytes_written"])))
+    if d["inode_size"] > 128:
+        more += [("Required extra isize", d["min_extra_isize"]), ("Desired extra isize", d["want_extra_isize"])]
+    j = d["journal"]
+    if j is not None and j["uuid"]:
+        more.append(("Journal UUID", j["uuid"]))
+    if j is not None and j["inode"]:
+        more.append(("Journal inode", j["inode"]))
+    if j is not None and j["device"]:
+        more.append(("Journal device", f"0x{j['device']:04x}"))
+    if d["first_orphan"]:
+        more.append(("First orphan inode", d["first_orphan"]))
+    if "dir_index" in d["features"] or d["hash_version"] != "legacy":
+        more.append(("Default directory hash", d["hash_version"]))
+    if d["hash_seed"]:
+        more.append(("Directory Hash Seed", d["hash_seed"]))
+    if j is not None and j["backup"]:
+        more.append(("Journal backup", "inode blocks"))
+    if d["checksum_type"]:
+        more += [("Checksum type", d["checksum_type"]), ("Checksum", f"0x{d['checksum']:08x}")]
+    if d["checksum_seed"] is not None:
+        more.append(("Checksum seed", f"0x{d['checksum_seed']:08x}"))
+    if d["orphan_file_inode"]:
+        more.append(("Orphan file inode", d["orphan_file_inode"]))
+    journal: list[tuple[str, Any]] = []
+    if j is not None:
+        if j["size"] is not None:
+            journal.append(("Journal size", f"{j['size']} bytes ({F.human_size(j['size'])})"))
+        if j["superblock"] is not None:
+            journal += [(k or "", v) for k, v in j["superblock"]["lines"]]
+        if j["error"]:
+            journal.append(("Journal superblock", f"unreadable: {j['error']}"))
+    return geometry, more, journal
 
 
 def cmd_info(ctx: Context, args: argparse.Namespace) -> None:
     spec = image_spec(args.image, "/")
     fs = ctx.fs(spec.image)
-    d = info_dict(fs, spec.image)
+    d = info_dict(fs, spec.image, ctx.partition, ctx.offset)
     if args.json:
         emit(F.to_json(d))
         return
     rev = {0: "0 (original)", 1: "1 (dynamic)"}.get(d["revision"], str(d["revision"]))
-    rows = [
+    ext2 = d["type"] == "ext2"
+    geometry, more, journal = ([], [], []) if ext2 else _ext4_rows(d)
+    head: list[tuple[str, Any]] = [
         ("Filesystem volume name", d["label"] or "<none>"), ("Filesystem UUID", d["uuid"]),
-        ("Filesystem revision #", rev), ("Filesystem features", " ".join(d["features"]) or "(none)"),
-        ("Filesystem state", d["state"]), ("Errors behavior", d["errors_behavior"]),
+        ("Filesystem revision #", rev), ("Filesystem features", " ".join(d["features"]) or "(none)")]
+    if not ext2:
+        head += [("Filesystem type", d["type"]), ("Filesystem flags", " ".join(d["flags"]) or "(none)")]
+    head += [("Filesystem state", d["state"])]
+    if not ext2:
+        recovery = "yes" if d["needs_recovery"] else "no"
+        jsb = (d["journal"] or {}).get("superblock")
+        if jsb is not None and jsb["start"] and not d["needs_recovery"]:
+            recovery += f" (but the journal starts at block {jsb['start']})"
+        head.append(("Needs recovery", recovery))
+    rows = [
+        *head, ("Errors behavior", d["errors_behavior"]),
         ("Inode count", d["inodes_count"]), ("Block count", d["blocks_count"]),
-        ("Reserved block count", d["reserved_blocks"]), ("Free blocks", d["free_blocks"]),
+        ("Reserved block count", d["reserved_blocks"]), *geometry[:1 if d["overhead_clusters"] else 0],
+        ("Free blocks", d["free_blocks"]),
         ("Free inodes", d["free_inodes"]), ("First block", d["first_data_block"]),
-        ("Block size", d["block_size"]), ("Inode size", d["inode_size"]), ("First inode", d["first_inode"]),
+        ("Block size", d["block_size"]), *geometry[1 if d["overhead_clusters"] else 0:],
+        ("Inode size", d["inode_size"]), ("First inode", d["first_inode"]),
         ("Blocks per group", d["blocks_per_group"]), ("Inodes per group", d["inodes_per_group"]),
         ("Inode blocks per group", d["inode_blocks_per_group"]), ("Block groups", d["groups"]),
         ("Filesystem created", F.ctime_text(d["created"] or 0)),
         ("Last mount time", F.ctime_text(d["mounted"] or 0)),
         ("Last write time", F.ctime_text(d["written"] or 0)),
         ("Mount count", d["mount_count"]), ("Maximum mount count", d["max_mount_count"]),
-        ("Last checked", F.ctime_text(d["checked"] or 0)),
-        ("Image", f"{d['image']} ({d['image_size']} bytes, {F.human_size(d['image_size'])})"),
+        ("Last checked", F.ctime_text(d["checked"] or 0)), *more, *journal,
+        ("Image", f"{_where_text(d['image'], d['partition'], d['offset'])} "
+                  f"({d['image_size']} bytes, {F.human_size(d['image_size'])})"),
         ("Storage", d["storage"]),
         ("Writable", "yes" if d["writable"] else f"no: {d['readonly_reason']}"),
     ]

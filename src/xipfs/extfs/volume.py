@@ -26,6 +26,7 @@ from .dir import DirIndex, DirSpace, build_index
 from .groups import metadata_zones, read_group_descriptors
 from .inode import Inode, verify_inode
 from .mount import mount, unmount
+from .recovery import needs_recovery, replay_journal
 from .super import Superblock, parse_superblock
 from .watch import TRIES, WriterWatch
 
@@ -36,12 +37,20 @@ INODE_CACHE_MAX = 1 << 17
 class Volume:
     """The ext2 filesystem on a device: the layer between blocks and files."""
 
-    def __init__(self, device: Device, readonly: bool = True, verify: bool = True) -> None:
-        self.device = device
+    def __init__(self, device: Device, readonly: bool = True, verify: bool = True,
+                 recover: bool = True) -> None:
         if device.size < L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE:
             raise CorruptImageError("image too small to hold a superblock",
                                     f"{device.name}: {device.size} bytes")
         raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
+        #: The journal was replayed (in memory, over the image: ``recovery.replay_journal``).
+        self.replayed = False
+        if recover and readonly and needs_recovery(raw):
+            replayed = replay_journal(device, verify)
+            self.replayed = replayed is not device
+            device = replayed
+            raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
+        self.device = device
         self.sb: Superblock = parse_superblock(raw, device.size, verify)
         self.readonly = readonly
         sb = self.sb

@@ -19,6 +19,7 @@ from typing import Any
 from .. import layout as L
 from . import problems as P
 from .context import (
+    BG_INODE_UNINIT,
     COMPAT_IMAGIC,
     FL_APPEND,
     FL_EXTENTS,
@@ -66,6 +67,14 @@ from .context import (
     nonzero_mask,
     u32,
 )
+from .ext4 import (
+    check_inode_csums,
+    check_journal,
+    extent_map,
+    has_extent_header,
+    inline_size,
+    symlink_block,
+)
 from .walk import COUNT, leaf_run, walk
 from .xattrs import XATTR_MAGIC, check_refcounts, inode_xattrs, xattr_block
 
@@ -79,6 +88,8 @@ _DTIME_AT = L.INODE.offsets["i_dtime"]
 _BLOCK_AT = L.INODE.offsets["i_block"]
 _EXTRA_AT = L.INODE.size                     # i_extra_isize, in large inodes
 _FAST_SYMLINK_MAX = 60                       # a target shorter than this is kept in i_block
+_CSUM_LO_AT = L.INODE_LARGE.offsets["i_checksum_lo"]
+_CSUM_HI_AT = L.INODE_LARGE.offsets["i_checksum_hi"]
 
 
 def run(c: Context, bar: Any) -> None:
@@ -93,12 +104,25 @@ def run(c: Context, bar: Any) -> None:
         for g in range(c.ngroups):
             if c.it_ok[g]:
                 start_of_table = c.gd[g].bg_inode_table * c.bs
-                for start in range(0, ipg, step):
-                    n = min(step, ipg - start)
+                count = scanned(c, g)
+                for start in range(0, count, step):
+                    n = min(step, count - start)
                     c.read_into(view[:n * isize], start_of_table + start * isize)
                     scan_piece(c, g * ipg + start, table, n)
             bar.update(ipg)
     check_refcounts(c)
+    check_journal(c)
+
+
+def scanned(c: Context, g: int) -> int:
+    """How many inodes of group ``g``'s table e2fsck reads: none in an INODE_UNINIT group, none
+    past the ``itable_unused`` last ones (uninit_bg and metadata_csum only)."""
+    d = c.gd[g]
+    if not c.gdt_csum:
+        return c.ipg
+    if d.bg_flags & BG_INODE_UNINIT:
+        return 0
+    return c.ipg - min(d.bg_itable_unused, c.ipg)
 
 
 def scan_piece(c: Context, base: int, table: bytearray, n: int) -> None:
@@ -126,6 +150,11 @@ def scan_piece(c: Context, base: int, table: bytearray, n: int) -> None:
     if reserved > 0:
         scan_reserved(c, base, table, used, reserved)
     c.iused[base + 1:base + n + 1] = used
+    if c.csum:
+        offs = (_CSUM_LO_AT, _CSUM_LO_AT + 1) + ((_CSUM_HI_AT, _CSUM_HI_AT + 1) if isize > 128 else ())
+        candidates = nonzero_mask(table, offs, isize, n) | links | modes
+        if candidates:
+            check_inode_csums(c, base, table, candidates.to_bytes(n, "little"))
     if reserved > 0:
         used = bytearray(used)
         used[:reserved] = bytes(reserved)
@@ -143,7 +172,7 @@ def scan_reserved(c: Context, base: int, table: bytearray, used: bytearray, coun
         used[i] = 1
         c.links[ino] = 0
         c.itype[ino] = 0
-        reserved_inode(c, ino, INODE.unpack_from(table, i * c.isize))
+        reserved_inode(c, ino, INODE.unpack_from(table, i * c.isize), table[i * c.isize:(i + 1) * c.isize])
 
 
 def check_deleted(c: Context, base: int, table: bytes | bytearray, suspects: bytes) -> None:
@@ -192,8 +221,10 @@ def scan_used(c: Context, base: int, table: bytes | bytearray, used: bytearray, 
     max_size = c.max_file_size()
     top = isize - 128
     report = c.report
-    REG, DIR = L.FT_REG, L.FT_DIR
-    odd_flags = FL_IMAGIC | FL_EXTENTS | FL_INLINE_DATA
+    REG, DIR, SYMLINK = L.FT_REG, L.FT_DIR, L.FT_SYMLINK
+    odd_flags = FL_IMAGIC | (0 if c.extents else FL_EXTENTS) | (0 if c.inline else FL_INLINE_DATA)
+    ext4_fl = (FL_EXTENTS if c.extents else 0) | (FL_INLINE_DATA if c.inline else 0)
+    ratio = c.ratio
     extra_ok = -1
     unpack = (INODE_LARGE if large else INODE).unpack_from
     if large:
@@ -223,8 +254,10 @@ def scan_used(c: Context, base: int, table: bytes | bytearray, used: bytearray, 
                         and negative_epoch(v):
                     report(P.EXTRA_TIME, ino)
         acl = v[I_FILE_ACL]
-        nclaimed = xattr_block(c, ino, acl) if acl else 0
-        if ft in (REG, DIR):
+        nclaimed = xattr_block(c, ino, acl) * ratio if acl else 0
+        if flags & ext4_fl and ft in (REG, DIR, SYMLINK):
+            nclaimed = ext4_file(c, ino, v, ft, bytes(table[off:off + isize]), nclaimed)
+        elif ft in (REG, DIR):
             blk = v[I_DIRECT]
             nz = 12 - blk.count(0)
             ind = v[I_IND]
@@ -306,10 +339,73 @@ def odd_fields(c: Context, ino: int, v: tuple[int, ...]) -> None:
         c.mark_bad(P.BLOCKS_HI, ino, value=v[I_BLOCKS_HI])
     if flags & FL_IMAGIC and not sb.has_compat(COMPAT_IMAGIC):
         c.report(P.IMAGIC_FLAG, ino)
-    if flags & FL_EXTENTS:
+    if flags & FL_EXTENTS and not c.extents:
         c.report(P.EXTENTS_FLAG, ino)
-    if flags & FL_INLINE_DATA:
+    if flags & FL_INLINE_DATA and not c.inline:
         c.report(P.INLINE_DATA_FLAG, ino)
+
+
+def ext4_file(c: Context, ino: int, v: tuple[int, ...], ft: int, raw: bytes, nclaimed: int) -> int:
+    """A file, directory or symlink with an extent tree or inline data (ext4); the blocks it
+    claims, ``nclaimed`` (its xattr block) included."""
+    flags = v[I_FLAGS]
+    size = v[I_SIZE] | v[I_SIZE_HIGH] << 32
+    if flags & FL_INDEX and ft != L.FT_DIR:
+        c.report(P.HTREE_FLAG_NOT_DIR, ino)
+    if flags & FL_INLINE_DATA and c.inline:
+        isz = inline_size(c, ino, raw)
+        if isz < 0:
+            c.report(P.INLINE_NO_ATTR, ino)
+        if ft == L.FT_DIR:
+            c.dirs.append(DirInfo(ino, [], 0, False, inline=True))
+            if isz >= 0 and size != isz:
+                c.report(P.INLINE_DIR_SIZE, ino, size=size, expect=isz)
+        elif ft == L.FT_SYMLINK and (v[I_SIZE_HIGH] or not size or flags & (FL_INDEX | FL_EXTENTS)
+                                     or size != isz):
+            c.mark_bad(P.BAD_SYMLINK, ino, size=size)
+        return nclaimed
+    if ft == L.FT_SYMLINK:
+        if size < _FAST_SYMLINK_MAX:
+            if not symlink_ok(c, v, raw, 0):
+                c.mark_bad(P.BAD_SYMLINK, ino, size=size)
+            return nclaimed
+        m = extent_map(c, ino, raw, ft)
+        blk = symlink_block(c, raw)
+        buf = bytes(c.block(blk)) if blk else b""
+        n = buf.find(0)
+        if v[I_SIZE_HIGH] or flags & FL_INDEX or not blk or n < 0 or n != size:
+            c.mark_bad(P.BAD_SYMLINK, ino, size=size)
+        return nclaimed + m.count
+    if not has_extent_header(raw):
+        c.report(P.EXTENT_BAD, ino, why="i_block holds no extent header")
+        if ft == L.FT_DIR:
+            c.dirs.append(DirInfo(ino, [], 1, False))
+        return nclaimed
+    m = extent_map(c, ino, raw, ft)
+    nclaimed += m.count
+    bs = c.bs
+    if ft == L.FT_DIR:
+        pairs = m.pairs or []
+        c.dirs.append(DirInfo(ino, pairs, max(m.last + 1, 1), bool(flags & FL_INDEX)))
+        if not nclaimed and m.ok:
+            c.report(P.DIR_EMPTY, ino)
+        if flags & FL_INDEX:
+            htree_root(c, ino, pairs[0][1] if pairs and pairs[0][0] == 0 else 0)
+        if v[I_SIZE_HIGH] and not c.sb.has_incompat(INCOMPAT_LARGEDIR):
+            c.mark_bad(P.DIR_SIZE_HIGH, ino, value=v[I_SIZE_HIGH])
+        size = v[I_SIZE] | (v[I_SIZE_HIGH] << 32 if c.sb.has_incompat(INCOMPAT_LARGEDIR) else 0)
+        if size & (bs - 1):
+            c.report(P.DIR_SIZE_ODD, ino, size=size)
+        elif m.ok:
+            nblock = size // bs
+            if nblock > m.last + 1 or m.last + 1 - nblock > c.f["s_prealloc_dir_blocks"]:
+                c.report(P.DIR_SIZE_BLOCKS, ino, size=size, reach=(m.last + 1) * bs)
+    else:
+        if m.last_init >= 0 and size < m.last_init * bs:
+            c.report(P.SIZE_BELOW_BLOCKS, ino, size=size, last=m.last_init)
+        elif size > (bs << 32) - 1:
+            c.report(P.SIZE_TOO_BIG, ino, size=size)
+    return nclaimed
 
 
 def extra_space(c: Context, ino: int, table: bytes | bytearray, off: int) -> None:
@@ -334,7 +430,7 @@ def negative_epoch(v: tuple[int, ...]) -> bool:
                 (v[I_ATIME], v[I_ATIME_EXTRA]), (v[I_CRTIME], v[I_CRTIME_EXTRA])))
 
 
-def reserved_inode(c: Context, ino: int, v: tuple[int, ...]) -> None:
+def reserved_inode(c: Context, ino: int, v: tuple[int, ...], raw: bytes | bytearray) -> None:
     """Inodes below s_first_ino but the root: bad blocks, resize, journal, quota, unused."""
     mode, nlinks = v[I_MODE], v[I_LINKS_COUNT]
     if ino in QUOTA_INOS or (ino == L.JOURNAL_INO and c.f["s_journal_inum"] != L.JOURNAL_INO):
@@ -344,7 +440,7 @@ def reserved_inode(c: Context, ino: int, v: tuple[int, ...]) -> None:
     if ino == L.JOURNAL_INO:
         if S_IFMT(mode) != S_IFREG:
             c.report(P.JOURNAL_NOT_REGULAR, ino)
-        reserved_blocks(c, ino, v, regular=True)
+        reserved_blocks(c, ino, v, regular=True, raw=raw)
         return
     if (ino == L.RESIZE_INO and mode and S_IFMT(mode) != S_IFREG) or (
             ino == 5 and S_IFMT(mode) == S_IFDIR) or (ino not in (5, L.RESIZE_INO) and mode):
@@ -352,9 +448,15 @@ def reserved_inode(c: Context, ino: int, v: tuple[int, ...]) -> None:
     reserved_blocks(c, ino, v, regular=S_IFMT(mode) == S_IFREG)
 
 
-def reserved_blocks(c: Context, ino: int, v: tuple[int, ...], regular: bool) -> None:
+def reserved_blocks(c: Context, ino: int, v: tuple[int, ...], regular: bool, raw: bytes | bytearray = b"") -> None:
     """The blocks of a reserved inode: the bad blocks list, the resize inode, the journal."""
-    nclaimed = xattr_block(c, ino, v[I_FILE_ACL]) if v[I_FILE_ACL] else 0
+    nclaimed = xattr_block(c, ino, v[I_FILE_ACL]) * c.ratio if v[I_FILE_ACL] else 0
+    if raw and c.extents and v[I_FLAGS] & FL_EXTENTS:
+        m = extent_map(c, ino, bytes(raw), L.FT_REG)
+        nclaimed += m.count
+        if v[I_BLOCKS] != nclaimed * (c.bs // 512):
+            check_i_blocks(c, ino, v, nclaimed)
+        return
     if ino == L.RESIZE_INO:
         w = walk(c, ino, v[I_BLOCK], L.FT_REG, COUNT)
         dind = v[I_DIND]

@@ -664,8 +664,8 @@ def test_pristine_image(images: Callable[[int], BaseImage], bs: int, xip: bool) 
 
 # -- not corruption: unsupported features -------------------------------------------------------
 @XIP
-@pytest.mark.parametrize("bits", [0x40, 0x80, 0x8000, 0x80000],
-                         ids=["extent", "64bit", "inline_data", "bit19"])
+@pytest.mark.parametrize("bits", [0x1, 0x8, 0x1000, 0x80000],
+                         ids=["compression", "journal_dev", "dirdata", "bit19"])
 def test_unsupported_incompat_feature(images: Callable[[int], BaseImage], scratch: str, bits: int,
                                       xip: bool) -> None:
     p = Patch(images(1024))
@@ -675,6 +675,17 @@ def test_unsupported_incompat_feature(images: Callable[[int], BaseImage], scratc
         xipfs.open(scratch, xip=xip)
     assert not isinstance(info.value, CorruptImageError)
     assert info.value.errno == errno.EOPNOTSUPP
+
+
+@XIP
+def test_64bit_without_a_descriptor_size(images: Callable[[int], BaseImage], scratch: str, xip: bool) -> None:
+    """64bit set on an image whose s_desc_size is 0: the descriptors cannot be found."""
+    p = Patch(images(1024))
+    p.sb("feature_incompat", p.sb_get("feature_incompat") | 0x80)
+    p.write(scratch)
+    with pytest.raises(CorruptImageError) as info:
+        xipfs.open(scratch, xip=xip)
+    assert "descriptor size" in str(info.value)
 
 
 @XIP

@@ -1,0 +1,349 @@
+"""``xipfs.check`` on ext4 against ``e2fsck -fn``: clean images give no problem, damaged ones the
+problem e2fsck finds.
+
+* clean: a small tree (a fragmented sparse file with an extent tree, an htree directory, slow and
+  fast symlinks) packed by ``mke2fs -t ext4 -d`` with the defaults and the usual variants (1 KiB
+  and 4 KiB blocks, 128-byte inodes, no 64bit/flex_bg, meta_bg, bigalloc, inline_data, uninit_bg,
+  metadata_csum_seed); with root, also an image Linux wrote through a loop mount (thousands of
+  files, an htree directory, interleaved appends and punched holes for deep extent trees,
+  fallocated unwritten extents);
+* damaged: one damage per image (extent trees, checksums, htree, inline data, group
+  descriptors, the journal superblock): e2fsck must report it in its own words and the check
+  with a problem of the matching code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from e2fs import debugfs_r, e2fsck, fsck, mkfs, run
+
+import xipfs
+
+pytestmark = pytest.mark.skipif(shutil.which("e2fsck") is None, reason="needs e2fsprogs")
+
+IS_ROOT = os.geteuid() == 0
+_CLEAN = re.compile(r"^(e2fsck \d|Pass \d|.*: \d+/\d+ files .*blocks$|$)")
+
+
+def fsck_found(rc: int, out: str) -> bool:
+    """Whether e2fsck reported any problem (an error exit, or a message it does not count)."""
+    return bool(rc) or any(not _CLEAN.match(line) for line in out.splitlines())
+
+
+def codes(path: str) -> set[str]:
+    return {p.code for p in xipfs.check(path, progress=False)}
+
+
+def assert_both_clean(path: str) -> None:
+    rc, out = fsck(path)
+    assert not fsck_found(rc, out), f"e2fsck -fn finds problems:\n{out}"
+    problems = xipfs.check(path, progress=False)
+    assert problems == [], problems[:10]
+
+
+def build_src(root: str) -> None:
+    """A small tree with what ext4 stores differently: a fragmented file, an htree directory..."""
+    os.makedirs(os.path.join(root, "dir"))
+    os.makedirs(os.path.join(root, "many"))
+    os.makedirs(os.path.join(root, "tiny"))
+    with open(os.path.join(root, "frag"), "wb") as f:
+        for i in range(40):                  # 40 extents: a tree block below the root
+            f.seek(i * 65536)
+            f.write(bytes([i + 1]) * 3000)
+    for i in range(30):
+        with open(os.path.join(root, "dir", f"entry_{i:03d}_" + "x" * 22), "w") as f:
+            f.write("hi")
+    for i in range(500):
+        open(os.path.join(root, "many", f"a-rather-long-file-name-{i:05d}"), "w").close()
+    with open(os.path.join(root, "tiny", "a"), "w") as f:
+        f.write("a")
+    with open(os.path.join(root, "small"), "w") as f:
+        f.write("small")
+    with open(os.path.join(root, "big"), "wb") as f:
+        f.write(os.urandom(300_000))
+    os.symlink("t" * 100, os.path.join(root, "slow"))
+    os.symlink("fast", os.path.join(root, "fast"))
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="xipfs-check4-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def src(workdir: str) -> str:
+    root = os.path.join(workdir, "src")
+    build_src(root)
+    return root
+
+
+# -- clean images ---------------------------------------------------------------------------------
+VARIANTS = [("-b", "4096"), ("-b", "1024"), ("-I", "128"), ("-O", "^64bit,^flex_bg"),
+            ("-b", "1024", "-O", "meta_bg,^resize_inode"), ("-O", "bigalloc", "-C", "16384"),
+            ("-b", "1024", "-O", "bigalloc", "-C", "16384"), ("-O", "inline_data"),
+            ("-O", "^metadata_csum,uninit_bg"), ("-O", "metadata_csum_seed"), ("-b", "2048", "-O", "^has_journal")]
+
+
+@pytest.mark.parametrize("opts", VARIANTS, ids=[" ".join(o) for o in VARIANTS])
+def test_mke2fs_variants_are_clean(src: str, workdir: str, opts: tuple[str, ...]) -> None:
+    """mke2fs -t ext4 -d, defaults and variants, then htree-indexed by e2fsck -fyD: nothing."""
+    path = os.path.join(workdir, "variant.img")
+    try:
+        mkfs(path, "48M", src=src, extra=opts, fstype="ext4")
+        assert_both_clean(path)
+        assert e2fsck(path, "-fyD")[0] in (0, 1)
+        assert_both_clean(path)
+    finally:
+        os.unlink(path)
+
+
+_KERNEL_SCRIPT = r"""
+set -e
+cp -a "$SRC"/. "$MNT"/
+mkdir "$MNT/huge"
+for i in $(seq 1 2500); do echo $i > "$MNT/huge/file-with-a-longish-name-$i"; done
+rm -f "$MNT"/huge/file-with-a-longish-name-1[0-9]*
+python3 - "$MNT" <<'PY'
+import os, sys
+m = sys.argv[1]
+fs = [open(f"{m}/inter{i}", "ab") for i in range(6)]
+for r in range(300):
+    for f in fs:
+        f.write(os.urandom(4096)); f.flush(); os.fsync(f.fileno())
+for f in fs:
+    f.close()
+with open(f"{m}/falloc", "wb") as f:
+    os.posix_fallocate(f.fileno(), 0, 3 << 20)
+    f.seek(1 << 20); f.write(b"x" * 10000)
+with open(f"{m}/punched", "wb") as f:
+    f.write(os.urandom(3000 * 1024))
+PY
+sync
+for i in $(seq 0 2 5998); do fallocate -p -o $((i*1024)) -l 1024 "$MNT/punched"; done
+fallocate -n -l 2M "$MNT/keep"
+ln -s "$(python3 -c 'print("x"*200)')" "$MNT/slowlink"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not IS_ROOT, reason="a loop mount needs root")
+@pytest.mark.parametrize("bs", [1024, 4096])
+def test_kernel_written_image_is_clean(src: str, workdir: str, bs: int) -> None:
+    """Written by Linux: many files, an htree directory, depth-2 extent trees, unwritten extents."""
+    path = os.path.join(workdir, f"kernel-{bs}.img")
+    mnt = os.path.join(workdir, "mnt")
+    os.makedirs(mnt, exist_ok=True)
+    mkfs(path, "96M", bs=bs, fstype="ext4")
+    try:
+        run(["mount", "-o", "loop", path, mnt])
+        try:
+            run(["bash", "-c", _KERNEL_SCRIPT], timeout=600, env={**os.environ, "SRC": src, "MNT": mnt})
+        finally:
+            run(["umount", mnt])
+        ex = debugfs_r(path, "ex /punched").decode()
+        assert re.search(r"^ ?[01]/ ?2 ", ex, re.M), "no depth-2 extent tree" if bs == 1024 else ex[:200]
+        assert_both_clean(path)
+    finally:
+        os.unlink(path)
+
+
+# -- damaged images -------------------------------------------------------------------------------
+@dataclass
+class Base:
+    path: str
+    bs: int
+
+
+def _base(workdir: str, src: str, name: str, bs: int, extra: tuple[str, ...]) -> Base:
+    path = os.path.join(workdir, name + ".img")
+    mkfs(path, "32M", src=src, bs=bs, extra=extra, fstype="ext4")
+    assert e2fsck(path, "-fyD")[0] in (0, 1)
+    return Base(path, bs)
+
+
+@pytest.fixture(scope="module")
+def bases(workdir: str, src: str) -> dict[str, Base]:
+    return {"csum": _base(workdir, src, "csum", 4096, ()),
+            "plain": _base(workdir, src, "plain", 1024, ("-O", "^metadata_csum")),
+            "inline": _base(workdir, src, "inline", 1024, ("-O", "inline_data,^metadata_csum"))}
+
+
+def dbg(path: str, request: str) -> str:
+    return debugfs_r(path, request).decode()
+
+
+def tree_block(path: str, file: str) -> int:
+    """The first extent tree block below the root of ``file`` (debugfs ``ex``)."""
+    m = re.search(r"^ ?0/ ?\d+ +1/ *\d+ +\d+ - +\d+ +(\d+)", dbg(path, f"ex {file}"), re.M)
+    assert m, dbg(path, f"ex {file}")
+    return int(m.group(1))
+
+
+def file_block(path: str, file: str, lblk: int = 0) -> int:
+    return int(dbg(path, f"bmap {file} {lblk}").split()[0])
+
+
+def inode_off(path: str, file: str, bs: int) -> int:
+    m = re.search(r"located at block (\d+), offset 0x([0-9a-f]+)", dbg(path, f"imap {file}"))
+    assert m
+    return int(m.group(1)) * bs + int(m.group(2), 16)
+
+
+def gdt_off(path: str, bs: int, group: int) -> int:
+    """Byte offset of ``group``'s descriptor (64 bytes with 64bit, as these images have)."""
+    return (1 if bs > 1024 else 2) * bs + 64 * group
+
+
+def patch(path: str, off: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+
+
+def xor(path: str, off: int, mask: int = 0x5A) -> None:
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)[0]
+        f.seek(off)
+        f.write(bytes([b ^ mask]))
+
+
+def debugfs_w(path: str, request: str) -> None:
+    debugfs_r(path, request, write=True)
+
+
+def _extent_magic(p: str, bs: int) -> None:
+    patch(p, tree_block(p, "/frag") * bs, b"\0\0")
+
+
+def _extent_order(p: str, bs: int) -> None:
+    blk = tree_block(p, "/frag")
+    off = blk * bs + 12 + 12 * 3                     # the fourth leaf entry starts where the second does
+    with open(p, "rb") as f:
+        f.seek(blk * bs + 12 + 12)
+        second = f.read(4)
+    patch(p, off, second)
+
+
+def _extent_past_end(p: str, bs: int) -> None:
+    blk = tree_block(p, "/frag")
+    patch(p, blk * bs + 12 + 12 * 2 + 8, struct.pack("<I", 10 ** 8))      # ee_start_lo
+
+
+def _root_magic(p: str, bs: int) -> None:
+    debugfs_w(p, "sif /big block[0] 0")
+
+
+def _inode_csum(p: str, bs: int) -> None:
+    xor(p, inode_off(p, "/small", bs) + 8)                                  # i_atime
+
+
+def _extent_csum(p: str, bs: int) -> None:
+    blk = tree_block(p, "/frag")
+    xor(p, blk * bs + 12 + 12 * ((bs - 12) // 12))
+
+
+def _dir_csum(p: str, bs: int) -> None:
+    xor(p, file_block(p, "/dir") * bs + bs - 2)
+
+
+def _gdt_csum(p: str, bs: int) -> None:
+    xor(p, gdt_off(p, bs, 0) + 0x1E)
+
+
+def _sb_csum(p: str, bs: int) -> None:
+    xor(p, 1024 + 0x3FC)
+
+
+def _htree_limit(p: str, bs: int) -> None:
+    patch(p, file_block(p, "/many") * bs + 0x20, struct.pack("<H", 100))
+
+
+def _htree_csum(p: str, bs: int) -> None:
+    blk = file_block(p, "/many")
+    limit, count = struct.unpack("<HH", open(p, "rb").read()[blk * bs + 0x20:blk * bs + 0x24])
+    xor(p, blk * bs + 0x20 + 8 * limit + 4)
+
+
+def _inline_dir_size(p: str, bs: int) -> None:
+    debugfs_w(p, "sif /tiny size 200")
+
+
+def _uninit_without_csum(p: str, bs: int) -> None:
+    off = gdt_off(p, bs, 1) + 0x12
+    patch(p, off, struct.pack("<H", 1))
+
+
+def _itable_unused(p: str, bs: int) -> None:
+    free = int(re.search(r"Free inodes: +(\d+)", run(["dumpe2fs", "-h", p]).stdout.decode()).group(1))
+    debugfs_w(p, f"set_bg 0 itable_unused {free + 5}")
+
+
+def _journal_magic(p: str, bs: int) -> None:
+    patch(p, file_block(p, "<8>") * bs, b"\0\0\0\0")
+
+
+@dataclass
+class Damage:
+    name: str
+    base: str
+    apply: Callable[[str, int], None]
+    codes: frozenset[str]
+    fsck: str
+
+
+DAMAGES = [
+    Damage("extent block magic", "plain", _extent_magic, frozenset({"bad_extent"}), r"extent"),
+    Damage("extents out of order", "plain", _extent_order, frozenset({"bad_extent"}),
+           r"extent|out of order|overlap"),
+    Damage("extent past the end", "plain", _extent_past_end, frozenset({"bad_extent"}),
+           r"invalid physical block|extent"),
+    Damage("extent root magic in the inode", "plain", _root_magic, frozenset({"bad_extent"}),
+           r"extent header|extent"),
+    Damage("inode checksum", "csum", _inode_csum, frozenset({"inode_csum"}), r"checksum does not match inode"),
+    Damage("extent block checksum", "csum", _extent_csum, frozenset({"extent_csum"}),
+           r"checksum does not match extent"),
+    Damage("directory leaf checksum", "csum", _dir_csum, frozenset({"dir_csum"}), r"fails checksum"),
+    Damage("group descriptor checksum", "csum", _gdt_csum, frozenset({"group_desc_csum"}),
+           r"descriptor checksums? (are|is) invalid|checksum is 0x"),
+    Damage("superblock checksum", "csum", _sb_csum, frozenset({"superblock_csum"}),
+           r"[Ss]uperblock checksum does not match"),
+    Damage("htree root limit", "csum", _htree_limit, frozenset({"htree"}), r"HTREE|has bad limit"),
+    Damage("htree root checksum", "csum", _htree_csum, frozenset({"htree"}), r"HTREE|htree|checksum"),
+    Damage("inline directory size", "inline", _inline_dir_size, frozenset({"i_size"}),
+           r"i_size is 200, should be"),
+    Damage("uninit flag without gdt_csum", "plain", _uninit_without_csum, frozenset({"group_desc_uninit"}),
+           r"marked uninitialized without feature set"),
+    Damage("itable_unused above the free inodes", "csum", _itable_unused, frozenset({"itable_unused"}),
+           r"itable unused count|unused inodes count"),
+    Damage("journal superblock magic", "csum", _journal_magic, frozenset({"journal"}),
+           r"invalid journal|journal superblock"),
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=[d.name for d in DAMAGES])
+def test_damage_found_by_both(bases: dict[str, Base], workdir: str, damage: Damage) -> None:
+    """e2fsck -fn and the check both find the damage, of the same kind."""
+    base = bases[damage.base]
+    assert_both_clean(base.path)
+    path = os.path.join(workdir, "damaged.img")
+    shutil.copyfile(base.path, path)
+    try:
+        damage.apply(path, base.bs)
+        rc, out = fsck(path)
+        assert fsck_found(rc, out), "e2fsck -fn finds nothing"
+        assert re.search(damage.fsck, out), out
+        found = codes(path)
+        assert found & damage.codes, (found, out)
+    finally:
+        os.unlink(path)

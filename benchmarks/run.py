@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from bench_check import BENCHMARKS as CHECK_BENCHMARKS  # noqa: E402
+from bench_ext4 import BENCHMARKS as EXT4_BENCHMARKS  # noqa: E402
 from bench_fsspec import BENCHMARKS as FSSPEC_BENCHMARKS  # noqa: E402
 from bench_fuse import BENCHMARKS as FUSE_BENCHMARKS  # noqa: E402
 from bench_import import BENCHMARKS as IMPORT_BENCHMARKS  # noqa: E402
@@ -42,7 +43,7 @@ SCRATCH_PARENT = "/dev/shm"
 BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MAP_BENCHMARKS,
               **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS, **UNPACK_BENCHMARKS,
               **IMPORT_BENCHMARKS, **FUSE_BENCHMARKS,
-              **CHECK_BENCHMARKS}
+              **CHECK_BENCHMARKS, **EXT4_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

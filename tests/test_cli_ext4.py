@@ -18,7 +18,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from e2fs import SHM, dumpe2fs_header, run
+from e2fs import SHM, assert_fsck_clean, dumpe2fs_header, run
 from e2fs import mkfs as mke2fs
 
 MiB = 1 << 20
@@ -383,13 +383,29 @@ def test_info_agrees_with_dumpe2fs(variants):
 
 def test_info_says_when_the_journal_needs_recovery(variants, work):
     img = shutil.copyfile(variants["default"], os.path.join(work, "recover.img"))
-    run(["debugfs", "-w", "-R", "feature needs_recovery", img])
+    run(["debugfs", "-w", "-R", "feature needs_recovery", img])          # the flag over an empty journal
+    empty = _info_fields(ok("info", img).decode())
+    assert empty["Needs recovery"] == "yes (the journal is empty: nothing to replay)"
+    assert empty["Filesystem features"] == dumpe2fs_header(img)["Filesystem features"]
+    # a committed transaction in the journal (debugfs jo/jw/jc): replayed in memory, as info says
+    shutil.copyfile(variants["default"], img)
+    block = int(run(["debugfs", "-R", "bmap /etc/hostname 0", img]).stdout.split()[0])
+    payload = os.path.join(work, "payload")
+    with open(payload, "wb") as f:
+        f.write(b"replayed\n".ljust(1024, b"\0"))
+    run(["debugfs", "-w", "-f", "-", img], input=f"jo\njw -b {block} {payload}\njc\n".encode())
+    ref = dumpe2fs_header(img)
+    assert "needs_recovery" in ref["Filesystem features"].split()
     text, js = ok_all(("info", img), ("info", "--json", img))
     fields = _info_fields(text.decode())
-    assert fields["Needs recovery"] == "yes" and "needs_recovery" in fields["Filesystem features"].split()
-    assert json.loads(js)["needs_recovery"] is True
-    assert fields["Filesystem features"] == dumpe2fs_header(img)["Filesystem features"]
-    os.unlink(img)
+    assert fields["Needs recovery"].startswith("yes (the journal is replayed in memory")
+    d = json.loads(js)
+    assert d["needs_recovery"] is True and d["journal_replayed"] is True
+    assert d["journal"]["superblock"]["start"] == int(ref["Journal start"]) != 0
+    assert f"0x{d['journal']['superblock']['sequence']:08x}" == ref["Journal sequence"]
+    assert ok("cat", f"{img}:/etc/hostname") == b"repla"                # the replayed block, 5 bytes long
+    for path in (img, payload):
+        os.unlink(path)
 
 
 def test_help_names_the_new_commands_and_options():
@@ -401,3 +417,16 @@ def test_help_names_the_new_commands_and_options():
         sub = ok(name, "--help").decode()
         assert "--partition N" in sub and "--offset BYTES" in sub, name
     assert "--partition" not in ok("mkfs", "--help").decode()
+
+
+def test_writing_into_an_ext2_partition(gpt, work):
+    disk = shutil.copyfile(gpt, os.path.join(work, "write.img"))
+    start = (2048 + 32768 + 8192) * SECTOR
+    ok("mkdir", "--partition", "3", f"{disk}:/new")
+    ok("cp", "--partition", "3", os.path.join(work, "src", "big.bin"), f"{disk}:/new/")
+    assert ok("cat", "--offset", start, f"{disk}:/new/big.bin") == BIG
+    part = cut(disk, start, 20 * MiB, os.path.join(work, "write-p3.img"))
+    assert_fsck_clean(part)
+    assert "ext4 feature" in fails("mkdir", "--partition", "1", f"{disk}:/nope")
+    for path in (disk, part):
+        os.unlink(path)

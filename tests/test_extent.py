@@ -36,7 +36,6 @@ from xipfs.extfs.extent import (
     extent_block_csum,
     extent_runs,
     extents_to_runs,
-    inode_csum_seed,
     walk_extents,
 )
 
@@ -283,7 +282,7 @@ def test_mkfs_every_extent_block_checksum(mkfs_image):
     assert vol.csum_seed is not None, "mke2fs default without metadata_csum?"
     for path in ("/sparse400", "/sparse10", "/frag"):
         node = inode_of(vol, img, path)
-        seed = inode_csum_seed(vol.csum_seed, node.ino, node.generation)
+        seed = inode_seed(vol.csum_seed, node.ino, node.generation)
         m = ExtentMap(node)
         assert m.tree_blocks
         for blk in m.tree_blocks:
@@ -466,7 +465,7 @@ def test_linux_depth2_checksums(linux_image):
         node = inode_of(vol, img, path)
         gens.add(node.generation)
         m = ExtentMap(node)
-        seed = inode_csum_seed(vol.csum_seed, node.ino, node.generation)
+        seed = inode_seed(vol.csum_seed, node.ino, node.generation)
         for blk in m.tree_blocks:
             b = vol.read_block(blk)
             assert struct.unpack_from("<I", b, 12 + 12 * struct.unpack_from("<H", b, 4)[0])[0] \
@@ -548,7 +547,7 @@ def depth2(workdir):
     run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "1024", "-d", src, img, "8M"])
     vol = open_vol(img)
     node = inode_of(vol, img, "/sparse400")
-    seed = inode_csum_seed(vol.csum_seed, node.ino, node.generation)
+    seed = inode_seed(vol.csum_seed, node.ino, node.generation)
     with open(img, "rb") as f:
         image = f.read()
     expect = ExtentMap(node)

@@ -26,10 +26,12 @@ from .common import (
     _exit_code,
     _flush_stdout,
     _silence_stdout,
+    add_where,
     any_spec,
     image_spec,
     reason,
 )
+from .disk import _add_disk
 from .edit import _add_change
 from .make import _add_make
 from .run import _add_exec, _cmd_demo
@@ -50,10 +52,20 @@ examples:
   xipfs cat /dev/shm/site.img:/index.html
   xipfs cp -rp ./extra /dev/shm/site.img:/     # local -> image
   xipfs run /dev/shm/app.img:/site-packages myapp --port 8000
+  xipfs parts disk.img                         # its partitions, as sfdisk -l
+  xipfs ls --partition 2 disk.img:/etc         # inside partition 2
+
+A whole disk (MBR or GPT; 'xipfs parts' lists it): --partition N picks a partition,
+--offset BYTES a filesystem at that byte; Android sparse images are read as they are.
 
 Run 'xipfs COMMAND --help' for a command's options. --quiet turns progress bars off (they
 show only on a terminal); --debug shows tracebacks instead of one-line errors.
 """
+
+#: Subcommands that open images and so take --partition and --offset.
+WHERE_COMMANDS = ("info", "ls", "cat", "stat", "df", "tree", "check", "unpack", "cp", "mv", "mkdir", "rm",
+                  "ln", "chmod", "chown", "touch", "run", "mount")
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
@@ -86,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
         prog="xipfs", parents=[common], formatter_class=HelpFormatter,
-        description="Make, pack, inspect and change ext2 images; run and mount them in place.",
+        description="Make, pack, inspect and change ext2 images, read ext4 ones (whole disks "
+                    "and Android sparse images too); run and mount them in place.",
         epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"xipfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -102,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(add)
     _add_change(add)
     _add_exec(add)
+    _add_disk(add)
+    for name in WHERE_COMMANDS:
+        add_where(sub.choices[name])
     demo = add("demo", _cmd_demo, "the main job: pack the standard library into /dev/shm and use it",
                "Pack this Python's standard library into an image in /dev/shm, check it, list it, "
                "read every file back, map the largest file in place and import a module from it.")

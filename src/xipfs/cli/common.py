@@ -172,7 +172,7 @@ class Context:
         """With ``--partition N``: a :class:`CliError` listing the partitions when N is not one."""
         if self.partition is None:
             return
-        from ..device.partitions import partitions
+        from ..device import partitions
 
         try:
             table = partitions(image if os.path.exists(image) else "/dev/shm/" + image.lstrip("/"))

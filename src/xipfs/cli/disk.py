@@ -82,8 +82,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_parts(ctx: Context, args: argparse.Namespace) -> None:
-    from ..device import open_container
-    from ..device.partitions import partitions
+    from ..device import open_container, partitions
 
     image = args.image
     spec = Spec(image, image, "/")
@@ -141,7 +140,7 @@ def cmd_parts(ctx: Context, args: argparse.Namespace) -> None:
 
 # -- unsparse -----------------------------------------------------------------------------------
 def cmd_unsparse(ctx: Context, args: argparse.Namespace) -> None:
-    from ..device.sparse import SparseDevice, is_sparse, unsparse
+    from ..device import SparseDevice, is_sparse, unsparse
     from ..progress import progress_bar
 
     src, dest = args.src, args.dest
@@ -204,4 +203,5 @@ def _add_disk(add: Callable[..., argparse.ArgumentParser]) -> None:
             "  xipfs unsparse system.simg system.img")
     p.add_argument("src", metavar="SRC", help="the sparse image")
     p.add_argument("dest", metavar="DEST", help="the raw image to write (a file or a block device)")
-    p.add_argument("-f", "-F", "--force", dest="force", action="store_true", help="overwrite DEST if it exists")
+    p.add_argument("-f", "-F", "--force", dest="force", action="store_true",
+                   help="overwrite DEST if it exists")

@@ -109,9 +109,9 @@ def _counts(result: Any) -> str:
 def cmd_unpack(ctx: Context, args: argparse.Namespace) -> None:
     unpack = _lazy("tools.unpack", "unpack", "unpack")
     spec = image_spec(args.image, "/")
-    ctx.fs(spec.image)                          # the one-line errors for a missing or bad image
+    fs = ctx.fs(spec.image)                     # the one-line errors for a missing or bad image
     with about(spec, local=(args.dest, os.path.abspath(args.dest))):
-        result = unpack(spec.image, args.dest, spec.path, progress=ctx.progress)
+        result = unpack(fs, args.dest, spec.path, progress=ctx.progress)
     for path, why in result.skipped:
         ctx.report(CliError(f"{spec.image}:{os.fsdecode(path)}", f"not unpacked: {why}"))
     if not ctx.quiet:

@@ -7,6 +7,7 @@ import argparse
 import errno
 import os
 import stat
+import sys
 from collections.abc import Callable
 
 from .common import CliError, Context, _exit_code, _flush_stdout, _lazy, about, image_spec
@@ -17,6 +18,10 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> None:
     run_module = _lazy("importer", "run_module", "run")
     spec = image_spec(args.image, "/")
     fs = ctx.fs(spec.image)
+    if ctx.partition is not None or ctx.offset:
+        # the importer opens images by name; a window of a disk is not one (yet)
+        raise CliError(ctx.shown(spec.image), "run imports from whole images only, not from a "
+                       "partition or offset (xipfs unpack it, or dd it out to an image of its own)")
     with about(spec):
         if not stat.S_ISDIR(fs.stat(spec.path).st_mode):
             raise CliError(spec.text, os.strerror(errno.ENOTDIR), code=errno.ENOTDIR)
@@ -77,14 +82,36 @@ def cmd_mount(ctx: Context, args: argparse.Namespace) -> None:
     readonly = "ro" in opts
     rest = [o for o in opts if o not in ("ro", "rw")]
     spec = image_spec(args.image, "/")
-    ctx.fs(spec.image)                              # one-line errors for a missing or corrupt image
+    why = ctx.fs(spec.image).volume.sb.readonly_reason    # one-line errors for a missing or bad image
     ctx.close_all()
     if not os.path.isdir(args.mountpoint):
         code = errno.ENOTDIR if os.path.exists(args.mountpoint) else errno.ENOENT
         raise CliError(args.mountpoint, os.strerror(code), code=code)
+    whole = ctx.partition is None and not ctx.offset
+    if not whole and not args.foreground:
+        raise CliError(ctx.shown(spec.image), "mounting a partition or offset needs -f (the background "
+                       "server opens the image by name)", status=2)
     with about(spec, local=(args.mountpoint, os.path.abspath(args.mountpoint))):
-        mount(spec.image, args.mountpoint, readonly=readonly, foreground=args.foreground,
-              options=rest or None)
+        if whole:
+            mount(spec.image, args.mountpoint, readonly=readonly, foreground=args.foreground,
+                  options=rest or None)
+            return
+        from ..device import open_container
+
+        if why and not readonly:                   # said here: the server would name a device object
+            print(f"xipfs: mount: {ctx.shown(spec.image)}: image can only be opened read-only: {why}; "
+                  "mounting read-only", file=sys.stderr)
+            readonly = True
+        try:
+            device = open_container(spec.image, readonly=readonly, **ctx.where)
+        except OSError as err:                     # a sparse image, a read-only file: serve it read-only
+            if readonly or err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            device = open_container(spec.image, readonly=True, **ctx.where)
+        try:
+            mount(device, args.mountpoint, readonly=readonly, foreground=True, options=rest or None)
+        finally:
+            device.close()
 
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import os
 import posixpath
 import shutil
@@ -21,6 +22,7 @@ from .common import (
     Context,
     Tree,
     _flush_stdout,
+    _shm_exists,
     _stdout_is_terminal,
     about,
     emit,
@@ -43,6 +45,11 @@ def _storage(fs: Any, image: str) -> str:
     except OSError:
         kind = "unknown"
     path = "read in place (XIP)" if fs.is_xip else "page cache"
+    dev = fs.device
+    while dev is not None and getattr(dev, "kind", "") != "sparse":
+        dev = getattr(dev, "parent", None)
+    if dev is not None:
+        path = "an Android sparse image, read through its chunk table"
     return f"{kind}, {path}"
 
 
@@ -102,11 +109,23 @@ def ext4_dict(fs: Any) -> dict[str, Any]:
         "checksum_type": ("crc32c" if f["s_checksum_type"] == 1 else "unknown") if sb.metadata_csum else None,
         "checksum": f["s_checksum"] if sb.metadata_csum else None,
         "checksum_seed": f["s_checksum_seed"] if csum_seed else None,
+        "csum_seed": sb.csum_seed if sb.metadata_csum else None,
         "first_orphan": f["s_last_orphan"] or None,
         "orphan_file_inode": f["s_orphan_file_inum"] or None,
-        "needs_recovery": bool(f["s_feature_incompat"] & L.INCOMPAT_RECOVER),
+        "needs_recovery": _needs_recovery_on_disk(fs),
+        "journal_replayed": bool(getattr(fs.volume, "replayed", False)),
         "journal": journal_dict(fs),
     }
+
+
+def _needs_recovery_on_disk(fs: Any) -> bool:
+    """needs_recovery as the image's own superblock says (a reader sees the journal replayed)."""
+    from ..extfs import layout as L
+
+    vol = fs.volume
+    device = vol.device.parent if getattr(vol, "replayed", False) else vol.device
+    at = L.SUPERBLOCK_OFFSET + L.SUPERBLOCK.offsets["s_feature_incompat"]
+    return bool(int.from_bytes(bytes(device.view(at, 4)), "little") & L.INCOMPAT_RECOVER)
 
 
 def _uuid_or_none(raw: Any) -> str | None:
@@ -181,60 +200,95 @@ def _journal_superblock(raw: bytes) -> tuple[Any, str | None]:
         return None, str(err)
 
 
-def _ext4_rows(d: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], list[tuple[str, Any]]]:
-    """The rows ``dumpe2fs -h`` adds for ext3/ext4: after the geometry, after the inode size, and
-    the Journal section."""
-    geometry: list[tuple[str, Any]] = []
-    if d["overhead_clusters"]:
-        geometry.append(("Overhead clusters", d["overhead_clusters"]))
-    bigalloc = "bigalloc" in d["features"]
-    if bigalloc:
-        geometry.append(("Cluster size", d["cluster_size"]))
-    if "64bit" in d["features"]:
-        geometry.append(("Group descriptor size", d["desc_size"]))
-    if d["reserved_gdt_blocks"]:
-        geometry.append(("Reserved GDT blocks", d["reserved_gdt_blocks"]))
-    if bigalloc:
-        geometry.append(("Clusters per group", d["clusters_per_group"]))
-    if d["first_meta_bg"]:
-        geometry.append(("First meta block group", d["first_meta_bg"]))
-    if d["flex_bg_size"]:
-        geometry.append(("Flex block group size", d["flex_bg_size"]))
-    more: list[tuple[str, Any]] = []
-    if d["kbytes_written"]:
-        more.append(("Lifetime writes", F.kbytes_text(d["kbytes_written"])))
-    if d["inode_size"] > 128:
-        more += [("Required extra isize", d["min_extra_isize"]), ("Desired extra isize", d["want_extra_isize"])]
+def _ext4_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``xipfs info`` of an ext3/ext4 image: the rows of ``dumpe2fs -h`` in its order (those of
+    ext2 too), its Journal section, then what xipfs adds."""
     j = d["journal"]
-    if j is not None and j["uuid"]:
-        more.append(("Journal UUID", j["uuid"]))
-    if j is not None and j["inode"]:
-        more.append(("Journal inode", j["inode"]))
-    if j is not None and j["device"]:
-        more.append(("Journal device", f"0x{j['device']:04x}"))
-    if d["first_orphan"]:
-        more.append(("First orphan inode", d["first_orphan"]))
-    if "dir_index" in d["features"] or d["hash_version"] != "legacy":
-        more.append(("Default directory hash", d["hash_version"]))
-    if d["hash_seed"]:
-        more.append(("Directory Hash Seed", d["hash_seed"]))
-    if j is not None and j["backup"]:
-        more.append(("Journal backup", "inode blocks"))
-    if d["checksum_type"]:
-        more += [("Checksum type", d["checksum_type"]), ("Checksum", f"0x{d['checksum']:08x}")]
-    if d["checksum_seed"] is not None:
-        more.append(("Checksum seed", f"0x{d['checksum_seed']:08x}"))
-    if d["orphan_file_inode"]:
-        more.append(("Orphan file inode", d["orphan_file_inode"]))
-    journal: list[tuple[str, Any]] = []
-    if j is not None:
-        if j["size"] is not None:
-            journal.append(("Journal size", f"{j['size']} bytes ({F.human_size(j['size'])})"))
-        if j["superblock"] is not None:
-            journal += [(k or "", v) for k, v in j["superblock"]["lines"]]
-        if j["error"]:
-            journal.append(("Journal superblock", f"unreadable: {j['error']}"))
-    return geometry, more, journal
+    bigalloc = "bigalloc" in d["features"]
+    recovery = "yes" if d["needs_recovery"] else "no"
+    jsb = j["superblock"] if j is not None else None
+    if d["journal_replayed"]:
+        recovery += " (the journal is replayed in memory: shown as recovered, the image untouched)"
+    elif jsb is not None and jsb["start"] and not d["needs_recovery"]:
+        recovery += f" (but the journal starts at block {jsb['start']})"
+    elif d["needs_recovery"] and jsb is not None and not jsb["start"]:
+        recovery += " (the journal is empty: nothing to replay)"
+    rev = {0: "0 (original)", 1: "1 (dynamic)"}.get(d["revision"], str(d["revision"]))
+    when: list[tuple[bool, str, Any]] = [
+        (True, "Filesystem volume name", d["label"] or "<none>"), (True, "Filesystem UUID", d["uuid"]),
+        (True, "Filesystem revision #", rev),
+        (True, "Filesystem features", " ".join(d["features"]) or "(none)"),
+        (True, "Filesystem type", d["type"]), (True, "Filesystem flags", " ".join(d["flags"]) or "(none)"),
+        (True, "Filesystem state", d["state"]), (True, "Needs recovery", recovery),
+        (True, "Errors behavior", d["errors_behavior"]),
+        (True, "Inode count", d["inodes_count"]), (True, "Block count", d["blocks_count"]),
+        (True, "Reserved block count", d["reserved_blocks"]),
+        (bool(d["overhead_clusters"]), "Overhead clusters", d["overhead_clusters"]),
+        (True, "Free blocks", d["free_blocks"]), (True, "Free inodes", d["free_inodes"]),
+        (True, "First block", d["first_data_block"]), (True, "Block size", d["block_size"]),
+        (bigalloc, "Cluster size", d["cluster_size"]),
+        ("64bit" in d["features"], "Group descriptor size", d["desc_size"]),
+        (bool(d["reserved_gdt_blocks"]), "Reserved GDT blocks", d["reserved_gdt_blocks"]),
+        (True, "Blocks per group", d["blocks_per_group"]),
+        (bigalloc, "Clusters per group", d["clusters_per_group"]),
+        (True, "Inodes per group", d["inodes_per_group"]),
+        (True, "Inode blocks per group", d["inode_blocks_per_group"]),
+        (bool(d["first_meta_bg"]), "First meta block group", d["first_meta_bg"]),
+        (bool(d["flex_bg_size"]), "Flex block group size", d["flex_bg_size"]),
+        (True, "Block groups", d["groups"]),
+        (True, "Filesystem created", F.ctime_text(d["created"] or 0)),
+        (True, "Last mount time", F.ctime_text(d["mounted"] or 0)),
+        (True, "Last write time", F.ctime_text(d["written"] or 0)),
+        (True, "Mount count", d["mount_count"]), (True, "Maximum mount count", d["max_mount_count"]),
+        (True, "Last checked", F.ctime_text(d["checked"] or 0)),
+        (bool(d["kbytes_written"]), "Lifetime writes", F.kbytes_text(d["kbytes_written"])),
+        (True, "First inode", d["first_inode"]), (True, "Inode size", d["inode_size"]),
+        (d["inode_size"] > 128, "Required extra isize", d["min_extra_isize"]),
+        (d["inode_size"] > 128, "Desired extra isize", d["want_extra_isize"]),
+        (j is not None and bool(j["uuid"]), "Journal UUID", j and j["uuid"]),
+        (j is not None and bool(j["inode"]), "Journal inode", j and j["inode"]),
+        (j is not None and bool(j["device"]), "Journal device", f"0x{(j and j['device']) or 0:04x}"),
+        (bool(d["first_orphan"]), "First orphan inode", d["first_orphan"]),
+        ("dir_index" in d["features"] or d["hash_version"] != "legacy", "Default directory hash",
+         d["hash_version"]),
+        (bool(d["hash_seed"]), "Directory Hash Seed", d["hash_seed"]),
+        (j is not None and j["backup"], "Journal backup", "inode blocks"),
+        (bool(d["checksum_type"]), "Checksum type", d["checksum_type"]),
+        (bool(d["checksum_type"]), "Checksum", f"0x{d['checksum'] or 0:08x}"),
+        (d["checksum_seed"] is not None, "Checksum seed", f"0x{d['checksum_seed'] or 0:08x}"),
+        (bool(d["orphan_file_inode"]), "Orphan file inode", d["orphan_file_inode"]),
+    ]
+    rows = [(key, value) for shown, key, value in when if shown]
+    if j is not None and j["size"] is not None:
+        rows.append(("Journal size", f"{j['size']} bytes ({F.human_size(j['size'])})"))
+    if jsb is not None:
+        rows += [(k, v) for k, v in jsb["lines"]]
+    if j is not None and j["error"]:
+        rows.append(("Journal superblock", f"unreadable: {j['error']}"))
+    return rows
+
+
+def _info_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The rows of ``xipfs info``: ext2 as it always was, ext3/ext4 as :func:`_ext4_rows` says."""
+    if d["type"] != "ext2":
+        return _ext4_rows(d)
+    rev = {0: "0 (original)", 1: "1 (dynamic)"}.get(d["revision"], str(d["revision"]))
+    return [
+        ("Filesystem volume name", d["label"] or "<none>"), ("Filesystem UUID", d["uuid"]),
+        ("Filesystem revision #", rev), ("Filesystem features", " ".join(d["features"]) or "(none)"),
+        ("Filesystem state", d["state"]), ("Errors behavior", d["errors_behavior"]),
+        ("Inode count", d["inodes_count"]), ("Block count", d["blocks_count"]),
+        ("Reserved block count", d["reserved_blocks"]), ("Free blocks", d["free_blocks"]),
+        ("Free inodes", d["free_inodes"]), ("First block", d["first_data_block"]),
+        ("Block size", d["block_size"]), ("Inode size", d["inode_size"]), ("First inode", d["first_inode"]),
+        ("Blocks per group", d["blocks_per_group"]), ("Inodes per group", d["inodes_per_group"]),
+        ("Inode blocks per group", d["inode_blocks_per_group"]), ("Block groups", d["groups"]),
+        ("Filesystem created", F.ctime_text(d["created"] or 0)),
+        ("Last mount time", F.ctime_text(d["mounted"] or 0)),
+        ("Last write time", F.ctime_text(d["written"] or 0)),
+        ("Mount count", d["mount_count"]), ("Maximum mount count", d["max_mount_count"]),
+        ("Last checked", F.ctime_text(d["checked"] or 0)),
+    ]
 
 
 def cmd_info(ctx: Context, args: argparse.Namespace) -> None:
@@ -244,43 +298,15 @@ def cmd_info(ctx: Context, args: argparse.Namespace) -> None:
     if args.json:
         emit(F.to_json(d))
         return
-    rev = {0: "0 (original)", 1: "1 (dynamic)"}.get(d["revision"], str(d["revision"]))
-    ext2 = d["type"] == "ext2"
-    geometry, more, journal = ([], [], []) if ext2 else _ext4_rows(d)
-    head: list[tuple[str, Any]] = [
-        ("Filesystem volume name", d["label"] or "<none>"), ("Filesystem UUID", d["uuid"]),
-        ("Filesystem revision #", rev), ("Filesystem features", " ".join(d["features"]) or "(none)")]
-    if not ext2:
-        head += [("Filesystem type", d["type"]), ("Filesystem flags", " ".join(d["flags"]) or "(none)")]
-    head += [("Filesystem state", d["state"])]
-    if not ext2:
-        recovery = "yes" if d["needs_recovery"] else "no"
-        jsb = (d["journal"] or {}).get("superblock")
-        if jsb is not None and jsb["start"] and not d["needs_recovery"]:
-            recovery += f" (but the journal starts at block {jsb['start']})"
-        head.append(("Needs recovery", recovery))
     rows = [
-        *head, ("Errors behavior", d["errors_behavior"]),
-        ("Inode count", d["inodes_count"]), ("Block count", d["blocks_count"]),
-        ("Reserved block count", d["reserved_blocks"]), *geometry[:1 if d["overhead_clusters"] else 0],
-        ("Free blocks", d["free_blocks"]),
-        ("Free inodes", d["free_inodes"]), ("First block", d["first_data_block"]),
-        ("Block size", d["block_size"]), *geometry[1 if d["overhead_clusters"] else 0:],
-        ("Inode size", d["inode_size"]), ("First inode", d["first_inode"]),
-        ("Blocks per group", d["blocks_per_group"]), ("Inodes per group", d["inodes_per_group"]),
-        ("Inode blocks per group", d["inode_blocks_per_group"]), ("Block groups", d["groups"]),
-        ("Filesystem created", F.ctime_text(d["created"] or 0)),
-        ("Last mount time", F.ctime_text(d["mounted"] or 0)),
-        ("Last write time", F.ctime_text(d["written"] or 0)),
-        ("Mount count", d["mount_count"]), ("Maximum mount count", d["max_mount_count"]),
-        ("Last checked", F.ctime_text(d["checked"] or 0)), *more, *journal,
+        *_info_rows(d),
         ("Image", f"{_where_text(d['image'], d['partition'], d['offset'])} "
                   f"({d['image_size']} bytes, {F.human_size(d['image_size'])})"),
         ("Storage", d["storage"]),
         ("Writable", "yes" if d["writable"] else f"no: {d['readonly_reason']}"),
     ]
     for key, value in rows:
-        emit(f"{key + ':':<26}{value}")
+        emit(f"{key + ':':<26}{value}" if key else f"{'':<26}{value}")
 
 
 def df_dict(fs: Any, image: str) -> dict[str, Any]:
@@ -334,8 +360,15 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
     from ..fs import check
 
     spec = image_spec(args.image, "/")
-    with about(spec):                      # the device, not a Volume: damaged descriptors too
-        problems = check(spec.image, progress=ctx.progress)
+    if not os.path.exists(spec.image) and not _shm_exists(spec.image):
+        raise CliError(spec.image, os.strerror(errno.ENOENT), code=errno.ENOENT)
+    ctx.check_partition(spec.image)
+    shown = dataclasses.replace(spec, image=ctx.shown(spec.image))
+    with about(shown):                     # the device, not a Volume: damaged descriptors too
+        try:
+            problems = check(spec.image, progress=ctx.progress, **ctx.where)
+        except (ValueError, LookupError) as err:
+            raise ctx.open_error(spec.image, err) from err
     if args.json:
         emit(F.to_json({"image": spec.image, "clean": not problems, "count": len(problems),
                         "problems": [_problem_dict(p) for p in problems]}))

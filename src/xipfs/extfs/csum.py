@@ -9,9 +9,12 @@ inversions undone.
 
 from __future__ import annotations
 
+import struct
+
 from google_crc32c import extend as _extend
 
 _MASK = 0xFFFFFFFF
+_INO_GEN = struct.Struct("<II").pack
 
 
 def crc32c_raw(seed: int, data: bytes | bytearray | memoryview) -> int:
@@ -24,7 +27,7 @@ def crc32c_raw(seed: int, data: bytes | bytearray | memoryview) -> int:
 def inode_seed(fs_seed: int, ino: int, generation: int) -> int:
     """The seed of every checksum that belongs to inode ``ino`` (the inode, its extent blocks,
     its directory blocks): the filesystem's seed, then the inode number and generation."""
-    return crc32c_raw(crc32c_raw(fs_seed, ino.to_bytes(4, "little")), generation.to_bytes(4, "little"))
+    return crc32c_raw(fs_seed, _INO_GEN(ino, generation))      # raw(raw(S, ino), gen), in one call
 
 
 def _crc16_table() -> tuple[int, ...]:

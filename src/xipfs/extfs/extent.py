@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import CorruptImageError
-from .csum import crc32c_raw
+from .csum import crc32c_raw, inode_seed
 
 if TYPE_CHECKING:
     from .bmap import Run
@@ -75,11 +75,6 @@ class ExtentTree(NamedTuple):
 def max_entries(size: int) -> int:
     """Entries a node of ``size`` bytes holds (4 in ``i_block``, ``(bs-12)/12`` in a block)."""
     return (size - ENTRY_SIZE) // ENTRY_SIZE
-
-
-def inode_csum_seed(fs_seed: int, ino: int, generation: int) -> int:
-    """The per-inode checksum seed of §7: ``raw(raw(S, le32 ino), le32 i_generation)``."""
-    return crc32c_raw(crc32c_raw(fs_seed, _LE32.pack(ino)), _LE32.pack(generation))
 
 
 def extent_block_csum(inode_seed: int, block: bytes | bytearray | memoryview) -> int:
@@ -333,7 +328,7 @@ class ExtentMap:
         else:                               # a deeper tree, or a root that breaks a rule
             if csum_seed is None:
                 csum_seed = getattr(vol, "csum_seed", None)
-            seed = None if csum_seed is None else inode_csum_seed(csum_seed, inode.ino, inode.generation)
+            seed = None if csum_seed is None else inode_seed(csum_seed, inode.ino, inode.generation)
             tree = walk_extents(root, self._read_node, nblocks_device=vol.blocks_count,
                                 first_data_block=vol.first_data_block, csum_seed=seed,
                                 where=f"inode {inode.ino}")

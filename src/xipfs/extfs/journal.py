@@ -484,11 +484,11 @@ class _Recovery:
         while True:
             if pas != _SCAN and _tid_geq(next_id, info.end):
                 break
-            if consumed > self.ring:
-                raise CorruptImageError("journal log is longer than the journal",
-                                        f"transaction {next_id}, journal block {block}")
             cur = block
             buf = self.read(cur)
+            if consumed > self.ring:
+                raise CorruptImageError("journal log is longer than the journal",
+                                        f"transaction {next_id}, journal block {cur}")
             block = self.wrap(block + 1)
             consumed += 1
             magic, btype, seq = _HEADER.unpack_from(buf)
@@ -635,7 +635,8 @@ def recover(journal_block: Callable[[int], bytes], fs_block_size: int, *, fs_blo
 
     ``journal_block(i)`` returns journal block ``i`` (0 is the journal superblock);
     ``fs_blocks_count`` bounds the tags; ``journal_blocks`` is the journal inode's length in
-    blocks (i_size / block size), which ``s_maxlen`` may not exceed. Call it when the
+    blocks (i_size / block size), which ``s_maxlen`` may not exceed; ``superblock`` saves
+    re-parsing log block 0 (pass one :func:`parse_superblock` verified). Call it when the
     filesystem has needs_recovery (Linux discards the log otherwise). ``s_start == 0`` gives an
     empty overlay. A data block whose tag checksum fails is skipped and listed in
     ``bad_blocks``; a failed commit checksum ends the log before that transaction

@@ -85,7 +85,7 @@ def extent_map(c: Context, ino: int, raw: bytes | memoryview, ft: int, claim: bo
         tree = walk_extents(root, c.block, nblocks_device=c.nblocks, first_data_block=c.fdb)
     except CorruptImageError as e:
         if report:
-            c.report(P.EXTENT_BAD, ino, why=e.args[0] if e.args else str(e))
+            c.report(P.EXTENT_BAD, ino, why=e.what)
         return Mapped(0, -1, -1, [] if want_pairs else None, False)
     if report and c.csum and tree.blocks:
         s = seed(c, ino, raw)
@@ -124,6 +124,21 @@ def extent_map(c: Context, ino: int, raw: bytes | memoryview, ft: int, claim: bo
     else:
         count = sum(e.count for e in tree.extents) + len(tree.blocks)
     return Mapped(count, last, last_init, pairs, True)
+
+
+def extent_blocks(c: Context, raw: bytes) -> list[int]:
+    """Every block inode ``raw``'s extent tree holds (its tree blocks, then its data), quietly."""
+    if not has_extent_header(raw):
+        return []
+    try:
+        tree = walk_extents(raw[_BLOCK_AT:_BLOCK_AT + 60], c.block, nblocks_device=c.nblocks,
+                            first_data_block=c.fdb)
+    except CorruptImageError:
+        return []
+    out = list(tree.blocks)
+    for e in tree.extents:
+        out.extend(range(e.pblk, e.pblk + e.count))
+    return out
 
 
 def has_extent_header(raw: bytes | memoryview) -> bool:
@@ -179,7 +194,7 @@ def check_journal(c: Context) -> None:
         return
     raw = bytes(raw)
     v = struct.unpack_from("<HHIIIIIHH", raw, 0)
-    mode, nlinks = v[0], v[7]
+    mode, nlinks = v[0], v[8]
     if not nlinks or S_IFMT(mode) != S_IFREG:
         c.report(P.JOURNAL_NOT_IN_USE, ino)
         return

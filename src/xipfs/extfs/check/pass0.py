@@ -84,6 +84,8 @@ def read_group_descriptors(c: Context) -> None:
         i, k = divmod(g, per_block)
         if k == 0:
             blk = desc_block(sb, i)
+            if bs == 1024 and c.ratio > 1 and blk == i + 1:
+                blk += 1                         # 1 KiB bigalloc: block 0 is a whole cluster's first
             if blk >= c.nblocks:
                 c.report(P.DESC_BLOCK_OUTSIDE, block=blk, index=i)
                 raw = bytes(bs)
@@ -167,7 +169,7 @@ def check_resize_inode(c: Context) -> None:
     if not bad:
         entries = c.unpack_map(c.block(dind))
         gdt_off = c.desc_blocks
-        pblk = c.fdb + 1 + c.desc_blocks
+        pblk = c.fdb + 1 + c.desc_blocks + (c.bs == 1024 and c.ratio > 1)
         for _ in range(c.f["s_reserved_gdt_blocks"] // 4):
             gdt_off %= c.apb
             if entries[gdt_off] != pblk or pblk >= c.nblocks:

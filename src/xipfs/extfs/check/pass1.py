@@ -448,12 +448,14 @@ def reserved_inode(c: Context, ino: int, v: tuple[int, ...], raw: bytes | bytear
     reserved_blocks(c, ino, v, regular=S_IFMT(mode) == S_IFREG)
 
 
-def reserved_blocks(c: Context, ino: int, v: tuple[int, ...], regular: bool, raw: bytes | bytearray = b"") -> None:
-    """The blocks of a reserved inode: the bad blocks list, the resize inode, the journal."""
-    nclaimed = xattr_block(c, ino, v[I_FILE_ACL]) * c.ratio if v[I_FILE_ACL] else 0
+def reserved_blocks(c: Context, ino: int, v: tuple[int, ...], regular: bool,
+                    raw: bytes | bytearray = b"") -> None:
+    """The blocks of a reserved inode: the bad blocks list, the resize inode, the journal (with
+    bigalloc each block of a block map counts a whole cluster, as e2fsck counts them)."""
+    nclaimed = xattr_block(c, ino, v[I_FILE_ACL]) if v[I_FILE_ACL] else 0
     if raw and c.extents and v[I_FLAGS] & FL_EXTENTS:
         m = extent_map(c, ino, bytes(raw), L.FT_REG)
-        nclaimed += m.count
+        nclaimed = nclaimed * c.ratio + m.count
         if v[I_BLOCKS] != nclaimed * (c.bs // 512):
             check_i_blocks(c, ino, v, nclaimed)
         return
@@ -465,6 +467,7 @@ def reserved_blocks(c: Context, ino: int, v: tuple[int, ...], regular: bool, raw
             c.claims.append(dind)
     elif regular or ino == 1:
         nclaimed += walk(c, ino, v[I_BLOCK], L.FT_REG).count
+    nclaimed *= c.ratio
     if v[I_BLOCKS] != nclaimed * (c.bs // 512) and ino != 1:
         check_i_blocks(c, ino, v, nclaimed)
     size = v[I_SIZE] | v[I_SIZE_HIGH] << 32

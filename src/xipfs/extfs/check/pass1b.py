@@ -8,15 +8,19 @@ from itertools import chain, compress
 from .. import layout as L
 from . import problems as P
 from .context import (
+    FL_EXTENTS,
+    FL_INLINE_DATA,
     FT_OF_TYPE,
     I_BLOCK,
     I_DIND,
     I_FILE_ACL,
+    I_FLAGS,
     I_MODE,
     INODE,
     Context,
     ranges,
 )
+from .ext4 import extent_blocks
 from .pass1 import symlink_maps_blocks
 from .walk import COLLECT, walk
 
@@ -30,7 +34,7 @@ def run(c: Context) -> None:
         used[b] = 1
     ones = b"\1" * c.apb
     for a, k in c.runs:
-        used[a:a + k] = ones[:k]
+        used[a:a + k] = ones[:k] if k <= c.apb else b"\1" * k
         expect += k
     if used.count(1) == expect:
         return
@@ -64,6 +68,10 @@ def owned_blocks(c: Context, ino: int) -> list[int]:
         dind = v[I_DIND]
         return out + ([dind] if dind else [])
     ft = FT_OF_TYPE[v[I_MODE] >> 12]
+    if c.extents and v[I_FLAGS] & FL_EXTENTS:
+        return out + extent_blocks(c, bytes(t))
+    if c.inline and v[I_FLAGS] & FL_INLINE_DATA:
+        return out
     if ino < c.first_ino and ino != L.ROOT_INO:
         mapped = ft == L.FT_REG or ino == 1
     else:

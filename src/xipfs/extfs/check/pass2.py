@@ -14,14 +14,20 @@ from itertools import chain
 from typing import Any
 
 from .. import layout as L
+from ..csum import crc32c_raw, inode_seed
+from ..dir import DIR_TAIL
+from ..htree import dx_csum
 from . import problems as P
-from .context import FT_NAMES, FT_OF_TYPE, INCOMPAT_LARGEDIR, Context
+from .context import FT_NAMES, FT_OF_TYPE, INCOMPAT_LARGEDIR, Context, u32
+from .ext4 import inline_regions
 
 _DIRENT = L.DIRENT.struct.unpack_from
 _MODE = L.INODE.codes["i_mode"].unpack_from
 _DX_ROOT_INFO = L.DX_ROOT_INFO.struct.unpack_from
 _DX_COUNTLIMIT = L.DX_COUNTLIMIT.struct.unpack_from     # limit, count
 _DX_ENTRY = L.DX_ENTRY.struct.unpack_from               # hash, block
+_GENERATION_AT = L.INODE_LARGE.offsets["i_generation"]
+_BLOCK_AT = L.INODE.offsets["i_block"]
 #: Markers in the table of what entries should say: not file type codes.
 UNUSED_INODE, BAD_NUMBER = 0xFF, 0xFE
 #: per-inode "in use" byte -> UNUSED_INODE when 0.
@@ -55,7 +61,10 @@ def run(c: Context, bar: Any) -> None:
     c.expected = expected
     bar.add_total(len(c.dirs))
     for d in c.dirs:
-        check_dir(c, d.ino, d.blocks, d.nblocks, d.htree)
+        if d.inline:
+            check_inline_dir(c, d.ino)
+        else:
+            check_dir(c, d.ino, d.blocks, d.nblocks, d.htree)
         bar.update(1)
 
 
@@ -63,11 +72,13 @@ def check_dir(c: Context, ino: int, pairs: list[tuple[int, int]], nblocks: int, 
     """Every block of directory ``ino``: parse the entries, then check them a block at a
     time (most blocks pass a few whole-block tests; the others are checked entry by entry)."""
     bs = c.bs
-    big = bs >= 65536
     report = c.report
-    dirent = _DIRENT
     dups_reported = False
-    dx = Htree(c, ino, nblocks) if htree else None
+    seed = None
+    if c.csum:
+        t = c.inode_view(ino)
+        seed = inode_seed(c.csum_seed, ino, u32(t, _GENERATION_AT)) if t is not None else None
+    dx = Htree(c, ino, nblocks, seed) if htree else None
     expect = 0
     for lblk, pblk in chain(pairs, ((nblocks, 0),)):
         if lblk > expect:
@@ -79,40 +90,83 @@ def check_dir(c: Context, ino: int, pairs: list[tuple[int, int]], nblocks: int, 
         buf = bytes(c.block(pblk))
         if dx is not None:
             dx.classify(lblk, buf)
-        inos: list[int] = []
-        fts = bytearray()
-        names: list[bytes] = []
-        pos = 0
-        state = 0 if lblk == 0 else 2
-        while pos < bs:
-            if bs - pos < 8:
-                report(P.DIRENT_NO_ROOM, ino, pblk, lblk=lblk, pos=pos)
-                break
-            d_ino, rec_len, nlen, ft = dirent(buf, pos)
-            if big:
-                rec_len = bs if rec_len in (0, 65535) else (rec_len & 65532) | ((rec_len & 3) << 16)
-            if pos + rec_len > bs or rec_len < 12 or rec_len & 3 or nlen + 8 > rec_len:
-                report(P.DIRENT_BAD_LENGTHS, ino, pblk, lblk=lblk, pos=pos, rec_len=rec_len, name_len=nlen)
-                break
-            if state > 1:
-                if d_ino:
-                    inos.append(d_ino)
-                    fts.append(ft)
-                    names.append(buf[pos + 8:pos + 8 + nlen])
-            else:
-                name = buf[pos + 8:pos + 8 + nlen]
-                if state == 0:
-                    check_dot(c, ino, d_ino, name, buf, pos)
-                else:
-                    check_dotdot(c, ino, d_ino, name, buf, pos)
-                if d_ino:
-                    check_entries(c, ino, pblk, [d_ino], bytearray([ft]), [name], dots=True)
-            pos += rec_len
-            state += 1
+        if seed is not None:
+            check_leaf_csum(c, ino, lblk, buf, seed, htree)
+        inos, fts, names = parse_entries(c, ino, buf, bs, lblk, pblk, 0 if lblk == 0 else 2)
         if inos:
             dups_reported = check_entries(c, ino, pblk, inos, fts, names, dups_reported=dups_reported)
     if dx is not None:
         dx.finish()
+
+
+def parse_entries(c: Context, ino: int, buf: bytes, end: int, lblk: int, pblk: int,
+                  state: int) -> tuple[list[int], bytearray, list[bytes]]:
+    """The entries of one directory block (or inline region of ``end`` bytes) naming an inode:
+    lengths checked, '.' and '..' checked and counted when ``state`` is 0 (the first block)."""
+    report = c.report
+    big = c.bs >= 65536
+    inos: list[int] = []
+    fts = bytearray()
+    names: list[bytes] = []
+    pos = 0
+    while pos < end:
+        if end - pos < 8:
+            report(P.DIRENT_NO_ROOM, ino, pblk, lblk=lblk, pos=pos)
+            break
+        d_ino, rec_len, nlen, ft = _DIRENT(buf, pos)
+        if big:
+            rec_len = end if rec_len in (0, 65535) else (rec_len & 65532) | ((rec_len & 3) << 16)
+        if pos + rec_len > end or rec_len < 12 or rec_len & 3 or nlen + 8 > rec_len:
+            report(P.DIRENT_BAD_LENGTHS, ino, pblk, lblk=lblk, pos=pos, rec_len=rec_len, name_len=nlen)
+            break
+        if state > 1:
+            if d_ino:
+                inos.append(d_ino)
+                fts.append(ft)
+                names.append(buf[pos + 8:pos + 8 + nlen])
+        else:
+            name = buf[pos + 8:pos + 8 + nlen]
+            if state == 0:
+                check_dot(c, ino, d_ino, name, buf, pos)
+            else:
+                check_dotdot(c, ino, d_ino, name, buf, pos)
+            if d_ino:
+                check_entries(c, ino, pblk, [d_ino], bytearray([ft]), [name], dots=True)
+        pos += rec_len
+        state += 1
+    return inos, fts, names
+
+
+def check_leaf_csum(c: Context, ino: int, lblk: int, buf: bytes, seed: int, htree: bool) -> None:
+    """A directory leaf's checksum tail (metadata_csum); htree index blocks carry their own."""
+    bs = c.bs
+    if htree and (lblk == 0 or _DIRENT(buf, 0)[1] in (0, bs)):
+        return
+    if buf[bs - 12:bs - 4] != DIR_TAIL:
+        c.report(P.DIR_CSUM, ino, lblk=lblk, why="no checksum tail")
+    elif crc32c_raw(seed, buf[:bs - 12]) != u32(buf, bs - 4):
+        c.report(P.DIR_CSUM, ino, lblk=lblk, why="checksum does not match")
+
+
+def check_inline_dir(c: Context, ino: int) -> None:
+    """An inline directory (inline_data): its parent in i_block, entries in i_block and the
+    system.data value."""
+    t = c.inode_view(ino)
+    if t is None:
+        return
+    raw = bytes(t)
+    parent = u32(raw, _BLOCK_AT)
+    if parent and parent <= c.ninodes:
+        c.dotdot[ino] = parent
+        count_ref(c, parent)
+    else:
+        c.report(P.NO_DOTDOT, ino)
+    count_ref(c, ino)
+    dups_reported = False
+    for i, region in enumerate(inline_regions(c, ino, raw)):
+        inos, fts, names = parse_entries(c, ino, region, len(region), i, 0, 2)
+        if inos:
+            dups_reported = check_entries(c, ino, 0, inos, fts, names, dups_reported=dups_reported)
 
 
 def check_entries(c: Context, ino: int, pblk: int, inos: list[int], fts: bytearray, names: list[bytes],
@@ -251,10 +305,12 @@ class Htree:
     """The index of one htree directory: its root and nodes, which blocks they reference
     (e2fsck's pass 2 dx_dir checks); the first problem found is reported."""
 
-    __slots__ = ("c", "ino", "n", "parent", "nodes", "depth", "bad")
+    __slots__ = ("c", "ino", "n", "parent", "nodes", "depth", "bad", "csum", "seed")
 
-    def __init__(self, c: Context, ino: int, nblocks: int) -> None:
+    def __init__(self, c: Context, ino: int, nblocks: int, seed: int | None = None) -> None:
         self.c = c
+        self.csum = int(c.csum)
+        self.seed = seed
         self.ino = ino
         self.n = nblocks
         self.parent: dict[int, int] = {}       # block -> the index block referencing it
@@ -278,7 +334,8 @@ class Htree:
                 return
             self.depth = levels + 1
             self.node(lblk, buf, 24 + info_len)
-        elif d_ino == 0 and rec_len == bs and nlen == 0 and _DX_COUNTLIMIT(buf, 8)[0] == (bs - 8) // 8:
+        elif d_ino == 0 and rec_len == bs and nlen == 0 and \
+                _DX_COUNTLIMIT(buf, 8)[0] == (bs - 8) // 8 - self.csum:
             self.nodes.add(lblk)
             self.node(lblk, buf, 8)
 
@@ -288,9 +345,12 @@ class Htree:
             self.problem(P.HTREE_ENTRIES_OUTSIDE, lblk=lblk)
             return
         limit, count = _DX_COUNTLIMIT(buf, at)
-        expect = (bs - at) // 8
+        expect = (bs - at) // 8 - self.csum
         if limit != expect:
             self.problem(P.HTREE_LIMIT, lblk=lblk, limit=limit, expect=expect)
+        elif self.seed is not None and count <= limit and (
+                dx_csum(buf, at, count, limit, self.seed) != u32(buf, at + 8 * limit + 4)):
+            self.problem(P.HTREE_CSUM, lblk=lblk)
         if count > expect:
             self.problem(P.HTREE_COUNT, lblk=lblk, count=count, expect=expect)
             count = expect

@@ -17,6 +17,9 @@ def run(c: Context) -> None:
             refs[ino] = links[ino] = 0
     if not iused[L.ROOT_INO]:
         refs[L.ROOT_INO] = links[L.ROOT_INO] = 0
+    for ino in c.special:                       # the orphan file, quota files: in no directory
+        if ino <= c.ninodes:
+            refs[ino] = links[ino] = 0
     if refs == links and not c.more_refs:
         return
     unused = [ino for ino in range(1, c.ninodes + 1) if refs[ino] != links[ino] and not iused[ino]]

@@ -4,6 +4,7 @@ use, as e2fsck's pass5.c. Bitmaps are compared as expanded byte strings."""
 from __future__ import annotations
 
 from .. import layout as L
+from ..groups import super_and_gdt
 from . import problems as P
 from .context import Context, expand_bits, ranges, tail_unset
 
@@ -14,40 +15,82 @@ def run(c: Context) -> None:
     check_inode_bitmaps(c)
 
 
-def check_block_bitmaps(c: Context) -> None:
-    """Each group's block bitmap, free count and padding; the superblock's free count."""
+def uninit_marks(c: Context) -> bytearray:
+    """Per cluster: what e2fsprogs reads for the BLOCK_UNINIT groups (mark_uninit_bg_group_blocks:
+    each such group's superblock copy and descriptors, and its own bitmaps and inode table
+    wherever they lie); it is also ORed into the bitmaps read from disk."""
+    r = c.ratio
+    marks = bytearray(-(-c.nblocks // r))
+    if not c.gdt_csum:
+        return marks
+    for g, d in enumerate(c.gd):
+        if not d.bg_flags & L.BG_BLOCK_UNINIT:
+            continue
+        for a, b in super_and_gdt(c.sb, g):
+            for k in range(a // r, (min(b, c.nblocks) - 1) // r + 1):
+                marks[k] = 1
+        for blk, n, ok in ((d.bg_block_bitmap, 1, c.bb_ok[g]), (d.bg_inode_bitmap, 1, c.ib_ok[g]),
+                           (d.bg_inode_table, c.itable_blocks, c.it_ok[g])):
+            if ok:
+                for k in range(blk // r, (blk + n - 1) // r + 1):
+                    marks[k] = 1
+    return marks
+
+
+def per_cluster(c: Context, first: int, last: int) -> bytes:
+    """The blocks in use from ``first`` to ``last``, one byte per cluster (bigalloc)."""
+    r = c.ratio
     used = c.used
+    if r == 1:
+        return bytes(used[first:last + 1])
+    return bytes(1 if used.find(1, k, min(k + r, last + 1)) >= 0 else 0 for k in range(first, last + 1, r))
+
+
+def check_block_bitmaps(c: Context) -> None:
+    """Each group's block bitmap (a bit per cluster), free count and padding; the superblock's
+    free count."""
     sb = c.sb
+    r = c.ratio
+    cpg = c.bpg // r
+    marks = uninit_marks(c)
+    any_marks = 1 in marks
     total_free = 0
     minus: list[int] = []
     plus: list[int] = []
     for g in range(c.ngroups):
         first, last = sb.group_first_block(g), sb.group_last_block(g)
-        n = last - first + 1
+        n = (last - first) // r + 1
         if not c.bb_ok[g]:
             continue
         d = c.gd[g]
-        bitmap = c.block(d.bg_block_bitmap)
-        bits = expand_bits(bitmap, c.bpg)
-        ondisk = bits[:n]
-        computed = bytes(used[first:last + 1])
+        fc = first // r
+        uninit = c.gdt_csum and d.bg_flags & L.BG_BLOCK_UNINIT
+        if uninit:
+            ondisk = bytes(marks[fc:fc + n])
+        else:
+            bitmap = c.block(d.bg_block_bitmap)
+            bits = expand_bits(bitmap, cpg)
+            ondisk = bits[:n]
+            if any_marks:
+                ondisk = bytes(a | b for a, b in zip(ondisk, marks[fc:fc + n], strict=True))
+        computed = per_cluster(c, first, last)
         if ondisk != computed:
             for k in range(n):
                 if ondisk[k] != computed[k]:
-                    (minus if ondisk[k] else plus).append(first + k)
+                    (minus if ondisk[k] else plus).append(first + k * r)
         free = ondisk.count(0)
         total_free += free
         if free != d.bg_free_blocks_count:
             c.report(P.GROUP_FREE_BLOCKS, group=g, value=d.bg_free_blocks_count, counted=free)
-        if (n < c.bpg and bits[n:].count(0)) or tail_unset(bitmap, c.bpg):
+        if not uninit and ((n < cpg and bits[n:].count(0)) or tail_unset(bitmap, cpg)):
             c.report(P.BLOCK_BITMAP_PADDING, block=d.bg_block_bitmap, group=g)
     if minus:
         c.report(P.BLOCKS_MARKED_NOT_USED, block=minus[0], numbers=ranges(minus))
     if plus:
         c.report(P.BLOCKS_USED_NOT_MARKED, block=plus[0], numbers=ranges(plus))
     value = c.f["s_free_blocks_count"]
-    if all(c.bb_ok) and total_free != value:
-        c.report(P.SB_FREE_BLOCKS, value=value, counted=total_free)
+    if all(c.bb_ok) and total_free * r != value:
+        c.report(P.SB_FREE_BLOCKS, value=value, counted=total_free * r)
 
 
 def check_inode_bitmaps(c: Context) -> None:
@@ -62,10 +105,13 @@ def check_inode_bitmaps(c: Context) -> None:
             continue
         d = c.gd[g]
         base = g * ipg
-        bitmap = c.block(d.bg_inode_bitmap)
-        if tail_unset(bitmap, ipg):
-            c.report(P.INODE_BITMAP_PADDING, block=d.bg_inode_bitmap, group=g)
-        ondisk = expand_bits(bitmap, ipg)
+        if c.gdt_csum and d.bg_flags & L.BG_INODE_UNINIT:
+            ondisk = bytes(ipg)                  # read as all free, as e2fsprogs does
+        else:
+            bitmap = c.block(d.bg_inode_bitmap)
+            if tail_unset(bitmap, ipg):
+                c.report(P.INODE_BITMAP_PADDING, block=d.bg_inode_bitmap, group=g)
+            ondisk = expand_bits(bitmap, ipg)
         computed = bytes(iused[base + 1:base + ipg + 1])
         types = itype[base + 1:base + ipg + 1]
         if ondisk != computed:

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xipfs import CorruptImageError, MemoryDevice
-from xipfs.extfs.csum import crc32c_raw
+from xipfs.extfs.csum import crc32c_raw, inode_seed
 from xipfs.extfs.extent import (
     EXT_MAGIC,
     Extent,

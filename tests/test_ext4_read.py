@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import re
 import shutil
 import struct
@@ -315,3 +316,90 @@ def test_journal_replayed_in_memory_as_e2fsck_replays_it(work, csum):
             assert fs.read_bytes("/hello") == b"replayed text\n"[:11]
             assert _snapshot(fs) == want
     assert _digest(img) == before                  # nothing written
+
+
+# -- damaged ext4 metadata: only CorruptImageError and the ordinary os errors -------------------
+def _metadata_ranges(img: str, paths: list[str]) -> list[tuple[int, int]]:
+    """Byte ranges of an ext4 image's metadata: superblock, descriptors, the inodes of ``paths``,
+    their directory and extent-tree blocks."""
+    dump = run(["dumpe2fs", img]).stdout.decode()
+    bs = int(re.search(r"Block size:\s+(\d+)", dump)[1])
+    gdt = int(re.search(r"Primary superblock at \d+, Group descriptors at (\d+)", dump)[1])
+    out = [(1024, 1024 + 0x200), (gdt * bs, gdt * bs + 256)]
+    for p in paths:
+        off = _inode_offset(img, p)
+        out.append((off, off + 256))
+        text = debugfs_r(img, f'stat "{p}"').decode()
+        for m in re.finditer(r"\(ETB\d+\):(\d+)", text):
+            out.append((int(m[1]) * bs, int(m[1]) * bs + 128))
+        if "Type: directory" in text:
+            for m in list(re.finditer(r"\((\d+)(?:-\d+)?\):(\d+)", text))[:3]:
+                out.append((int(m[2]) * bs, int(m[2]) * bs + bs))
+    return out
+
+
+@pytest.mark.parametrize("features", ["^metadata_csum", "metadata_csum", "inline_data,^metadata_csum"])
+def test_fuzz_ext4_metadata(work, features):
+    """Random bytes in the superblock, descriptors, inodes, directory blocks (an htree among
+    them) and extent-tree blocks: only CorruptImageError, UnsupportedFeatureError and the
+    ordinary os errors come out, every variant ends within seconds."""
+    from corrupt_util import Hang, exercise
+
+    src = os.path.join(work, "fuzz-src")
+    if not os.path.isdir(src):
+        _small_tree(src)
+        os.makedirs(os.path.join(src, "many"))
+        for i in range(1500):
+            open(os.path.join(src, "many", f"n{i:05d}"), "w").close()
+        with open(os.path.join(src, "sparse"), "wb") as f:
+            for i in range(300):
+                f.seek(i * 8192)
+                f.write(b"s" * 100)
+    img = mkfs(os.path.join(work, f"fuzz-{features}.img"), "32M", bs=1024, src=src,
+               extra=("-O", features), fstype="ext4")
+    run(["e2fsck", "-fyD", img], check=False)           # the big directory gets its htree
+    ranges = _metadata_ranges(img, ["/", "/d", "/many", "/sparse", "/big", "/hello"])
+    with open(img, "rb") as f:
+        base = f.read()
+    rnd = random.Random(hash(features) & 0xFFFF)
+    failures = []
+    fd = os.open(img, os.O_RDWR)
+    try:
+        for i in range(40):
+            a, b = rnd.choice(ranges)
+            flips = [(rnd.randrange(a, b), rnd.randrange(256)) for _ in range(rnd.choice((1, 2, 4)))]
+            for off, v in flips:
+                os.pwrite(fd, bytes([v]), off)
+            try:
+                exercise(img, i % 2 == 0, seconds=10)
+            except (Hang, AssertionError, Exception) as err:  # noqa: B014 - report every kind
+                failures.append(f"variant {i} {flips}: {type(err).__name__}: {err}")
+            finally:
+                for off, _ in flips:
+                    os.pwrite(fd, base[off:off + 1], off)
+    finally:
+        os.close(fd)
+    assert not failures, "\n".join(failures[:5])
+
+
+def test_inline_data_without_its_attribute(work):
+    """An inline file whose system.data attribute is gone: corruption, named."""
+    img = mkfs(os.path.join(work, "inline-bad.img"), "16M", extra=("-O", "inline_data,^metadata_csum"),
+               fstype="ext4")
+    if not IS_ROOT:
+        pytest.skip("the inline file is written through a loop mount")
+    with mounted(img, options="rw") as mnt, open(os.path.join(mnt, "f"), "w") as f:
+        f.write("y" * 100)
+    off = _inode_offset(img, "/f")
+    with open(img, "r+b") as f:                          # the in-inode xattr magic, gone
+        f.seek(off + 128 + struct.unpack("<H", _read(img, off + 128, 2))[0])
+        f.write(b"\0\0\0\0")
+    with xipfs.open(img) as fs, pytest.raises(xipfs.CorruptImageError) as exc:
+        fs.read_bytes("/f")
+    assert "system.data" in str(exc.value)
+
+
+def _read(path: str, off: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)

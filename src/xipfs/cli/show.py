@@ -615,13 +615,24 @@ def cmd_cat(ctx: Context, args: argparse.Namespace) -> None:
 
 def _add_inspect(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("info", cmd_info, "show the superblock (like dumpe2fs -h)",
-            "Show an image's superblock: geometry, counts, features, state, times, storage.",
+            "Show an image's superblock: geometry, counts, features, state, times, storage; for "
+            "ext3/ext4 also what dumpe2fs -h shows of flex_bg, checksums, hashes, orphans and the "
+            "journal, and why the image is read-only.",
             "JSON keys: image, image_size, storage, xip, label, uuid, revision, features, state, "
             "errors_behavior, inodes_count, blocks_count, reserved_blocks, free_blocks, "
             "free_inodes, first_data_block, block_size, inode_size, first_inode, blocks_per_group, "
             "inodes_per_group, inode_blocks_per_group, groups, created, mounted, written, "
             "checked (epoch seconds or null), mount_count, max_mount_count, writable, "
-            "readonly_reason.")
+            "readonly_reason; for ext3/ext4 as dumpe2fs -h shows them (null where not set): type "
+            "(ext2, ext3, ext4), flags, cluster_size, clusters_per_group, desc_size, "
+            "reserved_gdt_blocks, first_meta_bg, flex_bg_size, overhead_clusters, kbytes_written, "
+            "min_extra_isize, want_extra_isize, hash_version, hash_seed, checksum_type, checksum, "
+            "checksum_seed (s_checksum_seed, with metadata_csum_seed), csum_seed (the seed in use), "
+            "first_orphan, orphan_file_inode, needs_recovery (as the image says), journal_replayed "
+            "(replayed in memory for reading), journal (inode, device, uuid, backup, size, error, "
+            "superblock: version, block_size, blocks, first, sequence, start, errno, features, "
+            "fast_commit_blocks, users, checksum_type, checksum, checksum_ok, needs_recovery, "
+            "lines as dumpe2fs prints them); partition, offset (where the filesystem starts).")
     p.add_argument("image", metavar="IMAGE", help="the image to show")
     p.add_argument("--json", action="store_true", help="one JSON object")
 

@@ -403,3 +403,47 @@ def _read(path: str, off: int, n: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(off)
         return f.read(n)
+
+
+def test_a_partition_is_mapped_sent_and_copied_in_place(work):
+    """fs.mmap, sendfile and unpack of a partition use the disk's descriptor at the partition's
+    place (base_offset), and give the partition's bytes."""
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk (Debian: fdisk) is not installed")
+    import socket
+
+    disk = os.path.join(work, "disk2.img")
+    with open(disk, "wb") as f:
+        f.truncate(80 << 20)
+    run(["sfdisk", "-q", disk], input=b"label: dos\nsize=20M, type=83\ntype=83\n")
+    part = xipfs.partitions(disk)[1]
+    src = os.path.join(work, "part-src")
+    _small_tree(src)
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", src, "-E", f"offset={part.start}", disk,
+         str(part.size // 1024) + "k"])
+    with open(os.path.join(src, "big"), "rb") as f:
+        want = f.read()
+    with xipfs.open(disk, partition=2) as fs:
+        assert fs.device.base_offset == part.start and fs.device.fileno() >= 0
+        with fs.mmap("/big") as m:
+            assert m.is_xip and bytes(m) == want
+        a, b = socket.socketpair()
+        try:
+            got = bytearray()
+            import threading
+            t = threading.Thread(target=lambda: fs.sendfile(a, "/big") and a.shutdown(socket.SHUT_WR))
+            t.start()
+            while len(got) < len(want):
+                chunk = b.recv(1 << 20)
+                if not chunk:
+                    break
+                got += chunk
+            t.join()
+            assert bytes(got) == want
+        finally:
+            a.close()
+            b.close()
+        out = os.path.join(work, "part-out")
+        xipfs.unpack(fs, out)
+        with open(os.path.join(out, "big"), "rb") as f:
+            assert f.read() == want

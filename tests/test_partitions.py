@@ -632,9 +632,9 @@ def test_window_views_share_the_parent_mapping(workdir):
                      lambda: window.direct_access(size // 512, 1)):
             with pytest.raises(CorruptImageError, match="access outside the device"):
                 call()
-        # The descriptor: shifted, so not handed out until callers add base_offset.
+        # The descriptor is the disk's; its users add base_offset (test_ext4_read checks them).
         assert window.base_offset == off and window.raw_fileno() == parent.fileno() >= 0
-        assert window.fileno() == -1
+        assert window.fileno() == parent.fileno()
         assert WindowDevice(parent, 0, size).fileno() == parent.fileno()
         inner = WindowDevice(window, 512, 4096)                       # a window in a window
         assert inner.base_offset == off + 512 and inner.root is parent

@@ -326,6 +326,8 @@ class Operations:
         #: Descriptor of the image file that reads are served from (libfuse copies or splices
         #: the bytes itself), or -1: reads are copied from the device by Python.
         self.image_fd = _readable_fd(fs) if read_path != "copy" else -1
+        #: Where the filesystem starts in that file (a partition of a disk image).
+        self.image_shift = fs.device.base_offset
         #: Whether libfuse should splice image pages into its replies (no copy in user space).
         self.splice = self.image_fd >= 0 and read_path == "splice"
 
@@ -929,11 +931,12 @@ class _Session:
         _BUFVEC_HEAD.pack_into(vec, 0, count, 0, 0)
         at = _BUFVEC_HEAD.size
         fd = ops.image_fd
+        shift = ops.image_shift
         zeros = ctypes.addressof(self._zeros)
         seek = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY
         for length, where in segments:
             if where >= 0:
-                _BUF.pack_into(vec, at, length, seek, 0, 0, fd, 0, where)
+                _BUF.pack_into(vec, at, length, seek, 0, 0, fd, 0, where + shift)
             else:
                 _BUF.pack_into(vec, at, length, 0, 0, zeros, -1, 0, 0)
             at += _BUF.size

@@ -57,6 +57,9 @@ class Device:
     is_xip: bool = False
     #: What the storage is, for humans: "tmpfs", "hugetlbfs", "dax", "shm", "anonymous", "file"...
     kind: str = "?"
+    #: Where byte 0 of this device lies in the file of ``fileno()`` (a partition's window: its
+    #: start in the disk image); whoever passes device offsets to the descriptor adds it.
+    base_offset: int = 0
 
     def __init__(self, size: int, readonly: bool, name: str) -> None:
         self.size = size

@@ -7,11 +7,9 @@ stays execute-in-place: ``buffer``, :meth:`WindowDevice.view` and
 
 The descriptor is the one thing that cannot be shifted: ``pread``, ``sendfile``,
 ``copy_file_range`` and ``mmap`` of the parent's file address it from the file's first byte, not
-the window's. ``base_offset`` says where the window starts in that file (``raw_fileno()``).
-Until every caller of ``fileno()`` adds it, a window that does not start at byte 0 answers
-``fileno() == -1`` (storage without a descriptor): the callers then take their view-based paths,
-which are right, instead of reading or mapping the wrong bytes. Set
-:attr:`WindowDevice.shares_fileno` once they all add ``base_offset``.
+the window's. ``base_offset`` says where the window starts in that file, and every caller that
+passes device offsets to ``fileno()`` adds it (``Device.base_offset`` is 0 elsewhere), so a
+partition of a disk in memory is mapped, sent and copied in place like a whole image.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ class WindowDevice(Device):
 
     #: Whether ``fileno()`` hands out the parent's descriptor even when the window does not start
     #: at byte 0 of its file (the callers then add ``base_offset`` themselves).
-    shares_fileno: bool = False
+    shares_fileno: bool = True
 
     def __init__(self, parent: Device, offset: int, size: int | None = None, *,
                  readonly: bool | None = None, name: str | None = None,

@@ -559,7 +559,7 @@ class _Unpacker:
             cfr = os.copy_file_range
             try:
                 while n:
-                    done = cfr(src_fd, fd, n, src, dst)
+                    done = cfr(src_fd, fd, n, src + self.device.base_offset, dst)
                     if done <= 0:
                         break                   # past the end of the image: the view path says why
                     src += done

@@ -391,7 +391,7 @@ os.register_at_fork(after_in_child=_forget_pins_after_fork)
 
 def _can_stitch(vol: Volume) -> bool:
     dev = vol.device
-    return dev.is_xip and dev.fileno() >= 0 and vol.bs >= PAGE
+    return dev.is_xip and dev.fileno() >= 0 and vol.bs >= PAGE and dev.base_offset % PAGE == 0
 
 
 def _fill_holes(vol: Volume, node: Inode, offset: int, length: int) -> None:
@@ -417,8 +417,9 @@ def _try_xip(vol: Volume, node: Inode, state: _State) -> Mapping | None:
         base = _address(m)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if state.writable else 0)
         fd = vol.device.fileno()
+        shift = vol.device.base_offset                 # a partition: its place in the disk
         for pos, n, where in data:
-            _map_fixed(base + pos - offset, _round_up(n), prot, mmap.MAP_SHARED, fd, where)
+            _map_fixed(base + pos - offset, _round_up(n), prot, mmap.MAP_SHARED, fd, where + shift)
     except OSError:
         mmap.mmap.close(m)                 # the raw unmap: this is not a finished Mapping yet
         _budget.give_back(pieces)

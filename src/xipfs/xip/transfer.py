@@ -95,7 +95,7 @@ def _send_xip(vol: Volume, node: Inode, sink: _Sink, pos: int, end: int) -> int:
             sink.send_zeros(length)
         elif fd >= 0:
             try:
-                sink.send_from_fd(fd, where, length)
+                sink.send_from_fd(fd, where + dev.base_offset, length)
             except _CannotSplice:
                 fd = -1                      # nothing of this run went out: send it as a view
                 sink.send_view(dev.view(where, length))

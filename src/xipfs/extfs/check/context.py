@@ -225,7 +225,7 @@ class Context:
         not a page fault per page of a fresh mapping), else from the device."""
         if self._fd >= 0 and _preadv is not None:
             try:
-                if _preadv(self._fd, [buf], offset) == len(buf):
+                if _preadv(self._fd, [buf], offset + self.dev.base_offset) == len(buf):
                     return
             except OSError:                      # a DAX device, say: it is only mapped
                 pass

@@ -447,3 +447,14 @@ def test_a_partition_is_mapped_sent_and_copied_in_place(work):
         xipfs.unpack(fs, out)
         with open(os.path.join(out, "big"), "rb") as f:
             assert f.read() == want
+
+
+def test_birthtime_is_the_inodes_crtime(work):
+    img = _ext4_image(work, "crtime")
+    text = debugfs_r(img, "stat /hello").decode()
+    secs, extra = (int(x, 16) for x in re.search(r"crtime: 0x([0-9a-f]+):([0-9a-f]+)", text).groups())
+    with xipfs.open(img) as fs:
+        assert fs.birthtime_ns("/hello") == (secs + ((extra & 3) << 32)) * 10**9 + (extra >> 2)
+    small = mkfs(os.path.join(work, "crtime128.img"), "8M", isize=128, fstype="ext4")
+    with xipfs.open(small) as fs:
+        assert fs.birthtime_ns("/") is None

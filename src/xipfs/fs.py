@@ -222,6 +222,12 @@ class Filesystem:
         """``os.stat_result`` of ``path`` (nanosecond times in ``st_*_ns``), like ``os.stat``."""
         return self.stat_inode(self._inode(path, follow_symlinks))
 
+    def birthtime_ns(self, path: PathArg, *, follow_symlinks: bool = True) -> int | None:
+        """When ``path`` was created, in nanoseconds (ext4's ``i_crtime``, what ``statx`` calls
+        ``stx_btime``; ``os.stat_result`` has no field for it on Linux), None where the inode
+        does not record it (ext2, 128-byte inodes)."""
+        return self._inode(path, follow_symlinks).crtime_ns
+
     def lstat(self, path: PathArg) -> os.stat_result:
         """Like :meth:`stat` without following a final symlink."""
         return self.stat_inode(self._inode(path, False))

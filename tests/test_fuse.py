@@ -785,3 +785,23 @@ def test_image_that_can_only_be_read_mounts_read_only(work: tuple[str, str]) -> 
             os.mkdir(f"{mp}/x")
         assert exc.value.errno == errno.EROFS
     assert b"mounting read-only" in proc.output
+
+
+def test_an_ext4_image_mounts_read_only(work: tuple[str, str], tmp_path: Any) -> None:
+    """An ext4 image (mke2fs -t ext4 defaults: extents, 64bit, flex_bg, checksums) is served
+    read-only until xipfs writes ext4: the mount shows what xipfs reads, writes get EROFS."""
+    d, mp = work
+    src = str(tmp_path / "src")
+    build_tree(src)
+    img = os.path.join(d, "tree.ext4")
+    mkfs(img, "32M", src=src, fstype="ext4")
+    want = image_listing(img)
+    with mounted(img, mp) as proc:
+        got = mount_listing(mp)
+        assert sorted(got) == sorted(want)
+        for path in want:
+            assert got[path] == want[path], path
+        with pytest.raises(OSError) as exc:
+            open(os.path.join(mp, "new"), "w").close()
+        assert exc.value.errno == errno.EROFS
+    assert b"read-only" in proc.output

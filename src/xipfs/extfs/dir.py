@@ -383,9 +383,12 @@ def htree_lookup(vol: Volume, d: Inode, name: str) -> tuple[int, int] | None:
         return dev.view(pblk * bs, bs)
 
     nblocks = d.size // bs
+    cache = d._dx
+    if cache is None:
+        cache = d._dx = {}
     for lblk in candidate_blocks(read_block, key, bs=bs, nblocks=nblocks, hash_seed=sb.s_hash_seed,
                                  s_flags=sb.s_flags, metadata_csum=sb.metadata_csum,
-                                 large_dir=vol.large_dir, csum_seed=seed, ino=d.ino):
+                                 large_dir=vol.large_dir, csum_seed=seed, ino=d.ino, cache=cache):
         buf = read_block(lblk)
         if seed is not None:
             verify_leaf(buf, seed, bs, d.ino, lblk, True)

@@ -231,25 +231,39 @@ def name_hash(root: DxNode, name: bytes, hash_seed: bytes | Sequence[int] | None
 class _Reader:
     """Reads and checks index blocks for one walk, with the directory's geometry."""
 
-    __slots__ = ("read_block", "bs", "nblocks", "metadata_csum", "csum_seed", "ino")
+    __slots__ = ("read_block", "bs", "nblocks", "metadata_csum", "csum_seed", "ino", "cache")
 
     def __init__(self, read_block: ReadBlock, bs: int, nblocks: int | None, metadata_csum: bool,
-                 csum_seed: int | None, ino: int | None) -> None:
+                 csum_seed: int | None, ino: int | None, cache: dict[int, DxNode] | None = None) -> None:
         self.read_block = read_block
         self.bs = bs
         self.nblocks = nblocks
         self.metadata_csum = metadata_csum
         self.csum_seed = csum_seed
         self.ino = ino
+        #: Index blocks already read and checked, by block (a reader's, for a directory that
+        #: does not change under it): a later lookup reads only its leaf.
+        self.cache = cache
 
     def root(self, large_dir: bool) -> DxNode:
-        return parse_root(self.read_block(0), bs=self.bs, metadata_csum=self.metadata_csum,
+        cache = self.cache
+        if cache is not None and 0 in cache:
+            return cache[0]
+        root = parse_root(self.read_block(0), bs=self.bs, metadata_csum=self.metadata_csum,
                           large_dir=large_dir, nblocks=self.nblocks, csum_seed=self.csum_seed, ino=self.ino)
+        if cache is not None:
+            cache[0] = root
+        return root
 
     def node(self, lblk: int, lo: int, hi: int) -> DxNode:
         """The node at ``lblk``, whose parent gives it the hash range [lo, hi]."""
-        node = parse_node(self.read_block(lblk), lblk, bs=self.bs, metadata_csum=self.metadata_csum,
-                          nblocks=self.nblocks, csum_seed=self.csum_seed, ino=self.ino)
+        cache = self.cache
+        node = cache.get(lblk) if cache is not None else None
+        if node is None:
+            node = parse_node(self.read_block(lblk), lblk, bs=self.bs, metadata_csum=self.metadata_csum,
+                              nblocks=self.nblocks, csum_seed=self.csum_seed, ino=self.ino)
+            if cache is not None:
+                cache[lblk] = node
         hashes = node.hashes
         if hashes and (hashes[0] < (lo & ~1) or hashes[-1] > (hi | 1)):
             raise CorruptImageError(f"htree node: hashes {hashes[0]:#x}..{hashes[-1]:#x} outside the range "
@@ -264,11 +278,12 @@ def _bounds(node: DxNode, at: int, lo: int, hi: int) -> tuple[int, int]:
 
 def leaves_for_hash(read_block: ReadBlock, h: int, *, bs: int, nblocks: int | None = None,
                     metadata_csum: bool = False, large_dir: bool = False, csum_seed: int | None = None,
-                    ino: int | None = None, root: DxNode | None = None) -> Iterator[int]:
+                    ino: int | None = None, root: DxNode | None = None,
+                    cache: dict[int, DxNode] | None = None) -> Iterator[int]:
     """Yield the leaf blocks that can hold names of major hash ``h``: the one dx_probe reaches,
     then the next ones while the next index hash (bit 0 cleared) is ``h``; lazily, so a caller
-    that finds its name stops reading the index."""
-    rd = _Reader(read_block, bs, nblocks, metadata_csum, csum_seed, ino)
+    that finds its name stops reading the index. ``cache`` keeps the index blocks read."""
+    rd = _Reader(read_block, bs, nblocks, metadata_csum, csum_seed, ino, cache)
     if root is None:
         root = rd.root(large_dir)
     depth = root.indirect_levels
@@ -328,14 +343,14 @@ def leaves_for_hash(read_block: ReadBlock, h: int, *, bs: int, nblocks: int | No
 def candidate_blocks(read_block: ReadBlock, name: bytes, *, bs: int, nblocks: int | None = None,
                      hash_seed: bytes | Sequence[int] | None = None, s_flags: int = 0,
                      metadata_csum: bool = False, large_dir: bool = False, csum_seed: int | None = None,
-                     ino: int | None = None) -> Iterator[int]:
+                     ino: int | None = None, cache: dict[int, DxNode] | None = None) -> Iterator[int]:
     """Yield the leaf blocks to scan for ``name``, in order (see :func:`leaves_for_hash`):
     hashes ``name`` with the root's version, ``s_hash_seed`` and ``s_flags``' signedness."""
-    rd = _Reader(read_block, bs, nblocks, metadata_csum, csum_seed, ino)
+    rd = _Reader(read_block, bs, nblocks, metadata_csum, csum_seed, ino, cache)
     root = rd.root(large_dir)
     h = name_hash(root, name, hash_seed, s_flags)
     yield from leaves_for_hash(read_block, h, bs=bs, nblocks=nblocks, metadata_csum=metadata_csum,
-                               large_dir=large_dir, csum_seed=csum_seed, ino=ino, root=root)
+                               large_dir=large_dir, csum_seed=csum_seed, ino=ino, root=root, cache=cache)
 
 
 @dataclass(frozen=True, slots=True)

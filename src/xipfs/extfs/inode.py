@@ -185,7 +185,7 @@ class Inode:
     __slots__ = (
         "volume", "ino", "mode", "uid", "gid", "size", "links", "blocks", "flags", "file_acl",
         "generation", "dtime", "atime_ns", "mtime_ns", "ctime_ns", "crtime_ns", "i_block",
-        "extra_isize", "_map", "_stat", "_dir", "_raw",
+        "extra_isize", "_map", "_stat", "_dir", "_raw", "_dx",
     )
 
     def __init__(self, volume: Volume, ino: int, raw: memoryview | bytes) -> None:
@@ -225,6 +225,7 @@ class Inode:
         self._map: BlockMap | None = None
         self._stat = None
         self._dir = None
+        self._dx = None              # an htree directory's index blocks, once read (dir.htree_lookup)
         if extra >= 16 and big:                 # the common large inode: every time has _extra
             if extra & 3 or 128 + extra > volume.isize:
                 raise CorruptImageError(f"i_extra_isize {extra} invalid", f"inode {ino}")

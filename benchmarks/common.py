@@ -237,3 +237,33 @@ def loadavg() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "?"
+
+
+def machine_speed() -> str:
+    """How fast this machine runs Python and system calls (the two scale differently from one
+    machine to the next, and every ratio here is a mix of them): an empty loop iteration,
+    ``os.getppid()`` and ``os.stat`` of a tmpfs file, each the best of 5 rounds."""
+    import tempfile
+
+    def best(fn: Callable[[], object], n: int) -> float:
+        times = []
+        for _ in range(5):
+            t = time.perf_counter_ns()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter_ns() - t) / n)
+        return min(times)
+
+    def loop(n: int = 200_000) -> float:
+        times = []
+        for _ in range(5):
+            t = time.perf_counter_ns()
+            for _ in range(n):
+                pass
+            times.append((time.perf_counter_ns() - t) / n)
+        return min(times)
+
+    with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
+        stat_ns = best(lambda: os.stat(f.name), 20_000)
+    return (f"empty Python loop {loop():.0f} ns/iteration, os.getppid() {best(os.getppid, 50_000):.0f} ns, "
+            f"os.stat on tmpfs {stat_ns / 1000:.2f} us")

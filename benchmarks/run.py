@@ -35,7 +35,7 @@ from bench_read import config  # noqa: E402
 from bench_transfer import BENCHMARKS as TRANSFER_BENCHMARKS  # noqa: E402
 from bench_unpack import BENCHMARKS as UNPACK_BENCHMARKS  # noqa: E402
 from bench_write import BENCHMARKS as WRITE_BENCHMARKS  # noqa: E402
-from common import loadavg, print_section, print_summary  # noqa: E402
+from common import loadavg, machine_speed, print_section, print_summary  # noqa: E402
 
 import xipfs  # noqa: E402
 
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- sizes: big file {cfg.big_bytes >> 20} MiB, {cfg.small_files} small files of "
           f"{cfg.small_size} B, {cfg.stat_files} files for stat/listdir; timed repetitions "
           f"{cfg.repeat_big} (big) / {cfg.repeat} (warm) / {cfg.repeat_cold} (cold), after 1 untimed round")
+    print(f"- machine: {machine_speed()}")
     print(f"- load average at start: {loadavg()}", flush=True)
 
     sections = []
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     print_summary(sections)
     print(f"\nload average at end: {loadavg()}; total {time.monotonic() - started:.1f} s")
+    print(f"machine at end: {machine_speed()}")
     return 0
 
 

@@ -400,21 +400,31 @@ def htree_lookup(vol: Volume, d: Inode, name: str) -> tuple[int, int] | None:
 
 def _scan_leaf(buf: memoryview, key: bytes, bs: int, vol: Volume, ino: int,
                lblk: int) -> tuple[int, int] | None:
-    """The entry named ``key`` in one directory leaf, each entry checked as when indexing."""
+    """The entry named ``key`` in one directory leaf: the name is found by ``bytes.find``, then
+    the chain of ``rec_len`` is followed from the block's start to it (each step checked as
+    when indexing), so a name left in the slack of a removed entry is never taken for one."""
+    data = bytes(buf)
     n = len(key)
+    i = data.find(key, 8)
     pos = 0
-    while pos < bs:
-        if pos + 12 > bs:
-            raise CorruptImageError("directory entry header crosses the block end", _where(ino, lblk, pos))
-        child, rec_len, name_len, ftype = _DIRENT(buf, pos)
-        if rec_len < 12 or rec_len & 3 or pos + rec_len > bs or rec_len < ((8 + name_len + 3) & ~3):
-            if not (bs == 65536 and rec_len in (0, 65535) and pos == 0):
-                raise CorruptImageError(_rec_len_problem(rec_len, name_len, pos, bs), _where(ino, lblk, pos))
-            rec_len = 65536
-        if child and name_len == n and buf[pos + 8:pos + 8 + n] == key:
-            if child > vol.inodes_count:
-                raise CorruptImageError(f"entry points to inode {child} beyond the inode count",
-                                        _where(ino, lblk, pos))
-            return child, ftype if vol.filetype else 0
-        pos += rec_len
+    while i >= 0:
+        start = i - 8
+        if not start & 3 and data[start + 6] == n:
+            while pos < start:                  # the chain, from where it was left
+                rec_len = data[pos + 4] | data[pos + 5] << 8
+                if rec_len < 12 or rec_len & 3 or pos + rec_len > bs:
+                    if bs == 65536 and rec_len in (0, 65535) and pos == 0:
+                        rec_len = 65536
+                    else:
+                        raise CorruptImageError(_rec_len_problem(rec_len, data[pos + 6], pos, bs),
+                                                _where(ino, lblk, pos))
+                pos += rec_len
+            if pos == start:
+                child, rec_len, _, ftype = _DIRENT(data, start)
+                if child and rec_len >= ((8 + n + 3) & ~3) and start + rec_len <= bs:
+                    if child > vol.inodes_count:
+                        raise CorruptImageError(f"entry points to inode {child} beyond the inode count",
+                                                _where(ino, lblk, start))
+                    return child, ftype if vol.filetype else 0
+        i = data.find(key, i + 1)
     return None

@@ -75,6 +75,8 @@ def desc_block(sb: Superblock, i: int) -> int:
     superblock, or with meta_bg from ``s_first_meta_bg`` on, in the first group of its metagroup
     (after that group's superblock copy, if any)."""
     first = sb.s_first_data_block
+    if first == 0 and sb.block_size == 1024:     # 1 KiB blocks with bigalloc: the superblock is block 1
+        first = 1
     if not sb.has_incompat(L.INCOMPAT_META_BG) or i < sb.s_first_meta_bg:
         return first + 1 + i
     g = i * (sb.block_size // sb.desc_size)

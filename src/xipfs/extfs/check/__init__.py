@@ -1,4 +1,4 @@
-"""A read-only consistency check of an ext2 image: what ``e2fsck -fn`` checks in its passes.
+"""A read-only consistency check of an ext2 or ext4 image: what ``e2fsck -fn`` checks in its passes.
 
 Shaped like e2fsck: the passes are modules, each a function over one shared :class:`Context`
 (e2fsck's ``e2fsck_t``); every problem they can report is a row of the table in
@@ -16,12 +16,15 @@ Shaped like e2fsck: the passes are modules, each a function over one shared :cla
 - :mod:`.pass5`: the bitmaps and the free and directory counts against what is in use;
 - :mod:`.paths`: the path of each inode a problem names, for the report.
 
-The rules, and which of them count as errors, follow e2fsck (e2fsprogs 1.47) on an ext2
-filesystem, so that an image e2fsck finds clean gives no problem here (a device inode with block
-pointers, say, is only a problem with the immutable or append-only flag, as in e2fsck). Not
-checked: htree hash ranges (the name hashes themselves), journals and the ext4 formats (extents,
-inline data, checksums), which ext2 does not have. Codes in :data:`MINOR_CODES` are reported by
-e2fsck without counting as errors.
+The rules, and which of them count as errors, follow e2fsck (e2fsprogs 1.47), so that an image
+e2fsck finds clean gives no problem here (a device inode with block pointers, say, is only a
+problem with the immutable or append-only flag, as in e2fsck). On ext4 (:mod:`.ext4`): 64-byte and
+meta_bg descriptors, flex_bg placement, uninit groups and ``itable_unused`` (inodes past it are not
+read, as e2fsck), bigalloc clusters, extent trees (walked by the read side's validating walker),
+inline data, the checksums of the superblock, descriptors, inodes, extent blocks, directory leaves
+and htree nodes, the journal superblock's header. Not checked: htree hash ranges (the name hashes
+themselves), the journal's contents, the orphan file's blocks, bitmap checksums, ea_inode
+references. Codes in :data:`MINOR_CODES` are reported by e2fsck without counting as errors.
 
 The image is never written. Problems come back as data (:class:`Problem`); only a superblock too
 broken to describe a filesystem raises :class:`~xipfs.CorruptImageError`. Work is bounded on any
@@ -72,10 +75,11 @@ def check_volume(vol: Volume, progress: ProgressArg = None) -> list[Problem]:
 
 
 def check_device(device: Device, progress: ProgressArg = None) -> list[Problem]:
-    """Check the ext2 image on ``device``, including images whose group descriptors are too
+    """Check the ext2 or ext4 image on ``device``, including images whose group descriptors are too
     damaged for :class:`~xipfs.extfs.volume.Volume` to open them.
 
-    Raises :class:`~xipfs.CorruptImageError` when the superblock itself is unusable.
+    Raises :class:`~xipfs.CorruptImageError` when the superblock itself is unusable (a wrong
+    superblock checksum is only a problem: the fields are checked anyway).
     """
     raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE)) \
         if device.size >= L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE else b""

@@ -84,8 +84,6 @@ def read_group_descriptors(c: Context) -> None:
         i, k = divmod(g, per_block)
         if k == 0:
             blk = desc_block(sb, i)
-            if bs == 1024 and c.ratio > 1 and blk == i + 1:
-                blk += 1                         # 1 KiB bigalloc: block 0 is a whole cluster's first
             if blk >= c.nblocks:
                 c.report(P.DESC_BLOCK_OUTSIDE, block=blk, index=i)
                 raw = bytes(bs)

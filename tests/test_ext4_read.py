@@ -463,3 +463,22 @@ def test_birthtime_is_the_inodes_crtime(work):
     small = mkfs(os.path.join(work, "crtime128.img"), "8M", isize=128, fstype="ext4")
     with xipfs.open(small) as fs:
         assert fs.birthtime_ns("/") is None
+
+
+def test_bigalloc_with_1k_blocks(work):
+    """1 KiB blocks with 16 KiB clusters: the first data block is 0, and the descriptors follow
+    the superblock at block 1 (ext2fs_descriptor_block_loc2)."""
+    src = os.path.join(work, "ba-src")
+    _small_tree(src)
+    img = mkfs(os.path.join(work, "ba1k.img"), "64M", bs=1024, src=src,
+               extra=("-O", "bigalloc", "-C", "16384"), fstype="ext4")
+    with xipfs.open(img) as fs:
+        assert fs.read_bytes("/hello") == b"hello ext4\n"
+        with open(os.path.join(src, "big"), "rb") as f:
+            assert fs.read_bytes("/big") == f.read()
+        sv = fs.statvfs("/")
+    assert xipfs.check(img) == []
+    if IS_ROOT:
+        with mounted(img) as mnt:
+            k = os.statvfs(mnt)
+        assert (sv.f_blocks, sv.f_bfree, sv.f_bavail) == (k.f_blocks, k.f_bfree, k.f_bavail)

@@ -295,6 +295,25 @@ def _itable_unused(p: str, bs: int) -> None:
     debugfs_w(p, f"set_bg 0 itable_unused {free + 5}")
 
 
+def _block_bitmap_csum(p: str, bs: int) -> None:
+    """The descriptor's block bitmap checksum changed, its own checksum redone (so only the
+    bitmap's sum is wrong)."""
+    from xipfs.extfs.groups import desc_checksum
+    from xipfs.extfs.super import parse_superblock
+
+    with open(p, "rb") as f:
+        f.seek(1024)
+        sb = parse_superblock(f.read(1024), os.path.getsize(p))
+    off = gdt_off(p, bs, 0)
+    with open(p, "r+b") as f:
+        f.seek(off)
+        d = bytearray(f.read(sb.desc_size))
+        d[0x18] ^= 0xFF
+        struct.pack_into("<H", d, 0x1E, desc_checksum(sb, 0, bytes(d)))
+        f.seek(off)
+        f.write(d)
+
+
 def _journal_magic(p: str, bs: int) -> None:
     patch(p, file_block(p, "<8>") * bs, b"\0\0\0\0")
 
@@ -333,6 +352,8 @@ DAMAGES = [
            r"marked uninitialized without feature set"),
     Damage("itable_unused above the free inodes", "csum", _itable_unused, frozenset({"itable_unused"}),
            r"itable unused count|unused inodes count"),
+    Damage("block bitmap checksum", "csum", _block_bitmap_csum, frozenset({"bitmap_csum"}),
+           r"block bitmap does not match checksum"),
     Damage("journal superblock magic", "csum", _journal_magic, frozenset({"journal"}),
            r"invalid journal|journal superblock"),
 ]

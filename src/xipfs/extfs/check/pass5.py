@@ -4,15 +4,60 @@ use, as e2fsck's pass5.c. Bitmaps are compared as expanded byte strings."""
 from __future__ import annotations
 
 from .. import layout as L
-from ..groups import super_and_gdt
+from ..csum import crc32c_raw
+from ..groups import desc_block, super_and_gdt
 from . import problems as P
 from .context import Context, expand_bits, ranges, tail_unset
 
 
 def run(c: Context) -> None:
-    """The block bitmaps, then the inode bitmaps."""
+    """The block bitmaps, then the inode bitmaps, then (metadata_csum) their checksums."""
+    before = len(c.problems)
     check_block_bitmaps(c)
+    blocks_differ = any(p.code == "block_bitmap_differs" for p in c.problems[before:])
+    before = len(c.problems)
     check_inode_bitmaps(c)
+    inodes_differ = any(p.code == "inode_bitmap_differs" for p in c.problems[before:])
+    if c.csum:                 # a bitmap that differs is rewritten whole: e2fsck checks no sum
+        check_bitmap_checksums(c, blocks=not blocks_differ, inodes=not inodes_differ)
+
+
+_BB_CSUM_LO = L.GROUP_DESC.offsets["bg_block_bitmap_csum_lo"]
+_IB_CSUM_LO = L.GROUP_DESC.offsets["bg_inode_bitmap_csum_lo"]
+_BB_CSUM_HI = L.GROUP_DESC.size + L.GROUP_DESC_HI.offsets["bg_block_bitmap_csum_hi"]
+_IB_CSUM_HI = L.GROUP_DESC.size + L.GROUP_DESC_HI.offsets["bg_inode_bitmap_csum_hi"]
+
+
+def check_bitmap_checksums(c: Context, *, blocks: bool = True, inodes: bool = True) -> None:
+    """Each initialised bitmap against the checksum its descriptor keeps (e2fsck's
+    check_*_bitmap_checksum): crc32c of the bitmap's bits (not its padding), the high 16 bits
+    only in descriptors long enough to hold them."""
+    sb = c.sb
+    size = sb.desc_size
+    per_block = c.bs // size
+    r = c.ratio
+    for g in range(c.ngroups):
+        d = c.gd[g]
+        i, k = divmod(g, per_block)
+        blk = desc_block(sb, i)
+        if blk >= c.nblocks:
+            continue
+        desc = bytes(c.block(blk)[k * size:(k + 1) * size])
+        for ok, flag, bitmap_blk, nbytes, lo_at, hi_at, problem in (
+                (c.bb_ok[g], L.BG_BLOCK_UNINIT, d.bg_block_bitmap, c.bpg // r // 8, _BB_CSUM_LO, _BB_CSUM_HI,
+                 P.BLOCK_BITMAP_CSUM),
+                (c.ib_ok[g], L.BG_INODE_UNINIT, d.bg_inode_bitmap, c.ipg // 8, _IB_CSUM_LO, _IB_CSUM_HI,
+                 P.INODE_BITMAP_CSUM)):
+            if not ok or d.bg_flags & flag or not (blocks if flag == L.BG_BLOCK_UNINIT else inodes):
+                continue
+            crc = crc32c_raw(c.csum_seed, c.block(bitmap_blk)[:nbytes])
+            stored = int.from_bytes(desc[lo_at:lo_at + 2], "little")
+            if size >= hi_at + 2:
+                stored |= int.from_bytes(desc[hi_at:hi_at + 2], "little") << 16
+            else:
+                crc &= 0xFFFF
+            if crc != stored:
+                c.report(problem, group=g, block=bitmap_blk)
 
 
 def uninit_marks(c: Context) -> bytearray:

@@ -44,10 +44,18 @@ class GroupDesc:
         self.raw = raw
 
     def encode(self) -> bytes:
-        """The on-disk bytes, the fields after bg_flags kept as they were (ext2's 32 bytes)."""
-        self.raw = _GD_HEAD.pack(self.block_bitmap, self.inode_bitmap, self.inode_table,
-                                 self.free_blocks, self.free_inodes, self.used_dirs,
-                                 self.flags) + self.raw[_GD_HEAD.size:]
+        """The on-disk bytes: the fields above in their low halves (and, in a 64-byte
+        descriptor, their high halves), every other byte kept as it was."""
+        m16, m32 = 0xFFFF, 0xFFFFFFFF
+        raw = bytearray(self.raw)
+        _GD_HEAD.pack_into(raw, 0, self.block_bitmap & m32, self.inode_bitmap & m32, self.inode_table & m32,
+                           self.free_blocks & m16, self.free_inodes & m16, self.used_dirs & m16, self.flags)
+        _GD_ITABLE_UNUSED.pack_into(raw, L.GROUP_DESC.offsets["bg_itable_unused"], self.itable_unused & m16)
+        if len(raw) >= 64:
+            _GD_HI.pack_into(raw, L.GROUP_DESC.size, self.block_bitmap >> 32, self.inode_bitmap >> 32,
+                             self.inode_table >> 32, self.free_blocks >> 16, self.free_inodes >> 16,
+                             self.used_dirs >> 16, self.itable_unused >> 16)
+        self.raw = bytes(raw)
         return self.raw
 
 
@@ -120,10 +128,7 @@ def read_group_descriptors(device: Device, sb: Superblock, verify: bool = True) 
                     + ("the filesystem" if flex else f"group {g}") + f" (blocks {first}..{last})", where)
         if gd.free_blocks > sb.s_blocks_per_group or gd.free_inodes > sb.s_inodes_per_group:
             raise CorruptImageError("free counts exceed the group size", where)
-        if not uninit_ok:
-            gd.flags &= ~(L.BG_INODE_UNINIT | L.BG_BLOCK_UNINIT)   # meaningless without a checksum
-            gd.itable_unused = 0
-        elif gd.itable_unused > sb.s_inodes_per_group:
+        if uninit_ok and gd.itable_unused > sb.s_inodes_per_group:
             raise CorruptImageError(f"{gd.itable_unused} unused inodes exceed the group's", where)
         groups.append(gd)
     return groups
@@ -176,13 +181,43 @@ def metadata_zones(sb: Superblock, groups: list[GroupDesc]) -> tuple[list[int], 
 
 
 def flush_group_descs(vol: Volume) -> None:
-    """Store the descriptors whose counts changed since the last sync (``write_group_desc``)."""
+    """Store the descriptors whose counts changed since the last sync (``write_group_desc``),
+    each with its bitmaps' checksums and its own (metadata_csum, uninit_bg) redone."""
     sb = vol.sb
     per_block = vol.bs // sb.desc_size
     for g in sorted(vol.dirty_groups):
         i, k = divmod(g, per_block)
-        vol.device.write(vol.groups[g].encode(), desc_block(sb, i) * vol.bs + k * sb.desc_size)
+        vol.device.write(encode_desc(vol, g), desc_block(sb, i) * vol.bs + k * sb.desc_size)
     vol.dirty_groups.clear()
+
+
+_BB_CSUM = (L.GROUP_DESC.offsets["bg_block_bitmap_csum_lo"],
+            L.GROUP_DESC.size + L.GROUP_DESC_HI.offsets["bg_block_bitmap_csum_hi"])
+_IB_CSUM = (L.GROUP_DESC.offsets["bg_inode_bitmap_csum_lo"],
+            L.GROUP_DESC.size + L.GROUP_DESC_HI.offsets["bg_inode_bitmap_csum_hi"])
+
+
+def encode_desc(vol: Volume, g: int) -> bytes:
+    """Group ``g``'s descriptor as it is to be stored: its fields, then (metadata_csum) the
+    checksums of its two bitmaps as they are now, then its own checksum."""
+    sb = vol.sb
+    gd = vol.groups[g]
+    raw = bytearray(gd.encode())
+    if sb.metadata_csum:
+        for flag, blk, nbytes, (lo, hi) in (
+                (L.BG_BLOCK_UNINIT, gd.block_bitmap, sb.s_blocks_per_group // sb.cluster_ratio // 8,
+                 _BB_CSUM),
+                (L.BG_INODE_UNINIT, gd.inode_bitmap, sb.s_inodes_per_group // 8, _IB_CSUM)):
+            if gd.flags & flag:
+                continue
+            crc = crc32c_raw(sb.csum_seed, vol.device.view(blk * vol.bs, nbytes))
+            raw[lo:lo + 2] = (crc & 0xFFFF).to_bytes(2, "little")
+            if len(raw) >= hi + 2:
+                raw[hi:hi + 2] = (crc >> 16).to_bytes(2, "little")
+    if sb.metadata_csum or sb.gdt_csum:
+        raw[_CSUM_AT:_CSUM_AT + 2] = desc_checksum(sb, g, bytes(raw)).to_bytes(2, "little")
+    gd.raw = bytes(raw)
+    return gd.raw
 
 
 def statfs_overhead(vol: Volume) -> tuple[int, int]:

@@ -339,20 +339,40 @@ _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 
 
+def inode_checksum(vol: Volume, ino: int, data: bytes) -> tuple[int, bool]:
+    """``(crc32c, whether the high half is stored)`` of inode ``ino``'s bytes ``data``, with its
+    checksum fields taken as zero (16 bits in a 128-byte inode, 32 when ``i_extra_isize``
+    reaches ``i_checksum_hi``)."""
+    has_hi = len(data) > 128 and _U16(data, 128)[0] >= 4
+    if has_hi:
+        zeroed = (data[:_CSUM_LO_AT] + b"\0\0" + data[_CSUM_LO_AT + 2:_CSUM_HI_AT] + b"\0\0"
+                  + data[_CSUM_HI_AT + 2:])
+    else:
+        zeroed = data[:_CSUM_LO_AT] + b"\0\0" + data[_CSUM_LO_AT + 2:]
+    seed = inode_seed(vol.sb.csum_seed, ino, _U32(data, _GENERATION_AT)[0])
+    return crc32c_raw(seed, zeroed), has_hi
+
+
+def seal_inode(vol: Volume, ino: int, raw: bytes) -> bytes:
+    """``raw`` with its checksum set (metadata_csum; else ``raw`` itself): what a writer stores."""
+    if not vol.sb.metadata_csum:
+        return raw
+    crc, has_hi = inode_checksum(vol, ino, raw)
+    out = bytearray(raw)
+    out[_CSUM_LO_AT:_CSUM_LO_AT + 2] = (crc & 0xFFFF).to_bytes(2, "little")
+    if has_hi:
+        out[_CSUM_HI_AT:_CSUM_HI_AT + 2] = (crc >> 16).to_bytes(2, "little")
+    return bytes(out)
+
+
 def verify_inode(vol: Volume, ino: int, raw: memoryview | bytes) -> None:
     """Check inode ``ino``'s checksum (metadata_csum): 16 bits in a 128-byte inode, 32 when
     ``i_extra_isize`` reaches ``i_checksum_hi``. An all-zero inode (never used) passes."""
     isize = len(raw)
     data = bytes(raw)
     stored = _U16(data, _CSUM_LO_AT)[0]
-    has_hi = isize > 128 and _U16(data, 128)[0] >= 4
+    crc, has_hi = inode_checksum(vol, ino, data)
     if has_hi:
         stored |= _U16(data, _CSUM_HI_AT)[0] << 16
-        zeroed = (data[:_CSUM_LO_AT] + b"\0\0" + data[_CSUM_LO_AT + 2:_CSUM_HI_AT] + b"\0\0"
-                  + data[_CSUM_HI_AT + 2:])
-    else:
-        zeroed = data[:_CSUM_LO_AT] + b"\0\0" + data[_CSUM_LO_AT + 2:]
-    seed = inode_seed(vol.csum_seed, ino, _U32(data, _GENERATION_AT)[0])
-    crc = crc32c_raw(seed, zeroed)
     if (crc if has_hi else crc & 0xFFFF) != stored and data.count(0) != isize:
         raise CorruptImageError("inode checksum does not match", f"inode {ino}")

@@ -14,7 +14,7 @@ from . import orphans
 from .balloc import BlockAllocator
 from .groups import flush_group_descs
 from .ialloc import InodeAllocator
-from .super import STATE_VALID, write_super
+from .super import STATE_VALID, seal_superblock, write_super
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -74,6 +74,7 @@ def write_backups(vol: Volume) -> None:
         if not sb.group_has_super(g):
             continue
         L.SUPERBLOCK.pack_field(backup, "s_block_group_nr", min(g, 0xFFFF))
+        seal_superblock(sb, backup)
         first = sb.group_first_block(g)
         vol.device.write(backup, first * bs)
         vol.device.write(gdt, (first + 1) * bs)

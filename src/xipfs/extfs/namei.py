@@ -36,7 +36,7 @@ from .dir import (
     rec_len_of,
     remove_from_block,
 )
-from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev
+from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev, seal_inode
 from .watch import STAMP_LEN, STAMP_OFFSET, TRIES, WriterWatch
 from .xattr import drop_block
 
@@ -334,14 +334,18 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
     i_block = encode_direct_run(blocks[0], count) if len(runs) == 1 else \
         _DIRECT.pack(*blocks, *([0] * (15 - len(blocks))))
     at = vol.inode_offset(ino)
-    vol.device.write(encode_new_inode(vol.isize, mode, uid, gid, n, count * (bs // 512), i_block,
-                                      time.time_ns(), random.getrandbits(32)), at)
+    raw = encode_new_inode(vol.isize, mode, uid, gid, n, count * (bs // 512), i_block,
+                           time.time_ns(), random.getrandbits(32))
+    vol.device.write(seal_inode(vol, ino, raw), at)
     try:
         add_entry(vol, d, name, ino, mode, key)
     except BaseException:
         _discard(vol, vol.inode(ino), False)
         raise
-    vol.device.write(b"\1\0", at + 26)            # the name exists: now the inode counts it
+    if vol.sb.metadata_csum:                     # the name exists: now the inode counts it
+        vol.device.write(seal_inode(vol, ino, raw[:26] + b"\1\0" + raw[28:]), at)
+    else:
+        vol.device.write(b"\1\0", at + 26)
     return ino
 
 

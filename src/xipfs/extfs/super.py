@@ -275,8 +275,18 @@ def write_super(vol: Volume) -> None:
                 L.SUPERBLOCK.pack_field(raw, "s_free_blocks_hi", f[name] >> 32)
             continue
         L.SUPERBLOCK.pack_field(raw, name, f[name])
+    seal_superblock(sb, raw)
     sb.raw = bytes(raw)
     vol.device.write(sb.raw, L.SUPERBLOCK_OFFSET)
+
+
+def seal_superblock(sb: Superblock, raw: bytearray) -> None:
+    """Set a superblock copy's own checksum (metadata_csum) after its fields changed."""
+    if sb.metadata_csum:
+        L.SUPERBLOCK.pack_field(raw, "s_checksum", crc32c_raw(0xFFFFFFFF, raw[:_SB_CSUM_AT]))
+
+
+_SB_CSUM_AT = L.SUPERBLOCK.offsets["s_checksum"]
 
 
 def set_feature(vol: Volume, field: str, bit: int) -> None:

@@ -24,7 +24,7 @@ from ..errors import CorruptImageError
 from . import layout as L
 from .dir import DirIndex, DirSpace, build_index
 from .groups import metadata_zones, read_group_descriptors
-from .inode import Inode, verify_inode
+from .inode import Inode, seal_inode, verify_inode
 from .mount import mount, unmount
 from .recovery import needs_recovery, replay_journal
 from .super import Superblock, parse_superblock
@@ -85,8 +85,10 @@ class Volume:
         self.groups = read_group_descriptors(device, self.sb, verify)
         #: Per group, the inodes past which the table is unused (INODE_UNINIT, itable_unused):
         #: ext4 may leave those slots uninitialised, so they read as free inodes.
-        self.itable_used = [0 if gd.flags & L.BG_INODE_UNINIT else self.ipg - gd.itable_unused
-                            for gd in self.groups]
+        #: (The flags and the count mean something only under a checksum feature.)
+        uninit_ok = sb.metadata_csum or sb.gdt_csum
+        self.itable_used = [self.ipg if not uninit_ok else 0 if gd.flags & L.BG_INODE_UNINIT
+                            else self.ipg - gd.itable_unused for gd in self.groups]
         self._zone_starts, self._zone_ends = metadata_zones(self.sb, self.groups)
         self._inodes: dict[int, Inode] = {}
         #: Resolved paths, ``(path, follow) -> inode`` (``namei.resolve``).
@@ -120,12 +122,19 @@ class Volume:
 
     def write_inode(self, node: Inode) -> None:
         """Store ``node`` in the inode table."""
-        self.device.write(node.encode(), self.inode_offset(node.ino))
+        raw = node.encode()
+        if self.sb.metadata_csum:
+            raw = node._raw = seal_inode(self, node.ino, raw)
+        self.device.write(raw, self.inode_offset(node.ino))
         node._stat = None
         self.dirty_inodes.pop(node.ino, None)
 
     def write_links(self, node: Inode) -> None:
-        """Store only ``node``'s link count: one 2-byte store, nothing else changes."""
+        """Store only ``node``'s link count: one 2-byte store, nothing else changes (with
+        metadata_csum the whole inode, its checksum with it, in one store)."""
+        if self.sb.metadata_csum:
+            self.write_inode(node)
+            return
         node._raw = node._raw[:26] + node.links.to_bytes(2, "little") + node._raw[28:]
         self.device.write(node._raw[26:28], self.inode_offset(node.ino) + 26)
         node._stat = None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
+from .csum import crc32c_raw
 from .super import set_feature
 from .watch import TRIES
 
@@ -410,11 +411,11 @@ def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> No
         if old:
             vol.check_data_run(old, 1, node.ino, "xattr block")   # never write over metadata
         if old and refcount(vol, old) == 1:
-            vol.device.write(new_block, old * bs)
+            vol.device.write(seal_block(vol, old, new_block), old * bs)
             vol.write_inode(node)
             return
         blk = vol.balloc.alloc(vol.inode_group_goal(node.ino), 1)[0][0]
-        vol.device.write(new_block, blk * bs)
+        vol.device.write(seal_block(vol, blk, new_block), blk * bs)
         node.file_acl = blk
         if not old:
             node.blocks += bs // 512
@@ -425,6 +426,19 @@ def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> No
     vol.write_inode(node)
     if old:
         release_block(vol, old)
+
+
+_CSUM_AT = L.XATTR_HEADER.offsets["h_checksum"]
+
+
+def seal_block(vol: Volume, blk: int, block: bytes) -> bytes:
+    """xattr block ``block``, to be stored at block ``blk``, with its checksum (metadata_csum:
+    crc32c of the block number and the block, the checksum field as zero)."""
+    if not vol.sb.metadata_csum:
+        return block
+    crc = crc32c_raw(vol.sb.csum_seed, blk.to_bytes(8, "little") + block[:_CSUM_AT] + b"\0\0\0\0"
+                     + block[_CSUM_AT + 4:])
+    return block[:_CSUM_AT] + crc.to_bytes(4, "little") + block[_CSUM_AT + 4:]
 
 
 def drop_block(vol: Volume, node: Inode) -> None:
@@ -445,7 +459,12 @@ def release_block(vol: Volume, blk: int) -> None:
     """One inode no longer uses xattr block ``blk``: lower its count, or free it (the last)."""
     count = refcount(vol, blk)
     if count > 1:
-        vol.device.write(_REFCOUNT.pack(count - 1), blk * vol.bs + _REFCOUNT_AT)
+        if vol.sb.metadata_csum:             # the count and the checksum, in one store
+            block = bytearray(vol.device.view(blk * vol.bs, vol.bs))
+            _REFCOUNT.pack_into(block, _REFCOUNT_AT, count - 1)
+            vol.device.write(seal_block(vol, blk, bytes(block)), blk * vol.bs)
+        else:
+            vol.device.write(_REFCOUNT.pack(count - 1), blk * vol.bs + _REFCOUNT_AT)
     else:
         vol.balloc.free(blk, 1)
 

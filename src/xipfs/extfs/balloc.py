@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, fs_error
 from . import bitmap
+from . import layout as L
+from .groups import super_and_gdt
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -37,6 +39,46 @@ class BlockAllocator:
         self._span = [(sb.group_first_block(g), sb.group_last_block(g) - sb.group_first_block(g) + 1)
                       for g in range(len(volume.groups))]
         self._free = sum(gd.free_blocks for gd in volume.groups)
+        #: Groups whose block bitmap ext4 never wrote (BLOCK_UNINIT, under a checksum feature):
+        #: made (:meth:`_init_group`) before the first block is taken there.
+        self._uninit = [bool((sb.metadata_csum or sb.gdt_csum) and gd.flags & L.BG_BLOCK_UNINIT)
+                        for gd in volume.groups]
+
+    def _init_group(self, g: int) -> None:
+        """Write the block bitmap of BLOCK_UNINIT group ``g`` as Linux's ``ext4_init_block_bitmap``
+        makes it (its superblock copy, descriptors and reserved GDT blocks; its own bitmaps and
+        inode table where they lie in it; the padding past its last block) and clear the flag."""
+        vol = self.volume
+        sb = vol.sb
+        gd = vol.groups[g]
+        base, nbits = self._span[g]
+        bits = bytearray(vol.bs)
+        used = 0
+
+        def mark(first: int, n: int) -> None:
+            nonlocal used
+            for b in range(max(first, base), min(first + n, base + nbits)):
+                if not bits[(b - base) >> 3] & (1 << ((b - base) & 7)):
+                    bits[(b - base) >> 3] |= 1 << ((b - base) & 7)
+                    used += 1
+
+        for a, b in super_and_gdt(sb, g):
+            mark(a, b - a)
+        mark(gd.block_bitmap, 1)
+        mark(gd.inode_bitmap, 1)
+        mark(gd.inode_table, sb.itable_blocks)
+        for bit in range(nbits, 8 * vol.bs):          # padding
+            bits[bit >> 3] |= 1 << (bit & 7)
+        vol.device.write(bytes(bits), gd.block_bitmap * vol.bs)
+        self._free += (nbits - used) - gd.free_blocks
+        gd.free_blocks = nbits - used
+        gd.flags &= ~L.BG_BLOCK_UNINIT
+        vol.write_group_desc(g)
+        self._uninit[g] = False
+
+    def _ready(self, g: int) -> None:
+        if self._uninit[g]:
+            self._init_group(g)
 
     # -- queries ------------------------------------------------------------------------------
     def free_blocks(self) -> int:
@@ -101,6 +143,7 @@ class BlockAllocator:
         if (byte + 8) << 3 > nbits:
             return 0
         vol = self.volume
+        self._ready(g)
         gd = vol.groups[g]
         if gd.free_blocks < count:
             return 0
@@ -130,6 +173,7 @@ class BlockAllocator:
             return 0
         g = (goal - self.first) // self.bpg
         vol = self.volume
+        self._ready(g)
         gd = vol.groups[g]
         if gd.free_blocks < count:
             return 0
@@ -160,6 +204,7 @@ class BlockAllocator:
     def _take_from_group(self, g: int, start: int, want: int, runs: list[tuple[int, int]]) -> int:
         """Take up to ``want`` free blocks of group ``g``, searching from bit ``start`` then from 0."""
         vol = self.volume
+        self._ready(g)
         gd = vol.groups[g]
         base, nbits = self._span[g]
         bm_off = gd.block_bitmap * vol.bs
@@ -203,6 +248,7 @@ class BlockAllocator:
             gd = vol.groups[g]
             if not gd.free_blocks:
                 continue
+            self._ready(g)
             base, nbits = self._span[g]
             bm = vol.device.view(gd.block_bitmap * vol.bs, (nbits + 7) >> 3)
             bit = bitmap.find_zero_high(bm, nbits)

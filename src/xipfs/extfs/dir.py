@@ -326,6 +326,23 @@ def verify_leaf(view: memoryview, seed: int, bs: int, ino: int, lblk: int, index
         raise CorruptImageError("directory block checksum does not match", _where(ino, lblk, bs - 12))
 
 
+def dir_end(vol: Volume) -> int:
+    """Where a directory leaf's entries end: the block's end, or (metadata_csum) its 12-byte
+    checksum tail's start."""
+    return vol.bs - 12 if vol.sb.metadata_csum else vol.bs
+
+
+def seal_leaf(vol: Volume, d: Inode, block: bytes | bytearray) -> bytes:
+    """A whole directory leaf of ``d`` as it is to be stored: (metadata_csum) its tail and
+    checksum set over its entries; else the block itself."""
+    if not vol.sb.metadata_csum:
+        return bytes(block)
+    bs = vol.bs
+    seed = inode_seed(vol.sb.csum_seed, d.ino, d.generation)
+    head = bytes(block[:bs - 12])
+    return head + DIR_TAIL + crc32c_raw(seed, head).to_bytes(4, "little")
+
+
 def inline_dir_blocks(vol: Volume, node: Inode) -> Iterator[tuple[int, bytes | memoryview]]:
     """The regions of an inline directory as :func:`index_directory` reads them: ``.`` and
     ``..`` (from the parent stored in ``i_block``) with the entries of ``i_block``, then those

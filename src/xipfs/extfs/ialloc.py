@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, fs_error
 from . import bitmap
+from . import layout as L
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -82,6 +83,18 @@ class InodeAllocator:
     def _take(self, g: int, is_dir: bool) -> int:
         vol = self.volume
         gd = vol.groups[g]
+        sb = vol.sb
+        uninit_ok = sb.metadata_csum or sb.gdt_csum
+        if uninit_ok and gd.flags & L.BG_INODE_UNINIT:
+            # ext4 never wrote this group's inode bitmap: make it (all free, padding set), as
+            # __ext4_new_inode does, before the first inode is taken here
+            bits = bytearray(vol.bs)
+            for bit in range(self.ipg, 8 * vol.bs):
+                bits[bit >> 3] |= 1 << (bit & 7)
+            vol.device.write(bytes(bits), gd.inode_bitmap * vol.bs)
+            gd.flags &= ~L.BG_INODE_UNINIT
+            gd.itable_unused = self.ipg
+            vol.itable_used[g] = 0
         bm_off = gd.inode_bitmap * vol.bs
         bm = vol.device.view(bm_off, (self.ipg + 7) >> 3)
         start = max(self._low[g], vol.sb.first_ino - 1 if g == 0 else 0)
@@ -91,6 +104,9 @@ class InodeAllocator:
         self._low[g] = bit + 1
         byte = bit >> 3
         vol.device.write(bytes((bm[byte] | (1 << (bit & 7)),)), bm_off + byte)
+        if uninit_ok and bit + 1 > vol.itable_used[g]:     # past the used part of the table
+            gd.itable_unused = self.ipg - (bit + 1)
+            vol.itable_used[g] = bit + 1
         gd.free_inodes -= 1
         if is_dir:
             gd.used_dirs += 1

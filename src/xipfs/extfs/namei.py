@@ -29,12 +29,14 @@ from .dir import (
     HTREE_LOOKUP_BLOCKS,
     DirSpace,
     dir_blocks,
+    dir_end,
     empty_dir_block,
     encode_entry,
     htree_lookup,
     insert_into_block,
     rec_len_of,
     remove_from_block,
+    seal_leaf,
 )
 from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev, seal_inode
 from .watch import STAMP_LEN, STAMP_OFFSET, TRIES, WriterWatch
@@ -74,8 +76,23 @@ def dir_space(vol: Volume, d: Inode) -> DirSpace:
     space = vol.spaces.get(d.ino)
     if space is None:
         vol.dir_index(d)                     # validates the directory first
-        space = vol.spaces[d.ino] = DirSpace(dir_blocks(vol, d), vol.bs)
+        space = vol.spaces[d.ino] = DirSpace(dir_blocks(vol, d), dir_end(vol))
     return space
+
+
+def _dir_store(vol: Volume, d: Inode, pblk: int, writes: list[tuple[int, bytes]]) -> None:
+    """Apply ``writes`` (offset in the block, bytes) to directory block ``pblk`` of ``d``: in
+    the order given, each a store of its own; with metadata_csum the whole block, its checksum
+    redone, in one store (a kill sees the old block or the new, never a stale sum)."""
+    bs = vol.bs
+    if not vol.sb.metadata_csum:
+        for off, chunk in writes:
+            vol.device.write(chunk, pblk * bs + off)
+        return
+    block = bytearray(vol.device.view(pblk * bs, bs))
+    for off, chunk in writes:
+        block[off:off + len(chunk)] = chunk
+    vol.device.write(seal_leaf(vol, d, block), pblk * bs)
 
 
 def _unindex(vol: Volume, d: Inode) -> None:
@@ -83,6 +100,10 @@ def _unindex(vol: Volume, d: Inode) -> None:
 
     Stored first, so no image ever has an index that disagrees with the entries.
     """
+    if d.flags & L.FL_INDEX and vol.sb.metadata_csum:
+        # its index blocks would become leaves without tails: keeping the index is ext4's work
+        raise OSError(errno.EROFS, f"changing indexed directory inode {d.ino} under metadata_csum "
+                      "is not supported yet")
     if d.flags & L.FL_INDEX:
         d.flags &= ~L.FL_INDEX
         vol.write_inode(d)
@@ -111,7 +132,7 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str 
     lblk, kind = space.find_slot(need)
     if lblk < 0:
         lblk = d.size // bs
-        block = encode_block(bs, name, ino, ftype)
+        block = seal_leaf(vol, d, encode_block(dir_end(vol), name, ino, ftype).ljust(bs, b"\0"))
         got = d.map.assign(lblk, lblk + 1, lambda lb, n, pb: vol.device.write(block, pb * bs))
         if not got:
             raise fs_error(errno.ENOSPC)
@@ -122,9 +143,8 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str 
         pblk = _dblock(d, space, lblk)
         buf = vol.device.view(pblk * bs, bs)
         at = space.tail[lblk][0] if kind == "tail" else None
-        new_off, writes = insert_into_block(buf, bs, at, name, ino, ftype)
-        for off, chunk in writes:
-            vol.device.write(chunk, pblk * bs + off)
+        new_off, writes = insert_into_block(buf, dir_end(vol), at, name, ino, ftype)
+        _dir_store(vol, d, pblk, writes)
         if kind == "tail":             # the new entry is now the block's last: no rescan needed
             space.appended(lblk, new_off, name, need)
         else:
@@ -146,9 +166,8 @@ def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
     lblk, off = space.where.pop(name)
     bs = vol.bs
     pblk = _dblock(d, space, lblk)
-    kept, writes = remove_from_block(vol.device.view(pblk * bs, bs), bs, off)
-    for o, chunk in writes:
-        vol.device.write(chunk, pblk * bs + o)
+    kept, writes = remove_from_block(vol.device.view(pblk * bs, bs), dir_end(vol), off)
+    _dir_store(vol, d, pblk, writes)
     space.removed(lblk, vol.device.view(pblk * bs, bs), kept)
     _touch_dir(vol, d, store=False)
     index = d._dir
@@ -162,11 +181,9 @@ def set_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
     space = dir_space(vol, d)
     _unindex(vol, d)
     lblk, off = space.where[name]
-    bs = vol.bs
     pblk = _dblock(d, space, lblk)
     ftype = L.IFMT_TO_FT.get(S_IFMT(mode), 0) if vol.filetype else 0
-    vol.device.write(bytes([ftype]), pblk * bs + off + 7)
-    vol.device.write(ino.to_bytes(4, "little"), pblk * bs + off)
+    _dir_store(vol, d, pblk, [(off + 7, bytes([ftype])), (off, ino.to_bytes(4, "little"))])
     _touch_dir(vol, d, store=False)
     if d._dir is not None:
         d._dir.entries[os.fsdecode(name)] = (ino, ftype)
@@ -187,7 +204,7 @@ def rename_in_place(vol: Volume, d: Inode, old: bytes, new: bytes) -> bool:
         return False
     _unindex(vol, d)
     ftype = vol.device.view(pblk * bs + off + 7, 1)[0]
-    vol.device.write(bytes([len(new), ftype]) + new, pblk * bs + off + 6)
+    _dir_store(vol, d, pblk, [(off + 6, bytes([len(new), ftype]) + new)])
     space.scan(lblk, vol.device.view(pblk * bs, bs))
     space.where.pop(old, None)
     _touch_dir(vol, d, store=False)
@@ -199,9 +216,8 @@ def rename_in_place(vol: Volume, d: Inode, old: bytes, new: bytes) -> bool:
 
 
 def set_dotdot(vol: Volume, d: Inode, parent: int) -> None:
-    bs = vol.bs
     pblk = d.map.bmap(0)
-    vol.device.write(parent.to_bytes(4, "little"), pblk * bs + 12)
+    _dir_store(vol, d, pblk, [(12, parent.to_bytes(4, "little"))])
     if d._dir is not None:
         d._dir.parent = parent
 
@@ -270,7 +286,8 @@ def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int,
             raise fs_error(errno.ENOSPC)
         return                                   # D.write stored the inode
     if is_dir:
-        block = empty_dir_block(bs, node.ino, d.ino, vol.filetype)
+        block = seal_leaf(vol, node, empty_dir_block(dir_end(vol), node.ino, d.ino, vol.filetype)
+                          .ljust(bs, b"\0"))
         if not node.map.assign(0, 1, lambda lb, n, pb: vol.device.write(block, pb * bs)):
             raise fs_error(errno.ENOSPC)
         D.set_size(vol, node, bs)

@@ -53,13 +53,30 @@ def max_file_size(bs: int) -> int:
     return min(res << bits, (1 << 63) - 1)
 
 
+def file_size_limit(vol: Volume, node: Inode) -> int:
+    """Largest size ``node`` may reach: ext2's limit for a block-mapped file, the 2**32 file
+    blocks of an extent tree for one that has it (ext4's ``ext4_max_size``, with huge_file)."""
+    if node.flags & L.FL_EXTENTS:
+        return min(((1 << 32) - 1) * vol.bs, (1 << 63) - 1)
+    return max_file_size(vol.bs)
+
+
+def _give_back(vol: Volume, node: Inode) -> None:
+    """After ENOSPC mid-way: free what the allocation linked past EOF. A block map's pointers
+    are stored first (as ever); an extent tree is never stored with extents past i_size, which
+    e2fsck -p would not repair under an index (``drop_blocks`` stores the inode after)."""
+    if not node.flags & L.FL_EXTENTS:
+        vol.write_inode(node)
+    trim_past_eof(vol, node)
+
+
 def write(vol: Volume, node: Inode, data: memoryview, pos: int) -> int:
     """Store ``data`` at byte ``pos`` of ``node``; returns bytes written (fewer when space runs out)."""
     n = len(data)
     if n == 0:
         return 0
     bs = vol.bs
-    limit = max_file_size(bs)
+    limit = file_size_limit(vol, node)
     if pos + n > limit:
         if pos >= limit:
             raise fs_error(errno.EFBIG)
@@ -96,8 +113,7 @@ def write(vol: Volume, node: Inode, data: memoryview, pos: int) -> int:
             break
     done = written_to - pos
     if done <= 0:
-        vol.write_inode(node)               # indirect blocks may have been linked on the way
-        trim_past_eof(vol, node)
+        _give_back(vol, node)               # blocks may have been linked on the way
         raise fs_error(errno.ENOSPC)
     now = time.time_ns()
     node.mtime_ns = node.ctime_ns = now
@@ -134,7 +150,7 @@ def truncate(vol: Volume, node: Inode, size: int) -> None:
     """Set the size of ``node``: shrinking frees blocks (and indirect blocks), growing leaves a hole."""
     if size < 0:
         raise fs_error(errno.EINVAL)
-    if size > max_file_size(vol.bs):
+    if size > file_size_limit(vol, node):
         raise fs_error(errno.EFBIG)
     bs = vol.bs
     old = node.size
@@ -166,15 +182,14 @@ def fallocate(vol: Volume, node: Inode, offset: int, length: int) -> None:
         raise fs_error(errno.EINVAL)
     bs = vol.bs
     end = offset + length
-    if end > max_file_size(bs):
+    if end > file_size_limit(vol, node):
         raise fs_error(errno.EFBIG)
     if offset > node.size:
         zero_eof_tail(vol, node, offset)
     first, last = offset // bs, (end - 1) // bs + 1
     got = node.map.assign(first, last, lambda lb, n, pb: zero_blocks(vol, pb, n))
     if got < last - first:
-        vol.write_inode(node)
-        trim_past_eof(vol, node)
+        _give_back(vol, node)
         raise fs_error(errno.ENOSPC)
     if end > node.size:
         set_size(vol, node, end)

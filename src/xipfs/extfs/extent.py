@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import CorruptImageError
+from . import layout as L
 from .csum import crc32c_raw, inode_seed
 
 if TYPE_CHECKING:
@@ -70,6 +71,15 @@ class ExtentTree(NamedTuple):
     depth: int
     #: Every non-root node, in the order visited (they count in ``i_blocks``).
     blocks: list[int]
+
+
+def inode_root(runs: list[tuple[int, int, int]] = ()) -> bytes:  # type: ignore[assignment]
+    """A depth-0 extent root for ``i_block`` holding ``runs`` ``(first file block, count, first
+    device block)``, at most 4 of at most 32768 blocks each: what a new file starts with."""
+    if len(runs) > ROOT_MAX_ENTRIES:
+        raise ValueError(f"{len(runs)} extents do not fit the inode's root")
+    body = b"".join(LEAF.pack(lblk, n, pblk >> 32, pblk & 0xFFFFFFFF) for lblk, n, pblk in runs)
+    return (HEADER.pack(EXT_MAGIC, len(runs), ROOT_MAX_ENTRIES, 0, 0) + body).ljust(60, b"\0")
 
 
 def max_entries(size: int) -> int:
@@ -301,16 +311,88 @@ def _append(out: list[Run], lblk: int, count: int, pblk: int) -> None:
     out.append((lblk, count, pblk))
 
 
+class _Node:
+    """One node of a tree being changed: the root (``blk`` 0, in ``i_block``) or a block."""
+
+    __slots__ = ("blk", "depth", "emax", "ents", "kids")
+
+    def __init__(self, blk: int, depth: int, emax: int, ents: list, kids: list[_Node] | None) -> None:
+        self.blk = blk
+        self.depth = depth
+        self.emax = emax
+        #: A leaf's extents, or an index node's first file blocks (``ei_block``).
+        self.ents = ents
+        #: An index node's children (None: a leaf).
+        self.kids = kids
+
+
+def _first(node: _Node) -> int:
+    """The first file block under ``node`` (not empty)."""
+    return node.ents[0] if node.kids is not None else node.ents[0].lblk
+
+
+def _collect(node: _Node, extents: list[Extent], blocks: list[int]) -> None:
+    """Append the extents and the tree blocks below ``node``, in file order."""
+    if node.kids is None:
+        extents.extend(node.ents)
+        return
+    for kid in node.kids:
+        blocks.append(kid.blk)
+        _collect(kid, extents, blocks)
+
+
+def _drop(node: _Node, freed: list[tuple[int, int]]) -> None:
+    """Add every data block and the node blocks of the subtree ``node`` to ``freed``."""
+    if node.kids is None:
+        freed.extend((e.pblk, e.count) for e in node.ents)
+    else:
+        for kid in node.kids:
+            _drop(kid, freed)
+    freed.append((node.blk, 1))
+
+
+def _mergeable(a: Extent, b: Extent) -> bool:
+    """``ext4_can_extents_be_merged``: ``b`` continues ``a`` in the file and on the device, both
+    written or both unwritten, and the two fit one extent."""
+    return (a.unwritten == b.unwritten and a.lblk + a.count == b.lblk and a.pblk + a.count == b.pblk
+            and a.count + b.count <= (EXT_UNWRITTEN_MAX_LEN if a.unwritten else EXT_INIT_MAX_LEN))
+
+
+def _merged(ents: list[Extent]) -> list[Extent]:
+    """``ents`` with every extent that continues the one before merged into it."""
+    out: list[Extent] = []
+    for e in ents:
+        if out and _mergeable(out[-1], e):
+            p = out[-1]
+            out[-1] = Extent(p.lblk, p.count + e.count, p.pblk, p.unwritten)
+        else:
+            out.append(e)
+    return out
+
+
+def _add_run(runs: list[tuple[int, int]], pblk: int, n: int) -> None:
+    """Append a ``(device block, count)`` run, merged with the last when it continues it."""
+    if runs and runs[-1][0] + runs[-1][1] == pblk:
+        runs[-1] = (runs[-1][0], runs[-1][1] + n)
+    else:
+        runs.append((pblk, n))
+
+
+def _LBLK(e: Extent) -> int:  # noqa: N802 (a key function, named like the constant it stands for)
+    """Sort key: an extent's first file block."""
+    return e.lblk
+
+
 class ExtentMap:
     """File block -> device block for an extent-mapped inode: the read side of the seam.
 
     The tree is walked once (nothing read for a depth-0 tree, the common case) into the whole
-    file's runs; ``runs`` and ``bmap`` bisect them. Writing comes later: ``assign`` and
-    ``truncate`` refuse with EROFS.
+    file's runs; ``runs`` and ``bmap`` bisect them. The write side (``assign``, ``truncate``)
+    reads the tree's nodes on its first change and keeps them, and the runs, up to date.
     """
 
     __slots__ = ("inode", "volume", "bs", "nblocks", "whole", "depth", "extents", "tree_blocks",
-                 "_runs", "_starts")
+                 "_runs", "_starts", "_root", "_wseed", "_block_emax", "_bump", "_bump_stored")
 
     def __init__(self, inode: Inode, *, csum_seed: int | None = None) -> None:
         """``csum_seed``: the filesystem's checksum seed S (default: ``volume.csum_seed`` if the
@@ -346,6 +428,13 @@ class ExtentMap:
         self._starts: list[int] = []
         self.whole = 0
         self._set_runs()
+        # the write side: the tree as nodes (read on the first change), the extent blocks'
+        # checksum seed, entries of a new block, the size stored while ``assign`` links
+        self._root: _Node | None = None
+        self._wseed: int | None = None
+        self._block_emax = max_entries(bs)
+        self._bump = 0
+        self._bump_stored = True
 
     def _read_node(self, blk: int) -> memoryview:
         """Extent block ``blk`` straight from the device (refused where metadata lies)."""
@@ -429,16 +518,82 @@ class ExtentMap:
             _append(out, pos, last - pos, 0)
         return out
 
-    # -- the write side (a later issue) -----------------------------------------------------
+    # -- the write side (Linux ext4_ext_map_blocks with CREATE, ext4_ext_truncate) ----------
     def assign(self, first: int, last: int, fill: Callable[[int, int, int], None]) -> int:
-        """Refused: allocating blocks in an extent tree is not implemented yet."""
-        raise OSError(errno.EROFS, "writing extent-mapped files is not supported yet",
-                      f"inode {self.inode.ino}")
+        """Give every hole in file blocks ``[first, last)`` blocks and turn every unwritten block
+        there into initialized data; how many blocks from ``first`` on are mapped afterwards.
+
+        ``fill(file block, count, device block)`` writes each run's content before the tree
+        points to it as data (for an unwritten run: into its own blocks). New blocks extend the
+        extent before them when they continue it; a full leaf splits, a full root moves into a
+        new block (the tree grows a level). Every change reaches the image in one store that
+        leaves a valid tree: new nodes are written whole (checksummed) before their parent
+        points to them, a node that changes in more than its tail is copied and switched in the
+        parent, and a node it replaced is freed only after. Fewer blocks than asked when space
+        ran out (the tree stays valid, blocks not linked are freed). The caller writes the inode.
+        """
+        self._writable()
+        if first >= last:
+            return 0
+        self._tree()
+        vol = self.volume
+        bs = self.bs
+        # e2fsck refuses initialized extents past i_size below an index: the stored size must
+        # cover them before a deeper tree links them (the caller sets the exact size after).
+        self._bump = last * bs if last * bs > self.inode.size else 0
+        self._bump_stored = not self._bump
+        try:
+            for lblk, count, ext in self._gaps(first, last):
+                if ext is not None:                  # unwritten: fill in place, then mark written
+                    fill(lblk, count, ext.pblk + (lblk - ext.lblk))
+                    if not self._convert(lblk, count):
+                        return lblk - first
+                    continue
+                while count:
+                    try:
+                        runs = vol.balloc.alloc(self._goal(lblk), count)
+                    except OSError as err:
+                        if err.errno == errno.ENOSPC:
+                            return lblk - first
+                        raise
+                    for i, (pblk, n) in enumerate(runs):
+                        fill(lblk, n, pblk)
+                        done = self._link(lblk, n, pblk)
+                        if done < n:                 # no block left for the tree
+                            vol.balloc.free(pblk + done, n - done)
+                            for rest, m in runs[i + 1:]:
+                                vol.balloc.free(rest, m)
+                            return lblk + done - first
+                        lblk += n
+                        count -= n
+            return last - first
+        finally:
+            self._bump = 0
+            self._changed()
 
     def truncate(self, keep: int) -> list[tuple[int, int]]:
-        """Refused: removing blocks from an extent tree is not implemented yet."""
-        raise OSError(errno.EROFS, "truncating extent-mapped files is not supported yet",
-                      f"inode {self.inode.ino}")
+        """Unmap every block from file block ``keep`` on (Linux ``ext4_ext_remove_space``).
+
+        Extents are cut or dropped from the right, emptied nodes leave their parent, and a tree
+        whose next level fits in the inode again moves back into it. Returns the ``(device
+        block, count)`` runs (data and tree blocks) to free once the inode is written.
+        """
+        self._writable()
+        root = self._tree()
+        freed: list[tuple[int, int]] = []
+        self._cut(root, keep, freed)
+        if not freed:
+            return freed
+        self._collapse(freed)
+        self._store(root)
+        freed.sort()
+        out: list[tuple[int, int]] = []
+        for pblk, n in freed:
+            _add_run(out, pblk, n)
+        node = self.inode
+        node.blocks = max(0, node.blocks - sum(n for _, n in out) * (self.bs // 512))
+        self._changed()
+        return out
 
     def resize(self, nblocks: int) -> None:
         """Follow a new i_size (in blocks): the runs are cut again from the cached extents."""
@@ -446,6 +601,385 @@ class ExtentMap:
             self.nblocks = nblocks
             self._set_runs()
 
+    # -- internals: the tree in memory --------------------------------------------------------
+    def _writable(self) -> None:
+        """Refuse a volume not open for writing, and bigalloc (clusters, not blocks, are mapped)."""
+        if getattr(self.volume, "readonly", True):
+            raise OSError(errno.EROFS, "the filesystem is open read-only", f"inode {self.inode.ino}")
+        if self.volume.sb.cluster_ratio > 1:
+            raise OSError(errno.EROFS, "writing extent trees on a bigalloc filesystem is not supported",
+                          f"inode {self.inode.ino}")
+
+    def _tree(self) -> _Node:
+        """The whole tree as nodes (read on the first change; the read side needs only extents)."""
+        root = self._root
+        if root is None:
+            inode = self.inode
+            sb = self.volume.sb
+            self._wseed = inode_seed(sb.csum_seed, inode.ino, inode.generation) if sb.metadata_csum else None
+            root = self._parse(inode.i_block, 0)
+            if root.kids is not None and not root.ents:          # an empty index: an empty leaf
+                root = _Node(0, 0, ROOT_MAX_ENTRIES, [], None)
+            self._root = root
+        return root
+
+    def _parse(self, buf: bytes | bytearray | memoryview, blk: int) -> _Node:
+        """Node ``blk`` (0: the root) and everything below it, from validated bytes."""
+        _magic, entries, emax, depth, _gen = _HEADER_FROM(buf, 0)
+        body = bytes(memoryview(buf)[ENTRY_SIZE:ENTRY_SIZE * (entries + 1)])
+        if depth == 0:
+            ents = [Extent(lblk, n - EXT_INIT_MAX_LEN, hi << 32 | lo, True) if n > EXT_INIT_MAX_LEN
+                    else Extent(lblk, n, hi << 32 | lo, False) for lblk, n, hi, lo in LEAF.iter_unpack(body)]
+            return _Node(blk, 0, emax, ents, None)
+        keys: list[int] = []
+        kids: list[_Node] = []
+        for lblk, lo, hi, _unused in INDEX.iter_unpack(body):
+            child = hi << 32 | lo
+            keys.append(lblk)
+            kids.append(self._parse(bytes(self._read_node(child)), child))
+        return _Node(blk, depth, emax, keys, kids)
+
+    def _changed(self) -> None:
+        """Make the read side's caches (extents, tree blocks, depth, runs) follow the tree."""
+        root = self._root
+        if root is None:
+            return
+        extents: list[Extent] = []
+        blocks: list[int] = []
+        _collect(root, extents, blocks)
+        self.extents = extents
+        self.tree_blocks = blocks
+        self.depth = root.depth
+        self._set_runs()
+
+    def _path(self, lblk: int) -> tuple[list[tuple[_Node, int]], _Node]:
+        """The index nodes from the root down with the entry taken in each, and the leaf for ``lblk``."""
+        node = self._tree()
+        path: list[tuple[_Node, int]] = []
+        while node.kids is not None:
+            i = max(bisect.bisect_right(node.ents, lblk) - 1, 0)
+            path.append((node, i))
+            node = node.kids[i]
+        return path, node
+
+    def _gaps(self, first: int, last: int) -> list[tuple[int, int, Extent | None]]:
+        """``(file block, count, unwritten extent or None for a hole)`` to fill in ``[first, last)``."""
+        out: list[tuple[int, int, Extent | None]] = []
+        extents = self.extents
+        pos = first
+        i = max(bisect.bisect_right(extents, first, key=_LBLK) - 1, 0)
+        for e in extents[i:]:
+            if e.lblk >= last:
+                break
+            end = e.lblk + e.count
+            if end <= pos:
+                continue
+            if e.lblk > pos:
+                out.append((pos, e.lblk - pos, None))
+                pos = e.lblk
+            hi = min(end, last)
+            if e.unwritten:
+                out.append((pos, hi - pos, e))
+            pos = hi
+        if pos < last:
+            out.append((pos, last - pos, None))
+        return out
+
+    def _goal(self, lblk: int) -> int:
+        """Where file block ``lblk`` should go (``ext4_ext_find_goal``): in line with the nearest
+        extent of its leaf, else at the start of the inode's group."""
+        _path, leaf = self._path(lblk)
+        ents = leaf.ents
+        pos = bisect.bisect_right(ents, lblk, key=_LBLK)
+        goal = 0
+        if pos:
+            e = ents[pos - 1]
+            goal = e.pblk + (lblk - e.lblk)
+        elif ents:
+            goal = ents[0].pblk - (ents[0].lblk - lblk)
+        vol = self.volume
+        if not vol.first_data_block < goal < vol.blocks_count:
+            goal = vol.inode_group_goal(self.inode.ino)
+        return goal
+
+    # -- internals: changing the tree ---------------------------------------------------------
+    def _link(self, lblk: int, n: int, pblk: int) -> int:
+        """Map file blocks ``[lblk, lblk+n)`` to device blocks from ``pblk`` as written data; how
+        many were linked (fewer when no block was left for a tree node)."""
+        done = 0
+        per = self.bs // 512
+        while done < n:
+            k = min(n - done, EXT_INIT_MAX_LEN)
+            if not self._update([Extent(lblk + done, k, pblk + done, False)], False):
+                break
+            self.inode.blocks += k * per
+            done += k
+        return done
+
+    def _convert(self, lblk: int, n: int) -> bool:
+        """Mark file blocks ``[lblk, lblk+n)``, inside one unwritten extent, initialized (the
+        extent splits in up to three); False when the leaf had to split and no block was left."""
+        _path, leaf = self._path(lblk)
+        e = leaf.ents[bisect.bisect_right(leaf.ents, lblk, key=_LBLK) - 1]
+        end = e.lblk + e.count
+        pieces = [Extent(lblk, n, e.pblk + (lblk - e.lblk), False)]
+        if lblk > e.lblk:
+            pieces.insert(0, Extent(e.lblk, lblk - e.lblk, e.pblk, True))
+        if lblk + n < end:
+            pieces.append(Extent(lblk + n, end - lblk - n, e.pblk + (lblk + n - e.lblk), True))
+        return self._update(pieces, True)
+
+    def _update(self, pieces: list[Extent], replace: bool) -> bool:
+        """Put ``pieces`` into their leaf (in place of the extent at ``pieces[0].lblk`` when
+        ``replace``), merged with their neighbours; a full leaf makes room first. False when a
+        tree block was needed and none was left (nothing changed then)."""
+        key = pieces[0].lblk
+        while True:
+            self._before_store()
+            path, leaf = self._path(key)
+            ents = leaf.ents
+            pos = bisect.bisect_right(ents, key, key=_LBLK)
+            if replace:
+                pos -= 1
+            new = ents[:pos] + pieces + ents[pos + int(replace):]
+            lo = max(pos - 1, 0)
+            hi = min(pos + len(pieces) + 1, len(new))
+            new[lo:hi] = _merged(new[lo:hi])
+            if len(new) <= leaf.emax:
+                if path and new[0].lblk != ents[0].lblk:      # the leaf's first block changes
+                    return self._copy_front(path, leaf, new)
+                leaf.ents = new
+                self._store(leaf)
+                return True
+            at = len(path) - 1                           # the lowest index node with room
+            while at >= 0 and len(path[at][0].ents) >= path[at][0].emax:
+                at -= 1
+            near = pieces[0].pblk
+            if at < 0:
+                if not self._grow(near):
+                    return False
+                continue
+            n = len(ents)
+            if not replace and pos == n:                 # past the leaf's last extent: a new leaf
+                return self._split(path, at, leaf, n, list(pieces), near)
+            if not self._split(path, at, leaf, pos + 1 if pos < n // 2 else max(pos, 1), [], near):
+                return False
+
+    def _before_store(self) -> None:
+        """Store the inode with a size covering the blocks being linked, once, before a tree
+        with index nodes changes (see :meth:`assign`)."""
+        if not self._bump_stored and self._tree().depth:
+            self._store_inode()
+
+    def _store_inode(self) -> None:
+        """Write the inode now (its root, i_blocks; during :meth:`assign` a size covering the range)."""
+        node = self.inode
+        size = node.size
+        bump = self._bump
+        if bump > size and (bump < 1 << 31 or self.volume.sb.has_ro_compat(L.RO_COMPAT_LARGE_FILE)):
+            node.size = bump
+        try:
+            self.volume.write_inode(node)
+        finally:
+            node.size = size
+        self._bump_stored = True
+
+    def _store(self, node: _Node) -> None:
+        """Write a changed node in place: a block, or the root (stored with the inode at once when
+        it indexes blocks; a root of extents only waits for the caller's inode write)."""
+        data = self._encode(node)
+        if node.blk:
+            self.volume.device.write(data, node.blk * self.bs)
+            return
+        self.inode.i_block = data
+        if node.depth:
+            self._store_inode()
+
+    def _write_new(self, node: _Node) -> None:
+        """Write a new node's whole block (nothing points to it yet)."""
+        self.volume.device.write_new(self._encode(node).ljust(self.bs, b"\0"), node.blk * self.bs)
+
+    def _encode(self, node: _Node) -> bytes:
+        """The bytes of ``node``: header, entries, zeros to ``eh_max`` (then the checksum tail)."""
+        ents = node.ents
+        head = HEADER.pack(EXT_MAGIC, len(ents), node.emax, node.depth, 0)
+        if node.kids is None:
+            body = b"".join([LEAF.pack(e.lblk, e.count + EXT_INIT_MAX_LEN if e.unwritten else e.count,
+                                       e.pblk >> 32, e.pblk & 0xFFFFFFFF) for e in ents])
+        else:
+            body = b"".join([INDEX.pack(k, c.blk & 0xFFFFFFFF, c.blk >> 32, 0)
+                             for k, c in zip(ents, node.kids, strict=True)])
+        data = (head + body).ljust(ENTRY_SIZE * (node.emax + 1), b"\0")
+        if not node.blk:
+            return data.ljust(60, b"\0")
+        if self._wseed is not None:
+            data += _LE32.pack(crc32c_raw(self._wseed, data))
+        return data
+
+    def _new_blocks(self, count: int, near: int) -> list[int]:
+        """``count`` blocks for tree nodes, near ``near`` (all or none: ENOSPC frees those taken)."""
+        balloc = self.volume.balloc
+        got: list[int] = []
+        try:
+            for _ in range(count):
+                got.append(balloc.alloc_meta(near))
+        except BaseException:
+            for blk in got:
+                balloc.free(blk, 1)
+            raise
+        return got
+
+    def _try_new_blocks(self, count: int, near: int) -> list[int] | None:
+        """:meth:`_new_blocks`, None when space ran out."""
+        try:
+            return self._new_blocks(count, near)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                return None
+            raise
+
+    def _grow(self, near: int) -> bool:
+        """The root is full: its entries move into a new block, the root indexes it (Linux
+        ``ext4_ext_grow_indepth``); False when no block was left."""
+        root = self._tree()
+        if root.depth >= EXT_MAX_DEPTH:
+            raise OSError(errno.EFBIG, f"extent tree deeper than {EXT_MAX_DEPTH}", f"inode {self.inode.ino}")
+        blocks = self._try_new_blocks(1, near)
+        if blocks is None:
+            return False
+        child = _Node(blocks[0], root.depth, self._block_emax, root.ents, root.kids)
+        self._write_new(child)
+        root.ents = [_first(child)]
+        root.kids = [child]
+        root.depth += 1
+        self.inode.blocks += self.bs // 512
+        self._store(root)
+        return True
+
+    def _split(self, path: list[tuple[_Node, int]], at: int, leaf: _Node, m: int, extra: list[Extent],
+               near: int) -> bool:
+        """Split the path below ``path[at]`` (which has room) at the leaf's entry ``m``: the
+        leaf's entries from ``m`` on plus ``extra`` go to a new leaf, each index level between
+        gets a new node for its entries after the path, and ``path[at]`` takes the new branch in
+        one store. A node that loses entries is replaced by a shortened copy in that same store
+        (the old one freed after), so no store ever leaves entries unreachable."""
+        levels = range(len(path) - 1, at, -1)
+        copy = m < len(leaf.ents)
+        count = 1 + copy
+        for level in levels:                             # count the blocks first: all or none
+            node, idx = path[level]
+            copy = copy or idx + 1 < len(node.ents)
+            count += 1 + copy
+        blocks = self._try_new_blocks(count, near)
+        if blocks is None:
+            return False
+        take = iter(blocks).__next__
+        emax = self._block_emax
+        moved = leaf.ents[m:] + extra
+        border = moved[0].lblk
+        right = _Node(take(), 0, emax, moved, None)
+        left = _Node(take(), 0, emax, leaf.ents[:m], None) if m < len(leaf.ents) else leaf
+        new = [right] if left is leaf else [right, left]
+        olds = [] if left is leaf else [leaf.blk]
+        for level in levels:
+            node, idx = path[level]
+            right = _Node(take(), node.depth, emax, [border] + node.ents[idx + 1:],
+                          [right] + node.kids[idx + 1:])
+            new.append(right)
+            if left is not node.kids[idx] or idx + 1 < len(node.ents):
+                left = _Node(take(), node.depth, emax, node.ents[:idx + 1], node.kids[:idx] + [left])
+                new.append(left)
+                olds.append(node.blk)
+            else:
+                left = node
+        for n in new:
+            self._write_new(n)
+        node, idx = path[at]
+        node.kids[idx] = left
+        node.ents.insert(idx + 1, border)
+        node.kids.insert(idx + 1, right)
+        self.inode.blocks += (len(new) - len(olds)) * (self.bs // 512)
+        self._store(node)
+        for blk in olds:
+            self.volume.balloc.free(blk, 1)
+        return True
+
+    def _copy_front(self, path: list[tuple[_Node, int]], leaf: _Node, ents: list[Extent]) -> bool:
+        """Give the leftmost leaf ``ents``, which start before it did: every index above it
+        names its first block, so the leaf and the index nodes down to it are copied and the
+        root switches to the copies in one store (then the old nodes are freed)."""
+        blocks = self._try_new_blocks(len(path), ents[0].pblk)
+        if blocks is None:
+            return False
+        first = ents[0].lblk
+        emax = self._block_emax
+        child = _Node(blocks[0], 0, emax, ents, None)
+        new = [child]
+        olds = [leaf.blk]
+        for level in range(len(path) - 1, 0, -1):
+            node, _idx = path[level]
+            child = _Node(blocks[len(new)], node.depth, emax, [first] + node.ents[1:],
+                          [child] + node.kids[1:])
+            new.append(child)
+            olds.append(node.blk)
+        for n in new:
+            self._write_new(n)
+        root = path[0][0]
+        root.ents[0] = first
+        root.kids[0] = child
+        self._store(root)
+        for blk in olds:
+            self.volume.balloc.free(blk, 1)
+        return True
+
+    def _cut(self, node: _Node, keep: int, freed: list[tuple[int, int]]) -> None:
+        """Drop everything from file block ``keep`` on below ``node`` (stored if it is a block),
+        adding what it mapped to ``freed``."""
+        ents = node.ents
+        changed = False
+        if node.kids is None:
+            while ents and ents[-1].lblk >= keep:
+                e = ents.pop()
+                freed.append((e.pblk, e.count))
+                changed = True
+            if ents and ents[-1].lblk + ents[-1].count > keep:
+                e = ents[-1]
+                n = keep - e.lblk
+                ents[-1] = Extent(e.lblk, n, e.pblk, e.unwritten)
+                freed.append((e.pblk + n, e.count - n))
+                changed = True
+        else:
+            kids = node.kids
+            while ents and ents[-1] >= keep:
+                ents.pop()
+                _drop(kids.pop(), freed)
+                changed = True
+            if ents:          # the last child left starts below ``keep``: it keeps something
+                self._cut(kids[-1], keep, freed)
+        if changed and node.blk:
+            self._store(node)
+
+    def _collapse(self, freed: list[tuple[int, int]]) -> None:
+        """While the root's children hold no more entries than the root can, move them into it."""
+        root = self._tree()
+        while root.kids is not None:
+            kids = root.kids
+            if sum(len(k.ents) for k in kids) > ROOT_MAX_ENTRIES:
+                break
+            ents: list = []
+            grand: list[_Node] = []
+            for k in kids:
+                ents += k.ents
+                if k.kids is not None:
+                    grand += k.kids
+                freed.append((k.blk, 1))
+            root.ents = ents
+            root.kids = grand if kids and kids[0].kids is not None else None
+            root.depth -= 1
+            root.emax = ROOT_MAX_ENTRIES
+            if not kids:
+                root.depth = 0
+                root.kids = None
 
 _LEAF_FROM = LEAF.unpack_from
 

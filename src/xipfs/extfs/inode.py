@@ -129,11 +129,11 @@ def encode_inode(isize: int, mode: int, uid: int, gid: int, size: int, links: in
 
 
 def encode_new_inode(isize: int, mode: int, uid: int, gid: int, size: int, blocks: int,
-                     i_block: bytes, now_ns: int, generation: int, links: int = 0) -> bytes:
+                     i_block: bytes, now_ns: int, generation: int, links: int = 0, flags: int = 0) -> bytes:
     """:func:`encode_inode` of a brand-new inode, all four times ``now_ns`` (the create fast
     path: one time encoding, one struct call, no decoded object until someone looks)."""
     sec, x = encode_time(now_ns)
-    return _encode_fresh(isize, mode, uid, gid, size, 0, links, blocks, 0, i_block, generation, 0,
+    return _encode_fresh(isize, mode, uid, gid, size, 0, links, blocks, flags, i_block, generation, 0,
                          sec, x, sec, x, sec, x, sec, x)
 
 

@@ -38,6 +38,7 @@ from .dir import (
     remove_from_block,
     seal_leaf,
 )
+from .extent import inode_root
 from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev, seal_inode
 from .watch import STAMP_LEN, STAMP_OFFSET, TRIES, WriterWatch
 from .xattr import drop_block
@@ -241,6 +242,9 @@ def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int) -> Inod
     if isize >= 160:
         node.extra_isize = 32
         node.crtime_ns = now
+    if vol.extents and S_IFMT(mode) in (S_IFREG, S_IFDIR):   # ext4: mapped by an extent tree
+        node.flags |= L.FL_EXTENTS
+        node.i_block = inode_root()
     vol.write_inode(node)
     vol.remember(node)
     return node
@@ -300,6 +304,10 @@ def _fill_new(vol: Volume, d: Inode, node: Inode, is_dir: bool, rdev: tuple[int,
         else:
             if len(target) >= bs:
                 raise fs_error(errno.ENAMETOOLONG)
+            if vol.extents:                      # a slow symlink's one block, by extent on ext4
+                node.flags |= L.FL_EXTENTS
+                node.i_block = inode_root()
+                node.reset_map()
             block = target.ljust(bs, b"\0")
             if not node.map.assign(0, 1, lambda lb, n, pb: vol.device.write(block, pb * bs)):
                 raise fs_error(errno.ENOSPC)
@@ -348,11 +356,17 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
             pos += c * bs
     if n % bs:                                           # zero the tail of the last block
         vol.device.write_new(bytes(bs - n % bs), blocks[-1] * bs + n % bs)
-    i_block = encode_direct_run(blocks[0], count) if len(runs) == 1 else \
-        _DIRECT.pack(*blocks, *([0] * (15 - len(blocks))))
+    flags = 0
+    if vol.extents and len(runs) <= 4:           # ext4: the runs as the root's extents
+        i_block = inode_root(_file_runs(runs))
+        flags = L.FL_EXTENTS
+    elif len(runs) == 1:
+        i_block = encode_direct_run(blocks[0], count)
+    else:
+        i_block = _DIRECT.pack(*blocks, *([0] * (15 - len(blocks))))
     at = vol.inode_offset(ino)
     raw = encode_new_inode(vol.isize, mode, uid, gid, n, count * (bs // 512), i_block,
-                           time.time_ns(), random.getrandbits(32))
+                           time.time_ns(), random.getrandbits(32), flags=flags)
     vol.device.write(seal_inode(vol, ino, raw), at)
     try:
         add_entry(vol, d, name, ino, mode, key)
@@ -364,6 +378,16 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
     else:
         vol.device.write(b"\1\0", at + 26)
     return ino
+
+
+def _file_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Device runs ``(first block, count)`` of a new file as ``(file block, count, first block)``."""
+    out = []
+    lblk = 0
+    for pblk, n in runs:
+        out.append((lblk, n, pblk))
+        lblk += n
+    return out
 
 
 def has_block_map(vol: Volume, node: Inode) -> bool:

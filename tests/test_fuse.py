@@ -776,9 +776,11 @@ def mmap_buffer(size: int) -> memoryview:
 
 
 def test_image_that_can_only_be_read_mounts_read_only(work: tuple[str, str]) -> None:
-    """An ext3 image (a journal xipfs leaves alone) is served read-only, with a warning."""
+    """An image with a feature xipfs does not write (lazy_bg, say) is served read-only, with a
+    warning."""
     d, mp = work
-    img = mkfs(os.path.join(d, "ext3.img"), "8M", fstype="ext3")
+    img = mkfs(os.path.join(d, "lazy.img"), "8M")
+    run(["debugfs", "-w", "-R", "feature lazy_bg", img])
     with mounted(img, mp) as proc:
         assert "ro" in _mount_options(mp)
         with pytest.raises(OSError) as exc:

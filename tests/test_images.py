@@ -298,6 +298,43 @@ def test_ext3_opens_read_only(small_tree, workdir, xip):
         assert ".journal" not in fs.listdir("/")
 
 
+def test_ext3_is_written_while_its_journal_is_empty(small_tree, workdir):
+    """An ext3 image whose journal is empty takes writes (xipfs does not journal, and leaves the
+    journal as empty as it found it); e2fsck finds it clean and the journal untouched."""
+    src, _ = small_tree
+    img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=1024, fstype="ext3")
+    before = run(["debugfs", "-R", "logdump", img]).stdout
+    with xipfs.open(img, "r+") as fs:
+        fs.write_bytes("/new", b"n" * 10_000)
+        fs.mkdir("/dir")
+        fs.unlink("/hard/a")
+    assert_fsck_clean(img)
+    assert run(["debugfs", "-R", "logdump", img]).stdout == before
+
+
+def test_a_pending_journal_is_replayed_into_the_image_by_a_writer(small_tree, workdir):
+    """needs_recovery with committed transactions, opened "r+": replayed into the image first
+    (as Linux at a read-write mount), then written; the result is what e2fsck -fy replays."""
+    src, _ = small_tree
+    img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=1024, fstype="ext3")
+    blk = int(run(["debugfs", "-R", "bmap /hard/a 0", img]).stdout.split()[0])
+    payload = os.path.join(workdir, "payload")
+    with open(payload, "wb") as f:
+        f.write(b"from the journal".ljust(1024, b"J"))
+    run(["debugfs", "-w", "-f", "-", img], input=f"jo\njw -b {blk} {payload}\njc\n".encode())
+    assert "needs_recovery" in dumpe2fs(img, "-h")
+    fixed = img + ".fixed"
+    shutil.copyfile(img, fixed)
+    run(["e2fsck", "-fy", fixed], check=False)
+    with xipfs.open(img, "r+") as fs:
+        assert fs.volume.replayed
+        assert fs.read_bytes("/hard/a")[:16] == b"from the journal"
+    assert "needs_recovery" not in dumpe2fs(img, "-h")
+    assert_fsck_clean(img)
+    with xipfs.open(img) as a, xipfs.open(fixed) as b:
+        assert a.read_bytes("/hard/a") == b.read_bytes("/hard/a")
+
+
 @pytest.mark.parametrize("fstype, opts, feature", [
     ("ext4", (), "extent"),
     ("ext2", ("-O", "extent"), "extent"),

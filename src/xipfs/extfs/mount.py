@@ -14,6 +14,7 @@ from . import orphans
 from .balloc import BlockAllocator
 from .groups import flush_group_descs
 from .ialloc import InodeAllocator
+from .recovery import journal_is_empty
 from .super import STATE_VALID, seal_superblock, write_super
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ def mount(vol: Volume) -> None:
                       vol.device.name)
     if vol.device.readonly:
         raise OSError(errno.EROFS, "device is read-only", vol.device.name)
+    if sb.has_compat(L.COMPAT_HAS_JOURNAL) and sb.s_journal_inum and not journal_is_empty(vol):
+        raise OSError(errno.EROFS, "the journal holds transactions but needs_recovery is not set "
+                      "(e2fsck decides what they are): read-only", vol.device.name)
     vol.device.lock(exclusive=True)
     vol.balloc = BlockAllocator(vol)
     vol.ialloc = InodeAllocator(vol)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import layout as L
-from .journal import recover
+from .journal import apply, parse_superblock, recover, recovered_superblock
 
 if TYPE_CHECKING:
     from ..device import Device
@@ -24,10 +24,8 @@ def needs_recovery(raw_super: bytes) -> bool:
         raw_super, L.SUPERBLOCK.offsets["s_feature_incompat"])[0] & L.INCOMPAT_RECOVER)
 
 
-def replay_journal(device: Device, verify: bool) -> Device:
-    """``device`` as it is once its journal is replayed (itself when there is nothing to
-    replay): the journal is read through its inode as the image stands, as e2fsck reads it."""
-    from ..device.overlay import OverlayDevice
+def _journal(device: Device, verify: bool):  # noqa: ANN202 - (volume, journal block reader, length)
+    """The volume as the image stands, and a reader of its journal's blocks (by the inode)."""
     from .volume import Volume
 
     vol = Volume(device, readonly=True, verify=verify, recover=False)
@@ -51,7 +49,48 @@ def replay_journal(device: Device, verify: bool) -> Device:
             raise CorruptImageError(f"hole at block {i} of the journal", where)
         return bytes(device.view(pblk * bs, bs))
 
-    overlay = recover(journal_block, bs, fs_blocks_count=sb.s_blocks_count, journal_blocks=nblocks)
+    return vol, journal_block, nblocks, jmap
+
+
+def recover_in_place(device: Device, verify: bool) -> None:
+    """Replay the journal into the image, as Linux does at a read-write mount and e2fsck -p
+    before it checks: the blocks, then the journal emptied (``s_start`` 0, the next sequence),
+    then needs_recovery cleared (every store a whole block or superblock, each sealed)."""
+    vol, journal_block, nblocks, jmap = _journal(device, verify)
+    bs = vol.bs
+    overlay = recover(journal_block, bs, fs_blocks_count=vol.sb.s_blocks_count, journal_blocks=nblocks)
+    apply(overlay, lambda blk, data: device.write(data, blk * bs))
+    device.write(recovered_superblock(journal_block(0), overlay), jmap.bmap(0) * bs)
+    from .super import parse_superblock as parse_fs_superblock
+    from .super import seal_superblock
+
+    raw = bytearray(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
+    sb = parse_fs_superblock(bytes(raw), device.size, verify=False)
+    L.SUPERBLOCK.pack_field(raw, "s_feature_incompat", sb.s_feature_incompat & ~L.INCOMPAT_RECOVER)
+    seal_superblock(sb, raw)
+    device.write(bytes(raw), L.SUPERBLOCK_OFFSET)
+    device.flush()
+
+
+def journal_is_empty(vol) -> bool:  # noqa: ANN001 - a Volume
+    """Whether the journal holds nothing to replay (``s_start`` 0): the only state in which a
+    writer that does not journal may change the image."""
+    sb = vol.sb
+    node = vol.inode(sb.s_journal_inum)
+    pblk = node.map.bmap(0)
+    if not pblk:
+        raise CorruptImageError("the journal's first block is a hole", f"journal inode {sb.s_journal_inum}")
+    return parse_superblock(bytes(vol.device.view(pblk * vol.bs, vol.bs)), verify=vol.verify).start == 0
+
+
+def replay_journal(device: Device, verify: bool) -> Device:
+    """``device`` as it is once its journal is replayed (itself when there is nothing to
+    replay): the journal is read through its inode as the image stands, as e2fsck reads it."""
+    from ..device.overlay import OverlayDevice
+
+    vol, journal_block, nblocks, _ = _journal(device, verify)
+    bs = vol.bs
+    overlay = recover(journal_block, bs, fs_blocks_count=vol.sb.s_blocks_count, journal_blocks=nblocks)
     vol.forget_cached()
     if not overlay.blocks:
         return device

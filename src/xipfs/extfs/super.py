@@ -247,8 +247,6 @@ def _check_features(sb: Superblock) -> None:
     elif unknown_ro:
         names = feature_names(unknown_ro, L.RO_COMPAT_FEATURES, "R")
         sb.readonly_reason = "read-only compatible feature " + ", ".join(names)
-    elif f["s_feature_compat"] & L.COMPAT_HAS_JOURNAL:
-        sb.readonly_reason = "has_journal: an ext3 journal xipfs does not replay or write"
     elif f["s_feature_compat"] & ~L.COMPAT_WRITABLE:
         names = feature_names(f["s_feature_compat"] & ~L.COMPAT_WRITABLE, L.COMPAT_FEATURES, "C")
         sb.readonly_reason = "compatible feature " + ", ".join(names) + " that xipfs does not maintain"

@@ -26,7 +26,7 @@ from .dir import DirIndex, DirSpace, build_index
 from .groups import metadata_zones, read_group_descriptors
 from .inode import Inode, seal_inode, verify_inode
 from .mount import mount, unmount
-from .recovery import needs_recovery, replay_journal
+from .recovery import needs_recovery, recover_in_place, replay_journal
 from .super import Superblock, parse_superblock
 from .watch import TRIES, WriterWatch
 
@@ -45,10 +45,18 @@ class Volume:
         raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
         #: The journal was replayed (in memory, over the image: ``recovery.replay_journal``).
         self.replayed = False
-        if recover and readonly and needs_recovery(raw):
-            replayed = replay_journal(device, verify)
-            self.replayed = replayed is not device
-            device = replayed
+        if recover and needs_recovery(raw):
+            if readonly:                         # in memory, the image untouched
+                replayed = replay_journal(device, verify)
+                self.replayed = replayed is not device
+                device = replayed
+            else:                                # a writer replays into the image, as Linux
+                device.lock(exclusive=True)
+                try:
+                    recover_in_place(device, verify)
+                finally:
+                    device.unlock()
+                self.replayed = True
             raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
         self.device = device
         self.sb: Superblock = parse_superblock(raw, device.size, verify)

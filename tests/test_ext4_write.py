@@ -140,3 +140,35 @@ def test_linux_changes_after_ours_read_back(writable_ext4, tmp_path):
         assert_fsck_clean(img)
     finally:
         os.unlink(img)
+
+
+def test_inline_files_move_out_when_written(writable_ext4, monkeypatch):
+    """An inline file (written by Linux) that is written, appended to or truncated moves its
+    bytes into a block first (ext4_convert_inline_data); its other attributes stay."""
+    if not IS_ROOT:
+        pytest.skip("the inline files are written by Linux through a loop mount")
+    monkeypatch.setattr(L, "INCOMPAT_WRITABLE", L.INCOMPAT_WRITABLE | L.INCOMPAT_INLINE_DATA)
+    img = mkfs(os.path.join(SHM, f"xipfs-w4i-{os.getpid()}.img"), "32M",
+               extra=("-O", "inline_data,^has_journal,^orphan_file"), fstype="ext4")
+    try:
+        with mounted(img, options="rw") as mnt:
+            for name, data in (("tiny", b"t" * 40), ("mid", b"m" * 100), ("empty", b"")):
+                with open(os.path.join(mnt, name), "wb") as f:
+                    f.write(data)
+            os.setxattr(os.path.join(mnt, "mid"), "user.x", b"keep")
+        assert "Size of inline data" in run(["debugfs", "-R", "stat /mid", img]).stdout.decode()
+        with xipfs.open(img, "r+") as fs:
+            with fs.open("/tiny", "ab") as f:
+                f.write(b"T" * 5000)
+            with fs.open("/mid", "r+b") as f:
+                f.seek(10)
+                f.write(b"X")
+            fs.truncate("/empty", 3)
+            assert fs.getxattr("/mid", "user.x") == b"keep"
+            assert "system.data" not in fs.listxattr("/mid")
+            want = _listing(fs)
+        assert_fsck_clean(img)
+        with mounted(img) as mnt:
+            assert _os_listing(mnt) == want
+    finally:
+        os.unlink(img)

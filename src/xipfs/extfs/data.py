@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from ..errors import fs_error
 from . import layout as L
 from . import orphans
+from .inline import move_out
 from .inode import Inode
 from .super import set_feature
 
@@ -75,6 +76,8 @@ def write(vol: Volume, node: Inode, data: memoryview, pos: int) -> int:
     n = len(data)
     if n == 0:
         return 0
+    if node.flags & L.FL_INLINE_DATA:           # ext4 inline data: into a block first
+        move_out(vol, node)
     bs = vol.bs
     limit = file_size_limit(vol, node)
     if pos + n > limit:
@@ -152,6 +155,8 @@ def truncate(vol: Volume, node: Inode, size: int) -> None:
         raise fs_error(errno.EINVAL)
     if size > file_size_limit(vol, node):
         raise fs_error(errno.EFBIG)
+    if node.flags & L.FL_INLINE_DATA:
+        move_out(vol, node)
     bs = vol.bs
     old = node.size
     now = time.time_ns()
@@ -184,6 +189,8 @@ def fallocate(vol: Volume, node: Inode, offset: int, length: int) -> None:
     end = offset + length
     if end > file_size_limit(vol, node):
         raise fs_error(errno.EFBIG)
+    if node.flags & L.FL_INLINE_DATA:
+        move_out(vol, node)
     if offset > node.size:
         zero_eof_tail(vol, node, offset)
     first, last = offset // bs, (end - 1) // bs + 1

@@ -17,6 +17,7 @@ from . import layout as L
 if TYPE_CHECKING:
     from .bmap import Run
     from .inode import Inode
+    from .volume import Volume
 
 #: ``i_block`` holds this many bytes of an inline file.
 IBLOCK_BYTES = 60
@@ -95,3 +96,62 @@ class InlineMap:
 
     def resize(self, nblocks: int) -> None:
         self.size = self.inode.size
+
+
+# -- moving data out of the inode (writes) --------------------------------------------------------
+def _ibody_without_data(raw: bytes, isize: int, extra_isize: int) -> bytes:
+    """The inode's bytes with ``system.data`` gone from its in-inode attributes (the others kept,
+    their values packed again at the end of the region)."""
+    start = L.INODE.size + extra_isize
+    first = start + _MAGIC.size
+    if not extra_isize or first > isize or _MAGIC.unpack_from(raw, start)[0] != L.XATTR_MAGIC:
+        return raw
+    kept = []
+    pos = first
+    while pos + 4 <= isize and raw[pos:pos + 4] != b"\0\0\0\0" and pos + _ENTRY_SIZE <= isize:
+        name_len, index, offs, inum, size, h = _ENTRY.unpack_from(raw, pos)
+        name = bytes(raw[pos + _ENTRY_SIZE:pos + _ENTRY_SIZE + name_len])
+        if not (index == DATA_INDEX and name == DATA_NAME):
+            kept.append((name_len, index, inum, h, name, bytes(raw[first + offs:first + offs + size])))
+        pos = (pos + _ENTRY_SIZE + name_len + 3) & ~3
+    region = bytearray(isize - start)
+    if not kept:
+        return raw[:start] + bytes(region)
+    _MAGIC.pack_into(region, 0, L.XATTR_MAGIC)
+    at = _MAGIC.size
+    vend = len(region)
+    for name_len, index, inum, h, name, value in kept:
+        vend -= (len(value) + 3) & ~3
+        region[vend:vend + len(value)] = value
+        _ENTRY.pack_into(region, at, name_len, index, vend - _MAGIC.size if value else 0, inum, len(value), h)
+        region[at + _ENTRY_SIZE:at + _ENTRY_SIZE + name_len] = name
+        at = (at + _ENTRY_SIZE + name_len + 3) & ~3
+    return raw[:start] + bytes(region)
+
+
+def move_out(vol: Volume, node: Inode) -> None:
+    """Move an inline regular file's bytes into a block of its own, as Linux's
+    ``ext4_convert_inline_data`` does before a write: the block written first, then the inode
+    (extent root, flags, ``system.data`` gone) in one store. A kill in between leaves a block
+    marked used that nothing points to, which e2fsck -p gives back."""
+    from .data import read_bytes
+    from .extent import inode_root
+
+    bs = vol.bs
+    m = node.map
+    stored = min(node.size, IBLOCK_BYTES + m.pieces[1][1])
+    content = read_bytes(vol, node, 0, stored)
+    flags = node.flags & ~L.FL_INLINE_DATA
+    if stored:
+        pblk = vol.balloc.alloc(vol.inode_group_goal(node.ino), 1)[0][0]
+        vol.device.write_new(content.ljust(bs, b"\0"), pblk * bs)
+        node.blocks += bs // 512
+    if vol.extents:
+        node.i_block = inode_root([(0, 1, pblk)] if stored else [])
+        flags |= L.FL_EXTENTS
+    else:
+        node.i_block = (pblk.to_bytes(4, "little") if stored else b"").ljust(60, b"\0")
+    node.flags = flags
+    node._raw = _ibody_without_data(node._raw, vol.isize, node.extra_isize)
+    node.reset_map()
+    vol.write_inode(node)

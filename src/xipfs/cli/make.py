@@ -33,22 +33,70 @@ def cmd_mkfs(ctx: Context, args: argparse.Namespace) -> None:
     size = _size_arg(args.size, "size") if args.size else None
     if args.label is not None and len(args.label.encode()) > 16:
         raise CliError(args.label, "volume label longer than 16 bytes", status=2)
+    ext4 = _ext4_options(args)
     if not args.force and _holds_ext2(image):
         raise CliError(image, "already holds an ext2 filesystem (use -F to make a new one over it)")
     features = [f for f in args.features.split(",") if f] if args.features else None
     with about(spec):
         try:
             mkfs(image, size, block_size=args.block_size, inode_size=args.inode_size, inodes=args.inodes,
-                 label=args.label, uuid=args.uuid, features=features, preallocate=args.preallocate)
+                 label=args.label, uuid=args.uuid, features=features, preallocate=args.preallocate,
+                 fs_type=args.fs_type, **ext4)
         except ValueError as err:
             raise CliError(image, str(err)) from err
     if not ctx.quiet:
         fs = ctx.fs(image)
         sb = fs.volume.sb
         label = f", label {sb.label!r}" if sb.label else ""
-        emit(f"{image}: ext2, {sb.block_size}-byte blocks, {sb.s_blocks_count} blocks "
+        emit(f"{image}: {args.fs_type}, {sb.block_size}-byte blocks, {sb.s_blocks_count} blocks "
              f"({F.human_size(sb.s_blocks_count * sb.block_size)}), {sb.s_inodes_count} inodes, "
              f"{F.plural(sb.groups, 'block group', 'block groups')}{label}, UUID {sb.uuid}")
+
+
+#: ``-E`` options (as mke2fs names them) and how each is read.
+_EXTENDED = {"hash_seed": str, "orphan_file_size": "size", "lazy_itable_init": None,
+             "lazy_journal_init": None, "discard": None, "nodiscard": None}
+
+
+def _ext4_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ext4-only keyword arguments of :func:`xipfs.mkfs` from -J, -E, -m, -i, -G."""
+    out: dict[str, Any] = {}
+    given = [name for name, value in (("-J", args.journal), ("-E", args.extended), ("-m", args.reserved),
+                                       ("-i", args.inode_ratio), ("-G", args.flex_bg_size))
+             if value is not None]
+    if args.fs_type != "ext4":
+        if given:
+            raise CliError(args.image, f"{', '.join(given)}: only with -t ext4", status=2)
+        return out
+    for item in (args.journal or "").split(","):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        if key != "size" or not value:
+            raise CliError(item, "journal option: xipfs takes only size=MiB (0: no journal)", status=2)
+        try:
+            out["journal_size"] = int(value) << 20
+        except ValueError:
+            raise CliError(item, "journal size is a whole number of MiB", status=2) from None
+    for item in (args.extended or "").split(","):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        if key not in _EXTENDED:
+            raise CliError(item, "extended option: xipfs takes " + ", ".join(sorted(_EXTENDED)), status=2)
+        kind = _EXTENDED[key]
+        if kind is str:
+            out[key] = value
+        elif kind == "size":
+            out[key] = _size_arg(value, key)
+        # the others ask for what xipfs always does (zeroed tables and journal, no discard)
+    if args.reserved is not None:
+        out["reserved_percent"] = args.reserved
+    if args.inode_ratio is not None:
+        out["inode_ratio"] = args.inode_ratio
+    if args.flex_bg_size is not None:
+        out["flex_bg_size"] = args.flex_bg_size
+    return out
 
 
 def _size_arg(text: str, what: str) -> int:
@@ -120,18 +168,34 @@ def cmd_unpack(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def _add_make(add: Callable[..., argparse.ArgumentParser]) -> None:
-    p = add("mkfs", cmd_mkfs, "make a new ext2 filesystem (like mke2fs)",
-            "Make an empty ext2 filesystem on IMAGE (a file, created or resized; a block device; a "
-            "shared-memory name) without e2fsprogs.",
+    p = add("mkfs", cmd_mkfs, "make a new ext2 or ext4 filesystem (like mke2fs)",
+            "Make an empty ext2 or ext4 filesystem on IMAGE (a file, created or resized; a block "
+            "device; a shared-memory name) without e2fsprogs. With -t ext4 it is what mke2fs -t ext4 "
+            "of e2fsprogs 1.47 makes: journal, flex_bg, 64bit, metadata_csum, orphan file.",
             "SIZE is bytes, or with a K, M, G, T suffix (powers of 1024). Without SIZE an existing "
             "file keeps its size.\n\nexamples:\n  xipfs mkfs /dev/shm/data.img 1G\n"
-            "  xipfs mkfs -b 1024 -I 128 -L small -O ^dir_index small.img 8M")
+            "  xipfs mkfs -b 1024 -I 128 -L small -O ^dir_index small.img 8M\n"
+            "  xipfs mkfs -t ext4 /dev/shm/data4.img 4G\n"
+            "  xipfs mkfs -t ext4 -J size=0 -O ^metadata_csum -E hash_seed=$(uuidgen) small4.img 64M")
     p.add_argument("image", metavar="IMAGE", help="a file, a block device or a shared-memory name")
     p.add_argument("size", metavar="SIZE", nargs="?", help="bytes, or with a K, M, G, T suffix")
-    p.add_argument("-b", dest="block_size", type=int, default=4096, metavar="BLOCK_SIZE",
-                   help="block size in bytes (1024, 2048, 4096, ...; default 4096)")
-    p.add_argument("-I", dest="inode_size", type=int, default=256, metavar="INODE_SIZE",
+    p.add_argument("-t", dest="fs_type", choices=("ext2", "ext4"), default="ext2",
+                   help="filesystem type (default ext2)")
+    p.add_argument("-b", dest="block_size", type=int, default=None, metavar="BLOCK_SIZE",
+                   help="block size in bytes (1024, 2048, 4096, ...; default 4096, for ext4 by size as "
+                        "mke2fs: 1024 below 512 MiB)")
+    p.add_argument("-I", dest="inode_size", type=int, default=None, metavar="INODE_SIZE",
                    help="inode size in bytes (128 or 256; default 256)")
+    p.add_argument("-J", dest="journal", default=None, metavar="size=MIB",
+                   help="ext4: journal size in MiB (default by size, as mke2fs; 0: no journal)")
+    p.add_argument("-E", dest="extended", default=None, metavar="OPTIONS",
+                   help="ext4: extended options, comma separated: hash_seed=UUID, orphan_file_size=SIZE")
+    p.add_argument("-m", dest="reserved", type=float, default=None, metavar="PERCENT",
+                   help="ext4: blocks reserved for root, in percent (default 5)")
+    p.add_argument("-i", dest="inode_ratio", type=int, default=None, metavar="BYTES_PER_INODE",
+                   help="ext4: bytes per inode (default by size, as mke2fs)")
+    p.add_argument("-G", dest="flex_bg_size", type=int, default=None, metavar="GROUPS",
+                   help="ext4: block groups per flex group (default 16)")
     p.add_argument("-N", dest="inodes", type=int, default=None, metavar="INODES", help="number of inodes")
     p.add_argument("-L", dest="label", default=None, metavar="LABEL", help="volume label (up to 16 bytes)")
     p.add_argument("-U", dest="uuid", default=None, metavar="UUID", help="filesystem UUID (default: random)")

@@ -256,11 +256,15 @@ COMPAT_RESIZE_INODE = 0x10
 COMPAT_DIR_INDEX = 0x20
 COMPAT_SPARSE_SUPER2 = 0x200
 #: Compatible features xipfs keeps right when it writes: dir_prealloc, imagic_inodes, ext_attr,
-#: resize_inode, dir_index, sparse_super2, stable_inodes, and has_journal while the journal is empty
-#: (a pending one is replayed into the image first; xipfs itself does not journal).
-#: Others (lazy_bg, exclude_inode, snapshot_bitmap, fast_commit, orphan_file) name structures
-#: xipfs would not update, so their images are opened read-only.
-COMPAT_WRITABLE = 0x1 | 0x2 | COMPAT_HAS_JOURNAL | 0x8 | 0x10 | 0x20 | COMPAT_SPARSE_SUPER2 | 0x800
+#: resize_inode, dir_index, sparse_super2, stable_inodes, has_journal while the journal is empty
+#: (a pending one is replayed into the image first; xipfs itself does not journal), and
+#: orphan_file (left empty: xipfs keeps its orphans on the superblock's list, which e2fsck and
+#: Linux also read; orphan_present, a file in use, is a read-only-compatible bit).
+#: Others (lazy_bg, exclude_inode, snapshot_bitmap, fast_commit) name structures xipfs would
+#: not update, so their images are opened read-only.
+COMPAT_ORPHAN_FILE = 0x1000
+COMPAT_WRITABLE = (0x1 | 0x2 | COMPAT_HAS_JOURNAL | 0x8 | 0x10 | 0x20 | COMPAT_SPARSE_SUPER2 | 0x800
+                   | COMPAT_ORPHAN_FILE)
 INCOMPAT_COMPRESSION = 0x1
 INCOMPAT_FILETYPE = 0x2
 INCOMPAT_RECOVER = 0x4

@@ -17,6 +17,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..device import Device
 from . import layout as L
@@ -299,11 +300,11 @@ def _write_dir_inode(dev: Device, geo: Geometry, ino: int, mode: int, links: int
     dev.write(raw, geo.inode_table(0) * geo.bs + (ino - 1) * geo.isize)
 
 
-def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, block_size: int = 4096,
-         inode_size: int = 256, inodes: int | None = None, label: str | None = None,
+def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, block_size: int | None = None,
+         inode_size: int | None = None, inodes: int | None = None, label: str | None = None,
          uuid: str | None = None, features: Iterable[str] | None = None,
-         preallocate: bool = False) -> None:
-    """Create an ext2 filesystem on ``target``.
+         preallocate: bool = False, fs_type: str = "ext2", **ext4: Any) -> None:
+    """Create an ext2 (or, with ``fs_type="ext4"``, ext4) filesystem on ``target``.
 
     ``target`` is a path (a file, created or resized to ``size``; a block device), a POSIX
     shared-memory name (``"/name"`` where no such path exists; created with ``size``), or an
@@ -316,17 +317,39 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
     ``posix_fallocate``: the image is sparse otherwise, and tmpfs allocates a page on each first
     write. Preallocated, writes are plain copies into memory that is already there (as on pmem
     or a DAX device), and a full tmpfs shows as ENOSPC here, never as SIGBUS on a mapping later.
+
+    ``fs_type="ext4"`` makes what ``mke2fs -t ext4`` makes (:func:`.mkfs4.format_device4`: block
+    and inode sizes by filesystem size unless given; ``ext4`` takes its other options, such as
+    ``journal_size``, ``hash_seed``, ``reserved_percent``).
     """
     from ..device import MemoryDevice
     from ..device.detect import looks_like_shm_name, open_device
 
-    opts = dict(block_size=block_size, inode_size=inode_size, inodes=inodes, label=label, uuid=uuid,
-                features=features)
-    _, _, ro = feature_words(features)          # refuse bad parameters before touching anything
-    if size is not None:
-        plan(size, block_size, inode_size, inodes, bool(ro & L.RO_COMPAT_SPARSE_SUPER))
+    formatter: Callable[..., object]
+    if fs_type == "ext4":
+        from .mkfs4 import format_device4, plan4
+        opts: dict[str, Any] = dict(block_size=block_size, inode_size=inode_size, inodes=inodes, label=label,
+                                    uuid=uuid, features=features, **ext4)
+        formatter = format_device4
+        if size is not None:                    # refuse bad parameters before touching anything
+            plan4(size, block_size=block_size, inode_size=inode_size, inodes=inodes, features=features,
+                  inode_ratio=ext4.get("inode_ratio"), reserved_percent=ext4.get("reserved_percent", 5.0),
+                  flex_bg_size=ext4.get("flex_bg_size", 16))
+    elif fs_type == "ext2":
+        if ext4:
+            raise TypeError("mkfs of ext2 takes no " + ", ".join(sorted(ext4)))
+        block_size = 4096 if block_size is None else block_size
+        inode_size = 256 if inode_size is None else inode_size
+        opts = dict(block_size=block_size, inode_size=inode_size, inodes=inodes, label=label, uuid=uuid,
+                    features=features)
+        formatter = format_device
+        _, _, ro = feature_words(features)          # refuse bad parameters before touching anything
+        if size is not None:
+            plan(size, block_size, inode_size, inodes, bool(ro & L.RO_COMPAT_SPARSE_SUPER))
+    else:
+        raise ValueError(f"filesystem type {fs_type!r}: xipfs makes ext2 and ext4")
     if isinstance(target, Device):
-        format_device(target, **opts)
+        formatter(target, **opts)
         return
     path = os.fsdecode(os.fspath(target))
     if looks_like_shm_name(path, bare=False) and not os.path.exists(path):
@@ -336,7 +359,7 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
         try:
             if preallocate:
                 _preallocate(dev.fileno(), size, path)
-            format_device(dev, zeroed=True, **opts)
+            formatter(dev, zeroed=True, **opts)
         finally:
             dev.close()
         return
@@ -358,7 +381,7 @@ def mkfs(target: str | os.PathLike[str] | Device, size: int | None = None, *, bl
         zeroed = True
     dev = open_device(path, readonly=False)
     try:
-        format_device(dev, zeroed=zeroed, **opts)
+        formatter(dev, zeroed=zeroed, **opts)
     finally:
         dev.close()
 

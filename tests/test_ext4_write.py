@@ -172,3 +172,22 @@ def test_inline_files_move_out_when_written(writable_ext4, monkeypatch):
             assert _os_listing(mnt) == want
     finally:
         os.unlink(img)
+
+
+@pytest.mark.parametrize("bs", [1024, 4096])
+def test_large_writes_get_2mib_aligned_runs(bs):
+    """A file written in one call, or fallocated, with 2 MiB or more gets runs aligned to 2 MiB
+    in the file and in the image, where free space allows (what DAX maps with huge pages)."""
+    dev = xipfs.MemoryDevice.anonymous(64 << 20)
+    xipfs.mkfs(dev, block_size=bs)
+    with xipfs.open(dev, "r+") as fs:
+        fs.write_bytes("/small", b"x" * 5000)            # something before, to unalign the goal
+        fs.write_bytes("/big", os.urandom(8 << 20))
+        per = (2 << 20) // bs
+        runs = fs.huge_runs("/big")
+        assert sum(n for _, n, _ in runs) == 4 * per
+        assert all(p % per == 0 and lb % per == 0 for lb, _, p in runs)
+        with fs.open("/alloc", "wb", buffering=0) as f:
+            f.fallocate(0, 4 << 20)
+        assert sum(n for _, n, _ in fs.huge_runs("/alloc")) == 2 * per
+        assert fs.huge_runs("/small") == []

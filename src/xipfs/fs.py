@@ -27,6 +27,7 @@ from .extfs import layout as L
 from .extfs import namei
 from .extfs.data import get_xip_mem, read_bytes, windowed_segments
 from .extfs.groups import statfs_overhead
+from .extfs.indirect import HUGE_PAGE
 from .extfs.inode import Inode, Run
 from .extfs.mount import sync, unmount
 from .extfs.namei import PATH_MAX, name_moved, readlink, resolve
@@ -776,6 +777,22 @@ class Filesystem:
         if not node.is_reg and not node.is_dir:
             return []
         return node.map.runs(0, node.map.nblocks)
+
+    def huge_runs(self, path: PathArg) -> list[Run]:
+        """The parts of ``path``'s runs that a 2 MiB page can map: 2 MiB-aligned both in the
+        file and in the device (with its place in a disk image), whole 2 MiB pieces, as
+        ``(file block, count, device block)``. Linux's DAX maps these with huge pages."""
+        per = HUGE_PAGE // self.volume.bs
+        shift = self.device.base_offset // self.volume.bs
+        out = []
+        for lblk, count, pblk in self.block_runs(path):
+            if not pblk or (pblk + shift - lblk) % per:
+                continue                             # a hole, or the file and device disagree
+            a = -(-lblk // per) * per
+            b = (lblk + count) // per * per
+            if b > a:
+                out.append((a, b - a, pblk + (a - lblk)))
+        return out
 
     # -- consistency ------------------------------------------------------------------------
     def check(self, progress: ProgressArg = None) -> list[Problem]:

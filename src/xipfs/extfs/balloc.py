@@ -93,16 +93,22 @@ class BlockAllocator:
         return (block - self.first) // self.bpg
 
     # -- allocation ---------------------------------------------------------------------------
-    def alloc(self, goal: int, count: int, whole: bool = False) -> list[tuple[int, int]]:
+    def alloc(self, goal: int, count: int, whole: bool = False, align: int = 0) -> list[tuple[int, int]]:
         """Up to ``count`` blocks as runs ``(first, n)``, from ``goal`` on; ENOSPC if none.
 
         ``whole``: a new small file, better placed in the first gap that holds it in one run
-        than spread over the single free blocks nearer the goal.
+        than spread over the single free blocks nearer the goal. ``align``: a large run for a
+        file offset that is a multiple of ``align`` blocks starts, where free space allows, at
+        a device block that is one too (2 MiB: what Linux's DAX maps with one huge page).
         """
         avail = self._free if self.may_use_reserved else self._free - self.reserved
         if avail <= 0:
             raise fs_error(errno.ENOSPC)
         want = min(count, avail)
+        if align and want >= align:
+            run = self._take_aligned(goal, want, align)
+            if run:
+                return [run]
         if want <= 8:
             pblk = self._take_near(goal, want)
             if pblk:
@@ -129,6 +135,35 @@ class BlockAllocator:
         if not runs:
             raise fs_error(errno.ENOSPC)
         return runs
+
+    def _take_aligned(self, goal: int, count: int, align: int) -> tuple[int, int] | None:
+        """A free run starting at a multiple of ``align`` blocks, at least ``align`` long (up to
+        ``count``), in ``goal``'s group or the next ones; None when none is free."""
+        vol = self.volume
+        ngroups = len(vol.groups)
+        if not self.first <= goal < self.blocks:
+            goal = self.first
+        g0 = self.group_of(goal)
+        for step in range(ngroups):
+            g = (g0 + step) % ngroups
+            gd = vol.groups[g]
+            if gd.free_blocks < align:
+                continue
+            self._ready(g)
+            base, nbits = self._span[g]
+            start = goal if step == 0 else base
+            bm = vol.device.view(gd.block_bitmap * vol.bs, (nbits + 7) >> 3)
+            at = -(-start // align) * align
+            while at + align <= base + nbits:
+                bit = at - base
+                n = bitmap.zero_run(bm, bit, min(nbits, bit + count)) if not bitmap.test_bit(bm, bit) else 0
+                if n >= align:
+                    n -= n % align if n < count else 0
+                    vol.check_data_run(at, n, 0, "block the bitmap marks free")
+                    self._mark(g, bit, n, True)
+                    return at, n
+                at += align
+        return None
 
     def _take_near(self, goal: int, count: int) -> int:
         """Small files' fast path: ``count`` (at most 8) contiguous free blocks among the 64

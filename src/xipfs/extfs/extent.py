@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from ..errors import CorruptImageError
 from . import layout as L
 from .csum import crc32c_raw, inode_seed
+from .indirect import huge_align as _align
 
 if TYPE_CHECKING:
     from .bmap import Run
@@ -551,7 +552,7 @@ class ExtentMap:
                     continue
                 while count:
                     try:
-                        runs = vol.balloc.alloc(self._goal(lblk), count)
+                        runs = vol.balloc.alloc(self._goal(lblk), count, align=_align(vol, lblk))
                     except OSError as err:
                         if err.errno == errno.ENOSPC:
                             return lblk - first

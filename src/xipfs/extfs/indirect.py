@@ -33,6 +33,18 @@ _WHOLE_FILE_RUNS_FROM = 4
 
 
 
+#: The unit of a huge-page mapping (x86-64's PMD): runs of a file aligned to it, in the file and
+#: in the image, can be mapped by Linux's DAX (and by a huge-page tmpfs) one 2 MiB page at a time.
+HUGE_PAGE = 2 << 20
+
+
+def huge_align(vol: object, lblk: int) -> int:
+    """Blocks per 2 MiB when file block ``lblk`` starts a 2 MiB piece of the file, else 0 (no
+    alignment asked of the allocator)."""
+    per = HUGE_PAGE // vol.bs                      # type: ignore[attr-defined]
+    return per if lblk % per == 0 else 0
+
+
 @functools.lru_cache(maxsize=64)
 def _lanes(count: int) -> tuple[int, int]:
     """Two integers of ``count`` 32-bit lanes: every lane 1, and lane i holding i."""
@@ -163,7 +175,7 @@ class BlockMap:
         for lblk, count in holes:
             while count:
                 try:
-                    runs = vol.balloc.alloc(self._goal(lblk), count)
+                    runs = vol.balloc.alloc(self._goal(lblk), count, align=huge_align(vol, lblk))
                 except OSError as err:
                     if err.errno == errno.ENOSPC:
                         return lblk - first

@@ -31,6 +31,7 @@ from bench_import import BENCHMARKS as IMPORT_BENCHMARKS  # noqa: E402
 from bench_map import BENCHMARKS as MAP_BENCHMARKS  # noqa: E402
 from bench_mkfs4 import BENCHMARKS as MKFS4_BENCHMARKS  # noqa: E402
 from bench_pack import BENCHMARKS as PACK_BENCHMARKS  # noqa: E402
+from bench_pack4 import BENCHMARKS as PACK4_BENCHMARKS  # noqa: E402
 from bench_read import BENCHMARKS as READ_BENCHMARKS  # noqa: E402
 from bench_read import config  # noqa: E402
 from bench_transfer import BENCHMARKS as TRANSFER_BENCHMARKS  # noqa: E402
@@ -44,7 +45,7 @@ SCRATCH_PARENT = "/dev/shm"
 BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MAP_BENCHMARKS,
               **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS, **UNPACK_BENCHMARKS,
               **IMPORT_BENCHMARKS, **FUSE_BENCHMARKS,
-              **CHECK_BENCHMARKS, **EXT4_BENCHMARKS, **MKFS4_BENCHMARKS}
+              **CHECK_BENCHMARKS, **EXT4_BENCHMARKS, **MKFS4_BENCHMARKS, **PACK4_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -431,3 +431,19 @@ def test_repacking_replaces_the_image_whole(work):
     with xipfs.open(img) as fs:
         assert fs.read_bytes("/f") == b"new" * 5000
     assert_fsck_clean(img, exit_only=True)
+
+
+def test_64k_blocks_with_many_entries(work):
+    """A directory of several 64 KiB blocks: only an entry that fills a whole block stores its
+    rec_len as 0; the last entry of a fuller block stores its real length."""
+    src = os.path.join(work, "many64")
+    os.makedirs(os.path.join(src, "d"))
+    for i in range(3000):
+        with open(os.path.join(src, "d", f"file-with-a-long-name-{i}"), "w") as f:
+            f.write(str(i))
+    img = os.path.join(work, "p64.img")
+    xipfs.pack(src, img, block_size=65536)
+    assert_fsck_clean(img)
+    with xipfs.open(img) as fs:
+        assert len(fs.listdir("/d")) == 3000
+        assert fs.read_text("/d/file-with-a-long-name-2999") == "2999"

@@ -130,11 +130,14 @@ def cmd_pack(ctx: Context, args: argparse.Namespace) -> None:
         code = errno.ENOTDIR if os.path.exists(args.src) else errno.ENOENT
         raise CliError(args.src, os.strerror(code), code=code)
     size = _size_arg(args.size, "size") if args.size else None
+    if args.features is not None and args.fs_type != "ext4":
+        raise CliError(args.features, "-O: only with -t ext4", status=2)
     with about(Spec(image, None, image)):
         try:
             result = pack(args.src, image, size=size, block_size=args.block_size, inode_size=args.inode_size,
                           extra=args.extra, label=args.label, uuid=args.uuid, progress=ctx.progress,
-                          compile=args.compile, exclude=args.exclude)
+                          compile=args.compile, exclude=args.exclude, fs_type=args.fs_type,
+                          features=args.features)
         except ValueError as err:
             raise CliError(image, str(err)) from err
     for path, why in result.skipped:
@@ -210,8 +213,13 @@ def _add_make(add: Callable[..., argparse.ArgumentParser]) -> None:
             "owners, modes, nanosecond times and xattrs; each file's data in one run.",
             "Files that change or vanish while packing are reported and the exit status is 1 "
             "(as tar does).\n\nexamples:\n  xipfs pack ./site /dev/shm/site.img\n"
-            "  xipfs pack --size 1G --label app --compile ./venv/lib /dev/shm/app.img")
+            "  xipfs pack --size 1G --label app --compile ./venv/lib /dev/shm/app.img\n"
+            "  xipfs pack -t ext4 ./site /dev/shm/site4.img")
     p.add_argument("src", metavar="SRC", help="the directory tree to pack")
+    p.add_argument("-t", "--type", dest="fs_type", choices=("ext2", "ext4"), default="ext2",
+                   help="filesystem type (default ext2; ext4: mke2fs -t ext4's features and journal)")
+    p.add_argument("-O", dest="features", default=None, metavar="FEATURES",
+                   help="ext4: features, comma separated, as mke2fs -O (e.g. ^metadata_csum)")
     p.add_argument("image", metavar="IMAGE", help="the image to make (a file or a shared-memory name)")
     p.add_argument("--size", default=None,
                    help="image size (K/M/G suffixes); default: what SRC needs + --extra")

@@ -109,7 +109,8 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
          size: int | None = None, block_size: int = 4096, inode_size: int = 256,
          extra: float | int = 0.1, label: str | None = None, uuid: str | None = None,
          exclude: Iterable[str] = (), progress: ProgressArg = None,
-         compile: bool = False) -> PackResult:  # noqa: A002 - as compileall
+         compile: bool = False, fs_type: str = "ext2",  # noqa: A002 - as compileall
+         features: Iterable[str] | str | None = None) -> PackResult:
     """Build an ext2 image of the tree at ``src_dir`` in ``image`` (created, or replaced whole:
     an existing image file is renamed over only when the new one is complete).
 
@@ -125,7 +126,20 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
     an entry's name, or its path from the top of the tree (``"site-packages"``, ``"*.o"``,
     ``"build/tmp"``). ``compile=True`` adds a valid ``__pycache__/*.pyc`` beside every ``.py``
     file, as ``compileall`` would, so that imports from the image need not compile.
+
+    ``fs_type="ext4"`` makes an ext4 image instead (:func:`.pack4.pack4`: mke2fs -t ext4's
+    features, changed by ``features`` as ``-O`` changes them, and its journal).
     """
+    if fs_type != "ext2":
+        if fs_type != "ext4":
+            raise ValueError(f"filesystem type {fs_type!r}: pack makes ext2 or ext4")
+        from .pack4 import pack4
+
+        return pack4(src_dir, image, size=size, block_size=block_size, inode_size=inode_size, extra=extra,
+                     label=label, uuid=uuid, exclude=exclude, progress=progress, compile=compile,
+                     features=features)
+    if features is not None:
+        raise ValueError("features: only with fs_type='ext4'")
     src = os.fsencode(os.fspath(src_dir))
     target = image if isinstance(image, Device) else os.fsdecode(os.fspath(image))
     result = PackResult(image=target.name if isinstance(target, Device) else target)
@@ -408,7 +422,7 @@ def _dir_blocks(node: _Node, bs: int) -> list[bytes]:
     for name, ino, fmt in entries:
         need = rec_len_of(len(name))
         if pos + need > bs:
-            _REC_LEN.pack_into(buf, last + _REC_LEN_AT, bs - last if bs < 65536 else 0)
+            _REC_LEN.pack_into(buf, last + _REC_LEN_AT, _last_rec_len(bs, last))
             blocks.append(bytes(buf))
             buf = bytearray(bs)
             pos = 0
@@ -416,11 +430,19 @@ def _dir_blocks(node: _Node, bs: int) -> list[bytes]:
         buf[pos + _HEADER:pos + _HEADER + len(name)] = name
         last = pos
         pos += need
-    _REC_LEN.pack_into(buf, last + _REC_LEN_AT, bs - last if bs < 65536 else 0)
+    _REC_LEN.pack_into(buf, last + _REC_LEN_AT, _last_rec_len(bs, last))
     blocks.append(bytes(buf))
     if node.ino == LOST_FOUND_INO:
         blocks.extend([empty_block(bs)] * (lost_found_blocks(bs) - len(blocks)))
     return blocks
+
+
+def _last_rec_len(bs: int, last: int) -> int:
+    """The rec_len of a block's last entry, at ``last``, running to the block's end: 65536 (a
+    whole 64 KiB block) is stored as 0, as Linux's ``ext2_rec_len_to_disk``; only an entry at 0
+    can be that long."""
+    n = bs - last
+    return 0 if n == 65536 else n
 
 
 def _file_blocks(node: _Node, bs: int) -> list[tuple[int, int]]:

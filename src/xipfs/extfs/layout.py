@@ -9,6 +9,7 @@ padding or fields xipfs does not interpret. Offsets and meanings follow e2fsprog
 
 from __future__ import annotations
 
+import os
 import stat
 import struct
 from typing import Any
@@ -347,3 +348,17 @@ XATTR_PREFIXES = {
     1: "user.", 2: "system.posix_acl_access", 3: "system.posix_acl_default", 4: "trusted.",
     6: "security.", 7: "system.", 8: "system.richacl", 10: "gnu.",
 }
+
+
+# -- ext4 writing, while it is being finished (issue 15) ---------------------------------------
+#: ``XIPFS_EXT4_WRITE=1`` opens ext4 images for writing: extent trees, checksums, uninit groups,
+#: 64bit, flex_bg, inline files (moved out when written) are kept as Linux keeps them; what is
+#: not done yet (see the README) is refused per operation. Off by default until it is finished.
+EXT4_WRITE_ENV = "XIPFS_EXT4_WRITE"
+EXT4_INCOMPAT_WRITABLE = (INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_CSUM_SEED
+                          | INCOMPAT_INLINE_DATA)
+EXT4_RO_COMPAT_WRITABLE = (RO_COMPAT_HUGE_FILE | RO_COMPAT_GDT_CSUM | RO_COMPAT_DIR_NLINK
+                           | RO_COMPAT_EXTRA_ISIZE | RO_COMPAT_METADATA_CSUM)
+if os.environ.get(EXT4_WRITE_ENV) == "1":
+    INCOMPAT_WRITABLE |= EXT4_INCOMPAT_WRITABLE
+    RO_COMPAT_SUPPORTED |= EXT4_RO_COMPAT_WRITABLE

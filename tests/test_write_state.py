@@ -87,6 +87,8 @@ class WriteMachine(RuleBasedStateMachine):
     BS = 1024
     ISIZE = 256
     XIP = True
+    #: "ext4": the image as mke2fs -t ext4 makes it (written with ext4 writing switched on)
+    KIND = "ext2"
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,7 +99,10 @@ class WriteMachine(RuleBasedStateMachine):
         os.mkdir(self.ref)
         self.old_umask = os.umask(0)
         try:
-            mkfs(self.img, IMAGE_SIZE, bs=self.BS, isize=self.ISIZE)
+            if self.KIND == "ext4":
+                mkfs(self.img, IMAGE_SIZE, bs=self.BS, isize=self.ISIZE, fstype="ext4")
+            else:
+                mkfs(self.img, IMAGE_SIZE, bs=self.BS, isize=self.ISIZE)
             self.fs = xipfs.open(self.img, "r+", xip=self.XIP)
         except BaseException:
             os.umask(self.old_umask)
@@ -694,6 +699,25 @@ def test_write_state_machine(bs: int, isize: int, xip: bool) -> None:
     run_state_machine_as_test(machine, settings=SETTINGS, _min_steps=10)
     if os.environ.get("XIPFS_STATE_STATS"):
         print(sorted(STATS.items()))
+
+
+EXT4_CONFIGS = [(1024, 256, True), (4096, 256, True), (4096, 128, False)]
+
+
+@pytest.mark.parametrize(("bs", "isize", "xip"), EXT4_CONFIGS,
+                         ids=[f"ext4-{b}-{i}-{'xip' if x else 'cache'}" for b, i, x in EXT4_CONFIGS])
+def test_write_state_machine_ext4(bs: int, isize: int, xip: bool, monkeypatch) -> None:
+    """The same programs on ext4 images (mke2fs -t ext4), side by side with tmpfs."""
+    from xipfs.extfs import layout as L
+
+    monkeypatch.setattr(L, "INCOMPAT_WRITABLE", L.INCOMPAT_WRITABLE | L.EXT4_INCOMPAT_WRITABLE)
+    monkeypatch.setattr(L, "RO_COMPAT_SUPPORTED", L.RO_COMPAT_SUPPORTED | L.EXT4_RO_COMPAT_WRITABLE)
+    machine = type(f"WriteMachineExt4_{bs}_{isize}_{'xip' if xip else 'cache'}", (WriteMachine,), {
+        "BS": bs, "ISIZE": isize, "XIP": xip, "KIND": "ext4",
+        "_hypothesis_internal_use_seed": zlib.crc32(
+            f"xipfs-write-ext4-{bs}-{isize}-{xip}{os.environ.get('XIPFS_STATE_SEED', '')}".encode()),
+    })
+    run_state_machine_as_test(machine, settings=SETTINGS, _min_steps=10)
 
 
 def test_excl_create_dangling_symlink() -> None:

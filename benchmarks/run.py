@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 from bench_check import BENCHMARKS as CHECK_BENCHMARKS  # noqa: E402
 from bench_ext4 import BENCHMARKS as EXT4_BENCHMARKS  # noqa: E402
+from bench_ext4write import BENCHMARKS as EXT4WRITE_BENCHMARKS  # noqa: E402
 from bench_fsspec import BENCHMARKS as FSSPEC_BENCHMARKS  # noqa: E402
 from bench_fuse import BENCHMARKS as FUSE_BENCHMARKS  # noqa: E402
 from bench_import import BENCHMARKS as IMPORT_BENCHMARKS  # noqa: E402
@@ -45,7 +46,8 @@ SCRATCH_PARENT = "/dev/shm"
 BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MAP_BENCHMARKS,
               **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS, **UNPACK_BENCHMARKS,
               **IMPORT_BENCHMARKS, **FUSE_BENCHMARKS,
-              **CHECK_BENCHMARKS, **EXT4_BENCHMARKS, **MKFS4_BENCHMARKS, **PACK4_BENCHMARKS}
+              **CHECK_BENCHMARKS, **EXT4_BENCHMARKS, **MKFS4_BENCHMARKS, **PACK4_BENCHMARKS,
+              **EXT4WRITE_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -28,6 +28,7 @@ _HEADER = L.DIRENT_HEADER
 _REC_LEN_AT = L.DIRENT.offsets["rec_len"]
 _PACK_REC_LEN = L.DIRENT.codes["rec_len"].pack
 _PACK_INODE = L.DIRENT.codes["inode"].pack
+_PACK_REC_LEN_INTO = L.DIRENT.codes["rec_len"].pack_into
 #: ``.`` or ``..`` as a 12-byte entry (for an inline directory, which stores only the parent).
 _DOT_ENTRY = struct.Struct(L.DIRENT.struct.format + "4s")
 
@@ -286,6 +287,59 @@ def remove_from_block(buf: memoryview | bytes, bs: int,
     return prev, [(prev + _REC_LEN_AT, _PACK_REC_LEN(min(merged, 65535)))]     # 65535 is 64 KiB
 
 
+def leaf_entries(buf: memoryview | bytes, end: int) -> list[tuple[bytes, int, int, int]]:
+    """The live entries of a directory leaf whose entries stop at ``end``: ``(name, inode, file
+    type byte, rec_len)`` in block order (Linux ``dx_make_map`` takes those with an inode and a
+    name)."""
+    out = []
+    pos = 0
+    while pos < end:
+        ino, rec_len, name_len, ftype = _DIRENT(buf, pos)
+        rec_len = _disk_rec_len(rec_len, len(buf))
+        if rec_len < 12 or pos + rec_len > len(buf):
+            raise CorruptImageError(f"rec_len {rec_len} invalid", f"offset {pos}")
+        if ino and name_len:
+            out.append((bytes(buf[pos + 8:pos + 8 + name_len]), ino, ftype, rec_len))
+        pos += rec_len
+    return out
+
+
+def pack_leaf(entries: Iterable[tuple[bytes, int, int]], end: int, bs: int) -> bytearray | None:
+    """A directory leaf holding ``entries`` (name, inode, file type byte) packed from its start,
+    the last one's rec_len reaching ``end`` (``dx_pack_dirents``); None when they do not fit.
+    An empty list gives one unused entry spanning the leaf."""
+    buf = bytearray(bs)
+    pos = last = 0
+    for name, ino, ftype in entries:
+        size = rec_len_of(len(name))
+        if pos + size > end:
+            return None
+        buf[pos:pos + 8 + len(name)] = encode_entry(ino, size, name, ftype)
+        last = pos
+        pos += size
+    if pos == 0:
+        buf[0:8] = encode_entry(0, end, b"", 0)
+    else:
+        _PACK_REC_LEN_INTO(buf, last + _REC_LEN_AT, min(end - last, 65535))
+    return buf
+
+
+def split_at(sizes: list[int], bs: int) -> int:
+    """Where ``do_split`` cuts a full leaf whose entries, sorted by hash, take ``sizes`` bytes
+    (their rec_len): the upper entries move while each adds at most half its size past half
+    the block; when that walk takes every entry (or all but the first), half by count."""
+    count = len(sizes)
+    moved = size = 0
+    i = count - 1
+    while i >= 0:
+        if size + sizes[i] // 2 > bs // 2:
+            break
+        size += sizes[i]
+        moved += 1
+        i -= 1
+    return count - moved if i > 0 else count // 2
+
+
 def _disk_rec_len(rec_len: int, bs: int) -> int:
     """An on-disk rec_len in bytes (a 64 KiB block's whole-block entry says 0 or 65535)."""
     return bs if bs == 65536 and rec_len in (0, 65535) else rec_len
@@ -332,15 +386,17 @@ def dir_end(vol: Volume) -> int:
     return vol.bs - 12 if vol.sb.metadata_csum else vol.bs
 
 
-def seal_leaf(vol: Volume, d: Inode, block: bytes | bytearray) -> bytes:
+def seal_leaf(vol: Volume, d: Inode, block: bytes | bytearray) -> bytes | bytearray:
     """A whole directory leaf of ``d`` as it is to be stored: (metadata_csum) its tail and
-    checksum set over its entries; else the block itself."""
+    checksum set over its entries (a bytearray given is set in place); else the block itself."""
     if not vol.sb.metadata_csum:
         return bytes(block)
     bs = vol.bs
+    out = block if isinstance(block, bytearray) else bytearray(block)
+    out[bs - 12:bs - 4] = DIR_TAIL
     seed = inode_seed(vol.sb.csum_seed, d.ino, d.generation)
-    head = bytes(block[:bs - 12])
-    return head + DIR_TAIL + crc32c_raw(seed, head).to_bytes(4, "little")
+    out[bs - 4:] = crc32c_raw(seed, bytes(memoryview(out)[:bs - 12])).to_bytes(4, "little")
+    return out
 
 
 def inline_dir_blocks(vol: Volume, node: Inode) -> Iterator[tuple[int, bytes | memoryview]]:

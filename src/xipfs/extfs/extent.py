@@ -77,10 +77,17 @@ class ExtentTree(NamedTuple):
 def inode_root(runs: list[tuple[int, int, int]] = ()) -> bytes:  # type: ignore[assignment]
     """A depth-0 extent root for ``i_block`` holding ``runs`` ``(first file block, count, first
     device block)``, at most 4 of at most 32768 blocks each: what a new file starts with."""
-    if len(runs) > ROOT_MAX_ENTRIES:
-        raise ValueError(f"{len(runs)} extents do not fit the inode's root")
-    body = b"".join(LEAF.pack(lblk, n, pblk >> 32, pblk & 0xFFFFFFFF) for lblk, n, pblk in runs)
-    return (HEADER.pack(EXT_MAGIC, len(runs), ROOT_MAX_ENTRIES, 0, 0) + body).ljust(60, b"\0")
+    n = len(runs)
+    if n > ROOT_MAX_ENTRIES:
+        raise ValueError(f"{n} extents do not fit the inode's root")
+    values = [EXT_MAGIC, n, ROOT_MAX_ENTRIES, 0, 0]
+    for lblk, count, pblk in runs:
+        values += (lblk, count, pblk >> 32, pblk & 0xFFFFFFFF)
+    return _ROOTS[n].pack(*values)
+
+
+#: A whole 60-byte root with 0 to 4 leaf entries, one Struct each (a new file's, in one call).
+_ROOTS = [struct.Struct("<HHHHI" + "IHHI" * k + f"{60 - 12 - 12 * k}x") for k in range(ROOT_MAX_ENTRIES + 1)]
 
 
 def max_entries(size: int) -> int:

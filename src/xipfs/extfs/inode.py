@@ -354,11 +354,19 @@ def inode_checksum(vol: Volume, ino: int, data: bytes) -> tuple[int, bool]:
 
 
 def seal_inode(vol: Volume, ino: int, raw: bytes) -> bytes:
-    """``raw`` with its checksum set (metadata_csum; else ``raw`` itself): what a writer stores."""
+    """``raw`` with its checksum set (metadata_csum; else ``raw`` itself): what a writer stores.
+
+    The checksum fields are zeroed in place in one copy, summed, then set: a create pays this
+    twice (the inode, then its link count), so it is kept to one copy and two CRC calls."""
     if not vol.sb.metadata_csum:
         return raw
-    crc, has_hi = inode_checksum(vol, ino, raw)
     out = bytearray(raw)
+    has_hi = len(raw) > 128 and (raw[128] | raw[129] << 8) >= 4
+    out[_CSUM_LO_AT:_CSUM_LO_AT + 2] = b"\0\0"
+    if has_hi:
+        out[_CSUM_HI_AT:_CSUM_HI_AT + 2] = b"\0\0"
+    seed = inode_seed(vol.sb.csum_seed, ino, _U32(raw, _GENERATION_AT)[0])
+    crc = crc32c_raw(seed, bytes(out))
     out[_CSUM_LO_AT:_CSUM_LO_AT + 2] = (crc & 0xFFFF).to_bytes(2, "little")
     if has_hi:
         out[_CSUM_HI_AT:_CSUM_HI_AT + 2] = (crc >> 16).to_bytes(2, "little")

@@ -32,7 +32,8 @@ from .dirhash import DX_HASH_SIPHASH, hash_version, hasher
 __all__ = [
     "DxNode", "DxTree", "ReadBlock", "root_limit", "node_limit", "max_depth", "parse_root",
     "parse_node", "dx_csum", "verify_dx_csum", "name_hash", "leaves_for_hash", "candidate_blocks",
-    "walk", "index_blocks", "dx_leaf_blocks", "is_index_block",
+    "walk", "index_blocks", "dx_leaf_blocks", "is_index_block", "dx_probe", "pack_index", "new_node",
+    "rewrite_index", "insert_entry", "split_node",
 ]
 
 ReadBlock = Callable[[int], "bytes | bytearray | memoryview"]
@@ -417,3 +418,100 @@ def is_index_block(buf: bytes | bytearray | memoryview, lblk: int, bs: int) -> b
         return True
     _, rec, _, _ = _DIRENT(buf, 0)
     return _rec_len(rec, bs) == bs
+
+
+# -- the write side ------------------------------------------------------------------------------
+# Linux ext4_dx_add_entry keeps an index up to date as names come: the index blocks are built
+# here as whole blocks (checksummed under metadata_csum), and the caller stores them in an order
+# that keeps every instant readable (namei._dx_add).
+
+#: Where dx_root_info's indirect_levels byte is in the root.
+_LEVELS_AT = ROOT_INFO_OFFSET + L.DX_ROOT_INFO.offsets["indirect_levels"]
+
+
+def dx_probe(read_block: ReadBlock, h: int, *, bs: int, nblocks: int | None = None,
+             metadata_csum: bool = False, large_dir: bool = False, csum_seed: int | None = None,
+             ino: int | None = None,
+             cache: dict[int, DxNode] | None = None) -> tuple[list[tuple[DxNode, int]], int]:
+    """The index path a name of hash ``h`` goes down (Linux ``dx_probe``): ``[(index block,
+    entry taken)]`` from the root to the leaf's parent, and the leaf block."""
+    rd = _Reader(read_block, bs, nblocks, metadata_csum, csum_seed, ino, cache)
+    root = rd.root(large_dir)
+    frames = [(root, root.child(h))]
+    lo, hi = 0, 0xFFFFFFFF
+    path = [0]
+    for _ in range(root.indirect_levels):
+        parent, at = frames[-1]
+        lblk = parent.blocks[at]
+        if lblk in path:
+            raise CorruptImageError(f"htree: index cycle, entry points back to block {lblk}",
+                                    _where(parent.lblk, ino))
+        lo, hi = _bounds(parent, at, lo, hi)
+        node = rd.node(lblk, lo, hi)
+        frames.append((node, node.child(h)))
+        path.append(lblk)
+    node, at = frames[-1]
+    leaf = node.blocks[at]
+    if leaf in path:
+        raise CorruptImageError(f"htree: leaf entry points back to index block {leaf}",
+                                _where(node.lblk, ino))
+    return frames, leaf
+
+
+def pack_index(buf: bytearray, count_offset: int, limit: int, hashes: Sequence[int], blocks: Sequence[int],
+               csum_seed: int | None = None) -> bytearray:
+    """Write ``{limit, count}`` and the entries (``hashes[i]`` is entry ``i + 1``'s) into index
+    block ``buf`` at ``count_offset``, the unused entry slots zeroed; with ``csum_seed`` the dx
+    tail and its checksum too. Returns ``buf``."""
+    count = len(blocks)
+    if not 0 < count <= limit or len(hashes) != count - 1:
+        raise ValueError(f"{count} index entries for {len(hashes)} hashes, limit {limit}")
+    flat = [limit | count << 16, blocks[0]]
+    for hv, blk in zip(hashes, blocks[1:], strict=True):
+        flat += (hv, blk)
+    _entries_struct(count).pack_into(buf, count_offset, *flat)
+    tail = count_offset + _DX_ENTRY_SIZE * limit
+    buf[count_offset + _DX_ENTRY_SIZE * count:tail] = bytes(tail - count_offset - _DX_ENTRY_SIZE * count)
+    if csum_seed is not None:
+        buf[tail:tail + 4] = _ZERO4
+        _U32.pack_into(buf, tail + 4, dx_csum(buf, count_offset, count, limit, csum_seed))
+    return buf
+
+
+def new_node(bs: int, limit: int, hashes: Sequence[int], blocks: Sequence[int],
+             csum_seed: int | None = None) -> bytes:
+    """A whole interior index block: the fake empty dirent spanning it, then the entries."""
+    buf = bytearray(bs)
+    L.DIRENT.struct.pack_into(buf, 0, 0, min(bs, 65535), 0, 0)   # 65535: a whole 64 KiB block
+    return bytes(pack_index(buf, NODE_ENTRIES_OFFSET, limit, hashes, blocks, csum_seed))
+
+
+def rewrite_index(old: bytes | bytearray | memoryview, node: DxNode, hashes: Sequence[int],
+                  blocks: Sequence[int], csum_seed: int | None = None, levels: int | None = None) -> bytes:
+    """Index block ``old`` (parsed as ``node``) with new entries (and, for the root, a new
+    ``indirect_levels``), as the whole block to store."""
+    buf = bytearray(old)
+    if levels is not None:
+        if node.lblk != 0:
+            raise ValueError("only the root has indirect_levels")
+        buf[_LEVELS_AT] = levels
+    return bytes(pack_index(buf, node.count_offset, node.limit, hashes, blocks, csum_seed))
+
+
+def insert_entry(node: DxNode, at: int, h: int, block: int) -> tuple[list[int], list[int]]:
+    """``node``'s entries with ``{h, block}`` inserted right after entry ``at``
+    (``dx_insert_block``): ``(hashes, blocks)``."""
+    hashes = list(node.hashes)
+    blocks = list(node.blocks)
+    hashes.insert(at, h)
+    blocks.insert(at + 1, block)
+    return hashes, blocks
+
+
+def split_node(node: DxNode) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]], int]:
+    """Split a full index block's entries in two as Linux does (``count / 2`` stay): the kept
+    ``(hashes, blocks)``, the moved ones, and the hash the parent files the moved half under."""
+    keep = node.count // 2
+    hash2 = node.hashes[keep - 1]
+    return ((node.hashes[:keep - 1], node.blocks[:keep]),
+            (node.hashes[keep:], node.blocks[keep:]), hash2)

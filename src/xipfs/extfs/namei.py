@@ -8,7 +8,11 @@ blocks or inodes, or leaves a link count e2fsck fixes. A rename within one direc
 store when the new name fits the old entry's record. The exceptions: moving a directory to
 another parent, a directory rename whose new name does not fit in place, and a directory
 replacing another: ext2 has no single store for those, so a kill inside their few writes
-(microseconds) needs ``e2fsck -y``, as with Linux's own ext2.
+(microseconds) needs ``e2fsck -y``, as with Linux's own ext2. Likewise an htree split (a
+leaf or index block moving half its entries to a new block, or the root moving into a new
+level): from the store that links the new block until the store that trims the old one, the
+index and the blocks disagree (a block not referenced yet, or entries in two blocks), which
+``e2fsck -p`` refuses and ``e2fsck -y`` repairs without loss by rebuilding the index.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, fs_error
 from . import data as D
+from . import htree, orphans
 from . import layout as L
-from . import orphans
+from .csum import inode_seed
 from .dir import (
     HTREE_LOOKUP_BLOCKS,
     DirSpace,
@@ -34,10 +39,14 @@ from .dir import (
     encode_entry,
     htree_lookup,
     insert_into_block,
+    leaf_entries,
+    pack_leaf,
     rec_len_of,
     remove_from_block,
     seal_leaf,
+    split_at,
 )
+from .dirhash import hash_version, hasher
 from .extent import inode_root
 from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev, seal_inode
 from .watch import STAMP_LEN, STAMP_OFFSET, TRIES, WriterWatch
@@ -47,6 +56,8 @@ if TYPE_CHECKING:
     from .volume import Volume
 
 LINK_MAX = 32000            # Linux EXT2_LINK_MAX
+#: Linux EXT4_LINK_MAX: an ext4 directory's subdirectories (with dir_nlink, indexed: no limit).
+EXT4_LINK_MAX = 65000
 #: Symlinks followed while resolving one path before ELOOP (Linux: 40).
 MAX_SYMLINKS = 40
 NAME_MAX = 255
@@ -96,18 +107,191 @@ def _dir_store(vol: Volume, d: Inode, pblk: int, writes: list[tuple[int, bytes]]
     vol.device.write(seal_leaf(vol, d, block), pblk * bs)
 
 
+def keeps_index(vol: Volume, d: Inode) -> bool:
+    """Whether directory ``d``'s htree is kept up to date as it changes (Linux ext4's way): it
+    is indexed, the filesystem has dir_index, and it is an ext4 image (extents or
+    metadata_csum). On ext2 without checksums a change drops the flag instead, as Linux's
+    ext2 driver does (:func:`_unindex`)."""
+    return (bool(d.flags & L.FL_INDEX) and vol.sb.has_compat(L.COMPAT_DIR_INDEX)
+            and (vol.extents or vol.sb.metadata_csum))
+
+
 def _unindex(vol: Volume, d: Inode) -> None:
-    """Before a directory changes: drop its htree index flag, as Linux ext2 does.
+    """Before a directory whose index is not kept changes: drop its htree index flag, as
+    Linux ext2 does.
 
     Stored first, so no image ever has an index that disagrees with the entries.
     """
     if d.flags & L.FL_INDEX and vol.sb.metadata_csum:
-        # its index blocks would become leaves without tails: keeping the index is ext4's work
+        # its index blocks would become leaves without tails
         raise OSError(errno.EROFS, f"changing indexed directory inode {d.ino} under metadata_csum "
-                      "is not supported yet")
+                      "without the dir_index feature")
     if d.flags & L.FL_INDEX:
         d.flags &= ~L.FL_INDEX
         vol.write_inode(d)
+
+
+# -- htree directories: the index kept as Linux ext4_dx_add_entry keeps it ----------------------
+class _Dx:
+    """One indexed directory being changed: its geometry, checksum seed, hash, and block I/O."""
+
+    __slots__ = ("vol", "d", "space", "bs", "end", "seed", "verify_seed", "hash")
+
+    def __init__(self, vol: Volume, d: Inode, space: DirSpace) -> None:
+        if d.flags & L.FL_CASEFOLD and vol.inode_formats & L.FL_CASEFOLD:
+            raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded, which xipfs "
+                          "does not implement")
+        self.vol, self.d, self.space = vol, d, space
+        self.bs = vol.bs
+        self.end = dir_end(vol)
+        sb = vol.sb
+        #: The inode's checksum seed, for what is written (None without metadata_csum), and for
+        #: what is read when the volume verifies checksums.
+        self.seed = inode_seed(sb.csum_seed, d.ino, d.generation) if sb.metadata_csum else None
+        self.verify_seed = self.seed if vol.verify else None
+        frames, _ = self.probe(0)
+        self.hash = hasher(hash_version(frames[0][0].hash_version, sb.s_flags), sb.s_hash_seed)
+
+    def read(self, lblk: int) -> memoryview:
+        """Directory block ``lblk`` as it is now."""
+        pblk = _dblock(self.d, self.space, lblk)
+        if not pblk:
+            raise CorruptImageError(f"hole at block {lblk} of a directory", f"directory inode {self.d.ino}")
+        return self.vol.device.view(pblk * self.bs, self.bs)
+
+    def probe(self, h: int) -> tuple[list[tuple[htree.DxNode, int]], int]:
+        """The index path and the leaf for hash ``h`` (index blocks cached in ``d._dx``)."""
+        d = self.d
+        if d._dx is None:
+            d._dx = {}
+        sb = self.vol.sb
+        return htree.dx_probe(self.read, h, bs=self.bs, nblocks=d.size // self.bs,
+                              metadata_csum=sb.metadata_csum, large_dir=self.vol.large_dir,
+                              csum_seed=self.verify_seed, ino=d.ino, cache=d._dx)
+
+    def store(self, lblk: int, block: bytes) -> None:
+        """Write directory block ``lblk`` whole, in one store."""
+        self.vol.device.write(block, _dblock(self.d, self.space, lblk) * self.bs)
+        self.space.scan(lblk, self.read(lblk))
+
+    def append(self, block: bytes) -> int:
+        """Add a block holding ``block`` at the directory's end (written before it is linked;
+        the block map and i_size reach the image in the inode's one store); its number."""
+        vol, d, bs = self.vol, self.d, self.bs
+        lblk = d.size // bs
+        if not d.map.assign(lblk, lblk + 1, lambda lb, n, pb: vol.device.write(block, pb * bs)):
+            raise fs_error(errno.ENOSPC)
+        D.set_size(vol, d, d.size + bs)
+        vol.write_inode(d)
+        self.space.scan(lblk, self.read(lblk))
+        return lblk
+
+    def index_changed(self) -> None:
+        """An index block changed: what the node cache holds is stale."""
+        if self.d._dx is not None:
+            self.d._dx.clear()
+
+
+def _dx_add(vol: Volume, d: Inode, space: DirSpace, name: bytes, ino: int, ftype: int) -> None:
+    """Insert ``name -> ino`` into indexed directory ``d`` through its index (Linux
+    ``ext4_dx_add_entry``): into the leaf its hash belongs to when it fits there; else the
+    leaf splits (``do_split``), after the index block above it splits or, at the root, the
+    tree grows a level, when that block is full. ENOSPC when the tree is full at its deepest.
+
+    Every store leaves an index every name is found through: a new block is complete before
+    anything points to it, then the one store of the parent switches to it, then the old
+    block sheds what moved (until then it holds copies the index no longer leads to).
+    """
+    dx = _Dx(vol, d, space)
+    h = dx.hash(name)[0]
+    need = rec_len_of(len(name))
+    for _ in range(12):            # each round splits one index block, or ends: 3 levels at most
+        frames, leaf = dx.probe(h)
+        if leaf >= len(space.tail):
+            raise CorruptImageError(f"htree leaf {leaf} past the directory's end", f"directory inode {d.ino}")
+        tail_at, slack = space.tail[leaf]
+        if slack >= need or space.gap[leaf] >= need:
+            pblk = _dblock(d, space, leaf)
+            at = tail_at if slack >= need else None
+            new_off, writes = insert_into_block(dx.read(leaf), dx.end, at, name, ino, ftype)
+            _dir_store(vol, d, pblk, writes)
+            if at is not None:
+                space.appended(leaf, new_off, name, need)
+            else:
+                space.scan(leaf, dx.read(leaf))
+            return
+        node, at = frames[-1]
+        if node.count >= node.limit:
+            _dx_grow(dx, frames)
+        elif _dx_split_leaf(dx, node, at, leaf, h, (name, ino, ftype)):
+            return
+    raise CorruptImageError("htree insert did not settle", f"directory inode {d.ino}")
+
+
+def _dx_split_leaf(dx: _Dx, node: htree.DxNode, at: int, leaf: int, h: int,
+                   new: tuple[bytes, int, int]) -> bool:
+    """Split full leaf ``leaf`` (entry ``at`` of index block ``node``) as ``do_split`` does,
+    the new entry ``new`` going into the half its hash ``h`` belongs to; False when it did
+    not fit there (the caller goes round again)."""
+    bs, end = dx.bs, dx.end
+    live = leaf_entries(dx.read(leaf), end)
+    if len(live) < 2:
+        raise CorruptImageError(f"htree leaf {leaf} full with {len(live)} entries",
+                                f"directory inode {dx.d.ino}")
+    order = sorted((dx.hash(e[0])[0], i) for i, e in enumerate(live))
+    split = split_at([live[i][3] for _, i in order], bs)
+    hash2 = order[split][0]
+    continued = int(hash2 == order[split - 1][0])
+    moved = {i for _, i in order[split:]}
+    keep = [e[:3] for i, e in enumerate(live) if i not in moved]
+    move = [live[i][:3] for _, i in order[split:]]
+    placed = True
+    if h >= hash2:
+        block2 = pack_leaf([*move, new], end, bs)
+        if block2 is None:
+            block2, placed = pack_leaf(move, end, bs), False
+        block1 = pack_leaf(keep, end, bs)
+    else:
+        block1 = pack_leaf([*keep, new], end, bs)
+        if block1 is None:
+            block1, placed = pack_leaf(keep, end, bs), False
+        block2 = pack_leaf(move, end, bs)
+    if block1 is None or block2 is None:
+        raise CorruptImageError(f"htree leaf {leaf} does not split", f"directory inode {dx.d.ino}")
+    vol, d = dx.vol, dx.d
+    new_leaf = dx.append(seal_leaf(vol, d, block2))             # 1. the upper half, unreferenced
+    hashes, blocks = htree.insert_entry(node, at, hash2 + continued, new_leaf)
+    dx.store(node.lblk, htree.rewrite_index(dx.read(node.lblk), node, hashes, blocks, dx.seed))
+    dx.index_changed()                                            # 2. the index leads there
+    dx.store(leaf, seal_leaf(vol, d, block1))                     # 3. the old leaf sheds it
+    return placed
+
+
+def _dx_grow(dx: _Dx, frames: list[tuple[htree.DxNode, int]]) -> None:
+    """Make room in the full index block above a leaf (Linux ``ext4_dx_add_entry``): split the
+    lowest full block whose parent has room, or, all full up to the root, move the root's
+    entries into a new node one level down; ENOSPC past the deepest tree allowed."""
+    k = len(frames) - 1
+    while k > 0 and frames[k - 1][0].count >= frames[k - 1][0].limit:
+        k -= 1
+    bs, seed = dx.bs, dx.seed
+    if k == 0:
+        root = frames[0][0]
+        if root.indirect_levels >= htree.max_depth(dx.vol.large_dir):
+            raise OSError(errno.ENOSPC, f"directory inode {dx.d.ino}: its index is full")
+        child = dx.append(htree.new_node(bs, htree.node_limit(bs, seed is not None), root.hashes,
+                                         root.blocks, seed))
+        dx.store(0, htree.rewrite_index(dx.read(0), root, [], [child], seed, levels=root.indirect_levels + 1))
+    else:
+        node, _ = frames[k]
+        parent, pat = frames[k - 1]
+        (kh, kb), (mh, mb), hash2 = htree.split_node(node)
+        sibling = dx.append(htree.new_node(bs, node.limit, mh, mb, seed))
+        hashes, blocks = htree.insert_entry(parent, pat, hash2, sibling)
+        dx.store(parent.lblk, htree.rewrite_index(dx.read(parent.lblk), parent, hashes, blocks, seed))
+        dx.index_changed()
+        dx.store(node.lblk, htree.rewrite_index(dx.read(node.lblk), node, kh, kb, seed))
+    dx.index_changed()
 
 
 def _touch_dir(vol: Volume, d: Inode, store: bool) -> None:
@@ -126,9 +310,13 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str 
     """
     bs = vol.bs
     space = dir_space(vol, d)
-    if d.flags & L.FL_INDEX:
-        _unindex(vol, d)
     ftype = L.IFMT_TO_FT.get(S_IFMT(mode), 0) if vol.filetype else 0
+    if d.flags & L.FL_INDEX:
+        if keeps_index(vol, d):               # never into an index block: through the index
+            _dx_add(vol, d, space, name, ino, ftype)
+            _entry_added(vol, d, name, ino, ftype, key)
+            return
+        _unindex(vol, d)
     need = (len(name) + 11) & ~3                # rec_len_of, inline: this is the create hot path
     lblk, kind = space.find_slot(need)
     if lblk < 0:
@@ -157,13 +345,25 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str 
         index.changed()
 
 
+def _entry_added(vol: Volume, d: Inode, name: bytes, ino: int, ftype: int, key: str | None) -> None:
+    """After a name went into an indexed directory: times, and the in-memory name index."""
+    _touch_dir(vol, d, store=False)
+    index = d._dir
+    if index is not None:
+        index.entries[os.fsdecode(name) if key is None else key] = (ino, ftype)
+        index.changed()
+
+
 def encode_block(bs: int, name: bytes, ino: int, ftype: int) -> bytes:
     return encode_entry(ino, bs, name, ftype).ljust(bs, b"\0")
 
 
 def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
+    """Delete entry ``name`` of ``d`` from its block (an htree's index stays as it is, as in
+    Linux ``ext4_delete_entry``)."""
     space = dir_space(vol, d)
-    _unindex(vol, d)
+    if not keeps_index(vol, d):
+        _unindex(vol, d)
     lblk, off = space.where.pop(name)
     bs = vol.bs
     pblk = _dblock(d, space, lblk)
@@ -180,7 +380,8 @@ def remove_entry(vol: Volume, d: Inode, name: bytes) -> None:
 def set_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int) -> None:
     """Point the existing entry ``name`` at ``ino`` (one small write, as ``ext2_set_link``)."""
     space = dir_space(vol, d)
-    _unindex(vol, d)
+    if not keeps_index(vol, d):
+        _unindex(vol, d)
     lblk, off = space.where[name]
     pblk = _dblock(d, space, lblk)
     ftype = L.IFMT_TO_FT.get(S_IFMT(mode), 0) if vol.filetype else 0
@@ -194,8 +395,11 @@ def rename_in_place(vol: Volume, d: Inode, old: bytes, new: bytes) -> bool:
     """Rename an entry within its own record, in one store; False when the new name won't fit.
 
     One store makes the old name go and the new one appear together, so no instant shows
-    both (a directory with two names) or neither (an unconnected directory).
+    both (a directory with two names) or neither (an unconnected directory). Never in a
+    directory whose index is kept: the new name has another hash, hence maybe another leaf.
     """
+    if keeps_index(vol, d):
+        return False
     space = dir_space(vol, d)
     lblk, off = space.where[old]
     bs = vol.bs
@@ -217,8 +421,18 @@ def rename_in_place(vol: Volume, d: Inode, old: bytes, new: bytes) -> bool:
 
 
 def set_dotdot(vol: Volume, d: Inode, parent: int) -> None:
+    """Point ``..`` of ``d`` at ``parent``; in an htree's root under metadata_csum, the root
+    stored whole with its dx tail checksum redone (the root is no leaf)."""
     pblk = d.map.bmap(0)
-    _dir_store(vol, d, pblk, [(12, parent.to_bytes(4, "little"))])
+    bs = vol.bs
+    if d.flags & L.FL_INDEX and vol.sb.metadata_csum:
+        block = bytearray(vol.device.view(pblk * bs, bs))
+        root = htree.parse_root(block, bs=bs, metadata_csum=True, large_dir=vol.large_dir)
+        block[12:16] = parent.to_bytes(4, "little")
+        seed = inode_seed(vol.sb.csum_seed, d.ino, d.generation)
+        vol.device.write(htree.rewrite_index(block, root, root.hashes, root.blocks, seed), pblk * bs)
+    else:
+        _dir_store(vol, d, pblk, [(12, parent.to_bytes(4, "little"))])
     if d._dir is not None:
         d._dir.parent = parent
 
@@ -262,7 +476,7 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
     if os.fsdecode(name) in vol.dir_index(d).entries:
         raise fs_error(errno.EEXIST)
     is_dir = S_IFMT(mode) == S_IFDIR
-    if is_dir and d.links >= LINK_MAX:
+    if is_dir and dir_links_full(vol, d):
         raise fs_error(errno.EMLINK)
     if content is not None and 0 < len(content) <= L.N_DIRECT * vol.bs:
         return vol.inode(create_small(vol, d, name, mode, uid, gid, content))
@@ -276,7 +490,7 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
     node.links = 2 if is_dir else 1
     vol.write_links(node)                     # the name exists: now the inode counts it
     if is_dir:
-        d.links += 1
+        inc_dir_links(vol, d)
         vol.write_inode(d)
     return node
 
@@ -489,11 +703,40 @@ def rmdir(vol: Volume, d: Inode, name: bytes) -> None:
         raise fs_error(errno.ENOTEMPTY)
     drop_link(vol, node)
     remove_entry(vol, d, name)
-    d.links = max(2, d.links - 1)
+    dec_dir_links(d)
     vol.write_inode(d)
     release(vol, node)
     vol.spaces.pop(node.ino, None)
     vol.names_changed()
+
+
+def _dir_nlink(vol: Volume, d: Inode) -> bool:
+    """Whether ``d``'s link count may overflow to 1 (dir_nlink, and an htree Linux sees)."""
+    return vol.sb.has_ro_compat(L.RO_COMPAT_DIR_NLINK) and keeps_index(vol, d)
+
+
+def dir_links_full(vol: Volume, d: Inode) -> bool:
+    """Whether directory ``d`` can take no more subdirectories (EMLINK): 32,000 on ext2;
+    65,000 on ext4 (extents or dir_nlink), no limit for an indexed directory with dir_nlink
+    (Linux ``EXT4_DIR_LINK_MAX``)."""
+    if vol.extents or vol.sb.has_ro_compat(L.RO_COMPAT_DIR_NLINK):
+        return d.links >= EXT4_LINK_MAX and not _dir_nlink(vol, d)
+    return d.links >= LINK_MAX
+
+
+def inc_dir_links(vol: Volume, d: Inode) -> None:
+    """A subdirectory joined ``d``: one more link, or (dir_nlink) 1 once past 65,000 and from
+    then on (Linux ``ext4_inc_count``). The caller stores the inode."""
+    d.links += 1
+    if _dir_nlink(vol, d) and (d.links > EXT4_LINK_MAX or d.links == 2):
+        d.links = 1
+
+
+def dec_dir_links(d: Inode) -> None:
+    """A subdirectory left ``d``: one link fewer, never below 2; a count of 1 (too many to
+    count) stays 1 (Linux ``ext4_dec_count``). The caller stores the inode."""
+    if d.links > 2:
+        d.links -= 1
 
 
 def _child(vol: Volume, d: Inode, name: bytes) -> Inode:
@@ -537,7 +780,7 @@ def rename(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> Non
                 raise fs_error(errno.ENOTDIR)
             if vol.dir_index(dst).entries:
                 raise fs_error(errno.ENOTEMPTY)
-        elif dd.ino != sd.ino and dd.links >= LINK_MAX:
+        elif dd.ino != sd.ino and dir_links_full(vol, dd):
             raise fs_error(errno.EMLINK)
     elif dst is not None and dst.is_dir:
         raise fs_error(errno.EISDIR)
@@ -553,15 +796,15 @@ def rename(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> Non
     vol.write_inode(src)
     if moving_dir and sd.ino != dd.ino:
         set_dotdot(vol, src, dd.ino)
-        sd.links = max(2, sd.links - 1)
+        dec_dir_links(sd)
         vol.write_inode(sd)
         if dst is None:
-            dd.links += 1
+            inc_dir_links(vol, dd)
             vol.write_inode(dd)
     if dst is not None:
         if dst.is_dir:
             if sd.ino == dd.ino:
-                dd.links = max(2, dd.links - 1)
+                dec_dir_links(dd)
                 vol.write_inode(dd)
             vol.spaces.pop(dst.ino, None)
         if dst.links == 0:

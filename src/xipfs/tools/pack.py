@@ -150,14 +150,26 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
     geo = _geometry(nodes, size if not isinstance(target, Device) else target.size,
                     block_size, inode_size, extra)
     layout = _Layout(geo, nodes)               # ENOSPC here leaves the target untouched
-    dev, zeroed, temp = _open_target(target, geo.blocks * geo.bs if size is None else size)
+    def build(dev: Device, zeroed: bool, bar: Any) -> None:
+        format_device(dev, block_size=geo.bs, inode_size=geo.isize, inodes=geo.groups * geo.ipg,
+                      label=label, uuid=uuid, zeroed=zeroed, reserved_percent=0.0,
+                      populate=lambda d, g, ft: layout.write(d, g, ft, zeroed, result, bar))
+
+    write_image(target, geo.blocks * geo.bs if size is None else size, result, progress, build)
+    result.size = geo.blocks * geo.bs
+    return result
+
+
+def write_image(target: str | Device, size: int, result: PackResult, progress: ProgressArg,
+                build: Callable[[Device, bool, Any], None]) -> None:
+    """Open ``target`` for an image of ``size`` bytes (a new file beside an existing one, renamed
+    over it only when done), run ``build(device, known_zero, progress_bar)``, close it all."""
+    dev, zeroed, temp = _open_target(target, size)
     done = False
     try:
         bar = progress_bar(progress, result.bytes, "pack", "B")
         try:
-            format_device(dev, block_size=geo.bs, inode_size=geo.isize, inodes=geo.groups * geo.ipg,
-                          label=label, uuid=uuid, zeroed=zeroed, reserved_percent=0.0,
-                          populate=lambda d, g, ft: layout.write(d, g, ft, zeroed, result, bar))
+            build(dev, zeroed, bar)
         finally:
             bar.close()
         done = True
@@ -169,8 +181,6 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
                 os.replace(temp, target)
             else:
                 os.unlink(temp)
-    result.size = geo.blocks * geo.bs
-    return result
 
 
 # -- scanning --------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..extfs.dir import rec_len_of
 from ..extfs.extent import EXT_INIT_MAX_LEN, EXT_MAGIC, HEADER, INDEX, LEAF, ROOT_MAX_ENTRIES, inode_root
 from ..extfs.inode import encode_inode, encode_rdev
 from ..extfs.xattr import build_block, split_name, xattr_to_acl
-from ..progress import ProgressArg, progress_bar
+from ..progress import ProgressArg
 from .pack import (
     LOST_FOUND_INO,
     PackResult,
@@ -43,8 +43,8 @@ from .pack import (
     _image_identity,
     _Node,
     _number,
-    _open_target,
     _scan,
+    write_image,
 )
 from .pack import _add_bytecode as add_bytecode
 
@@ -100,25 +100,12 @@ def pack4(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Devic
         _shift(nodes, -1)
     layout = _Layout(plan, nodes)               # ENOSPC here leaves the target untouched
     geo = plan.geo
-    dev, fresh, temp = _open_target(target, geo.blocks * geo.bs if size is None else size)
-    if zeroed and not fresh:                    # not what _zeroed foresaw: no zero block may be skipped
-        _zero(dev, geo.blocks * geo.bs)
-    done = False
-    try:
-        bar = progress_bar(progress, result.bytes, "pack", "B")
-        try:
-            layout.write(dev, result, bar, label)
-        finally:
-            bar.close()
-        done = True
-    finally:
-        if dev is not target:
-            dev.close()
-        if temp is not None:
-            if done:
-                os.replace(temp, target)
-            else:
-                os.unlink(temp)
+    def build(dev: Device, fresh: bool, bar: Any) -> None:
+        if zeroed and not fresh:                # not what _zeroed foresaw: no zero block may be skipped
+            _zero(dev, geo.blocks * geo.bs)
+        layout.write(dev, result, bar, label)
+
+    write_image(target, geo.blocks * geo.bs if size is None else size, result, progress, build)
     result.size = geo.blocks * geo.bs
     return result
 

@@ -2,7 +2,8 @@
 
 Each sample starts from a fresh image made (untimed) by ``xipfs.mkfs``, as ext2 or as ext4 (what
 ``mke2fs -t ext4`` makes: extents, 64bit, flex_bg, metadata checksums), both with 4 KiB blocks,
-and does the same work on both: a 1 GiB file written in one call, and 10,000 files of 4 KiB created in one directory.
+and does the same work on both: a 1 GiB file written in one call, and 10,000 files of 4 KiB
+created in one directory.
 Writing ext4 is switched on for this process (``XIPFS_EXT4_WRITE``'s masks); the target is
 "within 15 % of ext2" (ratio >= 0.87).
 

@@ -15,7 +15,11 @@ from . import layout as L
 from .journal import apply, parse_superblock, recover, recovered_superblock
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..device import Device
+    from .bmap import BlockMapping
+    from .volume import Volume
 
 
 def needs_recovery(raw_super: bytes) -> bool:
@@ -24,7 +28,7 @@ def needs_recovery(raw_super: bytes) -> bool:
         raw_super, L.SUPERBLOCK.offsets["s_feature_incompat"])[0] & L.INCOMPAT_RECOVER)
 
 
-def _journal(device: Device, verify: bool):  # noqa: ANN202 - (volume, journal block reader, length)
+def _journal(device: Device, verify: bool) -> tuple[Volume, Callable[[int], bytes], int, BlockMapping]:
     """The volume as the image stands, and a reader of its journal's blocks (by the inode)."""
     from .volume import Volume
 
@@ -72,7 +76,7 @@ def recover_in_place(device: Device, verify: bool) -> None:
     device.flush()
 
 
-def journal_is_empty(vol) -> bool:  # noqa: ANN001 - a Volume
+def journal_is_empty(vol: Volume) -> bool:
     """Whether the journal holds nothing to replay (``s_start`` 0): the only state in which a
     writer that does not journal may change the image."""
     sb = vol.sb

@@ -482,3 +482,20 @@ def test_bigalloc_with_1k_blocks(work):
         with mounted(img) as mnt:
             k = os.statvfs(mnt)
         assert (sv.f_blocks, sv.f_bfree, sv.f_bavail) == (k.f_blocks, k.f_bfree, k.f_bavail)
+
+
+def test_a_refused_writer_does_not_replay_the_journal(work):
+    """Opening with "r+" an image xipfs may not write (ext4 without XIPFS_EXT4_WRITE) fails
+    with EROFS and leaves a pending journal, and every other byte, as they were."""
+    img = _ext4_image(work, "refused")
+    blk = int(debugfs_r(img, "bmap /hello 0").split()[0])
+    bs = int(re.search(r"Block size:\s+(\d+)", run(["dumpe2fs", "-h", img]).stdout.decode())[1])
+    payload = os.path.join(work, "refused-payload")
+    with open(payload, "wb") as f:
+        f.write(b"j" * bs)
+    run(["debugfs", "-w", "-f", "-", img], input=f"jo\njw -b {blk} {payload}\njc\n".encode())
+    before = _digest(img)
+    with pytest.raises(OSError) as exc:
+        xipfs.open(img, "r+")
+    assert exc.value.errno == errno.EROFS
+    assert _digest(img) == before

@@ -50,6 +50,8 @@ class Volume:
                 replayed = replay_journal(device, verify)
                 self.replayed = replayed is not device
                 device = replayed
+            elif (parse_superblock(raw, device.size, verify).readonly_reason or device.readonly):
+                pass                             # it may not write: mount() says why, nothing written
             else:                                # a writer replays into the image, as Linux
                 device.lock(exclusive=True)
                 try:

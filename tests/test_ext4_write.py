@@ -191,3 +191,33 @@ def test_large_writes_get_2mib_aligned_runs(bs):
             f.fallocate(0, 4 << 20)
         assert sum(n for _, n, _ in fs.huge_runs("/alloc")) == 2 * per
         assert fs.huge_runs("/small") == []
+
+
+def test_inline_directories_move_out_when_changed(writable_ext4, monkeypatch):
+    """Directories Linux keeps inline get a block of their own before xipfs changes them
+    (ext4_convert_inline_data_nolock): names added, removed, a directory moved in and out."""
+    if not IS_ROOT:
+        pytest.skip("the inline directories are made by Linux through a loop mount")
+    monkeypatch.setattr(L, "INCOMPAT_WRITABLE", L.INCOMPAT_WRITABLE | L.INCOMPAT_INLINE_DATA)
+    img = mkfs(os.path.join(SHM, f"xipfs-w4d-{os.getpid()}.img"), "32M",
+               extra=("-O", "inline_data"), fstype="ext4")
+    try:
+        with mounted(img, options="rw") as mnt:
+            for d in ("a", "b", "c", "e"):
+                os.mkdir(os.path.join(mnt, d))
+                with open(os.path.join(mnt, d, "f"), "w") as f:
+                    f.write("x" * 30)
+        assert "Size of inline data" in run(["debugfs", "-R", "stat /a", img]).stdout.decode()
+        with xipfs.open(img, "r+") as fs:
+            for i in range(30):
+                fs.write_bytes(f"/a/n{i}", b"y" * i)
+            fs.unlink("/b/f")
+            fs.rmdir("/b")
+            fs.rename("/c", "/a/c-moved")
+            fs.unlink("/e/f")
+            want = _listing(fs)
+        assert_fsck_clean(img)
+        with mounted(img) as mnt:
+            assert _os_listing(mnt) == want
+    finally:
+        os.unlink(img)

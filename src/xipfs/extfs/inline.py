@@ -9,6 +9,7 @@ block-mapping seam with no runs, and hands out the two byte ranges of the inode 
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
@@ -89,10 +90,11 @@ class InlineMap:
         return 0
 
     def assign(self, first: int, last: int, fill: object) -> int:
-        raise OSError(errno.EROFS, f"writing inline data is not supported yet (inode {self.inode.ino})")
+        raise OSError(errno.EROFS, f"inode {self.inode.ino} keeps its data inline: it moves into a "
+                      "block before it is written (inline.move_out)")
 
     def truncate(self, keep: int) -> list[tuple[int, int]]:
-        raise OSError(errno.EROFS, f"truncating inline data is not supported yet (inode {self.inode.ino})")
+        return []                        # no blocks to give back (a shorter size moves it out first)
 
     def resize(self, nblocks: int) -> None:
         self.size = self.inode.size
@@ -155,3 +157,46 @@ def move_out(vol: Volume, node: Inode) -> None:
     node._raw = _ibody_without_data(node._raw, vol.isize, node.extra_isize)
     node.reset_map()
     vol.write_inode(node)
+
+
+def move_out_dir(vol: Volume, d: Inode) -> None:
+    """Move an inline directory's entries into a block of its own before it changes, as
+    Linux's ``ext4_convert_inline_data_nolock`` does for a directory: ``.`` and ``..`` (from
+    the parent ``i_block`` keeps), then every entry, the last one running to the block's end
+    (its checksum tail under metadata_csum); the block first, then the inode in one store."""
+    from .dir import dir_end, encode_entry, rec_len_of, seal_leaf
+    from .extent import inode_root
+
+    index = vol.dir_index(d)                   # validates the inline entries first
+    bs = vol.bs
+    end = dir_end(vol)
+    block = bytearray(bs)
+    ft_dir = L.FT_DIR if vol.filetype else 0
+    items = [(b".", d.ino, ft_dir), (b"..", index.parent, ft_dir)]
+    items += [(os.fsencode(name), ino, ft) for name, (ino, ft) in index.entries.items()]
+    pos = last = 0
+    for name, ino, ft in items:
+        need = rec_len_of(len(name))
+        if pos + need > end:
+            raise OSError(errno.ENOSPC, f"inline directory inode {d.ino} does not fit a block")
+        block[pos:pos + need] = encode_entry(ino, need, name, ft).ljust(need, b"\0")
+        last = pos
+        pos += need
+    L.DIRENT.pack_field(block, "rec_len", end - last, last)
+    pblk = vol.balloc.alloc(vol.inode_group_goal(d.ino), 1)[0][0]
+    vol.device.write_new(bytes(seal_leaf(vol, d, block)), pblk * bs)
+    flags = d.flags & ~L.FL_INLINE_DATA
+    if vol.extents:
+        d.i_block = inode_root([(0, 1, pblk)])
+        flags |= L.FL_EXTENTS
+    else:
+        d.i_block = pblk.to_bytes(4, "little").ljust(60, b"\0")
+    d.flags = flags
+    d.blocks += bs // 512
+    d.size = bs
+    d._raw = _ibody_without_data(d._raw, vol.isize, d.extra_isize)
+    d.reset_map()
+    d._dir = None
+    d._dx = None
+    vol.spaces.pop(d.ino, None)
+    vol.write_inode(d)

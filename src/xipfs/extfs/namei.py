@@ -48,6 +48,7 @@ from .dir import (
 )
 from .dirhash import hash_version, hasher
 from .extent import inode_root
+from .inline import move_out_dir
 from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev, seal_inode
 from .watch import STAMP_LEN, STAMP_OFFSET, TRIES, WriterWatch
 from .xattr import drop_block
@@ -87,6 +88,8 @@ def _dblock(d: Inode, space: DirSpace, lblk: int) -> int:
 def dir_space(vol: Volume, d: Inode) -> DirSpace:
     space = vol.spaces.get(d.ino)
     if space is None:
+        if d.flags & L.FL_INLINE_DATA:           # ext4: its entries into a block before a change
+            move_out_dir(vol, d)
         vol.dir_index(d)                     # validates the directory first
         space = vol.spaces[d.ino] = DirSpace(dir_blocks(vol, d), dir_end(vol))
     return space
@@ -423,6 +426,8 @@ def rename_in_place(vol: Volume, d: Inode, old: bytes, new: bytes) -> bool:
 def set_dotdot(vol: Volume, d: Inode, parent: int) -> None:
     """Point ``..`` of ``d`` at ``parent``; in an htree's root under metadata_csum, the root
     stored whole with its dx tail checksum redone (the root is no leaf)."""
+    if d.flags & L.FL_INLINE_DATA:
+        move_out_dir(vol, d)
     pblk = d.map.bmap(0)
     bs = vol.bs
     if d.flags & L.FL_INDEX and vol.sb.metadata_csum:

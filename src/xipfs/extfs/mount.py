@@ -30,6 +30,9 @@ def mount(vol: Volume) -> None:
                       vol.device.name)
     if vol.device.readonly:
         raise OSError(errno.EROFS, "device is read-only", vol.device.name)
+    if sb.has_incompat(L.INCOMPAT_RECOVER):
+        raise OSError(errno.EROFS, "the journal needs recovery and was not replayed: read-only",
+                      vol.device.name)
     if sb.has_compat(L.COMPAT_HAS_JOURNAL) and sb.s_journal_inum and not journal_is_empty(vol):
         raise OSError(errno.EROFS, "the journal holds transactions but needs_recovery is not set "
                       "(e2fsck decides what they are): read-only", vol.device.name)

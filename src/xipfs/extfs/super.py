@@ -239,7 +239,8 @@ def _check_features(sb: Superblock) -> None:
         raise UnsupportedFeatureError(
             "unsupported incompatible feature" + ("s" if len(names) > 1 else "") + ": "
             + ", ".join(names) + " (xipfs reads ext2 and ext4)", tuple(names))
-    ro_incompat = f["s_feature_incompat"] & ~L.INCOMPAT_WRITABLE
+    # needs_recovery is not a reason by itself: a writer replays the journal first (Volume)
+    ro_incompat = f["s_feature_incompat"] & ~(L.INCOMPAT_WRITABLE | L.INCOMPAT_RECOVER)
     unknown_ro = f["s_feature_ro_compat"] & ~L.RO_COMPAT_SUPPORTED
     if ro_incompat:
         names = feature_names(ro_incompat, L.INCOMPAT_FEATURES, "I")

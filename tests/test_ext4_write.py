@@ -221,3 +221,78 @@ def test_inline_directories_move_out_when_changed(writable_ext4, monkeypatch):
             assert _os_listing(mnt) == want
     finally:
         os.unlink(img)
+
+
+@pytest.mark.parametrize("bs", [1024, 4096])
+def test_fallocate_makes_unwritten_extents_converted_as_written(writable_ext4, monkeypatch, bs, tmp_path):
+    """fallocate on ext4 writes nothing: it links unwritten extents (2 MiB-aligned where the file
+    is) that read as zeros, here, to e2fsck and to Linux; writes, a writable mapping and
+    truncation turn them into data piece by piece, e2fsck-clean at every step."""
+    monkeypatch.setattr(L, "INCOMPAT_WRITABLE", L.INCOMPAT_WRITABLE | L.EXT4_INCOMPAT_WRITABLE)
+    monkeypatch.setattr(L, "RO_COMPAT_SUPPORTED", L.RO_COMPAT_SUPPORTED | L.EXT4_RO_COMPAT_WRITABLE)
+    img = mkfs(os.path.join(SHM, f"xipfs-falloc-{os.getpid()}-{bs}.img"), "64M", bs=bs, fstype="ext4")
+    per = (2 << 20) // bs
+    size = 8 << 20
+    want = bytearray(size)
+    try:
+        with xipfs.open(img, "r+") as fs:
+            fs.write_bytes("/before", b"x" * 5000)        # so the goal is not aligned by chance
+            with fs.open("/f", "wb", buffering=0) as f:
+                f.fallocate(0, size)
+            ext = fs._inode("/f").map.extents
+            assert ext and all(e.unwritten for e in ext)
+            assert sum(e.count for e in ext) == size // bs
+            assert ext[0].pblk % per == 0
+            assert fs.stat("/f").st_size == size
+            assert fs.stat("/f").st_blocks == size // 512
+            assert fs.read_bytes("/f") == want
+        assert_fsck_clean(img)
+        assert "Uninit" in run(["debugfs", "-R", "ex /f", img]).stdout.decode()
+        steps = [(3 * bs + 100, os.urandom(2 * bs)),        # inside: the extent splits in three
+                 (0, b"head"),                              # at the start
+                 (size - 10, b"0123456789")]                # up to the end
+        for pos, data in steps:
+            with xipfs.open(img, "r+") as fs:
+                with fs.open("/f", "r+b", buffering=0) as f:
+                    f.seek(pos)
+                    f.write(data)
+                want[pos:pos + len(data)] = data
+                assert fs.read_bytes("/f") == want
+            assert_fsck_clean(img)
+        with xipfs.open(img, "r+") as fs:                   # through a writable mapping
+            with fs.mmap("/f", "w", offset=4 << 20, length=2 << 20) as m:
+                m[1 << 20:(1 << 20) + 3] = b"map"
+            want[5 << 20:(5 << 20) + 3] = b"map"
+            with fs.open("/f", "r+b", buffering=0) as f:
+                f.truncate(6 << 20)
+            del want[6 << 20:]
+            assert fs.read_bytes("/f") == want
+            m = fs._inode("/f").map
+            assert any(e.unwritten for e in m.extents) and not all(e.unwritten for e in m.extents)
+        assert_fsck_clean(img)
+        with mounted(img) as mnt, open(os.path.join(mnt, "f"), "rb") as f:
+            assert f.read() == want
+    finally:
+        os.unlink(img)
+
+
+def test_hard_link_limit_is_ext4s(monkeypatch):
+    """A file takes 65,000 links on ext4 (EXT4_LINK_MAX) and 32,000 on ext2 (EXT2_LINK_MAX)."""
+    monkeypatch.setattr(L, "INCOMPAT_WRITABLE", L.INCOMPAT_WRITABLE | L.EXT4_INCOMPAT_WRITABLE)
+    monkeypatch.setattr(L, "RO_COMPAT_SUPPORTED", L.RO_COMPAT_SUPPORTED | L.EXT4_RO_COMPAT_WRITABLE)
+    for fs_type, most in (("ext4", 65000), ("ext2", 32000)):
+        dev = xipfs.MemoryDevice.anonymous(16 << 20)
+        xipfs.mkfs(dev, fs_type=fs_type)
+        with xipfs.open(dev, "r+") as fs:
+            fs.write_bytes("/f", b"x")
+            node = fs._inode("/f")
+            node.links = most - 1                      # as if that many names were there
+            fs.volume.write_inode(node)
+            fs.link("/f", "/last")                     # the one that reaches the limit
+            with pytest.raises(OSError) as err:
+                fs.link("/f", "/over")
+            assert err.value.errno == 31               # EMLINK
+            node.links = 1                             # put it right for e2fsck
+            fs.volume.write_inode(node)
+            fs.unlink("/last")
+        dev.close()

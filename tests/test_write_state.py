@@ -87,7 +87,8 @@ class WriteMachine(RuleBasedStateMachine):
     BS = 1024
     ISIZE = 256
     XIP = True
-    #: "ext4": the image as mke2fs -t ext4 makes it (written with ext4 writing switched on)
+    #: "ext2", or a key of ``EXT4_KINDS``: the image as mke2fs -t ext4 makes it with those
+    #: options, or "ext4-xipfs" as xipfs.mkfs(fs_type="ext4") does (ext4 writing switched on)
     KIND = "ext2"
 
     def __init__(self) -> None:
@@ -99,8 +100,12 @@ class WriteMachine(RuleBasedStateMachine):
         os.mkdir(self.ref)
         self.old_umask = os.umask(0)
         try:
-            if self.KIND == "ext4":
-                mkfs(self.img, IMAGE_SIZE, bs=self.BS, isize=self.ISIZE, fstype="ext4")
+            if self.KIND == "ext4-xipfs":
+                xipfs.mkfs(self.img, 8 << 20, fs_type="ext4", block_size=self.BS,
+                           inode_size=self.ISIZE)
+            elif self.KIND.startswith("ext4"):
+                mkfs(self.img, IMAGE_SIZE, bs=self.BS, isize=self.ISIZE, fstype="ext4",
+                     extra=EXT4_KINDS[self.KIND])
             else:
                 mkfs(self.img, IMAGE_SIZE, bs=self.BS, isize=self.ISIZE)
             self.fs = xipfs.open(self.img, "r+", xip=self.XIP)
@@ -701,21 +706,28 @@ def test_write_state_machine(bs: int, isize: int, xip: bool) -> None:
         print(sorted(STATS.items()))
 
 
-EXT4_CONFIGS = [(1024, 256, True), (4096, 256, True), (4096, 128, False)]
+#: mke2fs -t ext4 options of each ext4 kind of image the programs run on.
+EXT4_KINDS: dict[str, tuple[str, ...]] = {
+    "ext4": (), "ext4-nocsum": ("-O", "^metadata_csum"), "ext4-inline": ("-O", "inline_data"),
+}
+EXT4_CONFIGS = [("ext4", 1024, 256, True), ("ext4", 4096, 256, True), ("ext4", 4096, 128, False),
+                ("ext4-xipfs", 4096, 256, True), ("ext4-xipfs", 1024, 256, False),
+                ("ext4-nocsum", 1024, 256, True), ("ext4-inline", 4096, 256, True)]
 
 
-@pytest.mark.parametrize(("bs", "isize", "xip"), EXT4_CONFIGS,
-                         ids=[f"ext4-{b}-{i}-{'xip' if x else 'cache'}" for b, i, x in EXT4_CONFIGS])
-def test_write_state_machine_ext4(bs: int, isize: int, xip: bool, monkeypatch) -> None:
-    """The same programs on ext4 images (mke2fs -t ext4), side by side with tmpfs."""
+@pytest.mark.parametrize(("kind", "bs", "isize", "xip"), EXT4_CONFIGS,
+                         ids=[f"{k}-{b}-{i}-{'xip' if x else 'cache'}" for k, b, i, x in EXT4_CONFIGS])
+def test_write_state_machine_ext4(kind: str, bs: int, isize: int, xip: bool, monkeypatch) -> None:
+    """The same programs on ext4 images (made by mke2fs -t ext4, with and without checksums,
+    with inline data, and by xipfs.mkfs), side by side with tmpfs."""
     from xipfs.extfs import layout as L
 
     monkeypatch.setattr(L, "INCOMPAT_WRITABLE", L.INCOMPAT_WRITABLE | L.EXT4_INCOMPAT_WRITABLE)
     monkeypatch.setattr(L, "RO_COMPAT_SUPPORTED", L.RO_COMPAT_SUPPORTED | L.EXT4_RO_COMPAT_WRITABLE)
-    machine = type(f"WriteMachineExt4_{bs}_{isize}_{'xip' if xip else 'cache'}", (WriteMachine,), {
-        "BS": bs, "ISIZE": isize, "XIP": xip, "KIND": "ext4",
+    machine = type(f"WriteMachine_{kind}_{bs}_{isize}_{'xip' if xip else 'cache'}", (WriteMachine,), {
+        "BS": bs, "ISIZE": isize, "XIP": xip, "KIND": kind,
         "_hypothesis_internal_use_seed": zlib.crc32(
-            f"xipfs-write-ext4-{bs}-{isize}-{xip}{os.environ.get('XIPFS_STATE_SEED', '')}".encode()),
+            f"xipfs-write-{kind}-{bs}-{isize}-{xip}{os.environ.get('XIPFS_STATE_SEED', '')}".encode()),
     })
     run_state_machine_as_test(machine, settings=SETTINGS, _min_steps=10)
 

@@ -181,8 +181,10 @@ def truncate(vol: Volume, node: Inode, size: int) -> None:
         vol.write_inode(node)
 
 
-def fallocate(vol: Volume, node: Inode, offset: int, length: int) -> None:
-    """Give every hole in ``[offset, offset+length)`` a zeroed block; extend the size to cover it."""
+def fallocate(vol: Volume, node: Inode, offset: int, length: int, zeroed: bool = False) -> None:
+    """Give every hole in ``[offset, offset+length)`` a block, zeroed (ext2) or in an unwritten
+    extent that reads as zeros (ext4); extend the size to cover it. ``zeroed``: zeroed blocks
+    of data on ext4 too, unwritten extents included (what a writable mapping needs)."""
     if offset < 0 or length <= 0:
         raise fs_error(errno.EINVAL)
     bs = vol.bs
@@ -194,7 +196,10 @@ def fallocate(vol: Volume, node: Inode, offset: int, length: int) -> None:
     if offset > node.size:
         zero_eof_tail(vol, node, offset)
     first, last = offset // bs, (end - 1) // bs + 1
-    got = node.map.assign(first, last, lambda lb, n, pb: zero_blocks(vol, pb, n))
+    if node.flags & L.FL_EXTENTS and not zeroed:  # ext4: unwritten extents, nothing written
+        got = node.map.preallocate(first, last)
+    else:
+        got = node.map.assign(first, last, lambda lb, n, pb: zero_blocks(vol, pb, n))
     if got < last - first:
         _give_back(vol, node)
         raise fs_error(errno.ENOSPC)

@@ -544,7 +544,6 @@ class ExtentMap:
         if first >= last:
             return 0
         self._tree()
-        vol = self.volume
         bs = self.bs
         # e2fsck refuses initialized extents past i_size below an index: the stored size must
         # cover them before a deeper tree links them (the caller sets the exact size after).
@@ -557,26 +556,33 @@ class ExtentMap:
                     if not self._convert(lblk, count):
                         return lblk - first
                     continue
-                while count:
-                    try:
-                        runs = vol.balloc.alloc(self._goal(lblk), count, align=_align(vol, lblk))
-                    except OSError as err:
-                        if err.errno == errno.ENOSPC:
-                            return lblk - first
-                        raise
-                    for i, (pblk, n) in enumerate(runs):
-                        fill(lblk, n, pblk)
-                        done = self._link(lblk, n, pblk)
-                        if done < n:                 # no block left for the tree
-                            vol.balloc.free(pblk + done, n - done)
-                            for rest, m in runs[i + 1:]:
-                                vol.balloc.free(rest, m)
-                            return lblk + done - first
-                        lblk += n
-                        count -= n
+                done = self._allocate(lblk, count, fill)
+                if done < count:
+                    return lblk + done - first
             return last - first
         finally:
             self._bump = 0
+            self._changed()
+
+    def preallocate(self, first: int, last: int) -> int:
+        """Give every hole in file blocks ``[first, last)`` blocks as *unwritten* extents
+        (``fallocate``, Linux ``EXT4_GET_BLOCKS_CREATE_UNWRIT_EXT``): nothing is written to
+        them, they read as zeros, and :meth:`assign` turns them into data as they are written.
+        Blocks already mapped stay as they are. How many blocks from ``first`` on are mapped
+        afterwards (fewer when space ran out; the caller writes the inode). No size bump is
+        needed: e2fsck accepts unwritten extents past i_size."""
+        self._writable()
+        if first >= last:
+            return 0
+        self._tree()
+        try:
+            for lblk, count, ext in self._gaps(first, last):
+                if ext is None:
+                    done = self._allocate(lblk, count, None)
+                    if done < count:
+                        return lblk + done - first
+            return last - first
+        finally:
             self._changed()
 
     def truncate(self, keep: int) -> list[tuple[int, int]]:
@@ -711,14 +717,41 @@ class ExtentMap:
         return goal
 
     # -- internals: changing the tree ---------------------------------------------------------
-    def _link(self, lblk: int, n: int, pblk: int) -> int:
-        """Map file blocks ``[lblk, lblk+n)`` to device blocks from ``pblk`` as written data; how
-        many were linked (fewer when no block was left for a tree node)."""
+    def _allocate(self, lblk: int, count: int, fill: Callable[[int, int, int], None] | None) -> int:
+        """Allocate and link file blocks ``[lblk, lblk+count)`` of a hole, 2 MiB-aligned where
+        the file is: as data, each run filled first, or (``fill`` None) as unwritten extents.
+        How many were linked (fewer when space ran out; blocks not linked are freed)."""
+        vol = self.volume
+        start = lblk
+        while count:
+            try:
+                runs = vol.balloc.alloc(self._goal(lblk), count, align=_align(vol, lblk))
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    return lblk - start
+                raise
+            for i, (pblk, n) in enumerate(runs):
+                if fill is not None:
+                    fill(lblk, n, pblk)
+                done = self._link(lblk, n, pblk, fill is None)
+                if done < n:                         # no block left for the tree
+                    vol.balloc.free(pblk + done, n - done)
+                    for rest, m in runs[i + 1:]:
+                        vol.balloc.free(rest, m)
+                    return lblk + done - start
+                lblk += n
+                count -= n
+        return lblk - start
+
+    def _link(self, lblk: int, n: int, pblk: int, unwritten: bool = False) -> int:
+        """Map file blocks ``[lblk, lblk+n)`` to device blocks from ``pblk``, as data or as
+        unwritten extents; how many were linked (fewer when no block was left for a tree node)."""
         done = 0
         per = self.bs // 512
+        most = EXT_UNWRITTEN_MAX_LEN if unwritten else EXT_INIT_MAX_LEN
         while done < n:
-            k = min(n - done, EXT_INIT_MAX_LEN)
-            if not self._update([Extent(lblk + done, k, pblk + done, False)], False):
+            k = min(n - done, most)
+            if not self._update([Extent(lblk + done, k, pblk + done, unwritten)], False):
                 break
             self.inode.blocks += k * per
             done += k

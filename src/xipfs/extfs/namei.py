@@ -636,7 +636,7 @@ def link(vol: Volume, node: Inode, d: Inode, name: bytes) -> None:
         raise fs_error(errno.EEXIST)
     if node.is_dir:
         raise fs_error(errno.EPERM)
-    if node.links >= LINK_MAX:
+    if node.links >= link_max(vol):
         raise fs_error(errno.EMLINK)
     node.links += 1                      # a link count too high is what e2fsck -p fixes
     node.ctime_ns = time.time_ns()
@@ -720,13 +720,18 @@ def _dir_nlink(vol: Volume, d: Inode) -> bool:
     return vol.sb.has_ro_compat(L.RO_COMPAT_DIR_NLINK) and keeps_index(vol, d)
 
 
-def dir_links_full(vol: Volume, d: Inode) -> bool:
-    """Whether directory ``d`` can take no more subdirectories (EMLINK): 32,000 on ext2;
-    65,000 on ext4 (extents or dir_nlink), no limit for an indexed directory with dir_nlink
-    (Linux ``EXT4_DIR_LINK_MAX``)."""
+def link_max(vol: Volume) -> int:
+    """Most links an inode may have: 32,000 on ext2 (``EXT2_LINK_MAX``), 65,000 on ext4
+    (extents or dir_nlink: ``EXT4_LINK_MAX``)."""
     if vol.extents or vol.sb.has_ro_compat(L.RO_COMPAT_DIR_NLINK):
-        return d.links >= EXT4_LINK_MAX and not _dir_nlink(vol, d)
-    return d.links >= LINK_MAX
+        return EXT4_LINK_MAX
+    return LINK_MAX
+
+
+def dir_links_full(vol: Volume, d: Inode) -> bool:
+    """Whether directory ``d`` can take no more subdirectories (EMLINK): at :func:`link_max`,
+    but no limit for an indexed directory with dir_nlink (Linux ``EXT4_DIR_LINK_MAX``)."""
+    return d.links >= link_max(vol) and not _dir_nlink(vol, d)
 
 
 def inc_dir_links(vol: Volume, d: Inode) -> None:

@@ -395,9 +395,10 @@ def _can_stitch(vol: Volume) -> bool:
 
 
 def _fill_holes(vol: Volume, node: Inode, offset: int, length: int) -> None:
-    """A writable mapping must not write into nothing: holes in range get zeroed blocks."""
+    """A writable mapping must not write into nothing: holes and unwritten extents in range
+    get zeroed blocks of data."""
     if any(where < 0 for _, _, where in segments(vol, node, offset, offset + length)):
-        _data.fallocate(vol, node, offset, length)
+        _data.fallocate(vol, node, offset, length, zeroed=True)
 
 
 def _try_xip(vol: Volume, node: Inode, state: _State) -> Mapping | None:

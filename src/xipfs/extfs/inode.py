@@ -9,6 +9,7 @@ out *runs*: ``(file block, count, device block)`` with device block 0 for a hole
 from __future__ import annotations
 
 import errno
+import functools
 import stat as _stat
 import struct
 from stat import S_IFMT, S_IFREG, S_ISDIR, S_ISLNK, S_ISREG
@@ -371,6 +372,42 @@ def seal_inode(vol: Volume, ino: int, raw: bytes) -> bytes:
     if has_hi:
         out[_CSUM_HI_AT:_CSUM_HI_AT + 2] = (crc >> 16).to_bytes(2, "little")
     return bytes(out)
+
+
+_LINKS_AT = _AT["i_links_count"]
+
+
+@functools.cache
+def _one_link_delta(isize: int) -> int:
+    """``crc32c_raw(0, X)`` for X the difference between an inode with 1 link and with 0.
+
+    CRC is linear (``raw(s, a) ^ raw(s, b) == raw(0, a ^ b)``), so once a fresh inode's
+    checksum is known, the checksum with its link count set to 1 is that XOR this constant."""
+    delta = bytearray(isize)
+    delta[_LINKS_AT] = 1
+    return crc32c_raw(0, bytes(delta))
+
+
+def _with_checksum(raw: bytes, crc: int, has_hi: bool) -> bytes:
+    """``raw`` (checksum fields zero) with ``crc`` in them."""
+    lo = (crc & 0xFFFF).to_bytes(2, "little")
+    if not has_hi:
+        return raw[:_CSUM_LO_AT] + lo + raw[_CSUM_LO_AT + 2:]
+    return (raw[:_CSUM_LO_AT] + lo + raw[_CSUM_LO_AT + 2:_CSUM_HI_AT]
+            + (crc >> 16).to_bytes(2, "little") + raw[_CSUM_HI_AT + 2:])
+
+
+def seal_fresh(vol: Volume, ino: int, raw: bytes) -> tuple[bytes, bytes]:
+    """A new inode as first stored (``raw``: 0 links, checksum fields zero) and as stored once
+    its name exists (1 link), both sealed: the create path's two stores for one checksum.
+    Without metadata_csum: ``raw`` twice (the second store is the link count alone)."""
+    if not vol.sb.metadata_csum:
+        return raw, raw
+    linked = raw[:_LINKS_AT] + b"\1\0" + raw[_LINKS_AT + 2:]
+    has_hi = len(raw) > 128 and (raw[128] | raw[129] << 8) >= 4
+    crc = crc32c_raw(inode_seed(vol.sb.csum_seed, ino, _U32(raw, _GENERATION_AT)[0]), raw)
+    return (_with_checksum(raw, crc, has_hi),
+            _with_checksum(linked, crc ^ _one_link_delta(len(raw)), has_hi))
 
 
 def verify_inode(vol: Volume, ino: int, raw: memoryview | bytes) -> None:

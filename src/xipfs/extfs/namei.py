@@ -29,8 +29,9 @@ from ..errors import CorruptImageError, fs_error
 from . import data as D
 from . import htree, orphans
 from . import layout as L
-from .csum import inode_seed
+from .csum import crc32c_raw, inode_seed
 from .dir import (
+    DIR_TAIL,
     HTREE_LOOKUP_BLOCKS,
     DirSpace,
     dir_blocks,
@@ -49,7 +50,7 @@ from .dir import (
 from .dirhash import hash_version, hasher
 from .extent import inode_root
 from .inline import move_out_dir
-from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev, seal_inode
+from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev, seal_fresh
 from .watch import STAMP_LEN, STAMP_OFFSET, TRIES, WriterWatch
 from .xattr import drop_block
 
@@ -96,18 +97,19 @@ def dir_space(vol: Volume, d: Inode) -> DirSpace:
 
 
 def _dir_store(vol: Volume, d: Inode, pblk: int, writes: list[tuple[int, bytes]]) -> None:
-    """Apply ``writes`` (offset in the block, bytes) to directory block ``pblk`` of ``d``: in
-    the order given, each a store of its own; with metadata_csum the whole block, its checksum
-    redone, in one store (a kill sees the old block or the new, never a stale sum)."""
+    """Apply ``writes`` (offset in the block, bytes) to directory block ``pblk`` of ``d``, in
+    the order given, each a store of its own that leaves a valid block; with metadata_csum the
+    checksum tail last. A kill between leaves a block that "passes checks but fails checksum",
+    which e2fsck -p repairs by itself (checked by tests/test_crash.py)."""
     bs = vol.bs
-    if not vol.sb.metadata_csum:
-        for off, chunk in writes:
-            vol.device.write(chunk, pblk * bs + off)
-        return
-    block = bytearray(vol.device.view(pblk * bs, bs))
+    dev = vol.device
+    base = pblk * bs
     for off, chunk in writes:
-        block[off:off + len(chunk)] = chunk
-    vol.device.write(seal_leaf(vol, d, block), pblk * bs)
+        dev.write(chunk, base + off)
+    if vol.sb.metadata_csum:
+        end = bs - 12
+        crc = crc32c_raw(inode_seed(vol.sb.csum_seed, d.ino, d.generation), dev.view(base, end))
+        dev.write(DIR_TAIL + crc.to_bytes(4, "little"), base + end)
 
 
 def keeps_index(vol: Volume, d: Inode) -> bool:
@@ -586,16 +588,17 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
     at = vol.inode_offset(ino)
     raw = encode_new_inode(vol.isize, mode, uid, gid, n, count * (bs // 512), i_block,
                            time.time_ns(), random.getrandbits(32), flags=flags)
-    vol.device.write(seal_inode(vol, ino, raw), at)
+    unlinked, linked = seal_fresh(vol, ino, raw)
+    vol.device.write(unlinked, at)
     try:
         add_entry(vol, d, name, ino, mode, key)
     except BaseException:
         _discard(vol, vol.inode(ino), False)
         raise
-    if vol.sb.metadata_csum:                     # the name exists: now the inode counts it
-        vol.device.write(seal_inode(vol, ino, raw[:26] + b"\1\0" + raw[28:]), at)
-    else:
+    if linked is raw:                            # no checksum: the link count alone
         vol.device.write(b"\1\0", at + 26)
+    else:                                        # the name exists: now the inode counts it
+        vol.device.write(linked, at)
     return ino
 
 

@@ -52,7 +52,7 @@ from .extent import inode_root
 from .inline import move_out_dir
 from .inode import Inode, encode_direct_run, encode_new_inode, encode_rdev, seal_fresh
 from .watch import STAMP_LEN, STAMP_OFFSET, TRIES, WriterWatch
-from .xattr import drop_block
+from .xattr import drop_xattrs
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -108,7 +108,10 @@ def _dir_store(vol: Volume, d: Inode, pblk: int, writes: list[tuple[int, bytes]]
         dev.write(chunk, base + off)
     if vol.sb.metadata_csum:
         end = bs - 12
-        crc = crc32c_raw(inode_seed(vol.sb.csum_seed, d.ino, d.generation), dev.view(base, end))
+        seed = vol.seeds.get(d.ino)
+        if seed is None or seed[0] != d.generation:
+            seed = vol.seeds[d.ino] = (d.generation, inode_seed(vol.sb.csum_seed, d.ino, d.generation))
+        crc = crc32c_raw(seed[1], dev.view(base, end))
         dev.write(DIR_TAIL + crc.to_bytes(4, "little"), base + end)
 
 
@@ -579,7 +582,7 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
         vol.device.write_new(bytes(bs - n % bs), blocks[-1] * bs + n % bs)
     flags = 0
     if vol.extents and len(runs) <= 4:           # ext4: the runs as the root's extents
-        i_block = inode_root(_file_runs(runs))
+        i_block = inode_root(((0, count, runs[0][0]),) if len(runs) == 1 else _file_runs(runs))
         flags = L.FL_EXTENTS
     elif len(runs) == 1:
         i_block = encode_direct_run(blocks[0], count)
@@ -682,10 +685,9 @@ def release(vol: Volume, node: Inode, force: bool = False) -> None:
     if not force and orphans.is_open(vol, node.ino):
         vol.orphans.add(node.ino)        # freed when the last file object closes
         return
+    drop_xattrs(vol, node)               # first: its EA inodes (ea_inode) wait unnamed till then
     if has_block_map(vol, node):
         D.drop_blocks(vol, node, 0)
-    if node.file_acl:
-        drop_block(vol, node)
     vol.ialloc.free(node.ino, S_IFMT(node.mode) == S_IFDIR)
     vol.forget(node.ino)
 

@@ -100,6 +100,8 @@ class Volume:
         self.itable_used = [self.ipg if not uninit_ok else 0 if gd.flags & L.BG_INODE_UNINIT
                             else self.ipg - gd.itable_unused for gd in self.groups]
         self._zone_starts, self._zone_ends = metadata_zones(self.sb, self.groups)
+        #: metadata_csum: ``ino -> (generation, checksum seed)`` of directories written to.
+        self.seeds: dict[int, tuple[int, int]] = {}
         self._inodes: dict[int, Inode] = {}
         #: Resolved paths, ``(path, follow) -> inode`` (``namei.resolve``).
         self.paths: dict[tuple[str, bool], int] = {}

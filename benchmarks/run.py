@@ -28,6 +28,7 @@ from bench_ext4 import BENCHMARKS as EXT4_BENCHMARKS  # noqa: E402
 from bench_ext4write import BENCHMARKS as EXT4WRITE_BENCHMARKS  # noqa: E402
 from bench_fsspec import BENCHMARKS as FSSPEC_BENCHMARKS  # noqa: E402
 from bench_fuse import BENCHMARKS as FUSE_BENCHMARKS  # noqa: E402
+from bench_hugepage import BENCHMARKS as HUGEPAGE_BENCHMARKS  # noqa: E402
 from bench_import import BENCHMARKS as IMPORT_BENCHMARKS  # noqa: E402
 from bench_map import BENCHMARKS as MAP_BENCHMARKS  # noqa: E402
 from bench_mkfs4 import BENCHMARKS as MKFS4_BENCHMARKS  # noqa: E402
@@ -47,7 +48,7 @@ BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MA
               **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS, **UNPACK_BENCHMARKS,
               **IMPORT_BENCHMARKS, **FUSE_BENCHMARKS,
               **CHECK_BENCHMARKS, **EXT4_BENCHMARKS, **MKFS4_BENCHMARKS, **PACK4_BENCHMARKS,
-              **EXT4WRITE_BENCHMARKS}
+              **EXT4WRITE_BENCHMARKS, **HUGEPAGE_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

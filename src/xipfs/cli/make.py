@@ -132,12 +132,14 @@ def cmd_pack(ctx: Context, args: argparse.Namespace) -> None:
     size = _size_arg(args.size, "size") if args.size else None
     if args.features is not None and args.fs_type != "ext4":
         raise CliError(args.features, "-O: only with -t ext4", status=2)
+    if args.dax and args.fs_type != "ext4":
+        raise CliError(image, "--dax: only with -t ext4 (ext2 has no DAX flag)", status=2)
     with about(Spec(image, None, image)):
         try:
             result = pack(args.src, image, size=size, block_size=args.block_size, inode_size=args.inode_size,
                           extra=args.extra, label=args.label, uuid=args.uuid, progress=ctx.progress,
                           compile=args.compile, exclude=args.exclude, fs_type=args.fs_type,
-                          features=args.features)
+                          features=args.features, dax=args.dax)
         except ValueError as err:
             raise CliError(image, str(err)) from err
     for path, why in result.skipped:
@@ -214,12 +216,16 @@ def _add_make(add: Callable[..., argparse.ArgumentParser]) -> None:
             "Files that change or vanish while packing are reported and the exit status is 1 "
             "(as tar does).\n\nexamples:\n  xipfs pack ./site /dev/shm/site.img\n"
             "  xipfs pack --size 1G --label app --compile ./venv/lib /dev/shm/app.img\n"
-            "  xipfs pack -t ext4 ./site /dev/shm/site4.img")
+            "  xipfs pack -t ext4 ./site /dev/shm/site4.img\n"
+            "  xipfs pack -t ext4 --dax ./models /dev/shm/models.img")
     p.add_argument("src", metavar="SRC", help="the directory tree to pack")
     p.add_argument("-t", "--type", dest="fs_type", choices=("ext2", "ext4"), default="ext2",
                    help="filesystem type (default ext2; ext4: mke2fs -t ext4's features and journal)")
     p.add_argument("-O", dest="features", default=None, metavar="FEATURES",
                    help="ext4: features, comma separated, as mke2fs -O (e.g. ^metadata_csum)")
+    p.add_argument("--dax", action="store_true",
+                   help="ext4: set the DAX flag (chattr +x) on every file and directory, for a dax=inode "
+                        "mount (files of 2 MiB or more start 2 MiB-aligned either way)")
     p.add_argument("image", metavar="IMAGE", help="the image to make (a file or a shared-memory name)")
     p.add_argument("--size", default=None,
                    help="image size (K/M/G suffixes); default: what SRC needs + --extra")

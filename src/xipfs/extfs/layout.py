@@ -326,6 +326,8 @@ FL_ENCRYPT = 0x800
 FL_EA_INODE = 0x200000
 FL_VERITY = 0x100000
 FL_CASEFOLD = 0x40000000
+#: ext4's per-inode DAX flag (``FS_XFLAG_DAX``): a mount with ``dax=inode`` maps the file in place.
+FL_DAX = 0x02000000
 #: Group descriptor flags (ext4): inode table or block bitmap not initialised.
 BG_INODE_UNINIT = 0x1
 BG_BLOCK_UNINIT = 0x2

@@ -463,6 +463,7 @@ def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int) -> Inod
     node.uid, node.gid = uid, gid
     node.atime_ns = node.mtime_ns = node.ctime_ns = now
     node.generation = random.getrandbits(32)
+    node.flags = inherited_flags(vol, parent, mode)
     if isize >= 160:
         node.extra_isize = 32
         node.crtime_ns = now
@@ -472,6 +473,31 @@ def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int) -> Inod
     vol.write_inode(node)
     vol.remember(node)
     return node
+
+
+#: Flags a new inode takes from its directory (Linux ``EXT2_FL_INHERITED``, ``EXT4_FL_INHERITED``:
+#: secrm, unrm, compr, sync, nodump, noatime, nocompr, journal_data, notail, dirsync; ext2's
+#: comprblk; ext4's dax, projinherit and casefold).
+_INHERITED_EXT2 = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x200 | 0x400 | 0x4000 | 0x8000 | 0x10000
+_INHERITED_EXT4 = (0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x400 | 0x4000 | 0x8000 | 0x10000
+                   | L.FL_DAX | 0x20000000 | L.FL_CASEFOLD)
+#: What a regular file keeps of them (not dirsync, topdir, casefold, projinherit); other
+#: non-directories keep only nodump and noatime (``ext4_mask_flags``).
+_REG_DROPS = 0x10000 | 0x20000 | L.FL_CASEFOLD | 0x20000000
+_OTHER_KEEPS = 0x40 | 0x80
+
+
+def inherited_flags(vol: Volume, d: Inode, mode: int) -> int:
+    """The flags a new inode of ``mode`` takes from directory ``d``, as Linux gives them."""
+    flags = d.flags & (_INHERITED_EXT4 if vol.extents else _INHERITED_EXT2)
+    if not flags:
+        return 0
+    fmt = S_IFMT(mode)
+    if fmt == S_IFDIR:
+        return flags
+    if fmt == S_IFREG:
+        return flags & ~_REG_DROPS
+    return flags & _OTHER_KEEPS
 
 
 def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
@@ -580,10 +606,10 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
             pos += c * bs
     if n % bs:                                           # zero the tail of the last block
         vol.device.write_new(bytes(bs - n % bs), blocks[-1] * bs + n % bs)
-    flags = 0
+    flags = inherited_flags(vol, d, mode) if d.flags else 0
     if vol.extents and len(runs) <= 4:           # ext4: the runs as the root's extents
         i_block = inode_root(((0, count, runs[0][0]),) if len(runs) == 1 else _file_runs(runs))
-        flags = L.FL_EXTENTS
+        flags |= L.FL_EXTENTS
     elif len(runs) == 1:
         i_block = encode_direct_run(blocks[0], count)
     else:

@@ -110,7 +110,7 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
          extra: float | int = 0.1, label: str | None = None, uuid: str | None = None,
          exclude: Iterable[str] = (), progress: ProgressArg = None,
          compile: bool = False, fs_type: str = "ext2",  # noqa: A002 - as compileall
-         features: Iterable[str] | str | None = None) -> PackResult:
+         features: Iterable[str] | str | None = None, dax: bool = False) -> PackResult:
     """Build an ext2 image of the tree at ``src_dir`` in ``image`` (created, or replaced whole:
     an existing image file is renamed over only when the new one is complete).
 
@@ -128,8 +128,13 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
     file, as ``compileall`` would, so that imports from the image need not compile.
 
     ``fs_type="ext4"`` makes an ext4 image instead (:func:`.pack4.pack4`: mke2fs -t ext4's
-    features, changed by ``features`` as ``-O`` changes them, and its journal).
+    features, changed by ``features`` as ``-O`` changes them, and its journal); there every file
+    that holds a whole 2 MiB piece starts 2 MiB-aligned, and ``dax=True`` also sets the per-file
+    DAX flag (``EXT4_DAX_FL``, ``chattr +x``) on every directory and regular file, for a
+    ``dax=inode`` mount (ext4 only: ext2 has no such flag).
     """
+    if dax and fs_type != "ext4":
+        raise ValueError(f"dax: only with fs_type='ext4' (the DAX flag is ext4's; {fs_type} has none)")
     if fs_type != "ext2":
         if fs_type != "ext4":
             raise ValueError(f"filesystem type {fs_type!r}: pack makes ext2 or ext4")
@@ -137,7 +142,7 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
 
         return pack4(src_dir, image, size=size, block_size=block_size, inode_size=inode_size, extra=extra,
                      label=label, uuid=uuid, exclude=exclude, progress=progress, compile=compile,
-                     features=features)
+                     features=features, dax=dax)
     if features is not None:
         raise ValueError("features: only with fs_type='ext4'")
     src = os.fsencode(os.fspath(src_dir))

@@ -16,8 +16,9 @@ own pages stitched in, ``MAP_SHARED`` at the file's offsets in the image), and s
 The kernel maps a 2 MiB page of a shared file mapping with one PMD entry only when the file
 offset and the virtual address agree modulo 2 MiB. The offsets are the extents' business; the
 address is the mapping's: xipfs reserves the range with an anonymous ``mmap`` first, which Linux
-(6.7 and later) places 2 MiB-aligned only when its length is a multiple of 2 MiB. A third,
-untimed-for-ratio case maps the aligned file 4 KiB short to show what that costs.
+(6.7 and later) places 2 MiB-aligned by itself only when its length is a multiple of 2 MiB, and
+xipfs steers it there for other lengths (``mapping._steer``). A third case maps the aligned file
+4 KiB short, a length Linux does not align, to show the steering at work.
 
 Standalone: ``.venv/bin/python benchmarks/bench_hugepage.py [--quick] [--repeat N]``.
 """
@@ -210,8 +211,9 @@ def _measure(section: Section, cfg: Config, fss: dict[str, Any], size: int, huge
             m["aligned: first touch"], m["misaligned: first touch"]),
         Row("random 8-byte reads over the touched mapping (us/call = per read): aligned vs misaligned",
             m["aligned: random 8-byte reads"], m["misaligned: random 8-byte reads"]),
-        Row("first touch: aligned extents mapped whole vs mapped 4 KiB short (the address is then "
-            "not 2 MiB-aligned)", m["aligned: first touch"], m["aligned, mapped 4 KiB short: first touch"]),
+        Row("first touch: aligned extents mapped whole vs mapped 4 KiB short (a length Linux does "
+            "not align: xipfs steers the address)", m["aligned: first touch"],
+            m["aligned, mapped 4 KiB short: first touch"]),
     ]
     section.raw += list(m.values())
     for name, (runs, huge) in layout.items():
@@ -225,9 +227,9 @@ def _measure(section: Section, cfg: Config, fss: dict[str, Any], size: int, huge
     off, nruns, pmd, faults = smaps["aligned, mapped 4 KiB short"]
     section.notes.append(
         f"aligned, mapped 4 KiB short: address {off >> 10} KiB past 2 MiB, {faults} page faults, "
-        f"ShmemPmdMapped {pmd['ShmemPmdMapped'] >> 10} MiB of {pmd['Rss'] >> 10} MiB (xipfs reserves the "
-        "range with an anonymous mmap, which Linux places 2 MiB-aligned only when its length is a "
-        "multiple of 2 MiB)")
+        f"ShmemPmdMapped {pmd['ShmemPmdMapped'] >> 10} MiB of {pmd['Rss'] >> 10} MiB (Linux places an "
+        "anonymous reservation 2 MiB-aligned only when its length is a multiple of 2 MiB; xipfs "
+        "steers the others)")
     section.notes.append(f"the huge=always tmpfs holds the two images in {huge_kb >> 10} MiB of huge pages "
                          f"(ShmemHugePages grew by that while packing); kernel {os.uname().release}")
     if not huge_kb:

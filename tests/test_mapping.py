@@ -1190,3 +1190,24 @@ def test_writer_closing_without_lost_found_leaves_a_clean_image(new_image):
             fs.unlink("/f")
         assert m[:] == data
         assert_fsck_clean(img)
+
+
+def test_mappings_of_aligned_runs_start_2mib_aligned(tmp_path):
+    """A mapping whose file has 2 MiB-aligned runs is placed so that they can be mapped with
+    2 MiB pages (address and image offset equal modulo 2 MiB), whatever its length: Linux
+    aligns an anonymous reservation by itself only when its length is a multiple of 2 MiB."""
+    from xipfs.xip.mapping import HUGE, _address
+
+    img = os.path.join(e2fs.SHM, f"xipfs-steer-{os.getpid()}.img")
+    xipfs.mkfs(img, 64 << 20, block_size=4096)
+    try:
+        with xipfs.open(img, "r+") as fs:
+            fs.write_bytes("/big", os.urandom((12 << 20) - 4096))
+            assert fs.huge_runs("/big")
+            for k in range(1, 8):
+                length = (12 << 20) - 4096 * k
+                with fs.mmap("/big", "r", 0, length) as m:
+                    assert m.is_xip and _address(m) % HUGE == 0, (k, hex(_address(m)))
+                    assert m[:length] == fs.read_bytes("/big")[:length]
+    finally:
+        os.unlink(img)

@@ -46,6 +46,8 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int64]
 _libc.mprotect.restype = ctypes.c_int
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
@@ -82,6 +84,40 @@ def _map_fixed(addr: int, length: int, prot: int, flags: int, fd: int, offset: i
 
 def _round_up(n: int) -> int:
     return (n + PAGE - 1) & ~(PAGE - 1)
+
+
+#: A PMD page: the kernel maps 2 MiB of a huge-page tmpfs (or DAX) file with one page-table
+#: entry where the virtual address and the file offset agree modulo this.
+HUGE = 2 << 20
+_MAP_FIXED_NOREPLACE = 0x100000
+_MAP_NORESERVE = 0x4000
+_PROT_NONE = 0
+
+
+def _steer(length: int, phase: int) -> tuple[int, int] | None:
+    """Make the next anonymous mapping of ``length`` bytes likely to start at an address that
+    is ``phase`` modulo 2 MiB; returns the filler ``(address, size)`` to unmap after it.
+
+    Linux places a mapping at the top of the highest free gap it fits (top down) and aligns
+    anonymous mappings to 2 MiB only when their length is a multiple of it. So: find the gap
+    with a probe 2 MiB longer, and fill the part of it above the address wanted, so that the
+    mapping lands there. Only a hint: the caller maps whatever address it gets."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+    probe = _libc.mmap(None, length + HUGE, _PROT_NONE, flags, -1, 0)
+    if probe in (None, _MAP_FAILED):
+        return None
+    top = probe + length + HUGE
+    _libc.munmap(probe, length + HUGE)
+    want = ((top - length - phase) & ~(HUGE - 1)) + phase
+    size = top - (want + length)
+    if not size:
+        return None
+    got = _libc.mmap(want + length, size, _PROT_NONE, flags | _MAP_FIXED_NOREPLACE, -1, 0)
+    if got != want + length:
+        if got not in (None, _MAP_FAILED):
+            _libc.munmap(got, size)
+        return None
+    return got, size
 
 
 # -- the budget -----------------------------------------------------------------------------------
@@ -413,7 +449,14 @@ def _try_xip(vol: Volume, node: Inode, state: _State) -> Mapping | None:
     if not _budget.take(pieces):
         return None
     state.maps = pieces
-    m = Mapping(length, state.writable)
+    filler = None
+    if length >= HUGE and any(s[1] >= HUGE for s in data):     # a run a 2 MiB page could map
+        filler = _steer(_round_up(length), offset % HUGE)
+    try:
+        m = Mapping(length, state.writable)
+    finally:
+        if filler:
+            _libc.munmap(*filler)
     try:
         base = _address(m)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if state.writable else 0)

@@ -1,4 +1,5 @@
-"""Extended attributes: in the inode (large inodes) and in an xattr block (``i_file_acl``).
+"""Extended attributes: in the inode (large inodes), in an xattr block (``i_file_acl``), and
+(ext4 ea_inode) large values in inodes of their own (:mod:`.ea_inode`).
 
 Values are returned as the kernel shows them through ``getxattr(2)``; POSIX ACLs are converted
 from their on-disk ext2 form to the ``system.posix_acl_*`` wire format.
@@ -10,11 +11,13 @@ import errno
 import os
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from stat import S_IFMT, S_IMODE, S_ISDIR, S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
+from . import ea_inode as EA
 from . import layout as L
 from .csum import crc32c_raw
 from .super import set_feature
@@ -186,7 +189,8 @@ def get_xattr(vol: Volume, node: Inode, name: str) -> bytes:
 
 
 def set_xattr(vol: Volume, node: Inode, name: str, value: bytes, flags: int = 0) -> None:
-    """Set attribute ``name`` of ``node`` as ``setxattr(2)`` does on Linux's ext2.
+    """Set attribute ``name`` of ``node`` as ``setxattr(2)`` does on Linux's ext2 (ERANGE for
+    a value longer than a block), or with ext4's ea_inode up to 64 KiB (E2BIG beyond).
 
     ``flags`` is XATTR_CREATE (EEXIST if present) or XATTR_REPLACE (ENODATA if absent); POSIX
     ACLs go through :func:`set_acl`, which ignores them, as Linux does.
@@ -196,7 +200,10 @@ def set_xattr(vol: Volume, node: Inode, name: str, value: bytes, flags: int = 0)
         set_acl(vol, node, name, value or None)
         return
     split_name(name)
-    if len(value) > vol.bs:                  # ext2_xattr_set: no value outgrows a block
+    if vol.ea_inode:                         # ext4 ea_inode: up to what the VFS takes
+        if len(value) > EA.XATTR_SIZE_MAX:
+            raise OSError(errno.E2BIG, os.strerror(errno.E2BIG))
+    elif len(value) > vol.bs:                # ext2_xattr_set: no value outgrows a block
         raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
     check_access(node, name, write=True)
     attrs = read_xattrs(vol, node)
@@ -352,80 +359,346 @@ def entry_hash_signed(name: bytes, value: bytes) -> int:
     return h
 
 
+class _Entry:
+    """One on-disk entry as the writer handles it: its value in place (``value``) or in EA
+    inode ``inum`` (``size`` bytes; ``inum`` -1 while that inode is still to be made)."""
+
+    __slots__ = ("index", "name", "value", "inum", "size", "hash")
+
+    def __init__(self, index: int, name: bytes, value: bytes, inum: int = 0, size: int | None = None,
+                 h: int = 0) -> None:
+        self.index, self.name, self.value, self.inum = index, name, value, inum
+        self.size = len(value) if size is None else size
+        self.hash = h
+
+    @property
+    def key(self) -> str | None:
+        """The name ``listxattr`` shows, or None for one Linux hides (``system.data``)."""
+        prefix = L.XATTR_PREFIXES.get(self.index)
+        if prefix is None:
+            return None
+        if self.index in (2, 3):
+            return prefix
+        full = prefix + self.name.decode("utf-8", "surrogateescape")
+        return None if full.startswith("system.") else full
+
+    @property
+    def room(self) -> int:
+        """Bytes the entry takes in its region: the entry, its name, its value, each padded."""
+        return ((_ENTRY.size + len(self.name) + 3) & ~3) + (0 if self.inum else (self.size + 3) & ~3)
+
+    def same(self) -> tuple:
+        """What two entries must share to be one (ext4_xattr_cmp, the hash aside)."""
+        return self.index, self.name, self.value, self.inum, self.size
+
+
+def _raw_entries(buf: memoryview | bytes, start: int, end: int, value_base: int, where: str,
+                 ea: bool) -> list[_Entry]:
+    """Every entry at ``buf[start:end]``, hidden ones too (:func:`parse_entries`'s checks)."""
+    out = []
+    pos = start
+    while True:
+        if pos + 4 > end:
+            raise CorruptImageError("xattr entry list runs past its region", where)
+        if buf[pos:pos + 4] == _LAST_ENTRY:
+            return out
+        if pos + _ENTRY.size > end:
+            raise CorruptImageError("xattr entry runs past its region", where)
+        name_len, index, offs, inum, size, h = _ENTRY.unpack_from(buf, pos)
+        next_pos = pos + ((_ENTRY.size + name_len + 3) & ~3)
+        if next_pos > end:
+            raise CorruptImageError("xattr name runs past its region", f"{where} offset {pos}")
+        if inum and not ea:
+            raise CorruptImageError("xattr value in an inode without the ea_inode feature",
+                                    f"{where} offset {pos}")
+        name = bytes(buf[pos + _ENTRY.size:next_pos][:name_len])
+        if inum:
+            out.append(_Entry(index, name, b"", inum, size, h))
+        else:
+            vstart = value_base + offs
+            if size and (vstart < value_base or vstart + size > end):
+                raise CorruptImageError(f"xattr value ({size} bytes at {offs}) outside its region",
+                                        f"{where} offset {pos}")
+            out.append(_Entry(index, name, bytes(buf[vstart:vstart + size]), 0, size, h))
+        pos = next_pos
+
+
+def _ibody_start(vol: Volume, node: Inode) -> int:
+    """Where in-inode attributes start (their magic), 0 when the inode has no room for any."""
+    start = L.INODE.size + node.extra_isize
+    return start if node.extra_isize and start + L.XATTR_IBODY_HEADER.size + 4 <= vol.isize else 0
+
+
+def _ibody_entries(vol: Volume, node: Inode) -> list[_Entry]:
+    """The entries in ``node``'s body, as the writer last stored them."""
+    start = _ibody_start(vol, node)
+    raw = node._raw or vol.inode_raw(node.ino)
+    if not start or _IBODY_MAGIC(raw, start)[0] != L.XATTR_MAGIC:
+        return []
+    first = start + L.XATTR_IBODY_HEADER.size
+    return _raw_entries(raw, first, vol.isize, first, f"in-inode xattrs of inode {node.ino}", vol.ea_inode)
+
+
+def _block_entries(vol: Volume, blk: int) -> list[_Entry]:
+    """The entries of xattr block ``blk``."""
+    block = vol.device.view(blk * vol.bs, vol.bs)
+    where = f"xattr block {blk}"
+    magic, _refcount, nblocks, _hash, _csum = _HEADER.unpack_from(block, 0)
+    if magic not in (L.XATTR_MAGIC, L.XATTR_MAGIC_V1) or nblocks != 1:
+        raise CorruptImageError(f"bad xattr block header (magic 0x{magic:08x}, {nblocks} blocks)", where)
+    return _raw_entries(block, _HEADER.size, vol.bs, 0, where, vol.ea_inode)
+
+
+def _build_ibody(entries: list[_Entry], length: int) -> bytes:
+    """The in-inode attribute region (``length`` bytes from the magic): entries in their order,
+    values packed from its end; all zeros when there is no entry."""
+    region = bytearray(length)
+    if not entries:
+        return bytes(region)
+    L.XATTR_IBODY_HEADER.struct.pack_into(region, 0, L.XATTR_MAGIC)
+    first = L.XATTR_IBODY_HEADER.size
+    pos, vend = first, length
+    for e in entries:
+        offs = 0
+        if not e.inum and e.size:
+            vend -= (e.size + 3) & ~3
+            region[vend:vend + e.size] = e.value
+            offs = vend - first
+        _ENTRY.pack_into(region, pos, len(e.name), e.index, offs, e.inum, e.size, e.hash)
+        region[pos + _ENTRY.size:pos + _ENTRY.size + len(e.name)] = e.name
+        pos += (_ENTRY.size + len(e.name) + 3) & ~3
+    return bytes(region)
+
+
+def _build_block(entries: list[_Entry], bs: int) -> bytes:
+    """An xattr block of ``entries``, sorted as Linux keeps them, values from its end, and the
+    block hash over the entry hashes (0 if one is 0, as ``ext4_xattr_rehash``)."""
+    block = bytearray(bs)
+    pos, vend = _HEADER.size, bs
+    bh = 0
+    for e in sorted(entries, key=lambda e: (e.index, len(e.name), e.name)):
+        offs = 0
+        if not e.inum and e.size:
+            vend -= (e.size + 3) & ~3
+            block[vend:vend + e.size] = e.value
+            offs = vend
+        _ENTRY.pack_into(block, pos, len(e.name), e.index, offs, e.inum, e.size, e.hash)
+        block[pos + _ENTRY.size:pos + _ENTRY.size + len(e.name)] = e.name
+        pos += (_ENTRY.size + len(e.name) + 3) & ~3
+        if bh is not None:
+            bh = None if e.hash == 0 else ((bh << 16) & 0xFFFFFFFF) ^ (bh >> 16) ^ e.hash
+    _HEADER.pack_into(block, 0, L.XATTR_MAGIC, 1, 1, bh or 0, 0)
+    return bytes(block)
+
+
 def build_block(attrs: list[tuple[str, bytes]], bs: int) -> bytes:
     """An xattr block holding ``attrs`` (sorted as Linux keeps them); ENOSPC if they do not fit."""
-    items = []
+    entries = []
     for name, value in attrs:
         index, suffix = split_name(name)
         if index in (2, 3):
             value = xattr_to_acl(value)
-        items.append((index, len(suffix), suffix, value))
-    items.sort()
-    block = bytearray(bs)
-    pos = _HEADER.size
-    vend = bs
-    hashes = []
-    for index, nlen, suffix, value in items:
-        vsize = (len(value) + 3) & ~3
-        esize = (_ENTRY.size + nlen + 3) & ~3
-        if pos + esize + 4 > vend - vsize:
-            raise OSError(errno.ENOSPC, "extended attributes do not fit in one block")
-        vend -= vsize
-        block[vend:vend + len(value)] = value
-        h = entry_hash(suffix, value)
-        hashes.append(h)
-        _ENTRY.pack_into(block, pos, nlen, index, vend if value else 0, 0, len(value), h)
-        block[pos + _ENTRY.size:pos + _ENTRY.size + nlen] = suffix
-        pos += esize
-    bh = 0
-    for h in hashes:
-        if h == 0:
-            bh = 0
-            break
-        bh = ((bh << 16) & 0xFFFFFFFF) ^ (bh >> 16) ^ h
-    _HEADER.pack_into(block, 0, L.XATTR_MAGIC, 1, 1, bh, 0)
-    return bytes(block)
+        entries.append(_Entry(index, suffix, value, h=entry_hash(suffix, value)))
+    if not _fits(entries, bs - _HEADER.size - 4):
+        raise OSError(errno.ENOSPC, "extended attributes do not fit in one block")
+    return _build_block(entries, bs)
+
+
+def _fits(entries: list[_Entry], room: int) -> bool:
+    return sum(e.room for e in entries) <= room
+
+
+#: ext4 with ea_inode keeps this much of an xattr block for names when a value would go there
+#: (``EXT4_XATTR_BLOCK_RESERVE``: min(bs/8, 1024)), so one long value cannot take it all.
+def _block_reserve(bs: int) -> int:
+    return min(bs // 8, 1024)
+
+
+def _ibody_policy(vol: Volume) -> bool:
+    """Whether new attributes go in the inode body first (ext4, as Linux's ext4 driver puts
+    them) or all in the block (ext2: Linux's ext2 driver reads no in-inode attributes)."""
+    sb = vol.sb
+    return bool(sb.s_feature_incompat & ~_EXT2_INCOMPAT or sb.s_feature_ro_compat & ~_EXT2_RO_COMPAT)
+
+
+_EXT2_INCOMPAT = (L.INCOMPAT_FILETYPE | L.INCOMPAT_META_BG | L.INCOMPAT_RECOVER | L.INCOMPAT_JOURNAL_DEV
+                  | L.INCOMPAT_COMPRESSION)
+_EXT2_RO_COMPAT = L.RO_COMPAT_SPARSE_SUPER | L.RO_COMPAT_LARGE_FILE | L.RO_COMPAT_BTREE_DIR
+
+
+def _charge(vol: Volume, ibody: list[_Entry], block: list[_Entry] | None) -> int:
+    """What ``node``'s attributes add to its ``i_blocks``: the xattr block, and the clusters of
+    every value in an EA inode (those the block names, charged to each inode sharing it)."""
+    total = sum(EA.quota_sectors(vol, e.size) for e in ibody if e.inum)
+    if block is not None:
+        total += vol.bs // 512 + sum(EA.quota_sectors(vol, e.size) for e in block if e.inum)
+    return total
+
+
+def _old_value(vol: Volume, node: Inode, e: _Entry) -> bytes:
+    """An existing entry's value as stored (read from its EA inode when it has one)."""
+    return _ea_inode_value(vol, node, e.inum, e.size) if e.inum else e.value
 
 
 def write_xattrs(vol: Volume, node: Inode, attrs: list[tuple[str, bytes]]) -> None:
-    """Store the complete attribute list of ``node`` in an xattr block (the Linux ext2 way).
+    """Store the complete visible attribute list of ``node`` (and the inode with it).
 
-    Attributes that were in the inode body move to the block. A block only ``node`` uses
-    (``h_refcount`` 1) is rewritten in place, as Linux's ``ext2_xattr_set`` does: one store of
-    one block, so it needs no free block (a full filesystem can still lose an attribute or
-    chmod a file with an ACL) and a kill sees the old list or the new one. A shared block is
-    left to its other users: a new block is written before the inode points at it, and the
-    old one is released (its count lowered) after.
+    Attributes that keep their value stay where they are, hidden ones (``system.data``) too.
+    A new or changed one goes where Linux's ext4 puts it: in the inode body if it fits, else
+    in the xattr block; with ea_inode, a value longer than ``bs - 56`` (or one that fits
+    neither) goes to an EA inode of its own and its entry to the body or the block. On ext2
+    the body holds none (Linux's ext2 driver reads none there): they move to the block.
+
+    An xattr block only ``node`` uses (``h_refcount`` 1) is rewritten in place, as Linux does:
+    one store, no free block needed (so a full filesystem can still lose an attribute). A
+    shared one is left to its other users: a new block is written before the inode points at
+    it, and the old one released (its count lowered) after. When an attribute moves from the
+    block into the body, the inode is stored first, else the block: a kill in between shows
+    it in both places at worst, never in neither. New EA inodes are made whole before any of
+    this; references are dropped, and EA inodes freed, after (:mod:`.ea_inode`).
     """
     bs = vol.bs
-    new_block = build_block(attrs, bs) if attrs else None
-    old = node.file_acl
-    if node.extra_isize:
-        start = L.INODE.size + node.extra_isize
-        raw = bytearray(node._raw)
-        if start + L.XATTR_IBODY_HEADER.size <= len(raw):
-            raw[start:] = bytes(len(raw) - start)
-            node._raw = bytes(raw)
-    if new_block is not None:
-        set_feature(vol, "s_feature_compat", L.COMPAT_EXT_ATTR)
-        if old:
-            vol.check_data_run(old, 1, node.ino, "xattr block")   # never write over metadata
-        if old and refcount(vol, old) == 1:
-            vol.device.write(seal_block(vol, old, new_block), old * bs)
-            vol.write_inode(node)
-            return
-        blk = vol.balloc.alloc(vol.inode_group_goal(node.ino), 1)[0][0]
-        vol.device.write(seal_block(vol, blk, new_block), blk * bs)
-        node.file_acl = blk
-        if not old:
-            node.blocks += bs // 512
+    ea = vol.ea_inode
+    ibody_ok = _ibody_policy(vol) and _ibody_start(vol, node) > 0
+    region = vol.isize - _ibody_start(vol, node) if _ibody_start(vol, node) else 0
+    iroom = region - L.XATTR_IBODY_HEADER.size - 4
+    broom = bs - _HEADER.size - 4
+    old_ibody = _ibody_entries(vol, node)
+    old_blk = node.file_acl
+    if old_blk:
+        vol.check_data_run(old_blk, 1, node.ino, "xattr block")   # never write over metadata
+    old_block = _block_entries(vol, old_blk) if old_blk else None
+
+    wanted: dict[str, tuple[int, bytes, bytes]] = {}
+    for name, value in attrs:
+        index, suffix = split_name(name)
+        wanted[name] = (index, suffix, xattr_to_acl(value) if index in (2, 3) else bytes(value))
+
+    # what stays where it is: hidden entries, and the attributes whose value did not change
+    kept: set[str] = set()
+
+    def keep(e: _Entry, movable: bool) -> bool:
+        key = e.key
+        if key is None:
+            return True
+        w = wanted.get(key)
+        if w is None or key in kept or movable or len(w[2]) != e.size or w[2] != _old_value(vol, node, e):
+            return False
+        kept.add(key)
+        return True
+
+    ibody = [e for e in old_ibody if keep(e, not ibody_ok and not e.inum)]
+    block = [e for e in old_block or () if keep(e, False)]
+    pending: list[tuple[_Entry, bytes]] = []          # entries whose EA inode is still to be made
+    allow_ea = ea and not S_ISLNK(node.mode)          # a symlink's i_blocks tells fast from slow
+
+    def place(e: _Entry) -> bool:
+        if ibody_ok and _fits([*ibody, e], iroom):
+            ibody.append(e)                           # Linux hashes no in-inode value: 0
+            return True
+        fits = _fits([*block, e], broom)
+        if fits and ea and not e.inum and e.size:     # leave room for names (ea_inode)
+            values = sum((x.size + 3) & ~3 for x in block if not x.inum) + ((e.size + 3) & ~3)
+            fits = bs - values >= _block_reserve(bs)
+        if fits:
+            if not e.inum:
+                e.hash = entry_hash(e.name, e.value)
+            block.append(e)
+        return fits
+
+    for name, (index, suffix, value) in wanted.items():
+        if name in kept:
+            continue
+        big = allow_ea and EA.straight_to_inode(vol, len(value))
+        if not big and place(_Entry(index, suffix, value)):
+            continue
+        if allow_ea and value:
+            e = _Entry(index, suffix, b"", -1, len(value))
+            if place(e):
+                pending.append((e, value))
+                continue
+        raise OSError(errno.ENOSPC, "extended attributes do not fit in the inode and one block")
+    _store(vol, node, old_ibody, old_block, ibody, block, pending, region)
+
+
+def _store(vol: Volume, node: Inode, old_ibody: list[_Entry], old_block: list[_Entry] | None,
+           ibody: list[_Entry], block: list[_Entry], pending: list[tuple[_Entry, bytes]],
+           region: int) -> None:
+    """Write what :func:`write_xattrs` decided, in the order its docstring gives."""
+    bs = vol.bs
+    old_blk = node.file_acl
+    same_block = old_block is not None and sorted(e.same() for e in block) == sorted(
+        e.same() for e in old_block)
+    if not block:
+        how = "drop" if old_blk else "none"
+    elif same_block:
+        how = "keep"
+    elif old_blk and refcount(vol, old_blk) == 1:
+        how = "in place"
     else:
-        node.file_acl = 0
-        if old:
-            node.blocks -= bs // 512
-    vol.write_inode(node)
-    if old:
-        release_block(vol, old)
+        how = "new"
+    # references: the body's entries, and the block's where its entries change in place or
+    # a new block is written; a block freed by release_block drops its own
+    gained: Counter[int] = Counter(e.inum for e in ibody if e.inum > 0)
+    lost: Counter[int] = Counter(e.inum for e in old_ibody if e.inum)
+    if how in ("in place", "new"):
+        gained.update(e.inum for e in block if e.inum > 0)
+    if how == "in place":
+        lost.update(e.inum for e in old_block or () if e.inum)
+    delta = gained
+    delta.subtract(lost)
+    for ino, d in delta.items():                       # refuse a bad reference before any store
+        if d:
+            EA.ea_inode(vol, node.ino, ino)
+    blk = 0
+    made: list[int] = []
+    try:
+        if how == "new":
+            blk = vol.balloc.alloc(vol.inode_group_goal(node.ino), 1)[0][0]
+        for e, value in pending:
+            e.inum, h = EA.create(vol, node, value)
+            made.append(e.inum)
+            e.hash = entry_hash(e.name, h.to_bytes(4, "little"))
+    except BaseException:
+        for ino in made:
+            EA.free(vol, vol.inode(ino))
+        if blk:
+            vol.balloc.free(blk, 1)
+        raise
+    EA.change_refs(vol, node.ino, {ino: d for ino, d in delta.items() if d > 0})   # up first
+    node.blocks += _charge(vol, ibody, block or None) - _charge(vol, old_ibody, old_block)
+    if ibody or block:
+        set_feature(vol, "s_feature_compat", L.COMPAT_EXT_ATTR)
+    start = _ibody_start(vol, node)
+    if start:
+        ibody_bytes = _build_ibody(ibody, region)
+        if node._raw[start:] != ibody_bytes:
+            node._raw = node._raw[:start] + ibody_bytes
+            if node.flags & L.FL_INLINE_DATA:          # system.data's value may have moved
+                node.reset_map()
+                node._dir = None
+                node._dx = None
+                vol.spaces.pop(node.ino, None)
+    if how == "in place":
+        data = seal_block(vol, old_blk, _build_block(block, bs))
+        moved_in = {e.key for e in ibody} & {e.key for e in old_block or ()} - {None}
+        if moved_in - {e.key for e in old_ibody}:
+            vol.write_inode(node)
+            vol.device.write(data, old_blk * bs)
+        else:
+            vol.device.write(data, old_blk * bs)
+            vol.write_inode(node)
+    elif how == "new":
+        vol.device.write(seal_block(vol, blk, _build_block(block, bs)), blk * bs)
+        node.file_acl = blk
+        vol.write_inode(node)
+    else:
+        if how == "drop":
+            node.file_acl = 0
+        vol.write_inode(node)
+    if how in ("new", "drop") and old_blk:
+        release_block(vol, old_blk)
+    EA.change_refs(vol, node.ino, {ino: d for ino, d in delta.items() if d < 0})   # down last
 
 
 _CSUM_AT = L.XATTR_HEADER.offsets["h_checksum"]
@@ -441,13 +714,30 @@ def seal_block(vol: Volume, blk: int, block: bytes) -> bytes:
     return block[:_CSUM_AT] + crc.to_bytes(4, "little") + block[_CSUM_AT + 4:]
 
 
-def drop_block(vol: Volume, node: Inode) -> None:
+def drop_block(vol: Volume, node: Inode, ea_refs: bool = True) -> None:
     """Detach ``node``'s xattr block (freeing it, or lowering its count when shared)."""
     old = node.file_acl
+    entries = _block_entries(vol, old) if vol.ea_inode else []
     node.file_acl = 0
-    node.blocks -= vol.bs // 512
+    node.blocks -= _charge(vol, [], entries)
     vol.write_inode(node)
-    release_block(vol, old)
+    release_block(vol, old, ea_refs)
+
+
+def drop_xattrs(vol: Volume, node: Inode) -> None:
+    """A dead inode (no links) gives up its attributes: the references its body's entries and
+    its xattr block (when this inode is its last user) hold on EA inodes, then the block. The
+    first of what it frees: its EA inodes are named by nothing e2fsck counts from the moment
+    the inode died, so they are marked free as soon as can be."""
+    blk = node.file_acl
+    if vol.ea_inode:
+        refs = Counter(e.inum for e in _ibody_entries(vol, node) if e.inum)
+        if blk and refcount(vol, blk) <= 1:
+            refs.update(e.inum for e in _block_entries(vol, blk) if e.inum)
+        if refs:
+            EA.change_refs(vol, node.ino, {ino: -n for ino, n in refs.items()})
+    if blk:
+        drop_block(vol, node, ea_refs=False)
 
 
 def refcount(vol: Volume, blk: int) -> int:
@@ -455,8 +745,9 @@ def refcount(vol: Volume, blk: int) -> int:
     return _REFCOUNT.unpack_from(vol.device.view(blk * vol.bs + _REFCOUNT_AT, _REFCOUNT.size), 0)[0]
 
 
-def release_block(vol: Volume, blk: int) -> None:
-    """One inode no longer uses xattr block ``blk``: lower its count, or free it (the last)."""
+def release_block(vol: Volume, blk: int, ea_refs: bool = True) -> None:
+    """One inode no longer uses xattr block ``blk``: lower its count, or free it (the last),
+    with (``ea_refs``) the references its entries hold on EA inodes."""
     count = refcount(vol, blk)
     if count > 1:
         if vol.sb.metadata_csum:             # the count and the checksum, in one store
@@ -465,8 +756,11 @@ def release_block(vol: Volume, blk: int) -> None:
             vol.device.write(seal_block(vol, blk, bytes(block)), blk * vol.bs)
         else:
             vol.device.write(_REFCOUNT.pack(count - 1), blk * vol.bs + _REFCOUNT_AT)
-    else:
-        vol.balloc.free(blk, 1)
+        return
+    if ea_refs and vol.ea_inode:
+        refs = Counter(e.inum for e in _block_entries(vol, blk) if e.inum)
+        EA.change_refs(vol, 0, {ino: -n for ino, n in refs.items()})
+    vol.balloc.free(blk, 1)
 
 
 # -- reading an inode's attributes --------------------------------------------------------------

@@ -588,9 +588,9 @@ def test_error_corrupt_directory(capsys, shm):
 
 
 def test_error_read_only_image_and_locked_image(capsys, shm):
-    j = mke2fs(os.path.join(shm, "j.img"), "8M", fstype="ext4")
+    j = mke2fs(os.path.join(shm, "j.img"), "8M", fstype="ext4", extra=("-O", "quota"))
     assert fails(capsys, "mkdir", f"{j}:/x").startswith(
-        f"xipfs: mkdir: {j}: image can only be opened read-only: ext4 feature extent")
+        f"xipfs: mkdir: {j}: image can only be opened read-only: read-only compatible feature quota")
     assert "lost+found" in ok(capsys, "ls", j)            # reading is fine
     locked = os.path.join(shm, "l.img")
     xipfs.mkfs(locked, 1 << 20)

@@ -8,7 +8,10 @@ features for themselves, then ask e2fsck."""
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 
 import pytest
 from e2fs import SHM, assert_fsck_clean, mkfs
@@ -71,11 +74,17 @@ def test_directories_and_uninit_groups_under_metadata_csum(csum_image):
         assert fs.read_bytes("/dir39/x") == b"y" * 5000
 
 
-def test_metadata_csum_images_still_open_read_only(tmp_path):
-    img = mkfs(os.path.join(SHM, f"xipfs-csum-ro-{os.getpid()}.img"), "8M", extra=("-O", "metadata_csum"))
+def test_metadata_csum_images_open_for_writing_unless_switched_off(tmp_path):
+    """metadata_csum images are written by default; XIPFS_EXT4_WRITE=0 opens them read-only."""
+    img = mkfs(os.path.join(SHM, f"xipfs-csum-rw-{os.getpid()}.img"), "8M", extra=("-O", "metadata_csum"))
     try:
-        with pytest.raises(OSError) as exc:
-            xipfs.open(img, "r+")
-        assert "metadata_csum" in str(exc.value)
+        with xipfs.open(img, "r+") as fs:
+            fs.write_bytes("/x", b"checked")
+        assert_fsck_clean(img)
+        code = ("import sys, xipfs\ntry:\n xipfs.open(sys.argv[1], 'r+')\nexcept OSError as e:\n"
+                " print(e.errno, e)")
+        out = subprocess.run([sys.executable, "-c", code, img], capture_output=True, text=True, check=True,
+                             env={**os.environ, "XIPFS_EXT4_WRITE": "0"}).stdout
+        assert out.startswith(f"{errno.EROFS} ") and "metadata_csum" in out
     finally:
         os.unlink(img)

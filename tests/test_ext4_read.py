@@ -238,11 +238,19 @@ def test_import_from_an_ext4_image(work):
     assert out.startswith("from ext4 ")
 
 
-def test_writing_ext4_is_refused_naming_why(work):
-    img = _ext4_image(work, "rw")
+def test_writing_a_feature_xipfs_does_not_write_is_refused_naming_it(work, monkeypatch):
+    """An image with a feature xipfs reads but does not write (quota, say) opens read-only only,
+    and so does every ext4 image with XIPFS_EXT4_WRITE=0, the switch back to read-only ext4."""
+    img = _ext4_image(work, "rw", "-O", "quota")
     with pytest.raises(OSError) as exc:
         xipfs.open(img, "r+")
-    assert exc.value.errno == errno.EROFS and "extent" in str(exc.value)
+    assert exc.value.errno == errno.EROFS and "quota" in str(exc.value)
+    plain = _ext4_image(work, "plain")
+    monkeypatch.setenv("XIPFS_EXT4_WRITE", "0")
+    out = subprocess.run([sys.executable, "-c", "import sys, xipfs\ntry:\n xipfs.open(sys.argv[1], 'r+')\n"
+                          "except OSError as e:\n print(e.errno, e)", plain],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"{errno.EROFS} ") and "extent" in out
 
 
 def test_casefolded_directory_refused_by_itself(work):
@@ -485,9 +493,9 @@ def test_bigalloc_with_1k_blocks(work):
 
 
 def test_a_refused_writer_does_not_replay_the_journal(work):
-    """Opening with "r+" an image xipfs may not write (ext4 without XIPFS_EXT4_WRITE) fails
+    """Opening with "r+" an image xipfs may not write (a feature it does not write: quota) fails
     with EROFS and leaves a pending journal, and every other byte, as they were."""
-    img = _ext4_image(work, "refused")
+    img = _ext4_image(work, "refused", "-O", "quota")
     blk = int(debugfs_r(img, "bmap /hello 0").split()[0])
     bs = int(re.search(r"Block size:\s+(\d+)", run(["dumpe2fs", "-h", img]).stdout.decode())[1])
     payload = os.path.join(work, "refused-payload")

@@ -330,6 +330,8 @@ class Operations:
         self.image_shift = fs.device.base_offset
         #: Whether libfuse should splice image pages into its replies (no copy in user space).
         self.splice = self.image_fd >= 0 and read_path == "splice"
+        #: The kernel's writeback cache is on: it applies O_APPEND and writes at offsets.
+        self.kernel_appends = False
 
     # -- inodes and the kernel's references ------------------------------------------------------
     def node(self, ino: int) -> Inode:
@@ -495,7 +497,7 @@ class Operations:
             node = self.node(ino)
             if not node.is_reg and not node.is_dir and (flags & os.O_ACCMODE) == os.O_RDONLY:
                 return self._add(_Listing(node, []))      # lsattr of a FIFO or device node
-            fh = self._add(self.nodes.open(node, flags))
+            fh = self._add(self.nodes.open(node, flags, self.kernel_appends))
             if flags & os.O_TRUNC and _drops_setid(node, caller):
                 assert caller is not None
                 self.nodes.drop_setid(node, caller.in_group(node.gid))
@@ -506,7 +508,8 @@ class Operations:
         with self.lock:
             node = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
             try:
-                return node, self._add(self.nodes.open(node, (flags & ~os.O_TRUNC) | os.O_RDWR))
+                return node, self._add(self.nodes.open(node, (flags & ~os.O_TRUNC) | os.O_RDWR,
+                                                       self.kernel_appends))
             except BaseException:
                 self.forget(node.ino, 1)
                 raise
@@ -804,6 +807,8 @@ class _Session:
             if self.writeback and not self.ops.readonly:
                 want |= FUSE_CAP_WRITEBACK_CACHE
             conn.want |= want & conn.capable
+            # with the writeback cache the kernel turns O_APPEND into offsets itself
+            self.ops.kernel_appends = bool(conn.want & FUSE_CAP_WRITEBACK_CACHE)
             conn.time_gran = 1
         except BaseException:
             log.exception("init failed")

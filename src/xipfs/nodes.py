@@ -280,8 +280,11 @@ class Nodes:
             remove_xattr(vol, node, self._decode(name))
 
     # -- files ----------------------------------------------------------------------------------
-    def open(self, node: Inode, flags: int) -> XipFile:
-        """A file object on regular file ``node`` for the ``os.open`` ``flags`` (O_TRUNC too)."""
+    def open(self, node: Inode, flags: int, positioned: bool = False) -> XipFile:
+        """A file object on regular file ``node`` for the ``os.open`` ``flags`` (O_TRUNC too).
+
+        ``positioned``: writes go where the caller says even under O_APPEND (a FUSE kernel with
+        the writeback cache applies O_APPEND itself and sends page-sized writes at offsets)."""
         acc = flags & os.O_ACCMODE
         writable = acc != os.O_RDONLY
         if node.is_dir:
@@ -297,7 +300,8 @@ class Nodes:
                     _data.truncate(vol, node, 0)
         mode = "r+b" if acc == os.O_RDWR else "wb" if writable else "rb"
         return XipFile(self.volume, node, f"inode {node.ino}", mode,
-                       readable=acc != os.O_WRONLY, writable=writable, append=bool(flags & os.O_APPEND))
+                       readable=acc != os.O_WRONLY, writable=writable,
+                       append=bool(flags & os.O_APPEND) and not positioned)
 
     def sync(self) -> None:
         if not self.readonly:

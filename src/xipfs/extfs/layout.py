@@ -302,7 +302,7 @@ INCOMPAT_SUPPORTED = (INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG | 
                       | INCOMPAT_64BIT | INCOMPAT_MMP | INCOMPAT_FLEX_BG | INCOMPAT_EA_INODE
                       | INCOMPAT_CSUM_SEED | INCOMPAT_LARGEDIR | INCOMPAT_INLINE_DATA
                       | INCOMPAT_ENCRYPT | INCOMPAT_CASEFOLD)
-#: What xipfs writes: any other incompat bit allows read-only use (writing ext4 comes next).
+#: What xipfs writes: any other incompat bit allows read-only use (ext4's are added below).
 INCOMPAT_WRITABLE = INCOMPAT_FILETYPE
 #: What xipfs may write: any other ro_compat bit allows read-only use only.
 RO_COMPAT_SUPPORTED = RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_BTREE_DIR
@@ -352,15 +352,16 @@ XATTR_PREFIXES = {
 }
 
 
-# -- ext4 writing, while it is being finished (issue 15) ---------------------------------------
-#: ``XIPFS_EXT4_WRITE=1`` opens ext4 images for writing: extent trees, checksums, uninit groups,
-#: 64bit, flex_bg, inline files (moved out when written) are kept as Linux keeps them; what is
-#: not done yet (see the README) is refused per operation. Off by default until it is finished.
+# -- ext4 writing (issue 15) -------------------------------------------------------------------
+#: The ext4 features xipfs writes as Linux does: extent trees, 64-bit descriptors, flex_bg,
+#: checksums everywhere, uninit groups, inline data (moved out when changed), values in inodes of
+#: their own. ``XIPFS_EXT4_WRITE=0`` in the environment opens every image with one of them
+#: read-only, as xipfs did before it wrote ext4.
 EXT4_WRITE_ENV = "XIPFS_EXT4_WRITE"
 EXT4_INCOMPAT_WRITABLE = (INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_CSUM_SEED
-                          | INCOMPAT_INLINE_DATA)
+                          | INCOMPAT_INLINE_DATA | INCOMPAT_EA_INODE)
 EXT4_RO_COMPAT_WRITABLE = (RO_COMPAT_HUGE_FILE | RO_COMPAT_GDT_CSUM | RO_COMPAT_DIR_NLINK
                            | RO_COMPAT_EXTRA_ISIZE | RO_COMPAT_METADATA_CSUM)
-if os.environ.get(EXT4_WRITE_ENV) == "1":
+if os.environ.get(EXT4_WRITE_ENV) != "0":
     INCOMPAT_WRITABLE |= EXT4_INCOMPAT_WRITABLE
     RO_COMPAT_SUPPORTED |= EXT4_RO_COMPAT_WRITABLE

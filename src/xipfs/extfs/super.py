@@ -244,7 +244,7 @@ def _check_features(sb: Superblock) -> None:
     unknown_ro = f["s_feature_ro_compat"] & ~L.RO_COMPAT_SUPPORTED
     if ro_incompat:
         names = feature_names(ro_incompat, L.INCOMPAT_FEATURES, "I")
-        sb.readonly_reason = "ext4 feature " + ", ".join(names) + " (xipfs writes ext2 only, so far)"
+        sb.readonly_reason = "feature " + ", ".join(names) + " (xipfs reads it but does not write it)"
     elif unknown_ro:
         names = feature_names(unknown_ro, L.RO_COMPAT_FEATURES, "R")
         sb.readonly_reason = "read-only compatible feature " + ", ".join(names)

@@ -8,10 +8,16 @@ indexed and ``debugfs -R "htree DIR"`` walks it to exactly the expected names, x
 lookup finds every name (and no absent one), the listing equals the model, and a Linux
 read-only loop mount finds every name (root only). A writer killed after each store of a leaf
 split or of a new level is repaired by e2fsck, nothing lost.
+
+New directories on ext4 images (mke2fs's and xipfs's, 1 KiB and 4 KiB blocks) become indexed
+when their one block fills, as Linux ``make_indexed_dir`` does, with the very blocks Linux
+writes for the same names; they grow a second index level, and with large_dir a third; ext2
+images keep them linear.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -29,6 +35,7 @@ import xipfs
 from xipfs.extfs import htree, namei
 from xipfs.extfs import layout as L
 from xipfs.extfs.dir import htree_lookup
+from xipfs.extfs.inode import Inode
 
 pytestmark = pytest.mark.skipif(shutil.which("e2fsck") is None, reason="needs e2fsprogs")
 
@@ -92,9 +99,30 @@ def debugfs_htree_names(img: str, d: str) -> list[str]:
     return [os.fsdecode(m.group(2)) for m in _LEAF_ENTRY.finditer(out) if int(m.group(1))]
 
 
-def check(img: str, model: Model, absent: tuple[str, ...] = ("absent-1", "nothere", "f99999")) -> None:
+@contextlib.contextmanager
+def linux_mount(img: str) -> Iterator[str | None]:
+    """A read-only loop mount of ``img``, or None where that is not possible (not root, no
+    loop devices): the Linux part of a check is left out then, the rest of the test goes on."""
+    if not IS_ROOT:
+        yield None
+        return
+    mnt = tempfile.mkdtemp(prefix="xipfs-mnt-")
+    if run(["mount", "-o", "loop,ro", "-t", "ext4", img, mnt], check=False, timeout=60).returncode:
+        os.rmdir(mnt)
+        yield None
+        return
+    try:
+        yield mnt
+    finally:
+        run(["umount", mnt], timeout=60)
+        os.rmdir(mnt)
+
+
+def check(img: str, model: Model, absent: tuple[str, ...] = ("absent-1", "nothere", "f99999"),
+          sample: int | None = None) -> None:
     """e2fsck clean; every directory indexed, walked by debugfs and found by xipfs's htree
-    lookup name by name; the listing is the model; Linux finds every name (root only)."""
+    lookup name by name; the listing is the model; Linux finds every name (root only).
+    ``sample``: only that many names per directory are looked up one by one (big trees)."""
     assert_fsck_clean(img)
     inos: dict[str, dict[str, int]] = {}
     with xipfs.open(img, "r") as fs:
@@ -104,7 +132,8 @@ def check(img: str, model: Model, absent: tuple[str, ...] = ("absent-1", "nother
             assert node.flags & L.FL_INDEX, f"/{d} lost its index"
             assert set(fs.listdir("/" + d)) == names
             inos[d] = {}
-            for n in names:
+            picked = sorted(names) if sample is None else random.Random(d).sample(sorted(names), sample)
+            for n in picked:
                 found = htree_lookup(vol, node, n)
                 assert found is not None, f"/{d}/{n} not found through the index"
                 assert found[0] == fs.lstat(f"/{d}/{n}").st_ino
@@ -114,12 +143,12 @@ def check(img: str, model: Model, absent: tuple[str, ...] = ("absent-1", "nother
         for d, names in model.items():
             seen = debugfs_htree_names(img, d)
             assert sorted(seen) == sorted(names), f"debugfs htree /{d}"
-    if IS_ROOT:
-        with mounted(img) as mnt:
+    with linux_mount(img) as mnt:
+        if mnt is not None:
             for d, names in model.items():
                 assert set(os.listdir(os.path.join(mnt, d))) == names
-                for n in names:
-                    assert os.stat(os.path.join(mnt, d, n)).st_ino == inos[d][n]
+                for n, ino in inos[d].items():
+                    assert os.stat(os.path.join(mnt, d, n)).st_ino == ino
 
 
 def levels(img: str, d: str) -> int:
@@ -296,30 +325,6 @@ def test_dir_nlink_overflow(writable: None, work: str) -> None:
     check(img, model)                       # e2fsck accepts 1 on an indexed directory
 
 
-@pytest.mark.slow
-def test_large_dir_three_levels(writable: None, work: str) -> None:
-    """1 KiB blocks with large_dir: long names until the index has three levels."""
-    img, model = indexed_image(work, 1024, features="large_dir", dirs={"d": 300, "e": 100}, size="160M",
-                               inodes=40000)
-    with xipfs.open(img, "r+") as fs:
-        i = 0
-        while True:
-            batch = [f"{i + k:06d}-" + "L" * 240 for k in range(500)]
-            for n in batch:
-                fs.write_bytes(f"/d/{n}", b"")
-            model["d"].update(batch)
-            i += len(batch)
-            node = namei.resolve(fs.volume, "/d")
-            if node._dx and node._dx.get(0) and node._dx[0].indirect_levels == 2:
-                break
-            assert i < 36000
-        for n in random.Random(3).sample(sorted(model["d"]), 3000):
-            fs.unlink(f"/d/{n}")
-            model["d"].discard(n)
-    assert levels(img, "d") == 2
-    check(img, model)
-
-
 # -- a writer killed between the stores of a split ---------------------------------------------
 def _run_killed(img: str, name: str, after: int) -> str:
     """Add ``/d/name`` in a child that SIGKILLs itself before device store ``after + 1``:
@@ -459,3 +464,260 @@ def test_kill_between_split_stores(writable: None, work: str, what: str, csum: b
         raise AssertionError("the add never ended")
     # the -y window: contiguous, at most the stores between the new block's link and the end
     assert needed_y == _split_windows(img, pristine, names[at])
+
+
+# -- new directories become indexed (make_indexed_dir) and grow levels ---------------------------
+@pytest.fixture
+def ext4_writable() -> None:
+    """ext4 writing, large_dir included, is on by default; the fixture only names the need."""
+
+
+def new_ext4(work: str, maker: str, bs: int, features: tuple[str, ...] = (), size: int = 32 << 20,
+             fstype: str = "ext4") -> str:
+    """A fresh image made by ``mke2fs -t FSTYPE`` or by ``xipfs.mkfs``, ``features`` added or
+    (``^name``) dropped."""
+    img = os.path.join(work, "img")
+    if maker == "mke2fs":
+        extra = ("-O", ",".join(features)) if features else ()
+        mkfs(img, f"{size >> 10}K", bs=bs, fstype=fstype, extra=extra)
+    else:
+        xipfs.mkfs(img, size, block_size=bs, fs_type=fstype, features=list(features) or None)
+    return img
+
+
+def fill(fs: xipfs.Filesystem, d: str, names: list[str]) -> None:
+    for n in names:
+        fs.write_bytes(f"{d}/{n}", b"")
+
+
+def root_of(fs: xipfs.Filesystem, d: str) -> htree.DxNode:
+    vol = fs.volume
+    node = namei.resolve(vol, d)
+    assert node.flags & L.FL_INDEX, f"{d} is not indexed"
+    view = vol.device.view(node.map.bmap(0) * vol.bs, vol.bs)
+    return htree.parse_root(view, bs=vol.bs, metadata_csum=vol.sb.metadata_csum, large_dir=vol.large_dir)
+
+
+MAKERS = ["mke2fs-1k", "mke2fs-4k", "xipfs-1k", "xipfs-4k"]
+
+
+@pytest.mark.parametrize("maker", MAKERS)
+def test_new_dir_becomes_indexed(ext4_writable: None, work: str, maker: str) -> None:
+    """A new directory fills its block and turns into an htree (root, two leaves, the hash
+    version the superblock names); then grows by leaf splits, loses names and gains others:
+    clean, indexed and found by xipfs, debugfs and Linux at every step."""
+    tool, bs = maker.split("-")[0], 1024 if maker.endswith("1k") else 4096
+    img = new_ext4(work, tool, bs)
+    rng = random.Random(maker)
+    names = [f"f{i:05d}" + "n" * rng.randrange(0, 40) for i in range(1200 if bs == 1024 else 2500)]
+    with xipfs.open(img, "r+") as fs:
+        fs.mkdir("/d")
+        node = namei.resolve(fs.volume, "/d")
+        i = 0
+        while not node.flags & L.FL_INDEX:
+            fs.write_bytes(f"/d/{names[i]}", b"")
+            i += 1
+        assert node.size == 3 * bs, "the first name past one block makes root and two leaves"
+        root = root_of(fs, "/d")
+        assert (root.count, root.blocks, root.indirect_levels) == (2, [1, 2], 0)
+        assert root.hash_version == fs.volume.sb.s_def_hash_version
+        fill(fs, "/d", names[i:])
+        for k in range(20):
+            fs.mkdir(f"/d/sub{k}")
+    model = {"d": set(names) | {f"sub{k}" for k in range(20)}}
+    check(img, model)
+    with xipfs.open(img, "r+") as fs:
+        for n in rng.sample(sorted(model["d"] - {f"sub{k}" for k in range(20)}), len(names) * 2 // 3):
+            fs.unlink(f"/d/{n}")
+            model["d"].discard(n)
+        for k in range(0, 20, 2):
+            fs.rmdir(f"/d/sub{k}")
+            model["d"].discard(f"sub{k}")
+    check(img, model)
+    with xipfs.open(img, "r+") as fs:
+        again = [f"again{i:04d}" for i in range(300)]
+        fill(fs, "/d", again)
+        model["d"].update(again)
+    check(img, model)
+
+
+def _htree_shape(img: str, d: str) -> list[tuple]:
+    """What ``debugfs -R "htree /d"`` shows, inode numbers left out: every index entry (hash,
+    block) and every leaf's names with their rec_len, in the order it walks them."""
+    out = run(["debugfs", "-R", f"htree /{d}", img]).stdout.decode()
+    shape: list[tuple] = []
+    for line in out.splitlines():
+        if m := re.match(r"\s*Entry #\d+: Hash (0x[0-9a-f]+), block (\d+)", line):
+            shape.append(("entry", m.group(1), int(m.group(2))))
+        elif m := re.match(r"Reading directory block (\d+)", line):
+            shape.append(("leaf", int(m.group(1))))
+        else:
+            shape += [("name", e.group(2), int(e.group(1)))
+                      for e in re.finditer(r"\d+ 0x[0-9a-f]{8}-[0-9a-f]{8} \((\d+)\) (\S+)", line)]
+    return shape
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("variant", ["1k-csum", "4k-csum", "4k-nocsum"])
+def test_same_blocks_as_linux(ext4_writable: None, work: str, variant: str) -> None:
+    """The same names created in a new directory by Linux (a loop mount) and by xipfs, on two
+    copies of one image, give the same index and leaves, entry for entry: the conversion of
+    the first block, the leaf splits and (1 KiB blocks) the second level."""
+    if not IS_ROOT:
+        pytest.skip("Linux fills the directory through a loop mount, which needs root")
+    bs = 1024 if variant.startswith("1k") else 4096
+    pristine = mkfs(os.path.join(work, "pristine"), "32M", bs=bs, fstype="ext4",
+                    extra=() if variant.endswith("-csum") else ("-O", "^metadata_csum"))
+    pad = "z" * 40 if bs == 1024 else ""            # 1 KiB: longer names, to reach a second level
+    names = [f"n{i:05d}-" + "abcdefghij"[:i % 11] * (i % 5) + pad for i in range(1500)]
+    linux, ours = os.path.join(work, "linux"), os.path.join(work, "ours")
+    shutil.copyfile(pristine, linux)
+    shutil.copyfile(pristine, ours)
+    with mounted(linux, options="rw") as mnt:
+        os.mkdir(os.path.join(mnt, "d"))
+        for n in names:
+            os.close(os.open(os.path.join(mnt, "d", n), os.O_CREAT | os.O_WRONLY, 0o644))
+    with xipfs.open(ours, "r+") as fs:
+        fs.mkdir("/d")
+        fill(fs, "/d", names)
+    assert _htree_shape(ours, "d") == _htree_shape(linux, "d")
+    if bs == 1024:
+        assert levels(ours, "d") == 1
+    check(ours, {"d": set(names)}, sample=200)
+
+
+@pytest.mark.parametrize("case", ["ext2-mke2fs", "ext2-xipfs", "ext4-no-dir_index"])
+def test_stays_linear(ext4_writable: None, work: str, case: str) -> None:
+    """Where Linux's driver would not index (ext2 images, as the ext2 driver; ext4 without
+    dir_index) a new directory grows block by block, unindexed, as before."""
+    if case == "ext4-no-dir_index":
+        img = new_ext4(work, "mke2fs", 1024, ("^dir_index",))
+    else:
+        img = new_ext4(work, case.split("-")[1], 1024, fstype="ext2")
+    names = [f"plain{i:05d}" for i in range(400)]
+    with xipfs.open(img, "r+") as fs:
+        fs.mkdir("/d")
+        fill(fs, "/d", names)
+        node = namei.resolve(fs.volume, "/d")
+        assert not node.flags & L.FL_INDEX
+        assert node.size > 3 * fs.volume.bs
+    assert_fsck_clean(img)
+    with xipfs.open(img, "r") as fs:
+        assert set(fs.listdir("/d")) == set(names)
+
+
+def test_second_and_third_level(ext4_writable: None, work: str) -> None:
+    """1 KiB blocks, 255-byte names, large_dir: a new directory is indexed, grows a second
+    index level, then a third (hard links to one file keep it quick); names removed after."""
+    img = new_ext4(work, "xipfs", 1024, ("large_dir",), size=48 << 20)
+    seen: list[int] = []
+    names: set[str] = set()
+    with xipfs.open(img, "r+") as fs:
+        fs.mkdir("/d")
+        fs.write_bytes("/target", b"")
+        node = namei.resolve(fs.volume, "/d")
+        for i in range(40000):
+            n = f"{i:06d}-" + "L" * 248
+            fs.link("/target", f"/d/{n}")
+            names.add(n)
+            if node.flags & L.FL_INDEX and (i % 50 == 0 or seen[-1:] == [1]):
+                depth = root_of(fs, "/d").indirect_levels
+                if seen[-1:] != [depth]:
+                    seen.append(depth)
+                if depth == 2:
+                    break
+        assert seen == [0, 1, 2]
+        for n in random.Random(7).sample(sorted(names), 2000):
+            fs.unlink(f"/d/{n}")
+            names.discard(n)
+    assert levels(img, "d") == 2
+    check(img, {"d": names}, sample=300)
+
+
+def _conversion_stores(img: str, name: str) -> tuple[int, int]:
+    """Add ``/d/name`` (the add that indexes /d) in this process, counting device stores:
+    ``(link, root, flag)``, the indexes of the stores that link the two new leaves (the
+    directory's inode), rewrite block 0 as the root, and set the index flag (the inode again)."""
+    stores: list[tuple[int, int]] = []
+    with xipfs.open(img, "r+") as fs:
+        vol = fs.volume
+        d = namei.resolve(vol, "/d")
+        at_inode, at_root = vol.inode_offset(d.ino), d.map.bmap(0) * vol.bs
+        dev = vol.device
+        for attr in ("write", "write_new"):
+            orig = getattr(dev, attr)
+
+            def hooked(data, offset, *a, _orig=orig, **k):  # type: ignore[no-untyped-def]
+                stores.append((offset, len(data)))
+                return _orig(data, offset, *a, **k)
+            setattr(dev, attr, hooked)
+        fs.write_bytes(f"/d/{name}", b"")
+        for attr in ("write", "write_new"):
+            delattr(dev, attr)
+    root = stores.index((at_root, vol.bs))
+    inode_stores = [i for i, (off, _) in enumerate(stores) if off == at_inode]
+    link = max(i for i in inode_stores if i < root)
+    return link, root
+
+
+@pytest.mark.parametrize("csum", [True, False], ids=["csum", "nocsum"])
+def test_kill_while_indexing(ext4_writable: None, work: str, csum: bool) -> None:
+    """A writer killed after each store of the add that indexes a full one-block directory:
+    e2fsck repairs the image and every name there before is there once. Between the store that
+    links the new leaves and the one that makes block 0 the root, every name is in the
+    directory twice, which needs ``e2fsck -y`` (as a leaf split does); any other instant is
+    ``e2fsck -p`` clean."""
+    img = new_ext4(work, "mke2fs", 1024, () if csum else ("^metadata_csum",), size=8 << 20)
+    names = [f"k{i:04d}-" + "w" * (i % 13) for i in range(200)]
+    probe = os.path.join(work, "probe")
+    with xipfs.open(img, "r+") as fs:
+        fs.mkdir("/d")
+    shutil.copyfile(img, probe)
+    with xipfs.open(probe, "r+") as fs:
+        node = namei.resolve(fs.volume, "/d")
+        at = 0
+        while not node.flags & L.FL_INDEX:
+            fs.write_bytes(f"/d/{names[at]}", b"")
+            at += 1
+        at -= 1                                     # the add that indexed /d
+    with xipfs.open(img, "r+") as fs:
+        fill(fs, "/d", names[:at])
+    before = set(names[:at])
+    pristine = os.path.join(work, "pristine")
+    shutil.copyfile(img, pristine)
+    shutil.copyfile(pristine, probe)
+    link, root = _conversion_stores(probe, names[at])
+    needed_y = []
+    for after in range(100):
+        shutil.copyfile(pristine, img)
+        if _run_killed(img, names[at], after) == "done":
+            break
+        rc, out = e2fsck(img, "-fp")
+        if rc >= 4:
+            needed_y.append(after)
+            rc, out = e2fsck(img, "-fy")
+        assert rc in (0, 1), f"killed after {after} stores: {out}"
+        assert_fsck_clean(img)
+        with xipfs.open(img, "r") as fs:
+            got = fs.listdir("/d")
+        assert len(got) == len(set(got)) and before <= set(got) <= before | {names[at]}, after
+    else:
+        raise AssertionError("the add never ended")
+    assert needed_y == list(range(link + 1, root + 1))
+
+
+def test_directory_past_4gib_stores_i_size_high(ext4_writable: None, work: str) -> None:
+    """large_dir: a directory's size past 4 GiB keeps its high word (``i_size_high``) when the
+    inode is encoded, as ``ext4_isize_set`` stores it, and reads back whole."""
+    img = new_ext4(work, "xipfs", 1024, ("large_dir",), size=8 << 20)
+    with xipfs.open(img, "r+") as fs:
+        fs.mkdir("/d")
+        vol = fs.volume
+        d = namei.resolve(vol, "/d")
+        real = d.size
+        d.size = (5 << 30) + real                 # (in memory only: the image keeps its size)
+        raw = d.encode()
+        d.size = real
+        d.encode()
+        assert Inode(vol, d.ino, raw).size == (5 << 30) + real
+    assert_fsck_clean(img)

@@ -7,6 +7,7 @@ by name once, on first use, so that each later lookup is one dict access.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptImageError
 from . import layout as L
 from .csum import crc32c_raw, inode_seed
-from .htree import candidate_blocks
+from .dirhash import DX_HASH_TEA, hash_version, hasher
+from .htree import candidate_blocks, new_root, root_limit
 
 if TYPE_CHECKING:
     from .inode import Inode
@@ -189,6 +191,16 @@ class DirSpace:
             pos += rec_len
         self.tail[lblk] = last
         self.gap[lblk] = gap
+
+    def relearn(self, blocks: Iterable[tuple[int, memoryview]]) -> None:
+        """Forget everything and learn ``blocks`` again: the directory was laid out anew."""
+        self.tail.clear()
+        self.gap.clear()
+        self.where.clear()
+        self.device_blocks.clear()
+        self.full = 0
+        for lblk, buf in blocks:
+            self.scan(lblk, buf)
 
     def removed(self, lblk: int, buf: memoryview | bytes, kept: int) -> None:
         """The entry after the one at ``kept`` was just merged into it (or, ``kept`` being 0
@@ -501,3 +513,82 @@ def _scan_leaf(buf: memoryview, key: bytes, bs: int, vol: Volume, ino: int,
                     return child, ftype if vol.filetype else 0
         i = data.find(key, i + 1)
     return None
+
+
+# -- a full one-block directory becomes an htree ------------------------------------------------
+def indexes_dirs(vol: Volume) -> bool:
+    """Whether directories on ``vol`` get and keep an htree as they grow, as Linux ext4 does:
+    dir_index on an ext4 image (extents or metadata_csum). ext2 drops indexes instead."""
+    return vol.sb.has_compat(L.COMPAT_DIR_INDEX) and bool(vol.extents or vol.sb.metadata_csum)
+
+
+#: Directories that stay linear: already indexed, inline, or hashed in ways xipfs does not.
+_NOT_INDEXED = L.FL_INDEX | L.FL_INLINE_DATA | L.FL_ENCRYPT | L.FL_CASEFOLD
+
+
+def make_indexed_dir(vol: Volume, d: Inode, space: DirSpace) -> bool:
+    """Turn one-block directory ``d``, full, into an htree as Linux ``make_indexed_dir`` does, so
+    that it grows indexed: block 0 becomes the root (``.``, ``..``, dx_root_info), its entries
+    split by hash into two new leaves (``do_split``). False, nothing changed, where Linux keeps
+    the directory linear (no dir_index, not one block) or where xipfs cannot index it.
+
+    The caller adds its name through the index after. Two stores once the leaves are written:
+    the inode links them and takes the index flag, then block 0 becomes the root. Between the
+    two every name is there twice under a root that is not one yet, which ``e2fsck -y``
+    repairs without loss (as between the stores of a leaf split); any other instant is clean.
+    """
+    bs = vol.bs
+    sb = vol.sb
+    version = sb.s_def_hash_version
+    if d.size != bs or d.flags & _NOT_INDEXED or not indexes_dirs(vol) or version > DX_HASH_TEA:
+        return False
+    pblk0 = _dblock0(vol, d, space)
+    block0 = bytes(vol.device.view(pblk0 * bs, bs))
+    end = dir_end(vol)
+    dot, dot_rec, dot_len, _ = _DIRENT(block0, 0)
+    dotdot, dotdot_rec, dotdot_len, _ = _DIRENT(block0, 12)
+    if (dot != d.ino or dot_rec != 12 or dot_len != 1 or block0[8:9] != b"."
+            or not dotdot or dotdot_len != 2 or block0[20:22] != b".."):
+        return False
+    live = leaf_entries(block0, end)[2:]
+    if len(live) < 2:
+        return False
+    # Linux moves the entries after '..' to the start of a leaf, the last one's rec_len reaching
+    # the leaf's end; then dx_make_map, dx_sort_map and do_split: the upper hashes move on.
+    sizes = [e[3] for e in live]
+    sizes[-1] += 12 + dotdot_rec
+    name_hash = hasher(hash_version(version, sb.s_flags), sb.s_hash_seed)
+    order = sorted((name_hash(e[0])[0], i) for i, e in enumerate(live))
+    split = split_at([sizes[i] for _, i in order], bs)
+    hash2 = order[split][0]
+    continued = int(hash2 == order[split - 1][0])
+    moved = {i for _, i in order[split:]}
+    leaf1 = pack_leaf([e[:3] for i, e in enumerate(live) if i not in moved], end, bs)
+    leaf2 = pack_leaf([live[i][:3] for _, i in order[split:]], end, bs)
+    if leaf1 is None or leaf2 is None:
+        raise CorruptImageError("directory entries do not fit a leaf", f"directory inode {d.ino}")
+    leaves = bytes(seal_leaf(vol, d, leaf1)) + bytes(seal_leaf(vol, d, leaf2))
+    seed = inode_seed(sb.csum_seed, d.ino, d.generation) if sb.metadata_csum else None
+    root = new_root(block0, bs, version, root_limit(bs, seed is not None), [hash2 + continued], [1, 2], seed)
+    from . import data as D
+
+    def fill(lblk: int, count: int, pblk: int) -> None:
+        vol.device.write(leaves[(lblk - 1) * bs:(lblk - 1 + count) * bs], pblk * bs)
+    if d.map.assign(1, 3, fill) < 2:
+        D.set_size(vol, d, bs)
+        D.drop_blocks(vol, d, 1)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    D.set_size(vol, d, 3 * bs)
+    d.flags |= L.FL_INDEX
+    vol.write_inode(d)                                  # 1. leaves linked, index on (names twice)
+    vol.device.write(root, pblk0 * bs)                  # 2. block 0 is the root: a whole htree
+    d._dx = None
+    space.relearn(dir_blocks(vol, d))
+    return True
+
+
+def _dblock0(vol: Volume, d: Inode, space: DirSpace) -> int:
+    pblk = space.device_blocks.get(0) or d.map.bmap(0)
+    if not pblk:
+        raise CorruptImageError("hole at block 0 of a directory", f"directory inode {d.ino}")
+    return pblk

@@ -33,7 +33,7 @@ __all__ = [
     "DxNode", "DxTree", "ReadBlock", "root_limit", "node_limit", "max_depth", "parse_root",
     "parse_node", "dx_csum", "verify_dx_csum", "name_hash", "leaves_for_hash", "candidate_blocks",
     "walk", "index_blocks", "dx_leaf_blocks", "is_index_block", "dx_probe", "pack_index", "new_node",
-    "rewrite_index", "insert_entry", "split_node",
+    "rewrite_index", "insert_entry", "split_node", "new_root",
 ]
 
 ReadBlock = Callable[[int], "bytes | bytearray | memoryview"]
@@ -484,6 +484,20 @@ def new_node(bs: int, limit: int, hashes: Sequence[int], blocks: Sequence[int],
     buf = bytearray(bs)
     L.DIRENT.struct.pack_into(buf, 0, 0, min(bs, 65535), 0, 0)   # 65535: a whole 64 KiB block
     return bytes(pack_index(buf, NODE_ENTRIES_OFFSET, limit, hashes, blocks, csum_seed))
+
+
+def new_root(dots: bytes | bytearray | memoryview, bs: int, hash_version: int, limit: int,
+             hashes: Sequence[int], blocks: Sequence[int], csum_seed: int | None = None) -> bytes:
+    """A whole root block for a directory being indexed (Linux ``make_indexed_dir``): its ``.``
+    and ``..`` entries (the old block's first 24 bytes) kept, ``..`` stretched over the rest,
+    dx_root_info of ``hash_version`` with no indirect levels, then the entries (and dx tail)."""
+    if len(dots) < ROOT_INFO_OFFSET:
+        raise ValueError(f"'.' and '..' take {ROOT_INFO_OFFSET} bytes, not {len(dots)}")
+    buf = bytearray(bs)
+    buf[:ROOT_INFO_OFFSET] = dots[:ROOT_INFO_OFFSET]
+    L.DIRENT.codes["rec_len"].pack_into(buf, 12 + L.DIRENT.offsets["rec_len"], bs - 12)
+    L.DX_ROOT_INFO.struct.pack_into(buf, ROOT_INFO_OFFSET, 0, hash_version, 8, 0, 0)
+    return bytes(pack_index(buf, ROOT_ENTRIES_OFFSET, limit, hashes, blocks, csum_seed))
 
 
 def rewrite_index(old: bytes | bytearray | memoryview, node: DxNode, hashes: Sequence[int],

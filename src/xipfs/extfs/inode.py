@@ -110,7 +110,7 @@ def encode_inode(isize: int, mode: int, uid: int, gid: int, size: int, links: in
     raw = bytearray(base)
     _HEAD.pack_into(raw, 0, mode, uid & 0xFFFF, size & 0xFFFFFFFF, a_s, c_s, m_s, dtime,
                     gid & 0xFFFF, links, blocks, flags)
-    if S_ISREG(mode):
+    if S_ISREG(mode) or size >> 32:         # a directory past 4 GiB (large_dir) too, as ext4_isize_set
         _MIDDLE.pack_into(raw, _AT_BLOCK, i_block, generation, file_acl, size >> 32)
     else:                                   # i_size_high is i_dir_acl elsewhere: keep it
         _MIDDLE_NO_SIZE_HIGH.pack_into(raw, _AT_BLOCK, i_block, generation, file_acl)

@@ -39,8 +39,10 @@ from .dir import (
     empty_dir_block,
     encode_entry,
     htree_lookup,
+    indexes_dirs,
     insert_into_block,
     leaf_entries,
+    make_indexed_dir,
     pack_leaf,
     rec_len_of,
     remove_from_block,
@@ -120,8 +122,7 @@ def keeps_index(vol: Volume, d: Inode) -> bool:
     is indexed, the filesystem has dir_index, and it is an ext4 image (extents or
     metadata_csum). On ext2 without checksums a change drops the flag instead, as Linux's
     ext2 driver does (:func:`_unindex`)."""
-    return (bool(d.flags & L.FL_INDEX) and vol.sb.has_compat(L.COMPAT_DIR_INDEX)
-            and (vol.extents or vol.sb.metadata_csum))
+    return bool(d.flags & L.FL_INDEX) and indexes_dirs(vol)
 
 
 def _unindex(vol: Volume, d: Inode) -> None:
@@ -327,6 +328,8 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str 
         _unindex(vol, d)
     need = (len(name) + 11) & ~3                # rec_len_of, inline: this is the create hot path
     lblk, kind = space.find_slot(need)
+    if lblk < 0 and make_indexed_dir(vol, d, space):   # ext4: a full one-block directory gets an htree
+        return add_entry(vol, d, name, ino, mode, key)   # ... and the name goes in through it
     if lblk < 0:
         lblk = d.size // bs
         block = seal_leaf(vol, d, encode_block(dir_end(vol), name, ino, ftype).ljust(bs, b"\0"))

@@ -18,10 +18,12 @@ index and the blocks disagree (a block not referenced yet, or entries in two blo
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import struct
 import time
+from collections.abc import Callable
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, S_ISDIR, S_ISLNK
 from typing import TYPE_CHECKING
 
@@ -141,6 +143,17 @@ def _unindex(vol: Volume, d: Inode) -> None:
 
 
 # -- htree directories: the index kept as Linux ext4_dx_add_entry keeps it ----------------------
+#: Where dx_root_info's hash_version lies in block 0 of an indexed directory.
+_ROOT_HASH_VERSION_AT = 24 + L.DX_ROOT_INFO.offsets["hash_version"]
+
+
+@functools.cache
+def _cached_hasher(version: int, seed: bytes) -> Callable[[bytes], tuple[int, int]]:
+    """The directory hash for ``version`` and ``s_hash_seed``, remembering recent names: a leaf
+    that splits sorts names mostly added just before, whose hashes are then not computed again."""
+    return functools.lru_cache(maxsize=1 << 16)(hasher(version, seed))
+
+
 class _Dx:
     """One indexed directory being changed: its geometry, checksum seed, hash, and block I/O."""
 
@@ -158,8 +171,9 @@ class _Dx:
         #: what is read when the volume verifies checksums.
         self.seed = inode_seed(sb.csum_seed, d.ino, d.generation) if sb.metadata_csum else None
         self.verify_seed = self.seed if vol.verify else None
-        frames, _ = self.probe(0)
-        self.hash = hasher(hash_version(frames[0][0].hash_version, sb.s_flags), sb.s_hash_seed)
+        # dx_root_info's hash_version, after "." and ".." (the probe that follows checks the root)
+        self.hash = _cached_hasher(hash_version(self.read(0)[_ROOT_HASH_VERSION_AT], sb.s_flags),
+                                   bytes(sb.s_hash_seed))
 
     def read(self, lblk: int) -> memoryview:
         """Directory block ``lblk`` as it is now."""

@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -343,8 +344,9 @@ def test_a_pending_journal_is_replayed_into_the_image_by_a_writer(small_tree, wo
     ("ext2", ("-O", "inline_data"), "inline_data"),
 ])
 @BOTH
-def test_ext4_features_are_read_and_not_written(small_tree, workdir, fstype, opts, feature, xip):
-    """ext4's formats are read (the tree as it went in); writing them is refused, naming why."""
+def test_ext4_features_are_read_and_written(small_tree, workdir, fstype, opts, feature, xip):
+    """ext4's formats are read (the tree as it went in) and written (e2fsck-clean after), each
+    alone on an otherwise ext2 image too; XIPFS_EXT4_WRITE=0 refuses the writing, naming why."""
     src, nodes = small_tree
     img = mkfs(os.path.join(workdir, "img"), "48M", src=src, bs=1024, fstype=fstype, extra=opts)
     assert_fsck_clean(img, exit_only=True)
@@ -357,9 +359,20 @@ def test_ext4_features_are_read_and_not_written(small_tree, workdir, fstype, opt
                 treegen.check_against_kernel(fs, kernel_snapshot(mnt))
         else:
             treegen.check_against_tree(fs, nodes, 1024)
-    with pytest.raises(OSError) as exc:
-        xipfs.open(img, "r+")
-    assert exc.value.errno == errno.EROFS and feature in str(exc.value)
+    data = os.urandom(70_000)
+    with xipfs.open(img, "r+", xip=xip) as fs:
+        fs.write_bytes("/written", data)
+        fs.mkdir("/lost+found/d")
+        fs.write_bytes("/lost+found/d/small", b"s")
+    assert_fsck_clean(img)
+    with open_image(img, xip) as fs:
+        assert fs.read_bytes("/written") == data and fs.read_bytes("/lost+found/d/small") == b"s"
+        if feature != "inline_data":
+            treegen.check_against_tree(fs, nodes, 1024, root_extra=(b"lost+found", b"written"))
+    code = "import sys, xipfs\ntry:\n xipfs.open(sys.argv[1], 'r+')\nexcept OSError as e:\n print(e.errno, e)"
+    out = subprocess.run([sys.executable, "-c", code, img], capture_output=True, text=True, check=True,
+                         env={**os.environ, "XIPFS_EXT4_WRITE": "0"}).stdout
+    assert out.startswith(f"{errno.EROFS} ") and feature in out
 
 
 @BOTH

@@ -713,7 +713,7 @@ class ExtentMap:
             goal = ents[0].pblk - (ents[0].lblk - lblk)
         vol = self.volume
         if not vol.first_data_block < goal < vol.blocks_count:
-            goal = vol.inode_group_goal(self.inode.ino)
+            goal = vol.inode_group_goal(self.inode.ino, self.inode.is_reg)
         return goal
 
     # -- internals: changing the tree ---------------------------------------------------------

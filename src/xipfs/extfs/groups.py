@@ -59,6 +59,12 @@ class GroupDesc:
         return self.raw
 
 
+def flex_groups(sb: Superblock) -> int:
+    """Groups per flex group (``ext4_flex_bg_size``): 1 without flex_bg or below two."""
+    log = sb.s_log_groups_per_flex if sb.has_incompat(L.INCOMPAT_FLEX_BG) else 0
+    return 1 << log if 1 <= log < 32 else 1
+
+
 def desc_checksum(sb: Superblock, g: int, raw: bytes | memoryview) -> int:
     """What group ``g``'s descriptor checksum should be: crc32c (metadata_csum) or the crc16 of
     uninit_bg, over the descriptor with its checksum field left out."""

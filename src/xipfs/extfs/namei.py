@@ -466,13 +466,14 @@ def set_dotdot(vol: Volume, d: Inode, parent: int) -> None:
 
 # -- inodes -------------------------------------------------------------------------------------
 
-def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int) -> Inode:
-    """Allocate and write a fresh inode with no links yet.
+def new_inode(vol: Volume, parent: Inode, mode: int, uid: int, gid: int, name: bytes | None = None) -> Inode:
+    """Allocate and write a fresh inode with no links yet (``name``: what it will be called,
+    which spreads top-level directories over the flex groups as Linux does).
 
     It becomes live when a name links to it. Until it is written, its slot holds zeros or a
     deleted inode, which e2fsck -p treats as free: a kill in between only leaks the bit.
     """
-    ino = vol.ialloc.alloc(parent.ino, S_IFMT(mode) == S_IFDIR)
+    ino = vol.ialloc.alloc(parent.ino, S_IFMT(mode) == S_IFDIR, name)
     isize = vol.isize
     node = Inode(vol, ino, vol.zero_inode)
     now = time.time_ns()
@@ -533,7 +534,7 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
         raise fs_error(errno.EMLINK)
     if content is not None and 0 < len(content) <= L.N_DIRECT * vol.bs:
         return vol.inode(create_small(vol, d, name, mode, uid, gid, content))
-    node = new_inode(vol, d, mode, uid, gid)
+    node = new_inode(vol, d, mode, uid, gid, name)
     try:
         _fill_new(vol, d, node, is_dir, rdev, target, content)
         add_entry(vol, d, name, node.ino, mode)
@@ -601,7 +602,7 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
     ino = vol.ialloc.alloc(d.ino, False)
     vol.forget(ino)                                      # a free inode someone looked at
     try:
-        runs = vol.balloc.alloc(vol.inode_group_goal(ino), count, whole=True)
+        runs = vol.balloc.alloc(vol.inode_group_goal(ino, True), count, whole=True)
     except BaseException:
         vol.ialloc.free(ino, False)
         raise

@@ -23,7 +23,7 @@ from ..device import Device
 from ..errors import CorruptImageError
 from . import layout as L
 from .dir import DirIndex, DirSpace, build_index
-from .groups import metadata_zones, read_group_descriptors
+from .groups import flex_groups, metadata_zones, read_group_descriptors
 from .inode import Inode, seal_inode, verify_inode
 from .mount import mount, unmount
 from .recovery import needs_recovery, recover_in_place, replay_journal
@@ -100,6 +100,8 @@ class Volume:
         self.itable_used = [self.ipg if not uninit_ok else 0 if gd.flags & L.BG_INODE_UNINIT
                             else self.ipg - gd.itable_unused for gd in self.groups]
         self._zone_starts, self._zone_ends = metadata_zones(self.sb, self.groups)
+        #: Groups per flex group (1: no flex_bg).
+        self.flex = flex_groups(self.sb)
         #: metadata_csum: ``ino -> (generation, checksum seed)`` of directories written to.
         self.seeds: dict[int, tuple[int, int]] = {}
         self._inodes: dict[int, Inode] = {}
@@ -157,9 +159,18 @@ class Volume:
         node._stat = None
         self.dirty_inodes[node.ino] = node
 
-    def inode_group_goal(self, ino: int) -> int:
-        """The first block of inode ``ino``'s group: where its data should start looking."""
-        return self.first_data_block + (ino - 1) // self.ipg * self.bpg
+    def inode_group_goal(self, ino: int, regular: bool = False) -> int:
+        """Where inode ``ino``'s data should start looking: the first block of its group, or
+        with flex groups of 4 or more that of its flex group, the group after it for a
+        regular file (Linux ``ext4_inode_to_goal_block``: the first group is left to the
+        directories and the flex group's metadata)."""
+        g = (ino - 1) // self.ipg
+        flex = self.flex
+        if flex >= 4:
+            g &= ~(flex - 1)
+            if regular and g + 1 < len(self.groups):
+                g += 1
+        return self.first_data_block + g * self.bpg
 
     # -- metadata zones -----------------------------------------------------------------------
     def check_data_run(self, pblk: int, count: int, ino: int, what: str = "data block") -> None:

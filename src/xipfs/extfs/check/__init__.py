@@ -21,10 +21,14 @@ e2fsck finds clean gives no problem here (a device inode with block pointers, sa
 problem with the immutable or append-only flag, as in e2fsck). On ext4 (:mod:`.ext4`): 64-byte and
 meta_bg descriptors, flex_bg placement, uninit groups and ``itable_unused`` (inodes past it are not
 read, as e2fsck), bigalloc clusters, extent trees (walked by the read side's validating walker),
-inline data, the checksums of the superblock, descriptors, inodes, extent blocks, directory leaves
-and htree nodes, the journal superblock's header. Not checked: htree hash ranges (the name hashes
-themselves), the journal's contents, the orphan file's blocks, bitmap checksums, ea_inode
-references. Codes in :data:`MINOR_CODES` are reported by e2fsck without counting as errors.
+inline data, the checksums of the superblock, descriptors, inodes, extent blocks, directory leaves,
+htree nodes and bitmaps, the journal superblock's header, and values in EA inodes (ea_inode: the
+inode each entry names, its flag, value hash and size, the value's clusters in its owner's
+``i_blocks``, and in pass 4 the reference counts; of these only the size, which Linux requires,
+is checked beyond e2fsck 1.47.0). Not checked: htree hash ranges (the name hashes themselves), the
+journal's contents, the orphan file's blocks, an EA inode's data against its value hash (e2fsck
+does not read it either). Codes in :data:`MINOR_CODES` are reported by e2fsck without counting as
+errors.
 
 The image is never written. Problems come back as data (:class:`Problem`); only a superblock too
 broken to describe a filesystem raises :class:`~xipfs.CorruptImageError`. Work is bounded on any

@@ -100,13 +100,27 @@ class DirInfo(NamedTuple):
 
 
 class XattrRef:
-    """An xattr block's reference count as stored, and the references pass 1 saw."""
+    """An xattr block's reference count as stored, the references pass 1 saw, and the clusters
+    of the values it keeps in EA inodes (charged to every inode that shares the block)."""
 
-    __slots__ = ("refcount", "seen")
+    __slots__ = ("refcount", "seen", "quota")
 
     def __init__(self, refcount: int) -> None:
         self.refcount = refcount
         self.seen = 1
+        self.quota = 0
+
+
+class EaInode:
+    """An inode in use with EXT4_EA_INODE_FL, as pass 4 needs it: its stored reference count
+    (``i_ctime << 32 | l_i_version``) and whether it is a legacy Lustre EA inode (``i_ctime ==
+    i_atime``, no reference count kept)."""
+
+    __slots__ = ("refcount", "lustre")
+
+    def __init__(self, refcount: int, lustre: bool) -> None:
+        self.refcount = refcount
+        self.lustre = lustre
 
 
 class Context:
@@ -118,12 +132,12 @@ class Context:
         "fdb", "first_ino", "desc_blocks", "itable_blocks", "apb", "unpack_map", "filetype",
         "piece_bytes", "problems", "run_chunks", "_buffer", "_fd",
         # ext4: formats in use, checksums, clusters, inodes with their own rules
-        "extents", "inline", "csum", "gdt_csum", "csum_seed", "ratio", "special",
+        "extents", "inline", "csum", "gdt_csum", "csum_seed", "ratio", "special", "ea_inode",
         # pass 0
         "gd", "bb_ok", "ib_ok", "it_ok", "meta", "used",
         # pass 1
         "iused", "itype", "bad", "links", "inode_structs", "runs", "dirs", "claims", "ea_refs",
-        "claim_budget", "low_dtime_check",
+        "claim_budget", "low_dtime_check", "ea_inodes", "ea_inode_refs",
         # pass 2
         "refs", "more_refs", "parent", "dotdot", "names", "expected",
     )
@@ -156,6 +170,8 @@ class Context:
         self.gdt_csum: bool = self.csum or bool(getattr(sb, "gdt_csum", False))
         self.csum_seed: int = getattr(sb, "csum_seed", 0) if self.csum else 0
         self.ratio: int = getattr(sb, "cluster_ratio", 1) or 1
+        #: ext4 ea_inode: xattr values may live in inodes of their own
+        self.ea_inode: bool = sb.has_incompat(L.INCOMPAT_EA_INODE)
         #: inodes past s_first_ino that no directory names (orphan file, quota files)
         self.special: set[int] = {f.get(k, 0) for k in ("s_orphan_file_inum", "s_usr_quota_inum",
                                                        "s_grp_quota_inum", "s_prj_quota_inum")} - {0}
@@ -200,6 +216,11 @@ class Context:
         self.ea_refs: dict[int, XattrRef] = {}
         self.claim_budget = 4 * self.nblocks + 64
         self.low_dtime_check = False
+        #: inodes in use with EXT4_EA_INODE_FL (see EaInode)
+        self.ea_inodes: dict[int, EaInode] = {}
+        #: per inode an xattr entry names as its value's (e_value_inum): the references counted,
+        #: one per entry in an inode body and one per entry of each distinct xattr block
+        self.ea_inode_refs: dict[int, int] = {}
         # pass 2
         #: per inode: directory entries naming it (past 65535 the count goes on in ``more_refs``)
         self.refs = array("H")

@@ -64,6 +64,7 @@ from .context import (
     RO_COMPAT_HUGE_FILE,
     Context,
     DirInfo,
+    EaInode,
     nonzero_mask,
     u32,
 )
@@ -90,6 +91,9 @@ _EXTRA_AT = L.INODE.size                     # i_extra_isize, in large inodes
 _FAST_SYMLINK_MAX = 60                       # a target shorter than this is kept in i_block
 _CSUM_LO_AT = L.INODE_LARGE.offsets["i_checksum_lo"]
 _CSUM_HI_AT = L.INODE_LARGE.offsets["i_checksum_hi"]
+_GENERATION_AT = L.INODE.offsets["i_generation"]
+_VERSION_AT = L.INODE.offsets["i_osd1"]      # l_i_version: an EA inode's reference count, low half
+FL_EA_INODE = L.FL_EA_INODE
 
 
 def run(c: Context, bar: Any) -> None:
@@ -244,17 +248,24 @@ def scan_used(c: Context, base: int, table: bytes | bytearray, used: bytearray, 
         flags = v[I_FLAGS]
         if v[I_FADDR] or v[I_BLOCKS_HI] or v[I_FILE_ACL_HIGH] or flags & odd_flags:
             odd_fields(c, ino, v)
+        if flags & FL_EA_INODE:
+            ctime = v[I_CTIME]
+            c.ea_inodes[ino] = EaInode(ctime << 32 | u32(table, off + _VERSION_AT), ctime == v[I_ATIME])
+        nclaimed = 0                           # clusters of xattr values in EA inodes, then blocks
         if large:
             if v[I_EXTRA_ISIZE] != extra_ok:
-                extra_space(c, ino, table, off)
+                nclaimed = extra_space(c, ino, table, off)
             else:
                 if v[I_XATTR_MAGIC] == XATTR_MAGIC:
-                    inode_xattrs(c, ino, table[off + _EXTRA_AT + extra_ok:off + isize])
+                    nclaimed = inode_xattrs(c, ino, table[off + _EXTRA_AT + extra_ok:off + isize],
+                                            u32(table, off + _GENERATION_AT))
                 if (v[I_CTIME_EXTRA] | v[I_MTIME_EXTRA] | v[I_ATIME_EXTRA] | v[I_CRTIME_EXTRA]) & 3 \
                         and negative_epoch(v):
                     report(P.EXTRA_TIME, ino)
         acl = v[I_FILE_ACL]
-        nclaimed = xattr_block(c, ino, acl) * ratio if acl else 0
+        if acl:
+            nclaimed += xattr_block(c, ino, acl, u32(table, off + _GENERATION_AT))
+        nclaimed *= ratio
         if flags & ext4_fl and ft in (REG, DIR, SYMLINK):
             nclaimed = ext4_file(c, ino, v, ft, bytes(table[off:off + isize]), nclaimed)
         elif ft in (REG, DIR):
@@ -408,18 +419,22 @@ def ext4_file(c: Context, ino: int, v: tuple[int, ...], ft: int, raw: bytes, ncl
     return nclaimed
 
 
-def extra_space(c: Context, ino: int, table: bytes | bytearray, off: int) -> None:
-    """i_extra_isize, the xattrs in the inode body, the extra time fields (one inode)."""
+def extra_space(c: Context, ino: int, table: bytes | bytearray, off: int) -> int:
+    """i_extra_isize, the xattrs in the inode body, the extra time fields (one inode); the
+    clusters of the body's values in EA inodes."""
     v = INODE_LARGE.unpack_from(table, off)
     extra = v[I_EXTRA_ISIZE]
     top = c.isize - 128
     if extra and (extra < 4 or extra > top or extra & 3):
         c.report(P.EXTRA_ISIZE, ino, value=extra)
-        return
+        return 0
+    quota = 0
     if extra < top - 4 and u32(table, off + _EXTRA_AT + extra) == XATTR_MAGIC:
-        inode_xattrs(c, ino, table[off + _EXTRA_AT + extra:off + c.isize])
+        quota = inode_xattrs(c, ino, table[off + _EXTRA_AT + extra:off + c.isize],
+                             u32(table, off + _GENERATION_AT))
     if negative_epoch(v):
         c.report(P.EXTRA_TIME, ino)
+    return quota
 
 
 def negative_epoch(v: tuple[int, ...]) -> bool:

@@ -1,4 +1,5 @@
-"""Pass 4: link counts against the references pass 2 counted, as e2fsck's pass4.c."""
+"""Pass 4: link counts against the references pass 2 counted, and (ext4 ea_inode) the reference
+counts of EA inodes against the xattr entries pass 1 counted, as e2fsck's pass4.c."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def run(c: Context) -> None:
     for ino in c.special:                       # the orphan file, quota files: in no directory
         if ino <= c.ninodes:
             refs[ino] = links[ino] = 0
+    if c.ea_inodes:
+        ea_inodes(c)
     if refs == links and not c.more_refs:
         return
     unused = [ino for ino in range(1, c.ninodes + 1) if refs[ino] != links[ino] and not iused[ino]]
@@ -46,3 +49,18 @@ def count_problem(c: Context, ino: int, nlinks: int, counted: int, ft: int) -> N
         if counted == nlinks:
             return
     c.report(P.LINK_COUNT, ino, nlinks=nlinks, counted=counted)
+
+
+def ea_inodes(c: Context) -> None:
+    """EA inodes no directory entry names (e2fsck's check_ea_inode): one that xattr entries name
+    counts as named once, and its stored reference count must be theirs (a legacy Lustre EA
+    inode, ``i_ctime == i_atime``, keeps none); one that no entry names stays unattached."""
+    refs, more, seen = c.refs, c.more_refs, c.ea_inode_refs
+    for ino, ea in c.ea_inodes.items():
+        counted = seen.get(ino, 0)
+        if not counted or ino > c.ninodes or ino in c.special or refs[ino] or more.get(ino) or (
+                ino < c.first_ino and ino != L.ROOT_INO):
+            continue
+        refs[ino] = 1
+        if ea.refcount != counted and not ea.lustre:
+            c.report(P.EA_INODE_REFCOUNT, ino, refcount=ea.refcount, seen=counted)

@@ -18,14 +18,19 @@ pass 0, superblock and group descriptors
 pass 1, inodes and blocks
     ``orphan_dtime``, ``zero_dtime``, ``dtime_set`` (deletion times), ``bad_inode_field`` (fields
     ext2 leaves zero), ``bad_flags``, ``extra_isize``, ``extra_time`` (pre-1970 times encoded as
-    after 2310), ``inode_xattr`` (xattrs in the inode body), ``bad_xattr_block``, ``xattr_block``,
-    ``xattr_refcount``, ``reserved_inode``, ``bad_mode``, ``bad_symlink``, ``bad_device``,
-    ``special_file_size``, ``i_size``, ``i_blocks``, ``dir_empty``, ``htree`` (also pass 2: the
-    index itself), ``bad_block`` (blocks outside the filesystem), ``metadata_collision`` (an
-    indirect block on metadata), ``too_many_blocks`` (a loop in a block map), ``symlink_too_big``,
-    ``dir_too_big``; ext4: ``inode_csum``, ``bad_extent`` (an extent tree that breaks the format),
-    ``extent_csum``, ``inline_data`` (no system.data), ``journal`` (the journal inode and its
-    superblock).
+    after 2310), ``inode_xattr`` (xattrs in the inode body), ``bad_xattr_block``, ``xattr_block``
+    (these two also: a value in an EA inode without the ea_inode feature), ``xattr_refcount``;
+    ext4 ea_inode (an entry whose value is in an inode of its own): ``bad_ea_inode`` (the inode
+    named cannot hold a value, or is no EA inode), ``ea_inode_flag`` (an EA inode without
+    EXT4_EA_INODE_FL), ``ea_inode_hash`` (the entry hash does not match the EA inode's value
+    hash, ``i_atime``), ``ea_inode_size`` (the entry's value size is not the EA inode's
+    ``i_size``; not checked by e2fsck 1.47.0); ``reserved_inode``, ``bad_mode``, ``bad_symlink``,
+    ``bad_device``, ``special_file_size``, ``i_size``, ``i_blocks``, ``dir_empty``, ``htree``
+    (also pass 2: the index itself), ``bad_block`` (blocks outside the filesystem),
+    ``metadata_collision`` (an indirect block on metadata), ``too_many_blocks`` (a loop in a block
+    map), ``symlink_too_big``, ``dir_too_big``; ext4: ``inode_csum``, ``bad_extent`` (an extent
+    tree that breaks the format), ``extent_csum``, ``inline_data`` (no system.data), ``journal``
+    (the journal inode and its superblock).
 pass 1b, blocks claimed twice
     ``dup_block``.
 pass 2, directories
@@ -36,7 +41,9 @@ pass 2, directories
 pass 3, connectivity
     ``no_root``, ``unconnected_dir``, ``dir_loop``, ``dotdot_mismatch``.
 pass 4, link counts
-    ``unattached_inode``, ``link_count``, ``dir_nlink``.
+    ``unattached_inode``, ``link_count``, ``dir_nlink``; ext4: ``ea_inode_refcount`` (an EA
+    inode's reference count against the xattr entries naming it; an EA inode no entry names is an
+    ``unattached_inode``).
 pass 5, bitmaps and counts
     ``block_bitmap_differs``, ``inode_bitmap_differs``, ``bitmap_padding``, ``free_blocks_count``,
     ``free_inodes_count``, ``dirs_count``, ``bitmap_csum`` (ext4), and the minor ``sb_free_blocks_count``,
@@ -176,6 +183,17 @@ XATTR_BLOCK_HASH = _kind("xattr_block", _XB + "entry hash 0x{hash:08x} is wrong"
 XATTR_BLOCK_OVERRUN = _kind("xattr_block", _XB + "entry list overruns the block")
 XATTR_REFCOUNT = _kind("xattr_refcount", "xattr block {block} has reference count {refcount}, should be "
                        "{seen}")
+# ext4 ea_inode: an entry whose value is in an inode of its own (e2fsck's check_large_ea_inode)
+_EA = "xattr {name} of inode {ino}"
+EA_INODE_OUTSIDE = _kind("bad_ea_inode", _EA + " has its value in inode {target}, which cannot hold one")
+EA_INODE_NOT_EA = _kind("bad_ea_inode", _EA + " has its value in inode {target}, which is not an EA inode "
+                        "(no EA_INODE flag, and the entry hash does not match it)")
+EA_INODE_NO_FLAG = _kind("ea_inode_flag", _EA + " has its value in EA inode {target}, which lacks the "
+                         "EA_INODE flag")
+EA_INODE_HASH = _kind("ea_inode_hash", _EA + " has entry hash 0x{hash:08x}, which does not match EA inode "
+                      "{target}'s value hash 0x{value_hash:08x}")
+EA_INODE_SIZE = _kind("ea_inode_size", _EA + " has value size {size}, but EA inode {target} holds {isize} "
+                      "bytes")
 RESERVED_NOT_CLEAR = _kind("reserved_inode", "reserved {what} inode {ino} is not in use but is not clear")
 JOURNAL_NOT_REGULAR = _kind("reserved_inode", "the journal inode is not a regular file")
 RESERVED_BAD_MODE = _kind("reserved_inode", "reserved inode {ino} has bad mode 0o{mode:o}")
@@ -283,6 +301,8 @@ UNATTACHED_INODE = _kind("unattached_inode", "inode {ino} ({type}) is in use but
 DIR_NLINK = _kind("dir_nlink", "directory inode {ino} has more than {most} links without the dir_nlink "
                   "feature")
 LINK_COUNT = _kind("link_count", "inode {ino} has link count {nlinks}, should be {counted}")
+EA_INODE_REFCOUNT = _kind("ea_inode_refcount", "EA inode {ino} has reference count {refcount}, but "
+                          "{seen} xattr entries name it")
 
 # -- pass 5: bitmaps and counts -------------------------------------------------------------------
 BLOCKS_MARKED_NOT_USED = _kind("block_bitmap_differs", "blocks marked in use but not used: {numbers}")

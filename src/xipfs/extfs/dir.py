@@ -160,6 +160,7 @@ class DirSpace:
         self.where: dict[bytes, tuple[int, int]] = {}
         self.full = 0                              # blocks below this have no room at all
         self.device_blocks: dict[int, int] = {}    # directory block -> device block
+        self.dx: object = None                     # an indexed directory's state (namei._Dx)
         for lblk, buf in blocks:
             self.scan(lblk, buf)
 
@@ -199,6 +200,7 @@ class DirSpace:
         self.where.clear()
         self.device_blocks.clear()
         self.full = 0
+        self.dx = None
         for lblk, buf in blocks:
             self.scan(lblk, buf)
 

@@ -225,7 +225,9 @@ def _dx_add(vol: Volume, d: Inode, space: DirSpace, name: bytes, ino: int, ftype
     anything points to it, then the one store of the parent switches to it, then the old
     block sheds what moved (until then it holds copies the index no longer leads to).
     """
-    dx = _Dx(vol, d, space)
+    dx = space.dx
+    if not isinstance(dx, _Dx) or dx.d is not d:      # made once per directory being changed
+        dx = space.dx = _Dx(vol, d, space)
     h = dx.hash(name)[0]
     need = rec_len_of(len(name))
     for _ in range(12):            # each round splits one index block, or ends: 3 levels at most

@@ -810,6 +810,18 @@ def test_an_ext4_image_mounts_read_write(work: tuple[str, str], tmp_path: Any) -
                 with open(os.path.join(mp, f"log-{name}"), "ab") as f:
                     f.write(bytes([k]) * 3000)
         os.rename(os.path.join(mp, "log-a"), os.path.join(mp, "copy", "moved"))
+        fd = os.open(os.path.join(mp, "prealloc"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:                                        # ext4: unwritten extents, as Linux's ext4
+            os.posix_fallocate(fd, 0, 3 << 20)
+            assert os.fstat(fd).st_size == 3 << 20
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.fallocate(fd, 1, ctypes.c_long(3 << 20), ctypes.c_long(1 << 20)) == 0   # KEEP_SIZE
+            assert os.fstat(fd).st_size == 3 << 20
+            assert libc.fallocate(fd, 3, ctypes.c_long(0), ctypes.c_long(4096)) == -1     # PUNCH_HOLE
+            assert ctypes.get_errno() == errno.EOPNOTSUPP
+            os.pwrite(fd, b"middle", 1 << 20)
+        finally:
+            os.close(fd)
         shutil.rmtree(os.path.join(mp, "copy", sorted(os.listdir(os.path.join(mp, "copy")))[0]),
                       ignore_errors=True)
         after = mount_listing(mp)
@@ -820,6 +832,12 @@ def test_an_ext4_image_mounts_read_write(work: tuple[str, str], tmp_path: Any) -
     assert no_mtime(image_listing(img)) == no_mtime(after)
     with xipfs.open(img) as fs:
         assert fs.read_bytes("/log-b") == b"".join(bytes([k]) * 3000 for k in range(50))
+        want = bytearray(3 << 20)
+        want[1 << 20:(1 << 20) + 6] = b"middle"
+        assert fs.read_bytes("/prealloc") == want
+        extents = fs._inode("/prealloc").map.extents
+        bs = fs.volume.bs
+        assert any(e.unwritten for e in extents) and extents[-1].lblk + extents[-1].count >= (4 << 20) // bs
 
 
 @pytest.mark.parametrize("writeback", ["1", "0"])

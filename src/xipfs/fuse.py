@@ -551,10 +551,13 @@ class Operations:
         return n, killed
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        """EOPNOTSUPP, whatever the mode, as Linux gives on ext2 (its files have no unwritten
-        extents): ``posix_fallocate`` then writes zeros itself, as it does on a loop mount."""
-        self.file(fh)
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        """On an ext4 file (an extent tree), mode 0 and ``FALLOC_FL_KEEP_SIZE`` as Linux's ext4:
+        unwritten extents that read as zeros. EOPNOTSUPP otherwise, as Linux gives on ext2 and
+        for the modes xipfs does not do (punching holes, zeroing, collapsing ranges):
+        ``posix_fallocate`` then writes zeros itself, as it does on a loop mount."""
+        f = self.file(fh)
+        with self.lock:
+            self.nodes.fallocate(f, mode, offset, length)
 
     def fsync(self, fh: int | None = None) -> None:
         self.nodes.sync()

@@ -36,6 +36,8 @@ FLAGS_VISIBLE = 0x0003DFFF
 FLAGS_MODIFIABLE = 0x000380FF
 FL_IMMUTABLE = L.FL_IMMUTABLE
 FL_APPEND = L.FL_APPEND
+#: ``fallocate(2)``'s "do not change the size" mode.
+FALLOC_FL_KEEP_SIZE = 0x01
 
 #: ``(ino, mode, nlink, uid, gid, rdev, size, blksize, blocks, atime_ns, mtime_ns, ctime_ns)``
 Attrs = tuple[int, int, int, int, int, int, int, int, int, int, int, int]
@@ -302,6 +304,16 @@ class Nodes:
         return XipFile(self.volume, node, f"inode {node.ino}", mode,
                        readable=acc != os.O_WRONLY, writable=writable,
                        append=bool(flags & os.O_APPEND) and not positioned)
+
+    def fallocate(self, f: XipFile, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` on an open file, as Linux: on ext4 (an extent tree) mode 0 and
+        ``FALLOC_FL_KEEP_SIZE`` make unwritten extents; any other mode, and any on ext2, is
+        EOPNOTSUPP (the caller, ``posix_fallocate`` say, then writes zeros itself)."""
+        if mode & ~FALLOC_FL_KEEP_SIZE or not f.node.flags & L.FL_EXTENTS:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        if not f.writable():
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        f.fallocate(offset, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
 
     def sync(self) -> None:
         if not self.readonly:

@@ -181,19 +181,24 @@ def truncate(vol: Volume, node: Inode, size: int) -> None:
         vol.write_inode(node)
 
 
-def fallocate(vol: Volume, node: Inode, offset: int, length: int, zeroed: bool = False) -> None:
+def fallocate(vol: Volume, node: Inode, offset: int, length: int, zeroed: bool = False,
+              keep_size: bool = False) -> None:
     """Give every hole in ``[offset, offset+length)`` a block, zeroed (ext2) or in an unwritten
     extent that reads as zeros (ext4); extend the size to cover it. ``zeroed``: zeroed blocks
-    of data on ext4 too, unwritten extents included (what a writable mapping needs)."""
+    of data on ext4 too, unwritten extents included (what a writable mapping needs).
+    ``keep_size`` (``FALLOC_FL_KEEP_SIZE``, ext4 only): the size stays, blocks past it are
+    unwritten extents that later writes use."""
     if offset < 0 or length <= 0:
         raise fs_error(errno.EINVAL)
+    if keep_size and not node.flags & L.FL_EXTENTS:
+        raise OSError(errno.EOPNOTSUPP, "blocks past the end of the file need an extent tree (ext4)")
     bs = vol.bs
     end = offset + length
     if end > file_size_limit(vol, node):
         raise fs_error(errno.EFBIG)
     if node.flags & L.FL_INLINE_DATA:
         move_out(vol, node)
-    if offset > node.size:
+    if offset > node.size and not keep_size:
         zero_eof_tail(vol, node, offset)
     first, last = offset // bs, (end - 1) // bs + 1
     if node.flags & L.FL_EXTENTS and not zeroed:  # ext4: unwritten extents, nothing written
@@ -203,7 +208,7 @@ def fallocate(vol: Volume, node: Inode, offset: int, length: int, zeroed: bool =
     if got < last - first:
         _give_back(vol, node)
         raise fs_error(errno.ENOSPC)
-    if end > node.size:
+    if end > node.size and not keep_size:
         set_size(vol, node, end)
     node.ctime_ns = time.time_ns()
     vol.write_inode(node)

@@ -229,12 +229,13 @@ class XipFile(io.RawIOBase):
             _data.truncate(vol, self._inode, size)
         return size
 
-    def fallocate(self, offset: int, length: int) -> None:
-        """Reserve zeroed blocks for ``[offset, offset+length)``, growing the file to cover it."""
+    def fallocate(self, offset: int, length: int, keep_size: bool = False) -> None:
+        """Reserve blocks that read as zeros for ``[offset, offset+length)``, growing the file
+        to cover it (``keep_size``, ext4 only: the size stays, as ``FALLOC_FL_KEEP_SIZE``)."""
         self._check_writable()
         vol = self._volume
         with vol.lock:
-            _data.fallocate(vol, self._inode, offset, length)
+            _data.fallocate(vol, self._inode, offset, length, keep_size=keep_size)
 
     def fsync(self) -> None:
         """Make this file's data and the metadata durable (msync, or write-back and fsync)."""

@@ -148,6 +148,23 @@ def test_help_lists_every_command_and_each_has_its_own(capsys):
     assert rc == 2 and "usage:" in out
 
 
+def test_commands_import_only_what_they_need(img):
+    """``--help`` imports no part of the format layer, ``ls`` only the read path: no tools, no
+    doors, no dataclasses/json/shutil (the command's start-up time is mostly imports)."""
+    def imported(*argv: str) -> set[str]:
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "xipfs", *argv],
+                              capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return {line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines()
+                if line.startswith("import time:")}
+    helped = imported("--help")
+    assert not helped & {"xipfs.fs", "xipfs.extfs", "xipfs.tools", "dataclasses", "json", "shutil"}
+    listed = imported("ls", f"{img}:/")
+    assert "xipfs.fs" in listed
+    assert not listed & {"xipfs.tools", "xipfs.tools.pack", "xipfs.extfs.mkfs", "xipfs.fuse",
+                         "xipfs.fsspec_fs", "xipfs.extfs.check", "dataclasses", "json", "shutil"}
+
+
 def test_usage_errors_exit_2(capsys, img):
     rc, _, err = x(capsys, "ls")
     assert rc == 2 and "required" in err

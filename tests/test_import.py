@@ -341,6 +341,29 @@ def test_traceback_of_module_run_as_main_shows_source(tmp_path):
     assert "1 / 0" in proc.stderr
 
 
+def test_import_xipfs_leaves_the_format_layer_for_first_use(tmp_path):
+    """``import xipfs`` installs the hook and nothing heavy; the first image entry met, or the
+    first ``xipfs.open``, imports the reader, whichever comes first, even with an image entry
+    at the head of ``sys.path`` while those imports walk it."""
+    tree = write_tree(tmp_path / "t", {"site/lazymod.py": "X = 42\n"})
+    img = pack(tree, str(tmp_path / "lazy.img"))
+    run_py("""
+        heavy = [m for m in ("xipfs.fs", "xipfs.extfs.volume", "xipfs.tools.pack", "dataclasses")
+                 if m in sys.modules]
+        assert not heavy, heavy
+    """)
+    for first in ("open", "import"):                 # xipfs.open first, or an import from the image
+        proc = run_py(f"""
+            sys.path.insert(0, {img + '/site'!r})
+            if {first!r} == "open":
+                assert xipfs.open({img!r}).listdir("/site") == ["lazymod.py"]
+            import lazymod
+            assert lazymod.X == 42 and lazymod.__file__ == {img + '/site/lazymod.py'!r}
+            print("ok")
+        """)
+        assert proc.stdout.strip() == "ok"
+
+
 # -- errors, the same as from disk ---------------------------------------------------------------
 def test_syntax_error_like_disk(tmp_path, clean_import):
     files = {"synq/__init__.py": "", "synq/bad.py": "x = 1\n\ndef broken(:\n    pass\n"}

@@ -10,32 +10,45 @@ page cache in between. Anything else is read through a bounded page cache, the c
     ...     data = fs.read_bytes("/etc/hostname")
 """
 
-from .device import Device, FileDevice, MemoryDevice, PageCache, open_device
+from importlib import import_module
+
 from .errors import CorruptImageError, UnsupportedFeatureError, XipfsError
-from .extfs.mkfs import mkfs
-from .fs import DirEntry, Filesystem, check, open  # noqa: A004 - xipfs.open is the entry point, like io.open
 from .importer import install, run_module, uninstall
-from .tools.pack import PackResult, pack
-from .tools.unpack import UnpackResult, unpack
-from .xip.file import XipFile
-from .xip.mapping import Mapping, map_budget, set_map_budget
+from .importer import loading as _loading
 
 __version__ = "0.1.0"
 
 install()          # sys.path entries naming an image (/dev/shm/app.img/lib) import in place
 
+#: Public names and the module each comes from, imported on first use (PEP 562): ``import
+#: xipfs`` stays cheap for the command and for a process that only imports from images.
+_LAZY = {
+    "Device": ".device", "FileDevice": ".device", "MemoryDevice": ".device", "PageCache": ".device",
+    "open_device": ".device", "partitions": ".device", "unsparse": ".device",
+    "mkfs": ".extfs.mkfs",
+    "DirEntry": ".fs", "Filesystem": ".fs", "check": ".fs", "open": ".fs",
+    "PackResult": ".tools.pack", "pack": ".tools.pack",
+    "UnpackResult": ".tools.unpack", "unpack": ".tools.unpack",
+    "XipFile": ".xip.file",
+    "Mapping": ".xip.mapping", "map_budget": ".xip.mapping", "set_map_budget": ".xip.mapping",
+    "Problem": ".extfs.check",
+}
+
 
 def __getattr__(name: str) -> object:
-    """``xipfs.Problem`` on first use: the checker is imported only by those who check."""
-    if name == "Problem":
-        from .extfs.check import Problem
+    """A public name on first use (its module imported then), remembered for the next."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xipfs' has no attribute {name!r}")
+    with _loading():                  # an image entry on sys.path waits for these imports
+        value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
-        return Problem
-    if name in ("partitions", "unsparse"):        # whole disks and sparse images, on first use
-        from . import device
 
-        return getattr(device, name)
-    raise AttributeError(f"module 'xipfs' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "partitions",

@@ -27,6 +27,7 @@ a memory file to be loaded, and the shared libraries it finds through ``$ORIGIN`
 from __future__ import annotations
 
 import _imp
+import contextlib
 import errno
 import io
 import os
@@ -41,8 +42,44 @@ from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
 from typing import Any
 
 from .errors import CorruptImageError, XipfsError, fs_error
-from .extfs.data import read_bytes, segments
-from .extfs.namei import resolve
+
+# The format layer is imported when the first image entry is opened (``_Image._open``), so that
+# ``import xipfs`` (which installs the hook) stays cheap for a process that never uses one.
+read_bytes: Any = None
+segments: Any = None
+resolve: Any = None
+
+
+_loading = 0
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """While xipfs imports its own modules: :func:`path_hook` declines image entries (those
+    imports walk ``sys.path``, which may hold one, and the hook would need the very modules being
+    imported), and the None that leaves in ``sys.path_importer_cache`` is dropped after, as
+    :func:`install` drops it."""
+    global _loading
+    _loading += 1
+    try:
+        yield
+    finally:
+        _loading -= 1
+        if not _loading:
+            for entry, finder in list(sys.path_importer_cache.items()):
+                if finder is None and isinstance(entry, str) and find_image(entry) is not None:
+                    sys.path_importer_cache.pop(entry, None)
+
+
+def _load_format() -> None:
+    """Import what reading an image needs and bind the few functions the loaders call (the
+    first image entry met does this, outside every lock of this module)."""
+    global read_bytes, segments, resolve
+    with loading():
+        from .device.memory import MemoryDevice  # noqa: F401 - imported here, used by _Image
+        from .extfs.data import read_bytes, segments
+        from .extfs.namei import resolve
+        from .fs import Filesystem  # noqa: F401 - imported here, used by _Image
 
 __all__ = [
     "ImageResourceReader",
@@ -387,6 +424,8 @@ def path_hook(entry: str) -> XipPathFinder:
     """The ``sys.path_hooks`` callable: a finder for an image entry, ImportError for anything else."""
     if not isinstance(entry, str):
         raise ImportError("not an ext2 image path")
+    if _loading:                        # our own first imports walk sys.path: not now
+        raise ImportError("xipfs is loading its reader", path=entry)
     if _known:
         hit = _known_image(os.path.abspath(entry) if entry else os.getcwd())
         if hit is not None:
@@ -396,6 +435,12 @@ def path_hook(entry: str) -> XipPathFinder:
     if found is None:
         raise ImportError("not an ext2 image path", path=entry)
     named, real, inner, probe = found
+    if resolve is None:
+        try:
+            _load_format()
+        except BaseException:
+            os.close(probe[0])
+            raise
     try:
         image = _image(real, probe)
     except OSError as err:

@@ -67,8 +67,26 @@ WHERE_COMMANDS = ("info", "ls", "cat", "stat", "df", "tree", "check", "unpack", 
                   "ln", "chmod", "chown", "touch", "run", "mount")
 
 
+def _terminal_width() -> int:
+    """What ``shutil.get_terminal_size().columns`` gives: $COLUMNS, the terminal, else 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:             # argparse would import shutil for this on every command
+            width = _terminal_width() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         import textwrap
@@ -85,7 +103,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -93,8 +111,26 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``xipfs`` command, with every subcommand."""
+class _Unused:
+    """Stands for the parser of a subcommand not being run: takes its arguments, builds nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unused]:
+        return lambda *args, **kwargs: self
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` runs, when no option before it asks for the whole parser."""
+    for arg in argv:
+        if arg in ("-h", "--help", "--version"):
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``xipfs`` command, with every subcommand (``only``: with the
+    one subcommand that will run, the others named but not built: a command starts faster)."""
     common = _common()
     parser = argparse.ArgumentParser(
         prog="xipfs", parents=[common], formatter_class=HelpFormatter,
@@ -106,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Callable[[Context, argparse.Namespace], None], summary: str, description: str,
             epilog: str | None = None, add_help: bool = True) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return _Unused()                      # type: ignore[return-value]
         p = sub.add_parser(name, help=summary, description=description, epilog=epilog, parents=[common],
                            formatter_class=HelpFormatter, add_help=add_help)
         p.set_defaults(func=func)
@@ -117,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_exec(add)
     _add_disk(add)
     for name in WHERE_COMMANDS:
-        add_where(sub.choices[name])
+        if name in sub.choices:
+            add_where(sub.choices[name])
     demo = add("demo", _cmd_demo, "the main job: pack the standard library into /dev/shm and use it",
                "Pack this Python's standard library into an image in /dev/shm, check it, list it, "
                "read every file back, map the largest file in place and import a module from it.")
@@ -129,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
 # -- entry points -------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the ``xipfs`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    only = _subcommand(argv)
+    parser = build_parser(only)
+    if only is not None and only not in parser._subparsers._group_actions[0].choices:   # type: ignore[union-attr]
+        parser = build_parser()                   # not a subcommand: the whole parser says so
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:                  # --help, --version, usage errors (2)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import builtins
 import contextlib
-import dataclasses
 import errno
 import os
 import posixpath
@@ -15,7 +14,7 @@ import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import XipfsError
 
@@ -45,8 +44,7 @@ def reason(err: OSError) -> str:
 
 
 # -- IMAGE:PATH ---------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Spec:
+class Spec(NamedTuple):
     """One operand: ``image`` None for a local path; ``path`` is inside the image otherwise."""
 
     text: str

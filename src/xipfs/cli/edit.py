@@ -12,9 +12,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..fs import current_umask
 from . import format as F
 from .common import CHUNK, CliError, Context, Spec, Tree, _image_split, _inner, any_spec, image_spec
+
+
+def _umask() -> int:
+    """The process umask (``xipfs.fs.current_umask``, imported only when a command needs it)."""
+    from ..fs import current_umask
+
+    return current_umask()
 
 
 # -- cp / mv ------------------------------------------------------------------------------------
@@ -26,7 +32,7 @@ class Copier:
         self.recursive = recursive
         self.preserve = preserve
         self.bar = bar
-        self.umask = current_umask()
+        self.umask = _umask()
         self.failed = False
 
     def copy(self, src: Tree, sp: str, dst: Tree, dp: str, top: bool = True) -> None:
@@ -213,7 +219,7 @@ def cmd_mkdir(ctx: Context, args: argparse.Namespace) -> None:
 
 def _mode_arg(text: str, mode: int) -> int:
     try:
-        return F.apply_mode(text, mode, current_umask())
+        return F.apply_mode(text, mode, _umask())
     except ValueError as err:
         raise CliError("", str(err), status=2) from None
 
@@ -284,7 +290,7 @@ def _walk_for_change(ctx: Context, tree: Tree, path: str, recursive: bool) -> It
 
 
 def cmd_chmod(ctx: Context, args: argparse.Namespace) -> None:
-    umask = current_umask()
+    umask = _umask()
     try:
         F.apply_mode(args.mode, 0o100644, umask)         # reject a bad mode before any change
     except ValueError as err:

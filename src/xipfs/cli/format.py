@@ -7,10 +7,8 @@ touch).
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import grp
-import json
 import math
 import os
 import pwd
@@ -225,6 +223,8 @@ def parse_date(text: str) -> int:
         frac_ns = int(m[2][:9].ljust(9, "0"))
     if t.endswith(("Z", "z")):
         t = t[:-1] + "+00:00"
+    import datetime as _dt  # only dates given on the command line need it
+
     try:
         when = _dt.datetime.fromisoformat(t)
     except ValueError:
@@ -334,6 +334,8 @@ def plural(n: int, one: str, many: str) -> str:
 
 def to_json(obj: Any) -> str:
     """One JSON document, indented; names that are not valid UTF-8 keep their bytes as \\udcXX escapes."""
+    import json
+
     return json.dumps(obj, indent=2)
 
 

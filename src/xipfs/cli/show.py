@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import os
 import posixpath
-import shutil
 import stat
 import sys
 import time
@@ -35,6 +33,13 @@ _ERRORS_BEHAVIOR = {1: "Continue", 2: "Remount read-only", 3: "Panic"}
 ENTRY_KEYS_HELP = ("JSON: a list of entries with the keys " + ", ".join(F.ENTRY_KEYS)
                    + " (type: file, dir, symlink, fifo, socket, char, block; times ISO 8601 UTC "
                    "and *_ns integers; rdev [major, minor] or null; target null unless a symlink).")
+
+
+def _terminal_columns() -> int:
+    """Columns of the terminal (``shutil.get_terminal_size``, imported only for ``ls`` to one)."""
+    import shutil
+
+    return shutil.get_terminal_size().columns
 
 
 def _storage(fs: Any, image: str) -> str:
@@ -352,6 +357,8 @@ def cmd_df(ctx: Context, args: argparse.Namespace) -> None:
 def _problem_dict(p: Any) -> dict[str, Any]:
     if hasattr(p, "to_dict"):
         return p.to_dict()
+    import dataclasses
+
     return dataclasses.asdict(p)
 
 
@@ -363,7 +370,7 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
     if not os.path.exists(spec.image) and not _shm_exists(spec.image):
         raise CliError(spec.image, os.strerror(errno.ENOENT), code=errno.ENOENT)
     ctx.check_partition(spec.image)
-    shown = dataclasses.replace(spec, image=ctx.shown(spec.image))
+    shown = spec._replace(image=ctx.shown(spec.image))
     with about(shown):                     # the device, not a Volume: damaged descriptors too
         try:
             problems = check(spec.image, progress=ctx.progress, **ctx.where)
@@ -466,7 +473,7 @@ class Lister:
             for line in F.ls_long_lines(rows, self.args.human, self.now):
                 emit(line)
         elif self.wide:
-            for line in F.columns([name for name, _, _, _ in items], shutil.get_terminal_size().columns):
+            for line in F.columns([name for name, _, _, _ in items], _terminal_columns()):
                 emit(line)
         else:
             for name, _, _, _ in items:

@@ -156,6 +156,10 @@ def open_device(image: str | os.PathLike[str] | Device, *, readonly: bool,
     return PageCache(device, cache_bytes)
 
 
+#: ``sparse.SPARSE_MAGIC``, here so that a plain image does not import the sparse reader.
+_SPARSE_MAGIC = 0xED26FF3A
+
+
 def open_container(image: str | os.PathLike[str] | Device, *, readonly: bool, xip: bool | None = None,
                    cache_bytes: int | None = None, partition: int | None = None,
                    offset: int | None = None) -> Device:
@@ -163,22 +167,24 @@ def open_container(image: str | os.PathLike[str] | Device, *, readonly: bool, xi
     chunk table (read-only), and ``partition`` (numbered as Linux numbers ``loop0pN``) or
     ``offset`` (bytes) picks a filesystem out of a whole disk, as a window of the one device,
     still XIP when the disk is in memory."""
-    from .parttable import partitions
-    from .sparse import SPARSE_MAGIC, SparseDevice
-    from .window import WindowDevice
-
     if partition is not None and offset is not None:
         raise ValueError("give partition or offset, not both")
     owns = not isinstance(image, Device)
     device = open_device(image, readonly=readonly, xip=xip, cache_bytes=cache_bytes)
     try:
-        if device.size >= 4 and int.from_bytes(bytes(device.view(0, 4)), "little") == SPARSE_MAGIC:
+        if device.size >= 4 and int.from_bytes(bytes(device.view(0, 4)), "little") == _SPARSE_MAGIC:
+            from .sparse import SparseDevice  # the formats of whole disks: imported when met
+
             if not readonly:
                 raise OSError(errno.EROFS, f"{device.name}: an Android sparse image is read-only "
                               "(xipfs unsparse writes the raw image)")
             device = SparseDevice(device, close_source=owns)
             owns = True
+        if partition is not None or offset:
+            from .window import WindowDevice
         if partition is not None:
+            from .parttable import partitions
+
             part = partitions(device).number(partition)
             if part.extended:
                 raise OSError(errno.EINVAL, f"partition {partition} is an extended partition, "

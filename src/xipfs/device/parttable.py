@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import CorruptImageError
 from .base import SECTOR_SIZE, Device
@@ -77,8 +76,7 @@ GPT_TYPE_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class Partition:
+class Partition(NamedTuple):
     """One partition of a disk image: where it lies (bytes) and what its table says of it."""
 
     #: The number Linux gives it (``loop0pN``).
@@ -305,8 +303,7 @@ def _check_overlaps(parts: list[Partition], what: str) -> None:
 
 
 # -- GPT ----------------------------------------------------------------------------------------
-@dataclass
-class _Gpt:
+class _Gpt(NamedTuple):
     ssz: int
     lba: int
     alternate: int
@@ -322,7 +319,9 @@ class _BadGpt(Exception):
 
 
 def _guid(raw: bytes) -> str:
-    return str(uuid.UUID(bytes_le=raw)).upper()
+    """A GUID as stored (``bytes_le``: its first three fields little-endian), in upper case."""
+    a, b, c = struct.unpack_from("<IHH", raw)
+    return f"{a:08X}-{b:04X}-{c:04X}-{raw[8:10].hex().upper()}-{raw[10:16].hex().upper()}"
 
 
 def _read_gpt(r: _Reader, lba: int, ssz: int) -> _Gpt:

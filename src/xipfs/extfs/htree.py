@@ -21,8 +21,8 @@ from __future__ import annotations
 import struct
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import layout as L
@@ -90,8 +90,7 @@ def _where(lblk: int, ino: int | None) -> str:
     return f"directory block {lblk}" if ino is None else f"inode {ino}, directory block {lblk}"
 
 
-@dataclass(frozen=True, slots=True)
-class DxNode:
+class DxNode(NamedTuple):
     """One index block, root or interior node: its entries as parallel lists.
 
     ``hashes[i]`` is the hash of entry ``i + 1`` (entry 0 has none: it covers everything below
@@ -354,8 +353,7 @@ def candidate_blocks(read_block: ReadBlock, name: bytes, *, bs: int, nblocks: in
                                large_dir=large_dir, csum_seed=csum_seed, ino=ino, root=root, cache=cache)
 
 
-@dataclass(frozen=True, slots=True)
-class DxTree:
+class DxTree(NamedTuple):
     """A whole index: the root, every index block (root included) and the leaves in hash order."""
 
     root: DxNode

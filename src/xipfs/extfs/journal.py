@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from .csum import crc32c_raw
@@ -125,8 +125,7 @@ def _feature_names(bits: int, table: dict[int, str], kind: str) -> list[str]:
     return [table.get(1 << n, f"FEATURE_{kind}{n}") for n in range(32) if bits >> n & 1]
 
 
-@dataclass(frozen=True)
-class JournalSuperblock:
+class JournalSuperblock(NamedTuple):
     """The journal superblock (log block 0), fields as stored; the features as a v2 journal sees them."""
 
     blocktype: int           #: 3 (v1) or 4 (v2)
@@ -148,7 +147,7 @@ class JournalSuperblock:
     num_fc_blks: int         #: as stored (0 means 256 when fast_commit is on)
     head: int                #: s_head, kept by Linux 6.x (0 from older writers)
     checksum: int
-    users: tuple[bytes, ...] = field(default=())
+    users: tuple[bytes, ...] = ()
     checksum_ok: bool = True  #: the v2/v3 superblock checksum matches (True without csum v2/v3)
 
     # -- features (v1 superblocks have none: jbd2_format_support_feature) --
@@ -293,7 +292,7 @@ def parse_superblock(block: bytes | bytearray | memoryview, *, verify: bool = Tr
                             ro_compat, uuid, nr_users, dynsuper, max_trans, max_data, csum_type, num_fc,
                             head, checksum, users)
     if jsb.csum_v2or3:
-        jsb = replace(jsb, checksum_ok=superblock_checksum(b) == checksum)
+        jsb = jsb._replace(checksum_ok=superblock_checksum(b) == checksum)
     if not verify:
         return jsb
     if magic != JBD2_MAGIC:
@@ -342,23 +341,34 @@ def _check_geometry(jsb: JournalSuperblock, fs_block_size: int, journal_blocks: 
 
 
 # -- the overlay ---------------------------------------------------------------------------------
-@dataclass(eq=False)
 class Overlay(Mapping[int, bytes]):
     """The result of recovery: fs block -> its replayed contents, and where the log ended.
 
     A reader serves ``overlay[b]`` for every block ``b in overlay`` and the image otherwise.
     """
 
-    blocks: dict[int, bytes] = field(repr=False)
-    start_sequence: int               #: s_sequence: the first transaction of the log
-    end_sequence: int                 #: the first transaction not replayed (info.end_transaction)
-    head_block: int = 0               #: log block after the last good commit (Linux s_head)
-    failed_commit: int | None = None  #: a transaction whose commit checksum failed (e2fsck marks fs errors)
-    #: (fs block, log block) of data blocks skipped for a bad tag checksum, in log order
-    bad_blocks: tuple[tuple[int, int], ...] = ()
-    replays: int = 0                  #: block copies taken (a block logged twice counts twice)
-    revokes: int = 0                  #: revoke records read
-    revoke_hits: int = 0              #: logged blocks skipped because revoked
+    def __init__(self, blocks: dict[int, bytes], start_sequence: int, end_sequence: int,
+                 head_block: int = 0, failed_commit: int | None = None,
+                 bad_blocks: tuple[tuple[int, int], ...] = (), replays: int = 0, revokes: int = 0,
+                 revoke_hits: int = 0) -> None:
+        self.blocks = blocks
+        #: s_sequence: the first transaction of the log
+        self.start_sequence = start_sequence
+        #: the first transaction not replayed (info.end_transaction)
+        self.end_sequence = end_sequence
+        #: log block after the last good commit (Linux s_head)
+        self.head_block = head_block
+        #: a transaction whose commit checksum failed (e2fsck marks fs errors)
+        self.failed_commit = failed_commit
+        #: (fs block, log block) of data blocks skipped for a bad tag checksum, in log order
+        self.bad_blocks = bad_blocks
+        self.replays = replays              #: block copies taken (a block logged twice counts twice)
+        self.revokes = revokes              #: revoke records read
+        self.revoke_hits = revoke_hits      #: logged blocks skipped because revoked
+
+    def __repr__(self) -> str:
+        return (f"Overlay({len(self.blocks)} blocks, sequence {self.start_sequence}.."
+                f"{self.end_sequence}, replays={self.replays}, revokes={self.revokes})")
 
     def __getitem__(self, block: int) -> bytes:
         return self.blocks[block]

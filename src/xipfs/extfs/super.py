@@ -7,7 +7,6 @@ zero, allocate without bound or read outside the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
@@ -42,12 +41,10 @@ def group_has_super(group: int, sparse: bool) -> bool:
     return False
 
 
-@dataclass
 class Superblock:
     """The decoded primary superblock and the geometry derived from it."""
 
-    raw: bytes
-    fields: dict[str, object]
+    # geometry and flags, set by parse_superblock (the class values are the defaults)
     block_size: int = 0
     groups: int = 0
     desc_blocks: int = 0
@@ -69,7 +66,14 @@ class Superblock:
     readonly_reason: str = ""
     #: With sparse_super2: the only groups besides 0 that hold backups (0 means none).
     backup_bgs: tuple[int, int] = (0, 0)
-    warnings: list[str] = field(default_factory=list)
+
+    def __init__(self, raw: bytes, fields: dict[str, object]) -> None:
+        self.raw = raw
+        self.fields = fields
+        self.warnings: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<Superblock {self.block_size}-byte blocks, {self.groups} groups>"
 
     def __getattr__(self, name: str) -> object:
         # s_* fields read as attributes: sb.s_blocks_count

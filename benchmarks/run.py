@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from bench_check import BENCHMARKS as CHECK_BENCHMARKS  # noqa: E402
+from bench_command import BENCHMARKS as COMMAND_BENCHMARKS  # noqa: E402
 from bench_ext4 import BENCHMARKS as EXT4_BENCHMARKS  # noqa: E402
 from bench_ext4write import BENCHMARKS as EXT4WRITE_BENCHMARKS  # noqa: E402
 from bench_fsspec import BENCHMARKS as FSSPEC_BENCHMARKS  # noqa: E402
@@ -48,7 +49,7 @@ BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MA
               **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS, **UNPACK_BENCHMARKS,
               **IMPORT_BENCHMARKS, **FUSE_BENCHMARKS,
               **CHECK_BENCHMARKS, **EXT4_BENCHMARKS, **MKFS4_BENCHMARKS, **PACK4_BENCHMARKS,
-              **EXT4WRITE_BENCHMARKS, **HUGEPAGE_BENCHMARKS}
+              **EXT4WRITE_BENCHMARKS, **HUGEPAGE_BENCHMARKS, **COMMAND_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

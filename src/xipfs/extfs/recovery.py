@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from . import layout as L
-from .journal import apply, parse_superblock, recover, recovered_superblock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -60,6 +59,8 @@ def recover_in_place(device: Device, verify: bool) -> None:
     """Replay the journal into the image, as Linux does at a read-write mount and e2fsck -p
     before it checks: the blocks, then the journal emptied (``s_start`` 0, the next sequence),
     then needs_recovery cleared (every store a whole block or superblock, each sealed)."""
+    from .journal import apply, recover, recovered_superblock
+
     vol, journal_block, nblocks, jmap = _journal(device, verify)
     bs = vol.bs
     overlay = recover(journal_block, bs, fs_blocks_count=vol.sb.s_blocks_count, journal_blocks=nblocks)
@@ -79,6 +80,8 @@ def recover_in_place(device: Device, verify: bool) -> None:
 def journal_is_empty(vol: Volume) -> bool:
     """Whether the journal holds nothing to replay (``s_start`` 0): the only state in which a
     writer that does not journal may change the image."""
+    from .journal import parse_superblock
+
     sb = vol.sb
     node = vol.inode(sb.s_journal_inum)
     pblk = node.map.bmap(0)
@@ -91,6 +94,7 @@ def replay_journal(device: Device, verify: bool) -> Device:
     """``device`` as it is once its journal is replayed (itself when there is nothing to
     replay): the journal is read through its inode as the image stands, as e2fsck reads it."""
     from ..device.overlay import OverlayDevice
+    from .journal import recover
 
     vol, journal_block, nblocks, _ = _journal(device, verify)
     bs = vol.bs

@@ -25,7 +25,6 @@ from . import layout as L
 from .dir import DirIndex, DirSpace, build_index
 from .groups import flex_groups, metadata_zones, read_group_descriptors
 from .inode import Inode, seal_inode, verify_inode
-from .mount import mount, unmount
 from .recovery import needs_recovery, recover_in_place, replay_journal
 from .super import Superblock, parse_superblock
 from .watch import TRIES, WriterWatch
@@ -124,6 +123,8 @@ class Volume:
         #: Inode -> its live mappings in this process (``check_shrink(size)``, ``shrink(size)``).
         self.mappings: dict[int, list[Any]] = {}
         if not readonly:
+            from .mount import mount  # writers only: the allocators come with it
+
             mount(self)
 
     def write_group_desc(self, g: int) -> None:
@@ -280,7 +281,10 @@ class Volume:
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
         try:
-            unmount(self)
+            if self.mounted:                      # a writer: write back, mark clean, unlock
+                from .mount import unmount
+
+                unmount(self)
         finally:
             self._inodes.clear()
             self.paths.clear()

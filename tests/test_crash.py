@@ -244,6 +244,12 @@ def random_round(shm: str, bs: int, seed: int, *, file_device: bool = False, fil
             warnings.warn(f"bs {bs} seed {seed}: the kill landed inside a move of a directory to "
                           f"another parent ({where}); e2fsck -p asked for a manual run, as "
                           f"documented:\n{out}", stacklevel=1)
+        elif kind == "ext4" and where["phase"] == "op" and "HTREE directory" in out:
+            # ext4 directories become htrees as they grow (make_indexed_dir): a kill inside a
+            # leaf split is the window the README documents (e2fsck -y rebuilds the index)
+            tally("random kill inside an htree split (needed e2fsck -y)")
+            warnings.warn(f"bs {bs} seed {seed}: the kill landed inside an htree split ({where}); "
+                          f"e2fsck -p asked for a manual run, as documented:\n{out}", stacklevel=1)
         elif file_device and where["phase"] == "sync":
             tally("page-cache kill inside a sync's write-back (needed e2fsck -y)")
             warnings.warn(f"bs {bs} seed {seed}: the kill landed inside the write-back of a "

@@ -12,7 +12,7 @@ import os
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from stat import S_IFMT, S_IMODE, S_ISDIR, S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING
 
@@ -54,34 +54,44 @@ POSIX_ACL_XATTR_VERSION = 2
 EXT2_ACL_VERSION = L.EXT2_ACL_VERSION
 
 
-def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int,
-                  value_end: int, where: str,
-                  ea_value: Callable[[int, int], bytes] | None = None) -> list[tuple[str, bytes]]:
-    """Decode the entry list at ``buf[start:end]``; values at ``value_base + e_value_offs``, or
-    (ext4 ea_inode) in an inode of their own, read by ``ea_value(inode, size)``."""
-    out: list[tuple[str, bytes]] = []
+def _walk(buf: memoryview | bytes, start: int, end: int, value_base: int, value_end: int,
+          where: str, ea: bool) -> Iterator[tuple[int, bytes, int, int, int, int]]:
+    """``(index, name, value start, inode, size, hash)`` of every entry at ``buf[start:end]``,
+    checked as Linux checks them: inside the region, names not empty (but ACLs'), values
+    inside ``[value_base, value_end)`` or (``ea``, ea_inode) in an inode of their own."""
     pos = start
     while True:
         if pos + 4 > end:
             raise CorruptImageError("xattr entry list runs past its region", where)
         if buf[pos:pos + 4] == _LAST_ENTRY:
-            return out
+            return
         if pos + _ENTRY.size > end:
             raise CorruptImageError("xattr entry runs past its region", where)
-        name_len, index, offs, inum, size, _hash = _ENTRY.unpack_from(buf, pos)
+        name_len, index, offs, inum, size, h = _ENTRY.unpack_from(buf, pos)
         if name_len == 0 and index not in (2, 3):
             raise CorruptImageError("xattr entry with an empty name", f"{where} offset {pos}")
         next_pos = pos + ((_ENTRY.size + name_len + 3) & ~3)
         if next_pos > end:
             raise CorruptImageError("xattr name runs past its region", f"{where} offset {pos}")
-        if inum and ea_value is None:
+        if inum and not ea:
             raise CorruptImageError("xattr value in an inode without the ea_inode feature",
                                     f"{where} offset {pos}")
         vstart = value_base + offs
         if size and not inum and (vstart < value_base or vstart + size > value_end):
             raise CorruptImageError(f"xattr value ({size} bytes at {offs}) outside its region",
                                     f"{where} offset {pos}")
-        name = bytes(buf[pos + _ENTRY.size:pos + _ENTRY.size + name_len])
+        yield index, bytes(buf[pos + _ENTRY.size:pos + _ENTRY.size + name_len]), vstart, inum, size, h
+        pos = next_pos
+
+
+def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int,
+                  value_end: int, where: str,
+                  ea_value: Callable[[int, int], bytes] | None = None) -> list[tuple[str, bytes]]:
+    """Decode the entry list at ``buf[start:end]``; values at ``value_base + e_value_offs``, or
+    (ext4 ea_inode) in an inode of their own, read by ``ea_value(inode, size)``."""
+    out: list[tuple[str, bytes]] = []
+    for index, name, vstart, inum, size, _h in _walk(buf, start, end, value_base, value_end, where,
+                                                     ea_value is not None):
         prefix = L.XATTR_PREFIXES.get(index)
         if prefix is not None:
             value = ea_value(inum, size) if inum and ea_value else bytes(buf[vstart:vstart + size])
@@ -90,7 +100,7 @@ def parse_entries(buf: memoryview | bytes, start: int, end: int, value_base: int
             else:
                 prefix += name.decode("utf-8", "surrogateescape")
             out.append((prefix, value))
-        pos = next_pos
+    return out
 
 
 def acl_to_xattr(value: bytes, where: str) -> bytes:
@@ -395,32 +405,9 @@ class _Entry:
 def _raw_entries(buf: memoryview | bytes, start: int, end: int, value_base: int, where: str,
                  ea: bool) -> list[_Entry]:
     """Every entry at ``buf[start:end]``, hidden ones too (:func:`parse_entries`'s checks)."""
-    out = []
-    pos = start
-    while True:
-        if pos + 4 > end:
-            raise CorruptImageError("xattr entry list runs past its region", where)
-        if buf[pos:pos + 4] == _LAST_ENTRY:
-            return out
-        if pos + _ENTRY.size > end:
-            raise CorruptImageError("xattr entry runs past its region", where)
-        name_len, index, offs, inum, size, h = _ENTRY.unpack_from(buf, pos)
-        next_pos = pos + ((_ENTRY.size + name_len + 3) & ~3)
-        if next_pos > end:
-            raise CorruptImageError("xattr name runs past its region", f"{where} offset {pos}")
-        if inum and not ea:
-            raise CorruptImageError("xattr value in an inode without the ea_inode feature",
-                                    f"{where} offset {pos}")
-        name = bytes(buf[pos + _ENTRY.size:next_pos][:name_len])
-        if inum:
-            out.append(_Entry(index, name, b"", inum, size, h))
-        else:
-            vstart = value_base + offs
-            if size and (vstart < value_base or vstart + size > end):
-                raise CorruptImageError(f"xattr value ({size} bytes at {offs}) outside its region",
-                                        f"{where} offset {pos}")
-            out.append(_Entry(index, name, bytes(buf[vstart:vstart + size]), 0, size, h))
-        pos = next_pos
+    return [_Entry(index, name, b"", inum, size, h) if inum
+            else _Entry(index, name, bytes(buf[vstart:vstart + size]), 0, size, h)
+            for index, name, vstart, inum, size, h in _walk(buf, start, end, value_base, end, where, ea)]
 
 
 def _ibody_start(vol: Volume, node: Inode) -> int:

@@ -162,6 +162,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                "read every file back, map the largest file in place and import a module from it.")
     demo.add_argument("--image", default=None, help="where to build the image")
     demo.add_argument("--keep", action="store_true", help="keep the image afterwards")
+    parser.subcommands = list(sub.choices)       # type: ignore[attr-defined]  (the ones built)
     return parser
 
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     only = _subcommand(argv)
     parser = build_parser(only)
-    if only is not None and only not in parser._subparsers._group_actions[0].choices:   # type: ignore[union-attr]
+    if only is not None and not getattr(parser, "subcommands", None):
         parser = build_parser()                   # not a subcommand: the whole parser says so
     try:
         args = parser.parse_args(argv)

@@ -37,8 +37,9 @@ How it is served:
   forgets it; any left at unmount are freed then.
 * ``lsattr``/``chattr`` work (``FS_IOC_GETFLAGS``/``SETFLAGS``, stored in ``i_flags``, with
   immutable and append-only enforced as Linux does). ``filefrag`` cannot: FUSE carries neither
-  FIEMAP nor, outside block-device mounts, FIBMAP. ``fallocate`` is EOPNOTSUPP in every mode,
-  as Linux gives on ext2 (no unwritten extents): ``posix_fallocate`` writes zeros instead.
+  FIEMAP nor, outside block-device mounts, FIBMAP. ``fallocate`` makes unwritten extents on
+  ext4 (mode 0 and KEEP_SIZE) and is EOPNOTSUPP otherwise, as Linux gives on ext2 (no unwritten
+  extents): ``posix_fallocate`` then writes zeros instead.
 
 Round trips are what a FUSE mount pays for, so the server asks the kernel for fewer of them:
 ``readdirplus`` (a listing carries every entry's attributes, so ``rm -rf`` needs no LOOKUP per

@@ -134,7 +134,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
         prog="xipfs", parents=[common], formatter_class=HelpFormatter,
-        description="Make, pack, inspect and change ext2 images, read ext4 ones (whole disks "
+        description="Make, pack, inspect and change ext2 and ext4 images (whole disks "
                     "and Android sparse images too); run and mount them in place.",
         epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"xipfs {__version__}")

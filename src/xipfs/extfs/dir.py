@@ -11,7 +11,7 @@ import errno
 import os
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
@@ -338,6 +338,21 @@ def pack_leaf(entries: Iterable[tuple[bytes, int, int]], end: int, bs: int) -> b
     return buf
 
 
+def split_by_hash(live: list[tuple[bytes, int, int, int]], sizes: list[int],
+                  name_hash: Callable[[bytes], tuple[int, int]], bs: int,
+                  ) -> tuple[list[tuple[bytes, int, int]], list[tuple[bytes, int, int]], int, int]:
+    """``do_split`` of a full leaf's ``live`` entries (``leaf_entries``) taking ``sizes`` bytes:
+    ``(kept, moved, hash2, continued)``: the entries that stay, in block order, those that move
+    to the new leaf, in hash order, the first moved hash and 1 when it continues the kept half's
+    last hash (the index entry then says so in its low bit)."""
+    order = sorted((name_hash(e[0])[0], i) for i, e in enumerate(live))
+    split = split_at([sizes[i] for _, i in order], bs)
+    hash2 = order[split][0]
+    moved = {i for _, i in order[split:]}
+    return ([e[:3] for i, e in enumerate(live) if i not in moved],
+            [live[i][:3] for _, i in order[split:]], hash2, int(hash2 == order[split - 1][0]))
+
+
 def split_at(sizes: list[int], bs: int) -> int:
     """Where ``do_split`` cuts a full leaf whose entries, sorted by hash, take ``sizes`` bytes
     (their rec_len): the upper entries move while each adds at most half its size past half
@@ -560,13 +575,9 @@ def make_indexed_dir(vol: Volume, d: Inode, space: DirSpace) -> bool:
     sizes = [e[3] for e in live]
     sizes[-1] += 12 + dotdot_rec
     name_hash = hasher(hash_version(version, sb.s_flags), sb.s_hash_seed)
-    order = sorted((name_hash(e[0])[0], i) for i, e in enumerate(live))
-    split = split_at([sizes[i] for _, i in order], bs)
-    hash2 = order[split][0]
-    continued = int(hash2 == order[split - 1][0])
-    moved = {i for _, i in order[split:]}
-    leaf1 = pack_leaf([e[:3] for i, e in enumerate(live) if i not in moved], end, bs)
-    leaf2 = pack_leaf([live[i][:3] for _, i in order[split:]], end, bs)
+    kept, moved, hash2, continued = split_by_hash(live, sizes, name_hash, bs)
+    leaf1 = pack_leaf(kept, end, bs)
+    leaf2 = pack_leaf(moved, end, bs)
     if leaf1 is None or leaf2 is None:
         raise CorruptImageError("directory entries do not fit a leaf", f"directory inode {d.ino}")
     leaves = bytes(seal_leaf(vol, d, leaf1)) + bytes(seal_leaf(vol, d, leaf2))

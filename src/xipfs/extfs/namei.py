@@ -49,7 +49,7 @@ from .dir import (
     rec_len_of,
     remove_from_block,
     seal_leaf,
-    split_at,
+    split_by_hash,
 )
 from .dirhash import hash_version, hasher
 from .extent import inode_root
@@ -263,13 +263,7 @@ def _dx_split_leaf(dx: _Dx, node: htree.DxNode, at: int, leaf: int, h: int,
     if len(live) < 2:
         raise CorruptImageError(f"htree leaf {leaf} full with {len(live)} entries",
                                 f"directory inode {dx.d.ino}")
-    order = sorted((dx.hash(e[0])[0], i) for i, e in enumerate(live))
-    split = split_at([live[i][3] for _, i in order], bs)
-    hash2 = order[split][0]
-    continued = int(hash2 == order[split - 1][0])
-    moved = {i for _, i in order[split:]}
-    keep = [e[:3] for i, e in enumerate(live) if i not in moved]
-    move = [live[i][:3] for _, i in order[split:]]
+    keep, move, hash2, continued = split_by_hash(live, [e[3] for e in live], dx.hash, bs)
     placed = True
     if h >= hash2:
         block2 = pack_leaf([*move, new], end, bs)

@@ -31,6 +31,7 @@ from .._libc import libc
 from ..extfs import data as _data
 from ..extfs import orphans
 from ..extfs.data import read_into, segments
+from ..extfs.indirect import HUGE_PAGE
 from ..extfs.namei import name_moved
 
 if TYPE_CHECKING:
@@ -86,9 +87,9 @@ def _round_up(n: int) -> int:
     return (n + PAGE - 1) & ~(PAGE - 1)
 
 
-#: A PMD page: the kernel maps 2 MiB of a huge-page tmpfs (or DAX) file with one page-table
-#: entry where the virtual address and the file offset agree modulo this.
-HUGE = 2 << 20
+#: A PMD page (``indirect.HUGE_PAGE``): the kernel maps 2 MiB of a huge-page tmpfs (or DAX)
+#: file with one page-table entry where the virtual address and the file offset agree modulo this.
+HUGE = HUGE_PAGE
 _MAP_FIXED_NOREPLACE = 0x100000
 _MAP_NORESERVE = 0x4000
 _PROT_NONE = 0

@@ -345,3 +345,48 @@ def test_enospc_mid_operation_on_ext4(monkeypatch, bs):
         assert_fsck_clean(img)
     finally:
         os.unlink(img)
+
+
+def test_flex_bg_goals_are_linuxs(tmp_path):
+    """With flex_bg, inodes and data go where Linux's ext4 puts them (find_group_orlov over flex
+    groups, top-level directories spread by the hash of their name; a file's inode in its
+    directory's flex group, its data from that flex group's second group): the same groups as
+    a Linux mount doing the same on a copy of the image."""
+    img = os.path.join(SHM, f"xipfs-flex-{os.getpid()}.img")
+    xipfs.mkfs(img, 8 << 30, fs_type="ext4")           # 64 groups, 4 flex groups of 16
+    twin = img + ".linux"
+    names = ["alpha", "beta", "gamma", "delta", "eps", "zeta"]
+    try:
+        with open(img, "rb") as a, open(twin, "wb") as b:   # sparse copy: the image is mostly holes
+            while chunk := a.read(1 << 20):
+                if chunk.count(0) == len(chunk):
+                    b.seek(len(chunk), 1)
+                else:
+                    b.write(chunk)
+            b.truncate(a.tell())
+        with xipfs.open(img, "r+") as fs:
+            for n in names:
+                fs.mkdir("/" + n)
+            fs.write_bytes("/alpha/f", b"x" * 100_000)
+            ipg, bpg = fs.volume.ipg, fs.volume.bpg
+            mine = {n: (fs.stat("/" + n).st_ino - 1) // ipg for n in names}
+            mine_file = ((fs.stat("/alpha/f").st_ino - 1) // ipg, fs.block_runs("/alpha/f")[0][2] // bpg)
+        assert len({g // 16 for g in mine.values()}) > 1                    # spread over flex groups
+        assert mine_file == (mine["alpha"], mine["alpha"] + 1)
+        assert_fsck_clean(img)
+        if not IS_ROOT:
+            pytest.skip("the comparison with Linux needs a loop mount (root)")
+        with mounted(twin, options="rw") as mnt:
+            for n in names:
+                os.mkdir(os.path.join(mnt, n))
+            with open(os.path.join(mnt, "alpha", "f"), "wb") as f:
+                f.write(b"x" * 100_000)
+            linux = {n: (os.stat(os.path.join(mnt, n)).st_ino - 1) // ipg for n in names}
+            linux_ino = os.stat(os.path.join(mnt, "alpha", "f")).st_ino
+        blk = int(run(["debugfs", "-R", "bmap /alpha/f 0", twin]).stdout.split()[0])
+        assert linux == mine
+        assert ((linux_ino - 1) // ipg, blk // bpg) == mine_file
+    finally:
+        for p in (img, twin):
+            if os.path.exists(p):
+                os.unlink(p)

@@ -432,5 +432,7 @@ def test_writing_into_an_ext2_partition(gpt, work):
     assert_fsck_clean(part)
     ok("mkdir", "--partition", "1", f"{disk}:/ext4-too")         # the ext4 partition, as well
     assert b"ext4-too" in ok("ls", "--partition", "1", disk)
-    for path in (disk, part):
+    part1 = cut(disk, 2048 * SECTOR, 16 * MiB, os.path.join(work, "write-p1.img"))
+    assert_fsck_clean(part1)
+    for path in (disk, part, part1):
         os.unlink(path)

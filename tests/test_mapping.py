@@ -1209,5 +1209,6 @@ def test_mappings_of_aligned_runs_start_2mib_aligned(tmp_path):
                 with fs.mmap("/big", "r", 0, length) as m:
                     assert m.is_xip and _address(m) % HUGE == 0, (k, hex(_address(m)))
                     assert m[:length] == fs.read_bytes("/big")[:length]
+        e2fs.assert_fsck_clean(img)
     finally:
         os.unlink(img)

@@ -1,0 +1,351 @@
+"""Images delivered once per node to a Dask cluster, read in place by every worker there.
+
+One image is one file, which is what makes it good to ship: a tree of many small files is a
+metadata storm on a shared filesystem, one image moves as one object and is then read in place.
+
+    >>> import xipfs.dask
+    >>> xipfs.dask.deliver(client, "https://host/data.img", "data")   # once per node
+    >>> def task(path):
+    ...     return len(xipfs.dask.image("data").read_bytes(path))     # in place, by name
+    >>> db.read_text("ext2://logs/*.txt::/data")                      # the fsspec door too
+
+How: :class:`ImagePlugin` is a worker plugin. On each node the first worker to take a file
+lock in ``/dev/shm`` fetches the image (a URL through :func:`xipfs.fetch.fetch`, or a local
+path, copied) into memory storage under a POSIX shared-memory name, checks that it opens,
+and renames it into place; the other workers of the node wait for that lock (at most
+``timeout`` seconds, then ``TimeoutError`` naming the holder) and attach. Every worker maps the
+same tmpfs pages, so the node holds one copy whatever the number of workers (their PSS, which
+splits shared pages between the processes mapping them, sums to about one copy).
+
+Teardown: the image is **kept** by default when workers go (a restarted worker re-attaches
+without a new fetch) and unlinked on every node by :func:`release`. With ``keep=False`` it is
+unlinked when the last worker of the node that attached it detaches (workers attached hold a
+shared ``flock``, which the kernel drops when a process dies, so a crashed worker counts as
+detached); a later worker on that node then fetches it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
+    raise ImportError("xipfs.dask needs dask.distributed: pip install xipfs[dask]") from exc
+
+from .errors import XipfsError
+from .fs import Filesystem
+from .fs import open as xipfs_open
+
+if TYPE_CHECKING:
+    from distributed import Client, Worker
+
+__all__ = ["ImagePlugin", "deliver", "image", "image_path", "release", "worker_memory"]
+
+SHM_DIR = "/dev/shm"
+#: Seconds a worker waits for another worker of its node to fetch the image.
+DEFAULT_TIMEOUT = 600.0
+_POLL = 0.05
+
+#: image path -> this process's read-only Filesystem on it (one per worker process).
+_attached: dict[str, Filesystem] = {}
+#: image path -> descriptor holding this process's shared flock on the users file.
+_users: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+# -- names ------------------------------------------------------------------------------------------
+def image_path(name: str) -> str:
+    """Where image ``name`` lives on a node: ``/dev/shm/NAME`` for a shared-memory name
+    (``"data"`` or ``"/data"``), or ``name`` itself when it is a longer absolute path."""
+    if not name or name in ("/", "."):
+        raise ValueError(f"not an image name: {name!r}")
+    if name.startswith("/") and "/" in name[1:]:
+        return os.path.normpath(name)
+    if "/" in name.lstrip("/"):
+        raise ValueError(f"an image name is a shared-memory name ('data') or an absolute path, "
+                         f"not {name!r}")
+    return os.path.join(SHM_DIR, name.lstrip("/"))
+
+
+def _side_file(path: str, kind: str) -> str:
+    """A hidden file next to the image: its fetch lock, users lock or partial copy."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.xipfs-{kind}")
+
+
+# -- the node's copy --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _node_lock(path: str, timeout: float, source: str) -> Any:
+    """Hold the node's exclusive fetch lock of image ``path``: wait at most ``timeout`` seconds."""
+    lock_path = _side_file(path, "lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _read_record(fd).get("pid", "?")
+                    raise TimeoutError(errno.ETIMEDOUT, f"waited {timeout:g} s for another worker "
+                                       f"of this node (pid {holder}) to fetch {source} into {path}; "
+                                       "raise timeout= or look at that worker's log") from None
+                time.sleep(_POLL)
+        yield fd
+    finally:
+        os.close(fd)                      # drops the lock too
+
+
+def _read_record(fd: int) -> dict[str, Any]:
+    """What the lock file says: the source and size of the image in place, the last holder."""
+    try:
+        raw = os.pread(fd, 4096, 0)
+        return json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(fd: int, record: dict[str, Any]) -> None:
+    data = json.dumps(record).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def _is_url(source: str) -> bool:
+    proto, sep, _ = source.partition("://")
+    return bool(sep) and proto not in ("file", "local")
+
+
+def _local(source: str) -> str:
+    proto, sep, rest = source.partition("://")
+    return rest if sep and proto in ("file", "local") else source
+
+
+def _fetch(source: str, dest: str) -> int:
+    """Copy image ``source`` (a URL or a local path) to ``dest``; the bytes written."""
+    if _is_url(source):
+        try:
+            from .fetch import fetch
+        except ImportError as exc:                     # pragma: no cover - shipped together
+            raise XipfsError(errno.ENOSYS, f"fetching {source} needs xipfs.fetch") from exc
+        return fetch(source, dest, progress=False)
+    shutil.copyfile(_local(source), dest)               # sendfile: no copy through Python
+    return os.path.getsize(dest)
+
+
+def _fetch_into_place(source: str, path: str) -> int:
+    """Fetch ``source`` beside ``path``, check that it opens as an image, rename it into place."""
+    part = _side_file(path, f"part-{os.getpid()}")
+    try:
+        size = _fetch(source, part)
+        xipfs_open(part).close()                       # a bad image fails here, on one worker
+        os.chmod(part, 0o644)
+        os.rename(part, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
+        raise
+    return size
+
+
+def _provide_locked(fd: int, source: str, name: str, path: str) -> bool:
+    """With the node lock held: fetch ``source`` unless the node has image ``name`` already."""
+    record = _read_record(fd)
+    if os.path.exists(path):
+        if record.get("source") not in (None, source):
+            raise FileExistsError(errno.EEXIST, f"{path} holds an image of {record['source']}, "
+                                  f"not of {source}; xipfs.dask.release(client, {name!r}) first", path)
+        return False
+    _write_record(fd, {"source": source, "pid": os.getpid(), "fetching": True})
+    size = _fetch_into_place(source, path)
+    _write_record(fd, {"source": source, "size": size, "pid": os.getpid()})
+    return True
+
+
+def provide(source: str, name: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Make image ``name`` present on this node, fetching ``source`` if no worker did yet.
+
+    Returns True when this process fetched it. An image already under ``name`` from another
+    source is ``FileExistsError``: :func:`release` it first.
+    """
+    path = image_path(name)
+    with _node_lock(path, timeout, source) as fd:
+        return _provide_locked(fd, source, name, path)
+
+
+def image(name: str) -> Filesystem:
+    """This process's read-only Filesystem on image ``name`` (opened once, then cached): what
+    tasks read in place. ``FileNotFoundError`` when it was not delivered to this node."""
+    path = image_path(name)
+    fs = _attached.get(path)
+    if fs is not None:
+        return fs
+    with _lock:
+        fs = _attached.get(path)
+        if fs is None:
+            if not os.path.exists(path):
+                raise FileNotFoundError(errno.ENOENT, f"image {name!r} is not on this node; "
+                                        "xipfs.dask.deliver(client, source, name) first", path)
+            fs = _attached[path] = xipfs_open(path)
+    return fs
+
+
+def _hold_user(path: str) -> None:
+    """Count this process among the image's users on the node (a shared flock; once)."""
+    with _lock:
+        if path in _users:
+            return
+        fd = os.open(_side_file(path, "users"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _users[path] = fd
+
+
+def attach(source: str, name: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """:func:`provide`, then open the image here and count this process as a user (all under
+    the node lock, so nobody unlinks it in between). True when this process fetched it."""
+    path = image_path(name)
+    with _node_lock(path, timeout, source) as fd:
+        fetched = _provide_locked(fd, source, name, path)
+        _hold_user(path)
+        image(name)
+    return fetched
+
+
+def detach(name: str, unlink_if_last: bool = False, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Close this process's Filesystem on image ``name`` and stop counting as its user; with
+    ``unlink_if_last``, unlink the image when no other process of the node uses it. Returns
+    True when it unlinked the image."""
+    path = image_path(name)
+    _close_local(path)
+    with _lock:
+        fd = _users.pop(path, None)
+    if fd is None:
+        return False
+    try:
+        if not unlink_if_last:
+            return False
+        with _node_lock(path, timeout, "(detach)"):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody else holds it shared
+            except BlockingIOError:
+                return False
+            return _unlink_node_copy(path)
+    finally:
+        os.close(fd)
+
+
+def _close_local(path: str) -> None:
+    """Close this process's attachments of ``path``: ours and those of the ``ext2://`` door."""
+    with _lock:
+        fs = _attached.pop(path, None)
+    arrays = sys.modules.get(__package__ + ".xip.arrays")
+    if arrays is not None:
+        arrays.forget(path)                            # chunks still alive keep their pages
+    if fs is not None:
+        with contextlib.suppress(Exception):
+            fs.close()
+    try:
+        from . import fsspec_fs
+    except ImportError:                                # pragma: no cover - fsspec missing
+        return
+    names = {path, "/" + os.path.basename(path), os.path.basename(path)} \
+        if os.path.dirname(path) == SHM_DIR else {path}
+    for inst in list(fsspec_fs.Ext2FileSystem._cache.values()):
+        if getattr(getattr(inst, "_image", None), "source", None) in names:
+            with contextlib.suppress(Exception):
+                inst.close()
+
+
+def _unlink_node_copy(path: str) -> bool:
+    """Unlink the image and its side files (the caller holds the node lock)."""
+    found = False
+    for p in (path, _side_file(path, "users"), _side_file(path, "lock")):
+        try:
+            os.unlink(p)
+            found = found or p == path
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def unlink_local(name: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Detach here and unlink image ``name`` from this node now (processes that still map it
+    keep their pages until they let go). True when it was there."""
+    path = image_path(name)
+    detach(name)
+    with _node_lock(path, timeout, "(release)"):
+        return _unlink_node_copy(path)
+
+
+# -- the plugin -------------------------------------------------------------------------------------
+class ImagePlugin(WorkerPlugin):
+    """Worker plugin: image ``source`` present once per node under ``name``, attached by every
+    worker at start (setup waits for the node's fetch, off the worker's event loop)."""
+
+    def __init__(self, source: str, name: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 keep: bool = True) -> None:
+        image_path(name)                               # a bad name fails at the client
+        self.source = os.fspath(source)
+        self.name = name
+        self.timeout = timeout
+        self.keep = keep
+
+    async def setup(self, worker: Worker) -> None:
+        await asyncio.to_thread(attach, self.source, self.name, self.timeout)
+
+    async def teardown(self, worker: Worker) -> None:
+        await asyncio.to_thread(detach, self.name, not self.keep, self.timeout)
+
+
+def plugin_name(name: str) -> str:
+    """The name :func:`deliver` registers image ``name``'s plugin under."""
+    return f"xipfs-image:{name}"
+
+
+def deliver(client: Client, source: str, name: str, *, timeout: float = DEFAULT_TIMEOUT,
+            keep: bool = True) -> str:
+    """Deliver image ``source`` (URL or path) to every node of ``client``'s cluster under
+    ``name``, now and on workers that join later; returns ``name`` once every worker attached.
+
+    Errors of any worker (the fetch, a corrupt image, the wait) are raised here.
+    """
+    client.register_plugin(ImagePlugin(source, name, timeout=timeout, keep=keep), name=plugin_name(name))
+    return name
+
+
+def release(client: Client, name: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, bool]:
+    """Stop delivering image ``name``, detach every worker and unlink it on every node. Returns,
+    per worker, whether it was the one that unlinked its node's copy."""
+    with contextlib.suppress(ValueError, KeyError):    # not registered (already released)
+        client.unregister_worker_plugin(plugin_name(name))
+    return client.run(unlink_local, name, timeout)
+
+
+# -- memory ------------------------------------------------------------------------------------------
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """Bytes of ``Rss``, ``Pss``, ``Pss_Shmem`` and ``Pss_Anon`` of a process (smaps_rollup):
+    PSS splits each shared page between the processes mapping it, so PSS sums over processes."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss", "Pss_Shmem", "Pss_Anon", "Pss_File"):
+                out[key.lower()] = int(rest.split()[0]) * 1024
+    return out
+
+
+def worker_memory(client: Client) -> dict[str, dict[str, int]]:
+    """:func:`process_memory` of every worker process, by worker address."""
+    return client.run(process_memory)

@@ -96,6 +96,8 @@ class PageCache(Device):
         self.hits = 0
         self.misses = 0
         self._lock = threading.RLock()          # readers of file data take no filesystem lock
+        #: A device that reads ahead (remote) says how much to fetch on a miss.
+        self._readahead = getattr(device, "readahead", None)
 
     def _page(self, index: int) -> bytearray:
         """The cached page ``index``, read from the device on a miss (LRU order)."""
@@ -111,6 +113,8 @@ class PageCache(Device):
             return page
         self.misses += 1
         start = index * PAGE_SIZE
+        if self._readahead is not None:
+            return self._fill_ahead(index)
         page = bytearray(PAGE_SIZE)
         length = min(PAGE_SIZE, self.size - start)
         self.device.read_into(memoryview(page)[:length], start)
@@ -118,6 +122,25 @@ class PageCache(Device):
         if len(pages) > self.max_pages:
             self._evict()
         return page
+
+    def _fill_ahead(self, index: int) -> bytearray:
+        """A miss on a device that reads ahead (remote): fill the pages it asks for, up to the
+        next cached one and a quarter of the cache, with one vectored read."""
+        start = index * PAGE_SIZE
+        want = self._readahead(start, min(PAGE_SIZE, self.size - start))
+        count = max(1, min(-(-want // PAGE_SIZE), self.max_pages // 4))
+        pages = self._pages
+        new = [bytearray(PAGE_SIZE)]
+        while len(new) < count and index + len(new) not in pages:
+            new.append(bytearray(PAGE_SIZE))
+        end = min(self.size, start + len(new) * PAGE_SIZE)
+        views = [memoryview(p)[:min(PAGE_SIZE, end - start - i * PAGE_SIZE)] for i, p in enumerate(new)]
+        self.device.read_pages(views, start)
+        for i, page in enumerate(new):
+            pages[index + i] = page
+        if len(pages) > self.max_pages:
+            self._evict()
+        return new[0]
 
     def _evict(self) -> None:
         """Drop least recently used pages. A dirty one first sends *every* dirty page back.

@@ -1,0 +1,483 @@
+"""Remote images read lazily: a read-only device over HTTP range requests (or any fsspec URL).
+
+Only the bytes asked for cross the network, through the bounded :class:`~.file.PageCache`,
+with readahead that grows while reads stay sequential (Linux's ondemand readahead: a small
+first window, doubled on every sequential miss up to a cap, back to small on a seek).
+http and https use one keep-alive ``http.client`` connection per device (the standard library
+alone); other schemes (``s3://``, ``gs://``, ``file://``, chains) go through fsspec. A server
+that goes away gives an ``OSError`` after a bounded wait and a few retries, never a hang; one
+that answers a range request with the whole object gives ``OSError(EOPNOTSUPP)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import http.client
+import os
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+from .base import Device
+
+#: Seconds a connect or a read may wait on the server (``XIPFS_REMOTE_TIMEOUT``).
+DEFAULT_TIMEOUT = float(os.environ.get("XIPFS_REMOTE_TIMEOUT", "30"))
+#: Attempts of one range request on a broken connection (reconnecting between them).
+DEFAULT_RETRIES = 3
+#: Readahead: the first window on a miss, and the cap it doubles up to on sequential reads.
+READAHEAD_MIN = 64 * 1024
+READAHEAD_MAX = 8 * 1024 * 1024
+#: Page cache in front of a remote device.
+REMOTE_CACHE_BYTES = 64 * 1024 * 1024
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_TRANSIENT = (ConnectionError, http.client.HTTPException, socket.timeout, TimeoutError, OSError)
+
+
+def is_url(text: object) -> bool:
+    """True when ``text`` is a URL (``scheme://...``) or an fsspec chain (``a::b``)."""
+    return isinstance(text, str) and (bool(_URL.match(text)) or "::" in text)
+
+
+class RemoteInfo:
+    """What the store says about an object: size, validators (ETag / Last-Modified), checksum."""
+
+    def __init__(self, size: int, etag: str | None = None, last_modified: str | None = None,
+                 md5: bytes | None = None, sha256: bytes | None = None) -> None:
+        self.size = size
+        self.etag = etag
+        self.last_modified = last_modified
+        self.md5 = md5
+        self.sha256 = sha256
+
+    def validator(self) -> str:
+        """One string that changes when the object changes (ETag, else Last-Modified, and size)."""
+        return f"{self.size}|{self.etag or ''}|{self.last_modified or ''}"
+
+
+def _md5_of_etag(etag: str | None) -> bytes | None:
+    """An S3-style ETag that is a plain MD5 (32 hex digits, not a multipart ``-N`` one)."""
+    if not etag:
+        return None
+    tag = etag.strip().removeprefix("W/").strip('"')
+    if re.fullmatch(r"[0-9a-fA-F]{32}", tag):
+        return bytes.fromhex(tag)
+    return None
+
+
+def _digests(headers: Any) -> tuple[bytes | None, bytes | None]:
+    """``(md5, sha256)`` from Content-MD5, Digest or Repr-Digest headers, when given."""
+    md5 = sha = None
+    cmd5 = headers.get("Content-MD5")
+    if cmd5:
+        md5 = _b64(cmd5)
+    for name in ("Digest", "Repr-Digest"):
+        value = headers.get(name) or ""
+        for part in value.split(","):
+            algo, _, val = part.strip().partition("=")
+            val = val.strip().strip(":")
+            if algo.lower() == "md5" and md5 is None:
+                md5 = _b64(val)
+            elif algo.lower() in ("sha-256", "sha256") and sha is None:
+                sha = _b64(val)
+    return md5, sha
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except ValueError:
+        return None
+
+
+# -- sources: where the bytes come from --------------------------------------------------------
+class Source:
+    """A remote object read by byte ranges."""
+
+    url: str
+    info: RemoteInfo
+
+    def read_into(self, dst: memoryview, offset: int) -> None:
+        """Fill ``dst`` with the object's bytes from ``offset`` (one range request)."""
+        raise NotImplementedError
+
+    def read_pages(self, views: list[memoryview], offset: int) -> None:
+        """Fill consecutive ``views`` from ``offset`` (one range covering them all)."""
+        total = sum(len(v) for v in views)
+        buf = bytearray(total)
+        self.read_into(memoryview(buf), offset)
+        pos = 0
+        for v in views:
+            v[:] = memoryview(buf)[pos:pos + len(v)]
+            pos += len(v)
+
+    def stream(self, offset: int, chunk: int, if_range: str | None = None) -> Iterator[memoryview]:
+        """The object from ``offset`` to its end, in pieces of at most ``chunk`` bytes."""
+        size = self.info.size
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while offset < size:
+            n = min(chunk, size - offset)
+            self.read_into(view[:n], offset)
+            yield view[:n]
+            offset += n
+
+    def close(self) -> None:
+        """Drop connections."""
+
+
+class HttpSource(Source):
+    """An http(s) object over one keep-alive connection (``http.client``), reconnected on need."""
+
+    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
+                 headers: dict[str, str] | None = None, need_ranges: bool = True) -> None:
+        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        self._headers = {"User-Agent": "xipfs", **(headers or {})}
+        if parts.username:
+            token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            self._headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        self.timeout = timeout
+        self.retries = max(1, retries)
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+        #: Bytes of response bodies received (what crossed, less headers).
+        self.received = 0
+        self.requests = 0
+        #: False when the server answers ranges with the whole object (only ``need_ranges=False``).
+        self.ranges = True
+        self._need_ranges = need_ranges
+        self.info = self._probe()
+
+    # -- connections -------------------------------------------------------------------------
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                import ssl
+
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                                         context=ssl.create_default_context())
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _request(self, method: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        """One request on the kept connection; a connection the server closed is reopened once."""
+        self.requests += 1
+        for fresh in (False, True):
+            conn = self._connection()
+            try:
+                conn.request(method, self._target, headers={**self._headers, **headers})
+                return conn.getresponse()
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+                self._drop()
+                if fresh:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _retrying(self, what: str, fn: Any) -> Any:
+        """``fn()`` with bounded retries on network errors; a clear OSError when they run out."""
+        delay = 0.1
+        last: BaseException | None = None
+        for attempt in range(self.retries):
+            try:
+                return fn()
+            except RangeUnsupported:
+                raise
+            except _TRANSIENT as err:
+                if isinstance(err, OSError) and not _transient_oserror(err):
+                    raise
+                last = err
+                self._drop()
+                if attempt + 1 < self.retries:
+                    time.sleep(delay)
+                    delay *= 4
+        code = errno.ETIMEDOUT if isinstance(last, (socket.timeout, TimeoutError)) else (
+            getattr(last, "errno", None) or errno.EIO)
+        raise OSError(code, f"{what}: the server did not answer after {self.retries} attempts "
+                      f"({type(last).__name__}: {last or 'connection closed'})", self.url) from last
+
+    # -- the object -----------------------------------------------------------------------------
+    def _probe(self) -> RemoteInfo:
+        """Size, validators and checksum: one ``Range: bytes=0-0`` GET (HEAD is often not signed)."""
+        def ask() -> RemoteInfo:
+            with self._lock:
+                resp = self._request("GET", {"Range": "bytes=0-0"})
+                if resp.status == 200:       # no range support: the whole object is coming
+                    size = _length_of(resp)
+                    self._drop()             # without reading it
+                    if self._need_ranges or size is None:
+                        raise RangeUnsupported(self.url, size)
+                    self.ranges = False
+                else:
+                    resp.read()
+                    self._check_status(resp)
+                    size = _total_of(resp.getheader("Content-Range"))
+                    if size is None:
+                        raise OSError(errno.EPROTO, "a 206 answer without Content-Range", self.url)
+                md5, sha = _digests(resp.headers)
+                etag = resp.getheader("ETag")
+                return RemoteInfo(size, etag, resp.getheader("Last-Modified"),
+                                  md5 or _md5_of_etag(etag), sha)
+        return self._retrying("asking for the size", ask)
+
+    def _check_status(self, resp: http.client.HTTPResponse) -> None:
+        if resp.status in (200, 206):
+            return
+        code = {404: errno.ENOENT, 410: errno.ENOENT, 401: errno.EACCES, 403: errno.EACCES,
+                416: errno.EINVAL}.get(resp.status, errno.EIO)
+        raise OSError(code, f"HTTP {resp.status} {resp.reason}", self.url)
+
+    def read_into(self, dst: memoryview, offset: int) -> None:
+        self.read_pages([dst], offset)
+
+    def read_pages(self, views: list[memoryview], offset: int) -> None:
+        """One range request whose body is read straight into the consecutive ``views``."""
+        n = sum(len(v) for v in views)
+        if n == 0:
+            return
+
+        def fetch() -> None:
+            with self._lock:
+                resp = self._request("GET", {"Range": f"bytes={offset}-{offset + n - 1}",
+                                             **self._if_match()})
+                try:
+                    self._check_range_answer(resp, offset, n)
+                    for v in views:
+                        _read_exactly(resp, v)
+                    self.received += n
+                except BaseException:
+                    self._drop()
+                    raise
+        self._retrying(f"reading bytes {offset}..{offset + n}", fetch)
+
+    def _if_match(self) -> dict[str, str]:
+        etag = self.info.etag if hasattr(self, "info") else None
+        return {"If-Match": etag} if etag and not etag.startswith("W/") else {}
+
+    def _check_range_answer(self, resp: http.client.HTTPResponse, offset: int, n: int) -> None:
+        if resp.status == 412:
+            resp.read()
+            raise OSError(errno.ESTALE, "the remote image changed while it was read (ETag differs)",
+                          self.url)
+        if resp.status == 200:
+            raise RangeUnsupported(self.url, self.info.size)
+        self._check_status(resp)
+        got = resp.getheader("Content-Range") or ""
+        if not got.startswith(f"bytes {offset}-{offset + n - 1}/"):
+            raise OSError(errno.EPROTO, f"asked for bytes {offset}-{offset + n - 1}, got {got!r}",
+                          self.url)
+
+    def stream(self, offset: int, chunk: int, if_range: str | None = None) -> Iterator[memoryview]:
+        """The object from ``offset`` on, in one request (``If-Range``: the whole object again if
+        it changed, which the caller sees as :class:`Restarted`)."""
+        size = self.info.size
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        if offset and if_range:
+            headers["If-Range"] = if_range
+        with self._lock:
+            def start() -> http.client.HTTPResponse:
+                resp = self._request("GET", headers)
+                if resp.status not in (200, 206):
+                    resp.read()
+                self._check_status(resp)
+                return resp
+            resp = self._retrying("starting the download", start)
+            try:
+                if offset and resp.status == 200:
+                    raise Restarted(_length_of(resp))
+                buf = bytearray(chunk)
+                view = memoryview(buf)
+                pos = offset
+                while pos < size:
+                    n = resp.readinto(view[:min(chunk, size - pos)])
+                    if not n:
+                        raise OSError(errno.EIO, f"the server closed the download at byte {pos} of "
+                                      f"{size}", self.url)
+                    self.received += n
+                    pos += n
+                    yield view[:n]
+            except BaseException:
+                self._drop()
+                raise
+            if not resp.isclosed():
+                resp.read()
+
+
+def _transient_oserror(err: OSError) -> bool:
+    """Network errors worth a retry (not, say, a name that does not resolve)."""
+    if isinstance(err, (ConnectionError, socket.timeout, TimeoutError, http.client.HTTPException)):
+        return True
+    return err.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT,
+                         errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED)
+
+
+def _read_exactly(resp: http.client.HTTPResponse, dst: memoryview) -> None:
+    done = 0
+    while done < len(dst):
+        n = resp.readinto(dst[done:])
+        if not n:
+            raise ConnectionError(f"the server closed the connection after {done} of {len(dst)} bytes")
+        done += n
+
+
+def _total_of(content_range: str | None) -> int | None:
+    m = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+)", (content_range or "").strip())
+    return int(m[1]) if m else None
+
+
+def _length_of(resp: http.client.HTTPResponse) -> int | None:
+    length = resp.getheader("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+class RangeUnsupported(OSError):
+    """The server sent the whole object to a range request: it cannot be read lazily."""
+
+    def __init__(self, url: str, size: int | None) -> None:
+        super().__init__(errno.EOPNOTSUPP, "the server does not support range requests (it answered "
+                         "a range with the whole object); 'xipfs fetch' copies the image whole", url)
+        self.size = size
+
+
+class Restarted(Exception):
+    """A resumed download found the object changed (``If-Range`` failed): start again."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class FsspecSource(Source):
+    """Any fsspec URL (``s3://``, ``gs://``, ``file://``, chains), read with ``cat_file`` ranges."""
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        try:
+            from fsspec.core import url_to_fs
+        except ImportError as err:
+            raise OSError(errno.EPROTONOSUPPORT, "this URL needs fsspec (pip install 'xipfs[remote]')",
+                          url) from err
+        self.url = url
+        try:
+            self.fs, self.path = url_to_fs(url, **storage_options)
+        except (ValueError, ImportError) as err:
+            raise OSError(errno.EPROTONOSUPPORT, f"cannot open this URL: {err}", url) from err
+        self.received = 0
+        self.requests = 0
+        try:
+            meta = self.fs.info(self.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no such remote object", url) from None
+        if meta.get("type") == "directory":
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not an image", url)
+        etag = meta.get("ETag") or meta.get("etag")
+        md5 = _md5_of_etag(etag)
+        if md5 is None and isinstance(meta.get("md5Hash"), str):
+            md5 = _b64(meta["md5Hash"])
+        modified = meta.get("LastModified") or meta.get("mtime") or meta.get("updated")
+        self.info = RemoteInfo(int(meta["size"]), etag, None if modified is None else str(modified), md5)
+
+    def read_into(self, dst: memoryview, offset: int) -> None:
+        n = len(dst)
+        self.requests += 1
+        data = self.fs.cat_file(self.path, start=offset, end=offset + n)
+        if len(data) != n:
+            raise OSError(errno.EIO, f"short read: {len(data)} of {n} bytes at {offset}", self.url)
+        dst[:] = data
+        self.received += n
+
+
+def open_source(url: str, *, timeout: float = DEFAULT_TIMEOUT, need_ranges: bool = True,
+                **storage_options: Any) -> Source:
+    """The source for ``url``: http(s) with the standard library, anything else through fsspec."""
+    scheme = url.partition("://")[0].lower() if "::" not in url else ""
+    if scheme in ("http", "https") and not storage_options:
+        return HttpSource(url, timeout=timeout, need_ranges=need_ranges)
+    return FsspecSource(url, **storage_options)
+
+
+# -- the device ------------------------------------------------------------------------------------
+class RemoteDevice(Device):
+    """A read-only remote image: ``read_into`` issues range requests, with ondemand readahead.
+
+    Put a :class:`~.file.PageCache` in front of it (``open_remote`` does): the cache asks
+    :meth:`readahead` how many pages to fill on a miss and fills them with one request.
+    """
+
+    kind = "remote"
+
+    def __init__(self, source: Source, *, readahead_min: int = READAHEAD_MIN,
+                 readahead_max: int = READAHEAD_MAX) -> None:
+        super().__init__(source.info.size, True, source.url)
+        self.source = source
+        self.readahead_min = readahead_min
+        self.readahead_max = max(readahead_min, readahead_max)
+        self._window = readahead_min
+        self._next = -1                 # where a sequential reader's next miss would start
+
+    @property
+    def received(self) -> int:
+        """Bytes of the image fetched so far."""
+        return self.source.received
+
+    def readahead(self, offset: int, length: int) -> int:
+        """How many bytes to fetch for a miss of ``length`` bytes at ``offset`` (ondemand)."""
+        if self._next <= offset <= self._next + self._window:   # on from the last fetch
+            self._window = min(self._window * 2, self.readahead_max)
+        else:
+            self._window = self.readahead_min
+        return min(max(length, self._window), self.size - offset)
+
+    def read_into(self, dst: memoryview, offset: int) -> None:
+        self.check_range(offset, len(dst))
+        self.source.read_into(dst, offset)
+
+    def read_pages(self, views: list[memoryview], offset: int) -> None:
+        """Fill consecutive ``views`` from ``offset`` with one request (the cache's readahead)."""
+        n = sum(len(v) for v in views)
+        self.check_range(offset, n)
+        self.source.read_pages(views, offset)
+        self._next = offset + n
+
+    def view(self, offset: int, length: int) -> memoryview:
+        buf = bytearray(length)
+        self.read_into(memoryview(buf), offset)
+        return memoryview(buf)
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        raise OSError(errno.EROFS, "a remote image is read-only", self.name)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def open_remote(url: str, *, readonly: bool = True, cache_bytes: int | None = None,
+                timeout: float = DEFAULT_TIMEOUT, **storage_options: Any) -> Device:
+    """A remote image behind a page cache with readahead; ``readonly=False`` is refused (EROFS)."""
+    if not readonly:
+        raise OSError(errno.EROFS, "a remote image is read-only (xipfs fetch copies it to memory "
+                      "storage, where it can be written)", url)
+    from .file import PageCache
+
+    device = RemoteDevice(open_source(url, timeout=timeout, **storage_options))
+    return PageCache(device, REMOTE_CACHE_BYTES if cache_bytes is None else cache_bytes)

@@ -26,25 +26,28 @@ a memory file to be loaded, and the shared libraries it finds through ``$ORIGIN`
 
 from __future__ import annotations
 
+import _frozen_importlib_external as _bx  # the loaders' shared logic, always loaded
 import _imp
-import contextlib
 import errno
 import io
 import os
 import posixpath
 import stat
 import sys
-import threading
-from collections.abc import Iterator
-from importlib import _bootstrap  # noqa: I001 - frozen, always loaded
-from importlib import _bootstrap_external as _bx  # the loaders' shared logic, always loaded
-from importlib.machinery import EXTENSION_SUFFIXES, ModuleSpec
-from typing import Any
+from _frozen_importlib import ModuleSpec, _call_with_frames_removed  # always loaded
+from _thread import RLock, allocate_lock
 
 from .errors import CorruptImageError, XipfsError, fs_error
 
-# The format layer is imported when the first image entry is opened (``_Image._open``), so that
-# ``import xipfs`` (which installs the hook) stays cheap for a process that never uses one.
+# ``typing``, ``threading``, ``contextlib``, ``struct`` and the format layer cost more to import
+# than a small package takes to import from an image: none is imported here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
+# The format layer is imported when something beyond plain files and directories is needed
+# (a symlink, inline data, resources opened as files, an unusual image): ``_Image.fs``.
 read_bytes: Any = None
 segments: Any = None
 resolve: Any = None
@@ -53,17 +56,15 @@ resolve: Any = None
 _loading = 0
 
 
-@contextlib.contextmanager
-def loading() -> Iterator[None]:
-    """While xipfs imports its own modules: :func:`path_hook` declines image entries (those
-    imports walk ``sys.path``, which may hold one, and the hook would need the very modules being
-    imported), and the None that leaves in ``sys.path_importer_cache`` is dropped after, as
-    :func:`install` drops it."""
-    global _loading
-    _loading += 1
-    try:
-        yield
-    finally:
+class _Loading:
+    """The context of :func:`loading`."""
+
+    def __enter__(self) -> None:
+        global _loading
+        _loading += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _loading
         _loading -= 1
         if not _loading:
             for entry, finder in list(sys.path_importer_cache.items()):
@@ -71,9 +72,17 @@ def loading() -> Iterator[None]:
                     sys.path_importer_cache.pop(entry, None)
 
 
+def loading() -> _Loading:
+    """While xipfs imports its own modules: :func:`path_hook` declines image entries (those
+    imports walk ``sys.path``, which may hold one, and the hook would need the very modules being
+    imported), and the None that leaves in ``sys.path_importer_cache`` is dropped after, as
+    :func:`install` drops it."""
+    return _Loading()
+
+
 def _load_format() -> None:
     """Import what reading an image needs and bind the few functions the loaders call (the
-    first image entry met does this, outside every lock of this module)."""
+    first use of the format layer does this, outside every lock of this module)."""
     global read_bytes, segments, resolve
     with loading():
         from .device.memory import MemoryDevice  # noqa: F401 - imported here, used by _Image
@@ -101,8 +110,279 @@ _EXT2_MAGIC_AT = 1024 + 56          # s_magic in the superblock
 _SUPERBLOCK = (1024, 1024)          # (offset, size): compared to notice a changed image
 _FT_REG, _FT_DIR = 1, 2
 #: FileFinder's order: extension modules (None), then source (True), then sourceless bytecode.
-_SUFFIXES = (*((s, None) for s in EXTENSION_SUFFIXES), (".py", True), (".pyc", False))
+_SUFFIXES = (*((s, None) for s in _imp.extension_suffixes()), (".py", True), (".pyc", False))
 _INITS = tuple(("__init__" + suffix, source) for suffix, source in _SUFFIXES)
+#: The listing of what is not a directory (missing, a file): no module there, and a name under
+#: it is not "missing from a directory" but an error the format layer names exactly.
+_NOT_DIR: dict[str, tuple[int, int]] = {}
+_TAG = sys.implementation.cache_tag
+_MAGIC = _bx.MAGIC_NUMBER
+
+
+# -- the import path's own reader -----------------------------------------------------------------
+class _Decline(Exception):
+    """The lean reader leaves this to the format layer (a symlink, inline data, an odd image)."""
+
+
+def _u16(b: bytes, at: int) -> int:
+    return int.from_bytes(b[at:at + 2], "little")
+
+
+def _u32(b: bytes, at: int) -> int:
+    return int.from_bytes(b[at:at + 4], "little")
+
+
+#: Incompatible features the lean reader reads: filetype, extents, 64bit, mmp, flex_bg,
+#: ea_inode, csum_seed, largedir, inline_data (an inline inode is declined on its own). Any other
+#: (compression, needs_recovery, journal_dev, meta_bg, dirdata, encrypt, casefold) is left to the
+#: format layer, which replays, refuses or handles it.
+_LEAN_INCOMPAT = 0x2 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000 | 0x4000 | 0x8000
+_INCOMPAT_FILETYPE, _INCOMPAT_64BIT = 0x2, 0x80
+_EXTENTS_FL, _INLINE_DATA_FL, _ENCRYPT_FL = 0x80000, 0x10000000, 0x800
+_EXTENT_MAGIC = 0xF30A
+_ROOT_INO = 2
+
+
+class _Reader:
+    """The least of ext2/ext3/ext4 an import needs, read with ``pread`` from the image file:
+    directory listings and regular files by inode number, and a source's mtime and size.
+
+    Opening costs nothing beyond the superblock already read to recognise the image; a group
+    descriptor, an inode-table block or an extent block is read the first time it is needed
+    and kept. Checksums are not verified (the format layer does, as ``zipimport`` leaves CRCs
+    unchecked); every number is range-checked, so a damaged image raises CorruptImageError.
+    Anything else raises :class:`_Decline` and is done by the format layer.
+    """
+
+    @staticmethod
+    def accepts(signature: tuple[Any, ...]) -> bool:
+        """Whether the image of ``signature`` (see :func:`_signature`) is one this reader reads."""
+        try:
+            _Reader(-1, signature[4], signature[2])
+        except _Decline:
+            return False
+        return True
+
+    def __init__(self, fd: int, sb: bytes, file_size: int) -> None:
+        if len(sb) < 1024 or sb[56:58] != _EXT2_MAGIC:
+            raise _Decline
+        incompat = _u32(sb, 96)
+        if incompat & ~_LEAN_INCOMPAT:
+            raise _Decline
+        log = _u32(sb, 24)
+        if log > 6:
+            raise _Decline
+        self.bs = bs = 1024 << log
+        self.inodes_count = _u32(sb, 0)
+        blocks = _u32(sb, 4)
+        wide = bool(incompat & _INCOMPAT_64BIT)
+        if wide:
+            blocks |= _u32(sb, 0x150) << 32
+        self.blocks = min(blocks, file_size // bs) if file_size else blocks
+        self.ipg = _u32(sb, 40)
+        self.isize = _u16(sb, 88) if _u32(sb, 76) else 128
+        desc = _u16(sb, 254) if wide else 32
+        if (not self.ipg or self.isize < 128 or self.isize > bs or self.isize & (self.isize - 1)
+                or desc < 32 or desc > 1024 or desc & (desc - 1)):
+            raise _Decline
+        self.desc = desc
+        self.gdt = (_u32(sb, 20) + 1) * bs       # the group descriptors follow the superblock
+        self.filetype = bool(incompat & _INCOMPAT_FILETYPE)
+        self._tables: dict[int, int] = {}         # group -> first block of its inode table
+        self._itable: dict[int, bytes] = {}       # block -> inode-table block
+        self._inodes: dict[int, tuple[int, int, int, int, int, bytes]] = {}
+        self.fd = fd                              # owned from here on: closed with the reader
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", -1)
+        if fd >= 0 and os is not None:
+            self.fd = -1
+            os.close(fd)
+
+    def forget(self) -> None:
+        """Drop what was read (the image may have been written since)."""
+        self._tables = {}
+        self._itable = {}
+        self._inodes = {}
+
+    def _pread(self, length: int, block: int, what: str) -> bytes:
+        """``length`` bytes at block ``block``; CorruptImageError where they lie past the image."""
+        if block >= self.blocks or block * self.bs + length > self.blocks * self.bs:
+            raise CorruptImageError(f"{what} at block {block} lies past the end of the image")
+        data = os.pread(self.fd, length, block * self.bs)
+        if len(data) != length:
+            raise CorruptImageError(f"{what} at block {block} lies past the end of the image")
+        return data
+
+    def _table(self, group: int) -> int:
+        table = self._tables.get(group)
+        if table is None:
+            at = self.gdt + group * self.desc
+            raw = os.pread(self.fd, self.desc, at)
+            if len(raw) != self.desc:
+                raise CorruptImageError(f"the descriptor of group {group} lies past the end of the image")
+            table = _u32(raw, 8)
+            if self.desc >= 64:
+                table |= _u32(raw, 40) << 32
+            self._tables[group] = table
+        return table
+
+    def inode(self, ino: int) -> tuple[int, int, int, int, int, bytes]:
+        """``(mode, size, flags, mtime seconds, mtime nanoseconds, i_block)`` of a live inode."""
+        node = self._inodes.get(ino)
+        if node is not None:
+            return node
+        if not 0 < ino <= self.inodes_count:
+            raise CorruptImageError(f"inode number {ino} is out of range (1..{self.inodes_count})")
+        group, index = divmod(ino - 1, self.ipg)
+        at = self._table(group) * self.bs + index * self.isize
+        block, offset = divmod(at, self.bs)
+        raw = self._itable.get(block)
+        if raw is None:
+            raw = self._itable[block] = self._pread(self.bs, block, f"the inode table of group {group}")
+        end = offset + self.isize
+        mode = _u16(raw, offset)
+        links = _u16(raw, offset + 26)
+        if links == 0 and (mode == 0 or _u32(raw, offset + 20)):
+            raise CorruptImageError(f"a directory entry points to deleted inode {ino}")
+        size = _u32(raw, offset + 4) | _u32(raw, offset + 108) << 32
+        secs = int.from_bytes(raw[offset + 16:offset + 20], "little", signed=True)
+        nsec = 0
+        if self.isize > 128 and _u16(raw, offset + 128) >= 12 and offset + 140 <= end:
+            extra = _u32(raw, offset + 136)
+            secs += (extra & 3) << 32
+            nsec = extra >> 2
+        node = (mode, size, _u32(raw, offset + 32), secs, nsec, raw[offset + 40:offset + 100])
+        self._inodes[ino] = node
+        return node
+
+    # -- block maps -------------------------------------------------------------------------
+    def _runs(self, ino: int, node: tuple[int, int, int, int, int, bytes]) -> list[tuple[int, int, int]]:
+        """``(file block, count, image block or -1 for zeros)`` runs of the inode's data."""
+        flags = node[2]
+        if flags & (_INLINE_DATA_FL | _ENCRYPT_FL):
+            raise _Decline
+        nblocks = -(-node[1] // self.bs)
+        if flags & _EXTENTS_FL:
+            runs: list[tuple[int, int, int]] = []
+            self._extents(node[5], 5, runs, ino)
+            return runs
+        return self._indirect(node[5], nblocks, ino)
+
+    def _extents(self, data: bytes, depth_left: int, runs: list[tuple[int, int, int]], ino: int) -> None:
+        if len(data) < 12 or _u16(data, 0) != _EXTENT_MAGIC:
+            raise CorruptImageError("bad extent header magic", f"inode {ino}")
+        count, depth = _u16(data, 2), _u16(data, 6)
+        if depth > depth_left or 12 + 12 * count > len(data):
+            raise CorruptImageError("bad extent header (depth or entry count)", f"inode {ino}")
+        for at in range(12, 12 + 12 * count, 12):
+            first = _u32(data, at)
+            if depth == 0:
+                length = _u16(data, at + 4)
+                start = _u16(data, at + 6) << 32 | _u32(data, at + 8)
+                if length > 32768:                  # unwritten: reads as zeros
+                    runs.append((first, length - 32768, -1))
+                else:
+                    runs.append((first, length, start))
+            else:
+                child = _u16(data, at + 8) << 32 | _u32(data, at + 4)
+                self._extents(self._pread(self.bs, child, f"an extent block of inode {ino}"), depth - 1,
+                              runs, ino)
+
+    def _indirect(self, iblock: bytes, nblocks: int, ino: int) -> list[tuple[int, int, int]]:
+        ptrs = [_u32(iblock, 4 * i) for i in range(min(12, nblocks))]
+        per = self.bs // 4
+        todo = nblocks - len(ptrs)
+        for level, at in ((1, 48), (2, 52), (3, 56)):
+            if todo <= 0:
+                break
+            got = self._tree(_u32(iblock, at), level, min(todo, per ** level), ino)
+            ptrs += got
+            todo -= len(got)
+        runs: list[tuple[int, int, int]] = []
+        for lblk, blk in enumerate(ptrs):
+            start = blk or -1
+            if runs:
+                first, count, where = runs[-1]
+                if (where + count == start if where >= 0 else start == -1):
+                    runs[-1] = (first, count + 1, where)
+                    continue
+            runs.append((lblk, 1, start))
+        return runs
+
+    def _tree(self, block: int, level: int, want: int, ino: int) -> list[int]:
+        """The first ``want`` pointers below indirect block ``block`` of depth ``level``."""
+        span = (self.bs // 4) ** (level - 1)
+        if block == 0:
+            return [0] * want
+        raw = self._pread(self.bs, block, f"an indirect block of inode {ino}")
+        out: list[int] = []
+        for i in range(-(-want // span)):
+            ptr = _u32(raw, 4 * i)
+            n = min(span, want - len(out))
+            out += [ptr] if level == 1 else self._tree(ptr, level - 1, n, ino)
+        return out
+
+    # -- what the importer asks ---------------------------------------------------------------
+    def data(self, ino: int, node: tuple[int, int, int, int, int, bytes] | None = None) -> bytes:
+        """The content of inode ``ino``: one ``pread`` for a file stored in one run."""
+        if node is None:
+            node = self.inode(ino)
+        size = node[1]
+        if size == 0:
+            return b""
+        bs = self.bs
+        runs = self._runs(ino, node)
+        if runs and runs[0][0] == 0 and runs[0][1] * bs >= size and runs[0][2] >= 0:
+            return self._pread(size, runs[0][2], f"the data of inode {ino}")
+        out = bytearray(size)
+        for first, count, where in runs:
+            at = first * bs
+            if where < 0 or at >= size:
+                continue
+            length = min(count * bs, size - at)
+            out[at:at + length] = self._pread(length, where, f"the data of inode {ino}")
+        return bytes(out)
+
+    def file(self, ino: int) -> tuple[int, int, int, int, int, bytes]:
+        """The inode of a regular file (a symlink or anything else is declined)."""
+        node = self.inode(ino)
+        if not stat.S_ISREG(node[0]):
+            raise _Decline
+        return node
+
+    def listing(self, ino: int) -> dict[str, tuple[int, int]]:
+        """``{name: (inode, file type)}`` of directory ``ino``, without ``.`` and ``..``."""
+        node = self.inode(ino)
+        if not stat.S_ISDIR(node[0]):
+            raise _Decline
+        raw = self.data(ino, node)
+        bs = self.bs
+        if len(raw) % bs:
+            raise CorruptImageError("directory size is not a whole number of blocks", f"inode {ino}")
+        entries: dict[str, tuple[int, int]] = {}
+        limit = self.inodes_count
+        filetype = self.filetype
+        for base in range(0, len(raw), bs):
+            pos, end = base, base + bs
+            while pos < end:
+                child = _u32(raw, pos)
+                rec_len = _u16(raw, pos + 4)
+                if rec_len in (0, 65535) and bs == 65536:
+                    rec_len = 65536
+                name_len = raw[pos + 6] if filetype else _u16(raw, pos + 6)
+                if rec_len < 8 or rec_len & 3 or pos + rec_len > end or name_len + 8 > rec_len:
+                    raise CorruptImageError(f"bad directory entry at byte {pos - base} of block "
+                                            f"{base // bs}", f"inode {ino}")
+                if child:
+                    if child > limit:
+                        raise CorruptImageError(f"directory entry names inode {child}, past the last "
+                                                f"({limit})", f"inode {ino}")
+                    name = raw[pos + 8:pos + 8 + name_len].decode("utf-8", "surrogateescape")
+                    if name != "." and name != "..":
+                        entries[name] = (child, raw[pos + 7] if filetype else 0)
+                pos += rec_len
+        return entries
 
 
 # -- images: opened once per process ----------------------------------------------------------
@@ -110,17 +390,18 @@ class _Image:
     """One image file, opened read-only once and shared by every finder and loader on it.
 
     Directory listings are kept per directory (``{name: (inode, file type)}``), so a finder,
-    the loaders of its modules and their ``__pycache__`` each cost one directory read. File
-    data is read with ``pread`` from the image file: one copy from the storage, without the
-    page faults a first touch of a fresh mapping costs in every new process.
+    the loaders of its modules and their ``__pycache__`` each cost one directory read. Plain
+    files and directories are read by the lean :class:`_Reader` (``pread``, nothing else
+    imported); the full :class:`~xipfs.fs.Filesystem` (``fs``) is opened the first time
+    something else is needed: a symlink, inline data, resources opened as files.
     """
 
     def __init__(self, real: str, probe: _Probe | None = None) -> None:
         self.real = real
-        #: Serialises the finders' and loaders' reads (the volume's caches are plain dicts).
-        self.lock = threading.RLock()
-        self.fs: Any = None
-        self._fd = -1
+        #: Serialises the uses of the format layer (the volume's caches are plain dicts).
+        self.lock = RLock()
+        self._fs: Any = None
+        self.reader: _Reader | None = None
         self._signature: tuple[Any, ...] | None = None
         self._dirs: dict[str, dict[str, tuple[int, int]]] = {}
         self._open(probe)
@@ -132,25 +413,34 @@ class _Image:
         return self._signature[0], self._signature[1]
 
     def _open(self, probe: _Probe | None = None) -> None:
-        """Map the image (from the descriptor of ``probe`` when given: no second open)."""
-        from .device.memory import MemoryDevice
-        from .fs import Filesystem
-        from .fs import open as open_fs
+        """Start reading the image (the descriptor of ``probe`` is kept: no second open)."""
         if probe is None:
             probe = _probe(self.real)
         fd, signature = probe
-        try:                        # mapped whatever the storage: reading needs no page cache
-            device = MemoryDevice.from_fd(fd, size=signature[2] or None, readonly=True, name=self.real,
-                                           kind="image")
-        except (OSError, ValueError):   # from_fd has closed fd
-            fs = open_fs(self.real, "r")
-            signature = _signature(self.real, fs.device.fileno() if fs.device.fileno() >= 0 else None)
-        else:
-            fs = Filesystem(device, "r")
-        self.fs = fs
-        self._fd = fs.device.fileno()
+        try:
+            reader: _Reader | None = _Reader(fd, signature[4], signature[2])
+        except _Decline:
+            reader = None
+        self.reader = reader                     # the old reader closes with its last user
         self._dirs = {}
         self._signature = signature
+        self._fs = None                          # the old Filesystem goes with its last user
+        if reader is None:
+            os.close(fd)
+            self.fs                             # noqa: B018 - opened now: its errors name the image
+
+    @property
+    def fs(self) -> Any:
+        """The image opened read-only by the format layer (on first use)."""
+        fs = self._fs
+        if fs is None:
+            if resolve is None:
+                _load_format()
+            with self.lock:
+                fs = self._fs
+                if fs is None:
+                    fs = self._fs = _open_fs(self.real)
+        return fs
 
     def refresh(self, forget: bool = True, probe: _Probe | None = None) -> None:
         """Reopen the image when its file or superblock changed; else, with ``forget``, drop
@@ -164,29 +454,50 @@ class _Image:
                 except OSError:
                     return              # gone: keep serving what is mapped, as an open file does
             if probe[1] != self._signature:
-                self._open(probe)       # the old Filesystem goes with the last loader using it
+                self._open(probe)
                 return
             os.close(probe[0])
             if forget:
                 self._dirs = {}
-                self.fs.volume.forget_cached()
+                if self.reader is not None:
+                    self.reader.forget()
+                if self._fs is not None:
+                    self._fs.volume.forget_cached()
 
     # -- reading, through the cached listings -------------------------------------------------
     def entries(self, directory: str) -> dict[str, tuple[int, int]]:
         """``{name: (inode, file type)}`` of ``directory`` (absolute in the image); {} if it is none."""
         listing = self._dirs.get(directory)
         if listing is None:
-            with self.lock:
-                vol = self.fs.volume
-                try:
-                    node = resolve(vol, directory, True)
-                    listing = vol.dir_index(node).entries if node.is_dir else {}
-                except XipfsError:
-                    raise
-                except OSError:
-                    listing = {}
-                self._dirs[directory] = listing
+            listing = self._dirs[directory] = self._list(directory)
         return listing
+
+    def _list(self, directory: str) -> dict[str, tuple[int, int]]:
+        reader = self.reader
+        if reader is not None:
+            try:
+                if directory == "/":
+                    return reader.listing(_ROOT_INO)
+                head, _, name = directory.rpartition("/")
+                if name and name != "." and name != "..":
+                    entry = self.entries(head or "/").get(name)
+                    if entry is None:
+                        return _NOT_DIR
+                    if entry[1] == _FT_DIR or entry[1] == 0:
+                        return reader.listing(entry[0])
+                    if entry[1] == _FT_REG:
+                        return _NOT_DIR
+            except _Decline:
+                pass
+        with self.lock:
+            vol = self.fs.volume
+            try:
+                node = resolve(vol, directory, True)
+                return vol.dir_index(node).entries if node.is_dir else _NOT_DIR
+            except XipfsError:
+                raise
+            except OSError:
+                return _NOT_DIR
 
     def kind(self, path: str) -> str:
         """"d" (directory), "f" (regular file) or "" (anything else, or nothing) at ``path``."""
@@ -203,7 +514,12 @@ class _Image:
             return "f"
         if ftype == _FT_DIR:
             return "d"
-        with self.lock:                   # a symlink, or an image without file types
+        reader = self.reader
+        if reader is not None:              # an image without file types, or a symlink
+            mode = reader.inode(entry[0])[0]
+            if not stat.S_ISLNK(mode):
+                return "d" if stat.S_ISDIR(mode) else "f" if stat.S_ISREG(mode) else ""
+        with self.lock:
             try:
                 mode = self.fs.stat(path).st_mode
             except XipfsError:
@@ -212,58 +528,92 @@ class _Image:
                 return ""
         return "d" if stat.S_ISDIR(mode) else "f" if stat.S_ISREG(mode) else ""
 
-    def file(self, path: str) -> Any:
-        """The inode of regular file ``path``; the ``OSError`` that ``os`` raises where there is none."""
+    def _lean(self, path: str) -> tuple[int, tuple[int, int, int, int, int, bytes]] | None:
+        """``(inode number, inode)`` of regular file ``path`` by the lean reader, None where the
+        format layer must answer; FileNotFoundError for a name missing from a directory."""
+        reader = self.reader
+        if reader is None:
+            return None
         head, _, name = path.rpartition("/")
-        head = head or "/"
-        listing = self._dirs.get(head)
+        listing = self._dirs.get(head or "/")
         if listing is None:
-            listing = self.entries(head)
+            listing = self.entries(head or "/")
         entry = listing.get(name)
+        if entry is None:
+            if listing is _NOT_DIR or not name or name == "." or name == "..":
+                return None
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        try:
+            return entry[0], reader.file(entry[0])
+        except _Decline:
+            return None
+
+    def file(self, path: str) -> Any:
+        """The format layer's inode of regular file ``path``; the ``OSError`` that ``os`` raises
+        where there is none."""
         with self.lock:
             vol = self.fs.volume
-            if entry is not None and entry[1] == _FT_REG:
-                return vol.live_inode(entry[0], name, head)
-            node = resolve(vol, path, True)      # a symlink, or the error for what is missing
+            node = resolve(vol, path, True)
             if not node.is_reg:
                 raise fs_error(errno.EISDIR if node.is_dir else errno.ENXIO, path)
             return node
 
     def read(self, path: str) -> bytes:
-        """The content of regular file ``path`` in the image: one ``pread`` per run of blocks
-        (one for nearly every file: a small file is one run)."""
+        """The content of regular file ``path`` in the image (one ``pread`` for nearly every file)."""
+        lean = self._lean(path)
+        if lean is not None:
+            try:
+                return self.reader.data(*lean)      # type: ignore[union-attr]
+            except _Decline:
+                pass
         node = self.file(path)
-        size = node.size
-        fd = self._fd
         with self.lock:
-            vol = self.fs.volume
-            if fd < 0 or size == 0:
-                return read_bytes(vol, node, 0, size)
-            whole = node.map.whole          # one contiguous run: nearly every module
-            runs = None if whole else list(segments(vol, node, 0, size))
-        if whole:
-            runs = [(0, size, whole * vol.bs)]
-        parts = []
-        for _, length, where in runs:
-            if where < 0:
-                parts.append(bytes(length))
-                continue
-            data = os.pread(fd, length, where)
-            if len(data) != length:
-                raise CorruptImageError(f"file data at byte {where} lies past the end of the image",
-                                        f"inode {node.ino}")
-            parts.append(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            return read_bytes(self.fs.volume, node, 0, node.size)
 
     def mtime_size(self, path: str) -> tuple[float, int]:
         """``(st_mtime, st_size)`` of regular file ``path``, ``st_mtime`` computed as ``os.stat`` does."""
+        lean = self._lean(path)
+        if lean is not None:
+            node = lean[1]
+            return node[3] + node[4] * 1e-9, node[1]
         node = self.file(path)
         sec, nsec = divmod(node.mtime_ns, 1_000_000_000)
         return sec + nsec * 1e-9, node.size
 
+    def bytecode(self, directory: str, source: str, cached: str) -> tuple[bytes, int, int] | None:
+        """``(pyc bytes, source mtime in seconds, source size)`` for source file ``source`` of
+        ``directory`` and ``__pycache__/cached`` beside it; None when either is not a plain
+        file the lean reader reads (the caller then takes the general path)."""
+        reader = self.reader
+        if reader is None:
+            return None
+        entry = self.entries(directory).get(source)
+        pyc = self.entries(directory + "/__pycache__" if directory != "/" else "/__pycache__").get(cached)
+        if entry is None or pyc is None:
+            return None
+        try:
+            node = reader.file(entry[0])
+            data = reader.data(pyc[0], reader.file(pyc[0]))
+        except _Decline:
+            return None
+        return data, node[3], node[1]
+
+
+def _open_fs(real: str) -> Any:
+    """The image file ``real`` opened read-only by the format layer, mapped whatever the storage."""
+    from .device.memory import MemoryDevice
+    from .fs import Filesystem
+    from .fs import open as open_fs
+    fd, signature = _probe(real)
+    try:
+        device = MemoryDevice.from_fd(fd, size=signature[2] or None, readonly=True, name=real, kind="image")
+    except (OSError, ValueError):   # from_fd has closed fd
+        return open_fs(real, "r")
+    return Filesystem(device, "r")
+
 
 #: An image file opened for reading: ``(descriptor, signature)``.
-_Probe = tuple[int, tuple[Any, ...]]
+_Probe = tuple
 
 
 def _signature(path: str, fd: int | None = None) -> tuple[Any, ...]:
@@ -301,7 +651,7 @@ def _is_ext2_signature(signature: tuple[Any, ...]) -> bool:
 
 #: The images opened in this process, by ``(st_dev, st_ino)`` of the image file.
 _images: dict[tuple[int, int], _Image] = {}
-_images_lock = threading.Lock()
+_images_lock = allocate_lock()
 
 
 def _image(path: str, probe: _Probe | None = None) -> _Image:
@@ -330,9 +680,9 @@ def _register(image: _Image) -> None:
 
 def _reset_locks_after_fork() -> None:
     global _images_lock
-    _images_lock = threading.Lock()
+    _images_lock = allocate_lock()
     for image in _images.values():
-        image.lock = threading.RLock()
+        image.lock = RLock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -435,7 +785,7 @@ def path_hook(entry: str) -> XipPathFinder:
     if found is None:
         raise ImportError("not an ext2 image path", path=entry)
     named, real, inner, probe = found
-    if resolve is None:
+    if resolve is None and not _Reader.accepts(probe[1]):   # the format layer reads this one
         try:
             _load_format()
         except BaseException:
@@ -518,6 +868,9 @@ class XipPathFinder:
             loader = cls(self._image, self.image, fullname, origin, package is not None)
         spec = ModuleSpec(fullname, loader, origin=origin, is_package=package is not None)
         spec.has_location = True
+        if source and sys.pycache_prefix is None and not sys.flags.optimize and _TAG is not None:
+            head, _, name = origin.rpartition("/")       # what cache_from_source computes, made short
+            spec.cached = f"{head}/__pycache__/{name[:-3]}.{_TAG}.pyc"
         if package is not None:
             spec.submodule_search_locations = [self.image + package]
         return spec
@@ -654,6 +1007,27 @@ class XipLoader(_ImageData, _bx.SourceLoader):
     def _cache_bytecode(self, source_path: str, cache_path: str, data: bytes) -> None:
         raise NotImplementedError   # SourceLoader.get_code skips writing on this
 
+    def get_code(self, fullname: str | None = None) -> Any:
+        """The module's code, from its ``__pycache__`` bytecode in the image when that is a
+        timestamp pyc matching the source's mtime and size (found in the cached listings, read
+        with one ``pread``, validated against the inode already decoded); anything else (a
+        hash-based or stale pyc, none, ``-O``, ``sys.pycache_prefix``) as ``SourceLoader`` does."""
+        self._check(fullname)
+        if sys.pycache_prefix is None and not sys.flags.optimize and _TAG is not None:
+            path = self.path
+            directory, _, name = path[len(self._named):].rpartition("/")
+            if name[-3:] == ".py":
+                cached = f"{name[:-3]}.{_TAG}.pyc"
+                found = self._image.bytecode(directory or "/", name, cached)
+                if found is not None:
+                    data, mtime, size = found
+                    if (data[:4] == _MAGIC and data[4:8] == b"\0\0\0\0" and len(data) > 16
+                            and _u32(data, 8) == mtime & 0xFFFFFFFF and _u32(data, 12) == size & 0xFFFFFFFF):
+                        return _bx._compile_bytecode(
+                            memoryview(data)[16:], name=self.name,
+                            bytecode_path=f"{self._named}{directory}/__pycache__/{cached}", source_path=path)
+        return super().get_code(self.name)
+
     def get_resource_reader(self, fullname: str | None = None) -> ImageResourceReader:
         """A reader (``TraversableResources`` protocol) of the module's directory in the image."""
         directory = posixpath.dirname(self._inner(self.path))
@@ -701,7 +1075,7 @@ class _ExtensionLoader(_ImageData):
                 view = view[os.write(fd, view):]
             shadow = ModuleSpec(spec.name, self, origin=f"/proc/self/fd/{fd}")
             try:
-                module = _bootstrap._call_with_frames_removed(_imp.create_dynamic, shadow)
+                module = _call_with_frames_removed(_imp.create_dynamic, shadow)
             except ImportError as err:
                 raise ImportError(
                     f"cannot load extension module {self.name!r} from the ext2 image {self._named!r}: "
@@ -714,7 +1088,7 @@ class _ExtensionLoader(_ImageData):
         return module
 
     def exec_module(self, module: Any) -> None:
-        _bootstrap._call_with_frames_removed(_imp.exec_dynamic, module)
+        _call_with_frames_removed(_imp.exec_dynamic, module)
 
     def is_package(self, fullname: str | None = None) -> bool:
         return False
@@ -967,7 +1341,7 @@ def install() -> None:
     if not any(_is_our_metadata_finder(f) for f in sys.meta_path):
         # Before PathFinder: a distribution in an image on sys.path wins over an installed one
         # of the same name, as the image's modules do when the image comes first on sys.path.
-        from importlib.machinery import PathFinder
+        from _frozen_importlib_external import PathFinder
         where = sys.meta_path.index(PathFinder) if PathFinder in sys.meta_path else len(sys.meta_path)
         sys.meta_path.insert(where, XipMetadataFinder)
 

@@ -32,6 +32,7 @@ _LAZY = {
     "XipFile": ".xip.file",
     "Mapping": ".xip.mapping", "map_budget": ".xip.mapping", "set_map_budget": ".xip.mapping",
     "Problem": ".extfs.check",
+    "fetch": ".fetch", "RemoteDevice": ".device.remote", "open_remote": ".device.remote",
 }
 
 
@@ -63,14 +64,17 @@ __all__ = [
     "PackResult",
     "PageCache",
     "Problem",
+    "RemoteDevice",
     "UnpackResult",
     "UnsupportedFeatureError",
     "XipFile",
     "XipfsError",
     "check",
+    "fetch",
     "map_budget",
     "mkfs",
     "open",
+    "open_remote",
     "install",
     "open_device",
     "pack",

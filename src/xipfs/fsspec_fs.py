@@ -16,9 +16,11 @@ Where the image can be:
 * a local path or a POSIX shared-memory name (``"/name"``): opened with :func:`xipfs.open`, so
   an image on memory storage is read and written in place (XIP), anything else through
   xipfs's page cache. ``xip=`` and ``cache_bytes=`` are passed on.
-* anywhere else fsspec reaches (``s3://``, ``http://``, ``memory://``, an open file object):
-  read whole into anonymous memory once and served from there, read-only; ``mode="r+"`` is
-  refused (``ValueError``): write an image where it can be changed in place.
+* a URL anywhere else fsspec reaches (``https://``, ``s3://``, ``gs://``): read lazily, only
+  the blocks asked for, by range requests through xipfs's page cache with readahead (http and
+  https with the standard library; see :mod:`xipfs.device.remote`); a ``memory://`` image or
+  an open file object is read whole into anonymous memory once (then read in place). Read-only: ``mode="r+"`` is refused
+  (``ValueError``); write an image where it can be changed in place.
 
 Sharing and lifetime: all instances in a process that name the same image (the same file, by
 device and inode, or the same shared-memory object) share one attachment, whatever their
@@ -79,7 +81,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise ImportError("xipfs.fsspec_fs needs fsspec: pip install xipfs[fsspec]") from exc
 
-from .device import MemoryDevice
+from .device import Device, MemoryDevice
 from .device.detect import looks_like_shm_name
 from .errors import CorruptImageError, fs_error
 from .fs import Filesystem
@@ -107,7 +109,7 @@ class _Image:
     """
 
     def __init__(self, key: Any, opener: Callable[[str], Filesystem], source: str,
-                 can_write: bool, device: MemoryDevice | None = None) -> None:
+                 can_write: bool, device: Device | None = None) -> None:
         self.key = key
         self.source = source
         self.pid = os.getpid()
@@ -281,6 +283,19 @@ def _download(fo: Any, target_protocol: str | None, target_options: dict | None)
     return dev
 
 
+def _remote(fo: Any, target_protocol: str | None, target_options: dict | None,
+            cache_bytes: int | None) -> Device:
+    """A remote image named by a URL, read lazily (range requests, the page cache); a file
+    object, an fsspec OpenFile or a ``memory://`` image (in memory already), read whole into
+    anonymous memory, where it is read in place."""
+    memory = target_protocol == "memory" or str(fo).startswith("memory://")
+    if isinstance(fo, (str, os.PathLike)) and not memory:
+        from .device.remote import open_remote_target
+
+        return open_remote_target(os.fspath(fo), target_protocol, target_options, cache_bytes)
+    return _download(fo, target_protocol, target_options)
+
+
 def _attach(fo: Any, writable: bool, target_protocol: str | None, target_options: dict | None,
             open_kw: dict[str, Any]) -> _Image:
     """The shared attachment of image ``fo`` (made on first use), with one more user."""
@@ -303,11 +318,11 @@ def _attach(fo: Any, writable: bool, target_protocol: str | None, target_options
                 key = ("object", id(fo), object())     # a file object: never shared
             image = _IMAGES.get(key)
             if image is None or image.closed or image.pid != os.getpid():
-                dev = _download(fo, target_protocol, target_options)
+                dev = _remote(fo, target_protocol, target_options, open_kw.get("cache_bytes"))
 
                 container = {k: v for k, v in open_kw.items() if k in ("partition", "offset", "verify")}
 
-                def opener(mode: str, dev: MemoryDevice = dev, kw: dict = container) -> Filesystem:
+                def opener(mode: str, dev: Device = dev, kw: dict = container) -> Filesystem:
                     return xipfs_open(dev, mode, **kw)
                 image = _IMAGES[key] = _Image(key, opener, repr(fo), False, dev)
         try:

@@ -33,6 +33,7 @@ from .common import (
 )
 from .disk import _add_disk
 from .edit import _add_change
+from .fetch import _add_fetch
 from .make import _add_make
 from .run import _add_exec, _cmd_demo
 from .show import _add_inspect
@@ -41,8 +42,9 @@ __all__ = ["main", "main_exit", "build_parser", "image_spec", "any_spec", "BROKE
 
 # -- the parser ---------------------------------------------------------------------------------
 EPILOG = """\
-IMAGE:PATH names a path inside an image (an image file, a block device, or a POSIX
-shared-memory name such as /data for /dev/shm/data). Paths inside are absolute from the
+IMAGE:PATH names a path inside an image (an image file, a block device, a POSIX
+shared-memory name such as /data for /dev/shm/data, or for reading a URL such as
+https://host/a.img, read lazily by range requests). Paths inside are absolute from the
 image root. In cp and mv either side may be local; ./a:b is always a local path.
 
 examples:
@@ -53,6 +55,8 @@ examples:
   xipfs cp -rp ./extra /dev/shm/site.img:/     # local -> image
   xipfs run /dev/shm/app.img:/site-packages myapp --port 8000
   xipfs parts disk.img                         # its partitions, as sfdisk -l
+  xipfs ls https://host/site.img:/static       # a remote image, read by range requests
+  xipfs fetch https://host/site.img /site      # copied into shared memory /dev/shm/site
   xipfs ls --partition 2 disk.img:/etc         # inside partition 2
 
 A whole disk (MBR or GPT; 'xipfs parts' lists it): --partition N picks a partition,
@@ -154,6 +158,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _add_change(add)
     _add_exec(add)
     _add_disk(add)
+    _add_fetch(add)
     for name in WHERE_COMMANDS:
         if name in sub.choices:
             add_where(sub.choices[name])

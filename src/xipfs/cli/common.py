@@ -58,14 +58,24 @@ def _shm_exists(name: str) -> bool:
     return looks_like_shm_name(name) and os.path.exists("/dev/shm/" + name.lstrip("/"))
 
 
+#: A remote image: ``scheme://host[:port]/path`` with no ':' in its path (what follows a ':'
+#: there is the PATH inside the image), after any fsspec chain prefixes (``simplecache::``).
+_URL_IMAGE = re.compile(r"(?:[A-Za-z][\w+.\-]*(?:://[^:]*)?::)*[A-Za-z][A-Za-z0-9+.\-]*://[^/:]*(?::\d+)?/[^:]*")
+
+
+def is_url(text: str) -> bool:
+    """True if ``text`` names a remote image by URL (``https://host/a.img``, ``s3://b/a.img``)."""
+    return bool(_URL_IMAGE.fullmatch(text))
+
+
 def is_image_name(text: str) -> bool:
-    """True if ``text`` names an image: an existing file or device, or an existing shm name."""
+    """True if ``text`` names an image: an existing file or device, an existing shm name, a URL."""
     if not text:
         return False
     try:
         st = os.stat(text)
     except (OSError, ValueError):
-        return _shm_exists(text)
+        return _shm_exists(text) or is_url(text)
     return stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)
 
 
@@ -225,13 +235,18 @@ class Context:
         if fs is not None:                          # read-only so far: reopen for writing
             del self._open[key]
             fs.close()
-        if not os.path.exists(image) and not _shm_exists(image):
+        remote = not os.path.exists(image) and is_url(image)
+        if not remote and not os.path.exists(image) and not _shm_exists(image):
             raise CliError(image, os.strerror(errno.ENOENT), code=errno.ENOENT)
         if os.path.isdir(image):
             raise CliError(image, os.strerror(errno.EISDIR), code=errno.EISDIR)
         from ..fs import open as xipfs_open
 
-        self.check_partition(image)
+        if writable and remote:
+            raise CliError(image, "a remote image is read-only (xipfs fetch copies it to memory "
+                                  "storage, where it can be changed)", code=errno.EROFS)
+        if not remote:
+            self.check_partition(image)
         try:
             fs = xipfs_open(image, "r+" if writable else "r", **self.where)
         except (OSError, ValueError, LookupError) as err:

@@ -25,6 +25,7 @@ from .common import (
     about,
     emit,
     image_spec,
+    is_url,
 )
 
 # -- info / df / check --------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def _storage(fs: Any, image: str) -> str:
     from ..device.detect import storage_kind
 
     try:
-        kind = storage_kind(image) if os.path.exists(image) else "shm"
+        kind = storage_kind(image) if os.path.exists(image) else "remote" if is_url(image) else "shm"
     except OSError:
         kind = "unknown"
     path = "read in place (XIP)" if fs.is_xip else "page cache"
@@ -87,6 +88,9 @@ def info_dict(fs: Any, image: str, partition: int | None = None, offset: int | N
         "writable": not sb.readonly_reason, "readonly_reason": sb.readonly_reason or None,
     }
     d.update(ext4_dict(fs))
+    if is_url(image) and not sb.readonly_reason:
+        d["writable"] = False
+        d["readonly_reason"] = "a remote image (xipfs fetch copies it to memory storage)"
     d["partition"] = partition
     d["offset"] = fs.device.offset if partition is not None and hasattr(fs.device, "offset") else offset or 0
     return d

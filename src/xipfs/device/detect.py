@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import stat
 
 from .._libc import libc
@@ -112,6 +113,14 @@ def looks_like_shm_name(image: str, *, bare: bool = True) -> bool:
     return bare and bool(image) and "/" not in image
 
 
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def looks_like_url(text: str) -> bool:
+    """``scheme://...`` or an fsspec chain (``proto::url``): a remote image, read lazily."""
+    return bool(_URL_SCHEME.match(text)) or ("::" in text and bool(re.match(r"[A-Za-z][\w+.\-]*::", text)))
+
+
 def _check_image_file(path: str) -> None:
     """Refuse what cannot hold an image before opening it: a directory, and a FIFO, socket or
     character device other than DAX (opening a FIFO would wait for a writer forever)."""
@@ -127,7 +136,8 @@ def open_device(image: str | os.PathLike[str] | Device, *, readonly: bool,
                 xip: bool | None = None, cache_bytes: int | None = None) -> Device:
     """Open ``image`` on the right device.
 
-    ``image`` is a path (file, block device or DAX device), a POSIX shared-memory name, or an
+    ``image`` is a path (file, block device or DAX device), a POSIX shared-memory name, a URL
+    (``https://``, ``s3://``, an fsspec chain: read-only, fetched lazily by range requests), or an
     already opened :class:`Device`. Memory-backed storage gets a :class:`MemoryDevice` (XIP);
     anything else a :class:`FileDevice` behind a :class:`PageCache`. ``xip=True``/``False``
     overrides the choice (``True`` maps any regular file).
@@ -139,6 +149,12 @@ def open_device(image: str | os.PathLike[str] | Device, *, readonly: bool,
     path = os.fspath(image)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    if looks_like_url(path) and not os.path.exists(path):
+        if xip is True:
+            raise ValueError(f"xip=True needs memory storage; {path} is remote (xipfs.fetch copies it)")
+        from .remote import open_remote  # http.client and friends: only for a URL
+
+        return open_remote(path, readonly=readonly, cache_bytes=cache_bytes)
     if not os.path.exists(path) and looks_like_shm_name(path):
         if xip is False:
             raise ValueError("a POSIX shared-memory object is memory; it has no file path (xip=False)")

@@ -127,9 +127,9 @@ class PageCache(Device):
         """A miss on a device that reads ahead (remote): fill the pages it asks for, up to the
         next cached one and a quarter of the cache, with one vectored read."""
         start = index * PAGE_SIZE
-        want = self._readahead(start, min(PAGE_SIZE, self.size - start))
-        count = max(1, min(-(-want // PAGE_SIZE), self.max_pages // 4))
         pages = self._pages
+        want = self._readahead(start, min(PAGE_SIZE, self.size - start), index - 1 in pages)
+        count = max(1, min(-(-want // PAGE_SIZE), self.max_pages // 4))
         new = [bytearray(PAGE_SIZE)]
         while len(new) < count and index + len(new) not in pages:
             new.append(bytearray(PAGE_SIZE))

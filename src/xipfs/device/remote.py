@@ -371,17 +371,20 @@ class Restarted(Exception):
 class FsspecSource(Source):
     """Any fsspec URL (``s3://``, ``gs://``, ``file://``, chains), read with ``cat_file`` ranges."""
 
-    def __init__(self, url: str, **storage_options: Any) -> None:
-        try:
-            from fsspec.core import url_to_fs
-        except ImportError as err:
-            raise OSError(errno.EPROTONOSUPPORT, "this URL needs fsspec (pip install 'xipfs[remote]')",
-                          url) from err
+    def __init__(self, url: str, fs: Any = None, path: str | None = None, **storage_options: Any) -> None:
+        """``url`` resolved by fsspec, or the filesystem ``fs`` and ``path`` in it, given."""
         self.url = url
-        try:
-            self.fs, self.path = url_to_fs(url, **storage_options)
-        except (ValueError, ImportError) as err:
-            raise OSError(errno.EPROTONOSUPPORT, f"cannot open this URL: {err}", url) from err
+        if fs is None:
+            try:
+                from fsspec.core import url_to_fs
+            except ImportError as err:
+                raise OSError(errno.EPROTONOSUPPORT, "this URL needs fsspec (pip install "
+                              "'xipfs[remote]')", url) from err
+            try:
+                fs, path = url_to_fs(url, **storage_options)
+            except (ValueError, ImportError) as err:
+                raise OSError(errno.EPROTONOSUPPORT, f"cannot open this URL: {err}", url) from err
+        self.fs, self.path = fs, path
         self.received = 0
         self.requests = 0
         try:
@@ -440,9 +443,13 @@ class RemoteDevice(Device):
         """Bytes of the image fetched so far."""
         return self.source.received
 
-    def readahead(self, offset: int, length: int) -> int:
-        """How many bytes to fetch for a miss of ``length`` bytes at ``offset`` (ondemand)."""
-        if self._next <= offset <= self._next + self._window:   # on from the last fetch
+    def readahead(self, offset: int, length: int, after_cached: bool = False) -> int:
+        """How many bytes to fetch for a miss of ``length`` bytes at ``offset`` (ondemand).
+
+        Sequential, so the window doubles: right where the last fetch ended, or right after a
+        cached page (Linux's context readahead: a reader walking through cached pages).
+        """
+        if offset == self._next or (after_cached and self._next >= 0):
             self._window = min(self._window * 2, self.readahead_max)
         else:
             self._window = self.readahead_min
@@ -480,4 +487,20 @@ def open_remote(url: str, *, readonly: bool = True, cache_bytes: int | None = No
     from .file import PageCache
 
     device = RemoteDevice(open_source(url, timeout=timeout, **storage_options))
+    return PageCache(device, REMOTE_CACHE_BYTES if cache_bytes is None else cache_bytes)
+
+
+def open_remote_target(fo: str, protocol: str | None, options: dict[str, Any] | None,
+                       cache_bytes: int | None = None) -> Device:
+    """The lazy device of an fsspec chain's target (``ext2://x::https://host/img``): http(s)
+    without options through the standard library, anything else through its fsspec filesystem."""
+    if protocol in (None, "http", "https") and not options and fo.startswith(("http://", "https://")):
+        return open_remote(fo, cache_bytes=cache_bytes)
+    import fsspec
+
+    from .file import PageCache
+
+    fs = fsspec.filesystem(protocol or "file", **(options or {}))
+    path = fs._strip_protocol(fo)
+    device = RemoteDevice(FsspecSource(fo, fs, path))
     return PageCache(device, REMOTE_CACHE_BYTES if cache_bytes is None else cache_bytes)

@@ -50,7 +50,8 @@ from .fs import open as xipfs_open
 if TYPE_CHECKING:
     from distributed import Client, Worker
 
-__all__ = ["ImagePlugin", "deliver", "image", "image_path", "release", "worker_memory"]
+__all__ = ["ImagePlugin", "deliver", "image", "image_path", "mapped_memory", "process_memory", "release",
+           "worker_memory"]
 
 SHM_DIR = "/dev/shm"
 #: Seconds a worker waits for another worker of its node to fetch the image.
@@ -147,7 +148,7 @@ def _fetch(source: str, dest: str) -> int:
 
 def _fetch_into_place(source: str, path: str) -> int:
     """Fetch ``source`` beside ``path``, check that it opens as an image, rename it into place."""
-    part = _side_file(path, f"part-{os.getpid()}")
+    part = _side_file(path, "part")                   # one name: a URL's fetch resumes there
     try:
         size = _fetch(source, part)
         xipfs_open(part).close()                       # a bad image fails here, on one worker
@@ -271,7 +272,10 @@ def _close_local(path: str) -> None:
 def _unlink_node_copy(path: str) -> bool:
     """Unlink the image and its side files (the caller holds the node lock)."""
     found = False
-    for p in (path, _side_file(path, "users"), _side_file(path, "lock")):
+    part = _side_file(path, "part")
+    fetch_part = os.path.join(os.path.dirname(part), f".{os.path.basename(part)}.xipfs-part")
+    for p in (path, part, fetch_part, fetch_part + ".meta", _side_file(path, "users"),
+              _side_file(path, "lock")):
         try:
             os.unlink(p)
             found = found or p == path
@@ -346,6 +350,25 @@ def process_memory(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-def worker_memory(client: Client) -> dict[str, dict[str, int]]:
-    """:func:`process_memory` of every worker process, by worker address."""
-    return client.run(process_memory)
+def mapped_memory(path: str, pid: int | str = "self") -> dict[str, int]:
+    """Bytes of ``Rss`` and ``Pss`` of a process's mappings of file ``path`` (``/proc/PID/smaps``):
+    summed over the processes of a node, the PSS of an image is what the node holds of it."""
+    out = {"rss": 0, "pss": 0}
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            key, _, rest = line.partition(" ")
+            if not key.endswith(":"):                   # a mapping's header line
+                fields = line.split(None, 5)
+                inside = len(fields) == 6 and fields[5].rstrip("\n") == path
+            elif inside and key in ("Rss:", "Pss:"):
+                out[key[:-1].lower()] += int(rest.split()[0]) * 1024
+    return out
+
+
+def worker_memory(client: Client, name: str | None = None) -> dict[str, dict[str, int]]:
+    """Per worker address: :func:`process_memory`, or with ``name`` the :func:`mapped_memory`
+    of image ``name`` (its Rss and Pss in that worker)."""
+    if name is None:
+        return client.run(process_memory)
+    return client.run(mapped_memory, image_path(name))

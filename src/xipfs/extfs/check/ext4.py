@@ -9,13 +9,17 @@ checked on its own, so a block with a wrong checksum still counts as the file's.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from stat import S_IFMT, S_IFREG
 from typing import NamedTuple
+
+from google_crc32c import extend as _extend
 
 from ...errors import CorruptImageError
 from .. import layout as L
 from ..csum import crc32c_raw, inode_seed
-from ..extent import ENTRY_SIZE, EXT_MAGIC, walk_extents
+from ..extent import ENTRY_SIZE, EXT_MAGIC, LBLK_LIMIT, walk_extents
 from ..inline import IBLOCK_BYTES, data_value
 from . import problems as P
 from .context import Context, u32
@@ -65,65 +69,184 @@ def inode_csum_ok(c: Context, ino: int, raw: bytes) -> bool:
 
 
 def check_inode_csums(c: Context, base: int, table: bytes | bytearray, candidates: bytes) -> None:
-    """Report the inodes among ``candidates`` (a 0/1 byte per inode) whose checksum is wrong."""
+    """Report the inodes among ``candidates`` (a 0/1 byte per inode) whose checksum is wrong.
+
+    The stored checksums are read first, then zeroed in a copy of the whole piece (strided
+    slices), so that each inode costs one CRC call over ``ino, generation, inode``: the seed
+    chain and the inode in one stream (``crc32c_raw`` chains). Inodes whose ``i_extra_isize``
+    leaves no room for the high half are checked one by one.
+    """
     isize = c.isize
+    n = len(candidates)
+    work = bytearray(table[:n * isize])
+    stored = _column16(work, _CSUM_LO_AT, isize, n)
+    zeros = bytes(n)
+    work[_CSUM_LO_AT::isize] = zeros
+    work[_CSUM_LO_AT + 1::isize] = zeros
+    large = isize > 128
+    if large:
+        stored_hi = _column16(work, _CSUM_HI_AT, isize, n)
+        extra = _column16(work, 128, isize, n)
+        work[_CSUM_HI_AT::isize] = zeros
+        work[_CSUM_HI_AT + 1::isize] = zeros
+    data = bytes(work)
+    del work
+    seed = c.csum_seed ^ 0xFFFFFFFF
     i = candidates.find(1)
     while i >= 0:
         off = i * isize
-        raw = bytes(table[off:off + isize])
-        if not inode_csum_ok(c, base + i + 1, raw):
-            c.report(P.INODE_CSUM, base + i + 1)
+        ino = base + i + 1
+        if large and extra[i] < 4:
+            if not inode_csum_ok(c, ino, bytes(table[off:off + isize])):
+                c.report(P.INODE_CSUM, ino)
+        else:
+            gen = off + _GENERATION_AT
+            crc = _extend(seed, ino.to_bytes(4, "little") + data[gen:gen + 4] + data[off:off + isize]) \
+                ^ 0xFFFFFFFF
+            if (crc != (stored_hi[i] << 16 | stored[i]) if large else crc & 0xFFFF != stored[i]) \
+                    and bytes(table[off:off + isize]).count(0) != isize:
+                c.report(P.INODE_CSUM, ino)
         i = candidates.find(1, i + 1)
+
+
+def _column16(buf: bytes | bytearray, at: int, stride: int, n: int) -> array:
+    """The little-endian 16-bit field at ``at`` (even) of each of ``n`` records of ``stride``
+    (even) bytes."""
+    with memoryview(buf) as mv, mv.cast("B")[:n * stride] as b, b.cast("H") as words:
+        col = array("H", words[at // 2::stride // 2][:n].tobytes())
+    if sys.byteorder != "little":
+        col.byteswap()
+    return col
 
 
 def extent_map(c: Context, ino: int, raw: bytes | memoryview, ft: int, claim: bool = True,
                report: bool = True) -> Mapped:
     """Walk inode ``ino``'s extent tree: problems reported, blocks claimed (``claim``)."""
-    root = bytes(raw[_BLOCK_AT:_BLOCK_AT + 60])
     want_pairs = ft in (L.FT_DIR, L.FT_SYMLINK)
-    try:
-        tree = walk_extents(root, c.block, nblocks_device=c.nblocks, first_data_block=c.fdb)
-    except CorruptImageError as e:
-        if report:
-            c.report(P.EXTENT_BAD, ino, why=e.what)
-        return Mapped(0, -1, -1, [] if want_pairs else None, False)
-    if report and c.csum and tree.blocks:
-        s = seed(c, ino, raw)
-        for b in tree.blocks:
-            buf = c.block(b)
-            emax = _HEADER(buf, 0)[2]
-            tail = ENTRY_SIZE + ENTRY_SIZE * emax
-            if tail + 4 > c.bs or crc32c_raw(s, buf[:tail]) != u32(buf, tail):
-                c.report(P.EXTENT_CSUM, ino, b)
+    extents = root_extents(c, raw)
+    blocks: list[int] = []
+    if extents is None:                      # a tree with blocks, or a root that breaks a rule
+        try:
+            tree = walk_extents(bytes(raw[_BLOCK_AT:_BLOCK_AT + 60]), c.block, nblocks_device=c.nblocks,
+                                first_data_block=c.fdb)
+        except CorruptImageError as e:
+            if report:
+                c.report(P.EXTENT_BAD, ino, why=e.what)
+            return Mapped(0, -1, -1, [] if want_pairs else None, False)
+        extents, blocks = tree.extents, tree.blocks
+        if report and c.csum and blocks:
+            tree_csums(c, ino, raw, blocks)
     last = last_init = -1
     pairs: list[tuple[int, int]] | None = [] if want_pairs else None
-    dir_max = 1 << (21 - c.log_bs)
     runs = c.runs
-    for e in tree.extents:
-        end = e.lblk + e.count - 1
-        if report and ft == L.FT_DIR:
-            if e.unwritten:
-                c.report(P.EXTENT_UNINIT_DIR, ino, e.pblk, lblk=e.lblk)
-            if end >= dir_max and not c.sb.has_incompat(L.INCOMPAT_LARGEDIR):
-                c.report(P.DIR_TOO_BIG, ino, e.pblk, lblk=end)
-        last = max(last, end)
-        if not e.unwritten:
-            last_init = max(last_init, end)
-        if claim:
-            runs.append((e.pblk, e.count))
-        if pairs is not None and len(pairs) <= dir_max:
-            pairs.extend((e.lblk + k, e.pblk + k) for k in range(min(e.count, dir_max + 1)))
-    if claim:
-        c.claims.extend(tree.blocks)
+    count = 0
+    if ft == L.FT_DIR or pairs is not None:
+        dir_max = 1 << (21 - c.log_bs)
+        for lblk, n, pblk, unwritten in extents:
+            end = lblk + n - 1
+            if report and ft == L.FT_DIR:
+                if unwritten:
+                    c.report(P.EXTENT_UNINIT_DIR, ino, pblk, lblk=lblk)
+                if end >= dir_max and not c.sb.has_incompat(L.INCOMPAT_LARGEDIR):
+                    c.report(P.DIR_TOO_BIG, ino, pblk, lblk=end)
+            if end > last:
+                last = end
+            if not unwritten and end > last_init:
+                last_init = end
+            count += n
+            if claim:
+                runs.append((pblk, n))
+            if pairs is not None and len(pairs) <= dir_max:
+                k = min(n, dir_max + 1)
+                pairs.extend(zip(range(lblk, lblk + k), range(pblk, pblk + k), strict=True))
+    else:
+        for lblk, n, pblk, unwritten in extents:
+            end = lblk + n - 1
+            if end > last:
+                last = end
+            if not unwritten and end > last_init:
+                last_init = end
+            count += n
+            if claim:
+                runs.append((pblk, n))
+    if claim and blocks:
+        c.claims.extend(blocks)
     if c.ratio > 1:
         r = c.ratio
         clusters: set[int] = set()
-        for e in tree.extents:
-            clusters.update(range(e.pblk // r, (e.pblk + e.count - 1) // r + 1))
-        count = (len(clusters) + len({b // r for b in tree.blocks})) * r
+        for _lblk, n, pblk, _unwritten in extents:
+            clusters.update(range(pblk // r, (pblk + n - 1) // r + 1))
+        count = (len(clusters) + len({b // r for b in blocks})) * r
     else:
-        count = sum(e.count for e in tree.extents) + len(tree.blocks)
+        count += len(blocks)
     return Mapped(count, last, last_init, pairs, True)
+
+
+#: A root of depth 0 in ``i_block``: the header (magic, entries, max, depth, generation), then
+#: four leaf entries (first file block, length, start high, start low).
+_ROOT = struct.Struct("<HHHHI" + "IHHI" * 4).unpack_from
+_INIT_MAX = 1 << 15
+#: ``(first file block, count, first device block, unwritten)``, as :class:`~..extent.Extent`.
+RootExtent = tuple[int, int, int, bool]
+
+
+def root_extents(c: Context, raw: bytes | memoryview) -> list[RootExtent] | None:
+    """The extents of a depth-0 root that keeps every rule of the walker (most files: one
+    ``struct`` call, no walker); None for a deeper tree or any breach (the walker then says
+    which)."""
+    v = _ROOT(raw, _BLOCK_AT)
+    magic, entries, emax, depth = v[0], v[1], v[2], v[3]
+    if magic != EXT_MAGIC or depth or not 2 <= emax <= 4 or entries > emax:
+        return None
+    out = []
+    cur = 0
+    fdb, limit = c.fdb, c.nblocks
+    for k in range(5, 5 + 4 * entries, 4):
+        lblk, ee_len, hi, lo = v[k], v[k + 1], v[k + 2], v[k + 3]
+        unwritten = ee_len > _INIT_MAX
+        n = ee_len - _INIT_MAX if unwritten else ee_len
+        pblk = hi << 32 | lo
+        cur_end = lblk + n
+        if not n or lblk < cur or cur_end > LBLK_LIMIT or fdb >= pblk or pblk + n > limit:
+            return None
+        cur = cur_end
+        out.append((lblk, n, pblk, unwritten))
+    return out
+
+
+def words_extents(v: tuple[int, ...], at: int, fdb: int, limit: int) -> list[RootExtent] | None:
+    """:func:`root_extents` from ``i_block`` already decoded as 15 words (``v[at:at + 15]``,
+    as pass 1 decodes every inode): no second ``struct`` call."""
+    head, geometry = v[at], v[at + 1]
+    entries = head >> 16
+    emax = geometry & 0xFFFF
+    if head & 0xFFFF != EXT_MAGIC or geometry >> 16 or not 2 <= emax <= 4 or entries > emax:
+        return None
+    out = []
+    cur = 0
+    for k in range(at + 3, at + 3 + 3 * entries, 3):
+        lblk, word, lo = v[k], v[k + 1], v[k + 2]
+        ee_len = word & 0xFFFF
+        unwritten = ee_len > _INIT_MAX
+        n = ee_len - _INIT_MAX if unwritten else ee_len
+        pblk = (word >> 16) << 32 | lo
+        end = lblk + n
+        if not n or lblk < cur or end > LBLK_LIMIT or fdb >= pblk or pblk + n > limit:
+            return None
+        cur = end
+        out.append((lblk, n, pblk, unwritten))
+    return out
+
+
+def tree_csums(c: Context, ino: int, raw: bytes | memoryview, blocks: list[int]) -> None:
+    """Each extent tree block's checksum tail (reported one by one: the block still counts)."""
+    s = seed(c, ino, raw)
+    for b in blocks:
+        buf = c.block(b)
+        emax = _HEADER(buf, 0)[2]
+        tail = ENTRY_SIZE + ENTRY_SIZE * emax
+        if tail + 4 > c.bs or crc32c_raw(s, buf[:tail]) != u32(buf, tail):
+            c.report(P.EXTENT_CSUM, ino, b)
 
 
 def extent_blocks(c: Context, raw: bytes) -> list[int]:

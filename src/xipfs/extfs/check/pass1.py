@@ -75,6 +75,7 @@ from .ext4 import (
     has_extent_header,
     inline_size,
     symlink_block,
+    words_extents,
 )
 from .walk import COUNT, leaf_run, walk
 from .xattrs import XATTR_MAGIC, check_refcounts, inode_xattrs, xattr_block
@@ -223,6 +224,7 @@ def scan_used(c: Context, base: int, table: bytes | bytearray, used: bytearray, 
     sectors = c.bs // 512
     bs = c.bs
     max_size = c.max_file_size()
+    max_ext4_size = (bs << 32) - 1
     top = isize - 128
     report = c.report
     REG, DIR, SYMLINK = L.FT_REG, L.FT_DIR, L.FT_SYMLINK
@@ -267,7 +269,24 @@ def scan_used(c: Context, base: int, table: bytes | bytearray, used: bytearray, 
             nclaimed += xattr_block(c, ino, acl, u32(table, off + _GENERATION_AT))
         nclaimed *= ratio
         if flags & ext4_fl and ft in (REG, DIR, SYMLINK):
-            nclaimed = ext4_file(c, ino, v, ft, bytes(table[off:off + isize]), nclaimed)
+            if ft == REG and flags & ext4_fl == FL_EXTENTS and ratio == 1 and \
+                    (ext := words_extents(v, I_BLOCK0, fdb, nblocks)) is not None:
+                # a file whose extents are all in the inode: most files of ext4
+                last = -1
+                for lblk, n, pblk, unwritten in ext:
+                    runs.append((pblk, n))
+                    nclaimed += n
+                    if not unwritten and lblk + n > last:
+                        last = lblk + n - 1
+                size = v[I_SIZE] | v[I_SIZE_HIGH] << 32
+                if flags & FL_INDEX:
+                    report(P.HTREE_FLAG_NOT_DIR, ino)
+                if last >= 0 and size < last * bs:
+                    report(P.SIZE_BELOW_BLOCKS, ino, size=size, last=last)
+                elif size > max_ext4_size:
+                    report(P.SIZE_TOO_BIG, ino, size=size)
+            else:
+                nclaimed = ext4_file(c, ino, v, ft, bytes(table[off:off + isize]), nclaimed)
         elif ft in (REG, DIR):
             blk = v[I_DIRECT]
             nz = 12 - blk.count(0)

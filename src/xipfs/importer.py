@@ -116,20 +116,13 @@ _INITS = tuple(("__init__" + suffix, source) for suffix, source in _SUFFIXES)
 #: it is not "missing from a directory" but an error the format layer names exactly.
 _NOT_DIR: dict[str, tuple[int, int]] = {}
 _TAG = sys.implementation.cache_tag
-_MAGIC = _bx.MAGIC_NUMBER
+_MAGIC_WORD = int.from_bytes(_bx.MAGIC_NUMBER, sys.byteorder)
+_NO_PYC = (None,) * 4
 
 
 # -- the import path's own reader -----------------------------------------------------------------
 class _Decline(Exception):
     """The lean reader leaves this to the format layer (a symlink, inline data, an odd image)."""
-
-
-def _u16(b: bytes, at: int) -> int:
-    return int.from_bytes(b[at:at + 2], "little")
-
-
-def _u32(b: bytes, at: int) -> int:
-    return int.from_bytes(b[at:at + 4], "little")
 
 
 #: Incompatible features the lean reader reads: filetype, extents, 64bit, mmp, flex_bg,
@@ -140,6 +133,11 @@ _LEAN_INCOMPAT = 0x2 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000 | 0x4000 | 0
 _INCOMPAT_FILETYPE, _INCOMPAT_64BIT = 0x2, 0x80
 _EXTENTS_FL, _INLINE_DATA_FL, _ENCRYPT_FL = 0x80000, 0x10000000, 0x800
 _EXTENT_MAGIC = 0xF30A
+_NOT_BLOCK_MAPPED = _EXTENTS_FL | _INLINE_DATA_FL | _ENCRYPT_FL
+_LITTLE = sys.byteorder == "little"           # the reader decodes through native 32-bit views
+_ONE_LEAF = _EXTENT_MAGIC | 1 << 16               # an extent header with one entry
+#: A decoded inode: ``(mode, size, flags, mtime seconds, mtime nanoseconds, i_block words)``.
+_Node = tuple
 _ROOT_INO = 2
 
 
@@ -149,48 +147,42 @@ class _Reader:
 
     Opening costs nothing beyond the superblock already read to recognise the image; a group
     descriptor, an inode-table block or an extent block is read the first time it is needed
-    and kept. Checksums are not verified (the format layer does, as ``zipimport`` leaves CRCs
-    unchecked); every number is range-checked, so a damaged image raises CorruptImageError.
+    and kept, and decoded through 32-bit views (no per-field slicing). Checksums are not
+    verified (the format layer does; ``zipimport`` leaves CRCs unchecked too); every number is
+    range-checked, so a damaged image raises CorruptImageError, never an IndexError or a hang.
     Anything else raises :class:`_Decline` and is done by the format layer.
     """
 
-    @staticmethod
-    def accepts(signature: tuple[Any, ...]) -> bool:
-        """Whether the image of ``signature`` (see :func:`_signature`) is one this reader reads."""
-        try:
-            _Reader(-1, signature[4], signature[2])
-        except _Decline:
-            return False
-        return True
-
     def __init__(self, fd: int, sb: bytes, file_size: int) -> None:
-        if len(sb) < 1024 or sb[56:58] != _EXT2_MAGIC:
+        if not _LITTLE or len(sb) < 1024 or sb[56:58] != _EXT2_MAGIC:
             raise _Decline
-        incompat = _u32(sb, 96)
+        w = memoryview(sb).cast("I")              # the superblock as 32-bit words
+        incompat = w[24]
         if incompat & ~_LEAN_INCOMPAT:
             raise _Decline
-        log = _u32(sb, 24)
+        log = w[6]
         if log > 6:
             raise _Decline
         self.bs = bs = 1024 << log
-        self.inodes_count = _u32(sb, 0)
-        blocks = _u32(sb, 4)
+        self.inodes_count = w[0]
+        blocks = w[1]
         wide = bool(incompat & _INCOMPAT_64BIT)
         if wide:
-            blocks |= _u32(sb, 0x150) << 32
+            blocks |= w[84] << 32                 # s_blocks_count_hi
         self.blocks = min(blocks, file_size // bs) if file_size else blocks
-        self.ipg = _u32(sb, 40)
-        self.isize = _u16(sb, 88) if _u32(sb, 76) else 128
-        desc = _u16(sb, 254) if wide else 32
-        if (not self.ipg or self.isize < 128 or self.isize > bs or self.isize & (self.isize - 1)
+        self.ipg = w[10]
+        self.isize = isize = w[22] & 0xFFFF if w[19] else 128      # s_inode_size if s_rev_level
+        desc = w[63] >> 16 if wide else 32        # s_desc_size
+        if (not self.ipg or isize < 128 or isize > bs or isize & (isize - 1)
                 or desc < 32 or desc > 1024 or desc & (desc - 1)):
             raise _Decline
         self.desc = desc
-        self.gdt = (_u32(sb, 20) + 1) * bs       # the group descriptors follow the superblock
+        self.gdt = (w[5] + 1) * bs                # the group descriptors follow the superblock
         self.filetype = bool(incompat & _INCOMPAT_FILETYPE)
+        self.extra = isize > 128                  # inodes with i_extra_isize (nanosecond times)
         self._tables: dict[int, int] = {}         # group -> first block of its inode table
-        self._itable: dict[int, bytes] = {}       # block -> inode-table block
-        self._inodes: dict[int, tuple[int, int, int, int, int, bytes]] = {}
+        self._itable: dict[int, Any] = {}         # block -> that inode-table block as 32-bit words
+        self._inodes: dict[int, _Node] = {}
         self.fd = fd                              # owned from here on: closed with the reader
 
     def __del__(self) -> None:
@@ -207,96 +199,100 @@ class _Reader:
 
     def _pread(self, length: int, block: int, what: str) -> bytes:
         """``length`` bytes at block ``block``; CorruptImageError where they lie past the image."""
-        if block >= self.blocks or block * self.bs + length > self.blocks * self.bs:
+        if block * self.bs + length > self.blocks * self.bs:
             raise CorruptImageError(f"{what} at block {block} lies past the end of the image")
         data = os.pread(self.fd, length, block * self.bs)
         if len(data) != length:
             raise CorruptImageError(f"{what} at block {block} lies past the end of the image")
         return data
 
+    def _words(self, block: int, what: str) -> Any:
+        """Block ``block`` as little-endian 32-bit words."""
+        return memoryview(self._pread(self.bs, block, what)).cast("I")
+
     def _table(self, group: int) -> int:
         table = self._tables.get(group)
         if table is None:
-            at = self.gdt + group * self.desc
-            raw = os.pread(self.fd, self.desc, at)
+            raw = os.pread(self.fd, self.desc, self.gdt + group * self.desc)
             if len(raw) != self.desc:
                 raise CorruptImageError(f"the descriptor of group {group} lies past the end of the image")
-            table = _u32(raw, 8)
+            words = memoryview(raw).cast("I")
+            table = words[2]                      # bg_inode_table, and its high half in 64-byte ones
             if self.desc >= 64:
-                table |= _u32(raw, 40) << 32
+                table |= words[10] << 32
             self._tables[group] = table
         return table
 
-    def inode(self, ino: int) -> tuple[int, int, int, int, int, bytes]:
-        """``(mode, size, flags, mtime seconds, mtime nanoseconds, i_block)`` of a live inode."""
+    def inode(self, ino: int) -> _Node:
+        """``(mode, size, flags, mtime seconds, mtime nanoseconds, i_block as 15 words)`` of a
+        live inode."""
         node = self._inodes.get(ino)
         if node is not None:
             return node
         if not 0 < ino <= self.inodes_count:
             raise CorruptImageError(f"inode number {ino} is out of range (1..{self.inodes_count})")
         group, index = divmod(ino - 1, self.ipg)
-        at = self._table(group) * self.bs + index * self.isize
-        block, offset = divmod(at, self.bs)
-        raw = self._itable.get(block)
-        if raw is None:
-            raw = self._itable[block] = self._pread(self.bs, block, f"the inode table of group {group}")
-        end = offset + self.isize
-        mode = _u16(raw, offset)
-        links = _u16(raw, offset + 26)
-        if links == 0 and (mode == 0 or _u32(raw, offset + 20)):
+        block, offset = divmod(self._table(group) * self.bs + index * self.isize, self.bs)
+        w = self._itable.get(block)
+        if w is None:
+            w = self._itable[block] = self._words(block, f"the inode table of group {group}")
+        at = offset >> 2
+        head = w[at]
+        mode = head & 0xFFFF
+        if w[at + 6] >> 16 == 0 and (mode == 0 or w[at + 5]):    # no links, and deleted or never used
             raise CorruptImageError(f"a directory entry points to deleted inode {ino}")
-        size = _u32(raw, offset + 4) | _u32(raw, offset + 108) << 32
-        secs = int.from_bytes(raw[offset + 16:offset + 20], "little", signed=True)
+        secs = w[at + 4]
+        if secs >= 0x80000000:
+            secs -= 0x100000000
         nsec = 0
-        if self.isize > 128 and _u16(raw, offset + 128) >= 12 and offset + 140 <= end:
-            extra = _u32(raw, offset + 136)
+        if self.extra and w[at + 32] & 0xFFFF >= 12:           # i_extra_isize covers i_mtime_extra
+            extra = w[at + 34]
             secs += (extra & 3) << 32
             nsec = extra >> 2
-        node = (mode, size, _u32(raw, offset + 32), secs, nsec, raw[offset + 40:offset + 100])
+        node = (mode, w[at + 1] | w[at + 27] << 32, w[at + 8], secs, nsec, w[at + 10:at + 25])
         self._inodes[ino] = node
         return node
 
     # -- block maps -------------------------------------------------------------------------
-    def _runs(self, ino: int, node: tuple[int, int, int, int, int, bytes]) -> list[tuple[int, int, int]]:
+    def _runs(self, ino: int, node: _Node) -> list[tuple[int, int, int]]:
         """``(file block, count, image block or -1 for zeros)`` runs of the inode's data."""
         flags = node[2]
         if flags & (_INLINE_DATA_FL | _ENCRYPT_FL):
             raise _Decline
-        nblocks = -(-node[1] // self.bs)
         if flags & _EXTENTS_FL:
             runs: list[tuple[int, int, int]] = []
             self._extents(node[5], 5, runs, ino)
             return runs
-        return self._indirect(node[5], nblocks, ino)
+        return self._indirect(node[5], -(-node[1] // self.bs), ino)
 
-    def _extents(self, data: bytes, depth_left: int, runs: list[tuple[int, int, int]], ino: int) -> None:
-        if len(data) < 12 or _u16(data, 0) != _EXTENT_MAGIC:
+    def _extents(self, w: Any, depth_left: int, runs: list[tuple[int, int, int]], ino: int) -> None:
+        """Collect the runs of the extent node ``w`` (32-bit words: header, then 3 per entry)."""
+        head = w[0]
+        count, depth = head >> 16, w[1] >> 16
+        if head & 0xFFFF != _EXTENT_MAGIC:
             raise CorruptImageError("bad extent header magic", f"inode {ino}")
-        count, depth = _u16(data, 2), _u16(data, 6)
-        if depth > depth_left or 12 + 12 * count > len(data):
+        if depth > depth_left or 3 + 3 * count > len(w):
             raise CorruptImageError("bad extent header (depth or entry count)", f"inode {ino}")
-        for at in range(12, 12 + 12 * count, 12):
-            first = _u32(data, at)
+        for at in range(3, 3 + 3 * count, 3):
             if depth == 0:
-                length = _u16(data, at + 4)
-                start = _u16(data, at + 6) << 32 | _u32(data, at + 8)
+                length = w[at + 1] & 0xFFFF
+                start = (w[at + 1] >> 16) << 32 | w[at + 2]
                 if length > 32768:                  # unwritten: reads as zeros
-                    runs.append((first, length - 32768, -1))
+                    runs.append((w[at], length - 32768, -1))
                 else:
-                    runs.append((first, length, start))
+                    runs.append((w[at], length, start))
             else:
-                child = _u16(data, at + 8) << 32 | _u32(data, at + 4)
-                self._extents(self._pread(self.bs, child, f"an extent block of inode {ino}"), depth - 1,
-                              runs, ino)
+                child = (w[at + 2] & 0xFFFF) << 32 | w[at + 1]
+                self._extents(self._words(child, f"an extent block of inode {ino}"), depth - 1, runs, ino)
 
-    def _indirect(self, iblock: bytes, nblocks: int, ino: int) -> list[tuple[int, int, int]]:
-        ptrs = [_u32(iblock, 4 * i) for i in range(min(12, nblocks))]
+    def _indirect(self, iblock: Any, nblocks: int, ino: int) -> list[tuple[int, int, int]]:
+        ptrs = iblock[:min(12, nblocks)].tolist()
         per = self.bs // 4
         todo = nblocks - len(ptrs)
-        for level, at in ((1, 48), (2, 52), (3, 56)):
+        for level in (1, 2, 3):
             if todo <= 0:
                 break
-            got = self._tree(_u32(iblock, at), level, min(todo, per ** level), ino)
+            got = self._tree(iblock[11 + level], level, min(todo, per ** level), ino)
             ptrs += got
             todo -= len(got)
         runs: list[tuple[int, int, int]] = []
@@ -312,65 +308,113 @@ class _Reader:
 
     def _tree(self, block: int, level: int, want: int, ino: int) -> list[int]:
         """The first ``want`` pointers below indirect block ``block`` of depth ``level``."""
-        span = (self.bs // 4) ** (level - 1)
         if block == 0:
             return [0] * want
-        raw = self._pread(self.bs, block, f"an indirect block of inode {ino}")
+        w = self._words(block, f"an indirect block of inode {ino}")
+        if level == 1:
+            return w[:want].tolist()
+        span = (self.bs // 4) ** (level - 1)
         out: list[int] = []
-        for i in range(-(-want // span)):
-            ptr = _u32(raw, 4 * i)
-            n = min(span, want - len(out))
-            out += [ptr] if level == 1 else self._tree(ptr, level - 1, n, ino)
+        for ptr in w[:-(-want // span)].tolist():
+            out += self._tree(ptr, level - 1, min(span, want - len(out)), ino)
         return out
 
     # -- what the importer asks ---------------------------------------------------------------
-    def data(self, ino: int, node: tuple[int, int, int, int, int, bytes] | None = None) -> bytes:
-        """The content of inode ``ino``: one ``pread`` for a file stored in one run."""
+    def data(self, ino: int, node: _Node | None = None) -> bytes | bytearray:
+        """The content of inode ``ino``: one ``pread`` for a file stored in one run, and one
+        ``preadv`` for the usual ext2 layout of a larger one (a bytearray then)."""
         if node is None:
             node = self.inode(ino)
         size = node[1]
         if size == 0:
             return b""
         bs = self.bs
+        flags = node[2]
+        iblock = node[5]
+        if not flags & _NOT_BLOCK_MAPPED:
+            if size <= bs * 12:                      # direct blocks only: one run, nearly always
+                first = iblock[0]
+                last = (size - 1) // bs
+                if first and iblock[last] == first + last and iblock[:last + 1].tolist() == list(
+                        range(first, first + last + 1)):
+                    return self._pread(size, first, f"the data of inode {ino}")
+            elif size <= bs * (12 + bs // 4):
+                out = self._ext2_span(iblock, size)
+                if out is not None:
+                    return out
+        elif flags & _EXTENTS_FL and not flags & (_INLINE_DATA_FL | _ENCRYPT_FL):
+            head = iblock[0]
+            if head == _ONE_LEAF and iblock[3] == 0 and (iblock[1] >> 16) == 0:   # one extent from 0
+                length = iblock[4] & 0xFFFF
+                if length <= 32768 and length * bs >= size:
+                    return self._pread(size, (iblock[4] >> 16) << 32 | iblock[5], f"the data of inode {ino}")
         runs = self._runs(ino, node)
-        if runs and runs[0][0] == 0 and runs[0][1] * bs >= size and runs[0][2] >= 0:
-            return self._pread(size, runs[0][2], f"the data of inode {ino}")
         out = bytearray(size)
+        view = memoryview(out)
         for first, count, where in runs:
             at = first * bs
             if where < 0 or at >= size:
                 continue
             length = min(count * bs, size - at)
-            out[at:at + length] = self._pread(length, where, f"the data of inode {ino}")
-        return bytes(out)
+            part = view[at:at + length]
+            if where + count > self.blocks or os.preadv(self.fd, [part], where * bs) != length:
+                raise CorruptImageError(f"the data of inode {ino} at block {where} lies past the end of "
+                                        "the image")
+        return out
 
-    def file(self, ino: int) -> tuple[int, int, int, int, int, bytes]:
+    def _ext2_span(self, iblock: Any, size: int) -> bytearray | None:
+        """A file of 13 to 12 + bs/4 blocks laid out as ``mke2fs -d`` lays it (12 data blocks,
+        the indirect block, the rest of the data, all in a row) read by one ``preadv`` that puts
+        the indirect block aside and checks it afterwards; None for any other layout."""
+        first = iblock[0]
+        bs = self.bs
+        blocks = -(-size // bs)
+        if (not first or iblock[12] != first + 12 or first + blocks + 1 > self.blocks
+                or iblock[:12].tolist() != list(range(first, first + 12))):
+            return None
+        out = bytearray(size)
+        view = memoryview(out)
+        pointers = bytearray(bs)
+        if os.preadv(self.fd, [view[:12 * bs], pointers, view[12 * bs:]], first * bs) != size + bs:
+            return None
+        rest = blocks - 12
+        if memoryview(pointers).cast("I")[:rest].tolist() != list(range(first + 13, first + 13 + rest)):
+            return None
+        return out
+
+    def file(self, ino: int) -> _Node:
         """The inode of a regular file (a symlink or anything else is declined)."""
         node = self.inode(ino)
-        if not stat.S_ISREG(node[0]):
+        if node[0] & 0xF000 != 0x8000:
             raise _Decline
         return node
 
     def listing(self, ino: int) -> dict[str, tuple[int, int]]:
         """``{name: (inode, file type)}`` of directory ``ino``, without ``.`` and ``..``."""
         node = self.inode(ino)
-        if not stat.S_ISDIR(node[0]):
+        if node[0] & 0xF000 != 0x4000:
             raise _Decline
         raw = self.data(ino, node)
         bs = self.bs
         if len(raw) % bs:
             raise CorruptImageError("directory size is not a whole number of blocks", f"inode {ino}")
+        w = memoryview(raw).cast("I")
         entries: dict[str, tuple[int, int]] = {}
         limit = self.inodes_count
         filetype = self.filetype
         for base in range(0, len(raw), bs):
             pos, end = base, base + bs
             while pos < end:
-                child = _u32(raw, pos)
-                rec_len = _u16(raw, pos + 4)
+                if end - pos < 8:
+                    raise CorruptImageError(f"a directory entry header crosses the end of block "
+                                            f"{base // bs}", f"inode {ino}")
+                at = pos >> 2
+                child = w[at]
+                word = w[at + 1]
+                rec_len = word & 0xFFFF
                 if rec_len in (0, 65535) and bs == 65536:
                     rec_len = 65536
-                name_len = raw[pos + 6] if filetype else _u16(raw, pos + 6)
+                name_len = (word >> 16) & 0xFF if filetype else word >> 16
                 if rec_len < 8 or rec_len & 3 or pos + rec_len > end or name_len + 8 > rec_len:
                     raise CorruptImageError(f"bad directory entry at byte {pos - base} of block "
                                             f"{base // bs}", f"inode {ino}")
@@ -380,7 +424,7 @@ class _Reader:
                                                 f"({limit})", f"inode {ino}")
                     name = raw[pos + 8:pos + 8 + name_len].decode("utf-8", "surrogateescape")
                     if name != "." and name != "..":
-                        entries[name] = (child, raw[pos + 7] if filetype else 0)
+                        entries[name] = (child, word >> 24 if filetype else 0)
                 pos += rec_len
         return entries
 
@@ -425,9 +469,8 @@ class _Image:
         self._dirs = {}
         self._signature = signature
         self._fs = None                          # the old Filesystem goes with its last user
-        if reader is None:
+        if reader is None:                       # the format layer reads it (``fs``, on first use)
             os.close(fd)
-            self.fs                             # noqa: B018 - opened now: its errors name the image
 
     @property
     def fs(self) -> Any:
@@ -563,9 +606,11 @@ class _Image:
         lean = self._lean(path)
         if lean is not None:
             try:
-                return self.reader.data(*lean)      # type: ignore[union-attr]
+                data = self.reader.data(*lean)      # type: ignore[union-attr]
             except _Decline:
                 pass
+            else:
+                return data if type(data) is bytes else bytes(data)
         node = self.file(path)
         with self.lock:
             return read_bytes(self.fs.volume, node, 0, node.size)
@@ -634,11 +679,15 @@ def _fd_signature(fd: int) -> tuple[Any, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, os.pread(fd, _SUPERBLOCK[1], _SUPERBLOCK[0])
 
 
-def _probe(path: str) -> _Probe:
-    """Open the file ``path`` for reading and take its signature (the caller owns the descriptor)."""
+def _probe(path: str, st: os.stat_result | None = None) -> _Probe:
+    """Open the file ``path`` for reading and take its signature (the caller owns the descriptor);
+    ``st`` is its ``os.stat`` just taken, if any (no ``fstat`` then)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # a FIFO must not block
     try:
-        return fd, _fd_signature(fd)
+        if st is None:
+            return fd, _fd_signature(fd)
+        return fd, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                    os.pread(fd, _SUPERBLOCK[1], _SUPERBLOCK[0]))
     except BaseException:
         os.close(fd)
         raise
@@ -690,11 +739,11 @@ if hasattr(os, "register_at_fork"):
 
 
 # -- which path entries are images ------------------------------------------------------------
-def _ext2_probe(path: str) -> _Probe | None:
-    """The regular file ``path`` opened with its signature when it carries the ext2 superblock
-    magic (the caller then owns the descriptor), else None."""
+def _ext2_probe(path: str, st: os.stat_result | None = None) -> _Probe | None:
+    """The regular file ``path`` (whose ``os.stat`` is ``st``) opened with its signature when it
+    carries the ext2 superblock magic (the caller then owns the descriptor), else None."""
     try:
-        probe = _probe(path)
+        probe = _probe(path, st)
     except OSError:
         return None
     if _is_ext2_signature(probe[1]):
@@ -740,7 +789,8 @@ def _locate(entry: str) -> tuple[str, str, str, _Probe] | None:
             shm = _shm_file(path)
             if shm is not None:
                 try:
-                    probe = _ext2_probe(shm) if stat.S_ISREG(os.stat(shm).st_mode) else None
+                    shm_st = os.stat(shm)
+                    probe = _ext2_probe(shm, shm_st) if stat.S_ISREG(shm_st.st_mode) else None
                 except OSError:
                     probe = None
                 if probe is not None:
@@ -751,7 +801,7 @@ def _locate(entry: str) -> tuple[str, str, str, _Probe] | None:
             rest.append(tail)
             path = head or "/"
             continue
-        probe = _ext2_probe(path) if stat.S_ISREG(st.st_mode) else None
+        probe = _ext2_probe(path, st) if stat.S_ISREG(st.st_mode) else None
         if probe is None:
             return None
         return path, path, "/".join(reversed(rest)), probe
@@ -777,7 +827,8 @@ def path_hook(entry: str) -> XipPathFinder:
     if _loading:                        # our own first imports walk sys.path: not now
         raise ImportError("xipfs is loading its reader", path=entry)
     if _known:
-        hit = _known_image(os.path.abspath(entry) if entry else os.getcwd())
+        hit = _known_image(entry if _is_clean_absolute(entry) else os.path.abspath(entry) if entry
+                           else os.getcwd())
         if hit is not None:
             named, image, inner = hit
             return XipPathFinder(image, named, inner)
@@ -785,14 +836,10 @@ def path_hook(entry: str) -> XipPathFinder:
     if found is None:
         raise ImportError("not an ext2 image path", path=entry)
     named, real, inner, probe = found
-    if resolve is None and not _Reader.accepts(probe[1]):   # the format layer reads this one
-        try:
-            _load_format()
-        except BaseException:
-            os.close(probe[0])
-            raise
     try:
         image = _image(real, probe)
+        if image.reader is None:
+            image.fs                    # noqa: B018 - the format layer reads this one: open it now
     except OSError as err:
         raise ImportError(f"cannot open ext2 image {named!r}: {err}", path=entry) from err
     _known[named] = image
@@ -1021,8 +1068,10 @@ class XipLoader(_ImageData, _bx.SourceLoader):
                 found = self._image.bytecode(directory or "/", name, cached)
                 if found is not None:
                     data, mtime, size = found
-                    if (data[:4] == _MAGIC and data[4:8] == b"\0\0\0\0" and len(data) > 16
-                            and _u32(data, 8) == mtime & 0xFFFFFFFF and _u32(data, 12) == size & 0xFFFFFFFF):
+                    head = memoryview(data)[:16].cast("I") if len(data) > 16 else _NO_PYC
+                    # magic, flags (0: a timestamp pyc), the source's mtime and size
+                    if (head[0] == _MAGIC_WORD and head[1] == 0 and head[2] == mtime & 0xFFFFFFFF
+                            and head[3] == size & 0xFFFFFFFF):
                         return _bx._compile_bytecode(
                             memoryview(data)[16:], name=self.name,
                             bytecode_path=f"{self._named}{directory}/__pycache__/{cached}", source_path=path)

@@ -91,20 +91,23 @@ class PageCache(Device):
         self.kind = device.kind
         self.device = device
         self.max_pages = max(4, capacity // PAGE_SIZE)
-        self._pages: OrderedDict[int, bytearray] = OrderedDict()
+        #: Pages: a bytearray each, or slices of one readahead buffer (a remote device's).
+        self._pages: OrderedDict[int, bytearray | memoryview] = OrderedDict()
         self._dirty: set[int] = set()
         self.hits = 0
         self.misses = 0
         self._lock = threading.RLock()          # readers of file data take no filesystem lock
         #: A device that reads ahead (remote) says how much to fetch on a miss.
         self._readahead = getattr(device, "readahead", None)
+        #: Reads at least this large skip the cache there (a window of readahead: nothing to gain).
+        self._direct_min = getattr(device, "readahead_max", 0) or (1 << 62)
 
-    def _page(self, index: int) -> bytearray:
+    def _page(self, index: int) -> bytearray | memoryview:
         """The cached page ``index``, read from the device on a miss (LRU order)."""
         with self._lock:
             return self._page_locked(index)
 
-    def _page_locked(self, index: int) -> bytearray:
+    def _page_locked(self, index: int) -> bytearray | memoryview:
         pages = self._pages
         page = pages.get(index)
         if page is not None:
@@ -123,24 +126,25 @@ class PageCache(Device):
             self._evict()
         return page
 
-    def _fill_ahead(self, index: int) -> bytearray:
+    def _fill_ahead(self, index: int) -> bytearray | memoryview:
         """A miss on a device that reads ahead (remote): fill the pages it asks for, up to the
-        next cached one and a quarter of the cache, with one vectored read."""
+        next cached one and a quarter of the cache, with one read into one buffer whose pages
+        are slices (one allocation, the fewest system calls)."""
         start = index * PAGE_SIZE
         pages = self._pages
         want = self._readahead(start, min(PAGE_SIZE, self.size - start), index - 1 in pages)
-        count = max(1, min(-(-want // PAGE_SIZE), self.max_pages // 4))
-        new = [bytearray(PAGE_SIZE)]
-        while len(new) < count and index + len(new) not in pages:
-            new.append(bytearray(PAGE_SIZE))
-        end = min(self.size, start + len(new) * PAGE_SIZE)
-        views = [memoryview(p)[:min(PAGE_SIZE, end - start - i * PAGE_SIZE)] for i, p in enumerate(new)]
-        self.device.read_pages(views, start)
-        for i, page in enumerate(new):
-            pages[index + i] = page
+        limit = max(1, min(-(-want // PAGE_SIZE), self.max_pages // 4))
+        count = 1
+        while count < limit and index + count not in pages:
+            count += 1
+        end = min(self.size, start + count * PAGE_SIZE)
+        buf = memoryview(bytearray(count * PAGE_SIZE))
+        self.device.read_into(buf[:end - start], start)
+        for i in range(count):
+            pages[index + i] = buf[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
         if len(pages) > self.max_pages:
             self._evict()
-        return new[0]
+        return buf[:PAGE_SIZE]
 
     def _evict(self) -> None:
         """Drop least recently used pages. A dirty one first sends *every* dirty page back.
@@ -177,10 +181,33 @@ class PageCache(Device):
     def read_into(self, dst: memoryview, offset: int) -> None:
         n = len(dst)
         self.check_range(offset, n)
+        if self._readahead is not None and n >= self._direct_min:
+            self._read_direct(dst, offset)
+            return
         done = 0
         while done < n:
             index, within = divmod(offset + done, PAGE_SIZE)
             chunk = min(n - done, PAGE_SIZE - within)
+            dst[done:done + chunk] = memoryview(self._page(index))[within:within + chunk]
+            done += chunk
+
+    def _read_direct(self, dst: memoryview, offset: int) -> None:
+        """A read as large as a readahead window, on a device that reads ahead (remote): runs of
+        whole pages not cached go from the device straight into ``dst`` (one copy, one request
+        each, nothing evicted); cached pages and partial pages at the edges come from the cache."""
+        n = len(dst)
+        pages = self._pages
+        done = 0
+        while done < n:
+            index, within = divmod(offset + done, PAGE_SIZE)
+            chunk = min(n - done, PAGE_SIZE - within)
+            if within == 0 and chunk == PAGE_SIZE and index not in pages:
+                end = done + PAGE_SIZE
+                while end + PAGE_SIZE <= n and (offset + end) // PAGE_SIZE not in pages:
+                    end += PAGE_SIZE
+                self.device.read_into(dst[done:end], offset + done)
+                done = end
+                continue
             dst[done:done + chunk] = memoryview(self._page(index))[within:within + chunk]
             done += chunk
 

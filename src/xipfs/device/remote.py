@@ -106,16 +106,6 @@ class Source:
         """Fill ``dst`` with the object's bytes from ``offset`` (one range request)."""
         raise NotImplementedError
 
-    def read_pages(self, views: list[memoryview], offset: int) -> None:
-        """Fill consecutive ``views`` from ``offset`` (one range covering them all)."""
-        total = sum(len(v) for v in views)
-        buf = bytearray(total)
-        self.read_into(memoryview(buf), offset)
-        pos = 0
-        for v in views:
-            v[:] = memoryview(buf)[pos:pos + len(v)]
-            pos += len(v)
-
     def stream(self, offset: int, chunk: int, if_range: str | None = None) -> Iterator[memoryview]:
         """The object from ``offset`` to its end, in pieces of at most ``chunk`` bytes."""
         size = self.info.size
@@ -249,11 +239,8 @@ class HttpSource(Source):
         raise OSError(code, f"HTTP {resp.status} {resp.reason}", self.url)
 
     def read_into(self, dst: memoryview, offset: int) -> None:
-        self.read_pages([dst], offset)
-
-    def read_pages(self, views: list[memoryview], offset: int) -> None:
-        """One range request whose body is read straight into the consecutive ``views``."""
-        n = sum(len(v) for v in views)
+        """One range request whose body is read straight into ``dst``."""
+        n = len(dst)
         if n == 0:
             return
 
@@ -263,8 +250,7 @@ class HttpSource(Source):
                                              **self._if_match()})
                 try:
                     self._check_range_answer(resp, offset, n)
-                    for v in views:
-                        _read_exactly(resp, v)
+                    _read_exactly(resp, dst)
                     self.received += n
                 except BaseException:
                     self._drop()
@@ -456,15 +442,10 @@ class RemoteDevice(Device):
         return min(max(length, self._window), self.size - offset)
 
     def read_into(self, dst: memoryview, offset: int) -> None:
+        """One range request for ``dst``; the readahead state notes where it ended."""
         self.check_range(offset, len(dst))
         self.source.read_into(dst, offset)
-
-    def read_pages(self, views: list[memoryview], offset: int) -> None:
-        """Fill consecutive ``views`` from ``offset`` with one request (the cache's readahead)."""
-        n = sum(len(v) for v in views)
-        self.check_range(offset, n)
-        self.source.read_pages(views, offset)
-        self._next = offset + n
+        self._next = offset + len(dst)
 
     def view(self, offset: int, length: int) -> memoryview:
         buf = bytearray(length)

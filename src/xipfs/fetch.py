@@ -129,11 +129,12 @@ def _append(source: Source, info: RemoteInfo, fd: int, offset: int, bar: Any) ->
     validator = info.etag if info.etag and not info.etag.startswith("W/") else info.last_modified
     done = 0
     pos = offset
-    for piece in source.stream(offset, CHUNK, validator):
-        _pwrite_all(fd, piece, pos)
-        pos += len(piece)
-        done += len(piece)
-        bar.update(len(piece))
+    with contextlib.closing(source.stream(offset, CHUNK, validator)) as pieces:
+        for piece in pieces:       # an interruption closes the download's connection at once
+            _pwrite_all(fd, piece, pos)
+            pos += len(piece)
+            done += len(piece)
+            bar.update(len(piece))
     return done
 
 

@@ -252,8 +252,17 @@ class Context:
                 pass
         buf[:] = self.view(offset, len(buf))
 
-    def block(self, blk: int) -> memoryview:
-        """Block ``blk`` (the caller has checked that it is inside the filesystem)."""
+    def block(self, blk: int) -> bytes | memoryview:
+        """Block ``blk`` (the caller has checked that it is inside the filesystem): ``pread``
+        when there is a descriptor (the check touches each block once or twice; a page fault
+        of the fresh mapping, and its unmapping, cost more than the system call), else a view."""
+        if self._fd >= 0:
+            try:
+                buf = _pread(self._fd, self.bs, blk * self.bs + self.dev.base_offset)
+                if len(buf) == self.bs:
+                    return buf
+            except OSError:
+                pass
         return self.view(blk * self.bs, self.bs)
 
     def inode_view(self, ino: int) -> memoryview | None:
@@ -282,6 +291,7 @@ class Context:
 
 
 _preadv = getattr(os, "preadv", None)
+_pread = os.pread
 
 # -- helpers over bitmaps and byte tables ---------------------------------------------------------
 #: byte -> 1 if nonzero (for ``bytes.translate``).

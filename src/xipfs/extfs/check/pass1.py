@@ -77,6 +77,7 @@ from .ext4 import (
     symlink_block,
     words_extents,
 )
+from .plain import plain_files
 from .walk import COUNT, leaf_run, walk
 from .xattrs import XATTR_MAGIC, check_refcounts, inode_xattrs, xattr_block
 
@@ -165,6 +166,9 @@ def scan_piece(c: Context, base: int, table: bytearray, n: int) -> None:
         used[:reserved] = bytes(reserved)
         if base < L.ROOT_INO <= base + reserved and c.iused[L.ROOT_INO]:
             used[L.ROOT_INO - 1 - base] = 1
+    done = plain_files(c, table, used, types)
+    if done.count(1):
+        used = (int.from_bytes(used, "little") & ~int.from_bytes(done, "little")).to_bytes(n, "little")
     scan_used(c, base, table, used, types)
 
 

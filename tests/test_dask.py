@@ -329,3 +329,16 @@ def test_keep_false_unlinks_with_the_last_worker(client: Client, dataset: dict[s
     finally:
         with contextlib.suppress(Exception):
             xd.release(client, name)
+
+
+def test_populate_maps_the_whole_image_in_every_worker(client: Client, dataset: dict[str, Any]) -> None:
+    """``populate=True``: every worker has every page mapped at once; the node still one copy."""
+    name = f"xipfs-test-pop-{uuid.uuid4().hex[:8]}"
+    try:
+        xd.deliver(client, dataset["img"], name, populate=True)
+        size = os.path.getsize(dataset["img"])
+        mem = xd.worker_memory(client, name)
+        assert all(m["rss"] >= 0.95 * size for m in mem.values()), mem
+        assert sum(m["pss"] for m in mem.values()) <= 1.05 * size, mem
+    finally:
+        xd.release(client, name)

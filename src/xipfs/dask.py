@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -43,6 +44,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise ImportError("xipfs.dask needs dask.distributed: pip install xipfs[dask]") from exc
 
+from ._libc import libc
 from .errors import XipfsError
 from .fs import Filesystem
 from .fs import open as xipfs_open
@@ -90,23 +92,46 @@ def _side_file(path: str, kind: str) -> str:
 def _node_lock(path: str, timeout: float, source: str) -> Any:
     """Hold the node's exclusive fetch lock of image ``path``: wait at most ``timeout`` seconds."""
     lock_path = _side_file(path, "lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _wait_for_lock(fd, deadline, timeout, source, path)
+            if _still_named(fd, lock_path):
                 break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _read_record(fd).get("pid", "?")
-                    raise TimeoutError(errno.ETIMEDOUT, f"waited {timeout:g} s for another worker "
-                                       f"of this node (pid {holder}) to fetch {source} into {path}; "
-                                       "raise timeout= or look at that worker's log") from None
-                time.sleep(_POLL)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)                      # a release unlinked it while we waited: the new one
+    try:
         yield fd
     finally:
         os.close(fd)                      # drops the lock too
+
+
+def _wait_for_lock(fd: int, deadline: float, timeout: float, source: str, path: str) -> None:
+    """``flock(fd, LOCK_EX)``, polled until ``deadline``; then ``TimeoutError`` naming the holder."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _read_record(fd).get("pid", "?")
+                raise TimeoutError(errno.ETIMEDOUT, f"waited {timeout:g} s for another worker of "
+                                   f"this node (pid {holder}) to fetch {source} into {path}; raise "
+                                   "timeout= or look at that worker's log") from None
+            time.sleep(_POLL)
+
+
+def _still_named(fd: int, lock_path: str) -> bool:
+    """The locked file is still the one under ``lock_path`` (not unlinked by a release)."""
+    try:
+        st = os.stat(lock_path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _read_record(fd: int) -> dict[str, Any]:
@@ -213,15 +238,39 @@ def _hold_user(path: str) -> None:
         _users[path] = fd
 
 
-def attach(source: str, name: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
+def attach(source: str, name: str, timeout: float = DEFAULT_TIMEOUT, populate: bool = False) -> bool:
     """:func:`provide`, then open the image here and count this process as a user (all under
-    the node lock, so nobody unlinks it in between). True when this process fetched it."""
+    the node lock, so nobody unlinks it in between). True when this process fetched it.
+
+    ``populate``: map every page of the image into this process now (``MADV_POPULATE_READ``,
+    about 0.1 s per GiB), so that no task pays a page fault on first touch; the worker's RSS
+    then counts the whole image (its PSS, a share of it), and its page tables 2 MiB per GiB.
+    """
     path = image_path(name)
     with _node_lock(path, timeout, source) as fd:
         fetched = _provide_locked(fd, source, name, path)
         _hold_user(path)
-        image(name)
+        fs = image(name)
+    if populate:
+        populate_pages(fs)
     return fetched
+
+
+_MADV_POPULATE_READ = 22
+
+
+def populate_pages(fs: Filesystem) -> bool:
+    """Map every page of ``fs``'s memory device into this process now (Linux 5.14 and later;
+    False where the kernel or the device cannot)."""
+    from .xip.mapping import _address
+
+    device = fs.device
+    if not device.is_xip or getattr(device, "buffer", None) is None:
+        return False
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise(_address(device.buffer), device.size, _MADV_POPULATE_READ) == 0
 
 
 def detach(name: str, unlink_if_last: bool = False, timeout: float = DEFAULT_TIMEOUT) -> bool:
@@ -299,15 +348,16 @@ class ImagePlugin(WorkerPlugin):
     worker at start (setup waits for the node's fetch, off the worker's event loop)."""
 
     def __init__(self, source: str, name: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 keep: bool = True) -> None:
+                 keep: bool = True, populate: bool = False) -> None:
         image_path(name)                               # a bad name fails at the client
         self.source = os.fspath(source)
         self.name = name
         self.timeout = timeout
         self.keep = keep
+        self.populate = populate
 
     async def setup(self, worker: Worker) -> None:
-        await asyncio.to_thread(attach, self.source, self.name, self.timeout)
+        await asyncio.to_thread(attach, self.source, self.name, self.timeout, self.populate)
 
     async def teardown(self, worker: Worker) -> None:
         await asyncio.to_thread(detach, self.name, not self.keep, self.timeout)
@@ -319,13 +369,15 @@ def plugin_name(name: str) -> str:
 
 
 def deliver(client: Client, source: str, name: str, *, timeout: float = DEFAULT_TIMEOUT,
-            keep: bool = True) -> str:
+            keep: bool = True, populate: bool = False) -> str:
     """Deliver image ``source`` (URL or path) to every node of ``client``'s cluster under
     ``name``, now and on workers that join later; returns ``name`` once every worker attached.
 
-    Errors of any worker (the fetch, a corrupt image, the wait) are raised here.
+    ``keep``: see the module's docstring (teardown); ``populate``: see :func:`attach`. Errors of
+    any worker (the fetch, a corrupt image, the wait) are raised here.
     """
-    client.register_plugin(ImagePlugin(source, name, timeout=timeout, keep=keep), name=plugin_name(name))
+    plugin = ImagePlugin(source, name, timeout=timeout, keep=keep, populate=populate)
+    client.register_plugin(plugin, name=plugin_name(name))
     return name
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 _TREES: dict[str, tuple[str, int, int]] = {}
@@ -50,3 +51,18 @@ def stdlib_image(root: str) -> tuple[str, int]:
 def mke2fs(src: str, img: str, size: int) -> None:
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-d", src, img, f"{size >> 10}k"],
                    check=True, stdout=subprocess.DEVNULL)
+
+
+def xipfs_command() -> list[str]:
+    """The ``xipfs`` command as a user runs it: the console script beside this interpreter
+    (``.venv/bin/xipfs``), else ``python -m xipfs``."""
+    script = os.path.join(os.path.dirname(sys.executable), "xipfs")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "xipfs"]
+
+
+def command_env(root: str) -> dict[str, str]:
+    """The environment of a timed command: bytecode cached as in a user's shell, whatever
+    PYTHONDONTWRITEBYTECODE says here (kept under ``root``; the untimed first round writes it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(root, "pycache")
+    return env

@@ -15,19 +15,24 @@ import contextlib
 import errno
 import fnmatch
 import importlib.util
+import marshal
+import mmap
 import os
+import signal
 import stat as st_
+import sys
 import time
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from ..device import Device, MemoryDevice
 from ..extfs import layout as L
 from ..extfs.dir import rec_len_of
 from ..extfs.indirect import build_tree, indirect_blocks_needed
-from ..extfs.inode import encode_direct_run, encode_inode, encode_rdev
+from ..extfs.inode import NEW_EXTRA_ISIZE, encode_direct_run, encode_inode, encode_rdev
 from ..extfs.mkfs import (
     LOST_FOUND_INO,
     Geometry,
@@ -41,7 +46,7 @@ from ..extfs.mkfs import (
     prefix_bitmap,
 )
 from ..extfs.xattr import build_block, split_name
-from ..progress import ProgressArg, progress_bar
+from ..progress import Progress, ProgressArg, progress_bar
 
 ROOT_INO = L.ROOT_INO
 _DIRENT = L.DIRENT.struct
@@ -53,6 +58,15 @@ _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 #: Linux ext2 shares one xattr block among at most this many inodes (EXT2_XATTR_REFCOUNT_MAX).
 _XATTR_SHARE_MAX = 1024
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+_NS = 1_000_000_000
+#: A whole new inode in one struct call (the fields pack sets; the rest stays zero): the first
+#: 128 bytes, and for a large inode also the extra times and crtime.
+_FRESH = ("i_mode", "i_uid", "i_size", "i_atime", "i_ctime", "i_mtime", "i_dtime", "i_gid", "i_links_count",
+          "i_blocks", "i_flags", "i_block", "i_generation", "i_file_acl", "i_size_high", "i_uid_high",
+          "i_gid_high")
+_FRESH_SMALL = L.INODE.select(*_FRESH)
+_FRESH_LARGE = L.INODE_LARGE.select(*_FRESH, "i_extra_isize", "i_ctime_extra", "i_mtime_extra",
+                                    "i_atime_extra", "i_crtime", "i_crtime_extra")
 
 
 @dataclass
@@ -220,54 +234,70 @@ def _scan(src: bytes, result: PackResult, image_id: tuple[int, int] | None,
     root = _Node(src, st, st_.S_IFDIR)
     root.xattrs = _xattrs(src, result)
     seen: dict[tuple[int, int], _Node] = {}
+    image_dev, image_ino = image_id if image_id is not None else (-1, -1)
+    by_name = attrgetter("name")
+    listxattr = os.listxattr
+    ifmt, ifdir, ifreg, iflnk = 0o170000, st_.S_IFDIR, st_.S_IFREG, st_.S_IFLNK
+    node_of = _Node
     stack = [root]
     while stack:
         d = stack.pop()
         try:
             with os.scandir(d.path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=by_name)
         except OSError as err:
             result.skipped.append((os.fsdecode(d.path), f"cannot list: {err.strerror}"))
             continue
         subdirs = []
+        add = d.children.append
         for e in entries:
-            path = e.path
             name = e.name
-            if excluded is not None and excluded(name, path[len(src):].strip(b"/")):
+            if excluded is not None and excluded(name, e.path[len(src):].strip(b"/")):
                 continue
             try:
                 est = e.stat(follow_symlinks=False)
             except OSError as err:
-                result.skipped.append((os.fsdecode(path), _vanished(err)))
+                result.skipped.append((os.fsdecode(e.path), _vanished(err)))
                 continue
+            path = e.path
             if len(name) > 255:
                 result.skipped.append((os.fsdecode(path), "name longer than 255 bytes"))
                 continue
-            if image_id is not None and (est.st_dev, est.st_ino) == image_id:
+            if est.st_ino == image_ino and est.st_dev == image_dev:
                 result.skipped.append((os.fsdecode(path), "the image being written"))
                 continue
-            fmt = st_.S_IFMT(est.st_mode)
-            if fmt != st_.S_IFDIR and est.st_nlink > 1:
-                first = seen.get((est.st_dev, est.st_ino))
-                if first is not None:
-                    first.links += 1
-                    d.children.append((name, first))
-                    continue
-            node = _Node(path, est, fmt)
-            if fmt != st_.S_IFDIR and est.st_nlink > 1:
-                seen[(est.st_dev, est.st_ino)] = node
-            if fmt == st_.S_IFLNK:
-                try:
-                    node.target = os.readlink(path)
-                except OSError as err:
-                    result.skipped.append((os.fsdecode(path), _vanished(err)))
-                    continue
-            elif fmt == st_.S_IFREG and est.st_blocks * 512 < est.st_size:
-                node.extents = _data_extents(path)         # sparse: byte ranges for now
-            elif fmt == st_.S_IFDIR:
-                subdirs.append(node)
-            node.xattrs = _xattrs(path, result)
-            d.children.append((name, node))
+            fmt = est.st_mode & ifmt
+            if fmt == ifreg and est.st_nlink == 1:           # the usual entry: a plain file
+                node = node_of(path, est, ifreg)
+                if est.st_blocks * 512 < est.st_size:
+                    node.extents = _data_extents(path)     # sparse: byte ranges for now
+            else:
+                if fmt != ifdir and est.st_nlink > 1:
+                    first = seen.get((est.st_dev, est.st_ino))
+                    if first is not None:
+                        first.links += 1
+                        add((name, first))
+                        continue
+                node = node_of(path, est, fmt)
+                if fmt != ifdir and est.st_nlink > 1:
+                    seen[(est.st_dev, est.st_ino)] = node
+                if fmt == iflnk:
+                    try:
+                        node.target = os.readlink(path)
+                    except OSError as err:
+                        result.skipped.append((os.fsdecode(path), _vanished(err)))
+                        continue
+                elif fmt == ifreg and est.st_blocks * 512 < est.st_size:
+                    node.extents = _data_extents(path)
+                elif fmt == ifdir:
+                    subdirs.append(node)
+            try:
+                names = listxattr(path, follow_symlinks=False)
+            except OSError:
+                names = None
+            if names:
+                node.xattrs = _xattrs(path, result, names)
+            add((name, node))
         stack.extend(reversed(subdirs))
     return root
 
@@ -276,12 +306,13 @@ def _vanished(err: OSError) -> str:
     return "vanished while packing" if err.errno == errno.ENOENT else f"cannot read: {err.strerror}"
 
 
-def _xattrs(path: bytes, result: PackResult) -> tuple[tuple[str, bytes], ...]:
-    """The extended attributes ext2 can hold, sorted; the others reported."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return ()
+def _xattrs(path: bytes, result: PackResult, names: list[str] | None = None) -> tuple[tuple[str, bytes], ...]:
+    """The extended attributes ext2 can hold, sorted; the others reported (``names``: listed already)."""
+    if names is None:
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return ()
     if not names:
         return ()
     out = []
@@ -521,8 +552,12 @@ def _blocks_needed(nodes: list[_Node], bs: int) -> int:
             n = len(node.blocks)
             total += n + indirect_blocks_needed([(0, n)], p)
         elif fmt == st_.S_IFREG:
-            ranges = _file_blocks(node, bs)
-            total += sum(n for _, n in ranges) + indirect_blocks_needed(ranges, p)
+            if node.extents is None and node.data is None:     # the usual file: one run
+                n = -(-node.st.st_size // bs)
+                total += n + (indirect_blocks_needed([(0, n)], p) if n > 12 else 0)
+            else:
+                ranges = _file_blocks(node, bs)
+                total += sum(n for _, n in ranges) + indirect_blocks_needed(ranges, p)
         elif fmt == st_.S_IFLNK and len(node.target) >= 60:
             total += 1
         if node.xattrs:
@@ -580,6 +615,7 @@ class _Layout:
             raise OSError(errno.ENOSPC, "the tree has more entries than the image has inodes")
         cur = _Cursor(geo)
         p = bs // 4
+        reg = st_.S_IFREG
         xblocks: dict[tuple, list] = {}              # xattr set -> its block being filled
         #: Shared xattr blocks: [block, attributes, inodes using it (its refcount)].
         self.xattr_blocks: list[list] = []
@@ -592,9 +628,21 @@ class _Layout:
                 slot[2] += 1
                 node.xattr_block = slot[0]
             fmt = node.fmt
-            if fmt == st_.S_IFDIR:
+            if fmt == reg and node.extents is None and node.data is None:
+                n = -(-node.st.st_size // bs)
+                first = cur.next
+                if 0 < n <= 12 and first + n <= cur.end:    # the usual file: direct blocks, room here
+                    cur.next = first + n
+                    cur.used[cur.group] += n
+                    node.runs = [(0, first, n)]
+                    node.nblocks = n
+                    continue
+                if not n:
+                    continue
+                ranges = [(0, n)]
+            elif fmt == st_.S_IFDIR:
                 ranges = [(0, len(node.blocks))]
-            elif fmt == st_.S_IFREG:
+            elif fmt == reg:
                 ranges = _file_blocks(node, bs)
             elif fmt == st_.S_IFLNK and len(node.target) >= 60:
                 ranges = [(0, 1)]
@@ -612,50 +660,62 @@ class _Layout:
 
     def write(self, dev: Device, geo: Geometry, filetype: bool, zeroed: bool, result: PackResult,
               bar: Any) -> list[GroupUse]:
-        """Write everything into the freshly formatted ``dev``; what each group now holds."""
+        """Write everything into the freshly formatted ``dev``; what each group now holds.
+
+        The files' data is copied (by a second process where it can: :class:`_Copies`) while
+        the inode table is built whole in memory, every inode as if its copy succeeded; the
+        few that did not (changed or vanished) are made empty and their blocks freed after."""
         assert (geo.blocks, geo.ipg, filetype) == (self.geo.blocks, self.geo.ipg, True)
         bs, isize = geo.bs, geo.isize
-        copier = _Copier(dev, zeroed)
+        nodes = self.nodes
+        files = [n for n in nodes if n.fmt == st_.S_IFREG]
+        with _Copies(_Copier(dev, zeroed), files, bs, result, bar) as copies:
+            for blk, attrs, users in self.xattr_blocks:
+                block = bytearray(build_block(list(attrs), bs))
+                L.XATTR_HEADER.pack_field(block, "h_refcount", users)
+                dev.write_new(block, blk * bs)
+            last_ino = max(n.ino for n in nodes)
+            table = bytearray(last_ino * isize)
+            dirs = [0] * geo.groups
+            put = _inode_writer(table, isize)
+            direct = encode_direct_run
+            sectors = bs // 512
+            reg = st_.S_IFREG
+            for node in nodes:
+                fmt = node.fmt
+                runs = node.runs
+                if fmt == reg:
+                    size = len(node.data) if node.data is not None else node.st.st_size
+                    if len(runs) == 1 and not node.meta and runs[0][0] == 0:    # the usual small file
+                        i_block = direct(runs[0][1], runs[0][2])
+                    else:
+                        i_block = self._block_map(dev, node, bs)
+                    put(node, fmt, size, node.links, (node.nblocks + len(node.meta)
+                                                      + (1 if node.xattr_block else 0)) * sectors, i_block)
+                    continue
+                if fmt == st_.S_IFDIR:
+                    dirs[(node.ino - 1) // geo.ipg] += 1
+                    data = b"".join(node.blocks)
+                    for lblk, pblk, k in runs:
+                        dev.write_new(data[lblk * bs:(lblk + k) * bs], pblk * bs)
+                    size = len(data)
+                elif fmt == st_.S_IFLNK:
+                    size = len(node.target)
+                    if runs:
+                        dev.write_new(node.target.ljust(bs, b"\0"), runs[0][1] * bs)
+                else:
+                    size = 0
+                links = node.links + (1 + sum(1 for _, c in node.children if c.fmt == st_.S_IFDIR)
+                                      if fmt == st_.S_IFDIR else 0)
+                blocks = (node.nblocks + len(node.meta) + (1 if node.xattr_block else 0)) * sectors
+                put(node, fmt, size, links, blocks, self._block_map(dev, node, bs))
+            failed = copies.wait(result)
         freed: list[tuple[int, int]] = []
-        for blk, attrs, users in self.xattr_blocks:
-            block = bytearray(build_block(list(attrs), bs))
-            L.XATTR_HEADER.pack_field(block, "h_refcount", users)
-            dev.write_new(block, blk * bs)
-        last_ino = max(n.ino for n in self.nodes)
-        table = bytearray(last_ino * isize)
-        dirs = [0] * geo.groups
-        for node in self.nodes:
-            fmt = node.fmt
-            if fmt == st_.S_IFDIR:
-                dirs[(node.ino - 1) // geo.ipg] += 1
-                data = b"".join(node.blocks)
-                for lblk, pblk, k in node.runs:
-                    dev.write_new(data[lblk * bs:(lblk + k) * bs], pblk * bs)
-                size = len(data)
-            elif fmt == st_.S_IFREG:
-                size = copier.copy(node, bs, result)
-                bar.update(len(node.data) if node.data is not None else _data_bytes(node))
-                if size < 0:                           # changed or vanished: packed empty
-                    freed.extend((pblk, k) for _, pblk, k in node.runs)
-                    freed.extend((b, 1) for b in node.meta)
-                    node.runs, node.meta, node.nblocks, size = [], [], 0, 0
-            elif fmt == st_.S_IFLNK:
-                size = len(node.target)
-                if node.runs:
-                    dev.write_new(node.target.ljust(bs, b"\0"), node.runs[0][1] * bs)
-            else:
-                size = 0
-            i_block = self._block_map(dev, node, bs)
-            blocks = (node.nblocks + len(node.meta) + (1 if node.xattr_block else 0)) * (bs // 512)
-            s = node.st
-            mode = st_.S_IMODE(s.st_mode) | fmt
-            links = node.links + (1 + sum(1 for _, c in node.children if c.fmt == st_.S_IFDIR)
-                                  if fmt == st_.S_IFDIR else 0)
-            at = (node.ino - 1) * isize
-            table[at:at + isize] = encode_inode(
-                isize, mode, s.st_uid, s.st_gid, size, links, blocks, i_block,
-                atime_ns=s.st_atime_ns, ctime_ns=s.st_ctime_ns, mtime_ns=s.st_mtime_ns,
-                crtime_ns=s.st_ctime_ns, file_acl=node.xattr_block)
+        for node in failed:                             # changed or vanished: packed empty
+            freed.extend((pblk, k) for _, pblk, k in node.runs)
+            freed.extend((b, 1) for b in node.meta)
+            node.runs, node.meta, node.nblocks = [], [], 0
+            put(node, node.fmt, 0, node.links, (1 if node.xattr_block else 0) * sectors, bytes(60))
         per_group = geo.ipg * isize
         for g in range(-(-last_ino // geo.ipg)):
             dev.write_new(table[g * per_group:(g + 1) * per_group], geo.inode_table(g) * bs)
@@ -705,6 +765,38 @@ def _free_run(geo: Geometry, use: list[GroupUse], pblk: int, k: int) -> None:
         k -= n
 
 
+def _inode_writer(table: bytearray, isize: int) -> Callable[[_Node, int, int, int, int, bytes], None]:
+    """``put(node, fmt, size, links, blocks, i_block)``: ``node``'s new inode stored into
+    ``table`` (zeros) in one struct call, as :func:`~xipfs.extfs.inode.encode_inode` makes it
+    (crtime = ctime; times outside 1970..2038 go through that function)."""
+    big = isize >= 160
+    pack_into = (_FRESH_LARGE if big else _FRESH_SMALL).pack_into
+    limit = 0x80000000 * _NS
+
+    def put(node: _Node, fmt: int, size: int, links: int, blocks: int, i_block: bytes) -> None:
+        s = node.st
+        at = (node.ino - 1) * isize
+        a, c, m = s.st_atime_ns, s.st_ctime_ns, s.st_mtime_ns
+        if not (0 <= a < limit and 0 <= c < limit and 0 <= m < limit):
+            table[at:at + isize] = encode_inode(
+                isize, st_.S_IMODE(s.st_mode) | fmt, s.st_uid, s.st_gid, size, links, blocks, i_block,
+                atime_ns=a, ctime_ns=c, mtime_ns=m, crtime_ns=c, file_acl=node.xattr_block)
+            return
+        a_s, a_n = divmod(a, _NS)
+        c_s, c_n = divmod(c, _NS)
+        m_s, m_n = divmod(m, _NS)
+        uid, gid = s.st_uid, s.st_gid
+        head = (st_.S_IMODE(s.st_mode) | fmt, uid & 0xFFFF, size & 0xFFFFFFFF, a_s, c_s, m_s, 0, gid & 0xFFFF,
+                links, blocks, 0, i_block, 0, node.xattr_block, size >> 32 if fmt == st_.S_IFREG else 0,
+                (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF)
+        if big:
+            pack_into(table, at, *head, NEW_EXTRA_ISIZE, c_n << 2, m_n << 2, a_n << 2, c_s, c_n << 2)
+        else:
+            pack_into(table, at, *head)
+
+    return put
+
+
 class _Copier:
     """Copies a file's data from its source into the image, by the cheapest path the device has:
     ``copy_file_range`` within one filesystem, ``sendfile`` from another (both copy in the
@@ -717,7 +809,10 @@ class _Copier:
         self.kernel_copy = self.fd >= 0
 
     def copy(self, node: _Node, bs: int, result: PackResult) -> int:
-        """The file's size, its data in place; -1 (reported) when it changed or vanished."""
+        """The file's size, its data in place; -1 (reported) when it changed or vanished.
+
+        One ``fstat`` after the copy checks the file against its scan (the same inode, size and
+        mtime: a write during the copy moves the mtime), so a change at any time is caught."""
         if node.data is not None:
             if node.runs:
                 self._write_runs(node, node.data, bs)
@@ -729,25 +824,25 @@ class _Copier:
         except OSError as err:
             result.skipped.append((os.fsdecode(path), _vanished(err) + ": packed empty"))
             return -1
+        expect = node.st
+        size = expect.st_size
         try:
-            before = os.fstat(fd)
-            expect = node.st
-            if (before.st_ino, before.st_size, before.st_mtime_ns) != (expect.st_ino, expect.st_size,
-                                                                       expect.st_mtime_ns):
-                result.skipped.append((os.fsdecode(path), "changed while packing: packed empty"))
-                return -1
-            size = before.st_size
-            for lblk, pblk, k in node.runs:
+            runs = node.runs
+            short = False
+            for lblk, pblk, k in runs:
                 start = lblk * bs
                 n = min(k * bs, size - start)
                 if n > 0 and self._copy_range(fd, start, n, pblk * bs) < n:
-                    result.skipped.append((os.fsdecode(path), "shrank while packing: packed empty"))
-                    return -1
+                    short = True
+                    break
+            if short:
+                result.skipped.append((os.fsdecode(path), "shrank while packing: packed empty"))
+                return -1
             after = os.fstat(fd)
-            if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+            if (after.st_ino, after.st_size, after.st_mtime_ns) != (expect.st_ino, size, expect.st_mtime_ns):
                 result.skipped.append((os.fsdecode(path), "changed while packing: packed empty"))
                 return -1
-            lblk, pblk, k = node.runs[-1] if node.runs else (0, 0, 0)
+            lblk, pblk, k = runs[-1] if runs else (0, 0, 0)
             if not self.zeroed and size % bs and lblk + k == -(-size // bs):
                 tail = bs - size % bs                          # no old bytes past the end
                 self.dev.write(bytes(tail), (pblk + k) * bs - tail)
@@ -772,6 +867,8 @@ class _Copier:
             except OSError as err:
                 if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                     raise
+                if not st_.S_ISREG(os.fstat(fd).st_mode):
+                    raise                               # not a file any more: this one is reported
                 self.kernel_copy = False            # another filesystem: sendfile from here on
         if self.fd >= 0:
             os.lseek(self.fd, dst, os.SEEK_SET)     # the image's descriptor is ours alone while packing
@@ -800,6 +897,157 @@ class _Copier:
     def _write_runs(self, node: _Node, data: bytes, bs: int) -> None:
         for lblk, pblk, k in node.runs:
             self.dev.write_new(data[lblk * bs:(lblk + k) * bs].ljust(k * bs, b"\0"), pblk * bs)
+
+
+#: Below this much data (or with one core) a second process to copy it does not pay for its fork.
+_PARALLEL_MIN_BYTES = 4 << 20
+
+
+class _Copies:
+    """The regular files' data copied into the image while the caller writes the metadata.
+
+    The copies go to a forked child process when that is safe and worth it (nothing but this
+    thread runs, nobody watches the progress, the image is written through its descriptor, two
+    cores, a few MiB of data): the kernel copies there while this process encodes inode tables
+    and directories, with no lock between the two. Otherwise they are made here, at once.
+    :meth:`wait` says which files could not be copied (changed or vanished: reported, to be
+    packed empty); leaving the ``with`` block early stops the child.
+
+    Work sharing: the child copies from the first file on, and this process, its metadata
+    written, from the last file back, until they meet. Each says in a shared page how far it
+    has got (``[next of the child, lowest of the parent]``); at the meeting point both may copy
+    the same file, which writes the same bytes to the same blocks (its report is taken once).
+    """
+
+    def __init__(self, copier: _Copier, files: list[_Node], bs: int, result: PackResult, bar: Any) -> None:
+        self.copier = copier
+        self.files = files
+        self.bs = bs
+        self.failed: list[_Node] = []
+        self.pid = 0
+        self.fd = -1
+        if _parallel_ok(copier, files, bar):
+            self.shared = mmap.mmap(-1, 16)                  # shared with the child: two counters
+            self.marks = memoryview(self.shared).cast("q")
+            self.marks[0], self.marks[1] = 0, len(files)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:                                # the child: copies, reports, exits
+                os.close(r)
+                _copy_in_child(copier, files, bs, self.marks, w)
+            os.close(w)
+            self.pid, self.fd = pid, r
+            return
+        for node in files:
+            if copier.copy(node, bs, result) < 0:
+                self.failed.append(node)
+            bar.update(len(node.data) if node.data is not None else _data_bytes(node))
+
+    def wait(self, result: PackResult) -> list[_Node]:
+        """The files that could not be copied (their reasons added to ``result.skipped``); the
+        child's own error (no space, an I/O error) raised here. This process copies files from
+        the end of the list until it meets the child."""
+        if not self.pid:
+            return self.failed
+        marks, files, copier, bs = self.marks, self.files, self.copier, self.bs
+        mine: dict[int, list[tuple[str, str]]] = {}
+        chunks = []
+        try:
+            j = len(files) - 1
+            while j >= marks[0]:
+                marks[1] = j
+                if j < marks[0]:
+                    break
+                before = len(result.skipped)
+                if copier.copy(files[j], bs, result) < 0:
+                    mine[j] = result.skipped[before:]
+                j -= 1
+            while chunk := os.read(self.fd, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(self.fd)
+            _, status = os.waitpid(self.pid, 0)
+            self.pid = 0
+            marks.release()
+            self.shared.close()
+        try:
+            failed, error = marshal.loads(b"".join(chunks))
+        except (EOFError, ValueError, TypeError):
+            raise OSError(errno.EIO, f"the process copying the files died (status {status})") from None
+        if error is not None:
+            raise OSError(error[0] or errno.EIO, error[1])
+        for i, skipped in failed:
+            if i not in mine:                           # (both copied file i: one report)
+                mine[i] = skipped
+                result.skipped.extend(skipped)
+        self.failed = [files[i] for i in sorted(mine)]
+        return self.failed
+
+    def __enter__(self) -> _Copies:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the child if it still runs (an error before :meth:`wait`: its copies are for nothing)."""
+        if self.pid:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            with contextlib.suppress(OSError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+
+
+def _parallel_ok(copier: _Copier, files: list[_Node], bar: Any) -> bool:
+    """Whether a forked child may copy ``files`` (see :class:`_Copies`)."""
+    if copier.fd < 0 or type(bar) is not Progress or not hasattr(os, "fork"):
+        return False
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        return False                                    # forking with other threads: not safe
+    try:
+        if len(os.sched_getaffinity(0)) < 2:
+            return False
+    except (AttributeError, OSError):
+        if (os.cpu_count() or 1) < 2:
+            return False
+    total = 0
+    for node in files:
+        total += node.st.st_size
+        if total >= _PARALLEL_MIN_BYTES:
+            return True
+    return False
+
+
+def _copy_in_child(copier: _Copier, files: list[_Node], bs: int, marks: memoryview, w: int) -> None:
+    """The forked child's whole life: copy ``files`` from the first on until it meets the parent
+    (``marks``: see :class:`_Copies`), send ``(failures, error)`` down ``w``, exit without
+    running any of the parent's clean-up. A failure is ``(index, its skipped entries)``."""
+    status = 1
+    try:
+        result = PackResult(image="")
+        failed = []
+        for i, node in enumerate(files):
+            if i >= marks[1]:
+                break
+            marks[0] = i + 1
+            if copier.copy(node, bs, result) < 0:
+                failed.append((i, result.skipped))
+                result.skipped = []
+        payload = marshal.dumps((failed, None))
+        status = 0
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
+        code = err.errno if isinstance(err, OSError) and err.errno else 0
+        payload = marshal.dumps(([], (code, str(err))))
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(w, view):]
+    finally:
+        os._exit(status)
 
 
 # -- the target ------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from .pack import (
     LOST_FOUND_INO,
     PackResult,
     _Copier,
-    _data_bytes,
+    _Copies,
     _excluder,
     _file_blocks,
     _image_identity,
@@ -660,22 +660,35 @@ class _Layout:
         """Write the filesystem and the tree into ``dev`` (``dax``: directories and regular files
         flagged DAX)."""
         plan = self.plan
-        geo, m = plan.geo, plan.m
-        bs, isize = geo.bs, geo.isize
+        bs = plan.geo.bs
         zeroed = plan.zeroed
         put = dev.write_new if zeroed else dev.write
-        for data, offset in plan.rec.writes:
-            put(data, offset)
-        plan.rec.writes = []
+        files = [n for n in self.nodes if n.fmt == st_.S_IFREG]
+        copies = _Copies(_Copier(dev, zeroed), files, bs, result, bar)     # first: the most overlap
+        try:
+            for data, offset in plan.rec.writes:
+                put(data, offset)
+            plan.rec.writes = []
+            S = plan.m.seed
+            for blk, attrs, users in self.xattr_blocks:
+                block = bytearray(build_block(list(attrs), bs))
+                _U32.pack_into(block, _XREFS_AT, users)
+                if self.csum:
+                    _U32.pack_into(block, _XCSUM_AT, crc32c_raw(S, blk.to_bytes(8, "little") + bytes(block)))
+                put(block, blk * bs)
+            self._nodes(dev, put, copies, result, label, dax)
+        finally:
+            copies.stop()
+
+    def _nodes(self, dev: Device, put: Any, copies: _Copies, result: PackResult, label: str | None,
+               dax: bool) -> None:
+        """Every node's data and inode (the files' data copied by ``copies`` meanwhile: each inode
+        made as if its copy succeeded, the few that did not made empty after), then the rest."""
+        plan = self.plan
+        geo, m = plan.geo, plan.m
+        bs, isize = geo.bs, geo.isize
         S = m.seed
         csum = self.csum
-        for blk, attrs, users in self.xattr_blocks:
-            block = bytearray(build_block(list(attrs), bs))
-            _U32.pack_into(block, _XREFS_AT, users)
-            if csum:
-                _U32.pack_into(block, _XCSUM_AT, crc32c_raw(S, blk.to_bytes(8, "little") + bytes(block)))
-            put(block, blk * bs)
-        copier = _Copier(dev, zeroed)
         nodes = self.nodes
         last_ino = max(max(n.ino for n in nodes), max(plan.inodes))
         table = bytearray(last_ino * isize)
@@ -689,6 +702,20 @@ class _Layout:
         in_group = [0] * geo.groups                     # the tree's inodes, directories, last inode
         dirs_in = [0] * geo.groups
         top = [0] * geo.groups
+
+        def inode(node: _Node, fmt: int, size: int, links: int, blocks: int, i_block: bytes,
+                  flags: int) -> None:
+            s = node.st
+            at = (node.ino - 1) * isize
+            table[at:at + isize] = encode_inode(
+                isize, st_.S_IMODE(s.st_mode) | fmt, s.st_uid, s.st_gid, size, links, blocks, i_block,
+                atime_ns=s.st_atime_ns, ctime_ns=s.st_ctime_ns, mtime_ns=s.st_mtime_ns,
+                crtime_ns=s.st_ctime_ns, file_acl=node.xattr_block, flags=flags)
+            if node.xattrs and not node.xattr_block:
+                body = self.ibodies[node.xattrs]
+                assert body is not None
+                table[at + ibody_at:at + isize] = body
+
         for node in nodes:
             fmt = node.fmt
             ino = node.ino
@@ -704,10 +731,7 @@ class _Layout:
                     put(data[lblk * bs:(lblk + k) * bs], pblk * bs)
                 size = len(data)
             elif fmt == st_.S_IFREG:
-                size = copier.copy(node, bs, result)
-                bar.update(len(node.data) if node.data is not None else _data_bytes(node))
-                if size < 0:                            # changed or vanished: packed empty
-                    node.runs, node.meta, node.nblocks, size = [], [], 0, 0
+                size = len(node.data) if node.data is not None else node.st.st_size
             elif fmt == st_.S_IFLNK:
                 size = len(node.target)
                 flags = extents_only                    # DAX is for files and directories (as Linux)
@@ -741,21 +765,22 @@ class _Layout:
             if node.xattr_block:
                 used.append((node.xattr_block, 1))
             blocks = (node.nblocks + len(node.meta) + (1 if node.xattr_block else 0)) * (bs // 512)
-            s = node.st
             links = node.links
             if fmt == st_.S_IFDIR:
                 links += 1 + sum(1 for _, c in node.children if c.fmt == st_.S_IFDIR)
                 if links > _LINK_MAX:
                     links = 1
-            at = (ino - 1) * isize
-            table[at:at + isize] = encode_inode(
-                isize, st_.S_IMODE(s.st_mode) | fmt, s.st_uid, s.st_gid, size, links, blocks, i_block,
-                atime_ns=s.st_atime_ns, ctime_ns=s.st_ctime_ns, mtime_ns=s.st_mtime_ns,
-                crtime_ns=s.st_ctime_ns, file_acl=node.xattr_block, flags=flags)
-            if node.xattrs and not node.xattr_block:
-                body = self.ibodies[node.xattrs]
-                assert body is not None
-                table[at + ibody_at:at + isize] = body
+            inode(node, fmt, size, links, blocks, i_block, flags)
+        failed = copies.wait(result)
+        if failed:                                      # changed or vanished: packed empty
+            gone = set()
+            for node in failed:
+                gone.update((pblk, k) for _, pblk, k in node.runs)
+                gone.update((b, 1) for b in node.meta)
+                node.runs, node.meta, node.nblocks = [], [], 0
+                inode(node, node.fmt, 0, node.links, (1 if node.xattr_block else 0) * (bs // 512), _ROOT0,
+                      extents_fl)
+            used = [u for u in used if u not in gone]
         m.used_inodes.extend(node.ino for node in nodes)
         for g in range(geo.groups):                     # ext2fs_inode_alloc_stats2, a group at a time
             if in_group[g]:

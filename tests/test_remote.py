@@ -408,3 +408,48 @@ def test_command_fetch(real_tree: tuple[Path, dict], nginx, shm_dir: Path) -> No
     server.kill()
     r = _xipfs("fetch", server.url("tree.ext2"), str(shm_dir / "again.img"))
     assert r.returncode == 1 and "did not answer" in r.stderr, r.stderr
+
+
+# -- odds and ends ------------------------------------------------------------------------------------
+def test_http_needs_only_the_standard_library(served: Path, nginx) -> None:  # noqa: F811
+    server = nginx(served)
+    code = ("import sys, xipfs\n"
+            f"fs = xipfs.open({server.url('big.ext2')!r})\n"
+            "assert fs.read_bytes('/data/f02.txt') == b'file 2\\n' * 50\n"
+            "print(sorted(m for m in ('fsspec', 'aiohttp', 'asyncio') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_a_forked_child_reads_on_its_own_connection(served: Path, nginx) -> None:  # noqa: F811
+    server = nginx(served)
+    with xipfs.open(server.url("big.ext2")) as fs:
+        assert fs.read_bytes("/data/f00.txt") == b"file 0\n" * 50
+        pid = os.fork()
+        if pid == 0:                                   # the child: read while the parent does
+            ok = all(fs.read_bytes(f"/data/f{i:02d}.txt") == f"file {i}\n".encode() * 50
+                     for i in range(1, 20))
+            os._exit(0 if ok else 1)
+        with fs.open("/random.bin", "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    with open(served.parent / "tree" / "random.bin", "rb") as f:
+        assert data == f.read()
+
+
+@pytest.mark.parametrize(("arg", "image", "path"), [
+    ("https://host/a.img", "https://host/a.img", "/"),
+    ("https://host:8080/dir/a.img:/etc/x", "https://host:8080/dir/a.img", "/etc/x"),
+    ("http://127.0.0.1:9/a.img:etc", "http://127.0.0.1:9/a.img", "/etc"),
+    ("s3://bucket/key/a.img:/x", "s3://bucket/key/a.img", "/x"),
+    ("file:///tmp/a.img:/x", "file:///tmp/a.img", "/x"),
+    ("simplecache::https://host/a.img:/x", "simplecache::https://host/a.img", "/x"),
+])
+def test_command_operands_with_urls(arg: str, image: str, path: str) -> None:
+    from xipfs.cli.common import any_spec, image_spec
+
+    spec = image_spec(arg, "/")
+    assert (spec.image, spec.path) == (image, path)
+    if path != "/":
+        assert any_spec(arg)[1:] == (image, path)

@@ -19,8 +19,9 @@ Where the image can be:
 * a URL anywhere else fsspec reaches (``https://``, ``s3://``, ``gs://``): read lazily, only
   the blocks asked for, by range requests through xipfs's page cache with readahead (http and
   https with the standard library; see :mod:`xipfs.device.remote`); a ``memory://`` image or
-  an open file object is read whole into anonymous memory once (then read in place). Read-only: ``mode="r+"`` is refused
-  (``ValueError``); write an image where it can be changed in place.
+  an open file object is read whole into anonymous memory once (then read in place).
+  Read-only: ``mode="r+"`` is refused (``ValueError``); write an image where it can be
+  changed in place.
 
 Sharing and lifetime: all instances in a process that name the same image (the same file, by
 device and inode, or the same shared-memory object) share one attachment, whatever their

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +122,17 @@ class Source:
         """Drop connections."""
 
 
+def _forget_connections_after_fork() -> None:
+    """A forked child must not talk on its parent's connections (their streams would mix)."""
+    for source in list(_SOURCES):
+        source._conn = None               # the child's copy of the socket is dropped unclosed
+        source._lock = threading.Lock()
+
+
+_SOURCES: weakref.WeakSet[HttpSource] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
+
+
 class HttpSource(Source):
     """An http(s) object over one keep-alive connection (``http.client``), reconnected on need."""
 
@@ -142,6 +154,7 @@ class HttpSource(Source):
         self.retries = max(1, retries)
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        _SOURCES.add(self)
         #: Bytes of response bodies received (what crossed, less headers).
         self.received = 0
         self.requests = 0

@@ -490,11 +490,14 @@ def open_remote_target(fo: str, protocol: str | None, options: dict[str, Any] | 
     without options through the standard library, anything else through its fsspec filesystem."""
     if protocol in (None, "http", "https") and not options and fo.startswith(("http://", "https://")):
         return open_remote(fo, cache_bytes=cache_bytes)
-    import fsspec
-
     from .file import PageCache
 
-    fs = fsspec.filesystem(protocol or "file", **(options or {}))
-    path = fs._strip_protocol(fo)
-    device = RemoteDevice(FsspecSource(fo, fs, path))
+    if protocol is None:                       # a URL fsspec resolves itself (s3://, a chain)
+        source = FsspecSource(fo, **(options or {}))
+    else:
+        import fsspec
+
+        fs = fsspec.filesystem(protocol, **(options or {}))
+        source = FsspecSource(fo, fs, fs._strip_protocol(fo))
+    device = RemoteDevice(source)
     return PageCache(device, REMOTE_CACHE_BYTES if cache_bytes is None else cache_bytes)

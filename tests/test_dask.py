@@ -332,13 +332,25 @@ def test_keep_false_unlinks_with_the_last_worker(client: Client, dataset: dict[s
 
 
 def test_populate_maps_the_whole_image_in_every_worker(client: Client, dataset: dict[str, Any]) -> None:
-    """``populate=True``: every worker has every page mapped at once; the node still one copy."""
+    """``populate=True``: every worker has every page mapped at once, in one mapping that the
+    ``ext2://`` door shares; the node still holds one copy."""
     name = f"xipfs-test-pop-{uuid.uuid4().hex[:8]}"
     try:
         xd.deliver(client, dataset["img"], name, populate=True)
         size = os.path.getsize(dataset["img"])
+
+        def through_the_door(name: str = name) -> int:
+            import fsspec
+            total = 0
+            for i in range(NFILES):
+                with fsspec.open(f"ext2://logs/f{i:03d}.txt::/{name}") as f:
+                    total += len(f.read())
+            return total
+
+        assert len(set(client.run(through_the_door).values())) == 1
         mem = xd.worker_memory(client, name)
         assert all(m["rss"] >= 0.95 * size for m in mem.values()), mem
+        assert all(m["rss"] <= 1.02 * size for m in mem.values()), mem    # the door shares it
         assert sum(m["pss"] for m in mem.values()) <= 1.05 * size, mem
     finally:
         xd.release(client, name)

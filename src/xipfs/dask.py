@@ -60,8 +60,8 @@ SHM_DIR = "/dev/shm"
 DEFAULT_TIMEOUT = 600.0
 _POLL = 0.05
 
-#: image path -> this process's read-only Filesystem on it (one per worker process).
-_attached: dict[str, Filesystem] = {}
+#: image path -> (what holds it open, this process's read-only Filesystem on it).
+_attached: dict[str, tuple[Any, Filesystem]] = {}
 #: image path -> descriptor holding this process's shared flock on the users file.
 _users: dict[str, int] = {}
 _lock = threading.Lock()
@@ -215,17 +215,29 @@ def image(name: str) -> Filesystem:
     """This process's read-only Filesystem on image ``name`` (opened once, then cached): what
     tasks read in place. ``FileNotFoundError`` when it was not delivered to this node."""
     path = image_path(name)
-    fs = _attached.get(path)
-    if fs is not None:
-        return fs
-    with _lock:
-        fs = _attached.get(path)
-        if fs is None:
-            if not os.path.exists(path):
-                raise FileNotFoundError(errno.ENOENT, f"image {name!r} is not on this node; "
-                                        "xipfs.dask.deliver(client, source, name) first", path)
-            fs = _attached[path] = xipfs_open(path)
-    return fs
+    entry = _attached.get(path)
+    if entry is None:
+        with _lock:
+            entry = _attached.get(path)
+            if entry is None:
+                if not os.path.exists(path):
+                    raise FileNotFoundError(errno.ENOENT, f"image {name!r} is not on this node; "
+                                            "xipfs.dask.deliver(client, source, name) first", path)
+                entry = _attached[path] = _open_shared(path)
+    return entry[1]
+
+
+def _open_shared(path: str) -> tuple[Any, Filesystem]:
+    """The ``ext2://`` door's attachment of ``path``, which every instance of the door naming
+    this image in the process shares: one mapping of the image per worker, however tasks read
+    it (a Filesystem of our own where fsspec is missing)."""
+    try:
+        import fsspec
+    except ImportError:                                # pragma: no cover - dask needs fsspec
+        fs = xipfs_open(path)
+        return fs, fs
+    inst = fsspec.filesystem("ext2", fo=path, skip_instance_cache=True)
+    return inst, inst.xipfs
 
 
 def _hold_user(path: str) -> None:
@@ -299,13 +311,13 @@ def detach(name: str, unlink_if_last: bool = False, timeout: float = DEFAULT_TIM
 def _close_local(path: str) -> None:
     """Close this process's attachments of ``path``: ours and those of the ``ext2://`` door."""
     with _lock:
-        fs = _attached.pop(path, None)
+        entry = _attached.pop(path, None)
     arrays = sys.modules.get(__package__ + ".xip.arrays")
     if arrays is not None:
         arrays.forget(path)                            # chunks still alive keep their pages
-    if fs is not None:
+    if entry is not None:
         with contextlib.suppress(Exception):
-            fs.close()
+            entry[0].close()
     try:
         from . import fsspec_fs
     except ImportError:                                # pragma: no cover - fsspec missing

@@ -1,7 +1,8 @@
-"""Import benchmark: a real pure-Python package imported from an ext2 image in /dev/shm.
+"""Import benchmark: real pure-Python packages imported from an ext2 image in /dev/shm.
 
-The tree is a copy of installed pure-Python packages (pytest with the packages it imports, and
-tqdm) with their dist-info and valid ``__pycache__`` bytecode, put on ``sys.path`` three ways:
+The tree is a copy of installed pure-Python packages (pytest with the packages it imports, tqdm,
+attrs, hypothesis with sortedcontainers, fsspec) with their dist-info and valid ``__pycache__``
+bytecode, put on ``sys.path`` three ways:
 
 * ours: an ext2 image of the tree (``mke2fs -t ext2 -d``) in /dev/shm, entry ``IMAGE/site``;
 * the baseline: the same tree as a directory on tmpfs (/dev/shm), the stock ``FileFinder``;
@@ -16,6 +17,19 @@ and the package's own modules only (those standard-library modules imported befo
 starts). Samples are interleaved, the order rotating each round, after one untimed round. The
 process CPU time of the same imports is shown for information (less sensitive to a busy machine).
 
+Three more measurements:
+
+* attrs (a small package), with bytecode on every side: the image against the tmpfs directory
+  (target 1.0x) and against zipimport of the zip with legacy ``.pyc`` files (target 1.2x);
+* the first lookup in a fresh interpreter: ``PathFinder`` meeting the entry (path hook, then
+  one module that is not there), image against directory (target 1.0x);
+* 32 interpreters started together, each importing pytest, hypothesis, tqdm and fsspec from one
+  image, against the same from the tmpfs directory: wall time of the whole batch (target 1.2x).
+
+Bytecode is written as a user's shell writes it (``PYTHONDONTWRITEBYTECODE`` is unset in the
+samples), so xipfs's own modules and the standard library come from valid ``__pycache__`` on
+every side.
+
 Standalone: ``.venv/bin/python benchmarks/bench_import.py [--quick] [--repeat N]``.
 """
 
@@ -27,15 +41,49 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import zipfile
 from typing import Any
 
-from common import Measurement, Row, Section
+from common import Measurement, Row, Section, machine_speed
 
 PACKAGES = {  # what to time -> the installed top-level names copied into the tree
     "pytest": ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py"),
     "tqdm": ("tqdm",),
 }
+#: The small package timed against the directory and zipimport (imported as ``attr``).
+SMALL = ("attr", ("attr", "attrs"))
+#: What each of the ``BATCH_SIZE`` interpreters of the batch imports, and the names copied for it.
+BATCH = ("pytest", "hypothesis", "tqdm", "fsspec")
+BATCH_TREE = ("hypothesis", "_hypothesis_globals", "_hypothesis_ftz_detector", "_hypothesis_pytestplugin",
+              "sortedcontainers", "fsspec")
+BATCH_SIZE = 32
+
+# The first lookup: PathFinder meets the entry (path hook, finder, one module not there).
+FIRST = r"""
+import sys, time
+import xipfs
+from importlib.machinery import PathFinder
+entry = sys.argv[1]
+t0 = time.perf_counter_ns()
+spec = PathFinder.find_spec("no_such_module_xq", [entry])
+t1 = time.perf_counter_ns()
+assert spec is None and type(sys.path_importer_cache[entry]).__name__ in ("XipPathFinder", "FileFinder")
+print(t1 - t0, t1 - t0)
+"""
+
+# One interpreter of the batch: import the set from the entry, check where it came from.
+BATCH_SAMPLE = r"""
+import sys
+import xipfs
+entry = sys.argv[1]
+sys.path.insert(0, entry)
+import importlib
+for name in sys.argv[2].split(","):
+    mod = importlib.import_module(name)
+    if not mod.__file__.startswith(entry):
+        sys.exit(f"{name} came from {mod.__file__}, not {entry}")
+"""
 
 # One sample: import xipfs, pre-import the given modules, time ``import PKG``; prints the wall
 # and CPU nanoseconds.
@@ -93,8 +141,10 @@ def _copy_installed(names: tuple[str, ...], dest: str) -> None:
         src = os.path.join(site, name)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(dest, name), dirs_exist_ok=True)
-        else:
+        elif os.path.exists(src + ".py"):
             shutil.copy2(src + ".py", dest)
+        else:
+            continue                        # not installed here (an optional piece)
         dist = name.replace("_", "-").lower()
         for entry in os.listdir(site):
             low = entry.lower().replace("_", "-")
@@ -111,22 +161,24 @@ def _tree_bytes(top: str) -> tuple[int, int]:
     return files, size
 
 
-def build(root: str) -> dict[str, str]:
-    """The tree in ``root`` and its three forms; returns ``{form: sys.path entry}``."""
-    tree = os.path.join(root, "import-tree")
+def build(root: str, name: str = "import",
+          groups: tuple[tuple[str, ...], ...] = (*PACKAGES.values(), SMALL[1], BATCH_TREE)) -> dict[str, str]:
+    """The tree ``NAME-tree`` in ``root`` (the installed packages ``groups`` name) and its three
+    forms; returns ``{form: sys.path entry}``."""
+    tree = os.path.join(root, f"{name}-tree")
     site = os.path.join(tree, "site")
     os.makedirs(site, exist_ok=True)
-    for names in PACKAGES.values():
+    for names in groups:
         _copy_installed(names, site)
     # Valid __pycache__ bytecode for every source (kept where the installed one is valid).
     compileall.compile_dir(site, quiet=2)
     files, size = _tree_bytes(tree)
-    img = os.path.join(root, "import.img")
+    img = os.path.join(root, f"{name}.img")
     blocks = (size * 2 + files * 8192) // 4096 + 2048
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-N", str(files * 2 + 256),
                     "-m", "0", "-d", tree, img, str(blocks)], check=True, stdout=subprocess.DEVNULL)
-    plain_zip = os.path.join(root, "import.zip")
-    pyc_zip = os.path.join(root, "import-pyc.zip")
+    plain_zip = os.path.join(root, f"{name}.zip")
+    pyc_zip = os.path.join(root, f"{name}-pyc.zip")
     _zip_tree(site, plain_zip, legacy_pycs=False)
     _zip_tree(site, pyc_zip, legacy_pycs=True)
     return {"image": img + "/site", "dir": site, "zip": plain_zip, "zip+pyc": pyc_zip}
@@ -151,32 +203,101 @@ def _zip_tree(site: str, dest: str, legacy_pycs: bool) -> None:
                 z.write(os.path.join(d, n), arc)
 
 
-def _run(script: str, *args: str) -> str:
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+def _env() -> dict[str, str]:
+    """The samples' environment: bytecode written as a user's shell writes it, no PYTHONPATH."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+    return env
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=_env())
     if proc.returncode:
         raise RuntimeError(f"import sample failed ({args}):\n{proc.stderr}")
     return proc.stdout.strip()
 
 
-def _measure(entries: dict[str, str], pkg: str, pre: str, repeat: int,
-             label: str) -> tuple[dict[str, Measurement], dict[str, Measurement]]:
+def _measure(entries: dict[str, str], pkg: str, pre: str, repeat: int, label: str,
+             script: str = SAMPLE) -> tuple[dict[str, Measurement], dict[str, Measurement]]:
     """Interleaved samples (one fresh interpreter each, order rotating) after one untimed round:
     ``({form: wall-clock Measurement}, {form: CPU-time Measurement})``."""
     forms = list(entries)
     for form in forms:
-        _run(SAMPLE, entries[form], pkg, pre)
+        _run(script, entries[form], pkg, pre)
     wall: dict[str, list[int]] = {f: [] for f in forms}
     cpu: dict[str, list[int]] = {f: [] for f in forms}
     for r in range(repeat):
         for i in range(len(forms)):
             form = forms[(r + i) % len(forms)]
-            w, c = _run(SAMPLE, entries[form], pkg, pre).split()
+            w, c = _run(script, entries[form], pkg, pre).split()
             wall[form].append(int(w))
             cpu[form].append(int(c))
     return ({f: Measurement(f"{pkg} {label}: {f}", wall[f], 1, "ms/call") for f in forms},
             {f: Measurement(f"{pkg} {label}: {f} (CPU time)", cpu[f], 1, "ms/call") for f in forms})
+
+
+def _batch(entry: str) -> int:
+    """Nanoseconds from starting ``BATCH_SIZE`` interpreters together to the last one's exit."""
+    env = _env()
+    args = [sys.executable, "-c", BATCH_SAMPLE, entry, ",".join(BATCH)]
+    t0 = time.perf_counter_ns()
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for _ in range(BATCH_SIZE)]
+    errors = [p.communicate()[1] for p in procs]
+    t1 = time.perf_counter_ns()
+    for proc, err in zip(procs, errors, strict=True):
+        if proc.returncode:
+            raise RuntimeError(f"batch interpreter failed ({entry}):\n{err.decode(errors='replace')}")
+    return t1 - t0
+
+
+def _measure_batch(entries: dict[str, str], repeat: int) -> dict[str, Measurement]:
+    """Interleaved batches (order alternating) after one untimed batch per form."""
+    forms = list(entries)
+    for form in forms:
+        _batch(entries[form])
+    samples: dict[str, list[int]] = {f: [] for f in forms}
+    for r in range(repeat):
+        for i in range(len(forms)):
+            form = forms[(r + i) % len(forms)]
+            samples[form].append(_batch(entries[form]))
+    return {f: Measurement(f"{BATCH_SIZE} interpreters importing {', '.join(BATCH)}: {f}", samples[f], 1,
+                           "ms/call") for f in forms}
+
+
+def bench_small(section: Section, root: str, repeat: int) -> None:
+    """attrs alone (a tree of just it), from the image against the tmpfs directory and zipimport
+    with bytecode; and the first lookup of each entry in a fresh interpreter."""
+    pkg = SMALL[0]
+    entries = build(root, "small", (SMALL[1],))
+    forms = {f: entries[f] for f in ("image", "dir", "zip+pyc")}
+    deps, _, inside = _run(PROBE, entries["dir"], pkg).partition(";")
+    own = len(inside.split(","))
+    for label, pre in (("whole import", ""), ("package modules only", deps)):
+        wall, cpu = _measure(forms, pkg, pre, repeat, label)
+        ours = wall["image"]
+        zipped, cpu_zipped, dir_ = wall["zip+pyc"], cpu["zip+pyc"], wall["dir"]
+        section.rows += [
+            Row(f"import attrs ({own} modules, bytecode), {label}: image vs tmpfs dir", ours, dir_, 1.0),
+            Row(f"import attrs, {label}: image vs zipimport with .pyc", ours, zipped, 1.2),
+            Row(f"import attrs, {label}: CPU time, image vs tmpfs dir", cpu["image"], cpu["dir"]),
+            Row(f"import attrs, {label}: CPU time, image vs zipimport with .pyc", cpu["image"], cpu_zipped),
+        ]
+        section.raw += [*wall.values(), *cpu.values()]
+    first, _ = _measure({f: entries[f] for f in ("image", "dir")}, "-", "", repeat * 2,
+                        "first lookup", script=FIRST)
+    section.rows.append(Row("first lookup in a fresh interpreter (path hook + one miss): image vs tmpfs dir",
+                            first["image"], first["dir"], 1.0))
+    section.raw += [*first.values()]
+
+
+def bench_batch(section: Section, entries: dict[str, str], repeat: int) -> None:
+    """``BATCH_SIZE`` interpreters importing ``BATCH`` from one image at once, against the directory."""
+    batch = _measure_batch({f: entries[f] for f in ("image", "dir")}, repeat)
+    section.rows.append(Row(f"{BATCH_SIZE} interpreters at once importing {', '.join(BATCH)}: "
+                            "image vs tmpfs dir (wall time of the batch)", batch["image"], batch["dir"], 1.2))
+    section.raw += [*batch.values()]
 
 
 def bench_import(root: str, cfg: Any) -> Section:
@@ -185,8 +306,12 @@ def bench_import(root: str, cfg: Any) -> Section:
     section = Section("15. Import a real package: image in /dev/shm vs a tmpfs directory and zipimport "
                       "(fresh interpreter per sample, import timed in-process)")
     files, size = _tree_bytes(os.path.join(root, "import-tree"))
-    section.notes.append(f"tree: {', '.join(n for v in PACKAGES.values() for n in v)} with dist-info and "
-                         f"__pycache__: {files} files, {size / 2**20:.1f} MiB")
+    names = (*(n for v in PACKAGES.values() for n in v), *SMALL[1], *BATCH_TREE)
+    section.notes.append(f"tree: {', '.join(names)} with dist-info and __pycache__: {files} files, "
+                         f"{size / 2**20:.1f} MiB")
+    section.notes.append(f"machine: {machine_speed()}")
+    bench_small(section, root, repeat)
+    bench_batch(section, entries, max(3, min(repeat, 7)))
     for pkg in PACKAGES:
         deps, _, inside = _run(PROBE, entries["dir"], pkg).partition(";")
         own = len(inside.split(","))

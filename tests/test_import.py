@@ -27,7 +27,7 @@ import threading
 import traceback
 
 import pytest
-from e2fs import assert_fsck_clean, mkfs
+from e2fs import assert_fsck_clean, debugfs_r, mkfs
 
 import xipfs
 from xipfs import importer
@@ -235,17 +235,17 @@ def test_each_directory_is_listed_once(image_of, monkeypatch):
     files = {f"many_q/m{i}.py": f"I = {i}\n" for i in range(20)}
     files["many_q/__init__.py"] = ""
     img, entry = image_of(files)
-    from xipfs.extfs import dir as ext2_dir
     calls = []
-    real = ext2_dir.index_directory
+    real = importer._Reader.listing
 
-    def counting(blocks, bs, count, filetype, ino):
+    def counting(self, ino):
         calls.append(ino)
-        return real(blocks, bs, count, filetype, ino)
-    monkeypatch.setattr(ext2_dir, "index_directory", counting)
+        return real(self, ino)
+    monkeypatch.setattr(importer._Reader, "listing", counting)
     for i in range(20):
         value = importlib.import_module(f"many_q.m{i}").I
         assert value == i
+    assert calls, "the lean reader listed nothing"
     assert len(calls) == len(set(calls)), "a directory was indexed twice"
 
 
@@ -821,3 +821,134 @@ def test_resource_text_has_universal_newlines_like_a_file(image_of, tmp_path):
         root.joinpath("t.txt").read_text(encoding="ascii")
     assert root.joinpath("t.txt").read_text(encoding="ascii", errors="replace") == \
         disk.read_text(encoding="ascii", errors="replace")
+
+
+# -- the lean reader: plain files and directories without the format layer ----------------------
+def _lean_files() -> dict[str, bytes]:
+    """Files of every size class a block map has (with 1 KiB blocks: direct, the usual ext2
+    single-indirect run, double indirect), a directory of several blocks, a non-ASCII name."""
+    sizes = {"empty": 0, "small": 100, "one_block": 1024, "twelve": 12 * 1024, "span": 13 * 1024 + 5,
+             "indirect": 200 * 1024 + 7, "double": 300 * 1024 + 3}
+    files = {f"d/{name}.bin": os.urandom(n) for name, n in sizes.items()}
+    files.update({f"d/many/f{i:03}.txt": f"{i}\n".encode() for i in range(150)})
+    files["d/\u00fcn\u00ef.py"] = b"X = 1\n"
+    return files
+
+
+@pytest.mark.parametrize(("fstype", "bs"), [("ext2", 1024), ("ext2", 4096), ("ext4", 1024), ("ext4", 4096)])
+def test_lean_reader_reads_what_the_format_layer_reads(tmp_path, clean_import, fstype, bs):
+    files = _lean_files()
+    tree = write_tree(tmp_path / "t", files)
+    img = mkfs(str(tmp_path / "l.img"), "16M", bs=bs, isize=256, src=tree, fstype=fstype)
+    image = importer._image(img)
+    assert image.reader is not None, "the lean reader declined a plain mke2fs image"
+    with xipfs.open(img) as fs:
+        vol = fs.volume
+        for rel, content in files.items():
+            path = "/" + rel
+            assert image.read(path) == content, rel
+            st = fs.stat(path)
+            assert image.mtime_size(path) == (st.st_mtime, st.st_size), rel
+        for directory in ("/", "/d", "/d/many"):
+            index = vol.dir_index(resolve(vol, directory)).entries
+            assert {name: entry[0] for name, entry in image.entries(directory).items()} == \
+                {name: entry[0] for name, entry in index.items()}
+    assert image._fs is None, "plain files and directories needed the format layer"
+
+
+def test_lean_reader_reads_holes_as_zeros(tmp_path, clean_import):
+    tree = write_tree(tmp_path / "t", {"h/keep.txt": "x"})
+    img = pack(tree, str(tmp_path / "h.img"))
+    with xipfs.open(img, "r+") as fs, fs.open("/h/sparse.bin", "wb") as f:
+        f.seek(20 * 4096)                         # past the direct blocks: a hole in the indirect map
+        f.write(b"tail")
+    image = importer._image(img)
+    assert image.read("/h/sparse.bin") == bytes(20 * 4096) + b"tail"
+    assert image._fs is None
+
+
+def test_importing_from_an_image_loads_no_format_layer(tmp_path):
+    """The import path reads plain files and directories itself: the format layer (and typing,
+    threading, struct) stay unloaded, and the pycs in the image are used."""
+    files = {"site/leanpkg/__init__.py": "from .mod import V\n", "site/leanpkg/mod.py": "V = 5\n"}
+    for fstype in ("ext2", "ext4"):
+        tree = write_tree(tmp_path / fstype, files)
+        py_compile.compile(os.path.join(tree, "site/leanpkg/__init__.py"), doraise=True)
+        py_compile.compile(os.path.join(tree, "site/leanpkg/mod.py"), doraise=True)
+        img = mkfs(str(tmp_path / f"{fstype}.img"), "16M", bs=4096, isize=256, src=tree, fstype=fstype)
+        proc = run_py(f"""
+            def no_compiling(*args, **kwargs):
+                raise AssertionError("compiled from source: the pyc in the image was not used")
+            importer.XipLoader.source_to_code = no_compiling
+            sys.path.insert(0, {img + '/site'!r})
+            import leanpkg
+            assert leanpkg.V == 5 and leanpkg.__file__ == {img + '/site/leanpkg/__init__.py'!r}
+            assert leanpkg.__cached__ == {img + f'/site/leanpkg/__pycache__/__init__.{TAG}.pyc'!r}
+            heavy = sorted(m for m in sys.modules if m.startswith(("xipfs.extfs", "xipfs.device", "xipfs.fs"))
+                           or m in ("typing", "threading", "struct", "contextlib"))
+            print(heavy)
+        """)
+        assert proc.stdout.strip() == "[]", (fstype, proc.stdout)
+
+
+def test_misses_and_cached_lookups_make_no_system_call(image_of, monkeypatch):
+    img, entry = image_of({"here_a_q.py": "A = 1\n", "here_b_q.py": "B = 2\n", "pkgm_q/__init__.py": ""})
+    assert importlib.import_module("here_a_q").A == 1
+    finder = sys.path_importer_cache[entry]
+    assert finder.find_spec("pkgm_q") is not None         # its directory listed once
+    calls = []
+
+    def counting(name):
+        real = getattr(os, name)
+        return lambda *a, **k: calls.append(name) or real(*a, **k)
+    for name in ("stat", "lstat", "fstat", "open", "pread", "preadv", "listdir", "scandir"):
+        monkeypatch.setattr(os, name, counting(name))
+    for name in ("absent_q", "absent_q2", "here_a_q_not", "pkgm"):
+        assert finder.find_spec(name) is None
+    assert finder.find_spec("pkgm_q") is not None and finder.find_spec("here_b_q") is not None
+    assert calls == []
+    assert importlib.import_module("here_b_q").B == 2   # its inode is in the block already read
+    assert calls == ["pread"], calls                      # the file itself, nothing else
+
+
+@pytest.mark.parametrize("damage", ["rec_len 0", "rec_len unaligned", "rec_len past the block",
+                                    "name past the entry", "inode past the last"])
+def test_damaged_directory_is_a_corrupt_image_error(tmp_path, clean_import, damage):
+    tree = write_tree(tmp_path / "t", {"site/dmg_q.py": "X = 1\n"})
+    img = pack(tree, str(tmp_path / "d.img"))
+    block = int(debugfs_r(img, "blocks /site").split()[0])
+    at = block * 4096 + 12                     # the entry "..", after "." (12 bytes)
+    patch = {"rec_len 0": (4, b"\0\0"), "rec_len unaligned": (4, b"\x0d\0"),
+             "rec_len past the block": (4, b"\0\x20"), "name past the entry": (6, b"\xff"),
+             "inode past the last": (0, b"\xff\xff\xff\x7f")}[damage]
+    with open(img, "r+b") as f:
+        f.seek(at + patch[0])
+        f.write(patch[1])
+    sys.path.insert(0, img + "/site")
+    with pytest.raises(xipfs.CorruptImageError):
+        importlib.import_module("dmg_q")
+
+
+def test_file_data_past_the_end_of_the_image_is_a_corrupt_image_error(tmp_path, clean_import):
+    tree = write_tree(tmp_path / "t", {"site/cut_q.py": "X = 1\n" * 3000})
+    img = pack(tree, str(tmp_path / "c.img"))
+    block = int(debugfs_r(img, "blocks /site/cut_q.py").split()[0])
+    image = importer._image(img)
+    assert image.entries("/site")                 # listed while whole
+    os.truncate(img, block * 4096)
+    image.reader.forget()
+    with pytest.raises(xipfs.CorruptImageError):
+        image.read("/site/cut_q.py")
+
+
+def test_inline_data_and_symlinks_fall_back_to_the_format_layer(tmp_path, clean_import):
+    tree = write_tree(tmp_path / "t", {"site/inl_q.py": "I = 'inline'\n",
+                                       "site/big_q.py": "B = 1\n" + "#" * 9000})
+    os.symlink("big_q.py", os.path.join(tree, "site", "lnk_q.py"))
+    img = mkfs(str(tmp_path / "i.img"), "16M", bs=4096, isize=256, src=tree, fstype="ext4",
+               extra=("-O", "inline_data"))
+    sys.path.insert(0, img + "/site")
+    assert importlib.import_module("inl_q").I == "inline"
+    assert importlib.import_module("big_q").B == 1
+    assert importlib.import_module("lnk_q").B == 1
+    assert importer._image(img)._fs is not None   # inline data and the symlink took the format layer

@@ -367,8 +367,12 @@ def _problem_dict(p: Any) -> dict[str, Any]:
 
 
 def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
-    from ..extfs.check import MINOR_CODES
-    from ..fs import check
+    # what xipfs.fs.check does, without importing the file layer (xipfs.fs, mappings): the check
+    # reads the device only, and a clean image's counts are its superblock's (pass 5 compares
+    # them with the bitmaps), so the command opens the image once
+    from ..device.detect import open_container
+    from ..extfs.check import MINOR_CODES, check_device
+    from ..extfs.super import parse_superblock
 
     spec = image_spec(args.image, "/")
     if not os.path.exists(spec.image) and not _shm_exists(spec.image):
@@ -377,7 +381,14 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
     shown = spec._replace(image=ctx.shown(spec.image))
     with about(shown):                     # the device, not a Volume: damaged descriptors too
         try:
-            problems = check(spec.image, progress=ctx.progress, **ctx.where)
+            device = open_container(spec.image, readonly=True, **ctx.where)
+            try:
+                device.lock(exclusive=False)
+                problems = check_device(device, ctx.progress)
+                sb = None if problems else parse_superblock(bytes(device.view(1024, 1024)), device.size,
+                                                            verify=False)
+            finally:
+                device.close()
         except (ValueError, LookupError) as err:
             raise ctx.open_error(spec.image, err) from err
     if args.json:
@@ -389,13 +400,9 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
             emit(f"{p.code}: {p.message}{extra}")
         if problems:
             emit(f"{spec.image}: {F.plural(len(problems), 'problem', 'problems')} found")
-        else:
-            fs = ctx.fs(spec.image)
-            sb = fs.volume.sb
-            sv = fs.statvfs("/")
-            used = sb.s_blocks_count - sum(g.free_blocks for g in fs.volume.groups)
-            emit(f"{spec.image}: clean, {sv.f_files - sv.f_ffree}/{sv.f_files} files, "
-                 f"{used}/{sb.s_blocks_count} blocks")
+        elif sb is not None:
+            emit(f"{spec.image}: clean, {sb.s_inodes_count - sb.s_free_inodes_count}/{sb.s_inodes_count} "
+                 f"files, {sb.s_blocks_count - sb.s_free_blocks_count}/{sb.s_blocks_count} blocks")
     if any(p.code not in MINOR_CODES for p in problems):   # as e2fsck -n: lagging counts are not errors
         ctx.status = max(ctx.status, 1)
 

@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING
 from ...device import Device
 from ...progress import ProgressArg, progress_bar
 from .. import layout as L
-from ..mount import sync
 from ..super import Superblock, parse_superblock
 from . import pass0, pass1, pass1b, pass2, pass3, pass4, pass5
 from .context import Context
@@ -74,6 +73,8 @@ def check_volume(vol: Volume, progress: ProgressArg = None) -> list[Problem]:
     A volume opened for writing is synced first, so the check sees what the writer would leave.
     """
     if not vol.readonly:
+        from ..mount import sync  # the write side: not imported by a read-only check
+
         sync(vol)
     return run(vol.device, vol.sb, progress)
 

@@ -103,22 +103,53 @@ def parse_entries(c: Context, ino: int, buf: bytes, end: int, lblk: int, pblk: i
                   state: int) -> tuple[list[int], bytearray, list[bytes]]:
     """The entries of one directory block (or inline region of ``end`` bytes) naming an inode:
     lengths checked, '.' and '..' checked and counted when ``state`` is 0 (the first block)."""
-    report = c.report
-    big = c.bs >= 65536
     inos: list[int] = []
     fts = bytearray()
     names: list[bytes] = []
     pos = 0
+    if state < 2 or c.bs >= 65536:
+        pos = parse_slowly(c, ino, buf, end, lblk, pblk, state, inos, fts, names)
+        if pos < 0:
+            return inos, fts, names
+    # the hot loop: blocks under 64 KiB, past '.' and '..'
+    add_ino, add_ft, add_name = inos.append, fts.append, names.append
+    unpack = _DIRENT
     while pos < end:
         if end - pos < 8:
-            report(P.DIRENT_NO_ROOM, ino, pblk, lblk=lblk, pos=pos)
+            c.report(P.DIRENT_NO_ROOM, ino, pblk, lblk=lblk, pos=pos)
             break
+        d_ino, rec_len, nlen, ft = unpack(buf, pos)
+        if pos + rec_len > end or rec_len < 12 or rec_len & 3 or nlen + 8 > rec_len:
+            c.report(P.DIRENT_BAD_LENGTHS, ino, pblk, lblk=lblk, pos=pos, rec_len=rec_len, name_len=nlen)
+            break
+        if d_ino:
+            add_ino(d_ino)
+            add_ft(ft)
+            add_name(buf[pos + 8:pos + 8 + nlen])
+        pos += rec_len
+    return inos, fts, names
+
+
+def parse_slowly(c: Context, ino: int, buf: bytes, end: int, lblk: int, pblk: int, state: int,
+                 inos: list[int], fts: bytearray, names: list[bytes]) -> int:
+    """Entries one by one, every case: '.' and '..' (``state`` 0 and 1), blocks of 64 KiB and
+    more (their rec_len encoding). Returns where the hot loop goes on (past '..' for blocks
+    under 64 KiB), or -1 when done."""
+    report = c.report
+    big = c.bs >= 65536
+    pos = 0
+    while pos < end:
+        if not big and state > 1:
+            return pos
+        if end - pos < 8:
+            report(P.DIRENT_NO_ROOM, ino, pblk, lblk=lblk, pos=pos)
+            return -1
         d_ino, rec_len, nlen, ft = _DIRENT(buf, pos)
         if big:
             rec_len = end if rec_len in (0, 65535) else (rec_len & 65532) | ((rec_len & 3) << 16)
         if pos + rec_len > end or rec_len < 12 or rec_len & 3 or nlen + 8 > rec_len:
             report(P.DIRENT_BAD_LENGTHS, ino, pblk, lblk=lblk, pos=pos, rec_len=rec_len, name_len=nlen)
-            break
+            return -1
         if state > 1:
             if d_ino:
                 inos.append(d_ino)
@@ -134,7 +165,7 @@ def parse_entries(c: Context, ino: int, buf: bytes, end: int, lblk: int, pblk: i
                 check_entries(c, ino, pblk, [d_ino], bytearray([ft]), [name], dots=True)
         pos += rec_len
         state += 1
-    return inos, fts, names
+    return -1
 
 
 def check_leaf_csum(c: Context, ino: int, lblk: int, buf: bytes, seed: int, htree: bool) -> None:

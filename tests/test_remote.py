@@ -163,6 +163,24 @@ def test_server_killed_mid_read_is_a_clear_error(served: Path, nginx) -> None:  
         fs.close()
 
 
+def test_server_killed_while_a_response_streams(served: Path, nginx) -> None:  # noqa: F811
+    server = nginx(served, extra="limit_rate 8m;")      # a 24 MiB answer takes seconds
+    fs = xipfs.open(open_remote(server.url("big.ext2"), timeout=2))
+    try:
+        fs.stat("/random.bin")
+        killer = threading.Timer(0.5, server.kill)
+        killer.start()
+        try:
+            with pytest.raises(OSError) as err:
+                fs.read_bytes("/random.bin")
+        finally:
+            killer.join()
+        assert err.value.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EIO), err.value
+        assert "did not answer" in str(err.value)
+    finally:
+        fs.close()
+
+
 def test_server_that_stops_answering_times_out(served: Path, nginx) -> None:  # noqa: F811
     server = nginx(served)
     fs = xipfs.open(open_remote(server.url("big.ext2"), timeout=1))

@@ -47,6 +47,7 @@ from ..extfs.mkfs import (
 )
 from ..extfs.xattr import build_block, split_name
 from ..progress import Progress, ProgressArg, progress_bar
+from . import no_gc
 
 ROOT_INO = L.ROOT_INO
 _DIRENT = L.DIRENT.struct
@@ -154,11 +155,21 @@ def pack(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device
             raise ValueError(f"filesystem type {fs_type!r}: pack makes ext2 or ext4")
         from .pack4 import pack4
 
-        return pack4(src_dir, image, size=size, block_size=block_size, inode_size=inode_size, extra=extra,
-                     label=label, uuid=uuid, exclude=exclude, progress=progress, compile=compile,
-                     features=features, dax=dax)
+        with no_gc():
+            return pack4(src_dir, image, size=size, block_size=block_size, inode_size=inode_size,
+                         extra=extra, label=label, uuid=uuid, exclude=exclude, progress=progress,
+                         compile=compile, features=features, dax=dax)
     if features is not None:
         raise ValueError("features: only with fs_type='ext4'")
+    with no_gc():
+        return _pack2(src_dir, image, size, block_size, inode_size, extra, label, uuid, exclude, progress,
+                      compile)
+
+
+def _pack2(src_dir: str | os.PathLike[str], image: str | os.PathLike[str] | Device, size: int | None,
+           block_size: int, inode_size: int, extra: float | int, label: str | None, uuid: str | None,
+           exclude: Iterable[str], progress: ProgressArg, compile: bool) -> PackResult:  # noqa: A002
+    """:func:`pack` of an ext2 image, its arguments checked."""
     src = os.fsencode(os.fspath(src_dir))
     target = image if isinstance(image, Device) else os.fsdecode(os.fspath(image))
     result = PackResult(image=target.name if isinstance(target, Device) else target)

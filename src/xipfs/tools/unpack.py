@@ -35,6 +35,7 @@ from ..extfs.xattr import read_xattrs
 from ..fs import Filesystem, PathArg, current_umask
 from ..fs import open as open_image
 from ..progress import Progress, ProgressArg, progress_bar
+from . import no_gc
 
 __all__ = ["UnpackResult", "unpack"]
 
@@ -107,10 +108,11 @@ def unpack(image: PathArg | Filesystem, dest_dir: PathArg, path: PathArg = "/", 
     that are unsafe or damaged. An error that is not about one entry (no space, an I/O error)
     stops the extraction and is raised; the file being written then is removed.
     """
-    if isinstance(image, Filesystem):
-        return _Unpacker(image, progress).run(dest_dir, path)
-    with open_image(image) as fs:
-        return _Unpacker(fs, progress).run(dest_dir, path)
+    with no_gc():
+        if isinstance(image, Filesystem):
+            return _Unpacker(image, progress).run(dest_dir, path)
+        with open_image(image) as fs:
+            return _Unpacker(fs, progress).run(dest_dir, path)
 
 
 def _join(top: str, name: str) -> str:

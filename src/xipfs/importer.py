@@ -399,34 +399,48 @@ class _Reader:
         if len(raw) % bs:
             raise CorruptImageError("directory size is not a whole number of blocks", f"inode {ino}")
         w = memoryview(raw).cast("I")
+        text = str(raw, "latin-1")                # names sliced from one decoded copy
+        mask = 0xFF if self.filetype else 0xFFFF  # name_len is 8 bits when file types follow it
         entries: dict[str, tuple[int, int]] = {}
-        limit = self.inodes_count
-        filetype = self.filetype
-        for base in range(0, len(raw), bs):
-            pos, end = base, base + bs
-            while pos < end:
-                if end - pos < 8:
-                    raise CorruptImageError(f"a directory entry header crosses the end of block "
-                                            f"{base // bs}", f"inode {ino}")
-                at = pos >> 2
-                child = w[at]
-                word = w[at + 1]
-                rec_len = word & 0xFFFF
-                if rec_len in (0, 65535) and bs == 65536:
-                    rec_len = 65536
-                name_len = (word >> 16) & 0xFF if filetype else word >> 16
-                if rec_len < 8 or rec_len & 3 or pos + rec_len > end or name_len + 8 > rec_len:
-                    raise CorruptImageError(f"bad directory entry at byte {pos - base} of block "
-                                            f"{base // bs}", f"inode {ino}")
-                if child:
-                    if child > limit:
-                        raise CorruptImageError(f"directory entry names inode {child}, past the last "
-                                                f"({limit})", f"inode {ino}")
-                    name = raw[pos + 8:pos + 8 + name_len].decode("utf-8", "surrogateescape")
-                    if name != "." and name != "..":
-                        entries[name] = (child, word >> 24 if filetype else 0)
-                pos += rec_len
+        try:
+            for base in range(0, len(raw), bs):
+                pos, end = base, base + bs
+                while pos < end:
+                    word = w[(pos >> 2) + 1]          # rec_len, name_len, file type
+                    rec_len = word & 0xFFFF
+                    name_len = (word >> 16) & mask
+                    if rec_len < 8 or rec_len & 3 or pos + rec_len > end or name_len + 8 > rec_len:
+                        rec_len = _odd_entry(rec_len, name_len, pos, base, bs, ino)
+                    child = w[pos >> 2]
+                    if child:
+                        entries[text[pos + 8:pos + 8 + name_len]] = (child, word >> 24)
+                    pos += rec_len
+        except IndexError:
+            raise CorruptImageError("a directory entry header crosses the end of the directory",
+                                    f"inode {ino}") from None
+        if entries:
+            top = max(entries.values())[0]
+            if top > self.inodes_count:
+                raise CorruptImageError(f"directory entry names inode {top}, past the last "
+                                        f"({self.inodes_count})", f"inode {ino}")
+        entries.pop(".", None)
+        entries.pop("..", None)
+        if entries:
+            if not self.filetype:
+                entries = {name: (entry[0], 0) for name, entry in entries.items()}
+            if not "".join(entries).isascii():        # UTF-8 names, as os.listdir decodes them
+                entries = {name.encode("latin-1").decode("utf-8", "surrogateescape"): entry
+                           for name, entry in entries.items()}
         return entries
+
+
+def _odd_entry(rec_len: int, name_len: int, pos: int, base: int, bs: int, ino: int) -> int:
+    """The rec_len of an entry that fails the quick checks: a 64 KiB block's whole-block entry
+    (rec_len written as 0 or 65535), or CorruptImageError."""
+    if bs == 65536 and rec_len in (0, 65535) and pos == base and name_len + 8 <= bs:
+        return bs
+    raise CorruptImageError(f"bad directory entry at byte {pos - base} of block {base // bs} "
+                            f"(rec_len {rec_len}, name_len {name_len})", f"inode {ino}")
 
 
 # -- images: opened once per process ----------------------------------------------------------

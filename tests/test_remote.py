@@ -125,6 +125,16 @@ def test_results_equal_the_local_image(real_tree: tuple[Path, dict], nginx, name
             assert sorted(remote.listdir(top)) == sorted(dirs + files), top
 
 
+def test_redirects_are_followed(served: Path, nginx) -> None:  # noqa: F811
+    server = nginx(served, extra="location = /moved.img { return 302 /big.ext2; }\n"
+                                 "location = /loop.img { return 301 /loop.img; }")
+    with xipfs.open(server.url("moved.img")) as fs:
+        assert fs.read_bytes("/data/small/four.bin") == SMALL
+    with pytest.raises(OSError) as err:
+        xipfs.open(server.url("loop.img"))
+    assert "301" in str(err.value)
+
+
 def test_opening_for_writing_is_refused(served: Path, nginx) -> None:  # noqa: F811
     server = nginx(served)
     with pytest.raises(OSError) as err:

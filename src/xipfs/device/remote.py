@@ -33,6 +33,8 @@ DEFAULT_RETRIES = 3
 #: Readahead: the first window on a miss, and the cap it doubles up to on sequential reads.
 READAHEAD_MIN = 64 * 1024
 READAHEAD_MAX = 8 * 1024 * 1024
+#: Redirects followed when a remote image is opened (then its final place is read).
+MAX_REDIRECTS = 5
 #: Page cache in front of a remote device.
 REMOTE_CACHE_BYTES = 64 * 1024 * 1024
 
@@ -139,14 +141,8 @@ class HttpSource(Source):
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
                  headers: dict[str, str] | None = None, need_ranges: bool = True) -> None:
         self.url = url
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = parts.port
-        self._target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         self._headers = {"User-Agent": "xipfs", **(headers or {})}
+        parts = self._aim(url)
         if parts.username:
             token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
             self._headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
@@ -162,6 +158,21 @@ class HttpSource(Source):
         self.ranges = True
         self._need_ranges = need_ranges
         self.info = self._probe()
+
+    def _aim(self, url: str) -> urllib.parse.SplitResult:
+        """Send the next requests to ``url`` (the one given, or where it redirected)."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        if getattr(self, "_host", parts.hostname) != parts.hostname:
+            self._headers.pop("Authorization", None)      # credentials stay with their host
+        #: Where requests go: the URL given, or where it redirected to.
+        self.location = url
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        return parts
 
     # -- connections -------------------------------------------------------------------------
     def _connection(self) -> http.client.HTTPConnection:
@@ -226,6 +237,14 @@ class HttpSource(Source):
         def ask() -> RemoteInfo:
             with self._lock:
                 resp = self._request("GET", {"Range": "bytes=0-0"})
+                for _ in range(MAX_REDIRECTS):
+                    where = resp.getheader("Location")
+                    if resp.status not in (301, 302, 303, 307, 308) or not where:
+                        break
+                    resp.read()
+                    self._drop()
+                    self._aim(urllib.parse.urljoin(self.location, where))
+                    resp = self._request("GET", {"Range": "bytes=0-0"})
                 if resp.status == 200:       # no range support: the whole object is coming
                     size = _length_of(resp)
                     self._drop()             # without reading it

@@ -872,7 +872,9 @@ def test_lean_reader_reads_holes_as_zeros(tmp_path, clean_import):
 def test_importing_from_an_image_loads_no_format_layer(tmp_path):
     """The import path reads plain files and directories itself: the format layer (and typing,
     threading, struct) stay unloaded, and the pycs in the image are used."""
-    files = {"site/leanpkg/__init__.py": "from .mod import V\n", "site/leanpkg/mod.py": "V = 5\n"}
+    files = {"site/leanpkg/__init__.py": "from .mod import V\n", "site/leanpkg/mod.py": "V = 5\n",
+             "site/leanpkg/data.txt": "payload", "site/leanpkg-1.0.dist-info/METADATA":
+             "Metadata-Version: 2.1\nName: leanpkg\nVersion: 1.0\n"}
     for fstype in ("ext2", "ext4"):
         tree = write_tree(tmp_path / fstype, files)
         py_compile.compile(os.path.join(tree, "site/leanpkg/__init__.py"), doraise=True)
@@ -888,6 +890,14 @@ def test_importing_from_an_image_loads_no_format_layer(tmp_path):
             assert leanpkg.__cached__ == {img + f'/site/leanpkg/__pycache__/__init__.{TAG}.pyc'!r}
             heavy = sorted(m for m in sys.modules if m.startswith(("xipfs.extfs", "xipfs.device", "xipfs.fs"))
                            or m in ("typing", "threading", "struct", "contextlib"))
+            import importlib.metadata, importlib.resources
+            assert importlib.metadata.version("leanpkg") == "1.0"
+            root = importlib.resources.files(leanpkg)
+            assert root.is_dir() and root.joinpath("data.txt").is_file()
+            assert root.joinpath("data.txt").read_text() == "payload"
+            names = sorted(p.name for p in root.iterdir())
+            assert names == ["__init__.py", "__pycache__", "data.txt", "mod.py"], names
+            heavy += sorted(m for m in sys.modules if m.startswith(("xipfs.extfs", "xipfs.dev", "xipfs.fs")))
             print(heavy)
         """)
         assert proc.stdout.strip() == "[]", (fstype, proc.stdout)

@@ -1203,15 +1203,35 @@ class ImageTraversable:
         return self._child(posixpath.dirname(self.inner))
 
     def iterdir(self) -> Iterator[ImageTraversable]:
-        with self._image.lock:
-            names = self._image.fs.listdir(self.inner)    # the errors of os.listdir
+        image = self._image
+        listing = image.entries(self.inner) if image.reader is not None else _NOT_DIR
+        if listing is not _NOT_DIR:
+            names = list(listing)                         # on-disk order, as os.listdir
+        else:
+            with image.lock:
+                names = image.fs.listdir(self.inner)      # the errors of os.listdir
         base = self.inner.rstrip("/")
         return iter([self._child(base + "/" + n) for n in names])
 
     def _mode(self) -> int:
-        with self._image.lock:
+        """``st_mode`` of this path (symlinks followed), 0 where there is nothing."""
+        image = self._image
+        reader = image.reader
+        if reader is not None:
+            head, _, name = self.inner.rpartition("/")
+            entry: tuple[int, int] | None = (_ROOT_INO, _FT_DIR)
+            if name:
+                listing = image.entries(head or "/")
+                entry = listing.get(name)
+                if entry is None and listing is not _NOT_DIR and name != "." and name != "..":
+                    return 0
+            if entry is not None:
+                mode = reader.inode(entry[0])[0]
+                if mode & 0xF000 != 0xA000:               # not a symlink: answered here
+                    return mode
+        with image.lock:
             try:
-                return self._image.fs.stat(self.inner).st_mode
+                return image.fs.stat(self.inner).st_mode
             except OSError:
                 return 0
 

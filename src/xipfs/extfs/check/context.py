@@ -297,7 +297,10 @@ _pread = os.pread
 #: byte -> 1 if nonzero (for ``bytes.translate``).
 NONZERO = bytes([0] + [1] * 255)
 #: byte of a bitmap -> its 8 bits as 8 bytes of 0/1 (least significant bit first).
-_EXPAND = [bytes((i >> k) & 1 for k in range(8)) for i in range(256)]
+_EXPAND2 = [bytes((i & 1, i >> 1)) for i in range(4)]
+_EXPAND4 = [_EXPAND2[i & 3] + _EXPAND2[i >> 2] for i in range(16)]
+_EXPAND = [_EXPAND4[i & 15] + _EXPAND4[i >> 4] for i in range(256)]
+del _EXPAND2, _EXPAND4
 
 
 def nonzero_mask(table: bytes | bytearray, offsets: Iterable[int], stride: int, n: int) -> int:

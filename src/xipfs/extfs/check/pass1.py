@@ -141,8 +141,10 @@ def scan_piece(c: Context, base: int, table: bytearray, n: int) -> None:
     types = (int.from_bytes(table[_MODE_AT + 1::isize][:n].translate(_FT_OF_MODE_HI), "little")
              & links * 255).to_bytes(n, "little")
     c.itype[base + 1:base + n + 1] = types
-    with memoryview(table) as mv, mv.cast("H") as words:
-        counts = array("H", words[_LINKS_AT // 2::isize // 2][:n].tobytes())
+    pairs = bytearray(2 * n)                       # the link counts' two bytes, interleaved
+    pairs[0::2] = table[_LINKS_AT:n * isize:isize]
+    pairs[1::2] = table[_LINKS_AT + 1:n * isize:isize]
+    counts = array("H", pairs)
     if sys.byteorder != "little":
         counts.byteswap()
     c.links[base + 1:base + n + 1] = counts

@@ -16,6 +16,8 @@ import os
 import pickle
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +152,43 @@ def test_waiting_is_bounded(dataset: dict[str, Any]) -> None:
         assert not os.path.exists(xd.image_path(name))
     finally:
         os.close(fd)
+        os.unlink(lock)
+
+
+def test_a_fetch_in_progress_is_waited_for(dataset: dict[str, Any]) -> None:
+    """The bound is on time without progress: a holder whose partial copy keeps growing for
+    longer than ``timeout`` is waited for, and its image attached."""
+    name = f"xipfs-test-slow-{uuid.uuid4().hex[:8]}"
+    path = xd.image_path(name)
+    lock = os.path.join(SHM, f".{name}.xipfs-lock")
+    part = os.path.join(SHM, f".{name}.xipfs-part")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    done = threading.Event()
+
+    def slow_fetch() -> None:
+        try:
+            with open(part, "wb") as f:
+                for _ in range(50):                     # 2.5 s of progress, 10 timeouts' worth
+                    f.write(b"x" * 4096)
+                    f.flush()
+                    time.sleep(0.05)
+            shutil.copyfile(dataset["img"], part)
+            os.rename(part, path)
+            os.pwrite(fd, f'{{"source": "{dataset["img"]}", "pid": {os.getpid()}}}'.encode(), 0)
+        finally:
+            os.close(fd)
+            done.set()
+
+    holder = threading.Thread(target=slow_fetch)
+    holder.start()
+    try:
+        assert xd.provide(dataset["img"], name, timeout=0.25) is False     # attached, not fetched
+        assert done.is_set()
+    finally:
+        holder.join()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         os.unlink(lock)
 
 

@@ -15,7 +15,10 @@ path, copied) into memory storage under a POSIX shared-memory name, checks that 
 and renames it into place; the other workers of the node wait for that lock (at most
 ``timeout`` seconds, then ``TimeoutError`` naming the holder) and attach. Every worker maps the
 same tmpfs pages, so the node holds one copy whatever the number of workers (their PSS, which
-splits shared pages between the processes mapping them, sums to about one copy).
+splits shared pages between the processes mapping them, sums to about one copy). In a worker,
+:func:`image` and the ``ext2://`` door share one attachment, so one mapping of the image.
+The wait is bounded by ``timeout`` seconds *without progress*: a long fetch whose partial copy
+keeps growing is waited for.
 
 Teardown: the image is **kept** by default when workers go (a restarted worker re-attaches
 without a new fetch) and unlinked on every node by :func:`release`. With ``keep=False`` it is
@@ -52,7 +55,8 @@ from .fs import open as xipfs_open
 if TYPE_CHECKING:
     from distributed import Client, Worker
 
-__all__ = ["ImagePlugin", "deliver", "image", "image_path", "mapped_memory", "process_memory", "release",
+__all__ = ["ImagePlugin", "attach", "deliver", "detach", "image", "image_path", "mapped_memory",
+           "plugin_name", "populate_pages", "process_memory", "provide", "release", "unlink_local",
            "worker_memory"]
 
 SHM_DIR = "/dev/shm"
@@ -96,7 +100,7 @@ def _node_lock(path: str, timeout: float, source: str) -> Any:
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            _wait_for_lock(fd, deadline, timeout, source, path)
+            deadline = _wait_for_lock(fd, deadline, timeout, source, path)
             if _still_named(fd, lock_path):
                 break
         except BaseException:
@@ -109,19 +113,42 @@ def _node_lock(path: str, timeout: float, source: str) -> Any:
         os.close(fd)                      # drops the lock too
 
 
-def _wait_for_lock(fd: int, deadline: float, timeout: float, source: str, path: str) -> None:
-    """``flock(fd, LOCK_EX)``, polled until ``deadline``; then ``TimeoutError`` naming the holder."""
+def _wait_for_lock(fd: int, deadline: float, timeout: float, source: str, path: str) -> float:
+    """``flock(fd, LOCK_EX)``, polled until ``deadline``, which moves on while the holder's
+    partial copy grows; then ``TimeoutError`` naming the holder. Returns the deadline."""
+    seen = _fetched_so_far(path)
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return deadline
         except BlockingIOError:
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
+                size = _fetched_so_far(path)
+                if size != seen:                       # progress: wait another timeout
+                    seen, deadline = size, now + timeout
+                    continue
                 holder = _read_record(fd).get("pid", "?")
-                raise TimeoutError(errno.ETIMEDOUT, f"waited {timeout:g} s for another worker of "
-                                   f"this node (pid {holder}) to fetch {source} into {path}; raise "
-                                   "timeout= or look at that worker's log") from None
+                raise TimeoutError(errno.ETIMEDOUT, f"waited {timeout:g} s without progress for "
+                                   f"another worker of this node (pid {holder}) to fetch {source} "
+                                   f"into {path}; raise timeout= or look at that worker's log") from None
             time.sleep(_POLL)
+
+
+def _part_files(path: str) -> tuple[str, ...]:
+    """The partial copies a fetch into ``path`` writes: ours, and :mod:`xipfs.fetch`'s inside it."""
+    part = _side_file(path, "part")
+    fetch_part = os.path.join(os.path.dirname(part), f".{os.path.basename(part)}.xipfs-part")
+    return part, fetch_part
+
+
+def _fetched_so_far(path: str) -> int:
+    """Bytes in the partial copies of ``path`` now (how a waiting worker sees progress)."""
+    total = 0
+    for p in _part_files(path):
+        with contextlib.suppress(OSError):
+            total += os.stat(p).st_blocks * 512
+    return total
 
 
 def _still_named(fd: int, lock_path: str) -> bool:
@@ -333,8 +360,7 @@ def _close_local(path: str) -> None:
 def _unlink_node_copy(path: str) -> bool:
     """Unlink the image and its side files (the caller holds the node lock)."""
     found = False
-    part = _side_file(path, "part")
-    fetch_part = os.path.join(os.path.dirname(part), f".{os.path.basename(part)}.xipfs-part")
+    part, fetch_part = _part_files(path)
     for p in (path, part, fetch_part, fetch_part + ".meta", _side_file(path, "users"),
               _side_file(path, "lock")):
         try:

@@ -649,3 +649,74 @@ def test_as_an_ordinary_user(work):
         assert os.getxattr(os.path.join(out, "d", "small"), "user.a") == b"value a"
     finally:
         shutil.rmtree(area, ignore_errors=True)
+
+
+# -- small files made by two threads --------------------------------------------------------------
+def _many_small(src: str, count: int = 120) -> None:
+    """A directory of ``count`` small files (0 to 12 blocks; modes with set-id bits; times to
+    the nanosecond), a few other entries among them."""
+    d = os.path.join(src, "d")
+    os.makedirs(d)
+    for i in range(count):
+        path = os.path.join(d, f"f{i:03d}")
+        with open(path, "wb") as f:
+            f.write(bytes([i % 251]) * (i * 397 % 49000))
+        os.chmod(path, (0o4755, 0o600, 0o644, 0o2750)[i % 4])
+        os.utime(path, ns=(FUTURE * 10**9 + i, 1_600_000_000 * 10**9 + i * 7))
+    os.symlink("f001", os.path.join(d, "link"))
+    os.link(os.path.join(d, "f002"), os.path.join(d, "hard"))
+    os.mkdir(os.path.join(d, "sub"))
+
+
+@pytest.mark.parametrize("helper_min", [1, 1 << 60], ids=["two-threads", "one-thread"])
+def test_many_small_files_come_back_exactly(work, monkeypatch, helper_min):
+    """A directory of many small plain files (made by the walking thread and a helper thread
+    together, or by the walking thread alone) comes back exactly: data, modes with set-id bits,
+    nanosecond times; the links and the subdirectory beside them too."""
+    monkeypatch.setattr(unpack_mod, "_HELPER_MIN", helper_min)
+    src = os.path.join(work, "src")
+    _many_small(src)
+    img = os.path.join(work, "m.img")
+    xipfs.pack(src, img)
+    dest = os.path.join(work, "out")
+    with xipfs.open(img) as fs:
+        result = unpack(fs, dest, progress=False)
+        want = image_snapshot(fs)
+    assert result.skipped == [], reasons(result)
+    assert_same_tree(want, dest_snapshot(dest))
+    assert (result.files, result.hardlinks, result.symlinks) == (120, 1, 1)
+
+
+@pytest.mark.parametrize("helper_min", [1, 1 << 60], ids=["two-threads", "one-thread"])
+def test_small_file_failures_in_either_thread(work, monkeypatch, helper_min):
+    """One small file in the way (a directory of its name in the destination) is reported and
+    the others made; an error that stops everything (ENOSPC) is raised from either thread, no
+    descriptor stays open and no half-made file stays behind."""
+    monkeypatch.setattr(unpack_mod, "_HELPER_MIN", helper_min)
+    src = os.path.join(work, "src")
+    _many_small(src)
+    img = os.path.join(work, "m.img")
+    xipfs.pack(src, img)
+    dest = os.path.join(work, "out")
+    os.makedirs(os.path.join(dest, "d", "f007"))
+    result = unpack(img, dest, progress=False)
+    assert [(p, "in the way" in r) for p, r in result.skipped] == [("/d/f007", True)]
+    assert result.files == 119
+    with open(os.path.join(dest, "d", "f008"), "rb") as f:
+        assert f.read() == bytes([8]) * (8 * 397 % 49000)
+
+    real = unpack_mod._Unpacker._copy_run
+
+    def copy_run(self, fd, src_off, dst, n):
+        if n == 50 * 397 % 49000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, fd, src_off, dst, n)
+
+    monkeypatch.setattr(unpack_mod._Unpacker, "_copy_run", copy_run)
+    fds = set(os.listdir("/proc/self/fd"))
+    dest2 = os.path.join(work, "out2")
+    with pytest.raises(OSError) as info:
+        unpack(img, dest2, progress=False)
+    assert info.value.errno == errno.ENOSPC
+    assert set(os.listdir("/proc/self/fd")) == fds
+    assert not os.path.exists(os.path.join(dest2, "d", "f050"))

@@ -23,6 +23,7 @@ import os
 import queue
 import stat
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, S_ISREG
 
@@ -128,7 +129,7 @@ def _reason(err: OSError) -> str:
 class _Frame:
     """A directory being filled: its descriptor, the entries left, what to set when it is done."""
 
-    __slots__ = ("fd", "entries", "node", "path", "rel", "gid", "set_meta")
+    __slots__ = ("fd", "entries", "node", "path", "rel", "gid", "set_meta", "batched")
 
     def __init__(self, fd: int, entries: list[tuple[str, tuple[int, int]]], node: Inode, path: str,
                  rel: tuple[str, ...], gid: int, set_meta: bool) -> None:
@@ -139,6 +140,7 @@ class _Frame:
         self.rel = rel              # names from dest_dir down to here
         self.gid = gid              # the group a new entry gets here (setgid directories)
         self.set_meta = set_meta
+        self.batched = False        # its small plain files made already (:meth:`_Unpacker._lean_batch`)
 
 
 class _Unpacker:
@@ -172,6 +174,8 @@ class _Unpacker:
         self.copier: _Copier | None = None
         #: Small plain files are made straight from the raw inode (large inodes only).
         self.lean = self.vol.isize >= 160
+        self.helper: _Helper | None = None
+        self.cores: int | None = None
 
     # -- the whole job ----------------------------------------------------------------------
     def run(self, dest_dir: PathArg, path: PathArg) -> UnpackResult:
@@ -203,6 +207,8 @@ class _Unpacker:
             if self.copier is not None:
                 self.copier.close()
         finally:
+            if self.helper is not None:
+                self.helper.close()
             os.close(self.root_fd)
             if self.bar is not None:
                 self.bar.close()
@@ -338,22 +344,16 @@ class _Unpacker:
         skipped = self.skipped
         links = self.links
         bar = self.bar
+        if self.lean and not frame.batched:
+            frame.batched = True
+            self._lean_batch(frame)
         entries = frame.entries
-        lean = self.lean
         while entries:
             name, (ino, ftype) = entries.pop()
             if "/" in name or "\0" in name or name == "." or name == ".." or not name:
                 skipped.append((_join(frame.path, name), "unsafe name"))
                 continue
             try:
-                if lean and ftype <= L.FT_REG:
-                    size = self._small_file(frame, name, ino)
-                    if size >= 0:
-                        result.files += 1
-                        result.bytes += size
-                        if bar is not None:
-                            bar.update(size)
-                        continue
                 node = inode(ino)
                 mode = node.mode
                 if node.links == 0 and (mode == 0 or node.dtime):
@@ -416,14 +416,64 @@ class _Unpacker:
                 raise FileExistsError(errno.EEXIST, "a directory of that name is in the way") from None
             raise
 
-    def _small_file(self, frame: _Frame, name: str, ino: int) -> int:
-        """The common case made lean: a plain file of at most 12 blocks in one run, one link, no
-        xattrs, decoded straight from its raw inode (no Inode object). Returns its size, or
-        -1 when the file is anything else (the general path takes it, and checks it)."""
+    def _lean_batch(self, frame: _Frame) -> None:
+        """Make the small plain files of ``frame`` (most of a tree) before anything else there:
+        each decoded straight from its raw inode (:meth:`_lean_job`), then made, by this thread
+        and a helper together when there are many (:class:`_Helper`); the other entries stay
+        in ``frame.entries`` for the general path."""
+        rest: list[tuple[str, tuple[int, int]]] = []
+        jobs: list[tuple] = []
+        job_of = self._lean_job
+        for entry in frame.entries:
+            name, (ino, ftype) = entry
+            if ftype > L.FT_REG or "/" in name or "\0" in name or name in (".", "..") or not name:
+                rest.append(entry)
+                continue
+            try:
+                job = job_of(name, ino)
+            except OSError as err:
+                self._entry_failed(frame, name, err)
+                continue
+            if job is None:
+                rest.append(entry)
+            else:
+                jobs.append(job)
+        frame.entries = rest
+        if not jobs:
+            return
+        failures: list[tuple[str, OSError]] = []
+        if len(jobs) >= _HELPER_MIN and self._helper_ok():
+            if self.helper is None:
+                self.helper = _Helper()
+            done = self.helper.run(self._make_lean, frame.fd, frame.gid, jobs, failures)
+        else:
+            done = _make_all(self._make_lean, frame.fd, frame.gid, iter(jobs), failures)
+        result = self.result
+        result.files += done[0]
+        result.bytes += done[1]
+        if self.bar is not None:
+            self.bar.update(done[1])
+        for name, err in failures:
+            self._entry_failed(frame, name, err)
+
+    def _helper_ok(self) -> bool:
+        """Whether a second thread can make files beside this one (two cores to run on)."""
+        if self.cores is None:
+            try:
+                self.cores = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                self.cores = os.cpu_count() or 1
+        return self.cores > 1
+
+    def _lean_job(self, name: str, ino: int) -> tuple | None:
+        """What making file ``name`` (inode ``ino``) takes, when it is the common case: a plain
+        file of at most 12 blocks in one run, one link, no xattrs, decoded straight from its raw
+        inode (no Inode object); None when it is anything else (the general path takes it, and
+        checks it). A run outside the data area raises."""
         vol = self.vol
         bs = self.bs
         if not 0 < ino <= vol.inodes_count:
-            return -1
+            return None
         group, index = divmod(ino - 1, vol.ipg)
         raw = vol.device.view(vol.groups[group].inode_table * bs + index * vol.isize, vol.isize)
         (mode, uid_lo, size_lo, atime, mtime, gid_lo, links, flags, i_block, file_acl, size_high,
@@ -431,20 +481,28 @@ class _Unpacker:
         if (not S_ISREG(mode) or links != 1 or file_acl or flags & L.FL_FOREIGN_FORMAT
                 or extra < 16 or extra & 3 or _IBODY_END + extra > vol.isize
                 or _IBODY_MAGIC(raw, _IBODY + extra)[0] == L.XATTR_MAGIC):
-            return -1
+            return None
         size = size_lo | (size_high << 32)
         n = -(-size // bs)
         if n > L.N_DIRECT:
-            return -1
+            return None
         first = 0
         if n:
             words = _I_BLOCK(i_block)
             first = words[0]
             if not first or words[n - 1] != first + n - 1 or (
                     n > 2 and words[:n] != tuple(range(first, first + n))):
-                return -1
+                return None
             vol.check_data_run(first, n, ino)
-        dfd = frame.fd
+        atime_ns = (atime + ((a_x & 3) << 32)) * _NS + (a_x >> 2)
+        mtime_ns = (mtime + ((m_x & 3) << 32)) * _NS + (m_x >> 2)
+        uid, gid = uid_lo | (uid_hi << 16), gid_lo | (gid_hi << 16)
+        return name, mode, size, first * bs, uid, gid, atime_ns, mtime_ns
+
+    def _make_lean(self, dfd: int, gid_here: int, job: tuple) -> None:
+        """Make one file of a :meth:`_lean_job` in directory ``dfd``: create, copy, owner and
+        mode where they differ from what creating gave, times; removed again if that fails."""
+        name, mode, size, src, uid, gid, atime_ns, mtime_ns = job
         try:
             fd = os.open(name, _O_CREATE, mode & 0o777, dir_fd=dfd)
         except FileExistsError:
@@ -452,23 +510,20 @@ class _Unpacker:
             fd = os.open(name, _O_CREATE, mode & 0o777, dir_fd=dfd)
         done = False
         try:
-            if n:
-                self._copy_run(fd, first * bs, 0, size)
-            uid, gid = uid_lo | (uid_hi << 16), gid_lo | (gid_hi << 16)
-            if self.root and (uid != self.uid or gid != frame.gid):
+            if size:
+                self._copy_run(fd, src, 0, size)
+            if self.root and (uid != self.uid or gid != gid_here):
                 os.fchown(fd, uid, gid)
             perm = mode & 0o7777
             if perm != perm & 0o777 & ~self.umask:
                 os.fchmod(fd, perm)
-            os.utime(fd, ns=((atime + ((a_x & 3) << 32)) * _NS + (a_x >> 2),
-                             (mtime + ((m_x & 3) << 32)) * _NS + (m_x >> 2)))
+            os.utime(fd, ns=(atime_ns, mtime_ns))
             done = True
         finally:
             os.close(fd)
             if not done:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dfd)
-        return size
 
     def _file(self, frame: _Frame, name: str, node: Inode) -> None:
         dfd = frame.fd
@@ -800,3 +855,73 @@ class _Copier:
         if self.error is not None:
             err, self.error = self.error, None
             raise err
+
+
+#: A directory with at least this many small plain files has them made by two threads.
+_HELPER_MIN = 16
+
+
+def _make_all(make: Callable[[int, int, tuple], None], dfd: int, gid: int, jobs: Iterator[tuple],
+              failures: list[tuple[str, OSError]]) -> tuple[int, int]:
+    """Run ``make(dfd, gid, job)`` for the jobs taken from ``jobs`` (shared with another thread:
+    taking one is atomic); ``(files made, bytes)``, the entries' own failures appended to
+    ``failures`` (anything else is raised)."""
+    files = nbytes = 0
+    for job in jobs:
+        try:
+            make(dfd, gid, job)
+        except OSError as err:
+            failures.append((job[0], err))
+            continue
+        files += 1
+        nbytes += job[2]
+    return files, nbytes
+
+
+class _Helper:
+    """A second thread that makes a directory's small files together with the walking thread.
+
+    Each takes the next job from one shared iterator until none is left: the system calls of
+    one (create, copy, times, close: most of the time, run without the GIL) overlap the other's.
+    :meth:`run` returns when both are done, so the directory's descriptor stays the caller's.
+    """
+
+    def __init__(self) -> None:
+        self.work: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[tuple[tuple[int, int], BaseException | None]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="xipfs-unpack-files", daemon=True)
+        self.thread.start()
+
+    def run(self, make: Callable[[int, int, tuple], None], dfd: int, gid: int, jobs: list[tuple],
+            failures: list[tuple[str, OSError]]) -> tuple[int, int]:
+        """Make ``jobs`` in directory ``dfd`` with the helper; ``(files made, bytes)``."""
+        shared = iter(jobs)
+        theirs: list[tuple[str, OSError]] = []
+        self.work.put((make, dfd, gid, shared, theirs))
+        error: BaseException | None = None
+        try:
+            mine = _make_all(make, dfd, gid, shared, failures)
+        except BaseException as err:  # noqa: BLE001 - raised once the helper is done too
+            mine, error = (0, 0), err
+        (files, nbytes), their_error = self.done.get()
+        failures.extend(theirs)
+        if error is not None:
+            raise error
+        if their_error is not None:
+            raise their_error
+        return mine[0] + files, mine[1] + nbytes
+
+    def _run(self) -> None:
+        while True:
+            job = self.work.get()
+            if job is None:
+                return
+            make, dfd, gid, shared, theirs = job
+            try:
+                self.done.put((_make_all(make, dfd, gid, shared, theirs), None))
+            except BaseException as err:  # noqa: BLE001 - handed to the walking thread
+                self.done.put(((0, 0), err))
+
+    def close(self) -> None:
+        self.work.put(None)
+        self.thread.join()

@@ -181,7 +181,7 @@ class PageCache(Device):
     def read_into(self, dst: memoryview, offset: int) -> None:
         n = len(dst)
         self.check_range(offset, n)
-        if self._readahead is not None and n >= self._direct_min:
+        if n >= self._direct_min and self.readonly and self._readahead is not None:
             self._read_direct(dst, offset)
             return
         done = 0
@@ -192,24 +192,25 @@ class PageCache(Device):
             done += chunk
 
     def _read_direct(self, dst: memoryview, offset: int) -> None:
-        """A read as large as a readahead window, on a device that reads ahead (remote): runs of
-        whole pages not cached go from the device straight into ``dst`` (one copy, one request
-        each, nothing evicted); cached pages and partial pages at the edges come from the cache."""
+        """A read as large as a readahead window, on a read-only device that reads ahead
+        (remote): the bytes of pages not cached go from the device straight into ``dst`` (one
+        copy, one request per run, nothing cached or evicted); cached pages come from the cache."""
         n = len(dst)
         pages = self._pages
         done = 0
         while done < n:
             index, within = divmod(offset + done, PAGE_SIZE)
             chunk = min(n - done, PAGE_SIZE - within)
-            if within == 0 and chunk == PAGE_SIZE and index not in pages:
-                end = done + PAGE_SIZE
-                while end + PAGE_SIZE <= n and (offset + end) // PAGE_SIZE not in pages:
-                    end += PAGE_SIZE
-                self.device.read_into(dst[done:end], offset + done)
-                done = end
+            page = pages.get(index)
+            if page is not None:
+                dst[done:done + chunk] = memoryview(page)[within:within + chunk]
+                done += chunk
                 continue
-            dst[done:done + chunk] = memoryview(self._page(index))[within:within + chunk]
-            done += chunk
+            end = done + chunk
+            while end < n and (offset + end) // PAGE_SIZE not in pages:
+                end = min(n, end + PAGE_SIZE)
+            self.device.read_into(dst[done:end], offset + done)
+            done = end
 
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         if self.readonly:

@@ -135,6 +135,12 @@ def _inode_field(path: str, name: str, value: Callable[[int], int]) -> Callable[
     return apply
 
 
+def _hole_first(p: Patch) -> None:
+    """/small's one block moved to file block 1: a hole first, the size below the block."""
+    p.iblock("/small", 1, p.base.iblock("/small")[0])
+    p.iblock("/small", 0, 0)
+
+
 def _dup_block(p: Patch) -> None:
     p.iblock("/small", 0, p.base.blocks["/big"][1])
 
@@ -329,6 +335,13 @@ DAMAGES: list[Damage] = [
     Damage("i_size below the blocks", _inode_field("/big", "size", lambda v: 1000),
            frozenset({"i_size"}), r"i_size is 1000, should be"),
     Damage("directory size not a block multiple", _inode_field("/dir", "size", lambda v: v + 100),
+           frozenset({"i_size"}), r"i_size is \d+, should be"),
+    # a small file with direct blocks only: checked with its whole inode table piece at once
+    Damage("i_blocks of a small file", _inode_field("/small", "blocks", lambda v: v * 2),
+           frozenset({"i_blocks"}), r"i_blocks is \d+, should be"),
+    Damage("a small file's block listed twice", lambda p: p.iblock("/small", 1, p.base.iblock("/small")[0]),
+           frozenset({"dup_block", "i_blocks"}), r"Multiply-claimed|i_blocks is"),
+    Damage("a hole before a small file's block", _hole_first,
            frozenset({"i_size"}), r"i_size is \d+, should be"),
     Damage("block pointer out of range", lambda p: p.iblock("/small", 0, p.base.sb["blocks_count"] + 10),
            frozenset({"bad_block"}), r"illegal block"),

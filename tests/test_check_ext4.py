@@ -314,6 +314,22 @@ def _block_bitmap_csum(p: str, bs: int) -> None:
         f.write(d)
 
 
+def _one_extent_past_end(p: str, bs: int) -> None:
+    debugfs_w(p, "sif /big block[5] 100000000")                         # the root's ee_start_lo
+
+
+def _one_extent_i_blocks(p: str, bs: int) -> None:
+    debugfs_w(p, "sif /big blocks 10")
+
+
+def _one_extent_size(p: str, bs: int) -> None:
+    debugfs_w(p, "sif /big size 1000")
+
+
+def _one_extent_shared(p: str, bs: int) -> None:
+    debugfs_w(p, f"sif /small block[5] {file_block(p, '/big', 1)}")
+
+
 def _journal_magic(p: str, bs: int) -> None:
     patch(p, file_block(p, "<8>") * bs, b"\0\0\0\0")
 
@@ -333,6 +349,15 @@ DAMAGES = [
            r"extent|out of order|overlap"),
     Damage("extent past the end", "plain", _extent_past_end, frozenset({"bad_extent"}),
            r"invalid physical block|extent"),
+    # a file whose one extent is in the inode: checked with its whole inode table piece at once
+    Damage("one extent in the inode past the end", "plain", _one_extent_past_end, frozenset({"bad_extent"}),
+           r"extent|[Ii]llegal|invalid"),
+    Damage("i_blocks of a one-extent file", "plain", _one_extent_i_blocks, frozenset({"i_blocks"}),
+           r"i_blocks is \d+, should be"),
+    Damage("i_size below a one-extent file's blocks", "plain", _one_extent_size, frozenset({"i_size"}),
+           r"i_size is 1000, should be"),
+    Damage("one-extent files sharing a block", "plain", _one_extent_shared, frozenset({"dup_block"}),
+           r"Multiply-claimed"),
     Damage("extent root magic in the inode", "plain", _root_magic, frozenset({"bad_extent"}),
            r"extent header|extent"),
     Damage("inode checksum", "csum", _inode_csum, frozenset({"inode_csum"}),

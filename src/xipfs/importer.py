@@ -15,6 +15,10 @@ the image (no ``.pyc`` writing).
 
 Each image is opened once per process (read-only) and shared by every finder on it;
 ``importlib.invalidate_caches()`` drops the directory listings and notices a changed image.
+Plain files and directories are read here, with ``pread``, by a lean reader that imports
+nothing (a miss is a dictionary lookup, a module one ``pread`` of its ``.pyc``); the format
+layer is loaded only for what needs it (a symlink, inline data, resources opened as files, an
+image needing journal recovery or using meta_bg, encryption or casefold).
 
 Limits: the interpreter's built-in traceback printer (``sys.excepthook``, Python 3.11, 3.12) reads
 source lines from real files only, so an uncaught exception shows no source lines for frames

@@ -147,7 +147,7 @@ def bench_dask(root: str, cfg: Config) -> Section:
     name = f"xipfs-bench-{uuid.uuid4().hex[:8]}"
     with _nginx(root) as server, \
             LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
-                         dashboard_address=None, memory_limit=0) as cluster, Client(cluster) as client:
+                         dashboard_address=":0", memory_limit=0) as cluster, Client(cluster) as client:
         source = img
         try:
             import xipfs.fetch  # noqa: F401

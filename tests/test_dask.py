@@ -86,7 +86,7 @@ def dataset() -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
     """4 worker processes of one thread each, on this machine (one node)."""
-    with LocalCluster(n_workers=4, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit=0) as cluster, Client(cluster) as c:
         yield c
 
@@ -393,3 +393,23 @@ def test_populate_maps_the_whole_image_in_every_worker(client: Client, dataset: 
         assert sum(m["pss"] for m in mem.values()) <= 1.05 * size, mem
     finally:
         xd.release(client, name)
+
+
+def test_an_image_large_for_the_memory_limit_is_warned_about(dataset: dict[str, Any]) -> None:
+    """Dask counts mapped image pages in a worker's RSS (and restarts a worker at 95% of its
+    memory_limit): deliver warns, and populate=True leaves such a worker unpopulated, alive."""
+    img = mkfs(os.path.join(dataset["root"], "big.ext2"), "100M", bs=4096,
+               src=os.path.join(dataset["src"], "arrays"))
+    size = os.path.getsize(img)
+    name = f"xipfs-test-limit-{uuid.uuid4().hex[:8]}"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="160MiB") as cluster, Client(cluster) as small:
+        try:
+            with pytest.warns(RuntimeWarning, match="memory_limit"):
+                xd.deliver(small, img, name, populate=True)
+            mem = xd.worker_memory(small, name)
+            assert all(m["rss"] < 0.5 * size for m in mem.values()), mem
+            got = small.run(lambda: xd.image(name).stat("/x.f8").st_size)
+            assert list(got.values()) == [ROWS * COLS * 8]
+        finally:
+            xd.release(small, name)

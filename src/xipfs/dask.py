@@ -30,16 +30,19 @@ detached); a later worker on that node then fetches it again.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import sys
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -63,6 +66,7 @@ SHM_DIR = "/dev/shm"
 #: Seconds a worker waits for another worker of its node to fetch the image.
 DEFAULT_TIMEOUT = 600.0
 _POLL = 0.05
+logger = logging.getLogger(__name__)
 
 #: image path -> (what holds it open, this process's read-only Filesystem on it).
 _attached: dict[str, tuple[Any, Filesystem]] = {}
@@ -254,6 +258,15 @@ def image(name: str) -> Filesystem:
     return entry[1]
 
 
+def _close_all_attached() -> None:
+    """At exit: close what :func:`image` opened (while the modules it needs are still there)."""
+    for path in list(_attached):
+        _close_local(path)
+
+
+atexit.register(_close_all_attached)
+
+
 def _open_shared(path: str) -> tuple[Any, Filesystem]:
     """The ``ext2://`` door's attachment of ``path``, which every instance of the door naming
     this image in the process shares: one mapping of the image per worker, however tasks read
@@ -395,10 +408,45 @@ class ImagePlugin(WorkerPlugin):
         self.populate = populate
 
     async def setup(self, worker: Worker) -> None:
-        await asyncio.to_thread(attach, self.source, self.name, self.timeout, self.populate)
+        await asyncio.to_thread(attach, self.source, self.name, self.timeout)
+        if self.populate:
+            limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+            size = os.path.getsize(image_path(self.name))
+            if not _fits_rss_budget(size, limit):
+                logger.warning("xipfs.dask: not populating image %s (%d bytes) in a worker whose "
+                               "memory_limit is %s: Dask counts mapped image pages in its RSS",
+                               self.name, size, limit)
+                return
+            await asyncio.to_thread(populate_pages, image(self.name))
 
     async def teardown(self, worker: Worker) -> None:
         await asyncio.to_thread(detach, self.name, not self.keep, self.timeout)
+
+
+#: Share of a worker's memory_limit the image may take before Dask's memory monitor, which
+#: counts the image pages a worker maps in its RSS, is warned about (it pauses a worker at 80%
+#: of its limit and restarts it at 95%, though the node holds those pages once).
+RSS_SHARE = 0.5
+
+
+def _fits_rss_budget(size: int, limit: int | None) -> bool:
+    return not limit or size <= RSS_SHARE * limit
+
+
+def _warn_if_over_budget(client: Client, name: str) -> None:
+    """Warn when image ``name`` is large for the workers' ``memory_limit`` (see RSS_SHARE)."""
+    sizes = client.run(os.path.getsize, image_path(name))
+    workers = client.scheduler_info().get("workers", {})
+    tight = [w for w, size in sizes.items()
+             if not _fits_rss_budget(size, workers.get(w, {}).get("memory_limit"))]
+    if tight:
+        size = max(sizes.values())
+        limit = min(workers[w]["memory_limit"] for w in tight)
+        warnings.warn(f"image {name!r} ({size} bytes) is more than {RSS_SHARE:.0%} of the memory_limit "
+                      f"({limit} bytes) of {len(tight)} workers. Dask counts the image pages a worker "
+                      "has mapped in its RSS (the node holds them once): a worker that reads most of "
+                      "the image is paused at 80% and restarted at 95% of its limit. Give workers a "
+                      "larger memory_limit (or memory_limit=0).", RuntimeWarning, stacklevel=3)
 
 
 def plugin_name(name: str) -> str:
@@ -416,6 +464,7 @@ def deliver(client: Client, source: str, name: str, *, timeout: float = DEFAULT_
     """
     plugin = ImagePlugin(source, name, timeout=timeout, keep=keep, populate=populate)
     client.register_plugin(plugin, name=plugin_name(name))
+    _warn_if_over_budget(client, name)
     return name
 
 

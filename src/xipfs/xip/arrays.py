@@ -4,9 +4,10 @@
 byte offset, shape, dtype, slices)``, never data. On a worker the task maps the file once (an
 :class:`xipfs.Mapping` of the image on memory storage: the node's one copy of the image,
 shared with every other worker there) and returns a numpy view into that mapping, so a chunk
-is never read into private memory, pickled, or sent between the workers of one node. A worker
-that needs a chunk held by another one re-maps it from the image instead of receiving it,
-where dask lets it (tasks are cheap: the scheduler prefers recomputing nothing it need not).
+is never read into private memory or pickled: it comes into being on the worker that uses it,
+from the node's copy. The scheduler runs what consumes a chunk where the chunk is, so a
+reduction moves only partial results between workers (a task that needs chunks of several
+workers still receives them as Dask sends any array: a copy).
 
 The image is opened by name with :func:`xipfs.dask.image` (a shared-memory name such as
 ``"data"`` or an absolute path), so deliver it first (:func:`xipfs.dask.deliver`), or name an

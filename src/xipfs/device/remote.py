@@ -33,6 +33,10 @@ DEFAULT_RETRIES = 3
 #: Readahead: the first window on a miss, and the cap it doubles up to on sequential reads.
 READAHEAD_MIN = 64 * 1024
 READAHEAD_MAX = 8 * 1024 * 1024
+#: A read of at least STREAM_MIN bytes that continues a sequential run asks for as much more
+#: as the run read, up to STREAM_AHEAD, and leaves it streaming for the next reads.
+STREAM_MIN = 256 * 1024
+STREAM_AHEAD = 64 * 1024 * 1024
 #: Redirects followed when a remote image is opened (then its final place is read).
 MAX_REDIRECTS = 5
 #: Page cache in front of a remote device.
@@ -128,6 +132,7 @@ def _forget_connections_after_fork() -> None:
     """A forked child must not talk on its parent's connections (their streams would mix)."""
     for source in list(_SOURCES):
         source._conn = None               # the child's copy of the socket is dropped unclosed
+        source._stream = None
         source._lock = threading.Lock()
 
 
@@ -150,6 +155,10 @@ class HttpSource(Source):
         self.retries = max(1, retries)
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        #: ``[response, position, end]`` of an answer still streaming (a sequential reader's).
+        self._stream: list[Any] | None = None
+        self._last_end = -1
+        self._run = 0                     # bytes read in a row up to _last_end
         _SOURCES.add(self)
         #: Bytes of response bodies received (what crossed, less headers).
         self.received = 0
@@ -187,6 +196,7 @@ class HttpSource(Source):
         return self._conn
 
     def _drop(self) -> None:
+        self._stream = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -197,6 +207,8 @@ class HttpSource(Source):
 
     def _request(self, method: str, headers: dict[str, str]) -> http.client.HTTPResponse:
         """One request on the kept connection; a connection the server closed is reopened once."""
+        if self._stream is not None:      # an answer not read to its end: only a new connection
+            self._drop()
         self.requests += 1
         for fresh in (False, True):
             conn = self._connection()
@@ -271,23 +283,60 @@ class HttpSource(Source):
         raise OSError(code, f"HTTP {resp.status} {resp.reason}", self.url)
 
     def read_into(self, dst: memoryview, offset: int) -> None:
-        """One range request whose body is read straight into ``dst``."""
+        """``dst`` read straight from the socket: from the answer still streaming when it goes
+        on from there, else by a range request. When this read continues a sequential run, the
+        request asks for as much again as the run has read (up to :data:`STREAM_AHEAD`), left
+        streaming for the next reads: a sequential reader makes a request per 64 MiB, as curl
+        makes one, not one per read, and a reader that jumps away leaves unread at most as much
+        as it read (dropped with the connection)."""
         n = len(dst)
         if n == 0:
             return
 
         def fetch() -> None:
             with self._lock:
-                resp = self._request("GET", {"Range": f"bytes={offset}-{offset + n - 1}",
-                                             **self._if_match()})
-                try:
-                    self._check_range_answer(resp, offset, n)
-                    _read_exactly(resp, dst)
-                    self.received += n
-                except BaseException:
-                    self._drop()
-                    raise
+                run = self._run if offset == self._last_end else 0
+                got = self._from_stream(dst, offset)
+                if got < n:
+                    start = offset + got
+                    end = offset + n
+                    if run and n >= STREAM_MIN:
+                        end = min(self.info.size, end + min(run, STREAM_AHEAD))
+                    resp = self._request("GET", {"Range": f"bytes={start}-{end - 1}",
+                                                 **self._if_match()})
+                    try:
+                        self._check_range_answer(resp, start, end - start)
+                        _read_exactly(resp, dst[got:])
+                    except BaseException:
+                        self._drop()
+                        raise
+                    if end > offset + n:
+                        self._stream = [resp, offset + n, end]
+                self.received += n
+                self._last_end = offset + n
+                self._run = run + n
         self._retrying(f"reading bytes {offset}..{offset + n}", fetch)
+
+    def _from_stream(self, dst: memoryview, offset: int) -> int:
+        """Bytes of ``dst`` read from the answer still streaming, if it is at ``offset`` (0
+        otherwise, and an answer elsewhere is dropped with its connection)."""
+        stream = self._stream
+        if stream is None:
+            return 0
+        resp, pos, end = stream
+        if pos != offset:
+            self._drop()
+            return 0
+        got = min(len(dst), end - pos)
+        try:
+            _read_exactly(resp, dst[:got])
+        except BaseException:
+            self._drop()
+            raise
+        stream[1] = pos + got
+        if pos + got == end:
+            self._stream = None             # read whole: the connection is free again
+        return got
 
     def _if_match(self) -> dict[str, str]:
         etag = self.info.etag if hasattr(self, "info") else None

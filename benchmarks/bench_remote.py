@@ -136,8 +136,10 @@ def bench_remote(root: str, cfg: Config) -> Section:
             f"(b) the file's extents span {span} bytes of the image ({span - BIG} more than the file); "
             "curl fetches that span into /dev/null (its process start included); ours opens a fresh "
             "device per sample (untimed) and reads with readinto: 8 MiB reads go from the socket "
-            "straight into the buffer (runs of pages not cached skip the cache), 1 MiB reads go "
-            "through the page cache and its readahead (64 KiB doubling to 8 MiB).")
+            "straight into the buffer (pages not cached skip the cache), 1 MiB reads go through "
+            "the page cache and its readahead (64 KiB doubling to 8 MiB); on both paths a "
+            "sequential run's request asks for as much again as the run has read (up to 64 MiB) "
+            "and streams it into the next reads, so requests double as curl makes one.")
 
         # (c) fetch the whole image into /dev/shm, against curl -o
         dest_ours = os.path.join(root, "fetched-ours.img")

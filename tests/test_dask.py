@@ -206,6 +206,16 @@ def test_a_corrupt_image_is_not_put_in_place(client: Client, dataset: dict[str, 
         xd.release(client, name)
 
 
+def test_a_missing_source_fails_at_deliver(client: Client, dataset: dict[str, Any]) -> None:
+    name = f"xipfs-test-missing-{uuid.uuid4().hex[:8]}"
+    try:
+        with pytest.raises(FileNotFoundError):
+            xd.deliver(client, os.path.join(dataset["root"], "no-such.ext2"), name)
+        assert not os.path.exists(xd.image_path(name))
+    finally:
+        xd.release(client, name)
+
+
 def test_image_not_delivered_is_a_clear_error() -> None:
     with pytest.raises(FileNotFoundError, match="deliver"):
         xd.image(f"xipfs-test-absent-{uuid.uuid4().hex[:8]}")
@@ -411,5 +421,10 @@ def test_an_image_large_for_the_memory_limit_is_warned_about(dataset: dict[str, 
             assert all(m["rss"] < 0.5 * size for m in mem.values()), mem
             got = small.run(lambda: xd.image(name).stat("/x.f8").st_size)
             assert list(got.values()) == [ROWS * COLS * 8]
+            cluster.scale(2)                            # a worker joining later attaches too
+            small.wait_for_workers(2, timeout=60)
+            inodes = small.run(lambda: (os.stat(xd.image_path(name)).st_ino,
+                                        xd.image(name).stat("/x.f8").st_size))
+            assert len(inodes) == 2 and len(set(inodes.values())) == 1
         finally:
             xd.release(small, name)

@@ -339,6 +339,21 @@ def test_fetch_resumes_after_an_interruption(real_tree: tuple[Path, dict], nginx
     assert dest.read_bytes() == (srv / "tree.ext2").read_bytes() and not part.exists()
 
 
+def test_fetch_of_a_whole_part_only_renames(real_tree: tuple[Path, dict], nginx, shm_dir: Path) -> None:  # noqa: F811
+    """Killed after the last byte, before the rename: the next fetch moves nothing."""
+    srv, _ = real_tree
+    server = nginx(srv)
+    url, dest = server.url("tree.ext2"), shm_dir / "whole.ext2"
+    with pytest.raises(_Stop):
+        fetch(url, dest, progress=_stop_after(MiB))
+    shutil.copy(srv / "tree.ext2", part_path(str(dest)))
+    _logged(server, 2)
+    server.mark()
+    assert fetch(url, dest, progress=False) == 0
+    assert dest.read_bytes() == (srv / "tree.ext2").read_bytes()
+    assert server.body_bytes() <= 1                     # the probe's one byte
+
+
 def test_fetch_restarts_on_a_changed_object(real_tree: tuple[Path, dict], nginx, shm_dir: Path,  # noqa: F811
                                             tmp_path: Path) -> None:
     srv, _ = real_tree

@@ -91,7 +91,7 @@ def _fetch_into(source: Source, url: str, target: str, part: str, progress: Prog
         if offset == 0:
             os.ftruncate(fd, 0)
             _write_meta(meta, url, info)
-        fetched = _download(source, info, fd, offset, progress, target)
+        fetched = _download(source, info, fd, offset, progress, target) if offset < info.size else 0
         _verify(fd, info, part)
         os.fsync(fd)
     except BaseException:
@@ -159,6 +159,7 @@ def _verify(fd: int, info: RemoteInfo, part: str) -> None:
     if problem is not None:
         os.ftruncate(fd, 0)
         _remove(part)
+        _remove(part + ".meta")
         raise OSError(errno.EIO, f"the fetched image is not the remote one: {problem}", part)
 
 

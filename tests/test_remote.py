@@ -533,3 +533,12 @@ def test_command_operands_with_urls(arg: str, image: str, path: str) -> None:
     assert (spec.image, spec.path) == (image, path)
     if path != "/":
         assert any_spec(arg)[1:] == (image, path)
+
+
+def test_fetch_through_fsspec(real_tree: tuple[Path, dict], shm_dir: Path) -> None:
+    """Schemes other than http(s) go through fsspec: file:// here, read by ranges."""
+    pytest.importorskip("fsspec")
+    srv, _ = real_tree
+    dest = shm_dir / "via-fsspec.img"
+    assert fetch(f"file://{srv / 'tree.ext4'}", dest, progress=False) == os.path.getsize(srv / "tree.ext4")
+    assert dest.read_bytes() == (srv / "tree.ext4").read_bytes()

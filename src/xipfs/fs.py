@@ -221,7 +221,12 @@ class Filesystem:
     # -- metadata -----------------------------------------------------------------------------
     def stat(self, path: PathArg, *, follow_symlinks: bool = True) -> os.stat_result:
         """``os.stat_result`` of ``path`` (nanosecond times in ``st_*_ns``), like ``os.stat``."""
-        return self.stat_inode(self._inode(path, follow_symlinks))
+        if isinstance(path, str) and len(path) < 1024:     # the hot path: a short str needs no checks
+            node = resolve(self.volume, path, follow_symlinks)
+        else:
+            node = self._inode(path, follow_symlinks)
+        st = node._stat
+        return st if st is not None else self.stat_inode(node)
 
     def birthtime_ns(self, path: PathArg, *, follow_symlinks: bool = True) -> int | None:
         """When ``path`` was created, in nanoseconds (ext4's ``i_crtime``, what ``statx`` calls

@@ -192,24 +192,29 @@ class Inode:
     def __init__(self, volume: Volume, ino: int, raw: memoryview | bytes) -> None:
         # Kept only where the inode may be written back (fields xipfs does not model survive).
         self._raw = b"" if volume.readonly else bytes(raw)
-        big = volume.isize >= 160
-        if big:
+        self.volume = volume
+        self.ino = ino
+        self._map: BlockMap | None = None
+        self._stat = None
+        self._dir = None
+        self._dx = None              # an htree directory's index blocks, once read (dir.htree_lookup)
+        self.crtime_ns = None
+        if volume.isize >= 160:
             (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
-             i_block, generation, file_acl, size_high, _faddr, blocks_hi, acl_high, uid_hi,
+             self.i_block, self.generation, file_acl, size_high, _faddr, blocks_hi, acl_high, uid_hi,
              gid_hi, _csum, extra, _csum_hi, c_x, m_x, a_x, cr, cr_x, _vh, _pid) = _LARGE_UNPACK(raw, 0)
         else:
             (mode, uid_lo, size_lo, atime, ctime, mtime, dtime, gid_lo, links, blocks, flags, _osd1,
-             i_block, generation, file_acl, size_high, _faddr, blocks_hi, acl_high, uid_hi,
+             self.i_block, self.generation, file_acl, size_high, _faddr, blocks_hi, acl_high, uid_hi,
              gid_hi, _csum) = _BASE_UNPACK(raw, 0)
             extra = raw[128] | (raw[129] << 8) if volume.isize > 128 else 0
-        self.volume = volume
-        self.ino = ino
         self.mode = mode
         self.uid = uid_lo | (uid_hi << 16)
         self.gid = gid_lo | (gid_hi << 16)
         # Linux ext2 uses i_size_high only for regular files (it was i_dir_acl elsewhere);
         # ext4 with large_dir for directories too (``ext4_isize``).
-        self.size = size_lo | (size_high << 32) if S_ISREG(mode) or volume.large_dir else size_lo
+        self.size = (size_lo | (size_high << 32) if (mode & 0o170000) == 0o100000 or volume.large_dir
+                     else size_lo)
         self.links = links
         if volume.huge_file:                     # 48-bit i_blocks, in fs blocks when flagged
             blocks |= blocks_hi << 32
@@ -218,16 +223,9 @@ class Inode:
         self.blocks = blocks
         self.flags = flags
         self.file_acl = file_acl | (acl_high << 32) if volume.is64 else file_acl
-        self.generation = generation
         self.dtime = dtime
-        self.i_block = i_block
         self.extra_isize = extra
-        self.crtime_ns = None
-        self._map: BlockMap | None = None
-        self._stat = None
-        self._dir = None
-        self._dx = None              # an htree directory's index blocks, once read (dir.htree_lookup)
-        if extra >= 16 and big:                 # the common large inode: every time has _extra
+        if extra >= 16 and volume.isize >= 160:  # the common large inode: every time has _extra
             if extra & 3 or 128 + extra > volume.isize:
                 raise CorruptImageError(f"i_extra_isize {extra} invalid", f"inode {ino}")
             self.atime_ns = (atime + ((a_x & 3) << 32)) * 1_000_000_000 + (a_x >> 2)
@@ -236,17 +234,17 @@ class Inode:
             if extra >= 24:
                 self.crtime_ns = (cr + ((cr_x & 3) << 32)) * 1_000_000_000 + (cr_x >> 2)
             return
-        a_x = m_x = c_x = None
-        if extra:
-            if extra & 3 or 128 + extra > volume.isize:
-                raise CorruptImageError(f"i_extra_isize {extra} invalid", f"inode {ino}")
-            x = _EXTRA_UNPACK(bytes(raw[128:128 + extra]).ljust(32, b"\0"), 0)
-            c_x = x[2] if extra >= 8 else None
-            m_x = x[3] if extra >= 12 else None
-            a_x = x[4] if extra >= 16 else None
-        self.atime_ns = decode_time(atime, a_x)
-        self.mtime_ns = decode_time(mtime, m_x)
-        self.ctime_ns = decode_time(ctime, c_x)
+        if not extra:                            # 128-byte inodes (or no _extra): seconds only
+            self.atime_ns = atime * 1_000_000_000
+            self.mtime_ns = mtime * 1_000_000_000
+            self.ctime_ns = ctime * 1_000_000_000
+            return
+        if extra & 3 or 128 + extra > volume.isize:
+            raise CorruptImageError(f"i_extra_isize {extra} invalid", f"inode {ino}")
+        x = _EXTRA_UNPACK(bytes(raw[128:128 + extra]).ljust(32, b"\0"), 0)
+        self.atime_ns = decode_time(atime, x[4] if extra >= 16 else None)
+        self.mtime_ns = decode_time(mtime, x[3] if extra >= 12 else None)
+        self.ctime_ns = decode_time(ctime, x[2] if extra >= 8 else None)
 
     # -- writing ----------------------------------------------------------------------------
     def clip_times(self) -> None:

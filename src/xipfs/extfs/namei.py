@@ -907,7 +907,11 @@ def resolve(vol: Volume, path: str, follow: bool = True) -> Inode:
     ino = vol.paths.get(key)
     if ino is not None:
         return vol.inode(ino)
-    return _resolve(vol, path, follow)
+    node = _child_of_known(vol, path, follow)      # first touch of a name: one more lookup
+    if node is None:
+        node = _walk(vol, path, follow)
+    vol.paths[key] = node.ino
+    return node
 
 
 def _resolve_following(vol: Volume, path: str, follow: bool, watch: WriterWatch) -> Inode:
@@ -938,7 +942,7 @@ def _resolve(vol: Volume, path: str, follow: bool) -> Inode:
 def _child_of_known(vol: Volume, path: str, follow: bool) -> Inode | None:
     """``path`` looked up in its directory when that directory resolved before, else None."""
     head, sep, tail = path.rpartition("/")
-    if not sep or not tail or tail == "." or tail == ".." or head.endswith("/"):
+    if not tail or tail == "." or tail == ".." or not sep or head.endswith("/"):
         return None
     pino = vol.paths.get((head or "/", True))
     if pino is None:
@@ -950,12 +954,19 @@ def _child_of_known(vol: Volume, path: str, follow: bool) -> Inode | None:
             return None                    # the full walk names the error with the full path
     else:
         parent = vol.inode(pino)
-    if not S_ISDIR(parent.mode):
+    index = parent._dir                    # an indexed directory: one dict access
+    if index is not None:
+        entry = index.entries.get(tail)
+    elif S_ISDIR(parent.mode):
+        entry = lookup(vol, parent, tail)
+    else:
         return None
-    entry = lookup(vol, parent, tail)
     if entry is None:
         return None
-    child = vol.live_inode(entry[0], tail, f"directory inode {parent.ino}")
+    child = vol.inode(entry[0])
+    if not child.links and (not child.mode or child.dtime):
+        raise CorruptImageError(f"entry {tail!r} points to deleted inode {entry[0]}",
+                                f"directory inode {parent.ino}")
     if follow and S_ISLNK(child.mode):
         return None
     return child

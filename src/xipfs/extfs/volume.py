@@ -98,6 +98,8 @@ class Volume:
         uninit_ok = sb.metadata_csum or sb.gdt_csum
         self.itable_used = [self.ipg if not uninit_ok else 0 if gd.flags & L.BG_INODE_UNINIT
                             else self.ipg - gd.itable_unused for gd in self.groups]
+        #: Byte offset of each group's inode table (read on every inode's first use).
+        self.itable_at = [gd.inode_table * self.bs for gd in self.groups]
         self._zone_starts, self._zone_ends = metadata_zones(self.sb, self.groups)
         #: Groups per flex group (1: no flex_bg).
         self.flex = flex_groups(self.sb)
@@ -206,7 +208,8 @@ class Volume:
         group, index = divmod(ino - 1, self.ipg)
         if index >= self.itable_used[group]:
             return self.zero_inode
-        raw = self.device.view(self.groups[group].inode_table * self.bs + index * self.isize, self.isize)
+        isize = self.isize
+        raw = self.device.view(self.itable_at[group] + index * isize, isize)
         if self.verify:
             verify_inode(self, ino, raw)
         return raw

@@ -464,7 +464,7 @@ class Filesystem:
 
     def read_bytes(self, path: PathArg) -> bytes:
         """The whole content of file ``path`` (one copy)."""
-        p, _ = self._fspath(path)
+        p = path if isinstance(path, str) and len(path) < 1024 else self._fspath(path)[0]
         vol = self.volume
         for _ in range(8):
             node = resolve(vol, p, True)

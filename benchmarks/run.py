@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 from bench_check import BENCHMARKS as CHECK_BENCHMARKS  # noqa: E402
 from bench_command import BENCHMARKS as COMMAND_BENCHMARKS  # noqa: E402
+from bench_dask import BENCHMARKS as DASK_BENCHMARKS  # noqa: E402
 from bench_ext4 import BENCHMARKS as EXT4_BENCHMARKS  # noqa: E402
 from bench_ext4write import BENCHMARKS as EXT4WRITE_BENCHMARKS  # noqa: E402
 from bench_fsspec import BENCHMARKS as FSSPEC_BENCHMARKS  # noqa: E402
@@ -37,6 +38,7 @@ from bench_pack import BENCHMARKS as PACK_BENCHMARKS  # noqa: E402
 from bench_pack4 import BENCHMARKS as PACK4_BENCHMARKS  # noqa: E402
 from bench_read import BENCHMARKS as READ_BENCHMARKS  # noqa: E402
 from bench_read import config  # noqa: E402
+from bench_remote import BENCHMARKS as REMOTE_BENCHMARKS  # noqa: E402
 from bench_transfer import BENCHMARKS as TRANSFER_BENCHMARKS  # noqa: E402
 from bench_unpack import BENCHMARKS as UNPACK_BENCHMARKS  # noqa: E402
 from bench_write import BENCHMARKS as WRITE_BENCHMARKS  # noqa: E402
@@ -49,7 +51,8 @@ BENCHMARKS = {**READ_BENCHMARKS, **WRITE_BENCHMARKS, **TRANSFER_BENCHMARKS, **MA
               **PACK_BENCHMARKS, **FSSPEC_BENCHMARKS, **UNPACK_BENCHMARKS,
               **IMPORT_BENCHMARKS, **FUSE_BENCHMARKS,
               **CHECK_BENCHMARKS, **EXT4_BENCHMARKS, **MKFS4_BENCHMARKS, **PACK4_BENCHMARKS,
-              **EXT4WRITE_BENCHMARKS, **HUGEPAGE_BENCHMARKS, **COMMAND_BENCHMARKS}
+              **EXT4WRITE_BENCHMARKS, **HUGEPAGE_BENCHMARKS, **COMMAND_BENCHMARKS,
+              **REMOTE_BENCHMARKS, **DASK_BENCHMARKS}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

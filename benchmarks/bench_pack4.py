@@ -78,7 +78,7 @@ def bench_pack4(root: str, cfg: Any) -> Section:
     base = m["mke2fs -t ext4 -b 4096 -d"]
     section.rows.append(Row("xipfs.pack(fs_type='ext4') (same tree, same size)", m["xipfs.pack ext4"], base,
                             TARGET))
-    section.rows.append(Row("python -m xipfs pack -t ext4 (a fresh process)",
+    section.rows.append(Row("xipfs pack -t ext4, the command (a fresh process)",
                             m["xipfs pack -t ext4 (command)"], base, TARGET))
     section.raw += list(m.values())
     section.notes.append("same features, geometry, journal and orphan file on both sides; the library call "

@@ -82,7 +82,7 @@ from .walk import COUNT, leaf_run, walk
 from .xattrs import XATTR_MAGIC, check_refcounts, inode_xattrs, xattr_block
 
 #: high byte of i_mode -> file type code.
-_FT_OF_MODE_HI = bytes(FT_OF_TYPE[b >> 4] for b in range(256))
+_FT_OF_MODE_HI = bytes([FT_OF_TYPE[b >> 4] for b in range(256)])
 _U16 = struct.Struct("<H").unpack_from
 #: byte offsets in an inode of what the whole-piece scans read
 _MODE_AT = L.INODE.offsets["i_mode"]
@@ -306,7 +306,7 @@ def scan_used(c: Context, base: int, table: bytes | bytearray, used: bytearray, 
                 nclaimed += nz
             elif ft == REG and nz == 12 and not v[I_DIND] and not v[I_TIND] and max(blk) < nblocks and \
                     fdb <= ind < nblocks and not meta[ind] and (
-                        run := leaf_run(c, bytes(c.block(ind))))[1]:
+                        run := leaf_run(c, bytes(c.block(ind)), v[I_BLOCKS] // sectors - 13))[1]:
                 # twelve direct blocks and one indirect block mapping a contiguous run
                 extend(blk)
                 claims.append(ind)

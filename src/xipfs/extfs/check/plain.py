@@ -38,10 +38,10 @@ _EXTRA_TIMES_AT = tuple(L.INODE_LARGE.offsets[k] for k in ("i_ctime_extra", "i_m
 #: flags that send a regular file to the per-inode checks (extents are looked at apart)
 _REJECT_FLAGS = L.FL_IMAGIC | L.FL_INLINE_DATA | L.FL_EA_INODE | L.FL_INDEX
 _EXT_MAGIC = 0xF30A
-_IS_REG = bytes(int(b == L.FT_REG) for b in range(256))
-_ONE = bytes(int(b == 1) for b in range(256))
-_ABOVE_ONE = bytes(int(b > 1) for b in range(256))
-_HIGH_BIT = bytes(int(b >= 0x80) for b in range(256))
+_IS_REG = bytes([b == L.FT_REG for b in range(256)])
+_ONE = bytes([b == 1 for b in range(256)])
+_ABOVE_ONE = bytes([b > 1 for b in range(256)])
+_HIGH_BIT = bytes([b >= 0x80 for b in range(256)])
 _ANY_BITS: dict[int, bytes] = {}
 _NOT: dict[int, bytes] = {}
 
@@ -50,7 +50,7 @@ def any_bits(mask: int) -> bytes:
     """The ``translate`` table: byte -> 1 when it has any bit of ``mask``."""
     t = _ANY_BITS.get(mask)
     if t is None:
-        t = _ANY_BITS[mask] = bytes(int(bool(b & mask)) for b in range(256))
+        t = _ANY_BITS[mask] = bytes([b & mask != 0 for b in range(256)])
     return t
 
 
@@ -58,7 +58,7 @@ def differs(value: int) -> bytes:
     """The ``translate`` table: byte -> 1 when it is not ``value``."""
     t = _NOT.get(value)
     if t is None:
-        t = _NOT[value] = bytes(int(b != value) for b in range(256))
+        t = _NOT[value] = bytes([b != value for b in range(256)])
     return t
 
 
@@ -172,7 +172,7 @@ def block_mapped(c: Context, col: Columns, cand: int) -> int:
         return 0
     count = col.to_bytes(sum(nz))                        # direct blocks of each record (<= 12)
     # i_blocks: its low byte is count * sectors, the others zero
-    expect = count.translate(bytes(min(k * sectors, 255) for k in range(256)))
+    expect = count.translate(bytes([min(k * sectors, 255) for k in range(256)]))
     diff = int.from_bytes(col.byte(_BLOCKS_AT), "little") ^ int.from_bytes(expect, "little")
     ok &= ~(int.from_bytes(col.to_bytes(diff).translate(NONZERO), "little") | col.nonzero(_BLOCKS_AT + 1, 3))
     # i_size (its high word is zero): not below the start of the last block

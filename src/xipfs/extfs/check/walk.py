@@ -20,8 +20,9 @@ from .context import Context, ranges, u32
 
 #: What a walk does with the blocks it finds (see :class:`Walk`).
 CLAIM, COUNT, COLLECT = 0, 1, 2
-#: Blocks per piece of the table of contiguous runs (see :func:`run_bytes`).
-RUN_CHUNK = 1 << 16
+#: Blocks per piece of the table of contiguous runs (see :func:`run_bytes`): small, so that the
+#: first piece (made at each check, by a loop in C over its numbers) costs little.
+RUN_CHUNK = 1 << 13
 
 
 def _quiet(*_args: Any, **_kw: Any) -> None:
@@ -114,7 +115,13 @@ class Walk:
         if not blocks or min(blocks) < c.fdb or max(blocks) >= c.nblocks:
             return False
         self.count += len(blocks)
-        self.last = lstart + ((len(raw.rstrip(b"\0")) - 1) >> 2)
+        last = len(blocks) - 1                # the blocks are first, the zeros after: most leaves
+        if not raw.endswith(bytes(len(raw) - 4 * len(blocks))):
+            words = c.unpack_map(raw)
+            last = len(words) - 1
+            while not words[last]:
+                last -= 1
+        self.last = lstart + last
         if self.claims is not None:
             self.claims.extend(blocks)
         elif self.blocks is not None:
@@ -184,10 +191,10 @@ def _run_base(n: int) -> tuple[int, int]:
     return int.from_bytes(words.tobytes(), "little"), int.from_bytes(b"\1\0\0\0" * n, "little")
 
 
-def run_bytes(c: Context, a: int, k: int) -> bytes:
-    """The little-endian words ``a, a+1, ..., a+k-1``: what a block map holding one run of
-    contiguous blocks looks like. Cut from tables of ``RUN_CHUNK`` consecutive numbers made on
-    demand, each one the first table plus a constant (one big-integer sum)."""
+def run_table(c: Context, a: int) -> tuple[bytes, int]:
+    """The table of consecutive block numbers holding ``a``, and where ``a`` is in it (in words):
+    tables of ``RUN_CHUNK + apb`` words, each the first one plus a constant (one big-integer sum),
+    made on demand; ``(b"", 0)`` past the largest block number."""
     chunk, off = divmod(a, RUN_CHUNK)
     table = c.run_chunks.get(chunk)
     if table is None:
@@ -195,23 +202,53 @@ def run_bytes(c: Context, a: int, k: int) -> bytes:
         base, ones = _run_base(n)
         start = chunk * RUN_CHUNK
         if start + n >= 1 << 32:
-            return b""                       # past the largest block number: no run here
+            return b"", 0                    # past the largest block number: no run here
         table = (base + start * ones).to_bytes(4 * n, "little")
         c.run_chunks[chunk] = table
+    return table, off
+
+
+def run_bytes(c: Context, a: int, k: int) -> bytes:
+    """The little-endian words ``a, a+1, ..., a+k-1``: what a block map holding one run of
+    contiguous blocks looks like (cut from :func:`run_table`)."""
+    table, off = run_table(c, a)
     return table[4 * off:4 * (off + k)]
 
 
-def leaf_run(c: Context, raw: bytes) -> tuple[int, int]:
+def leaf_run(c: Context, raw: bytes, want: int = 0) -> tuple[int, int]:
     """``(a, k)`` when the block map ``raw`` holds exactly the run ``a .. a+k-1`` of legal
-    blocks followed by zeros; ``(0, 0)`` otherwise (the caller walks it entry by entry)."""
-    if raw[-4:] != b"\0\0\0\0":
-        k = len(raw) >> 2
-    else:
-        p = raw.find(b"\0\0\0\0")
-        k = (p + 3) >> 2
-        if not k or raw[4 * k:] != bytes(len(raw) - 4 * k):
-            return 0, 0
+    blocks followed by zeros; ``(0, 0)`` otherwise (the caller walks it entry by entry).
+
+    Compared in place with the table of consecutive numbers (``memcmp``), for ``want`` numbers
+    first when the caller knows how many to expect (from ``i_blocks``; else a full block), and
+    only when that fails after a search for the first zero word.
+    """
     a = u32(raw, 0)
-    if a < c.fdb or a + k > c.nblocks or raw[:4 * k] != run_bytes(c, a, k):
+    if not a or a < c.fdb:
         return 0, 0
+    n = len(raw) >> 2
+    k = want if 0 < want <= n else n
+    if not is_run(c, raw, a, k):
+        z = first_zero_word(raw)
+        if z == k or not is_run(c, raw, a, z):
+            return 0, 0
+        k = z
     return a, k
+
+
+def is_run(c: Context, raw: bytes, a: int, k: int) -> bool:
+    """Whether ``raw`` is the ``k`` legal numbers ``a, a+1, ...`` then zeros."""
+    if not k or a + k > c.nblocks:
+        return False
+    table, off = run_table(c, a)
+    if 4 * k == len(raw):
+        return table.startswith(raw, 4 * off)
+    return table.startswith(raw[:4 * k], 4 * off) and raw.endswith(bytes(len(raw) - 4 * k))
+
+
+def first_zero_word(raw: bytes) -> int:
+    """The index of the first 32-bit word of ``raw`` that is zero (its length in words if none)."""
+    p = raw.find(b"\0\0\0\0")
+    while p & 3 and p >= 0:                   # four zero bytes across two words: look further
+        p = raw.find(b"\0\0\0\0", (p | 3) + 1)
+    return len(raw) >> 2 if p < 0 else p >> 2

@@ -401,7 +401,8 @@ class ImagePlugin(WorkerPlugin):
     def __init__(self, source: str, name: str, *, timeout: float = DEFAULT_TIMEOUT,
                  keep: bool = True, populate: bool = False) -> None:
         image_path(name)                               # a bad name fails at the client
-        self.source = os.fspath(source)
+        source = os.fspath(source)
+        self.source = source if _is_url(source) else os.path.abspath(_local(source))
         self.name = name
         self.timeout = timeout
         self.keep = keep

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import stat
 
 from .._libc import libc
@@ -113,12 +112,14 @@ def looks_like_shm_name(image: str, *, bare: bool = True) -> bool:
     return bare and bool(image) and "/" not in image
 
 
-_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
-
-
 def looks_like_url(text: str) -> bool:
-    """``scheme://...`` or an fsspec chain (``proto::url``): a remote image, read lazily."""
-    return bool(_URL_SCHEME.match(text)) or ("::" in text and bool(re.match(r"[A-Za-z][\w+.\-]*::", text)))
+    """``scheme://...`` or an fsspec chain (``proto::url``): a remote image, read lazily.
+    (String tests, not ``re``: a plain open does not import it.)"""
+    for sep in ("://", "::"):
+        head, found, _ = text.partition(sep)
+        if found and head[:1].isalpha() and all(c.isalnum() or c in "+.-_" for c in head):
+            return True
+    return False
 
 
 def _check_image_file(path: str) -> None:

@@ -3,8 +3,9 @@
 One cluster for the module (starting one costs seconds). The dataset is a tree of text files
 and a float64 array in a tmpfs directory, packed by ``mke2fs -d`` into an image: every result
 read from the image is compared with the same computation over the directory. Memory is read
-from ``/proc/PID/smaps_rollup`` of each worker: PSS splits each shared page between the
-processes that map it, so the workers' summed PSS counts the node's one copy once.
+from ``/proc/PID/smaps`` of each worker (the Rss and Pss of its mappings of the image): PSS
+splits each shared page between the processes that map it, so the workers' summed PSS counts
+the node's one copy once.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import xipfs  # noqa: E402
 import xipfs.dask as xd  # noqa: E402
 from xipfs.xip.arrays import load_chunk, map_array  # noqa: E402
 
-MIB = 1 << 20
 NFILES = 48
 FILE_BYTES = 512 * 1024                     # text files: 24 MiB in all
 ROWS, COLS = 2048, 256                      # the array: 4 MiB of float64
@@ -48,7 +48,7 @@ def _can_fork_processes() -> str | None:
     if not os.path.isdir("/dev/shm"):
         return "no /dev/shm: no shared memory to deliver images into"
     if not os.path.exists("/proc/self/smaps_rollup"):
-        return "no /proc/PID/smaps_rollup to read PSS from"
+        return "no /proc/PID/smaps_rollup to read PSS from"  # smaps came before it
     return None
 
 

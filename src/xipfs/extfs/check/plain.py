@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from itertools import compress, repeat
-from operator import lt, mul, ne, sub
+from operator import add, lt, mul, ne, sub
 
 from .. import layout as L
 from .context import NONZERO, Context
@@ -223,7 +223,7 @@ def one_extent(c: Context, col: Columns, cand: int) -> int:
     with col.words(entry + 8, "I") as starts:
         pblks = list(compress(starts, sel))
     counts = list(compress(lens, sel))
-    if pblks and (min(pblks) <= c.fdb or max(map(sum, zip(pblks, counts, strict=True))) > c.nblocks):
+    if pblks and (min(pblks) <= c.fdb or max(map(add, pblks, counts)) > c.nblocks):
         return 0                                         # an extent outside the filesystem: in doubt
     c.runs.extend(zip(pblks, counts, strict=True))
     return ok

@@ -2,7 +2,10 @@
 
 Only the bytes asked for cross the network, through the bounded :class:`~.file.PageCache`,
 with readahead that grows while reads stay sequential (Linux's ondemand readahead: a small
-first window, doubled on every sequential miss up to a cap, back to small on a seek).
+first window, doubled on every sequential miss up to a cap, back to small on a seek). Reads as
+large as a window go from the socket straight into the caller's buffer, and a sequential run's
+request asks for as much again as the run has read, streamed into the next reads: requests
+double, as curl makes one, instead of one per read.
 http and https use one keep-alive ``http.client`` connection per device (the standard library
 alone); other schemes (``s3://``, ``gs://``, ``file://``, chains) go through fsspec. A server
 that goes away gives an ``OSError`` after a bounded wait and a few retries, never a hang; one
@@ -42,13 +45,7 @@ MAX_REDIRECTS = 5
 #: Page cache in front of a remote device.
 REMOTE_CACHE_BYTES = 64 * 1024 * 1024
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _TRANSIENT = (ConnectionError, http.client.HTTPException, socket.timeout, TimeoutError, OSError)
-
-
-def is_url(text: object) -> bool:
-    """True when ``text`` is a URL (``scheme://...``) or an fsspec chain (``a::b``)."""
-    return isinstance(text, str) and (bool(_URL.match(text)) or "::" in text)
 
 
 class RemoteInfo:
@@ -77,12 +74,17 @@ def _md5_of_etag(etag: str | None) -> bytes | None:
     return None
 
 
-def _digests(headers: Any) -> tuple[bytes | None, bytes | None]:
-    """``(md5, sha256)`` from Content-MD5, Digest or Repr-Digest headers, when given."""
+def _digests(headers: Any, body: bytes) -> tuple[bytes | None, bytes | None]:
+    """``(md5, sha256)`` of the whole object from Content-MD5, Digest or Repr-Digest headers,
+    when given (a Content-MD5 that is the MD5 of ``body``, the range answered, is not)."""
     md5 = sha = None
     cmd5 = headers.get("Content-MD5")
     if cmd5:
+        import hashlib
+
         md5 = _b64(cmd5)
+        if md5 == hashlib.md5(body).digest():        # noqa: S324  (a checksum, not security)
+            md5 = None
     for name in ("Digest", "Repr-Digest"):
         value = headers.get(name) or ""
         for part in value.split(","):
@@ -257,6 +259,7 @@ class HttpSource(Source):
                     self._drop()
                     self._aim(urllib.parse.urljoin(self.location, where))
                     resp = self._request("GET", {"Range": "bytes=0-0"})
+                body = b""
                 if resp.status == 200:       # no range support: the whole object is coming
                     size = _length_of(resp)
                     self._drop()             # without reading it
@@ -264,12 +267,12 @@ class HttpSource(Source):
                         raise RangeUnsupported(self.url, size)
                     self.ranges = False
                 else:
-                    resp.read()
+                    body = resp.read()
                     self._check_status(resp)
                     size = _total_of(resp.getheader("Content-Range"))
                     if size is None:
                         raise OSError(errno.EPROTO, "a 206 answer without Content-Range", self.url)
-                md5, sha = _digests(resp.headers)
+                md5, sha = _digests(resp.headers, body)
                 etag = resp.getheader("ETag")
                 return RemoteInfo(size, etag, resp.getheader("Last-Modified"),
                                   md5 or _md5_of_etag(etag), sha)

@@ -405,26 +405,40 @@ def test_populate_maps_the_whole_image_in_every_worker(client: Client, dataset: 
         xd.release(client, name)
 
 
-def test_an_image_large_for_the_memory_limit_is_warned_about(dataset: dict[str, Any]) -> None:
-    """Dask counts mapped image pages in a worker's RSS (and restarts a worker at 95% of its
-    memory_limit): deliver warns, and populate=True leaves such a worker unpopulated, alive."""
+def test_an_image_larger_than_the_memory_limit(dataset: dict[str, Any]) -> None:
+    """Dask counts a worker's RSS against its memory_limit (the nanny restarts it at 95%), and
+    the image pages it maps are in its RSS. By default they are not counted (the node holds them
+    once): a worker with the whole image mapped, more than its limit with its own memory,
+    keeps running. With unshared_memory=False, deliver warns and does not populate."""
     img = mkfs(os.path.join(dataset["root"], "big.ext2"), "100M", bs=4096,
                src=os.path.join(dataset["src"], "arrays"))
     size = os.path.getsize(img)
-    name = f"xipfs-test-limit-{uuid.uuid4().hex[:8]}"
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit="160MiB") as cluster, Client(cluster) as small:
+                      memory_limit="150MiB") as cluster, Client(cluster) as small:
+        name = f"xipfs-test-limit-{uuid.uuid4().hex[:8]}"
+        pid = list(small.run(os.getpid).values())
+        try:
+            xd.deliver(small, img, name, populate=True)
+            mem = small.run(lambda: (xd.process_memory()["rss"], xd.unshared_rss()))
+            (rss, unshared), = mem.values()
+            assert rss > 150 * 1024 * 1024 > 2 * unshared, mem     # over the limit, as Dask saw
+            time.sleep(1.0)                         # ten rounds of the nanny's memory monitor
+            assert list(small.run(os.getpid).values()) == pid     # the same worker, alive
+            status = small.run(lambda dask_worker: dask_worker.status.name)
+            assert list(status.values()) == ["running"]            # not paused either
+        finally:
+            xd.release(small, name)
+        name = f"xipfs-test-limit-{uuid.uuid4().hex[:8]}"
         try:
             with pytest.warns(RuntimeWarning, match="memory_limit"):
-                xd.deliver(small, img, name, populate=True)
+                xd.deliver(small, img, name, populate=True, unshared_memory=False)
             mem = xd.worker_memory(small, name)
             assert all(m["rss"] < 0.5 * size for m in mem.values()), mem
-            got = small.run(lambda: xd.image(name).stat("/x.f8").st_size)
-            assert list(got.values()) == [ROWS * COLS * 8]
             cluster.scale(2)                            # a worker joining later attaches too
             small.wait_for_workers(2, timeout=60)
             inodes = small.run(lambda: (os.stat(xd.image_path(name)).st_ino,
                                         xd.image(name).stat("/x.f8").st_size))
             assert len(inodes) == 2 and len(set(inodes.values())) == 1
+            assert list(inodes.values())[0][1] == ROWS * COLS * 8
         finally:
             xd.release(small, name)

@@ -46,7 +46,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 try:
-    from distributed.diagnostics.plugin import WorkerPlugin
+    from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise ImportError("xipfs.dask needs dask.distributed: pip install xipfs[dask]") from exc
 
@@ -56,11 +56,11 @@ from .fs import Filesystem
 from .fs import open as xipfs_open
 
 if TYPE_CHECKING:
-    from distributed import Client, Worker
+    from distributed import Client, Nanny, Worker
 
 __all__ = ["ImagePlugin", "attach", "deliver", "detach", "image", "image_path", "mapped_memory",
            "plugin_name", "populate_pages", "process_memory", "provide", "release", "unlink_local",
-           "worker_memory"]
+           "unshared_rss", "worker_memory", "UnsharedMemoryPlugin"]
 
 SHM_DIR = "/dev/shm"
 #: Seconds a worker waits for another worker of its node to fetch the image.
@@ -399,7 +399,7 @@ class ImagePlugin(WorkerPlugin):
     worker at start (setup waits for the node's fetch, off the worker's event loop)."""
 
     def __init__(self, source: str, name: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 keep: bool = True, populate: bool = False) -> None:
+                 keep: bool = True, populate: bool = False, unshared_memory: bool = True) -> None:
         image_path(name)                               # a bad name fails at the client
         source = os.fspath(source)
         self.source = source if _is_url(source) else os.path.abspath(_local(source))
@@ -407,13 +407,16 @@ class ImagePlugin(WorkerPlugin):
         self.timeout = timeout
         self.keep = keep
         self.populate = populate
+        self.unshared_memory = unshared_memory
 
     async def setup(self, worker: Worker) -> None:
+        if self.unshared_memory:
+            _count_unshared_in_worker(worker)
         await asyncio.to_thread(attach, self.source, self.name, self.timeout)
         if self.populate:
             limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
             size = os.path.getsize(image_path(self.name))
-            if not _fits_rss_budget(size, limit):
+            if not self.unshared_memory and not _fits_rss_budget(size, limit):
                 logger.warning("xipfs.dask: not populating image %s (%d bytes) in a worker whose "
                                "memory_limit is %s: Dask counts mapped image pages in its RSS",
                                self.name, size, limit)
@@ -422,6 +425,65 @@ class ImagePlugin(WorkerPlugin):
 
     async def teardown(self, worker: Worker) -> None:
         await asyncio.to_thread(detach, self.name, not self.keep, self.timeout)
+
+
+class UnsharedMemoryPlugin(NannyPlugin):
+    """Nanny plugin: the nanny's memory monitor (which restarts a worker at 95% of its
+    ``memory_limit``) counts the worker's RSS without its shared memory (see
+    :func:`unshared_rss`)."""
+
+    def setup(self, nanny: Nanny) -> None:
+        _count_unshared_in_nanny(nanny)
+
+
+def unshared_rss(pid: int | str = "self") -> int:
+    """A process's resident memory without its resident shared memory (``VmRSS - RssShmem``
+    of ``/proc/PID/status``): what Dask should count against a worker's ``memory_limit`` when
+    it maps images, whose pages the node holds once and no worker can free by spilling or
+    restarting. Cheap (no page walk), so fit for monitors that run ten times a second."""
+    rss = shmem = 0
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith(b"RssShmem:"):
+                shmem = int(line.split()[1]) * 1024
+    return rss - shmem
+
+
+def _count_unshared_in_worker(worker: Worker) -> None:
+    """Make the worker's own memory monitor (spill at 70%, pause at 80%) and the memory it
+    reports to the scheduler :func:`unshared_rss` (once per process)."""
+    monitor = getattr(worker, "monitor", None)
+    if monitor is None or getattr(monitor.get_process_memory, "_xipfs_unshared", False):
+        return
+
+    def get_process_memory() -> int:
+        return unshared_rss()
+    get_process_memory._xipfs_unshared = True          # type: ignore[attr-defined]
+    monitor.get_process_memory = get_process_memory
+
+
+def _count_unshared_in_nanny(nanny: Nanny) -> None:
+    """Let the nanny's restart-at-95% check see :func:`unshared_rss`: its own check (raw RSS)
+    runs only when the worker's unshared memory is over the limit too (once per nanny)."""
+    pc = getattr(nanny, "periodic_callbacks", {}).get("memory_monitor")
+    manager = getattr(nanny, "memory_manager", None)
+    if pc is None or manager is None or getattr(pc.callback, "_xipfs_unshared", False):
+        return
+    check = pc.callback
+
+    def memory_monitor() -> None:
+        try:
+            pid = nanny.process.process.pid
+            fraction = unshared_rss(pid) / manager.memory_limit
+        except (AttributeError, OSError, TypeError, ZeroDivisionError):
+            fraction = None                            # not running: Dask's own check decides
+        if fraction is not None and fraction <= manager.memory_terminate_fraction:
+            return
+        check()
+    memory_monitor._xipfs_unshared = True              # type: ignore[attr-defined]
+    pc.callback = memory_monitor
 
 
 #: Share of a worker's memory_limit the image may take before Dask's memory monitor, which
@@ -434,7 +496,7 @@ def _fits_rss_budget(size: int, limit: int | None) -> bool:
     return not limit or size <= RSS_SHARE * limit
 
 
-def _warn_if_over_budget(client: Client, name: str) -> None:
+def _warn_if_over_budget(client: Client, name: str) -> None:  # only with unshared_memory=False
     """Warn when image ``name`` is large for the workers' ``memory_limit`` (see RSS_SHARE)."""
     sizes = client.run(os.path.getsize, image_path(name))
     workers = client.scheduler_info().get("workers", {})
@@ -456,16 +518,24 @@ def plugin_name(name: str) -> str:
 
 
 def deliver(client: Client, source: str, name: str, *, timeout: float = DEFAULT_TIMEOUT,
-            keep: bool = True, populate: bool = False) -> str:
+            keep: bool = True, populate: bool = False, unshared_memory: bool = True) -> str:
     """Deliver image ``source`` (URL or path) to every node of ``client``'s cluster under
     ``name``, now and on workers that join later; returns ``name`` once every worker attached.
 
-    ``keep``: see the module's docstring (teardown); ``populate``: see :func:`attach`. Errors of
-    any worker (the fetch, a corrupt image, the wait) are raised here.
+    ``keep``: see the module's docstring (teardown); ``populate``: see :func:`attach`.
+    ``unshared_memory``: Dask's memory monitors (the worker's spill and pause, the nanny's
+    restart) count each worker's RSS without its shared memory (:func:`unshared_rss`), since
+    the image pages a worker maps are the node's one copy; False leaves Dask counting them in
+    every worker (and warns when the image is large for the workers' ``memory_limit``).
+    Errors of any worker (the fetch, a corrupt image, the wait) are raised here.
     """
-    plugin = ImagePlugin(source, name, timeout=timeout, keep=keep, populate=populate)
+    if unshared_memory:
+        client.register_plugin(UnsharedMemoryPlugin(), name="xipfs-unshared-memory")
+    plugin = ImagePlugin(source, name, timeout=timeout, keep=keep, populate=populate,
+                         unshared_memory=unshared_memory)
     client.register_plugin(plugin, name=plugin_name(name))
-    _warn_if_over_budget(client, name)
+    if not unshared_memory:
+        _warn_if_over_budget(client, name)
     return name
 
 

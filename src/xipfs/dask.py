@@ -20,6 +20,11 @@ splits shared pages between the processes mapping them, sums to about one copy).
 The wait is bounded by ``timeout`` seconds *without progress*: a long fetch whose partial copy
 keeps growing is waited for.
 
+Memory limits: Dask checks a worker's RSS against its ``memory_limit`` (spill at 70%, pause at
+80%, the nanny restarts it at 95%), and the image pages a worker has mapped are in its RSS
+although the node holds them once. By default (``unshared_memory=True``) the worker's and the
+nanny's monitors count RSS without shared memory instead (:func:`unshared_rss`).
+
 Teardown: the image is **kept** by default when workers go (a restarted worker re-attaches
 without a new fetch) and unlinked on every node by :func:`release`. With ``keep=False`` it is
 unlinked when the last worker of the node that attached it detaches (workers attached hold a

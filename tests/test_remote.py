@@ -547,3 +547,29 @@ def test_fetch_through_fsspec(real_tree: tuple[Path, dict], shm_dir: Path) -> No
     dest = shm_dir / "via-fsspec.img"
     assert fetch(f"file://{srv / 'tree.ext4'}", dest, progress=False) == os.path.getsize(srv / "tree.ext4")
     assert dest.read_bytes() == (srv / "tree.ext4").read_bytes()
+
+
+def test_fetch_checks_an_s3_etag(real_tree: tuple[Path, dict], nginx, shm_dir: Path,  # noqa: F811
+                                 tmp_path: Path) -> None:
+    """An S3 answer's ETag is the MD5 (checked), except under SSE-KMS; other servers' are opaque."""
+    srv, _ = real_tree
+    data = (srv / "tree.ext2").read_bytes()
+    good, bad = hashlib.md5(data).hexdigest(), hashlib.md5(b"other").hexdigest()
+    mine = tmp_path / "srv"
+    mine.mkdir()
+    for name in ("good", "bad", "kms", "plain"):
+        shutil.copy(srv / "tree.ext2", mine / f"{name}.img")
+    s3 = "add_header x-amz-request-id test;"
+    extra = "\n".join([
+        f"location = /good.img {{ etag off; add_header ETag '\"{good}\"'; {s3} }}",
+        f"location = /bad.img {{ etag off; add_header ETag '\"{bad}\"'; {s3} }}",
+        f"location = /kms.img {{ etag off; add_header ETag '\"{bad}\"'; {s3} "
+        "add_header x-amz-server-side-encryption aws:kms; }",
+        f"location = /plain.img {{ etag off; add_header ETag '\"{bad}\"'; }}",
+    ])
+    server = nginx(mine, extra=extra)
+    for name in ("good", "kms", "plain"):
+        assert fetch(server.url(f"{name}.img"), shm_dir / name, progress=False) == len(data), name
+    with pytest.raises(OSError) as err:
+        fetch(server.url("bad.img"), shm_dir / "bad", progress=False)
+    assert err.value.errno == errno.EIO and "md5" in str(err.value)

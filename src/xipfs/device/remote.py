@@ -64,6 +64,19 @@ class RemoteInfo:
         return f"{self.size}|{self.etag or ''}|{self.last_modified or ''}"
 
 
+#: Server-side encryption under which an S3 ETag is not the object's MD5.
+_SSE_NOT_MD5 = ("aws:kms", "aws:kms:dsse")
+
+
+def _s3_etag_is_md5(headers: Any) -> bool:
+    """An S3 answer (``x-amz-*`` headers) whose ETag S3 makes the MD5: not under SSE-KMS or
+    SSE-C. Other servers' ETags are opaque."""
+    if not any(k.lower().startswith("x-amz-") for k in headers):
+        return False
+    sse = (headers.get("x-amz-server-side-encryption") or "").lower()
+    return sse not in _SSE_NOT_MD5 and not headers.get("x-amz-server-side-encryption-customer-algorithm")
+
+
 def _md5_of_etag(etag: str | None) -> bytes | None:
     """An S3-style ETag that is a plain MD5 (32 hex digits, not a multipart ``-N`` one)."""
     if not etag:
@@ -85,7 +98,7 @@ def _digests(headers: Any, body: bytes) -> tuple[bytes | None, bytes | None]:
         md5 = _b64(cmd5)
         if md5 == hashlib.md5(body).digest():        # noqa: S324  (a checksum, not security)
             md5 = None
-    for name in ("Digest", "Repr-Digest"):
+    for name in ("Digest", "Repr-Digest", "x-goog-hash"):
         value = headers.get(name) or ""
         for part in value.split(","):
             algo, _, val = part.strip().partition("=")
@@ -275,7 +288,8 @@ class HttpSource(Source):
                 md5, sha = _digests(resp.headers, body)
                 etag = resp.getheader("ETag")
                 return RemoteInfo(size, etag, resp.getheader("Last-Modified"),
-                                  md5 or _md5_of_etag(etag), sha)
+                                  md5 or (_md5_of_etag(etag) if _s3_etag_is_md5(resp.headers) else None),
+                                  sha)
         return self._retrying("asking for the size", ask)
 
     def _check_status(self, resp: http.client.HTTPResponse) -> None:
@@ -464,11 +478,9 @@ class FsspecSource(Source):
         if meta.get("type") == "directory":
             raise IsADirectoryError(errno.EISDIR, "is a directory, not an image", url)
         etag = meta.get("ETag") or meta.get("etag")
-        md5 = _md5_of_etag(etag)
-        if md5 is None and isinstance(meta.get("md5Hash"), str):
-            md5 = _b64(meta["md5Hash"])
         modified = meta.get("LastModified") or meta.get("mtime") or meta.get("updated")
-        self.info = RemoteInfo(int(meta["size"]), etag, None if modified is None else str(modified), md5)
+        self.info = RemoteInfo(int(meta["size"]), etag, None if modified is None else str(modified),
+                               _fsspec_md5(self.fs, meta, etag))
 
     def read_into(self, dst: memoryview, offset: int) -> None:
         n = len(dst)
@@ -478,6 +490,18 @@ class FsspecSource(Source):
             raise OSError(errno.EIO, f"short read: {len(data)} of {n} bytes at {offset}", self.url)
         dst[:] = data
         self.received += n
+
+
+def _fsspec_md5(fs: Any, meta: dict[str, Any], etag: str | None) -> bytes | None:
+    """The object's MD5 from an fsspec ``info``: GCS's ``md5Hash``, or an S3 ETag that S3 made
+    the MD5 (not under SSE-KMS)."""
+    if isinstance(meta.get("md5Hash"), str):
+        return _b64(meta["md5Hash"])
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    kms = meta.get("SSEKMSKeyId") or str(meta.get("ServerSideEncryption") or "").lower() in _SSE_NOT_MD5
+    if any(p in ("s3", "s3a") for p in protocols) and not kms:
+        return _md5_of_etag(etag)
+    return None
 
 
 def open_source(url: str, *, timeout: float = DEFAULT_TIMEOUT, need_ranges: bool = True,

@@ -65,7 +65,7 @@ class Nginx:
     """A running nginx serving one directory on ``127.0.0.1:port``."""
 
     def __init__(self, root: Path, workdir: Path, *, ranges: bool = True, extra: str = "",
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls: bool = False) -> None:
         self.binary = require_nginx()
         self.root = Path(root).resolve()
         self.workdir = Path(workdir)
@@ -76,7 +76,19 @@ class Nginx:
         self.proc: subprocess.Popen[bytes] | None = None
         self._mark = 0
         self.port = port or 0
+        #: With ``tls``: the self-signed certificate (for 127.0.0.1) a client must trust.
+        self.cafile: Path | None = self._certificate() if tls else None
         self._start()
+
+    def _certificate(self) -> Path:
+        cert, key = self.workdir / "cert.pem", self.workdir / "key.pem"
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("openssl is not installed: no certificate for an https server")
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                        "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        return cert
 
     # -- life --------------------------------------------------------------------------------
     def _config(self) -> str:
@@ -104,13 +116,19 @@ http {{
     keepalive_timeout 60s;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{self.port};
+        listen 127.0.0.1:{self.port}{" ssl" if self.cafile else ""};
+        {self._tls_lines()}
         root {self.root};
         {"" if self.ranges else "max_ranges 0;"}
         {self.extra}
     }}
 }}
 """
+
+    def _tls_lines(self) -> str:
+        if self.cafile is None:
+            return ""
+        return f"ssl_certificate {self.cafile}; ssl_certificate_key {self.workdir / 'key.pem'};"
 
     def _start(self) -> None:
         last = ""
@@ -183,7 +201,8 @@ http {{
         self.proc = None
 
     # -- what crossed --------------------------------------------------------------------------
-    def url(self, name: str, scheme: str = "http") -> str:
+    def url(self, name: str) -> str:
+        scheme = "https" if self.cafile else "http"
         return f"{scheme}://127.0.0.1:{self.port}/{name.lstrip('/')}"
 
     def entries(self) -> list[LogEntry]:
@@ -224,19 +243,22 @@ http {{
 
 
 def start_nginx(root: str | os.PathLike[str], workdir: str | os.PathLike[str], *, ranges: bool = True,
-                extra: str = "") -> Nginx:
+                extra: str = "", tls: bool = False) -> Nginx:
     """nginx serving ``root`` on a free loopback port, its files under ``workdir``; skips the test
-    when nginx is missing. ``ranges=False`` serves no ranges (``max_ranges 0``)."""
-    return Nginx(Path(root), Path(workdir), ranges=ranges, extra=extra)
+    when nginx is missing. ``ranges=False`` serves no ranges (``max_ranges 0``); ``tls=True``
+    serves https with a self-signed certificate (``server.cafile``)."""
+    return Nginx(Path(root), Path(workdir), ranges=ranges, extra=extra, tls=tls)
 
 
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[object]:
-    """A factory ``nginx(root, ranges=True, extra="")``: servers stopped at the end of the test."""
+    """A factory ``nginx(root, ranges=True, extra="", tls=False)``: servers stopped at the end of
+    the test."""
     servers: list[Nginx] = []
 
-    def make(root: str | os.PathLike[str], *, ranges: bool = True, extra: str = "") -> Nginx:
-        server = start_nginx(root, tmp_path / f"nginx{len(servers)}", ranges=ranges, extra=extra)
+    def make(root: str | os.PathLike[str], *, ranges: bool = True, extra: str = "",
+             tls: bool = False) -> Nginx:
+        server = start_nginx(root, tmp_path / f"nginx{len(servers)}", ranges=ranges, extra=extra, tls=tls)
         servers.append(server)
         return server
 

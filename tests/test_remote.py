@@ -573,3 +573,24 @@ def test_fetch_checks_an_s3_etag(real_tree: tuple[Path, dict], nginx, shm_dir: P
     with pytest.raises(OSError) as err:
         fetch(server.url("bad.img"), shm_dir / "bad", progress=False)
     assert err.value.errno == errno.EIO and "md5" in str(err.value)
+
+
+def test_https(served: Path, nginx) -> None:  # noqa: F811
+    """https with the standard library's ssl: a trusted certificate reads; an untrusted one is a
+    clear error at once."""
+    server = nginx(served, tls=True)
+    url = server.url("big.ext4")
+    assert url.startswith("https://")
+    code = ("import sys, xipfs\n"
+            "with xipfs.open(sys.argv[1]) as fs:\n"
+            "    assert fs.read_bytes('/data/small/four.bin') == bytes.fromhex(sys.argv[2])\n"
+            "    assert fs.read_bytes('/data/f05.txt') == b'file 5\\n' * 50\n"
+            "print('ok')\n")
+    env = {**os.environ, "SSL_CERT_FILE": str(server.cafile)}
+    r = subprocess.run([sys.executable, "-c", code, url, SMALL.hex()], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert server.body_bytes() < MiB
+    with pytest.raises(OSError) as err:              # this process does not trust the certificate
+        xipfs.open(url)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err.value) or "certificate" in str(err.value).lower()

@@ -36,10 +36,12 @@ image: indirect blocks are followed at most to their fixed depth, and the blocks
 claim are capped, so loops in directory trees or block maps end as problems, never as hangs.
 
 Speed (the target is within 3x of e2fsck, which is C): see :mod:`.pass1` (inode tables scanned
-a megabyte at a time with whole-buffer byte operations), :mod:`.walk` (contiguous runs recognised
-whole), :mod:`.pass2` (directory blocks checked whole) and :mod:`.pass5` (bitmaps compared as
-byte strings). Block ownership lives in one ``bytearray`` (a byte per block), link counts and
-references in two arrays.
+a megabyte at a time with whole-buffer byte operations), :mod:`.plain` (the plain regular files of
+a piece, most files, checked and claimed with column operations, no per-inode Python),
+:mod:`.walk` (contiguous runs recognised whole), :mod:`.pass2` (directory blocks checked whole)
+and :mod:`.pass5` (bitmaps compared as byte strings). Block ownership lives in one ``bytearray``
+(a byte per block), link counts and references in two arrays; blocks are read with ``pread``
+(a block read once costs less than a page fault of a fresh mapping).
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 
 Speed: inode tables are read a piece at a time into one buffer and scanned with whole-buffer
 byte operations (strided slices, ``translate``, big-integer masks) to find the inodes in use,
-their types and link counts; only inodes in use are decoded, one ``struct`` call each, and the
-common cases (a file or directory with direct blocks only, or twelve direct blocks and one
-indirect block mapping a contiguous run) are checked inline in :func:`scan_used`.
+their types and link counts; the plain regular files among them (direct blocks only, or one
+extent in the inode: most files) are checked and claimed by :mod:`.plain` a piece at a time;
+only the other inodes in use are decoded, one ``struct`` call each, and their common cases (a
+directory with direct blocks only, twelve direct blocks and one indirect block mapping a
+contiguous run, extents all in the inode) are checked inline in :func:`scan_used`.
 """
 
 from __future__ import annotations

@@ -668,12 +668,20 @@ def _many_small(src: str, count: int = 120) -> None:
     os.mkdir(os.path.join(d, "sub"))
 
 
-@pytest.mark.parametrize("helper_min", [1, 1 << 60], ids=["two-threads", "one-thread"])
-def test_many_small_files_come_back_exactly(work, monkeypatch, helper_min):
+def _helpers(monkeypatch, how: str) -> None:
+    """Small files made by two threads (a helper beside the walking one) or by one."""
+    monkeypatch.setattr(unpack_mod, "_HELPER_MIN", 1 if how == "two-threads" else 1 << 60)
+
+
+HELPERS = ["two-threads", "one-thread"]
+
+
+@pytest.mark.parametrize("how", HELPERS)
+def test_many_small_files_come_back_exactly(work, monkeypatch, how):
     """A directory of many small plain files (made by the walking thread and a helper thread
     together, or by the walking thread alone) comes back exactly: data, modes with set-id bits,
     nanosecond times; the links and the subdirectory beside them too."""
-    monkeypatch.setattr(unpack_mod, "_HELPER_MIN", helper_min)
+    _helpers(monkeypatch, how)
     src = os.path.join(work, "src")
     _many_small(src)
     img = os.path.join(work, "m.img")
@@ -687,12 +695,12 @@ def test_many_small_files_come_back_exactly(work, monkeypatch, helper_min):
     assert (result.files, result.hardlinks, result.symlinks) == (120, 1, 1)
 
 
-@pytest.mark.parametrize("helper_min", [1, 1 << 60], ids=["two-threads", "one-thread"])
-def test_small_file_failures_in_either_thread(work, monkeypatch, helper_min):
+@pytest.mark.parametrize("how", HELPERS)
+def test_small_file_failures_on_either_side(work, monkeypatch, how):
     """One small file in the way (a directory of its name in the destination) is reported and
     the others made; an error that stops everything (ENOSPC) is raised from either thread, no
     descriptor stays open and no half-made file stays behind."""
-    monkeypatch.setattr(unpack_mod, "_HELPER_MIN", helper_min)
+    _helpers(monkeypatch, how)
     src = os.path.join(work, "src")
     _many_small(src)
     img = os.path.join(work, "m.img")
@@ -720,3 +728,19 @@ def test_small_file_failures_in_either_thread(work, monkeypatch, helper_min):
     assert info.value.errno == errno.ENOSPC
     assert set(os.listdir("/proc/self/fd")) == fds
     assert not os.path.exists(os.path.join(dest2, "d", "f050"))
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_small_file_in_the_way_first_or_last(work, where):
+    """A directory in the way of the first or the last small file of a directory (whichever
+    thread takes it): reported with its reason, the rest made."""
+    src = os.path.join(work, "src")
+    _many_small(src)
+    img = os.path.join(work, "m.img")
+    xipfs.pack(src, img)
+    dest = os.path.join(work, "out")
+    name = "f000" if where == "first" else "f119"
+    os.makedirs(os.path.join(dest, "d", name, "keep"))
+    result = unpack(img, dest, progress=False)
+    assert result.skipped == [(f"/d/{name}", "a directory of that name is in the way")]
+    assert result.files == 119 and os.path.isdir(os.path.join(dest, "d", name, "keep"))

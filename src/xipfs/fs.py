@@ -925,7 +925,8 @@ def open(image: PathArg | Device, mode: str = "r", *, xip: bool | None = None,  
     """Open an ext2 or ext4 image, ``"r"`` to read or ``"r+"`` to read and write (ext2).
 
     ``image`` is a path (an image file, a block device, a DAX device), a POSIX shared-memory
-    name, or a :class:`~xipfs.device.Device`. Memory-backed storage (tmpfs, hugetlbfs, DAX,
+    name, a URL (``https://``, ``s3://``... read-only, fetched lazily by range requests through
+    a page cache), or a :class:`~xipfs.device.Device`. Memory-backed storage (tmpfs, hugetlbfs, DAX,
     shared memory) is read and written in place (``fs.is_xip``); anything else goes through a
     bounded page cache of ``cache_bytes``. ``xip`` forces either path.
 

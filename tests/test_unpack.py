@@ -744,3 +744,32 @@ def test_small_file_in_the_way_first_or_last(work, where):
     result = unpack(img, dest, progress=False)
     assert result.skipped == [(f"/d/{name}", "a directory of that name is in the way")]
     assert result.files == 119 and os.path.isdir(os.path.join(dest, "d", name, "keep"))
+
+
+@pytest.mark.parametrize("maker", ["mke2fs", "pack"])
+def test_files_with_one_indirect_block_come_back_exactly(work, maker):
+    """Files of 13 blocks up to 1 MiB (12 direct blocks and one indirect block: the indirect
+    block between the two parts of the data as mke2fs -d lays it out, before all of it as pack
+    does), one with a hole in its indirect part, come back exactly."""
+    src = os.path.join(work, "src")
+    os.makedirs(src)
+    sizes = [12 * 4096 + 1, 13 * 4096, 20 * 4096 - 3, 300_001, (1 << 20) - 1, 1 << 20]
+    for i, size in enumerate(sizes):
+        with open(os.path.join(src, f"f{i}"), "wb") as f:
+            f.write(bytes([i + 1]) * size)
+    with open(os.path.join(src, "holey"), "wb") as f:
+        f.write(b"a" * 60_000)
+        f.seek(200_000)
+        f.write(b"b" * 10_000)
+    img = os.path.join(work, "i.img")
+    if maker == "mke2fs":
+        mkfs(img, "16M", bs=4096, isize=256, src=os.fsencode(src))
+    else:
+        xipfs.pack(src, img)
+    dest = os.path.join(work, "out")
+    with xipfs.open(img) as fs:
+        result = unpack(fs, dest, progress=False)
+        want = image_snapshot(fs)
+    assert result.skipped == [], reasons(result)
+    assert_same_tree(want, dest_snapshot(dest))
+    assert result.files == len(sizes) + 1

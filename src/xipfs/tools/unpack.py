@@ -22,7 +22,9 @@ import errno
 import os
 import queue
 import stat
+import sys
 import threading
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, S_ISREG
@@ -63,6 +65,8 @@ _NO_CFR = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, 
                      errno.EIO})
 
 _IBODY_MAGIC = L.XATTR_IBODY_HEADER.struct.unpack_from
+#: Block pointers read as a native array only where native is the on-disk little-endian.
+_LITTLE = sys.byteorder == "little"
 #: In-inode xattrs start at ``_IBODY + i_extra_isize`` and need ``_IBODY_END + i_extra_isize``
 #: bytes of inode for their magic.
 _IBODY = L.INODE.size
@@ -484,20 +488,55 @@ class _Unpacker:
             return None
         size = size_lo | (size_high << 32)
         n = -(-size // bs)
-        if n > L.N_DIRECT:
-            return None
         first = 0
-        if n:
+        if n > L.N_DIRECT:
+            src: int | tuple[tuple[int, int, int], ...] | None = self._indirect_pieces(i_block, n, size, ino)
+            if src is None:
+                return None
+        elif n:
             words = _I_BLOCK(i_block)
             first = words[0]
             if not first or words[n - 1] != first + n - 1 or (
                     n > 2 and words[:n] != tuple(range(first, first + n))):
                 return None
             vol.check_data_run(first, n, ino)
+            src = first * bs
+        else:
+            src = 0
         atime_ns = (atime + ((a_x & 3) << 32)) * _NS + (a_x >> 2)
         mtime_ns = (mtime + ((m_x & 3) << 32)) * _NS + (m_x >> 2)
         uid, gid = uid_lo | (uid_hi << 16), gid_lo | (gid_hi << 16)
-        return name, mode, size, first * bs, uid, gid, atime_ns, mtime_ns
+        return name, mode, size, src, uid, gid, atime_ns, mtime_ns
+
+    def _indirect_pieces(self, i_block: bytes, n: int, size: int,
+                         ino: int) -> tuple[tuple[int, int, int], ...] | None:
+        """The data pieces ``(image offset, file offset, length)`` of a file of ``n`` blocks
+        mapped by 12 direct blocks in a row and one indirect block of pointers in a row (what
+        mke2fs -d and pack make of a file up to 4 MiB), or None when the map is anything else
+        (or the file is copied in the background: the general path takes it)."""
+        bs = self.bs
+        m = n - L.N_DIRECT
+        if m > bs // 4 or size >= _BACKGROUND_MIN or not _LITTLE:
+            return None
+        words = _I_BLOCK(i_block)
+        first, ind = words[0], words[L.IND_BLOCK]
+        if (not first or not ind or words[L.DIND_BLOCK] or words[L.TIND_BLOCK] or words[11] != first + 11
+                or words[:12] != tuple(range(first, first + 12))):
+            return None
+        vol = self.vol
+        vol.check_data_run(ind, 1, ino, "indirect block")
+        ptrs = array("I")
+        ptrs.frombytes(vol.device.view(ind * bs, m * 4))
+        start = ptrs[0]
+        if not start or ptrs[m - 1] != start + m - 1 or (
+                m > 2 and ptrs != array("I", range(start, start + m))):
+            return None
+        vol.check_data_run(first, L.N_DIRECT, ino)
+        vol.check_data_run(start, m, ino)
+        direct = L.N_DIRECT * bs
+        if start == first + L.N_DIRECT:
+            return ((first * bs, 0, size),)
+        return ((first * bs, 0, direct), (start * bs, direct, size - direct))
 
     def _make_lean(self, dfd: int, gid_here: int, job: tuple) -> None:
         """Make one file of a :meth:`_lean_job` in directory ``dfd``: create, copy, owner and
@@ -510,7 +549,10 @@ class _Unpacker:
             fd = os.open(name, _O_CREATE, mode & 0o777, dir_fd=dfd)
         done = False
         try:
-            if size:
+            if type(src) is not int:                    # a larger file: its pieces
+                for at, dst, k in src:
+                    self._copy_run(fd, at, dst, k)
+            elif size:
                 self._copy_run(fd, src, 0, size)
             if self.root and (uid != self.uid or gid != gid_here):
                 os.fchown(fd, uid, gid)

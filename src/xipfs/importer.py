@@ -201,18 +201,18 @@ class _Reader:
         self._itable = {}
         self._inodes = {}
 
-    def _pread(self, length: int, block: int, what: str) -> bytes:
-        """``length`` bytes at block ``block``; CorruptImageError where they lie past the image."""
-        if block * self.bs + length > self.blocks * self.bs:
-            raise CorruptImageError(f"{what} at block {block} lies past the end of the image")
-        data = os.pread(self.fd, length, block * self.bs)
-        if len(data) != length:
-            raise CorruptImageError(f"{what} at block {block} lies past the end of the image")
-        return data
+    def _pread(self, length: int, block: int, what: str, number: int) -> bytes:
+        """``length`` bytes at block ``block``; CorruptImageError where they lie past the image
+        (``what`` and ``number`` name them: "the data of inode", 12)."""
+        if block * self.bs + length <= self.blocks * self.bs:
+            data = os.pread(self.fd, length, block * self.bs)
+            if len(data) == length:
+                return data
+        raise CorruptImageError(f"{what} {number} at block {block} lies past the end of the image")
 
-    def _words(self, block: int, what: str) -> Any:
+    def _words(self, block: int, what: str, number: int) -> Any:
         """Block ``block`` as little-endian 32-bit words."""
-        return memoryview(self._pread(self.bs, block, what)).cast("I")
+        return memoryview(self._pread(self.bs, block, what, number)).cast("I")
 
     def _table(self, group: int) -> int:
         table = self._tables.get(group)
@@ -239,7 +239,7 @@ class _Reader:
         block, offset = divmod(self._table(group) * self.bs + index * self.isize, self.bs)
         w = self._itable.get(block)
         if w is None:
-            w = self._itable[block] = self._words(block, f"the inode table of group {group}")
+            w = self._itable[block] = self._words(block, "the inode table of group", group)
         at = offset >> 2
         head = w[at]
         mode = head & 0xFFFF
@@ -287,7 +287,7 @@ class _Reader:
                     runs.append((w[at], length, start))
             else:
                 child = (w[at + 2] & 0xFFFF) << 32 | w[at + 1]
-                self._extents(self._words(child, f"an extent block of inode {ino}"), depth - 1, runs, ino)
+                self._extents(self._words(child, "an extent block of inode", ino), depth - 1, runs, ino)
 
     def _indirect(self, iblock: Any, nblocks: int, ino: int) -> list[tuple[int, int, int]]:
         ptrs = iblock[:min(12, nblocks)].tolist()
@@ -314,7 +314,7 @@ class _Reader:
         """The first ``want`` pointers below indirect block ``block`` of depth ``level``."""
         if block == 0:
             return [0] * want
-        w = self._words(block, f"an indirect block of inode {ino}")
+        w = self._words(block, "an indirect block of inode", ino)
         if level == 1:
             return w[:want].tolist()
         span = (self.bs // 4) ** (level - 1)
@@ -341,7 +341,7 @@ class _Reader:
                 last = (size - 1) // bs
                 if first and iblock[last] == first + last and iblock[:last + 1].tolist() == list(
                         range(first, first + last + 1)):
-                    return self._pread(size, first, f"the data of inode {ino}")
+                    return self._pread(size, first, "the data of inode", ino)
             elif size <= bs * (12 + bs // 4):
                 out = self._ext2_span(iblock, size)
                 if out is not None:
@@ -351,7 +351,7 @@ class _Reader:
             if head == _ONE_LEAF and iblock[3] == 0 and (iblock[1] >> 16) == 0:   # one extent from 0
                 length = iblock[4] & 0xFFFF
                 if length <= 32768 and length * bs >= size:
-                    return self._pread(size, (iblock[4] >> 16) << 32 | iblock[5], f"the data of inode {ino}")
+                    return self._pread(size, (iblock[4] >> 16) << 32 | iblock[5], "the data of inode", ino)
         runs = self._runs(ino, node)
         out = bytearray(size)
         view = memoryview(out)

@@ -180,6 +180,30 @@ def test_images_xipfs_wrote_are_clean(workdir: str, bs: int) -> None:
         os.unlink(path)
 
 
+@pytest.mark.parametrize("bs", [1024, 4096])
+def test_interleaved_files_are_clean(workdir: str, bs: int) -> None:
+    """Files past their direct blocks whose blocks interleave (grown in turns) beside contiguous
+    ones in the same piece of inode table: the whole-piece path takes some, the per-inode checks
+    the others, and every block is claimed once."""
+    path = os.path.join(workdir, f"interleaved-{bs}.img")
+    xipfs.mkfs(path, 8 << 20, block_size=bs)
+    try:
+        with xipfs.open(path, "r+") as fs:
+            fs.write_bytes("/whole", bytes(20 * bs))
+            with fs.open("/x", "wb") as x, fs.open("/y", "wb") as y:
+                for _ in range(20):
+                    x.write(b"x" * bs)
+                    x.flush()
+                    y.write(b"y" * bs)
+                    y.flush()
+            fs.write_bytes("/after", bytes(30 * bs))
+        blocks = [int(b) for b in debugfs_r(path, "blocks /x").split()]
+        assert blocks[1] != blocks[0] + 1, "the files did not interleave"
+        assert_both_clean(path)
+    finally:
+        os.unlink(path)
+
+
 def test_base_images_are_clean(bases: dict[int, cu.BaseImage]) -> None:
     for base in bases.values():
         assert_both_clean(base.path)

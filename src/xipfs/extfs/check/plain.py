@@ -15,11 +15,13 @@ is a problem: an inode in doubt is simply not plain.
 from __future__ import annotations
 
 import sys
+from array import array
 from itertools import compress, repeat
 from operator import add, lt, mul, ne, sub
 
 from .. import layout as L
 from .context import NONZERO, Context
+from .walk import leaf_run
 from .xattrs import XATTR_MAGIC
 
 _SIZE_AT = L.INODE.offsets["i_size"]
@@ -159,39 +161,87 @@ def in_inode_plain(col: Columns) -> int:
 
 
 def block_mapped(c: Context, col: Columns, cand: int) -> int:
-    """Plain files with a block map: direct blocks only, no holes, ``i_blocks`` and ``i_size``
-    right. Claims their blocks; the mask of those done."""
+    """Plain files with a block map and no hole: direct blocks only, or twelve direct blocks and
+    one indirect block mapping a contiguous run; ``i_blocks`` and ``i_size`` right. Claims their
+    blocks; the mask of those done."""
     sectors = c.bs // 512
     if 12 * sectors > 255:
         return 0
     nz = [col.nonzero(_BLOCK_AT + 4 * k, 4) for k in range(L.N_DIRECT)]
-    ok = cand & ~col.nonzero(_BLOCK_AT + 4 * L.N_DIRECT, 12)
     for k in range(L.N_DIRECT - 1):
-        ok &= ~(nz[k + 1] & ~nz[k])                      # a hole before a block
-    if not ok:
+        cand &= ~(nz[k + 1] & ~nz[k])                    # a hole before a block
+    cand &= ~col.nonzero(_BLOCK_AT + 4 * (L.N_DIRECT + 1), 8)   # double or triple indirect
+    ind = col.nonzero(_BLOCK_AT + 4 * L.N_DIRECT, 4)
+    ok = direct_only(c, col, cand & ~ind, nz, sectors)
+    full = cand & ind & nz[-1]                           # twelve direct blocks and an indirect one
+    if not (ok or full):
+        return 0
+    claims = c.claims
+    before = len(claims)
+    claim_direct(col, nz, ok | full, claims)
+    if len(claims) > before and max(claims[before:]) >= c.nblocks:   # a block past the end: in doubt
+        del claims[before:]
+        return 0
+    if full:
+        done, blocks = one_indirect(c, col, full)
+        if done != full:                                 # the others go to the per-inode checks
+            del claims[before:]
+            claim_direct(col, nz, ok | done, claims)
+        claims.extend(blocks)
+        ok |= done
+    return ok
+
+
+def direct_only(c: Context, col: Columns, cand: int, nz: list[int], sectors: int) -> int:
+    """Those of ``cand`` whose ``i_blocks`` and ``i_size`` agree with their direct blocks."""
+    if not cand:
         return 0
     count = col.to_bytes(sum(nz))                        # direct blocks of each record (<= 12)
     # i_blocks: its low byte is count * sectors, the others zero
     expect = count.translate(bytes([min(k * sectors, 255) for k in range(256)]))
     diff = int.from_bytes(col.byte(_BLOCKS_AT), "little") ^ int.from_bytes(expect, "little")
-    ok &= ~(int.from_bytes(col.to_bytes(diff).translate(NONZERO), "little") | col.nonzero(_BLOCKS_AT + 1, 3))
+    cand &= ~int.from_bytes(col.to_bytes(diff).translate(NONZERO), "little")
+    cand &= ~col.nonzero(_BLOCKS_AT + 1, 3)
     # i_size (its high word is zero): not below the start of the last block
     low = tuple(max(k - 1, 0) * c.bs for k in range(256))
     with col.words(_SIZE_AT, "I") as sizes:
-        ok &= ~int.from_bytes(bytes(map(lt, sizes, map(low.__getitem__, count))), "little")
-    if not ok:
-        return 0
-    claims = c.claims
-    before = len(claims)
+        cand &= ~int.from_bytes(bytes(map(lt, sizes, map(low.__getitem__, count))), "little")
+    return cand
+
+
+def claim_direct(col: Columns, nz: list[int], which: int, claims: array) -> None:
+    """Claim the direct blocks of the records in ``which``."""
     for k in range(L.N_DIRECT):
-        sel = nz[k] & ok
+        sel = nz[k] & which
         if sel:
             with col.words(_BLOCK_AT + 4 * k, "I") as ptrs:
                 claims.extend(compress(ptrs, col.to_bytes(sel)))
-    if len(claims) > before and max(claims[before:]) >= c.nblocks:   # a block past the end: in doubt
-        del claims[before:]
-        return 0
-    return ok
+
+
+def one_indirect(c: Context, col: Columns, full: int) -> tuple[int, list[int]]:
+    """Those of ``full`` (twelve direct blocks and an indirect one) whose indirect block maps one
+    contiguous run of as many blocks as ``i_blocks`` says, and whose ``i_size`` reaches its last
+    block (one read and one comparison each): their mask, and their indirect blocks to claim
+    (their runs are claimed here)."""
+    sectors, bs = c.bs // 512, c.bs
+    meta, fdb, nblocks = c.meta, c.fdb, c.nblocks
+    runs = c.runs
+    claims: list[int] = []
+    done = bytearray(col.m)
+    with col.words(_BLOCK_AT + 4 * L.N_DIRECT, "I") as inds, col.words(_BLOCKS_AT, "I") as iblocks, \
+            col.words(_SIZE_AT, "I") as sizes:
+        for r in compress(range(col.m), col.to_bytes(full)):
+            b, ib = inds[r], iblocks[r]
+            want = ib // sectors - L.N_DIRECT - 1
+            if not fdb <= b < nblocks or meta[b] or ib % sectors or want <= 0:
+                continue
+            a, k = leaf_run(c, bytes(c.block(b)), want)
+            if k != want or sizes[r] < (L.N_DIRECT - 1 + k) * bs:
+                continue
+            claims.append(b)
+            runs.append((a, k))
+            done[r] = 1
+    return int.from_bytes(done, "little"), claims
 
 
 def one_extent(c: Context, col: Columns, cand: int) -> int:

@@ -302,7 +302,7 @@ def test_map_array_reductions_equal_numpy(client: Client, delivered: str, datase
     flat = map_array(delivered, "arrays/x.f8", "float64", chunks=100_000)
     assert flat.shape == (ROWS * COLS,)
     np.testing.assert_array_equal(client.compute(flat[::1000], sync=True), want.ravel()[::1000])
-    part = map_array(delivered, "arrays/x.f8", "float64", (10, COLS), offset=8 * COLS * 5, chunks=4)
+    part = xd.map_array(delivered, "arrays/x.f8", "float64", (10, COLS), offset=8 * COLS * 5, chunks=4)
     np.testing.assert_array_equal(client.compute(part, sync=True), want[5:15])
 
 

@@ -63,7 +63,7 @@ from .fs import open as xipfs_open
 if TYPE_CHECKING:
     from distributed import Client, Nanny, Worker
 
-__all__ = ["ImagePlugin", "attach", "deliver", "detach", "image", "image_path", "mapped_memory",
+__all__ = ["ImagePlugin", "attach", "deliver", "detach", "image", "image_path", "map_array", "mapped_memory",
            "plugin_name", "populate_pages", "process_memory", "provide", "release", "unlink_local",
            "unshared_rss", "worker_memory", "UnsharedMemoryPlugin"]
 
@@ -550,6 +550,15 @@ def release(client: Client, name: str, timeout: float = DEFAULT_TIMEOUT) -> dict
     with contextlib.suppress(ValueError, KeyError):    # not registered (already released)
         client.unregister_worker_plugin(plugin_name(name))
     return client.run(unlink_local, name, timeout)
+
+
+def map_array(image: str, path: str, dtype: Any = "uint8", shape: Any = None, offset: int = 0,
+              chunks: Any = "auto") -> Any:
+    """A dask array over file ``path`` of delivered image ``image``, each chunk a view of the
+    image's mapping on its worker: :func:`xipfs.xip.arrays.map_array` (needs numpy)."""
+    from .xip.arrays import map_array as build
+
+    return build(image, path, dtype, shape, offset, chunks)
 
 
 # -- memory ------------------------------------------------------------------------------------------

@@ -306,6 +306,18 @@ def test_map_array_reductions_equal_numpy(client: Client, delivered: str, datase
     np.testing.assert_array_equal(client.compute(part, sync=True), want[5:15])
 
 
+def test_fs_map_array_with_chunks_is_the_dask_array(client: Client, delivered: str,
+                                                    dataset: dict[str, Any]) -> None:
+    """``Filesystem.map_array(..., chunks=)`` gives the same dask array, read-only."""
+    want = dataset["array"]
+    with xipfs.open(delivered) as fs:
+        a = fs.map_array("arrays/x.f8", "float64", (ROWS, COLS), chunks=(512, COLS))
+        with pytest.raises(ValueError, match="read-only"):
+            fs.map_array("arrays/x.f8", "float64", (ROWS, COLS), access="w", chunks=(512, COLS))
+    assert a.numblocks == (ROWS // 512, 1)
+    np.testing.assert_allclose(client.compute(a.sum(axis=1), sync=True), want.sum(axis=1))
+
+
 def test_map_array_graph_carries_no_data(delivered: str, dataset: dict[str, Any]) -> None:
     a = map_array(delivered, "arrays/x.f8", "float64", (ROWS, COLS), chunks=(256, COLS))
     graph = dict(a.__dask_graph__())

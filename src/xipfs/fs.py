@@ -422,13 +422,22 @@ class Filesystem:
         raise AssertionError("unreachable")
 
     def map_array(self, path: PathArg, dtype: Any = "uint8", shape: Any = None, offset: int = 0,
-                  access: str = "r") -> Any:
+                  access: str = "r", chunks: Any = None) -> Any:
         """A numpy array over a mapping of ``path`` from byte ``offset`` (no copy on XIP).
 
         ``shape`` None means as many items as fit; any ``offset`` works (the mapping starts at
         the page below it). The array keeps the mapping alive; read-only unless ``access="w"``.
         Needs numpy (the ``numpy`` extra).
+
+        ``chunks``: a dask array instead (the ``dask`` extra), each chunk a view of the mapping
+        made on the worker that computes it; workers open the image by its name (a shared-memory
+        name or a path: deliver it to them first with :func:`xipfs.dask.deliver`).
         """
+        if chunks is not None:
+            if access != "r":
+                raise ValueError("a dask array over an image is read-only (access='r')")
+            from .xip.arrays import map_array as dask_map_array
+            return dask_map_array(self.device.name, self._fspath(path)[0], dtype, shape, offset, chunks)
         import numpy as np
         dt = np.dtype(dtype)
         start = offset - offset % PAGE

@@ -945,8 +945,10 @@ class Ext2FileSystem(AbstractFileSystem):
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # noqa: SIM105  (a plain try: at interpreter exit ``contextlib`` may be gone already)
             self.close()
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""

@@ -176,19 +176,15 @@ def block_mapped(c: Context, col: Columns, cand: int) -> int:
     full = cand & ind & nz[-1]                           # twelve direct blocks and an indirect one
     if not (ok or full):
         return 0
-    claims = c.claims
-    before = len(claims)
-    claim_direct(col, nz, ok | full, claims)
+    claims, runs = c.claims, c.runs
+    before, runs_before = len(claims), len(runs)
+    done, blocks = one_indirect(c, col, full) if full else (0, [])
+    ok |= done
+    claim_direct(col, nz, ok, claims)
     if len(claims) > before and max(claims[before:]) >= c.nblocks:   # a block past the end: in doubt
-        del claims[before:]
+        del claims[before:], runs[runs_before:]
         return 0
-    if full:
-        done, blocks = one_indirect(c, col, full)
-        if done != full:                                 # the others go to the per-inode checks
-            del claims[before:]
-            claim_direct(col, nz, ok | done, claims)
-        claims.extend(blocks)
-        ok |= done
+    claims.extend(blocks)
     return ok
 
 
@@ -222,7 +218,7 @@ def one_indirect(c: Context, col: Columns, full: int) -> tuple[int, list[int]]:
     """Those of ``full`` (twelve direct blocks and an indirect one) whose indirect block maps one
     contiguous run of as many blocks as ``i_blocks`` says, and whose ``i_size`` reaches its last
     block (one read and one comparison each): their mask, and their indirect blocks to claim
-    (their runs are claimed here)."""
+    (their runs are claimed here; the caller takes them back if a direct block is illegal)."""
     sectors, bs = c.bs // 512, c.bs
     meta, fdb, nblocks = c.meta, c.fdb, c.nblocks
     runs = c.runs

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
-import importlib.util
 import marshal
 import mmap
 import os
-import signal
 import stat as st_
 import sys
 import time
@@ -230,7 +227,9 @@ def _excluder(patterns: Iterable[str]) -> Callable[[bytes, bytes], bool] | None:
     pats = [os.fsencode(p).strip(b"/") for p in ([patterns] if isinstance(patterns, str) else patterns)]
     if not pats:
         return None
-    return lambda name, rel: any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in pats)
+    from fnmatch import fnmatchcase  # (only with patterns: the command imports no more than it needs)
+
+    return lambda name, rel: any(fnmatchcase(name, p) or fnmatchcase(rel, p) for p in pats)
 
 
 def _scan(src: bytes, result: PackResult, image_id: tuple[int, int] | None,
@@ -364,7 +363,9 @@ def _data_extents(path: bytes) -> list[tuple[int, int]]:
 def _add_bytecode(root: _Node, result: PackResult) -> None:
     """A ``__pycache__/NAME.TAG.pyc`` for every ``.py`` file, timestamp-checked as importlib
     expects (source mtime and size as the image will store them)."""
-    tag = importlib.util.cache_from_source("x.py")
+    from importlib.util import cache_from_source
+
+    tag = cache_from_source("x.py")
     suffix = os.fsencode(tag[tag.index("x.") + 1:])      # b".cpython-311.pyc"
     stack = [(root, b"")]
     while stack:
@@ -1003,6 +1004,8 @@ class _Copies:
     def stop(self) -> None:
         """Stop the child if it still runs (an error before :meth:`wait`: its copies are for nothing)."""
         if self.pid:
+            import signal  # (an error path: not imported before)
+
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(OSError):

@@ -7,6 +7,11 @@ before its data), so that every file maps as one run. Then the image is formatte
 in large pieces: inode tables, directory blocks and block maps from memory, file data copied by
 the kernel from the source file straight into the image (``copy_file_range``) when both are
 files. A file that changes or vanishes while it is copied is packed empty and reported.
+
+With two cores the data and the metadata are written at once: a forked child copies the files
+from the first on while this process builds and writes the inode tables and directories, then
+copies from the last file back until the two meet (:class:`_Copies`). The garbage collector is
+off meanwhile (a tree's worth of nodes, none in a cycle).
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ symlink) can make a write land outside ``dest_dir``. Symlink targets are data, n
 Speed: file data goes from the image to the new file in the kernel (``copy_file_range``: no
 page faults on the mapping, no Python buffer; a plain write from the image's view where that is
 not possible), one ``open``/copy/``futimens``/``close`` per file; holes stay holes (the block
-map says where they are). Small plain files (one run of at most 12 blocks, one link, no xattrs:
-most files) are made straight from their raw inode; large files are copied by a second thread
-while the walk goes on.
+map says where they are). Plain files with one link and no xattrs whose blocks lie in a row (at
+most 12 direct blocks, or those and one indirect block up to 1 MiB: most files) are made
+straight from their raw inode, a directory's worth at a time, by the walking thread and a helper
+thread together when there are many; large files are copied by a second thread while the walk
+goes on.
 """
 
 from __future__ import annotations

@@ -8,21 +8,18 @@ in large pieces: inode tables, directory blocks and block maps from memory, file
 the kernel from the source file straight into the image (``copy_file_range``) when both are
 files. A file that changes or vanishes while it is copied is packed empty and reported.
 
-With two cores the data and the metadata are written at once: a forked child copies the files
-from the first on while this process builds and writes the inode tables and directories, then
-copies from the last file back until the two meet (:class:`_Copies`). The garbage collector is
-off meanwhile (a tree's worth of nodes, none in a cycle).
+The files' data is copied first, then every inode is encoded straight into an inode table built
+whole in memory (the few files that changed or vanished are made empty after). The garbage
+collector is off meanwhile (a tree's worth of nodes, none in a cycle, would start it every few
+hundred entries).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import marshal
-import mmap
 import os
 import stat as st_
-import sys
 import time
 from array import array
 from collections.abc import Callable, Iterable
@@ -48,7 +45,7 @@ from ..extfs.mkfs import (
     prefix_bitmap,
 )
 from ..extfs.xattr import build_block, split_name
-from ..progress import Progress, ProgressArg, progress_bar
+from ..progress import ProgressArg, progress_bar
 from . import no_gc
 
 ROOT_INO = L.ROOT_INO
@@ -679,54 +676,53 @@ class _Layout:
               bar: Any) -> list[GroupUse]:
         """Write everything into the freshly formatted ``dev``; what each group now holds.
 
-        The files' data is copied (by a second process where it can: :class:`_Copies`) while
-        the inode table is built whole in memory, every inode as if its copy succeeded; the
-        few that did not (changed or vanished) are made empty and their blocks freed after."""
+        The files' data is copied first; then the inode table is built whole in memory, every
+        inode as if its copy succeeded, and the few that did not (changed or vanished) are made
+        empty and their blocks freed after."""
         assert (geo.blocks, geo.ipg, filetype) == (self.geo.blocks, self.geo.ipg, True)
         bs, isize = geo.bs, geo.isize
         nodes = self.nodes
         files = [n for n in nodes if n.fmt == st_.S_IFREG]
-        with _Copies(_Copier(dev, zeroed), files, bs, result, bar) as copies:
-            for blk, attrs, users in self.xattr_blocks:
-                block = bytearray(build_block(list(attrs), bs))
-                L.XATTR_HEADER.pack_field(block, "h_refcount", users)
-                dev.write_new(block, blk * bs)
-            last_ino = max(n.ino for n in nodes)
-            table = bytearray(last_ino * isize)
-            dirs = [0] * geo.groups
-            put = _inode_writer(table, isize)
-            direct = encode_direct_run
-            sectors = bs // 512
-            reg = st_.S_IFREG
-            for node in nodes:
-                fmt = node.fmt
-                runs = node.runs
-                if fmt == reg:
-                    size = len(node.data) if node.data is not None else node.st.st_size
-                    if len(runs) == 1 and not node.meta and runs[0][0] == 0:    # the usual small file
-                        i_block = direct(runs[0][1], runs[0][2])
-                    else:
-                        i_block = self._block_map(dev, node, bs)
-                    put(node, fmt, size, node.links, (node.nblocks + len(node.meta)
-                                                      + (1 if node.xattr_block else 0)) * sectors, i_block)
-                    continue
-                if fmt == st_.S_IFDIR:
-                    dirs[(node.ino - 1) // geo.ipg] += 1
-                    data = b"".join(node.blocks)
-                    for lblk, pblk, k in runs:
-                        dev.write_new(data[lblk * bs:(lblk + k) * bs], pblk * bs)
-                    size = len(data)
-                elif fmt == st_.S_IFLNK:
-                    size = len(node.target)
-                    if runs:
-                        dev.write_new(node.target.ljust(bs, b"\0"), runs[0][1] * bs)
+        failed = copy_files(_Copier(dev, zeroed), files, bs, result, bar)
+        for blk, attrs, users in self.xattr_blocks:
+            block = bytearray(build_block(list(attrs), bs))
+            L.XATTR_HEADER.pack_field(block, "h_refcount", users)
+            dev.write_new(block, blk * bs)
+        last_ino = max(n.ino for n in nodes)
+        table = bytearray(last_ino * isize)
+        dirs = [0] * geo.groups
+        put = _inode_writer(table, isize)
+        direct = encode_direct_run
+        sectors = bs // 512
+        reg = st_.S_IFREG
+        for node in nodes:
+            fmt = node.fmt
+            runs = node.runs
+            if fmt == reg:
+                size = len(node.data) if node.data is not None else node.st.st_size
+                if len(runs) == 1 and not node.meta and runs[0][0] == 0:    # the usual small file
+                    i_block = direct(runs[0][1], runs[0][2])
                 else:
-                    size = 0
-                links = node.links + (1 + sum(1 for _, c in node.children if c.fmt == st_.S_IFDIR)
-                                      if fmt == st_.S_IFDIR else 0)
-                blocks = (node.nblocks + len(node.meta) + (1 if node.xattr_block else 0)) * sectors
-                put(node, fmt, size, links, blocks, self._block_map(dev, node, bs))
-            failed = copies.wait(result)
+                    i_block = self._block_map(dev, node, bs)
+                put(node, fmt, size, node.links, (node.nblocks + len(node.meta)
+                                                  + (1 if node.xattr_block else 0)) * sectors, i_block)
+                continue
+            if fmt == st_.S_IFDIR:
+                dirs[(node.ino - 1) // geo.ipg] += 1
+                data = b"".join(node.blocks)
+                for lblk, pblk, k in runs:
+                    dev.write_new(data[lblk * bs:(lblk + k) * bs], pblk * bs)
+                size = len(data)
+            elif fmt == st_.S_IFLNK:
+                size = len(node.target)
+                if runs:
+                    dev.write_new(node.target.ljust(bs, b"\0"), runs[0][1] * bs)
+            else:
+                size = 0
+            links = node.links + (1 + sum(1 for _, c in node.children if c.fmt == st_.S_IFDIR)
+                                  if fmt == st_.S_IFDIR else 0)
+            blocks = (node.nblocks + len(node.meta) + (1 if node.xattr_block else 0)) * sectors
+            put(node, fmt, size, links, blocks, self._block_map(dev, node, bs))
         freed: list[tuple[int, int]] = []
         for node in failed:                             # changed or vanished: packed empty
             freed.extend((pblk, k) for _, pblk, k in node.runs)
@@ -916,157 +912,16 @@ class _Copier:
             self.dev.write_new(data[lblk * bs:(lblk + k) * bs].ljust(k * bs, b"\0"), pblk * bs)
 
 
-#: Below this much data (or with one core) a second process to copy it does not pay for its fork.
-_PARALLEL_MIN_BYTES = 4 << 20
-
-
-class _Copies:
-    """The regular files' data copied into the image while the caller writes the metadata.
-
-    The copies go to a forked child process when that is safe and worth it (nothing but this
-    thread runs, nobody watches the progress, the image is written through its descriptor, two
-    cores, a few MiB of data): the kernel copies there while this process encodes inode tables
-    and directories, with no lock between the two. Otherwise they are made here, at once.
-    :meth:`wait` says which files could not be copied (changed or vanished: reported, to be
-    packed empty); leaving the ``with`` block early stops the child.
-
-    Work sharing: the child copies from the first file on, and this process, its metadata
-    written, from the last file back, until they meet. Each says in a shared page how far it
-    has got (``[next of the child, lowest of the parent]``); at the meeting point both may copy
-    the same file, which writes the same bytes to the same blocks (its report is taken once).
-    """
-
-    def __init__(self, copier: _Copier, files: list[_Node], bs: int, result: PackResult, bar: Any) -> None:
-        self.copier = copier
-        self.files = files
-        self.bs = bs
-        self.failed: list[_Node] = []
-        self.pid = 0
-        self.fd = -1
-        if _parallel_ok(copier, files, bar):
-            self.shared = mmap.mmap(-1, 16)                  # shared with the child: two counters
-            self.marks = memoryview(self.shared).cast("q")
-            self.marks[0], self.marks[1] = 0, len(files)
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:                                # the child: copies, reports, exits
-                os.close(r)
-                _copy_in_child(copier, files, bs, self.marks, w)
-            os.close(w)
-            self.pid, self.fd = pid, r
-            return
-        for node in files:
-            if copier.copy(node, bs, result) < 0:
-                self.failed.append(node)
-            bar.update(len(node.data) if node.data is not None else _data_bytes(node))
-
-    def wait(self, result: PackResult) -> list[_Node]:
-        """The files that could not be copied (their reasons added to ``result.skipped``); the
-        child's own error (no space, an I/O error) raised here. This process copies files from
-        the end of the list until it meets the child."""
-        if not self.pid:
-            return self.failed
-        marks, files, copier, bs = self.marks, self.files, self.copier, self.bs
-        mine: dict[int, list[tuple[str, str]]] = {}
-        chunks = []
-        try:
-            j = len(files) - 1
-            while j >= marks[0]:
-                marks[1] = j
-                if j < marks[0]:
-                    break
-                before = len(result.skipped)
-                if copier.copy(files[j], bs, result) < 0:
-                    mine[j] = result.skipped[before:]
-                j -= 1
-            while chunk := os.read(self.fd, 1 << 16):
-                chunks.append(chunk)
-        finally:
-            os.close(self.fd)
-            _, status = os.waitpid(self.pid, 0)
-            self.pid = 0
-            marks.release()
-            self.shared.close()
-        try:
-            failed, error = marshal.loads(b"".join(chunks))
-        except (EOFError, ValueError, TypeError):
-            raise OSError(errno.EIO, f"the process copying the files died (status {status})") from None
-        if error is not None:
-            raise OSError(error[0] or errno.EIO, error[1])
-        for i, skipped in failed:
-            if i not in mine:                           # (both copied file i: one report)
-                mine[i] = skipped
-                result.skipped.extend(skipped)
-        self.failed = [files[i] for i in sorted(mine)]
-        return self.failed
-
-    def __enter__(self) -> _Copies:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop the child if it still runs (an error before :meth:`wait`: its copies are for nothing)."""
-        if self.pid:
-            import signal  # (an error path: not imported before)
-
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            with contextlib.suppress(OSError):
-                os.waitpid(self.pid, 0)
-            self.pid = 0
-
-
-def _parallel_ok(copier: _Copier, files: list[_Node], bar: Any) -> bool:
-    """Whether a forked child may copy ``files`` (see :class:`_Copies`)."""
-    if copier.fd < 0 or type(bar) is not Progress or not hasattr(os, "fork"):
-        return False
-    threading = sys.modules.get("threading")
-    if threading is not None and threading.active_count() > 1:
-        return False                                    # forking with other threads: not safe
-    try:
-        if len(os.sched_getaffinity(0)) < 2:
-            return False
-    except (AttributeError, OSError):
-        if (os.cpu_count() or 1) < 2:
-            return False
-    total = 0
+def copy_files(copier: _Copier, files: list[_Node], bs: int, result: PackResult, bar: Any) -> list[_Node]:
+    """Copy every file's data into the image, in order; the files that could not be copied
+    (changed or vanished: reported in ``result``, to be packed empty)."""
+    failed = []
+    copy = copier.copy
     for node in files:
-        total += node.st.st_size
-        if total >= _PARALLEL_MIN_BYTES:
-            return True
-    return False
-
-
-def _copy_in_child(copier: _Copier, files: list[_Node], bs: int, marks: memoryview, w: int) -> None:
-    """The forked child's whole life: copy ``files`` from the first on until it meets the parent
-    (``marks``: see :class:`_Copies`), send ``(failures, error)`` down ``w``, exit without
-    running any of the parent's clean-up. A failure is ``(index, its skipped entries)``."""
-    status = 1
-    try:
-        result = PackResult(image="")
-        failed = []
-        for i, node in enumerate(files):
-            if i >= marks[1]:
-                break
-            marks[0] = i + 1
-            if copier.copy(node, bs, result) < 0:
-                failed.append((i, result.skipped))
-                result.skipped = []
-        payload = marshal.dumps((failed, None))
-        status = 0
-    except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
-        code = err.errno if isinstance(err, OSError) and err.errno else 0
-        payload = marshal.dumps(([], (code, str(err))))
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(w, view):]
-    finally:
-        os._exit(status)
+        if copy(node, bs, result) < 0:
+            failed.append(node)
+        bar.update(len(node.data) if node.data is not None else _data_bytes(node))
+    return failed
 
 
 # -- the target ------------------------------------------------------------------------------

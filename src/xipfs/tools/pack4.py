@@ -44,13 +44,13 @@ from .pack import (
     LOST_FOUND_INO,
     PackResult,
     _Copier,
-    _Copies,
     _excluder,
     _file_blocks,
     _image_identity,
     _Node,
     _number,
     _scan,
+    copy_files,
     write_image,
 )
 from .pack import _add_bytecode as add_bytecode
@@ -663,27 +663,23 @@ class _Layout:
         bs = plan.geo.bs
         zeroed = plan.zeroed
         put = dev.write_new if zeroed else dev.write
-        files = [n for n in self.nodes if n.fmt == st_.S_IFREG]
-        copies = _Copies(_Copier(dev, zeroed), files, bs, result, bar)     # first: the most overlap
-        try:
-            for data, offset in plan.rec.writes:
-                put(data, offset)
-            plan.rec.writes = []
-            S = plan.m.seed
-            for blk, attrs, users in self.xattr_blocks:
-                block = bytearray(build_block(list(attrs), bs))
-                _U32.pack_into(block, _XREFS_AT, users)
-                if self.csum:
-                    _U32.pack_into(block, _XCSUM_AT, crc32c_raw(S, blk.to_bytes(8, "little") + bytes(block)))
-                put(block, blk * bs)
-            self._nodes(dev, put, copies, result, label, dax)
-        finally:
-            copies.stop()
+        for data, offset in plan.rec.writes:
+            put(data, offset)
+        plan.rec.writes = []
+        S = plan.m.seed
+        for blk, attrs, users in self.xattr_blocks:
+            block = bytearray(build_block(list(attrs), bs))
+            _U32.pack_into(block, _XREFS_AT, users)
+            if self.csum:
+                _U32.pack_into(block, _XCSUM_AT, crc32c_raw(S, blk.to_bytes(8, "little") + bytes(block)))
+            put(block, blk * bs)
+        failed = copy_files(_Copier(dev, zeroed), [n for n in self.nodes if n.fmt == st_.S_IFREG], bs, result,
+                            bar)
+        self._nodes(dev, put, failed, label, dax)
 
-    def _nodes(self, dev: Device, put: Any, copies: _Copies, result: PackResult, label: str | None,
-               dax: bool) -> None:
-        """Every node's data and inode (the files' data copied by ``copies`` meanwhile: each inode
-        made as if its copy succeeded, the few that did not made empty after), then the rest."""
+    def _nodes(self, dev: Device, put: Any, failed: list[_Node], label: str | None, dax: bool) -> None:
+        """Every node's inode and directory blocks (the files' data copied already: each inode
+        made as if its copy succeeded, the ``failed`` ones made empty after), then the rest."""
         plan = self.plan
         geo, m = plan.geo, plan.m
         bs, isize = geo.bs, geo.isize
@@ -771,7 +767,6 @@ class _Layout:
                 if links > _LINK_MAX:
                     links = 1
             inode(node, fmt, size, links, blocks, i_block, flags)
-        failed = copies.wait(result)
         if failed:                                      # changed or vanished: packed empty
             gone = set()
             for node in failed:

@@ -82,7 +82,7 @@ def check_inode_csums(c: Context, base: int, table: bytes | bytearray, candidate
     """
     isize = c.isize
     n = len(candidates)
-    work = bytearray(table[:n * isize])
+    work = table[:n * isize] if isinstance(table, bytearray) else bytearray(table[:n * isize])   # a copy
     stored = _column16(work, _CSUM_LO_AT, isize, n)
     zeros = bytes(n)
     work[_CSUM_LO_AT::isize] = zeros
@@ -93,8 +93,7 @@ def check_inode_csums(c: Context, base: int, table: bytes | bytearray, candidate
         extra = _column16(work, 128, isize, n)
         work[_CSUM_HI_AT::isize] = zeros
         work[_CSUM_HI_AT + 1::isize] = zeros
-    data = bytes(work)
-    del work
+    data = work                 # (its slices join bytes: the CRC library takes bytes only)
     seed = c.csum_seed ^ 0xFFFFFFFF
     if 2 * candidates.count(1) >= n and sys.byteorder == "little":
         candidates = differing_csums(c, base, data, candidates, stored, stored_hi if large else None)
@@ -115,7 +114,7 @@ def check_inode_csums(c: Context, base: int, table: bytes | bytearray, candidate
         i = candidates.find(1, i + 1)
 
 
-def differing_csums(c: Context, base: int, data: bytes, candidates: bytes, stored: array,
+def differing_csums(c: Context, base: int, data: bytes | bytearray, candidates: bytes, stored: array,
                     stored_hi: array | None) -> bytes:
     """The candidates whose checksum may be wrong (to be checked one by one): every inode's CRC
     computed by ``map`` (each record ``ino, generation`` then the inode with its sums zeroed),

@@ -21,7 +21,7 @@ from operator import add, lt, mul, ne, sub
 
 from .. import layout as L
 from .context import NONZERO, Context
-from .walk import leaf_run
+from .walk import run_table
 from .xattrs import XATTR_MAGIC
 
 _SIZE_AT = L.INODE.offsets["i_size"]
@@ -219,20 +219,26 @@ def one_indirect(c: Context, col: Columns, full: int) -> tuple[int, list[int]]:
     contiguous run of as many blocks as ``i_blocks`` says, and whose ``i_size`` reaches its last
     block (one read and one comparison each): their mask, and their indirect blocks to claim
     (their runs are claimed here; the caller takes them back if a direct block is illegal)."""
-    sectors, bs = c.bs // 512, c.bs
+    sectors, bs, apb = c.bs // 512, c.bs, c.apb
     meta, fdb, nblocks = c.meta, c.fdb, c.nblocks
-    runs = c.runs
+    block, runs = c.block, c.runs
     claims: list[int] = []
     done = bytearray(col.m)
     with col.words(_BLOCK_AT + 4 * L.N_DIRECT, "I") as inds, col.words(_BLOCKS_AT, "I") as iblocks, \
             col.words(_SIZE_AT, "I") as sizes:
         for r in compress(range(col.m), col.to_bytes(full)):
             b, ib = inds[r], iblocks[r]
-            want = ib // sectors - L.N_DIRECT - 1
-            if not fdb <= b < nblocks or meta[b] or ib % sectors or want <= 0:
+            k = ib // sectors - L.N_DIRECT - 1             # the run i_blocks implies
+            if not fdb <= b < nblocks or meta[b] or ib % sectors or not 0 < k <= apb \
+                    or sizes[r] < (L.N_DIRECT - 1 + k) * bs:
                 continue
-            a, k = leaf_run(c, bytes(c.block(b)), want)
-            if k != want or sizes[r] < (L.N_DIRECT - 1 + k) * bs:
+            raw = bytes(block(b))
+            a = int.from_bytes(raw[:4], "little")
+            if not fdb <= a or not a or a + k > nblocks:
+                continue
+            table, off = run_table(c, a)
+            if not (table.startswith(raw, 4 * off) if 4 * k == bs else
+                    table.startswith(raw[:4 * k], 4 * off) and raw.endswith(bytes(bs - 4 * k))):
                 continue
             claims.append(b)
             runs.append((a, k))

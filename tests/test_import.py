@@ -835,13 +835,14 @@ def _lean_files() -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.parametrize(("fstype", "bs", "extra"), [
-    ("ext2", 1024, ()), ("ext2", 4096, ()), ("ext4", 1024, ()), ("ext4", 4096, ()),
-    ("ext2", 1024, ("-O", "^filetype")), ("ext4", 65536, ()), ("ext4", 4096, ("-O", "64bit,^flex_bg"))])
-def test_lean_reader_reads_what_the_format_layer_reads(tmp_path, clean_import, fstype, bs, extra):
+@pytest.mark.parametrize(("fstype", "bs", "isize", "extra"), [
+    ("ext2", 1024, 256, ()), ("ext2", 4096, 256, ()), ("ext4", 1024, 256, ()), ("ext4", 4096, 256, ()),
+    ("ext2", 1024, 256, ("-O", "^filetype")), ("ext2", 4096, 128, ()), ("ext4", 65536, 256, ()),
+    ("ext4", 4096, 256, ("-O", "64bit,^flex_bg"))])
+def test_lean_reader_reads_what_the_format_layer_reads(tmp_path, clean_import, fstype, bs, isize, extra):
     files = _lean_files()
     tree = write_tree(tmp_path / "t", files)
-    img = mkfs(str(tmp_path / "l.img"), "32M", bs=bs, isize=256, src=tree, fstype=fstype, extra=extra)
+    img = mkfs(str(tmp_path / "l.img"), "32M", bs=bs, isize=isize, src=tree, fstype=fstype, extra=extra)
     image = importer._image(img)
     assert image.reader is not None, "the lean reader declined a plain mke2fs image"
     with xipfs.open(img) as fs:

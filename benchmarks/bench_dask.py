@@ -3,7 +3,7 @@
 A dataset of many files (4,096 of 256 KiB, 1 GiB; ``--quick``: 512, 128 MiB) is written to a
 tmpfs directory and packed by ``mke2fs -d`` into an image beside it; nginx serves both on
 loopback. A LocalCluster of 4 worker processes (one thread each) gets the image with
-:func:`xipfs.dask.deliver` from nginx (through :func:`xipfs.fetch.fetch`; from the local path
+:func:`xipfs.dask.deliver` from nginx (through :func:`xipfs.fetch`; from the local path
 where that is missing): the first worker fetches it into shared memory, the others attach.
 
 Timed, interleaved, the same dask.bag pass over every file (``cat_file`` of each, the sum of
@@ -170,7 +170,7 @@ def bench_dask(root: str, cfg: Config) -> Section:
                          dashboard_address=":0", memory_limit=0) as cluster, Client(cluster) as client:
         source = img
         try:
-            import xipfs.fetch  # noqa: F401
+            import xipfs.tools.fetch  # noqa: F401
             if server is not None:
                 source = server.url(os.path.basename(img))
         except ImportError:

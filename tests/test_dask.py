@@ -229,7 +229,7 @@ def test_bad_names(bad: str) -> None:
 
 def test_fetched_once_per_node_over_http(client: Client, dataset: dict[str, Any], tmp_path: Any) -> None:
     """From a URL: the image crosses the network once for the 4 workers (bytes at the server)."""
-    pytest.importorskip("xipfs.fetch", reason="xipfs.fetch (remote images) is not there yet")
+    pytest.importorskip("xipfs.tools.fetch", reason="xipfs.fetch (remote images) is not there yet")
     nginx_util = pytest.importorskip("nginx_util", reason="tests/nginx_util.py is not there yet")
     served = tmp_path / "served"
     served.mkdir()

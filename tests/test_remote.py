@@ -24,7 +24,7 @@ from nginx_util import Nginx, nginx, start_nginx  # noqa: F401  (the fixture)
 
 import xipfs
 from xipfs.device.remote import RangeUnsupported, open_remote
-from xipfs.fetch import fetch, part_path
+from xipfs.tools.fetch import fetch, part_path
 
 MiB = 1 << 20
 SMALL = os.urandom(4096)

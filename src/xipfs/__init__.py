@@ -30,7 +30,7 @@ _LAZY = {
     "XipFile": ".xip.file",
     "Mapping": ".xip.mapping", "map_budget": ".xip.mapping", "set_map_budget": ".xip.mapping",
     "Problem": ".extfs.check",
-    "fetch": ".fetch", "RemoteDevice": ".device.remote", "open_remote": ".device.remote",
+    "fetch": ".tools.fetch", "RemoteDevice": ".device.remote", "open_remote": ".device.remote",
 }
 
 

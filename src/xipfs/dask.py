@@ -10,7 +10,7 @@ metadata storm on a shared filesystem, one image moves as one object and is then
     >>> db.read_text("ext2://logs/*.txt::/data")                      # the fsspec door too
 
 How: :class:`ImagePlugin` is a worker plugin. On each node the first worker to take a file
-lock in ``/dev/shm`` fetches the image (a URL through :func:`xipfs.fetch.fetch`, or a local
+lock in ``/dev/shm`` fetches the image (a URL through :func:`xipfs.fetch`, or a local
 path, copied) into memory storage under a POSIX shared-memory name, checks that it opens,
 and renames it into place; the other workers of the node wait for that lock (at most
 ``timeout`` seconds, then ``TimeoutError`` naming the holder) and attach. Every worker maps the
@@ -145,7 +145,7 @@ def _wait_for_lock(fd: int, deadline: float, timeout: float, source: str, path: 
 
 
 def _part_files(path: str) -> tuple[str, ...]:
-    """The partial copies a fetch into ``path`` writes: ours, and :mod:`xipfs.fetch`'s inside it."""
+    """The partial copies a fetch into ``path`` writes: ours, and :mod:`xipfs.tools.fetch`'s inside it."""
     part = _side_file(path, "part")
     fetch_part = os.path.join(os.path.dirname(part), f".{os.path.basename(part)}.xipfs-part")
     return part, fetch_part
@@ -199,7 +199,7 @@ def _fetch(source: str, dest: str) -> int:
     """Copy image ``source`` (a URL or a local path) to ``dest``; the bytes written."""
     if _is_url(source):
         try:
-            from .fetch import fetch
+            from .tools.fetch import fetch
         except ImportError as exc:                     # pragma: no cover - shipped together
             raise XipfsError(errno.ENOSYS, f"fetching {source} needs xipfs.fetch") from exc
         return fetch(source, dest, progress=False)

@@ -9,7 +9,7 @@ from .common import CliError, Context, emit
 
 
 def cmd_fetch(ctx: Context, args: argparse.Namespace) -> None:
-    from ..fetch import destination, fetch
+    from ..tools.fetch import destination, fetch
 
     try:
         target = destination(args.dest, args.url)

@@ -15,12 +15,10 @@ import errno
 import fcntl
 import hashlib
 import os
-import sys
-import types
 from typing import Any
 
-from .device.remote import DEFAULT_TIMEOUT, RemoteInfo, Restarted, Source, open_source
-from .progress import ProgressArg, progress_bar
+from ..device.remote import DEFAULT_TIMEOUT, RemoteInfo, Restarted, Source, open_source
+from ..progress import ProgressArg, progress_bar
 
 #: Bytes per piece of a download (one write to the destination, one progress step).
 CHUNK = 4 * 1024 * 1024
@@ -196,18 +194,3 @@ def _write_meta(meta: str, url: str, info: RemoteInfo) -> None:
 def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-#: ``xipfs.fetch`` is this function once looked up, the module once imported: either way
-#: ``xipfs.fetch(url, dest)`` and ``xipfs.fetch.fetch(url, dest)`` both work.
-fetch.fetch = fetch  # type: ignore[attr-defined]
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as its :func:`fetch`."""
-
-    def __call__(self, url: str, dest: str | os.PathLike[str], **kw: Any) -> int:
-        return fetch(url, dest, **kw)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -163,6 +163,21 @@ def test_commands_import_only_what_they_need(img):
     assert "xipfs.fs" in listed
     assert not listed & {"xipfs.tools", "xipfs.tools.pack", "xipfs.extfs.mkfs", "xipfs.fuse",
                          "xipfs.fsspec_fs", "xipfs.extfs.check", "dataclasses", "json", "shutil"}
+    # only the family of the command runs: no other subcommand's module is imported
+    assert not listed & {"xipfs.cli.make", "xipfs.cli.edit", "xipfs.cli.run", "xipfs.cli.disk",
+                         "xipfs.cli.fetch"}
+    checked = imported("check", img)
+    assert "xipfs.extfs.check" in checked and not checked & {"xipfs.cli.edit", "xipfs.fs", "dataclasses"}
+
+
+def test_every_subcommand_is_in_its_family():
+    """A command builds its family's parsers only: the table must name every subcommand."""
+    from xipfs.cli import FAMILIES, build_parser
+
+    families = {name for _, _, names in FAMILIES for name in names}
+    assert set(build_parser().subcommands) == families | {"demo"}
+    for name in families:
+        assert build_parser(name).subcommands == [name]
 
 
 def test_usage_errors_exit_2(capsys, img):

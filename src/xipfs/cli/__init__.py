@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from importlib import import_module
 
 from .. import __version__
 from .common import (
@@ -31,12 +32,6 @@ from .common import (
     image_spec,
     reason,
 )
-from .disk import _add_disk
-from .edit import _add_change
-from .fetch import _add_fetch
-from .make import _add_make
-from .run import _add_exec, _cmd_demo
-from .show import _add_inspect
 
 __all__ = ["main", "main_exit", "build_parser", "image_spec", "any_spec", "BROKEN_PIPE_STATUS"]
 
@@ -65,6 +60,17 @@ A whole disk (MBR or GPT; 'xipfs parts' lists it): --partition N picks a partiti
 Run 'xipfs COMMAND --help' for a command's options. --quiet turns progress bars off (they
 show only on a terminal); --debug shows tracebacks instead of one-line errors.
 """
+
+#: The families of subcommands: the module that makes them, its function that adds their
+#: parsers, and their names. A command imports its own family's module only.
+FAMILIES = (
+    ("make", "_add_make", ("mkfs", "pack", "unpack")),
+    ("show", "_add_inspect", ("info", "ls", "cat", "stat", "df", "tree", "check")),
+    ("edit", "_add_change", ("cp", "mv", "mkdir", "rm", "ln", "chmod", "chown", "touch")),
+    ("run", "_add_exec", ("run", "mount")),
+    ("disk", "_add_disk", ("parts", "unsparse")),
+    ("fetch", "_add_fetch", ("fetch",)),
+)
 
 #: Subcommands that open images and so take --partition and --offset.
 WHERE_COMMANDS = ("info", "ls", "cat", "stat", "df", "tree", "check", "unpack", "cp", "mv", "mkdir", "rm",
@@ -104,6 +110,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 out.append(textwrap.fill(" ".join(lines), width, initial_indent=indent,
                                          subsequent_indent=indent))
         return "\n\n".join(out)
+
+
+def _demo(ctx: Context, args: argparse.Namespace) -> None:
+    from .run import _cmd_demo
+
+    _cmd_demo(ctx, args)
 
 
 def _common() -> argparse.ArgumentParser:
@@ -153,16 +165,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    _add_make(add)
-    _add_inspect(add)
-    _add_change(add)
-    _add_exec(add)
-    _add_disk(add)
-    _add_fetch(add)
+    for module, adder, names in FAMILIES:
+        if only is None or only in names:
+            getattr(import_module(f".{module}", __package__), adder)(add)
     for name in WHERE_COMMANDS:
         if name in sub.choices:
             add_where(sub.choices[name])
-    demo = add("demo", _cmd_demo, "the main job: pack the standard library into /dev/shm and use it",
+    demo = add("demo", _demo, "the main job: pack the standard library into /dev/shm and use it",
                "Pack this Python's standard library into an image in /dev/shm, check it, list it, "
                "read every file back, map the largest file in place and import a module from it.")
     demo.add_argument("--image", default=None, help="where to build the image")

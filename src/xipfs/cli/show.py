@@ -375,9 +375,11 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
     from ..extfs.super import parse_superblock
 
     spec = image_spec(args.image, "/")
-    if not os.path.exists(spec.image) and not _shm_exists(spec.image):
-        raise CliError(spec.image, os.strerror(errno.ENOENT), code=errno.ENOENT)
-    ctx.check_partition(spec.image)
+    remote = is_url(spec.image) and not os.path.exists(spec.image)
+    if not remote:
+        if not os.path.exists(spec.image) and not _shm_exists(spec.image):
+            raise CliError(spec.image, os.strerror(errno.ENOENT), code=errno.ENOENT)
+        ctx.check_partition(spec.image)
     shown = spec._replace(image=ctx.shown(spec.image))
     with about(shown):                     # the device, not a Volume: damaged descriptors too
         try:

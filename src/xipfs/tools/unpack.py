@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, S_ISREG
 
+from ..device import MemoryDevice
 from ..errors import CorruptImageError, XipfsError
 from ..extfs import layout as L
 from ..extfs.inode import Inode
@@ -180,6 +181,8 @@ class _Unpacker:
         self.copier: _Copier | None = None
         #: Small plain files are made straight from the raw inode (large inodes only).
         self.lean = self.vol.isize >= 160
+        #: The whole image as one view when it is mapped memory (inodes read in place).
+        self.whole: memoryview | None = self.device.buffer if type(self.device) is MemoryDevice else None
         self.helper: _Helper | None = None
         self.cores: int | None = None
 
@@ -481,12 +484,16 @@ class _Unpacker:
         if not 0 < ino <= vol.inodes_count:
             return None
         group, index = divmod(ino - 1, vol.ipg)
-        raw = vol.device.view(vol.groups[group].inode_table * bs + index * vol.isize, vol.isize)
+        isize = vol.isize
+        at = vol.itable_at[group] + index * isize
+        raw = self.whole                                # the mapped image: no view to make
+        if raw is None or at + isize > len(raw):
+            raw, at = vol.device.view(at, isize), 0
         (mode, uid_lo, size_lo, atime, mtime, gid_lo, links, flags, i_block, file_acl, size_high,
-         uid_hi, gid_hi, extra, m_x, a_x) = _LEAN_INODE(raw, 0)
+         uid_hi, gid_hi, extra, m_x, a_x) = _LEAN_INODE(raw, at)
         if (not S_ISREG(mode) or links != 1 or file_acl or flags & L.FL_FOREIGN_FORMAT
-                or extra < 16 or extra & 3 or _IBODY_END + extra > vol.isize
-                or _IBODY_MAGIC(raw, _IBODY + extra)[0] == L.XATTR_MAGIC):
+                or extra < 16 or extra & 3 or _IBODY_END + extra > isize
+                or _IBODY_MAGIC(raw, at + _IBODY + extra)[0] == L.XATTR_MAGIC):
             return None
         size = size_lo | (size_high << 32)
         n = -(-size // bs)

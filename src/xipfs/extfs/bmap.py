@@ -9,11 +9,12 @@ writes, truncate) uses only :class:`BlockMapping`, so a second scheme plugs in b
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from . import layout as L
-from .extent import ExtentMap
+from .extent import EXT_INIT_MAX_LEN, EXT_MAGIC, ROOT_MAX_ENTRIES, ExtentMap
 from .indirect import BlockMap
 from .inline import InlineMap
 
@@ -60,3 +61,44 @@ def block_map(inode: Inode) -> BlockMapping:
     if flags & L.FL_INLINE_DATA:
         return InlineMap(inode)
     return BlockMap(inode)
+
+
+#: An extent root with its first leaf entry: magic, entries, max, depth, generation; file
+#: block, length, start (high 16 and low 32 bits).
+_ROOT_AND_LEAF = struct.Struct("<HHHHI IHHI").unpack_from
+_DIRECT_WORDS = struct.Struct(f"<{L.N_DIRECT}I").unpack_from
+
+
+def whole_start(inode: Inode) -> int:
+    """The first device block of a file whose blocks are one run, read off the inode without
+    building its map (a small file's first read), else 0: then ask :attr:`Inode.map`, which
+    also names what is wrong with an inode this declines. The run is checked as the map
+    checks it (no metadata inside, within the device)."""
+    vol = inode.volume
+    n = -(-inode.size // vol.bs)
+    if n == 0:
+        return 0
+    kind = inode.flags & L.FL_FOREIGN_FORMAT
+    if kind == 0:                                    # ext2's block pointers
+        if n > L.N_DIRECT:
+            return 0
+        words = _DIRECT_WORDS(inode.i_block, 0)
+        first = words[0]
+        if not first:
+            return 0
+        for i in range(1, n):
+            if words[i] != first + i:
+                return 0
+        count = n
+    elif kind == L.FL_EXTENTS and vol.extents:       # one initialised extent in the root
+        magic, entries, emax, depth, _gen, lblk, count, hi, lo = _ROOT_AND_LEAF(inode.i_block, 0)
+        if (magic != EXT_MAGIC or depth or entries != 1 or lblk or not n <= count <= EXT_INIT_MAX_LEN
+                or not 2 <= emax <= ROOT_MAX_ENTRIES):
+            return 0
+        first = hi << 32 | lo
+        if not vol.first_data_block < first or first + count > vol.blocks_count:
+            return 0
+    else:
+        return 0
+    vol.check_data_run(first, count, inode.ino)
+    return first

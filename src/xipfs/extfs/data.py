@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from ..errors import fs_error
 from . import layout as L
 from . import orphans
+from .bmap import whole_start
 from .inline import move_out
 from .inode import Inode
 from .super import set_feature
@@ -328,10 +329,12 @@ def _read_into(vol: Volume, node: Inode, dst: memoryview, pos: int) -> int:
     n = min(len(dst), size - pos)
     if n <= 0:
         return 0
-    m = node.map
-    if m.whole:
-        vol.device.read_into(dst[:n] if n != len(dst) else dst, m.whole * vol.bs + pos)
+    m = node._map
+    whole = m.whole if m is not None else whole_start(node)     # a first read: no map needed
+    if whole:
+        vol.device.read_into(dst[:n] if n != len(dst) else dst, whole * vol.bs + pos)
         return n
+    m = node.map
     dev = vol.device
     for off, length, where in segments(vol, node, pos, pos + n):
         piece = dst[off - pos:off - pos + length]
@@ -357,9 +360,11 @@ def _read_bytes(vol: Volume, node: Inode, pos: int, n: int) -> bytes:
         return b""
     if n > size - pos:
         n = size - pos
+    m = node._map
+    whole = m.whole if m is not None else whole_start(node)     # a first read: no map needed
+    if whole:
+        return bytes(vol.device.view(whole * vol.bs + pos, n))
     m = node.map
-    if m.whole:
-        return bytes(vol.device.view(m.whole * vol.bs + pos, n))
     dev = vol.device
     parts = [dev.view(where, length) if where >= 0 else bytes(length)
              for _, length, where in segments(vol, node, pos, pos + n)]

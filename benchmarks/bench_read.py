@@ -208,6 +208,9 @@ def bench_big(root: str, cfg: Config) -> Section:
     return section
 
 
+#: Issue 16's target for the first touch after xipfs.open (the kernel has no cold state on tmpfs).
+FIRST_TOUCH = 0.8
+
 # -- 2. small files ----------------------------------------------------------------------------
 def bench_small(root: str, cfg: Config) -> Section:
     n, fsize = cfg.small_files, cfg.small_size
@@ -282,8 +285,9 @@ def bench_small(root: str, cfg: Config) -> Section:
             Row("warm: fs.read_bytes(p) (XIP)", w["xip read_bytes"], kw, 1.0),
             Row("[file device] warm: open/read/close", w["file-device open/read/close"], kw),
             Row("[file device] warm: read_bytes", w["file-device read_bytes"], kw),
-            Row("cold (first pass, fresh fs): open/read/close (XIP)", c["cold xip open/read/close"], kc, 1.0),
-            Row("cold (first pass, fresh fs): read_bytes (XIP)", c["cold xip read_bytes"], kc, 1.0),
+            Row("cold (first pass, fresh fs): open/read/close (XIP)", c["cold xip open/read/close"], kc,
+                FIRST_TOUCH),
+            Row("cold (first pass, fresh fs): read_bytes (XIP)", c["cold xip read_bytes"], kc, FIRST_TOUCH),
             Row("[file device] cold: open/read/close", c["cold file-device open/read/close"], kc),
             Row("[file device] cold: read_bytes", c["cold file-device read_bytes"], kc),
         ]
@@ -360,16 +364,16 @@ def bench_stat(root: str, cfg: Config) -> Section:
         ]
         c = measure(cold, cfg.repeat_cold, warmup=1)
         section.rows += [
-            Row("warm: fs.stat(p) (XIP)", w["xip fs.stat"], w["os.stat (tmpfs)"], 1.0),
+            Row("warm: fs.stat(p) (XIP)", w["xip fs.stat"], w["os.stat (tmpfs)"], 2.0),
             Row("[file device] warm: fs.stat(p)", w["file-device fs.stat"], w["os.stat (tmpfs)"]),
             Row("cold (first call, fresh fs): fs.stat(p) (XIP)", c["cold xip fs.stat"],
-                c["os.stat (tmpfs), same rounds"], 1.0),
+                c["os.stat (tmpfs), same rounds"], FIRST_TOUCH),
             Row("[file device] cold: fs.stat(p)", c["cold file-device fs.stat"],
                 c["os.stat (tmpfs), same rounds"]),
             Row(f"warm: fs.listdir of {n} entries (XIP)", w["xip fs.listdir"], w["os.listdir (tmpfs)"], 1.0),
             Row("[file device] warm: fs.listdir", w["file-device fs.listdir"], w["os.listdir (tmpfs)"]),
             Row("cold (first call, fresh fs): fs.listdir (XIP)", c["cold xip fs.listdir"],
-                c["os.listdir (tmpfs), same rounds"], 1.0),
+                c["os.listdir (tmpfs), same rounds"], FIRST_TOUCH),
             Row("[file device] cold: fs.listdir", c["cold file-device fs.listdir"],
                 c["os.listdir (tmpfs), same rounds"]),
         ]

@@ -136,7 +136,7 @@ def _reason(err: OSError) -> str:
 class _Frame:
     """A directory being filled: its descriptor, the entries left, what to set when it is done."""
 
-    __slots__ = ("fd", "entries", "node", "path", "rel", "gid", "set_meta", "batched")
+    __slots__ = ("fd", "entries", "node", "path", "rel", "gid", "set_meta", "batched", "batch")
 
     def __init__(self, fd: int, entries: list[tuple[str, tuple[int, int]]], node: Inode, path: str,
                  rel: tuple[str, ...], gid: int, set_meta: bool) -> None:
@@ -148,6 +148,7 @@ class _Frame:
         self.gid = gid              # the group a new entry gets here (setgid directories)
         self.set_meta = set_meta
         self.batched = False        # its small plain files made already (:meth:`_Unpacker._lean_batch`)
+        self.batch: _Batch | None = None    # or being made by the helper thread meanwhile
 
 
 class _Unpacker:
@@ -340,6 +341,8 @@ class _Unpacker:
                     stack.pop()
                     self._finish_dir(frame)
         except BaseException:
+            if self.helper is not None:         # its files are in these directories: it stops first
+                self.helper.close()
             for frame in stack:                 # an error that stops everything: no fd leaks
                 if frame.fd != self.root_fd:
                     os.close(frame.fd)
@@ -428,8 +431,9 @@ class _Unpacker:
     def _lean_batch(self, frame: _Frame) -> None:
         """Make the small plain files of ``frame`` (most of a tree) before anything else there:
         each decoded straight from its raw inode (:meth:`_lean_job`), then made, by this thread
-        and a helper together when there are many (:class:`_Helper`); the other entries stay
-        in ``frame.entries`` for the general path."""
+        and a helper thread together when there are many (:class:`_Helper`: the helper starts
+        at once, the walk goes on, and the rest is made here when the directory is done); the
+        other entries stay in ``frame.entries`` for the general path."""
         rest: list[tuple[str, tuple[int, int]]] = []
         jobs: list[tuple] = []
         job_of = self._lean_job
@@ -450,13 +454,16 @@ class _Unpacker:
         frame.entries = rest
         if not jobs:
             return
-        failures: list[tuple[str, OSError]] = []
         if len(jobs) >= _HELPER_MIN and self._helper_ok():
             if self.helper is None:
                 self.helper = _Helper()
-            done = self.helper.run(self._make_lean, frame.fd, frame.gid, jobs, failures)
-        else:
-            done = _make_all(self._make_lean, frame.fd, frame.gid, iter(jobs), failures)
+            frame.batch = self.helper.submit(self._make_lean, frame.fd, frame.gid, jobs)
+            return                              # made meanwhile; done when the directory is
+        failures: list[tuple[str, OSError]] = []
+        self._count(frame, _make_all(self._make_lean, frame.fd, frame.gid, iter(jobs), failures), failures)
+
+    def _count(self, frame: _Frame, done: tuple[int, int], failures: list[tuple[str, OSError]]) -> None:
+        """Add ``(files, bytes)`` made in ``frame`` to the counts; report its failures."""
         result = self.result
         result.files += done[0]
         result.bytes += done[1]
@@ -464,6 +471,13 @@ class _Unpacker:
             self.bar.update(done[1])
         for name, err in failures:
             self._entry_failed(frame, name, err)
+
+    def _complete(self, frame: _Frame) -> None:
+        """The helper's batch of ``frame`` made whole: what it has not taken is made here."""
+        batch, frame.batch = frame.batch, None
+        assert batch is not None and self.helper is not None
+        failures: list[tuple[str, OSError]] = []
+        self._count(frame, self.helper.finish(batch, failures), failures)
 
     def _helper_ok(self) -> bool:
         """Whether a second thread can make files beside this one (two cores to run on)."""
@@ -749,8 +763,16 @@ class _Unpacker:
             os.close(pfd)
 
     def _finish_dir(self, frame: _Frame) -> None:
-        """A directory's contents are done: owner, mode, xattrs, times; then close it."""
+        """A directory's contents are done (its helper's batch made whole first): owner, mode,
+        xattrs, times; then close it."""
         fd = frame.fd
+        if frame.batch is not None:
+            try:
+                self._complete(frame)
+            except BaseException:
+                if fd != self.root_fd:
+                    os.close(fd)
+                raise
         if fd == self.root_fd:
             if frame.set_meta:
                 self._dir_meta(frame)
@@ -908,6 +930,8 @@ class _Copier:
             raise err
 
 
+#: Makes one small file: ``make(directory descriptor, its group, job)``.
+_Make = Callable[[int, int, tuple], None]
 #: A directory with at least this many small plain files has them made by two threads.
 _HELPER_MIN = 16
 
@@ -929,50 +953,96 @@ def _make_all(make: Callable[[int, int, tuple], None], dfd: int, gid: int, jobs:
     return files, nbytes
 
 
-class _Helper:
-    """A second thread that makes a directory's small files together with the walking thread.
+class _Batch:
+    """A directory's small files handed to the helper thread: the jobs (one shared iterator),
+    where to make them, and what the helper made of them."""
 
-    Each takes the next job from one shared iterator until none is left: the system calls of
-    one (create, copy, times, close: most of the time, run without the GIL) overlap the other's.
-    :meth:`run` returns when both are done, so the directory's descriptor stays the caller's.
+    __slots__ = ("make", "jobs", "dfd", "gid", "state", "done", "files", "nbytes", "failures", "error")
+
+    QUEUED, RUNNING, DONE = 0, 1, 2
+
+    def __init__(self, make: _Make, jobs: list[tuple], dfd: int, gid: int) -> None:
+        self.make = make
+        self.jobs = iter(jobs)
+        self.dfd = dfd
+        self.gid = gid
+        self.state = _Batch.QUEUED
+        self.done = threading.Event()
+        self.files = self.nbytes = 0
+        self.failures: list[tuple[str, OSError]] = []
+        self.error: BaseException | None = None
+
+
+class _Helper:
+    """A second thread that makes small files while the walk goes on.
+
+    The walk hands over a directory's batch and carries on (decoding the next directories,
+    making the other entries); the helper makes the batch's files in the order given. When the
+    directory is done, :meth:`finish` makes what the helper has not taken yet (the two take
+    jobs from one shared iterator: taking one is atomic) and waits for the file the helper is
+    making, so the directory's descriptor and metadata stay the walk's. The system calls of one
+    thread (create, copy, times, close: most of the time, run without the GIL) overlap the
+    other's Python.
     """
 
     def __init__(self) -> None:
-        self.work: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self.done: queue.SimpleQueue[tuple[tuple[int, int], BaseException | None]] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.work: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self.stopped = False
         self.thread = threading.Thread(target=self._run, name="xipfs-unpack-files", daemon=True)
         self.thread.start()
 
-    def run(self, make: Callable[[int, int, tuple], None], dfd: int, gid: int, jobs: list[tuple],
-            failures: list[tuple[str, OSError]]) -> tuple[int, int]:
-        """Make ``jobs`` in directory ``dfd`` with the helper; ``(files made, bytes)``."""
-        shared = iter(jobs)
-        theirs: list[tuple[str, OSError]] = []
-        self.work.put((make, dfd, gid, shared, theirs))
+    def submit(self, make: _Make, dfd: int, gid: int, jobs: list[tuple]) -> _Batch:
+        """Start making ``jobs`` in directory ``dfd``; :meth:`finish` it before ``dfd`` closes."""
+        batch = _Batch(make, jobs, dfd, gid)
+        self.work.put(batch)
+        return batch
+
+    def finish(self, batch: _Batch, failures: list[tuple[str, OSError]]) -> tuple[int, int]:
+        """Make what is left of ``batch`` here, wait for the helper's part; ``(files, bytes)``
+        made, every entry's failure appended to ``failures``; another error raised."""
         error: BaseException | None = None
         try:
-            mine = _make_all(make, dfd, gid, shared, failures)
-        except BaseException as err:  # noqa: BLE001 - raised once the helper is done too
-            mine, error = (0, 0), err
-        (files, nbytes), their_error = self.done.get()
-        failures.extend(theirs)
+            files, nbytes = _make_all(batch.make, batch.dfd, batch.gid, batch.jobs, failures)
+        except BaseException as err:  # noqa: BLE001 - raised once the helper's part is done
+            files, nbytes, error = 0, 0, err
+        with self.lock:
+            running = batch.state == _Batch.RUNNING
+            if batch.state == _Batch.QUEUED:
+                batch.state = _Batch.DONE           # the helper skips it
+        if running:
+            batch.done.wait()
+        failures.extend(batch.failures)
         if error is not None:
             raise error
-        if their_error is not None:
-            raise their_error
-        return mine[0] + files, mine[1] + nbytes
+        if batch.error is not None:
+            raise batch.error
+        return files + batch.files, nbytes + batch.nbytes
 
     def _run(self) -> None:
         while True:
-            job = self.work.get()
-            if job is None:
+            batch = self.work.get()
+            if batch is None:
                 return
-            make, dfd, gid, shared, theirs = job
+            with self.lock:
+                if batch.state != _Batch.QUEUED or self.stopped:
+                    continue
+                batch.state = _Batch.RUNNING
             try:
-                self.done.put((_make_all(make, dfd, gid, shared, theirs), None))
+                batch.files, batch.nbytes = _make_all(batch.make, batch.dfd, batch.gid, batch.jobs,
+                                                      batch.failures)
             except BaseException as err:  # noqa: BLE001 - handed to the walking thread
-                self.done.put(((0, 0), err))
+                batch.error = err
+            finally:
+                with self.lock:
+                    batch.state = _Batch.DONE
+                batch.done.set()
 
     def close(self) -> None:
+        """Stop: no batch is started any more; the one being made is finished first."""
+        if not self.thread.is_alive():
+            return
+        with self.lock:
+            self.stopped = True
         self.work.put(None)
         self.thread.join()

@@ -669,7 +669,8 @@ def _many_small(src: str, count: int = 120) -> None:
 
 
 def _helpers(monkeypatch, how: str) -> None:
-    """Small files made by two threads (a helper beside the walking one) or by one."""
+    """Small files made by two threads (every directory's batch handed to the helper thread,
+    the rest made by the walk when the directory is done) or by the walking thread alone."""
     monkeypatch.setattr(unpack_mod, "_HELPER_MIN", 1 if how == "two-threads" else 1 << 60)
 
 

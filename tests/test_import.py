@@ -93,8 +93,8 @@ def clean_import():
     yield
     path, modules, hooks, meta, cache = saved
     sys.path[:] = path
-    for name in list(sys.modules):
-        if name not in modules:
+    for name in list(sys.modules):     # xipfs's own modules stay: a second copy of a class breaks
+        if name not in modules and name.split(".")[0] != "xipfs":   # isinstance for other tests
             del sys.modules[name]
     sys.path_hooks[:] = hooks
     sys.meta_path[:] = meta

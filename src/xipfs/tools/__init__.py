@@ -1,5 +1,6 @@
-"""Tools over whole trees: ``pack`` (a directory tree into an image, laid out whole) and
-``unpack`` (an image into a directory tree, safely)."""
+"""Tools over whole images: ``pack`` (a directory tree into an image, laid out whole),
+``unpack`` (an image into a directory tree, safely) and ``fetch`` (a remote image into memory
+storage, resumable and verified)."""
 
 from __future__ import annotations
 

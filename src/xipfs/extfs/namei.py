@@ -964,7 +964,7 @@ def _child_of_known(vol: Volume, path: str, follow: bool) -> Inode | None:
     if entry is None:
         return None
     child = vol.inode(entry[0])
-    if not child.links and (not child.mode or child.dtime):
+    if not child.links and (not child.mode or child.dtime):     # vol.live_inode's rule, inline
         raise CorruptImageError(f"entry {tail!r} points to deleted inode {entry[0]}",
                                 f"directory inode {parent.ino}")
     if follow and S_ISLNK(child.mode):

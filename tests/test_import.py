@@ -954,6 +954,16 @@ def test_file_data_past_the_end_of_the_image_is_a_corrupt_image_error(tmp_path, 
         image.read("/site/cut_q.py")
 
 
+def test_a_file_larger_than_its_image_is_a_corrupt_image_error(tmp_path, clean_import):
+    """A damaged i_size of terabytes is refused, not allocated (it was a MemoryError)."""
+    tree = write_tree(tmp_path / "t", {"site/huge_q.py": "X = 1\n"})
+    img = pack(tree, str(tmp_path / "h.img"))
+    debugfs_r(img, "sif /site/huge_q.py size 0x20000000000", write=True)
+    sys.path.insert(0, img + "/site")
+    with pytest.raises(xipfs.CorruptImageError, match="more than the whole image holds"):
+        importlib.import_module("huge_q")
+
+
 def test_inline_data_and_symlinks_fall_back_to_the_format_layer(tmp_path, clean_import):
     tree = write_tree(tmp_path / "t", {"site/inl_q.py": "I = 'inline'\n",
                                        "site/big_q.py": "B = 1\n" + "#" * 9000})
@@ -965,3 +975,74 @@ def test_inline_data_and_symlinks_fall_back_to_the_format_layer(tmp_path, clean_
     assert importlib.import_module("big_q").B == 1
     assert importlib.import_module("lnk_q").B == 1
     assert importer._image(img)._fs is not None   # inline data and the symlink took the format layer
+
+
+# -- damaged images: the import hook's own reader -------------------------------------------------
+DAMAGE_CHILD = r"""
+import os, random, sys, xipfs
+from importlib.machinery import PathFinder
+src, workdir, rounds, seed0 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+spans = [tuple(map(int, s.split(":"))) for s in sys.argv[5].split(",")]
+data = open(src, "rb").read()
+allowed = (ImportError, OSError, SyntaxError, ValueError, EOFError)   # what a damaged disk gives too
+bad = []
+for seed in range(seed0, seed0 + rounds):
+    rnd = random.Random(seed)
+    img = bytearray(data)
+    for _ in range(rnd.choice((1, 2, 4, 16))):
+        start, length = rnd.choice(spans)
+        img[start + rnd.randrange(length)] = rnd.randrange(256)
+    path = os.path.join(workdir, f"d{seed}.img")
+    with open(path, "wb") as f:
+        f.write(img)
+    try:   # find and read both modules, run neither: bytecode read from the wrong blocks may crash
+        spec = PathFinder.find_spec("dmgpkg_q", [path + "/site"])
+        if spec is not None:              # (a namespace package's spec has no loader)
+            if spec.loader is not None:
+                spec.loader.get_code("dmgpkg_q")
+            sub = PathFinder.find_spec("dmgpkg_q.sub", spec.submodule_search_locations)
+            if sub is not None and sub.loader is not None:
+                sub.loader.get_code("dmgpkg_q.sub")
+                sub.loader.get_source("dmgpkg_q.sub")
+    except allowed:
+        pass
+    except BaseException as err:
+        bad.append(f"seed {seed}: {type(err).__name__}: {err}")
+    finally:
+        os.unlink(path)
+print("\n".join(bad))
+"""
+
+
+@pytest.mark.parametrize("fstype", ["ext2", "ext4"])
+def test_damaged_metadata_gives_import_or_os_errors(tmp_path, fstype):
+    """Random bytes changed in the superblock, the descriptors, the inode table and the
+    directories an import reads (the lean reader checks no checksum): finding and reading the
+    modules fails with an ImportError or OSError (a file read from the wrong blocks may also
+    fail to compile or unmarshal, as from a damaged disk), never with an IndexError, a
+    struct.error, a MemoryError or a hang. (The modules are not run: bytecode from the wrong
+    blocks can crash the interpreter, from an image as from a damaged disk.)"""
+    files = {"site/dmgpkg_q/__init__.py": "A = 1\n", "site/dmgpkg_q/sub.py": "B = 2\n" * 2000,
+             **{f"site/dmgpkg_q/m{i}.py": "" for i in range(40)}}
+    tree = write_tree(tmp_path / "tree", files)
+    for rel in ("site/dmgpkg_q/__init__.py", "site/dmgpkg_q/sub.py"):
+        py_compile.compile(os.path.join(tree, rel), doraise=True)
+    img = mkfs(str(tmp_path / "img"), "2M", bs=1024, isize=256, src=tree, fstype=fstype)
+    with xipfs.open(img) as fs:          # where the metadata an import reads lies
+        vol = fs.volume
+        spans = [(1024, 1024), (2 * vol.bs if vol.bs == 1024 else vol.bs, 64),   # superblock, descriptors
+                 (vol.inode_offset(1), vol.isize * 64)]
+        for d in ("/", "/site", "/site/dmgpkg_q", "/site/dmgpkg_q/__pycache__"):
+            node = fs._inode(d)
+            spans.append((vol.inode_offset(node.ino), vol.isize))
+            spans += [(pblk * vol.bs, n * vol.bs) for _, n, pblk in node.map.runs(0, node.size // vol.bs)]
+        sub = fs._inode("/site/dmgpkg_q/sub.py")
+        spans.append((vol.inode_offset(sub.ino), vol.isize))
+    work = tmp_path / "work"
+    work.mkdir()
+    rounds = os.environ.get("XIPFS_DAMAGE_ROUNDS", "150")      # more for a longer search
+    proc = subprocess.run([PY, "-X", "faulthandler", "-c", DAMAGE_CHILD, img, str(work), rounds, "1",
+                           ",".join(f"{s}:{n}" for s, n in spans)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", proc.stdout[:3000]

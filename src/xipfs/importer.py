@@ -333,6 +333,9 @@ class _Reader:
         if size == 0:
             return b""
         bs = self.bs
+        if size > self.blocks * bs:          # damaged, or sparse beyond reason for a module
+            raise CorruptImageError(f"size {size} is more than the whole image holds "
+                                    f"({self.blocks * bs} bytes)", f"inode {ino}")
         flags = node[2]
         iblock = node[5]
         if not flags & _NOT_BLOCK_MAPPED:

@@ -141,6 +141,24 @@ def test_file_type_without_the_feature(tree_src, workdir: str) -> None:
         os.unlink(path)
 
 
+def test_extents_flag_on_a_plain_ext2_file(workdir: str) -> None:
+    """A plain file (direct blocks only) flagged EXTENTS on ext2: found by both checkers (the
+    piece-at-a-time path for plain files must hand it to pass 1)."""
+    src = os.path.join(workdir, "xf-src")
+    os.makedirs(src, exist_ok=True)
+    with open(os.path.join(src, "f"), "wb") as f:
+        f.write(b"x" * 3000)
+    path = os.path.join(workdir, "xf.img")
+    run(["mke2fs", "-q", "-F", "-t", "ext2", "-d", src, path, "4M"], timeout=120)
+    try:
+        debugfs_r(path, "set_inode_field /f flags 0x80000", write=True)
+        rc, out = fsck(path)
+        assert rc & 4 and "EXTENTS_FL flag set" in out, out
+        assert ck.codes(ck.check_image(path)) == {"bad_flags"}
+    finally:
+        os.unlink(path)
+
+
 @pytest.mark.parametrize("bs", [1024, 4096])
 def test_images_xipfs_wrote_are_clean(workdir: str, bs: int) -> None:
     """xipfs.mkfs, then files of every size written, truncated, renamed, linked and removed."""

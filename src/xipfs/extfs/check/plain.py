@@ -37,7 +37,8 @@ _EXTRA_AT = L.INODE.size
 #: the low byte of each extra time field whose epoch bits pass 1 looks at
 _EXTRA_TIMES_AT = tuple(L.INODE_LARGE.offsets[k] for k in ("i_ctime_extra", "i_mtime_extra",
                                                           "i_atime_extra", "i_crtime_extra"))
-#: flags that send a regular file to the per-inode checks (extents are looked at apart)
+#: flags that send a regular file to the per-inode checks (extents are looked at apart where
+#: the filesystem has them; elsewhere the flag itself is pass 1's problem)
 _REJECT_FLAGS = L.FL_IMAGIC | L.FL_INLINE_DATA | L.FL_EA_INODE | L.FL_INDEX
 _EXT_MAGIC = 0xF30A
 _IS_REG = bytes([b == L.FT_REG for b in range(256)])
@@ -126,8 +127,9 @@ def plain_files(c: Context, table: bytearray, used: bytearray | bytes, types: by
     if not cand:
         return bytes(n)
     cand &= ~(col.nonzero(_ACL_AT, 4) | col.nonzero(_SIZE_HIGH_AT, 4) | col.nonzero(_FADDR_AT, 8))
+    reject = _REJECT_FLAGS | (0 if c.extents else L.FL_EXTENTS)   # extents without the feature: pass 1
     for k in range(4):
-        fl = _REJECT_FLAGS >> 8 * k & 0xFF
+        fl = reject >> 8 * k & 0xFF
         if fl:
             cand &= ~col.mask(_FLAGS_AT + k, any_bits(fl))
     if c.isize > 128:

@@ -95,7 +95,7 @@ def _digests(headers: Any, body: bytes) -> tuple[bytes | None, bytes | None]:
     if cmd5:
         import hashlib
 
-        md5 = _b64(cmd5)
+        md5 = _b64(cmd5, 16)
         if md5 == hashlib.md5(body).digest():        # noqa: S324  (a checksum, not security)
             md5 = None
     for name in ("Digest", "Repr-Digest", "x-goog-hash"):
@@ -104,17 +104,19 @@ def _digests(headers: Any, body: bytes) -> tuple[bytes | None, bytes | None]:
             algo, _, val = part.strip().partition("=")
             val = val.strip().strip(":")
             if algo.lower() == "md5" and md5 is None:
-                md5 = _b64(val)
+                md5 = _b64(val, 16)
             elif algo.lower() in ("sha-256", "sha256") and sha is None:
-                sha = _b64(val)
+                sha = _b64(val, 32)
     return md5, sha
 
 
-def _b64(text: str) -> bytes | None:
+def _b64(text: str, size: int) -> bytes | None:
+    """A base64 digest of ``size`` bytes, or None (a header of another length checks nothing)."""
     try:
-        return base64.b64decode(text.strip(), validate=True)
+        digest = base64.b64decode(text.strip(), validate=True)
     except ValueError:
         return None
+    return digest if len(digest) == size else None
 
 
 # -- sources: where the bytes come from --------------------------------------------------------
@@ -496,7 +498,7 @@ def _fsspec_md5(fs: Any, meta: dict[str, Any], etag: str | None) -> bytes | None
     """The object's MD5 from an fsspec ``info``: GCS's ``md5Hash``, or an S3 ETag that S3 made
     the MD5 (not under SSE-KMS)."""
     if isinstance(meta.get("md5Hash"), str):
-        return _b64(meta["md5Hash"])
+        return _b64(meta["md5Hash"], 16)
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     kms = meta.get("SSEKMSKeyId") or str(meta.get("ServerSideEncryption") or "").lower() in _SSE_NOT_MD5
     if any(p in ("s3", "s3a") for p in protocols) and not kms:

@@ -17,6 +17,7 @@ import hashlib
 import os
 from typing import Any
 
+from ..device.detect import looks_like_shm_name
 from ..device.remote import DEFAULT_TIMEOUT, RemoteInfo, Restarted, Source, open_source
 from ..progress import ProgressArg, progress_bar
 
@@ -33,8 +34,7 @@ def destination(dest: str | os.PathLike[str], url: str = "") -> str:
     path = os.fspath(dest)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    if (path.startswith("/") and len(path) > 1 and "/" not in path[1:]
-            and not os.path.exists(path)):
+    if looks_like_shm_name(path, bare=False) and not os.path.exists(path):
         return os.path.join(SHM_DIR, path[1:])
     if os.path.isdir(path):
         name = url.split("::")[-1].rstrip("/").rpartition("/")[2].partition("?")[0]
@@ -77,12 +77,8 @@ def _fetch_into(source: Source, url: str, target: str, part: str, progress: Prog
                 resume: bool) -> int:
     info = source.info
     meta = part + ".meta"
-    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _open_locked(part, target)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OSError(errno.EBUSY, "another process is fetching into this destination", target) from None
         have = os.fstat(fd).st_size
         same = resume and getattr(source, "ranges", True) and _read_meta(meta) == _meta_text(url, info)
         offset = have if same and have <= info.size else 0
@@ -92,35 +88,49 @@ def _fetch_into(source: Source, url: str, target: str, part: str, progress: Prog
         fetched = _download(source, info, fd, offset, progress, target) if offset < info.size else 0
         _verify(fd, info, part)
         os.fsync(fd)
-    except BaseException:
+        os.rename(part, target)          # still locked: no other fetch takes this part meanwhile
+        _remove(meta)
+    finally:
         os.close(fd)
-        raise
-    os.close(fd)
-    os.rename(part, target)
-    _remove(meta)
     return fetched
+
+
+def _open_locked(part: str, target: str) -> int:
+    """``part`` opened (created if need be) and locked for this fetch; EBUSY while another holds
+    it. A part another fetch renamed into place between our open and our lock is let go, and a
+    new one made (it would otherwise be the finished image, written again)."""
+    while True:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, "another process is fetching into this destination", target) from None
+        try:
+            if os.path.samestat(os.stat(part), os.fstat(fd)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _download(source: Source, info: RemoteInfo, fd: int, offset: int, progress: ProgressArg,
               target: str) -> int:
     """Append the object from ``offset`` to ``fd``; bytes fetched. A changed object restarts."""
-    fetched = 0
     with progress_bar(progress, info.size, f"fetch {os.path.basename(target)}") as bar:
         bar.update(offset)
         try:
-            fetched += _append(source, info, fd, offset, bar)
+            return _append(source, info, fd, offset, bar)
         except Restarted:
             os.ftruncate(fd, 0)
-            raise _Changed(info) from None
-    return fetched
+            raise _Changed() from None
 
 
 class _Changed(OSError):
     """The object changed between two fetches; the part was emptied (``fetch`` starts again)."""
 
-    def __init__(self, info: RemoteInfo) -> None:
+    def __init__(self) -> None:
         super().__init__(errno.ESTALE, "the remote object changed during the fetch")
-        self.info = info
 
 
 def _append(source: Source, info: RemoteInfo, fd: int, offset: int, bar: Any) -> int:

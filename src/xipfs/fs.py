@@ -433,13 +433,20 @@ class Filesystem:
         made on the worker that computes it; workers open the image by its name (a shared-memory
         name or a path: deliver it to them first with :func:`xipfs.dask.deliver`).
         """
+        import numpy as np
+        dt = np.dtype(dtype)
         if chunks is not None:
             if access != "r":
                 raise ValueError("a dask array over an image is read-only (access='r')")
+            name = self.device.name        # what the workers open: an absolute path, or a shm name
+            if self.device.base_offset or not (os.path.exists(name) or name.startswith("/")):
+                raise ValueError(f"a dask array needs an image the workers can open by name, not {name!r}")
             from .xip.arrays import map_array as dask_map_array
-            return dask_map_array(self.device.name, self._fspath(path)[0], dtype, shape, offset, chunks)
-        import numpy as np
-        dt = np.dtype(dtype)
+            p = self._fspath(path)[0]
+            if shape is None:              # from the open image, not a second attachment
+                shape = ((self.stat(p).st_size - offset) // dt.itemsize,)
+            return dask_map_array(os.path.abspath(name) if os.path.exists(name) else name, p, dt, shape,
+                                  offset, chunks)
         start = offset - offset % PAGE
         node = self._inode(path)
         if shape is None:

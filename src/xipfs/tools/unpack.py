@@ -404,7 +404,7 @@ class _Unpacker:
         return None
 
     def _entry_failed(self, frame: _Frame, name: str, err: OSError) -> None:
-        if not isinstance(err, XipfsError) and err.errno not in _ENTRY_ERRNOS:
+        if not _is_entry_error(err):
             raise err
         self.skipped.append((_join(frame.path, name), _reason(err)))
 
@@ -936,6 +936,11 @@ _Make = Callable[[int, int, tuple], None]
 _HELPER_MIN = 16
 
 
+def _is_entry_error(err: OSError) -> bool:
+    """An error of one entry (skipped and named), not of the whole unpack (raised)."""
+    return isinstance(err, XipfsError) or err.errno in _ENTRY_ERRNOS
+
+
 def _make_all(make: Callable[[int, int, tuple], None], dfd: int, gid: int, jobs: Iterator[tuple],
               failures: list[tuple[str, OSError]]) -> tuple[int, int]:
     """Run ``make(dfd, gid, job)`` for the jobs taken from ``jobs`` (shared with another thread:
@@ -946,6 +951,8 @@ def _make_all(make: Callable[[int, int, tuple], None], dfd: int, gid: int, jobs:
         try:
             make(dfd, gid, job)
         except OSError as err:
+            if not _is_entry_error(err):         # no space, an I/O error: stop, as one thread would
+                raise
             failures.append((job[0], err))
             continue
         files += 1

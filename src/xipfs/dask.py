@@ -56,6 +56,7 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in the t
     raise ImportError("xipfs.dask needs dask.distributed: pip install xipfs[dask]") from exc
 
 from ._libc import libc
+from .device.detect import looks_like_url
 from .errors import XipfsError
 from .fs import Filesystem
 from .fs import open as xipfs_open
@@ -146,9 +147,10 @@ def _wait_for_lock(fd: int, deadline: float, timeout: float, source: str, path: 
 
 def _part_files(path: str) -> tuple[str, ...]:
     """The partial copies a fetch into ``path`` writes: ours, and :mod:`xipfs.tools.fetch`'s inside it."""
+    from .tools.fetch import part_path
+
     part = _side_file(path, "part")
-    fetch_part = os.path.join(os.path.dirname(part), f".{os.path.basename(part)}.xipfs-part")
-    return part, fetch_part
+    return part, part_path(part)
 
 
 def _fetched_so_far(path: str) -> int:
@@ -171,7 +173,7 @@ def _still_named(fd: int, lock_path: str) -> bool:
 
 
 def _read_record(fd: int) -> dict[str, Any]:
-    """What the lock file says: the source and size of the image in place, the last holder."""
+    """What the lock file says: the source of the image in place, the last holder."""
     try:
         raw = os.pread(fd, 4096, 0)
         return json.loads(raw) if raw.strip() else {}
@@ -186,8 +188,7 @@ def _write_record(fd: int, record: dict[str, Any]) -> None:
 
 
 def _is_url(source: str) -> bool:
-    proto, sep, _ = source.partition("://")
-    return bool(sep) and proto not in ("file", "local")
+    return looks_like_url(source) and not source.startswith(("file://", "local://"))
 
 
 def _local(source: str) -> str:
@@ -195,23 +196,23 @@ def _local(source: str) -> str:
     return rest if sep and proto in ("file", "local") else source
 
 
-def _fetch(source: str, dest: str) -> int:
-    """Copy image ``source`` (a URL or a local path) to ``dest``; the bytes written."""
+def _fetch(source: str, dest: str) -> None:
+    """Copy image ``source`` (a URL or a local path) to ``dest``."""
     if _is_url(source):
         try:
             from .tools.fetch import fetch
         except ImportError as exc:                     # pragma: no cover - shipped together
             raise XipfsError(errno.ENOSYS, f"fetching {source} needs xipfs.fetch") from exc
-        return fetch(source, dest, progress=False)
+        fetch(source, dest, progress=False)
+        return
     shutil.copyfile(_local(source), dest)               # sendfile: no copy through Python
-    return os.path.getsize(dest)
 
 
-def _fetch_into_place(source: str, path: str) -> int:
+def _fetch_into_place(source: str, path: str) -> None:
     """Fetch ``source`` beside ``path``, check that it opens as an image, rename it into place."""
     part = _side_file(path, "part")                   # one name: a URL's fetch resumes there
     try:
-        size = _fetch(source, part)
+        _fetch(source, part)
         xipfs_open(part).close()                       # a bad image fails here, on one worker
         os.chmod(part, 0o644)
         os.rename(part, path)
@@ -219,7 +220,6 @@ def _fetch_into_place(source: str, path: str) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part)
         raise
-    return size
 
 
 def _provide_locked(fd: int, source: str, name: str, path: str) -> bool:
@@ -231,8 +231,8 @@ def _provide_locked(fd: int, source: str, name: str, path: str) -> bool:
                                   f"not of {source}; xipfs.dask.release(client, {name!r}) first", path)
         return False
     _write_record(fd, {"source": source, "pid": os.getpid(), "fetching": True})
-    size = _fetch_into_place(source, path)
-    _write_record(fd, {"source": source, "size": size, "pid": os.getpid()})
+    _fetch_into_place(source, path)
+    _write_record(fd, {"source": source, "pid": os.getpid()})
     return True
 
 

@@ -1212,3 +1212,30 @@ def test_mappings_of_aligned_runs_start_2mib_aligned(tmp_path):
         e2fs.assert_fsck_clean(img)
     finally:
         os.unlink(img)
+
+
+def test_mappings_in_a_partition_follow_its_place_in_the_disk(tmp_path):
+    """A filesystem 1 MiB into a disk (where MBR and GPT put the first partition): the mapping is
+    placed so that address and place in the disk file agree modulo 2 MiB, where 2 MiB pages
+    can map the file's runs."""
+    from xipfs.xip.mapping import HUGE, _address
+
+    fsimg = str(tmp_path / "fs.img")
+    xipfs.mkfs(fsimg, 64 << 20, block_size=4096)
+    with xipfs.open(fsimg, "r+", xip=True) as fs:
+        fs.write_bytes("/big", os.urandom((12 << 20) - 4096))
+    e2fs.assert_fsck_clean(fsimg)
+    disk = os.path.join(e2fs.SHM, f"xipfs-steer-part-{os.getpid()}.img")
+    try:
+        with open(disk, "wb") as out, open(fsimg, "rb") as src:
+            out.truncate(1 << 20)
+            out.seek(1 << 20)
+            shutil.copyfileobj(src, out)
+        with xipfs.open(disk, offset=1 << 20) as fs:
+            first = fs.block_runs("/big")[0][2] * 4096 + (1 << 20)     # in the disk file
+            for k in (1, 3):
+                with fs.mmap("/big", "r", 0, (12 << 20) - 4096 * k) as m:
+                    assert m.is_xip and (_address(m) - first) % HUGE == 0, (k, hex(_address(m)), first)
+    finally:
+        os.unlink(disk)
+

@@ -453,8 +453,10 @@ def _try_xip(vol: Volume, node: Inode, state: _State) -> Mapping | None:
         return None
     state.maps = pieces
     filler = None
-    if length >= HUGE and any(s[1] >= HUGE for s in data):     # a run a 2 MiB page could map
-        filler = _steer(_round_up(length), offset % HUGE)
+    shift = vol.device.base_offset                     # a partition: its place in the disk
+    big = next((s for s in data if s[1] >= HUGE), None)     # a run a 2 MiB page could map
+    if length >= HUGE and big is not None:   # its address and its place in the file agree mod 2 MiB
+        filler = _steer(_round_up(length), (big[2] + shift - big[0] + offset) % HUGE)
     try:
         m = Mapping(length, state.writable)
     finally:
@@ -464,7 +466,6 @@ def _try_xip(vol: Volume, node: Inode, state: _State) -> Mapping | None:
         base = _address(m)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if state.writable else 0)
         fd = vol.device.fileno()
-        shift = vol.device.base_offset                 # a partition: its place in the disk
         for pos, n, where in data:
             _map_fixed(base + pos - offset, _round_up(n), prot, mmap.MAP_SHARED, fd, where + shift)
     except OSError:

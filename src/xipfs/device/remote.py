@@ -171,19 +171,21 @@ class HttpSource(Source):
         self.timeout = timeout
         self.retries = max(1, retries)
         self._conn: http.client.HTTPConnection | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # reentrant: a failed attempt drops the connection under it
         #: ``[response, position, end]`` of an answer still streaming (a sequential reader's).
         self._stream: list[Any] | None = None
         self._last_end = -1
         self._run = 0                     # bytes read in a row up to _last_end
         _SOURCES.add(self)
-        #: Bytes of response bodies received (what crossed, less headers).
-        self.received = 0
         self.requests = 0
         #: False when the server answers ranges with the whole object (only ``need_ranges=False``).
         self.ranges = True
         self._need_ranges = need_ranges
-        self.info = self._probe()
+        try:
+            self.info = self._probe()
+        except BaseException:
+            self.close()                   # a 404 or a refusal: no socket left for the collector
+            raise
 
     def _aim(self, url: str) -> urllib.parse.SplitResult:
         """Send the next requests to ``url`` (the one given, or where it redirected)."""
@@ -236,6 +238,9 @@ class HttpSource(Source):
                 self._drop()
                 if fresh:
                     raise
+            except BaseException:         # a timeout midway: the connection's state is unknown
+                self._drop()
+                raise
         raise AssertionError("unreachable")
 
     def _retrying(self, what: str, fn: Any) -> Any:
@@ -245,13 +250,12 @@ class HttpSource(Source):
         for attempt in range(self.retries):
             try:
                 return fn()
-            except RangeUnsupported:
-                raise
             except _TRANSIENT as err:
                 if isinstance(err, OSError) and not _transient_oserror(err):
                     raise
                 last = err
-                self._drop()
+                with self._lock:          # not under another thread's request
+                    self._drop()
                 if attempt + 1 < self.retries:
                     time.sleep(delay)
                     delay *= 4
@@ -331,7 +335,6 @@ class HttpSource(Source):
                         raise
                     if end > offset + n:
                         self._stream = [resp, offset + n, end]
-                self.received += n
                 self._last_end = offset + n
                 self._run = run + n
         self._retrying(f"reading bytes {offset}..{offset + n}", fetch)
@@ -400,7 +403,6 @@ class HttpSource(Source):
                     if not n:
                         raise OSError(errno.EIO, f"the server closed the download at byte {pos} of "
                                       f"{size}", self.url)
-                    self.received += n
                     pos += n
                     yield view[:n]
             except BaseException:
@@ -471,7 +473,6 @@ class FsspecSource(Source):
             except (ValueError, ImportError) as err:
                 raise OSError(errno.EPROTONOSUPPORT, f"cannot open this URL: {err}", url) from err
         self.fs, self.path = fs, path
-        self.received = 0
         self.requests = 0
         try:
             meta = self.fs.info(self.path)
@@ -491,7 +492,6 @@ class FsspecSource(Source):
         if len(data) != n:
             raise OSError(errno.EIO, f"short read: {len(data)} of {n} bytes at {offset}", self.url)
         dst[:] = data
-        self.received += n
 
 
 def _fsspec_md5(fs: Any, meta: dict[str, Any], etag: str | None) -> bytes | None:
@@ -533,11 +533,6 @@ class RemoteDevice(Device):
         self.readahead_max = max(readahead_min, readahead_max)
         self._window = readahead_min
         self._next = -1                 # where a sequential reader's next miss would start
-
-    @property
-    def received(self) -> int:
-        """Bytes of the image fetched so far."""
-        return self.source.received
 
     def readahead(self, offset: int, length: int, after_cached: bool = False) -> int:
         """How many bytes to fetch for a miss of ``length`` bytes at ``offset`` (ondemand).

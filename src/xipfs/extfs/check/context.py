@@ -178,7 +178,7 @@ class Context:
         #: bytes of inode table read and scanned at a time (pass 1)
         self.piece_bytes = piece_bytes
         self.problems: list[P.Problem] = []
-        #: tables of consecutive block numbers (see walk.run_bytes)
+        #: tables of consecutive block numbers (see walk.run_table)
         self.run_chunks: dict[int, bytes] = {}
         buffer = getattr(device, "buffer", None)
         self._buffer = buffer if isinstance(buffer, memoryview) else None

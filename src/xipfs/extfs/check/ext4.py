@@ -21,7 +21,7 @@ from google_crc32c import extend as _extend
 from ...errors import CorruptImageError
 from .. import layout as L
 from ..csum import crc32c_raw, inode_seed
-from ..extent import ENTRY_SIZE, EXT_MAGIC, LBLK_LIMIT, walk_extents
+from ..extent import ENTRY_SIZE, EXT_MAGIC, LBLK_LIMIT, _root_extents, walk_extents
 from ..inline import IBLOCK_BYTES, data_value
 from . import problems as P
 from .context import NONZERO, Context, u32
@@ -232,39 +232,22 @@ def extent_map(c: Context, ino: int, raw: bytes | memoryview, ft: int, claim: bo
 
 #: A root of depth 0 in ``i_block``: the header (magic, entries, max, depth, generation), then
 #: four leaf entries (first file block, length, start high, start low).
-_ROOT = struct.Struct("<HHHHI" + "IHHI" * 4).unpack_from
 _INIT_MAX = 1 << 15
 #: ``(first file block, count, first device block, unwritten)``, as :class:`~..extent.Extent`.
 RootExtent = tuple[int, int, int, bool]
 
 
 def root_extents(c: Context, raw: bytes | memoryview) -> list[RootExtent] | None:
-    """The extents of a depth-0 root that keeps every rule of the walker (most files: one
-    ``struct`` call, no walker); None for a deeper tree or any breach (the walker then says
-    which)."""
-    v = _ROOT(raw, _BLOCK_AT)
-    magic, entries, emax, depth = v[0], v[1], v[2], v[3]
-    if magic != EXT_MAGIC or depth or not 2 <= emax <= 4 or entries > emax:
-        return None
-    out = []
-    cur = 0
-    fdb, limit = c.fdb, c.nblocks
-    for k in range(5, 5 + 4 * entries, 4):
-        lblk, ee_len, hi, lo = v[k], v[k + 1], v[k + 2], v[k + 3]
-        unwritten = ee_len > _INIT_MAX
-        n = ee_len - _INIT_MAX if unwritten else ee_len
-        pblk = hi << 32 | lo
-        cur_end = lblk + n
-        if not n or lblk < cur or cur_end > LBLK_LIMIT or fdb >= pblk or pblk + n > limit:
-            return None
-        cur = cur_end
-        out.append((lblk, n, pblk, unwritten))
-    return out
+    """The extents of a depth-0 root that keeps every rule of the walker (most files: no
+    walker), as the reader takes them (``extent._root_extents``); None for a deeper tree or any
+    breach (the walker then says which)."""
+    return _root_extents(bytes(raw[_BLOCK_AT:_BLOCK_AT + IBLOCK_BYTES]), c.fdb, c.nblocks)
 
 
 def words_extents(v: tuple[int, ...], at: int, fdb: int, limit: int) -> list[RootExtent] | None:
     """:func:`root_extents` from ``i_block`` already decoded as 15 words (``v[at:at + 15]``,
-    as pass 1 decodes every inode): no second ``struct`` call."""
+    as pass 1 decodes every inode): the same rules without a second ``struct`` call, for pass
+    1's loop over every inode."""
     head, geometry = v[at], v[at + 1]
     entries = head >> 16
     emax = geometry & 0xFFFF

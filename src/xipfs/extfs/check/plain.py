@@ -21,7 +21,7 @@ from operator import add, lt, mul, ne, sub
 
 from .. import layout as L
 from .context import NONZERO, Context
-from .walk import run_table
+from .walk import is_run
 from .xattrs import XATTR_MAGIC
 
 _SIZE_AT = L.INODE.offsets["i_size"]
@@ -236,11 +236,7 @@ def one_indirect(c: Context, col: Columns, full: int) -> tuple[int, list[int]]:
                 continue
             raw = bytes(block(b))
             a = int.from_bytes(raw[:4], "little")
-            if not fdb <= a or not a or a + k > nblocks:
-                continue
-            table, off = run_table(c, a)
-            if not (table.startswith(raw, 4 * off) if 4 * k == bs else
-                    table.startswith(raw[:4 * k], 4 * off) and raw.endswith(bytes(bs - 4 * k))):
+            if not fdb <= a or not a or not is_run(c, raw, a, k):
                 continue
             claims.append(b)
             runs.append((a, k))

@@ -20,7 +20,7 @@ from .context import Context, ranges, u32
 
 #: What a walk does with the blocks it finds (see :class:`Walk`).
 CLAIM, COUNT, COLLECT = 0, 1, 2
-#: Blocks per piece of the table of contiguous runs (see :func:`run_bytes`): small, so that the
+#: Blocks per piece of the table of contiguous runs (see :func:`run_table`): small, so that the
 #: first piece (made at each check, by a loop in C over its numbers) costs little.
 RUN_CHUNK = 1 << 13
 
@@ -206,13 +206,6 @@ def run_table(c: Context, a: int) -> tuple[bytes, int]:
         table = (base + start * ones).to_bytes(4 * n, "little")
         c.run_chunks[chunk] = table
     return table, off
-
-
-def run_bytes(c: Context, a: int, k: int) -> bytes:
-    """The little-endian words ``a, a+1, ..., a+k-1``: what a block map holding one run of
-    contiguous blocks looks like (cut from :func:`run_table`)."""
-    table, off = run_table(c, a)
-    return table[4 * off:4 * (off + k)]
 
 
 def leaf_run(c: Context, raw: bytes, want: int = 0) -> tuple[int, int]:

@@ -136,13 +136,12 @@ def _store_group_desc(vol: Volume, g: int) -> None:
     """Store group ``g``'s descriptor now rather than at the next sync: e2fsck skips the inodes
     past its ``itable_unused`` (and all of an INODE_UNINIT group), and unlike a directory entry
     an xattr entry naming one does not make it look again, so it would free the EA inode."""
-    from .groups import desc_block, encode_desc
+    from .groups import store_group_desc
 
     sb = vol.sb
     if g not in vol.dirty_groups or not (sb.metadata_csum or sb.gdt_csum):
         return
-    i, k = divmod(g, vol.bs // sb.desc_size)
-    vol.device.write(encode_desc(vol, g), desc_block(sb, i) * vol.bs + k * sb.desc_size)
+    store_group_desc(vol, g)
     vol.dirty_groups.discard(g)
 
 

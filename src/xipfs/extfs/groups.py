@@ -189,12 +189,16 @@ def metadata_zones(sb: Superblock, groups: list[GroupDesc]) -> tuple[list[int], 
 def flush_group_descs(vol: Volume) -> None:
     """Store the descriptors whose counts changed since the last sync (``write_group_desc``),
     each with its bitmaps' checksums and its own (metadata_csum, uninit_bg) redone."""
-    sb = vol.sb
-    per_block = vol.bs // sb.desc_size
     for g in sorted(vol.dirty_groups):
-        i, k = divmod(g, per_block)
-        vol.device.write(encode_desc(vol, g), desc_block(sb, i) * vol.bs + k * sb.desc_size)
+        store_group_desc(vol, g)
     vol.dirty_groups.clear()
+
+
+def store_group_desc(vol: Volume, g: int) -> None:
+    """Store group ``g``'s descriptor in its place in the descriptor table, now."""
+    sb = vol.sb
+    i, k = divmod(g, vol.bs // sb.desc_size)
+    vol.device.write(encode_desc(vol, g), desc_block(sb, i) * vol.bs + k * sb.desc_size)
 
 
 _BB_CSUM = (L.GROUP_DESC.offsets["bg_block_bitmap_csum_lo"],

@@ -23,7 +23,6 @@ from ..errors import CorruptImageError, fs_error
 from . import bitmap
 from . import layout as L
 from .dirhash import DX_HASH_HALF_MD4, hasher
-from .groups import flex_groups
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -36,7 +35,7 @@ class InodeAllocator:
         self.volume = volume
         self.ipg = volume.sb.s_inodes_per_group
         #: Groups per flex group (1: no flex_bg), the unit ext4's choices work in.
-        self.flex = flex_groups(volume.sb)
+        self.flex = volume.flex
         #: Linux spreads top-level directories by the half-MD4 hash of their name.
         self._name_hash = hasher(DX_HASH_HALF_MD4, volume.sb.s_hash_seed)
         #: Per group, an index below which every inode is known to be in use.

@@ -788,14 +788,10 @@ def _read_xattrs(vol: Volume, node: Inode) -> list[tuple[str, bytes]]:
 
 def _ea_inode_value(vol: Volume, node: Inode, inum: int, size: int) -> bytes:
     """A value ext4 keeps in an inode of its own (ea_inode): that inode's data, all of it."""
-    where = f"xattr of inode {node.ino}"
-    if inum == node.ino or inum < vol.sb.first_ino:
-        raise CorruptImageError(f"xattr value in inode {inum}, which cannot hold one", where)
-    ea = vol.inode(inum)
-    if not ea.flags & L.FL_EA_INODE or not ea.is_reg or ea.links == 0:
-        raise CorruptImageError(f"xattr value in inode {inum}, which is not an xattr inode", where)
+    ea = EA.ea_inode(vol, node.ino, inum)
     if ea.size != size:
-        raise CorruptImageError(f"xattr inode {inum} holds {ea.size} bytes, the entry says {size}", where)
+        raise CorruptImageError(f"xattr inode {inum} holds {ea.size} bytes, the entry says {size}",
+                                f"xattr of inode {node.ino}")
     from .data import read_bytes
 
     return read_bytes(vol, ea, 0, size)

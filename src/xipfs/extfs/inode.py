@@ -338,38 +338,36 @@ _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 
 
+def _has_hi(raw: bytes | memoryview) -> bool:
+    """Whether the inode's ``i_extra_isize`` reaches ``i_checksum_hi`` (32-bit checksum)."""
+    return len(raw) > 128 and (raw[128] | raw[129] << 8) >= 4
+
+
+def _seed(vol: Volume, ino: int, raw: bytes) -> int:
+    """Inode ``ino``'s checksum seed (the filesystem's, its number, its generation)."""
+    return inode_seed(vol.sb.csum_seed, ino, _U32(raw, _GENERATION_AT)[0])
+
+
 def inode_checksum(vol: Volume, ino: int, data: bytes) -> tuple[int, bool]:
     """``(crc32c, whether the high half is stored)`` of inode ``ino``'s bytes ``data``, with its
     checksum fields taken as zero (16 bits in a 128-byte inode, 32 when ``i_extra_isize``
     reaches ``i_checksum_hi``)."""
-    has_hi = len(data) > 128 and _U16(data, 128)[0] >= 4
+    has_hi = _has_hi(data)
     if has_hi:
         zeroed = (data[:_CSUM_LO_AT] + b"\0\0" + data[_CSUM_LO_AT + 2:_CSUM_HI_AT] + b"\0\0"
                   + data[_CSUM_HI_AT + 2:])
     else:
         zeroed = data[:_CSUM_LO_AT] + b"\0\0" + data[_CSUM_LO_AT + 2:]
-    seed = inode_seed(vol.sb.csum_seed, ino, _U32(data, _GENERATION_AT)[0])
-    return crc32c_raw(seed, zeroed), has_hi
+    return crc32c_raw(_seed(vol, ino, data), zeroed), has_hi
 
 
 def seal_inode(vol: Volume, ino: int, raw: bytes) -> bytes:
-    """``raw`` with its checksum set (metadata_csum; else ``raw`` itself): what a writer stores.
-
-    The checksum fields are zeroed in place in one copy, summed, then set: a create pays this
-    twice (the inode, then its link count), so it is kept to one copy and two CRC calls."""
+    """``raw`` with its checksum set (metadata_csum; else ``raw`` itself): what a writer stores."""
     if not vol.sb.metadata_csum:
         return raw
-    out = bytearray(raw)
-    has_hi = len(raw) > 128 and (raw[128] | raw[129] << 8) >= 4
-    out[_CSUM_LO_AT:_CSUM_LO_AT + 2] = b"\0\0"
-    if has_hi:
-        out[_CSUM_HI_AT:_CSUM_HI_AT + 2] = b"\0\0"
-    seed = inode_seed(vol.sb.csum_seed, ino, _U32(raw, _GENERATION_AT)[0])
-    crc = crc32c_raw(seed, bytes(out))
-    out[_CSUM_LO_AT:_CSUM_LO_AT + 2] = (crc & 0xFFFF).to_bytes(2, "little")
-    if has_hi:
-        out[_CSUM_HI_AT:_CSUM_HI_AT + 2] = (crc >> 16).to_bytes(2, "little")
-    return bytes(out)
+    raw = bytes(raw)
+    crc, has_hi = inode_checksum(vol, ino, raw)
+    return _with_checksum(raw, crc, has_hi)
 
 
 _LINKS_AT = _AT["i_links_count"]
@@ -387,7 +385,7 @@ def _one_link_delta(isize: int) -> int:
 
 
 def _with_checksum(raw: bytes, crc: int, has_hi: bool) -> bytes:
-    """``raw`` (checksum fields zero) with ``crc`` in them."""
+    """``raw`` with ``crc`` in its checksum fields (whatever they held)."""
     lo = (crc & 0xFFFF).to_bytes(2, "little")
     if not has_hi:
         return raw[:_CSUM_LO_AT] + lo + raw[_CSUM_LO_AT + 2:]
@@ -402,8 +400,8 @@ def seal_fresh(vol: Volume, ino: int, raw: bytes) -> tuple[bytes, bytes]:
     if not vol.sb.metadata_csum:
         return raw, raw
     linked = raw[:_LINKS_AT] + b"\1\0" + raw[_LINKS_AT + 2:]
-    has_hi = len(raw) > 128 and (raw[128] | raw[129] << 8) >= 4
-    crc = crc32c_raw(inode_seed(vol.sb.csum_seed, ino, _U32(raw, _GENERATION_AT)[0]), raw)
+    has_hi = _has_hi(raw)
+    crc = crc32c_raw(_seed(vol, ino, raw), raw)          # the fields are zero already: no copy
     return (_with_checksum(raw, crc, has_hi),
             _with_checksum(linked, crc ^ _one_link_delta(len(raw)), has_hi))
 

@@ -112,10 +112,7 @@ def _dir_store(vol: Volume, d: Inode, pblk: int, writes: list[tuple[int, bytes]]
         dev.write(chunk, base + off)
     if vol.sb.metadata_csum:
         end = bs - 12
-        seed = vol.seeds.get(d.ino)
-        if seed is None or seed[0] != d.generation:
-            seed = vol.seeds[d.ino] = (d.generation, inode_seed(vol.sb.csum_seed, d.ino, d.generation))
-        crc = crc32c_raw(seed[1], dev.view(base, end))
+        crc = crc32c_raw(inode_seed(vol.sb.csum_seed, d.ino, d.generation), dev.view(base, end))
         dev.write(DIR_TAIL + crc.to_bytes(4, "little"), base + end)
 
 
@@ -903,15 +900,10 @@ def resolve(vol: Volume, path: str, follow: bool = True) -> Inode:
     watch = vol.watch                     # inline: this is every lookup's first step
     if watch is not None and (watch.peek(STAMP_OFFSET, STAMP_LEN) != watch.stamp or not watch.quiet):
         return _resolve_following(vol, path, follow, watch)
-    key = (path, follow)
-    ino = vol.paths.get(key)
+    ino = vol.paths.get((path, follow))
     if ino is not None:
         return vol.inode(ino)
-    node = _child_of_known(vol, path, follow)      # first touch of a name: one more lookup
-    if node is None:
-        node = _walk(vol, path, follow)
-    vol.paths[key] = node.ino
-    return node
+    return _resolve_new(vol, path, follow)
 
 
 def _resolve_following(vol: Volume, path: str, follow: bool, watch: WriterWatch) -> Inode:
@@ -928,14 +920,16 @@ def _resolve_following(vol: Volume, path: str, follow: bool, watch: WriterWatch)
 
 
 def _resolve(vol: Volume, path: str, follow: bool) -> Inode:
-    key = (path, follow)
-    ino = vol.paths.get(key)
-    if ino is not None:
-        return vol.inode(ino)
+    ino = vol.paths.get((path, follow))
+    return vol.inode(ino) if ino is not None else _resolve_new(vol, path, follow)
+
+
+def _resolve_new(vol: Volume, path: str, follow: bool) -> Inode:
+    """A path not resolved before: one lookup when its directory was, else the whole walk."""
     node = _child_of_known(vol, path, follow)
     if node is None:
         node = _walk(vol, path, follow)
-    vol.paths[key] = node.ino
+    vol.paths[path, follow] = node.ino
     return node
 
 

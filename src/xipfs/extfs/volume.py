@@ -103,8 +103,6 @@ class Volume:
         self._zone_starts, self._zone_ends = metadata_zones(self.sb, self.groups)
         #: Groups per flex group (1: no flex_bg).
         self.flex = flex_groups(self.sb)
-        #: metadata_csum: ``ino -> (generation, checksum seed)`` of directories written to.
-        self.seeds: dict[int, tuple[int, int]] = {}
         self._inodes: dict[int, Inode] = {}
         #: Resolved paths, ``(path, follow) -> inode`` (``namei.resolve``).
         self.paths: dict[tuple[str, bool], int] = {}

@@ -155,6 +155,35 @@ def _encode_fresh(isize: int, mode: int, uid: int, gid: int, size: int, dtime: i
     return whole.pack(*head, NEW_EXTRA_ISIZE, c_x, m_x, a_x, cr_s, cr_x)
 
 
+_FRESH_INTO_BASE = _FRESH_BASE.pack_into
+_FRESH_INTO_LARGE = L.INODE_LARGE.select(*_FRESH_FIELDS, *_FRESH_EXTRA).pack_into
+_TIME_LIMIT = 0x80000000 * 1_000_000_000
+
+
+def encode_fresh_into(buf: bytearray, at: int, isize: int, mode: int, uid: int, gid: int, size: int,
+                      links: int, blocks: int, i_block: bytes, file_acl: int, atime_ns: int,
+                      ctime_ns: int, mtime_ns: int) -> None:
+    """A new inode (crtime its ctime, no flags, generation 0) into ``buf[at:at + isize]``, which
+    holds zeros: one struct call in place, for tables built whole (pack). Times outside
+    1970..2038 go through :func:`encode_inode`."""
+    a, c, m = atime_ns, ctime_ns, mtime_ns
+    if not (0 <= a < _TIME_LIMIT and 0 <= c < _TIME_LIMIT and 0 <= m < _TIME_LIMIT):
+        buf[at:at + isize] = encode_inode(isize, mode, uid, gid, size, links, blocks, i_block,
+                                          atime_ns=a, ctime_ns=c, mtime_ns=m, crtime_ns=c,
+                                          file_acl=file_acl)
+        return
+    a_s, a_n = divmod(a, 1_000_000_000)
+    c_s, c_n = divmod(c, 1_000_000_000)
+    m_s, m_n = divmod(m, 1_000_000_000)
+    head = (mode, uid & 0xFFFF, size & 0xFFFFFFFF, a_s, c_s, m_s, 0, gid & 0xFFFF, links, blocks, 0,
+            i_block, 0, file_acl, size >> 32 if S_IFMT(mode) == S_IFREG else 0, (uid >> 16) & 0xFFFF,
+            (gid >> 16) & 0xFFFF)
+    if isize >= 160:
+        _FRESH_INTO_LARGE(buf, at, *head, NEW_EXTRA_ISIZE, c_n << 2, m_n << 2, a_n << 2, c_s, c_n << 2)
+    else:
+        _FRESH_INTO_BASE(buf, at, *head)
+
+
 def _fresh_whole(isize: int) -> struct.Struct:
     """The Struct of a whole new inode of ``isize`` bytes: base, extra fields, zero padding."""
     fields = L.INODE_LARGE.select(*_FRESH_FIELDS, *_FRESH_EXTRA)

@@ -31,7 +31,7 @@ from ..device import Device, MemoryDevice
 from ..extfs import layout as L
 from ..extfs.dir import rec_len_of
 from ..extfs.indirect import build_tree, indirect_blocks_needed
-from ..extfs.inode import NEW_EXTRA_ISIZE, encode_direct_run, encode_inode, encode_rdev
+from ..extfs.inode import encode_direct_run, encode_fresh_into, encode_rdev
 from ..extfs.mkfs import (
     LOST_FOUND_INO,
     Geometry,
@@ -58,15 +58,6 @@ _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 #: Linux ext2 shares one xattr block among at most this many inodes (EXT2_XATTR_REFCOUNT_MAX).
 _XATTR_SHARE_MAX = 1024
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
-_NS = 1_000_000_000
-#: A whole new inode in one struct call (the fields pack sets; the rest stays zero): the first
-#: 128 bytes, and for a large inode also the extra times and crtime.
-_FRESH = ("i_mode", "i_uid", "i_size", "i_atime", "i_ctime", "i_mtime", "i_dtime", "i_gid", "i_links_count",
-          "i_blocks", "i_flags", "i_block", "i_generation", "i_file_acl", "i_size_high", "i_uid_high",
-          "i_gid_high")
-_FRESH_SMALL = L.INODE.select(*_FRESH)
-_FRESH_LARGE = L.INODE_LARGE.select(*_FRESH, "i_extra_isize", "i_ctime_extra", "i_mtime_extra",
-                                    "i_atime_extra", "i_crtime", "i_crtime_extra")
 
 
 @dataclass
@@ -780,32 +771,12 @@ def _free_run(geo: Geometry, use: list[GroupUse], pblk: int, k: int) -> None:
 
 def _inode_writer(table: bytearray, isize: int) -> Callable[[_Node, int, int, int, int, bytes], None]:
     """``put(node, fmt, size, links, blocks, i_block)``: ``node``'s new inode stored into
-    ``table`` (zeros) in one struct call, as :func:`~xipfs.extfs.inode.encode_inode` makes it
-    (crtime = ctime; times outside 1970..2038 go through that function)."""
-    big = isize >= 160
-    pack_into = (_FRESH_LARGE if big else _FRESH_SMALL).pack_into
-    limit = 0x80000000 * _NS
-
+    ``table`` (zeros) in place (:func:`~xipfs.extfs.inode.encode_fresh_into`)."""
     def put(node: _Node, fmt: int, size: int, links: int, blocks: int, i_block: bytes) -> None:
         s = node.st
-        at = (node.ino - 1) * isize
-        a, c, m = s.st_atime_ns, s.st_ctime_ns, s.st_mtime_ns
-        if not (0 <= a < limit and 0 <= c < limit and 0 <= m < limit):
-            table[at:at + isize] = encode_inode(
-                isize, st_.S_IMODE(s.st_mode) | fmt, s.st_uid, s.st_gid, size, links, blocks, i_block,
-                atime_ns=a, ctime_ns=c, mtime_ns=m, crtime_ns=c, file_acl=node.xattr_block)
-            return
-        a_s, a_n = divmod(a, _NS)
-        c_s, c_n = divmod(c, _NS)
-        m_s, m_n = divmod(m, _NS)
-        uid, gid = s.st_uid, s.st_gid
-        head = (st_.S_IMODE(s.st_mode) | fmt, uid & 0xFFFF, size & 0xFFFFFFFF, a_s, c_s, m_s, 0, gid & 0xFFFF,
-                links, blocks, 0, i_block, 0, node.xattr_block, size >> 32 if fmt == st_.S_IFREG else 0,
-                (uid >> 16) & 0xFFFF, (gid >> 16) & 0xFFFF)
-        if big:
-            pack_into(table, at, *head, NEW_EXTRA_ISIZE, c_n << 2, m_n << 2, a_n << 2, c_s, c_n << 2)
-        else:
-            pack_into(table, at, *head)
+        encode_fresh_into(table, (node.ino - 1) * isize, isize, st_.S_IMODE(s.st_mode) | fmt, s.st_uid,
+                          s.st_gid, size, links, blocks, i_block, node.xattr_block, s.st_atime_ns,
+                          s.st_ctime_ns, s.st_mtime_ns)
 
     return put
 

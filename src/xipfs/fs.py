@@ -973,18 +973,9 @@ def check(image: PathArg | Device, *, progress: ProgressArg = None, partition: i
     describes no filesystem raises :class:`~xipfs.CorruptImageError`. Takes the reader's lock,
     so a writer in another process is not caught half-way (``OSError(EBUSY)`` then).
     """
-    from .extfs.check import check_device
+    from .extfs.check import check_image
 
-    owns = not isinstance(image, Device)
-    device = open_container(image, readonly=True, partition=partition, offset=offset)
-    owns = owns or device is not image
-    try:
-        if owns:
-            device.lock(exclusive=False)
-        return check_device(device, progress)
-    finally:
-        if owns:
-            device.close()
+    return check_image(image, progress=progress, partition=partition, offset=offset)[0]
 
 
 def current_umask() -> int:

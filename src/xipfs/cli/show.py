@@ -367,12 +367,9 @@ def _problem_dict(p: Any) -> dict[str, Any]:
 
 
 def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
-    # what xipfs.fs.check does, without importing the file layer (xipfs.fs, mappings): the check
-    # reads the device only, and a clean image's counts are its superblock's (pass 5 compares
-    # them with the bitmaps), so the command opens the image once
-    from ..device.detect import open_container
-    from ..extfs.check import MINOR_CODES, check_device
-    from ..extfs.super import parse_superblock
+    # extfs.check.check_image, not xipfs.check: the check reads the device only (no file
+    # layer imported), and a clean image's counts are its superblock's (pass 5 compared them)
+    from ..extfs.check import MINOR_CODES, check_image
 
     spec = image_spec(args.image, "/")
     remote = is_url(spec.image) and not os.path.exists(spec.image)
@@ -383,14 +380,7 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
     shown = spec._replace(image=ctx.shown(spec.image))
     with about(shown):                     # the device, not a Volume: damaged descriptors too
         try:
-            device = open_container(spec.image, readonly=True, **ctx.where)
-            try:
-                device.lock(exclusive=False)
-                problems = check_device(device, ctx.progress)
-                sb = None if problems else parse_superblock(bytes(device.view(1024, 1024)), device.size,
-                                                            verify=False)
-            finally:
-                device.close()
+            problems, sb = check_image(spec.image, progress=ctx.progress, **ctx.where)
         except (ValueError, LookupError) as err:
             raise ctx.open_error(spec.image, err) from err
     if args.json:
@@ -402,7 +392,7 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> None:
             emit(f"{p.code}: {p.message}{extra}")
         if problems:
             emit(f"{spec.image}: {F.plural(len(problems), 'problem', 'problems')} found")
-        elif sb is not None:
+        else:
             emit(f"{spec.image}: clean, {sb.s_inodes_count - sb.s_free_inodes_count}/{sb.s_inodes_count} "
                  f"files, {sb.s_blocks_count - sb.s_free_blocks_count}/{sb.s_blocks_count} blocks")
     if any(p.code not in MINOR_CODES for p in problems):   # as e2fsck -n: lagging counts are not errors

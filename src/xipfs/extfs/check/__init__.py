@@ -46,6 +46,7 @@ and :mod:`.pass5` (bitmaps compared as byte strings). Block ownership lives in o
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from ...device import Device
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from ..volume import Volume
 
 __all__ = ["CODES", "MINOR_CODES", "PROBLEMS", "Context", "Problem", "ProblemKind", "Severity",
-           "check_device", "check_volume", "xattr_hash"]
+           "check_device", "check_image", "check_volume", "xattr_hash"]
 
 #: Bytes of inode table read and scanned at a time (pass 1); read at each check, so a test may
 #: set it smaller.
@@ -88,9 +89,33 @@ def check_device(device: Device, progress: ProgressArg = None) -> list[Problem]:
     Raises :class:`~xipfs.CorruptImageError` when the superblock itself is unusable (a wrong
     superblock checksum is only a problem: the fields are checked anyway).
     """
+    return run(device, _superblock(device), progress)
+
+
+def check_image(image: str | os.PathLike[str] | Device, *, progress: ProgressArg = None,
+                partition: int | None = None, offset: int | None = None) -> tuple[list[Problem], Superblock]:
+    """:func:`check_device` on ``image`` opened read-only under the reader's lock (a writer in
+    another process is not caught half-way: ``OSError(EBUSY)``); the problems found and the
+    superblock checked (its counts, which pass 5 compared with the bitmaps)."""
+    from ...device.detect import open_container
+
+    owns = not isinstance(image, Device)
+    device = open_container(image, readonly=True, partition=partition, offset=offset)
+    owns = owns or device is not image
+    try:
+        if owns:
+            device.lock(exclusive=False)
+        sb = _superblock(device)
+        return run(device, sb, progress), sb
+    finally:
+        if owns:
+            device.close()
+
+
+def _superblock(device: Device) -> Superblock:
     raw = bytes(device.view(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE)) \
         if device.size >= L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE else b""
-    return run(device, parse_superblock(raw, device.size, verify=False), progress)
+    return parse_superblock(raw, device.size, verify=False)
 
 
 def run(device: Device, sb: Superblock, progress: ProgressArg = None) -> list[Problem]:

@@ -63,6 +63,11 @@ def _join(top: str, name: str) -> str:
     return top + name if top.endswith("/") else top + "/" + name
 
 
+#: A str path shorter than this many characters is under PATH_MAX in any encoding (4 bytes a
+#: character at most): the hot paths (stat, open, read_bytes) take it without ``_fspath``'s checks.
+SHORT_PATH = PATH_MAX // 4
+
+
 class Filesystem:
     """An ext2 image opened with :func:`xipfs.open`. Use it as a context manager."""
 
@@ -221,7 +226,7 @@ class Filesystem:
     # -- metadata -----------------------------------------------------------------------------
     def stat(self, path: PathArg, *, follow_symlinks: bool = True) -> os.stat_result:
         """``os.stat_result`` of ``path`` (nanosecond times in ``st_*_ns``), like ``os.stat``."""
-        if isinstance(path, str) and len(path) < 1024:     # the hot path: a short str needs no checks
+        if isinstance(path, str) and len(path) < SHORT_PATH:     # the hot path: no checks needed
             node = resolve(self.volume, path, follow_symlinks)
         else:
             node = self._inode(path, follow_symlinks)
@@ -333,7 +338,7 @@ class Filesystem:
              errors: str | None = None, newline: str | None = None) -> IO[Any]:
         """Open a file of the image, like the built-in ``open`` (all its modes)."""
         if mode == "rb" and buffering == 0:          # the hot path: no parsing, no lock
-            p = path if isinstance(path, str) and len(path) < 1024 else self._fspath(path)[0]
+            p = path if isinstance(path, str) and len(path) < SHORT_PATH else self._fspath(path)[0]
             node = resolve(self.volume, p, True)
             if (node.mode & 0o170000) == 0o100000:
                 return XipFile(self.volume, node, p)
@@ -480,7 +485,7 @@ class Filesystem:
 
     def read_bytes(self, path: PathArg) -> bytes:
         """The whole content of file ``path`` (one copy)."""
-        p = path if isinstance(path, str) and len(path) < 1024 else self._fspath(path)[0]
+        p = path if isinstance(path, str) and len(path) < SHORT_PATH else self._fspath(path)[0]
         vol = self.volume
         for _ in range(8):
             node = resolve(vol, p, True)

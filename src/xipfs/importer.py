@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 # The format layer is imported when something beyond plain files and directories is needed
 # (a symlink, inline data, resources opened as files, an unusual image): ``_Image.fs``.
 read_bytes: Any = None
-segments: Any = None
 resolve: Any = None
 
 
@@ -71,9 +70,15 @@ class _Loading:
         global _loading
         _loading -= 1
         if not _loading:
-            for entry, finder in list(sys.path_importer_cache.items()):
-                if finder is None and isinstance(entry, str) and find_image(entry) is not None:
-                    sys.path_importer_cache.pop(entry, None)
+            _forget_declined_entries()
+
+
+def _forget_declined_entries() -> None:
+    """Drop the ``sys.path_importer_cache`` entries that remember an image entry as
+    unimportable (None): the hook declined it while xipfs loaded, or was not installed yet."""
+    for entry, finder in list(sys.path_importer_cache.items()):
+        if finder is None and isinstance(entry, str) and find_image(entry) is not None:
+            sys.path_importer_cache.pop(entry, None)
 
 
 def loading() -> _Loading:
@@ -87,10 +92,10 @@ def loading() -> _Loading:
 def _load_format() -> None:
     """Import what reading an image needs and bind the few functions the loaders call (the
     first use of the format layer does this, outside every lock of this module)."""
-    global read_bytes, segments, resolve
+    global read_bytes, resolve
     with loading():
         from .device.memory import MemoryDevice  # noqa: F401 - imported here, used by _Image
-        from .extfs.data import read_bytes, segments
+        from .extfs.data import read_bytes
         from .extfs.namei import resolve
         from .fs import Filesystem  # noqa: F401 - imported here, used by _Image
 
@@ -1425,9 +1430,7 @@ def install() -> None:
     """
     if not any(_is_our_hook(h) for h in sys.path_hooks):
         sys.path_hooks.insert(0, path_hook)
-    for entry, finder in list(sys.path_importer_cache.items()):
-        if finder is None and isinstance(entry, str) and find_image(entry) is not None:
-            sys.path_importer_cache.pop(entry, None)
+    _forget_declined_entries()
     if not any(_is_our_metadata_finder(f) for f in sys.meta_path):
         # Before PathFinder: a distribution in an image on sys.path wins over an installed one
         # of the same name, as the image's modules do when the image comes first on sys.path.

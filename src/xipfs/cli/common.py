@@ -242,9 +242,6 @@ class Context:
             raise CliError(image, os.strerror(errno.EISDIR), code=errno.EISDIR)
         from ..fs import open as xipfs_open
 
-        if writable and remote:
-            raise CliError(image, "a remote image is read-only (xipfs fetch copies it to memory "
-                                  "storage, where it can be changed)", code=errno.EROFS)
         if not remote:
             self.check_partition(image)
         try:

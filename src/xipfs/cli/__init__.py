@@ -31,6 +31,7 @@ from .common import (
     any_spec,
     image_spec,
     reason,
+    terminal_width,
 )
 
 __all__ = ["main", "main_exit", "build_parser", "image_spec", "any_spec", "BROKEN_PIPE_STATUS"]
@@ -77,25 +78,13 @@ WHERE_COMMANDS = ("info", "ls", "cat", "stat", "df", "tree", "check", "unpack", 
                   "ln", "chmod", "chown", "touch", "run", "mount")
 
 
-def _terminal_width() -> int:
-    """What ``shutil.get_terminal_size().columns`` gives: $COLUMNS, the terminal, else 80."""
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
-    except (AttributeError, ValueError, OSError):
-        return 80
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Wraps prose paragraphs to the terminal; keeps indented lines (examples) as written."""
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
                  width: int | None = None) -> None:
         if width is None:             # argparse would import shutil for this on every command
-            width = _terminal_width() - 2
+            width = terminal_width() - 2
         super().__init__(prog, indent_increment, max_help_position, width)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:

@@ -63,6 +63,21 @@ def _shm_exists(name: str) -> bool:
 _URL_IMAGE = re.compile(r"(?:[A-Za-z][\w+.\-]*(?:://[^:]*)?::)*[A-Za-z][A-Za-z0-9+.\-]*://[^/:]*(?::\d+)?/[^:]*")
 
 
+def terminal_width() -> int:
+    """What ``shutil.get_terminal_size().columns`` gives, without importing shutil: $COLUMNS
+    when a positive number, else the terminal's width, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+        if columns > 0:
+            return columns
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 def is_url(text: str) -> bool:
     """True if ``text`` names a remote image by URL (``https://host/a.img``, ``s3://b/a.img``)."""
     return bool(_URL_IMAGE.fullmatch(text))

@@ -26,6 +26,7 @@ from .common import (
     emit,
     image_spec,
     is_url,
+    terminal_width,
 )
 
 # -- info / df / check --------------------------------------------------------------------------
@@ -34,13 +35,6 @@ _ERRORS_BEHAVIOR = {1: "Continue", 2: "Remount read-only", 3: "Panic"}
 ENTRY_KEYS_HELP = ("JSON: a list of entries with the keys " + ", ".join(F.ENTRY_KEYS)
                    + " (type: file, dir, symlink, fifo, socket, char, block; times ISO 8601 UTC "
                    "and *_ns integers; rdev [major, minor] or null; target null unless a symlink).")
-
-
-def _terminal_columns() -> int:
-    """Columns of the terminal (``shutil.get_terminal_size``, imported only for ``ls`` to one)."""
-    import shutil
-
-    return shutil.get_terminal_size().columns
 
 
 def _storage(fs: Any, image: str) -> str:
@@ -476,7 +470,7 @@ class Lister:
             for line in F.ls_long_lines(rows, self.args.human, self.now):
                 emit(line)
         elif self.wide:
-            for line in F.columns([name for name, _, _, _ in items], _terminal_columns()):
+            for line in F.columns([name for name, _, _, _ in items], terminal_width()):
                 emit(line)
         else:
             for name, _, _, _ in items:

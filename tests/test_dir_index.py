@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from e2fs import debugfs, debugfs_ls, mkfs
+from e2fs import assert_fsck_clean, debugfs, debugfs_ls, mkfs
 
 import xipfs
 from xipfs.extfs.dir import _index_careful, _index_fast, dir_blocks, index_directory
@@ -27,6 +27,9 @@ def _tree(root: str) -> None:
     os.makedirs(f"{root}/odd")
     for n in NAMES:
         open(f"{root}/odd/{n}", "wb").close()
+    os.makedirs(f"{root}/big")                       # long names: several blocks even of 64 KiB
+    for i in range(1500):
+        open(f"{root}/big/{'b' * 90}{i:04d}", "wb").close()
     os.symlink("odd", f"{root}/link")
 
 
@@ -43,12 +46,13 @@ def test_lean_and_careful_indexes_agree(tmp_path, fstype: str, bs: int) -> None:
     src = str(tmp_path / "src")
     _tree(src)
     img = str(tmp_path / "img")
-    mkfs(img, "64M", bs=bs, fstype=fstype, src=src)
+    mkfs(img, "64M", bs=bs, fstype=fstype, src=src, extra=("-N", "4096"))
     # gaps: deleted entries in the middle of blocks, and a block's first entry
     debugfs(img, *[f"rm /many/f{i:04d}{'x' * (i % 40)}" for i in range(0, 600, 7)], "rm /odd/bb",
             write=True)
+    assert_fsck_clean(img)
     with xipfs.open(img) as fs:
-        for d in ("/", "/many", "/odd"):
+        for d in ("/", "/many", "/odd", "/big"):
             fast, careful = _both(fs, d)
             assert list(fast.entries.items()) == list(careful.entries.items()), d
             assert fast.parent == careful.parent

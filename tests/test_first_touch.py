@@ -59,3 +59,28 @@ def test_a_run_into_metadata_fails_as_the_map_does(tmp_path, fstype: str) -> Non
         node._map = None
         with pytest.raises(CorruptImageError, match="metadata|outside"):
             _ = node.map
+
+
+@pytest.mark.parametrize("fstype", ["ext2", "ext4"])
+def test_a_file_not_in_one_run_is_left_to_its_map(tmp_path, fstype: str) -> None:
+    """Blocks out of a row (ext2), an extent shorter than the file (ext4): no single run, so
+    no shortcut; the read takes the map's runs (a hole where the extent ends)."""
+    src = str(tmp_path / "src")
+    _tree(src)
+    img = mkfs(str(tmp_path / "img"), "32M", bs=4096, fstype=fstype, src=src)
+    path = f"/d/f{12 * 4096}"
+    if fstype == "ext2":
+        with xipfs.open(img) as fs:
+            free = fs.block_runs("/d/f200000")[-1][2] + 100     # past the data: free, not metadata
+        debugfs(img, f"sif {path} block[2] {free}", write=True)
+    else:
+        debugfs(img, f"sif {path} block[4] 1", write=True)       # ee_len 1 of the file's 12 blocks
+    with xipfs.open(img, verify=False) as fs:
+        node = fs._inode(path)
+        assert whole_start(node) == 0 == node.map.whole
+        data = fs.read_bytes(path)
+        assert len(data) == 12 * 4096
+        with open(f"{src}{path}", "rb") as f:
+            want = f.read()
+        assert data[:4096] == want[:4096] and (fstype == "ext2" or data[4096:] == bytes(11 * 4096))
+

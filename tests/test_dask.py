@@ -422,18 +422,20 @@ def test_an_image_larger_than_the_memory_limit(dataset: dict[str, Any]) -> None:
     the image pages it maps are in its RSS. By default they are not counted (the node holds them
     once): a worker with the whole image mapped, more than its limit with its own memory,
     keeps running. With unshared_memory=False, deliver warns and does not populate."""
-    img = mkfs(os.path.join(dataset["root"], "big.ext2"), "100M", bs=4096,
+    limit = 256 * 1024 * 1024        # a worker's own memory is 70-80 MB: under 60 % of it
+    img = mkfs(os.path.join(dataset["root"], "big.ext2"), "256M", bs=4096,
                src=os.path.join(dataset["src"], "arrays"))
     size = os.path.getsize(img)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit="150MiB") as cluster, Client(cluster) as small:
+                      memory_limit=limit) as cluster, Client(cluster) as small:
         name = f"xipfs-test-limit-{uuid.uuid4().hex[:8]}"
         pid = list(small.run(os.getpid).values())
         try:
             xd.deliver(small, img, name, populate=True)
             mem = small.run(lambda: (xd.process_memory()["rss"], xd.unshared_rss()))
             (rss, unshared), = mem.values()
-            assert rss > 150 * 1024 * 1024 > 2 * unshared, mem     # over the limit, as Dask saw
+            # over the limit as Dask saw it; its own memory under the spill target (60 %)
+            assert rss > limit > unshared / 0.6, mem
             time.sleep(1.0)                         # ten rounds of the nanny's memory monitor
             assert list(small.run(os.getpid).values()) == pid     # the same worker, alive
             status = small.run(lambda dask_worker: dask_worker.status.name)

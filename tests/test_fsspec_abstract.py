@@ -9,6 +9,7 @@ the image clean. LocalFileSystem on pytest's tmpdir is the other side of ``get``
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -94,3 +95,62 @@ class TestExt2Open(abstract.AbstractOpenTests, Ext2Fixtures):
 
 class TestExt2Pipe(abstract.AbstractPipeTests, Ext2Fixtures):
     pass
+
+
+class TestExt2Mv(Ext2Fixtures):
+    """fsspec's ``tests/abstract/mv.py``, which tests LocalFileSystem alone (module functions on
+    ``fsspec.filesystem("file")``, no class to subclass), said again for the image."""
+
+    @pytest.fixture
+    def strict(self, fs: Ext2FileSystem) -> Iterator[Ext2FileSystem]:
+        """A second instance on the same image, without ``auto_mkdir`` (as ``"file"``'s default)."""
+        other = fsspec.filesystem(fs.protocol, fo=fs.fo, mode="r+", xip=fs.xipfs.is_xip,
+                                  skip_instance_cache=True)
+        try:
+            yield other
+        finally:
+            other.close()
+
+    @pytest.mark.parametrize("recursive", [True, False])
+    def test_move_raises_error_with_missing_directory(self, fs: Ext2FileSystem, strict: Ext2FileSystem,
+                                                      fs_join: Any, fs_path: str, fs_target: str,
+                                                      recursive: bool) -> None:
+        source = fs_join(fs_path, "source_file.txt")
+        fs.pipe_file(source, b"content")
+        with pytest.raises(FileNotFoundError):
+            strict.mv(source, fs_join(fs_target, "non_existent_directory", "destination_file.txt"),
+                      recursive=recursive)
+        assert strict.cat_file(source) == b"content"
+        strict.rm(source)
+
+    def test_move_makes_parents_with_auto_mkdir(self, fs: Ext2FileSystem, fs_join: Any, fs_path: str,
+                                               fs_target: str) -> None:
+        """As LocalFileSystem(auto_mkdir=True).mv: the destination's missing parents are made."""
+        source = fs_join(fs_path, "source_file.txt")
+        fs.pipe_file(source, b"content")
+        dest = fs_join(fs_target, "new", "destination_file.txt")
+        fs.mv(source, dest)
+        assert not fs.exists(source)
+        assert fs.cat_file(dest) == b"content"
+
+    @pytest.mark.skip(reason="xipfs checks no permission bits (every caller acts as the image's owner, "
+                             "as fsspec's memory, zip and tar filesystems do): a mode-0555 directory "
+                             "does not refuse a move; the refusal an image has, a read-only instance "
+                             "(EROFS), is test_move_refused_read_only")
+    def test_move_raises_error_with_tmpdir_permission(self) -> None:
+        """fsspec's test of a move into a directory its user may not write."""
+
+    @pytest.mark.parametrize("recursive", [True, False])
+    def test_move_refused_read_only(self, fs: Ext2FileSystem, fs_join: Any, fs_path: str,
+                                    recursive: bool) -> None:
+        source = fs_join(fs_path, "source_file.txt")
+        fs.pipe_file(source, b"content")
+        ro = fsspec.filesystem(fs.protocol, fo=fs.fo, skip_instance_cache=True)
+        try:
+            with pytest.raises(OSError) as err:
+                ro.mv(source, fs_join(fs_path, "destination_file.txt"), recursive=recursive)
+            assert err.value.errno == errno.EROFS
+            assert not ro.exists(fs_join(fs_path, "destination_file.txt"))
+        finally:
+            ro.close()
+        fs.rm(source)

@@ -811,13 +811,15 @@ class Ext2FileSystem(AbstractFileSystem):
 
         Into ``path2`` when it is a directory, as ``shutil.move`` (LocalFileSystem) does; a
         list or glob of sources goes into directory ``path2`` (made if missing); two lists are
-        renamed pairwise.
+        renamed pairwise. With ``auto_mkdir`` the destination's missing parents are made first,
+        as LocalFileSystem does; without, a missing parent is FileNotFoundError.
         """
         with self._writing() as w:
             if isinstance(path1, list) and isinstance(path2, list):
                 if len(path1) != len(path2):
                     raise ValueError("mv: the two lists differ in length")
                 for s, d in zip(self._strip_protocol(path1), self._strip_protocol(path2), strict=True):
+                    self._make_parent(w, d)
                     self._move(w, s, d, into=False)
                 return
             if isinstance(path1, list) or has_magic(path1):
@@ -828,7 +830,9 @@ class Ext2FileSystem(AbstractFileSystem):
                     if not any(s.startswith(o + "/") for o in sources if o != s):
                         self._move(w, s, d, into=True)
                 return
-            self._move(w, self._strip_protocol(path1), self._strip_protocol(path2), into=True)
+            d = self._strip_protocol(path2)
+            self._make_parent(w, d)
+            self._move(w, self._strip_protocol(path1), d, into=True)
 
     @staticmethod
     def _move(w: Filesystem, s: str, d: str, into: bool) -> None:

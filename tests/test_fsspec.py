@@ -314,6 +314,18 @@ def test_readonly_instance_refuses_writes(img: str) -> None:
     assert fs.cat_file("hello.txt") == b"hello\nworld\n"
 
 
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_invalid_open_modes_are_value_errors(img: str, mode: str) -> None:
+    """As LocalFileSystem: a mode open() does not know is ValueError, never a silent read (or,
+    on a read-only instance, EROFS)."""
+    fs = fsspec.filesystem("ext2", fo=img, mode=mode)
+    for bad in ("q", "qb", "rw", "rb+b", "wa", "ab+x"):
+        with pytest.raises(ValueError, match="invalid mode"):
+            fs.open("hello.txt", bad)
+    assert fs.cat_file("hello.txt") == b"hello\nworld\n"
+    fs.close()
+
+
 # -- writing ---------------------------------------------------------------------------------------
 def test_write_operations_leave_a_clean_image(img: str, src: str, shm: str) -> None:
     fs = fsspec.filesystem("ext2", fo=img, mode="r+")

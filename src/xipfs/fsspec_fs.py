@@ -358,6 +358,14 @@ def _info(name: str, st: os.stat_result, link: bool, size: int | None = None,
     return out
 
 
+def _mode_chars(mode: str) -> set[str]:
+    """The letters of a binary file mode, checked as ``open`` checks them (ValueError if invalid)."""
+    chars = set(mode)
+    if len(chars) != len(mode) or chars - set("rwaxb+") or len(chars & set("rwax")) != 1:
+        raise ValueError(f"invalid mode: {mode!r}")
+    return chars
+
+
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
@@ -580,7 +588,7 @@ class Ext2FileSystem(AbstractFileSystem):
         """A binary file object: :class:`Ext2File` to read, :class:`Ext2WriteFile` to write
         (:class:`Ext2RandomFile` for the ``+`` modes)."""
         p = self._strip_protocol(path)
-        chars = set(mode)
+        chars = _mode_chars(mode)
         if not chars & set("wax+"):
             try:
                 raw = self._reader().open("/" + p, "rb", buffering=0)
@@ -591,8 +599,7 @@ class Ext2FileSystem(AbstractFileSystem):
 
     def _open_write(self, p: str, mode: str, block_size: int | None, autocommit: bool) -> _WriteSide:
         writer = self._writer(p)
-        if len(chars := set(mode)) != len(mode) or chars - set("rwaxb+") or len(chars & set("rwax")) != 1:
-            raise ValueError(f"invalid mode: {mode!r}")
+        chars = _mode_chars(mode)
         target = None
         if not autocommit:
             if not chars & set("wx") or "+" in chars:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
+from .casefold import UTF8_12_1, fold, fold_str
 from .csum import crc32c_raw, inode_seed
 from .dirhash import DX_HASH_TEA, hash_version, hasher
 from .htree import candidate_blocks, new_root, root_limit
@@ -58,6 +59,85 @@ class DirIndex:
 
     def get(self, name: str) -> tuple[int, int] | None:
         return self.entries.get(name)
+
+
+class FoldedEntries(dict):  # type: ignore[type-arg]
+    """The entries of a casefolded directory: ``get`` and ``in`` find a name as Linux does
+    there (byte for byte, or by casefolded name when both are valid UTF-8; the first entry in
+    directory order that matches). Indexing with ``[]`` stays exact (the stored name)."""
+
+    __slots__ = ("_folded",)
+
+    def __init__(self, entries: dict[str, tuple[int, int]]) -> None:
+        super().__init__(entries)
+        self._folded: dict[str, tuple[int, int]] | None = None
+
+    def _by_folded(self) -> dict[str, tuple[int, int]]:
+        folded = self._folded
+        if folded is None:
+            folded = {}
+            for name, entry in self.items():
+                key = fold_str(name)
+                if key is not None and key not in folded:
+                    folded[key] = entry
+            self._folded = folded
+        return folded
+
+    def get(self, name: str, default: tuple[int, int] | None = None) -> tuple[int, int] | None:  # type: ignore[override]
+        key = fold_str(name)
+        if key is None:                      # not UTF-8: only the very bytes match
+            return dict.get(self, name, default)
+        return self._by_folded().get(key, default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    # every change forgets the folded names (built again on the next lookup)
+    def __setitem__(self, name: str, entry: tuple[int, int]) -> None:
+        self._folded = None
+        super().__setitem__(name, entry)
+
+    def __delitem__(self, name: str) -> None:
+        self._folded = None
+        super().__delitem__(name)
+
+    def pop(self, name: str, *default: object) -> object:  # type: ignore[override]
+        self._folded = None
+        return super().pop(name, *default)
+
+    def popitem(self) -> tuple[str, tuple[int, int]]:
+        self._folded = None
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._folded = None
+        super().clear()
+
+    def update(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        self._folded = None
+        super().update(*args, **kwargs)  # type: ignore[arg-type]
+
+    def setdefault(self, name: str, entry: tuple[int, int]) -> tuple[int, int]:  # type: ignore[override]
+        self._folded = None
+        return super().setdefault(name, entry)
+
+
+def is_casefolded(vol: Volume, d: Inode) -> bool:
+    """Whether names in directory ``d`` match without regard to case (the casefold flag, on an
+    image with the casefold feature; Linux reads the flag only there)."""
+    return bool(d.flags & L.FL_CASEFOLD and vol.inode_formats & L.FL_CASEFOLD)
+
+
+def check_casefold(vol: Volume, d: Inode) -> None:
+    """Refuse what xipfs cannot look up as Linux would in casefolded directory ``d``: an encoding
+    other than utf8-12.1 (Linux refuses to mount it), or encrypted names (a siphash htree)."""
+    encoding = vol.sb.s_encoding
+    if encoding != UTF8_12_1:
+        raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded with encoding "
+                      f"{encoding}, which neither Linux nor xipfs knows (utf8-12.1 is 1)")
+    if d.flags & L.FL_ENCRYPT and vol.inode_formats & L.FL_ENCRYPT:
+        raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded and encrypted "
+                      "(names hashed with siphash under a key), which xipfs does not implement")
 
 
 #: The rec_len of an entry packed against the next, by name length (none for an empty name,
@@ -524,6 +604,9 @@ def build_index(vol: Volume, node: Inode) -> DirIndex:
         raise CorruptImageError(f"directory size {node.size} is not a multiple of the block size", where)
     else:
         index = index_directory(dir_blocks(vol, node), bs, vol.inodes_count, vol.filetype, node.ino)
+    if is_casefolded(vol, node):
+        check_casefold(vol, node)
+        index.entries = FoldedEntries(index.entries)
     if node.ino == L.ROOT_INO and index.parent != L.ROOT_INO:
         raise CorruptImageError(f"'..' of the root points to inode {index.parent}", where)
     if index.parent != node.ino:
@@ -547,6 +630,12 @@ def htree_lookup(vol: Volume, d: Inode, name: str) -> tuple[int, int] | None:
     key = os.fsencode(name)
     sb = vol.sb
     m = d.map
+    folded: bytes | None = None
+    hashed = key
+    if is_casefolded(vol, d):             # the hash is of the folded name (Linux ext4fs_dirhash)
+        check_casefold(vol, d)
+        folded = fold(key)
+        hashed = key if folded is None else folded
     seed = inode_seed(vol.csum_seed, d.ino, d.generation) if vol.verify else None
     dev = vol.device
 
@@ -560,15 +649,36 @@ def htree_lookup(vol: Volume, d: Inode, name: str) -> tuple[int, int] | None:
     cache = d._dx
     if cache is None:
         cache = d._dx = {}
-    for lblk in candidate_blocks(read_block, key, bs=bs, nblocks=nblocks, hash_seed=sb.s_hash_seed,
+    for lblk in candidate_blocks(read_block, hashed, bs=bs, nblocks=nblocks, hash_seed=sb.s_hash_seed,
                                  s_flags=sb.s_flags, metadata_csum=sb.metadata_csum,
                                  large_dir=vol.large_dir, csum_seed=seed, ino=d.ino, cache=cache):
         buf = read_block(lblk)
         if seed is not None:
             verify_leaf(buf, seed, bs, d.ino, lblk, True)
-        found = _scan_leaf(buf, key, bs, vol, d.ino, lblk)
+        if hashed is not key:
+            found = _scan_leaf_folded(buf, key, folded, vol, d.ino, lblk)
+        else:
+            found = _scan_leaf(buf, key, bs, vol, d.ino, lblk)
         if found is not None:
             return found
+    return None
+
+
+def _scan_leaf_folded(buf: memoryview, key: bytes, folded: bytes | None, vol: Volume, ino: int,
+                      lblk: int) -> tuple[int, int] | None:
+    """The first entry of a casefolded directory's leaf that Linux ``generic_ci_match`` takes for
+    ``key``: the same bytes, or the same casefolded name (``folded``) when both are UTF-8."""
+    try:
+        live = leaf_entries(buf, dir_end(vol))
+    except CorruptImageError as exc:
+        raise CorruptImageError(f"htree leaf {lblk}: {exc.what} at {exc.where}",
+                                f"directory inode {ino}") from None
+    for name, child, ftype, _ in live:
+        if name == key or (folded is not None and fold(name) == folded):
+            if child > vol.inodes_count:
+                raise CorruptImageError(f"entry points to inode {child} beyond the inode count",
+                                        f"directory inode {ino}, block {lblk}")
+            return child, ftype if vol.filetype else 0
     return None
 
 

@@ -43,6 +43,7 @@ from .dir import (
     htree_lookup,
     indexes_dirs,
     insert_into_block,
+    is_casefolded,
     leaf_entries,
     make_indexed_dir,
     pack_leaf,
@@ -93,6 +94,9 @@ def _dblock(d: Inode, space: DirSpace, lblk: int) -> int:
 def dir_space(vol: Volume, d: Inode) -> DirSpace:
     space = vol.spaces.get(d.ino)
     if space is None:
+        if is_casefolded(vol, d):
+            raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded: xipfs looks "
+                          "names up there as Linux does but does not change it")
         if d.flags & L.FL_INLINE_DATA:           # ext4: its entries into a block before a change
             move_out_dir(vol, d)
         vol.dir_index(d)                     # validates the directory first
@@ -972,9 +976,6 @@ def lookup(vol: Volume, d: Inode, name: str) -> tuple[int, int] | None:
     index = d._dir
     if index is None:
         flags = d.flags
-        if flags & L.FL_CASEFOLD and vol.inode_formats & L.FL_CASEFOLD:
-            raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded (names match "
-                          "without regard to case there), which xipfs does not implement")
         if flags & L.FL_INDEX and vol.readonly and d.size >= HTREE_LOOKUP_BLOCKS * vol.bs:
             return htree_lookup(vol, d, name)
         index = vol.dir_index(d)

@@ -1,0 +1,334 @@
+"""Casefolded directories (ext4 ``casefold``, ``chattr +F``): names looked up as Linux does.
+
+Oracles: e2fsprogs' copy of the kernel's utf8-12.1 table (libext2fs, through ctypes) for the
+folding of every code point; e2fsck, which hashes a casefolded htree by the folded names (``-D``
+builds one, ``-fn`` checks it), for the hash; and, where the kernel has casefold support
+(``/sys/fs/ext4/features/casefold``), a loop mount answering each lookup.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import random
+import unicodedata
+
+import pytest
+from conftest import IS_ROOT, mounted
+from e2fs import assert_fsck_clean, debugfs, debugfs_stat, e2fsck, mkfs
+
+import xipfs
+from xipfs.extfs import layout as L
+from xipfs.extfs.casefold import fold, fold_str, hash_key, is_valid
+
+
+# -- the oracle for the folding: libext2fs's utf8-12.1 table -------------------------------------
+class _E2fsprogsFold:
+    """``ext2fs_load_nls_table(utf8-12.1)->ops->casefold``: the kernel's table, as e2fsck uses it."""
+
+    def __init__(self) -> None:
+        path = ctypes.util.find_library("ext2fs")
+        if path is None:
+            raise OSError("no libext2fs")
+        lib = ctypes.CDLL(path)
+        load = lib.ext2fs_load_nls_table
+        load.restype = ctypes.c_void_p
+        load.argtypes = [ctypes.c_int]
+        self.table = load(1)
+        if not self.table:
+            raise OSError("libext2fs has no utf8-12.1 table")
+        ops = ctypes.c_void_p.from_address(self.table + ctypes.sizeof(ctypes.c_void_p)).value
+        proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
+                                 ctypes.c_char_p, ctypes.c_size_t)
+        self.casefold = proto(ctypes.c_void_p.from_address(ops).value)
+        self.out = ctypes.create_string_buffer(4096)
+
+    def __call__(self, name: bytes) -> bytes | None:
+        n = self.casefold(self.table, name, len(name), self.out, len(self.out))
+        return None if n < 0 else self.out.raw[:n]
+
+
+@pytest.fixture(scope="module")
+def kernel_fold() -> _E2fsprogsFold:
+    try:
+        return _E2fsprogsFold()
+    except (OSError, AttributeError) as exc:
+        pytest.skip(f"libext2fs's casefold table is not at hand: {exc}")
+
+
+def _code_points() -> list[int]:
+    """Every code point of planes 0, 1, 2, 3 and 14, a stride of the others (unassigned)."""
+    planes = (0, 1, 2, 3, 14)
+    cps = [cp for p in planes for cp in range(p << 16, (p + 1) << 16)]
+    cps += range(0x40000, 0x110000, 97)
+    return [cp for cp in cps if cp and not 0xD800 <= cp <= 0xDFFF]
+
+
+def test_fold_is_the_kernel_table_for_every_code_point(kernel_fold):
+    bad = [hex(cp) for cp in _code_points()
+           if fold(chr(cp).encode()) != kernel_fold(chr(cp).encode())]
+    assert not bad, f"{len(bad)} code points fold otherwise than utf8-12.1: {bad[:20]}"
+
+
+def test_fold_is_the_kernel_table_for_strings(kernel_fold):
+    """Marks reordered across folds, ignorables, too-new characters, Hangul, invalid bytes."""
+    pool = [chr(c) for c in (*range(0x41, 0x5B), *range(0x61, 0x7B), *range(0xC0, 0x180),
+                             0x130, 0x131, 0x345, 0x3A3, 0x3C2, 0x390, 0x1E9E, 0x212A, 0x212B,
+                             0x1FB3, 0x1F88, 0x200B, 0xAD, 0xFE0F, 0x301, 0x316, 0x334, 0x5B0,
+                             0x1AC0, 0x898, 0x10570, 0x2C2F, 0xAC00, 0xD4DB, 0x1100, 0x1161,
+                             0x11A8, 0xE0001, 0x1D173, 0xDF, 0x149, 0x1F0, 0x587, 0xFB00, 0x1C5,
+                             0x344, 0xF73, 0xF81, 0x1D15E, 0x2126)]
+    rng = random.Random(12)
+    for _ in range(20000):
+        name = "".join(rng.choice(pool) for _ in range(rng.randint(1, 10))).encode()
+        if rng.random() < 0.05:
+            name += bytes([rng.choice((0x80, 0xC3, 0xFF))])
+        assert fold(name) == kernel_fold(name), name
+
+
+@pytest.mark.parametrize(("name", "folded"), [
+    ("Straße", "strasse"),
+    ("STRASSE", "strasse"),
+    ("ǅemo", "\u01c6emo"),                          # titlecase DŽ: ǆ, not decomposed (compat)
+    ("ΣΊΣΥΦΟΣ", "σι\u0301συφοσ"),                   # final sigma folds as sigma; NFD of Ί
+    ("σίσυφος", "σι\u0301συφοσ"),
+    ("Café", "cafe\u0301"),                         # NFC and NFD spellings fold alike
+    ("Cafe\u0301", "cafe\u0301"),
+    ("İ", "i\u0307"),
+    ("K", "k"),                                     # KELVIN SIGN
+    ("Å", "a\u030a"),                               # ANGSTROM SIGN
+    ("α\u0345\u0301", "αι\u0301"),                 # ypogegrammeni folds to a class-0 iota
+    ("zero\u200bwidth", "zerowidth"),               # Default_Ignorable: nothing
+    ("a\u0301\u200b\u0316", "a\u0301\u0316"),       # ... which ends a run of marks
+    ("a\u0301\u0316", "a\u0316\u0301"),
+    ("\U00010570", "\U00010570"),                   # Vithkuqi (Unicode 14): unknown to 12.1
+    ("\u1ac0\u0334", "\u1ac0\u0334"),               # a mark of 13.0: class 0 for 12.1
+])
+def test_fold_examples(name, folded):
+    assert fold(name.encode()) == folded.encode()
+    assert fold_str(name) == folded
+
+
+def test_invalid_utf8_does_not_fold():
+    for raw in (b"bad\xff", b"a\xc3", b"\xed\xa0\x80", b"\xc0\x80", b"\xf4\x90\x80\x80"):
+        assert fold(raw) is None and not is_valid(raw)
+        assert hash_key(raw) == raw
+        assert fold_str(os.fsdecode(raw)) is None
+    assert hash_key(b"ABC") == b"abc" and is_valid("é".encode())
+
+
+def test_stray_continuation_bytes_fold_as_the_kernel_cursor_does():
+    """utf8byte emits a continuation byte met between characters as part of the one before:
+    such a name folds (and matches case-insensitively), though it is not valid UTF-8."""
+    assert fold(b"O\x80") == b"o\x80" and fold_str(os.fsdecode(b"O\x80")) == os.fsdecode(b"o\x80")
+    assert fold(b"\x80O") is None                       # not as the first byte
+    assert fold("ß".encode() + b"\x80") == b"ss\x80"
+    assert fold("é".encode() + b"\x80") == b"e\x80\xcc\x81\x80"  # once per reordering pass
+    assert not is_valid(b"O\x80")                        # strict mode refuses it all the same
+
+
+# -- images ----------------------------------------------------------------------------------
+def _names(count: int, bad: bytes = b"bad") -> list[bytes]:
+    """Stored names: mixed case, non-ASCII in NFC and NFD, final sigma, ignorables, bad UTF-8;
+    no two alike once folded. (e2fsprogs 1.47.0 fails to hash a name whose UTF-8 breaks after
+    its first byte, so ``e2fsck -D`` gets names that break at the first byte: ``bad``.)"""
+    kinds = ("File{}_MiXeD", "Straße{}", "ǅemo{}", "ΣΊΣΥΦΟΣ{}", "Café{}", "Cafe\u0301X{}",
+             "zw\u200bsp{}", "İstanbul{}", "ﬀ{}lig")
+    out = [k.format(i).encode() for i in range(count // len(kinds) + 1) for k in kinds][:count - 3]
+    return [*out, bad + b"\xff\xfeName", bad.upper() + b"\xff\xfeNAME", b"Stray\x80Cont"]
+
+
+def _spellings(name: bytes) -> list[bytes]:
+    """What a program may look ``name`` up as."""
+    try:
+        text = name.decode()
+    except UnicodeDecodeError:
+        return [name, name.upper(), name.lower(), name.swapcase()]
+    out = {text, text.upper(), text.lower(), text.swapcase(), text.casefold(),
+           unicodedata.normalize("NFC", text), unicodedata.normalize("NFD", text),
+           unicodedata.normalize("NFD", text.upper()), text.replace("\u200b", "\u200c")}
+    return sorted(s.encode() for s in out)
+
+
+def _casefold_image(img: str, names: list[bytes], *, strict: bool = False) -> None:
+    """An ext4 image whose /ci is casefolded (set by debugfs on the empty directory) holding
+    ``names`` (empty files), indexed by ``e2fsck -D`` when large, e2fsck-clean."""
+    extra = ["-O", "casefold", "-N", "16384"]
+    if strict:
+        extra += ["-E", "encoding=utf8,encoding_flags=strict"]
+    mkfs(img, "64M", bs=4096, extra=tuple(extra), fstype="ext4")
+    debugfs(img, "mkdir ci", "mkdir plain", write=True)
+    flags = debugfs_stat(img, "ci").flags
+    debugfs(img, f"set_inode_field ci flags {flags | L.FL_CASEFOLD:#x}", write=True)
+    empty = img + ".empty"
+    open(empty, "wb").close()
+    cmds = ["cd ci", *(f"write {empty} {os.fsdecode(n)}" for n in names)]
+    with open(img + ".cmds", "wb") as f:
+        f.write(b"\n".join(os.fsencode(c) for c in cmds) + b"\n")
+    from e2fs import run
+
+    run(["debugfs", "-w", "-f", img + ".cmds", img])
+    os.unlink(img + ".cmds")
+    os.unlink(empty)
+    rc, out = e2fsck(img, "-fyD")
+    assert rc in (0, 1), out
+    assert_fsck_clean(img)
+
+
+def _expected(names: dict[bytes, int], folder) -> dict[bytes, int]:
+    """``{folded: inode}`` of the stored names, first one kept (the oracle's folding)."""
+    out: dict[bytes, int] = {}
+    for name, ino in names.items():
+        f = folder(name)
+        if f is not None:
+            out.setdefault(f, ino)
+    return out
+
+
+def _answer(query: bytes, names: dict[bytes, int], folded: dict[bytes, int], folder) -> int | None:
+    """Linux generic_ci_match: the same bytes, or both valid UTF-8 and folded alike."""
+    f = folder(query)
+    if f is None:
+        return names.get(query)
+    return folded.get(f)
+
+
+def _check_lookups(fs, names: dict[bytes, int], folder) -> int:
+    folded = _expected(names, folder)
+    n = 0
+    for name in names:
+        for query in _spellings(name):
+            want = _answer(query, names, folded, folder)
+            path = "/ci/" + os.fsdecode(query)
+            if want is None:
+                with pytest.raises(FileNotFoundError):
+                    fs.stat(path)
+            else:
+                assert fs.stat(path).st_ino == want, (name, query)
+            n += 1
+    for query in (b"nothing", b"STRASSE999999", b"bad\xff\xfenam", b"caf\xc3\xa9", b"sTRAY\x80cONT"):
+        if _answer(query, names, folded, folder) is None:
+            with pytest.raises(FileNotFoundError):
+                fs.stat("/ci/" + os.fsdecode(query))
+    return n
+
+
+def _stored(img: str) -> dict[bytes, int]:
+    with xipfs.open(img) as fs:
+        return {os.fsencode(n): fs.stat("/ci/" + n).st_ino for n in fs.listdir("/ci")}
+
+
+@pytest.fixture(scope="module")
+def folder():
+    try:
+        return _E2fsprogsFold()
+    except (OSError, AttributeError):
+        return fold
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory):
+    img = str(tmp_path_factory.mktemp("casefold") / "small.img")
+    _casefold_image(img, _names(40))
+    return img
+
+
+@pytest.fixture(scope="module")
+def htree_image(tmp_path_factory):
+    img = str(tmp_path_factory.mktemp("casefold") / "htree.img")
+    _casefold_image(img, _names(3000, b"\xbfbad"))
+    return img
+
+
+def test_linear_casefolded_directory(small_image, folder):
+    assert not debugfs_stat(small_image, "ci").flags & L.FL_INDEX
+    names = _stored(small_image)
+    assert len(names) == 40
+    with xipfs.open(small_image) as fs:
+        assert _check_lookups(fs, names, folder) > 150
+        assert fs.stat("/ci/STRASSE0").st_ino == fs.stat("/ci/straße0").st_ino
+        with pytest.raises(FileNotFoundError):
+            fs.stat("/PLAIN")                          # the root is not casefolded
+
+
+def test_htree_casefolded_directory(htree_image, folder):
+    """Looked up through the index (a read-only volume, directory not read whole yet: e2fsck's
+    hashes of the folded names lead there), then through the directory read whole."""
+    ci = debugfs_stat(htree_image, "ci")
+    assert ci.flags & L.FL_INDEX and ci.flags & L.FL_CASEFOLD
+    names = _stored(htree_image)
+    assert len(names) == 3000
+    with xipfs.open(htree_image) as fs:
+        assert _check_lookups(fs, names, folder) > 10000
+        assert fs.volume.inode(ci.ino)._dir is None      # never read whole: through the index
+    with xipfs.open(htree_image) as fs:
+        fs.listdir("/ci")
+        _check_lookups(fs, names, folder)
+
+
+def test_checker_passes_casefolded_directories(htree_image):
+    from xipfs.extfs.check import check_image
+
+    problems, _ = check_image(htree_image)
+    assert not problems
+
+
+def test_casefold_images_open_read_only(tmp_path, small_image):
+    img = str(tmp_path / "w.img")
+    with open(small_image, "rb") as src, open(img, "wb") as dst:
+        dst.write(src.read())
+    with pytest.raises(OSError) as exc:                # the whole image, for now
+        xipfs.open(img, "r+")
+    assert exc.value.errno == errno.EROFS and "casefold" in str(exc.value)
+    assert_fsck_clean(img)
+
+
+def test_unknown_encoding_is_refused(tmp_path):
+    img = str(tmp_path / "enc.img")
+    mkfs(img, "16M", extra=("-O", "casefold,^metadata_csum"), fstype="ext4")
+    debugfs(img, "mkdir ci", write=True)
+    flags = debugfs_stat(img, "ci").flags
+    debugfs(img, f"set_inode_field ci flags {flags | L.FL_CASEFOLD:#x}", write=True)
+    with open(img, "r+b") as f:                      # s_encoding: 2, which no one defines
+        f.seek(1024 + L.SUPERBLOCK.offsets["s_encoding"])
+        f.write((2).to_bytes(2, "little"))
+    with xipfs.open(img) as fs:
+        with pytest.raises(OSError) as exc:
+            fs.stat("/ci/x")
+        assert exc.value.errno == errno.EOPNOTSUPP and "encoding" in str(exc.value)
+
+
+def test_strict_image(tmp_path, folder):
+    img = str(tmp_path / "strict.img")
+    _casefold_image(img, [n for n in _names(30) if is_valid(n)], strict=True)
+    names = _stored(img)
+    with xipfs.open(img) as fs:
+        _check_lookups(fs, names, folder)
+
+
+# -- the kernel as the oracle ------------------------------------------------------------------
+def test_lookups_agree_with_linux(htree_image, small_image):
+    if not os.path.exists("/sys/fs/ext4/features/casefold"):
+        pytest.skip("this kernel's ext4 has no casefold support (CONFIG_UNICODE)")
+    if not IS_ROOT:
+        pytest.skip("loop mounts need root")
+    for img in (small_image, htree_image):
+        names = _stored(img)
+        queries = sorted({q for n in names for q in _spellings(n)}
+                         | {b"nothing", b"bad\xff\xfenam", b"caf\xc3\xa9"})
+        with mounted(img) as mnt:
+            linux = {}
+            for q in queries:
+                try:
+                    linux[q] = os.stat(os.path.join(os.fsencode(mnt), b"ci", q)).st_ino
+                except FileNotFoundError:
+                    linux[q] = None
+        with xipfs.open(img) as fs:
+            for q in queries:
+                try:
+                    ours = fs.stat("/ci/" + os.fsdecode(q)).st_ino
+                except FileNotFoundError:
+                    ours = None
+                assert ours == linux[q], q

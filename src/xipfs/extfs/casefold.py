@@ -5,7 +5,9 @@ Unicode 12.1 data): each character is replaced by the NFD decomposition of its f
 folding (CaseFolding.txt statuses C and F), characters with Default_Ignorable_Code_Point are
 dropped, and combining marks are put in canonical order between characters of class 0. An
 invalid UTF-8 sequence makes the whole name unfoldable (it then matches only byte for byte and
-is hashed as it is stored).
+is hashed as it is stored), except a stray continuation byte after the first: the kernel's
+cursor (``utf8byte``) passes those through as part of the character before, and so folds such
+a name (:func:`_cursor_fold` does the same, step for step).
 
 Here that is ``unicodedata.normalize("NFD", s.casefold())`` (casefold first, then NFD; Python's
 ``str.casefold`` is the same per-character C+F folding) with what differs from the kernel's
@@ -23,6 +25,7 @@ point (tests/test_casefold.py):
 from __future__ import annotations
 
 import functools
+import os
 import re
 import unicodedata
 
@@ -125,26 +128,148 @@ def _fold_valid(name: str) -> str:
     return "".join(out)
 
 
+# -- names that are not UTF-8: the kernel's cursor, step for step ------------------------------
+_STOPPER = 0
+_MAXCCC = 254
+
+
+def _clen(b: int) -> int:
+    """``utf8clen``: the length of the sequence a lead byte starts (1 for anything below 0xC0)."""
+    return 1 + (b >= 0xC0) + (b >= 0xE0) + (b >= 0xF0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _leaf(seq: bytes) -> tuple[int, bytes | None] | None:
+    """The 12.1 table's leaf for one sequence: ``(ccc, decomposition or None)``; None where the
+    trie has none (not one valid UTF-8 character)."""
+    try:
+        ch = seq.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if len(ch) != 1:
+        return None
+    if _ignorable().match(ch):
+        return _STOPPER, b""
+    if _special().match(ch):                      # unassigned in 12.1: itself, class 0
+        return _STOPPER, None
+    folded = unicodedata.normalize("NFD", ch.casefold())
+    if folded == ch:
+        return unicodedata.combining(ch), None
+    return unicodedata.combining(folded[0]), folded.encode("utf-8")
+
+
+def _lookup(buf: bytes, i: int, limit: int | None) -> tuple[int, bytes | None] | None:
+    clen = _clen(buf[i])
+    if limit is not None and clen > limit or 0x80 <= buf[i] < 0xC0:
+        return None
+    return _leaf(buf[i:i + clen])
+
+
+def _cursor_fold(src: bytes) -> bytes | None:
+    """``utf8_casefold`` of a name that is not valid UTF-8, as Linux ``utf8ncursor`` and
+    ``utf8byte`` produce it: None at an invalid lead sequence or a leading continuation byte;
+    a continuation byte elsewhere is emitted where the cursor meets it (during a reordering
+    scan, once per pass), as the kernel does."""
+    if src and 0x80 <= src[0] < 0xC0:
+        return None
+    out = bytearray()
+    buf, i = src, 0                   # u8c->s: in the name, or in a decomposition
+    p: int | None = None              # u8c->p: where the name resumes after a decomposition
+    ss: tuple[bytes, int] | None = None
+    sp: int | None = None
+    n = len(src)                      # u8c->len: bytes of the name not consumed
+    slen = 0
+    ccc = nccc = _STOPPER
+    for _ in range(1 << 20):          # each step consumes or rescans; far more than 255 bytes need
+        byte = buf[i] if i < len(buf) else 0
+        if p is not None and byte == 0:
+            buf, i, p = src, p, None
+            byte = src[i] if i < len(src) else 0
+        if p is None and (n == 0 or byte == 0):
+            if ccc == _STOPPER:
+                return bytes(out)
+            c = _STOPPER
+        elif byte & 0xC0 == 0x80:     # a continuation of the character before
+            if p is None:
+                n -= 1
+            out.append(byte)
+            i += 1
+            continue
+        else:
+            leaf = _lookup(buf, i, n if p is None else None)
+            if leaf is None:
+                return None
+            c, decomposition = leaf
+            if decomposition is not None:
+                clen = _clen(byte)
+                n -= clen
+                p = i + clen
+                buf, i = decomposition, 0
+                if not decomposition:
+                    if ccc == _STOPPER:
+                        continue
+                    c = _STOPPER
+                else:
+                    first = _lookup(buf, 0, None)
+                    if first is None:
+                        return None
+                    c = first[0]
+            if buf:
+                if c != _STOPPER and ccc < c < nccc:
+                    nccc = c
+                if c == ccc:
+                    if p is None:
+                        n -= 1
+                    out.append(buf[i])
+                    i += 1
+                    continue
+        # the combining class does not match: scan on, restart for the next class, or go on
+        if nccc == _STOPPER:
+            ccc, nccc = -1, c
+            sp, ss, slen = p, (buf, i), n
+            step = _clen(buf[i] if i < len(buf) else 0)
+            if p is None:
+                n -= step
+            i += step
+        elif c != _STOPPER:
+            step = _clen(buf[i] if i < len(buf) else 0)
+            if p is None:
+                n -= step
+            i += step
+        elif nccc != _MAXCCC + 1:
+            ccc, nccc = nccc, _MAXCCC + 1
+            assert ss is not None
+            (buf, i), p, n = ss, sp, slen
+        else:
+            ccc = nccc = _STOPPER
+            sp = ss = None
+            slen = 0
+    return None
+
+
 def fold_str(name: str) -> str | None:
     """``name`` (a decoded file name: undecodable bytes as lone surrogates) casefolded as Linux
-    does, or None when it is not valid UTF-8 (then it matches only byte for byte)."""
+    does (see :func:`fold`), or None where Linux cannot fold it (then it matches only byte for
+    byte)."""
     if name.isascii():
         return name.lower()
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return None
+        folded = _cursor_fold(os.fsencode(name))
+        return None if folded is None else os.fsdecode(folded)
     return _fold_valid(name)
 
 
 def fold(name: bytes) -> bytes | None:
-    """Linux ``utf8_casefold`` of a stored or looked-up name; None for invalid UTF-8."""
+    """Linux ``utf8_casefold`` of a stored or looked-up name; None where it fails (invalid
+    UTF-8, but for stray continuation bytes after the first byte, which it keeps)."""
     if name.isascii():
         return name.lower()
     try:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
-        return None
+        return _cursor_fold(name)
     return _fold_valid(text).encode("utf-8")
 
 

@@ -539,6 +539,25 @@ def test_mapper_and_emptying_the_image(img: str) -> None:
     assert_fsck_clean(img)
 
 
+def test_rm_to_a_depth_keeps_what_lies_deeper(img: str) -> None:
+    """``rm(maxdepth=)`` removes what lies within the depth and leaves the directories that
+    still hold something (fsspec's base class stopped with ENOTEMPTY, half done); emptying the
+    root to a depth keeps lost+found."""
+    fs = fsspec.filesystem("ext2", fo=img, mode="r+")
+    fs.rm("deep", recursive=True, maxdepth=1)
+    assert fs.find("deep", withdirs=True) == ["deep", "deep/a", "deep/a/b", "deep/a/b/c",
+                                              "deep/a/b/c/leaf.txt"]     # deep/dirlink went
+    fs.rm("deep", recursive=True, maxdepth=10)
+    assert not fs.exists("deep")
+    with pytest.raises(ValueError):
+        fs.rm("emptydir", maxdepth=1)
+    fs.rm("", recursive=True, maxdepth=1)                 # files and emptydir go, full directories stay
+    assert fs.ls("", detail=False) == ["data", "lost+found", "sizes"]
+    assert fs.find("sizes") == [f"sizes/f{n}" for n in (1, 4095, 4096, 4097, 70_000)]
+    fs.close()
+    assert_fsck_clean(img)
+
+
 def test_invalidate_cache_sees_another_process(img: str) -> None:
     reader = fsspec.filesystem("ext2", fo=img)
     assert reader.cat_file("hello.txt") == b"hello\nworld\n"

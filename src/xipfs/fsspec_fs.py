@@ -762,12 +762,12 @@ class Ext2FileSystem(AbstractFileSystem):
         """Remove files, symlinks and (with ``recursive``) directory trees; globs are expanded.
 
         A directory without ``recursive`` is a ValueError, as for LocalFileSystem. With
-        ``maxdepth`` the base class's way applies: what lies within that depth goes, and a
-        directory only if that leaves it empty.
+        ``maxdepth``, what lies within that depth goes, and a directory only if that leaves it
+        empty (fsspec's base class stops at the first such directory, ENOTEMPTY, half done).
         """
         with self._writing() as w:
             if maxdepth is not None:
-                super().rm(path, recursive=recursive, maxdepth=maxdepth)
+                self._rm_within(w, path, recursive, maxdepth)
                 return
             paths = path if isinstance(path, list) else [path]
             targets: list[str] = []
@@ -784,6 +784,19 @@ class Ext2FileSystem(AbstractFileSystem):
                     removed.append(p)
                 else:
                     w.unlink("/" + p)
+
+    def _rm_within(self, w: Filesystem, path: Any, recursive: bool, maxdepth: int) -> None:
+        """``rm`` to ``maxdepth``: deepest first, directories that still hold something stay
+        (and the root's ``lost+found``, as ``_rmtree`` keeps it)."""
+        for p in reversed(self.expand_path(path, recursive=recursive, maxdepth=maxdepth)):
+            if p == "lost+found" and "" in self._strip_protocol(path if isinstance(path, list) else [path]):
+                continue
+            if not w.isdir("/" + p) or w.islink("/" + p):
+                w.unlink("/" + p)
+            elif not recursive:
+                raise ValueError(f"Cannot delete directory {p!r}, set recursive=True")
+            elif p and not w.listdir("/" + p):
+                w.rmdir("/" + p)
 
     @staticmethod
     def _rmtree(w: Filesystem, p: str) -> None:

@@ -24,13 +24,15 @@ from write_util import shm_dir  # noqa: E402
 
 from xipfs.fsspec_fs import Ext2FileSystem  # noqa: E402
 
-#: (format, where the suite works, data path): ext2 at the image root in place (XIP), ext4 in
-#: a nested directory named with a leading "/" (listings name it without: the ``zip``
-#: convention, which ``fs_sanitize_path`` applies to the suite's expectations), and ext4
-#: through the page cache (``xip=False``: ``get_file`` reads through a buffer, not views).
-CASES = {"ext2-root-xip": ("ext2", "", True),
-         "ext4-abs-xip": ("ext4", "/deep/er", True),
-         "ext4-root-pagecache": ("ext4", "", False)}
+#: (format, block size, where the suite works, data path): ext2 with 1 KiB blocks at the image
+#: root in place (XIP); ext4 in a nested directory named with a leading "/" (listings name it
+#: without: the ``zip`` convention, which ``fs_sanitize_path`` applies to the suite's
+#: expectations); ext4 through the page cache (``xip=False``: ``get_file`` and ``cp_file``
+#: read through a buffer, not views of the storage).
+CASES = {"ext2-1k-root-xip": ("ext2", 1024, "", True),
+         "ext4-abs-xip": ("ext4", 4096, "/deep/er", True),
+         "ext4-root-pagecache": ("ext4", 4096, "", False)}
+Case = tuple[str, int, str, bool]
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +46,14 @@ class Ext2Fixtures(abstract.AbstractFixtures):
 
     @pytest.fixture(scope="class", params=list(CASES))
     @classmethod
-    def case(cls, request: Any) -> tuple[str, str, bool]:
+    def case(cls, request: Any) -> Case:
         return CASES[request.param]
 
     @pytest.fixture(scope="class")
     @classmethod
-    def fs(cls, case: tuple[str, str, bool], shm: str) -> Iterator[Ext2FileSystem]:
-        fstype, _, xip = case
-        img = mkfs(os.path.join(shm, f"{cls.__name__}-{fstype}-{xip}.img"), "16M", bs=4096,
+    def fs(cls, case: Case, shm: str) -> Iterator[Ext2FileSystem]:
+        fstype, bs, _, xip = case
+        img = mkfs(os.path.join(shm, f"{cls.__name__}-{fstype}-{bs}-{xip}.img"), "16M", bs=bs,
                    fstype=fstype)
         # auto_mkdir as fsspec's own LocalFileSystem fixture: the suite writes into new directories
         fs = fsspec.filesystem(fstype, fo=img, mode="r+", auto_mkdir=True, xip=xip,
@@ -69,8 +71,8 @@ class Ext2Fixtures(abstract.AbstractFixtures):
         return lambda *parts: "/".join(p for p in parts if p)
 
     @pytest.fixture
-    def fs_path(self, case: tuple[str, str, bool]) -> str:
-        return case[1]
+    def fs_path(self, case: Case) -> str:
+        return case[2]
 
     @pytest.fixture
     def fs_sanitize_path(self) -> Any:

@@ -5,6 +5,11 @@ ext4 with its default features: extents, checksums, htree, a journal), shared by
 that class as fsspec's memory filesystem shares its store; the suite's fixtures remove what
 each test made. At the end of the class the instance is closed and ``e2fsck -fn`` must find
 the image clean. LocalFileSystem on pytest's tmpdir is the other side of ``get`` and ``put``.
+
+The instance has ``auto_mkdir=True``, as fsspec's own LocalFileSystem fixture: the suite
+writes under directories it never made (``pipe("source/x")``, ``cp(f, "target/newdir/")``).
+fsspec's ``mv`` tests are module functions on LocalFileSystem only; ``TestExt2Mv`` says them
+again for the image (the permission one is skipped, with its reason).
 """
 
 from __future__ import annotations

@@ -84,23 +84,38 @@ class Ext2Fixtures(abstract.AbstractFixtures):
         return lambda path: path.lstrip("/")
 
 
-class TestExt2Copy(abstract.AbstractCopyTests, Ext2Fixtures):
+def suite(name: str) -> type:
+    """fsspec's suite class ``name``, or a stand-in saying this fsspec has none (the open and
+    pipe tests are newer than the oldest fsspec the extra allows)."""
+    cls = getattr(abstract, name, None)
+    if cls is not None:
+        return cls
+
+    class Missing:
+        @pytest.mark.skip(reason=f"fsspec {fsspec.__version__} has no fsspec.tests.abstract.{name}")
+        def test_missing(self) -> None:
+            """A placeholder: the suite class is not in this fsspec."""
+
+    return Missing
+
+
+class TestExt2Copy(suite("AbstractCopyTests"), Ext2Fixtures):
     pass
 
 
-class TestExt2Get(abstract.AbstractGetTests, Ext2Fixtures):
+class TestExt2Get(suite("AbstractGetTests"), Ext2Fixtures):
     pass
 
 
-class TestExt2Put(abstract.AbstractPutTests, Ext2Fixtures):
+class TestExt2Put(suite("AbstractPutTests"), Ext2Fixtures):
     pass
 
 
-class TestExt2Open(abstract.AbstractOpenTests, Ext2Fixtures):
+class TestExt2Open(suite("AbstractOpenTests"), Ext2Fixtures):
     pass
 
 
-class TestExt2Pipe(abstract.AbstractPipeTests, Ext2Fixtures):
+class TestExt2Pipe(suite("AbstractPipeTests"), Ext2Fixtures):
     pass
 
 

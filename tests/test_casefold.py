@@ -17,11 +17,12 @@ import unicodedata
 
 import pytest
 from conftest import IS_ROOT, mounted
-from e2fs import assert_fsck_clean, debugfs, debugfs_stat, e2fsck, mkfs
+from e2fs import assert_fsck_clean, debugfs, debugfs_stat, e2fsck, fsck, mkfs, run
 
 import xipfs
 from xipfs.extfs import layout as L
 from xipfs.extfs.casefold import fold, fold_str, hash_key, is_valid
+from xipfs.extfs.check import check_image
 
 
 # -- the oracle for the folding: libext2fs's utf8-12.1 table -------------------------------------
@@ -167,8 +168,6 @@ def _casefold_image(img: str, names: list[bytes], *, strict: bool = False) -> No
     cmds = ["cd ci", *(f"write {empty} {os.fsdecode(n)}" for n in names)]
     with open(img + ".cmds", "wb") as f:
         f.write(b"\n".join(os.fsencode(c) for c in cmds) + b"\n")
-    from e2fs import run
-
     run(["debugfs", "-w", "-f", img + ".cmds", img])
     os.unlink(img + ".cmds")
     os.unlink(empty)
@@ -269,8 +268,6 @@ def test_htree_casefolded_directory(htree_image, folder):
 
 
 def test_checker_passes_casefolded_directories(htree_image):
-    from xipfs.extfs.check import check_image
-
     problems, _ = check_image(htree_image)
     assert not problems
 
@@ -332,3 +329,54 @@ def test_lookups_agree_with_linux(htree_image, small_image):
                 except FileNotFoundError:
                     ours = None
                 assert ours == linux[q], q
+
+
+def test_import_hook_reads_casefold_images_through_the_format_layer(tmp_path):
+    """The import hook's lean reader declines the casefold feature; the format layer imports
+    from a plain directory and from a casefolded one, where a module's file name matches
+    without regard to case."""
+    import subprocess
+    import sys
+
+    tree = tmp_path / "tree"
+    (tree / "site").mkdir(parents=True)
+    (tree / "site" / "cf_plain_mod.py").write_text("V = 1\n")
+    (tree / "CiMod.py").write_text("V = 2\n")
+    img = str(tmp_path / "imp.img")
+    mkfs(img, "16M", src=str(tree), extra=("-O", "casefold"), fstype="ext4")
+    debugfs(img, "mkdir ci", write=True)
+    flags = debugfs_stat(img, "ci").flags
+    debugfs(img, f"set_inode_field ci flags {flags | L.FL_CASEFOLD:#x}", "cd ci",
+            f"write {tree / 'CiMod.py'} CiMod.py", write=True)
+    assert_fsck_clean(img)
+    code = ("import sys\nfrom xipfs import importer\nimporter.install()\n"
+            f"sys.path[:0] = [{img + '/site'!r}, {img + '/ci'!r}]\n"
+            "import cf_plain_mod, CiMod\nprint(cf_plain_mod.V, CiMod.V)\n"
+            "import xipfs\nfs = xipfs.open(sys.argv[1])\nprint(fs.read_bytes('/ci/cimod.PY').decode())\n")
+    proc = subprocess.run([sys.executable, "-c", code, img], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "2", "V", "=", "2"]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_checker_on_names_alike_once_folded(tmp_path, strict):
+    """e2fsck checks a casefolded directory's names (UTF-8, unique once folded) in strict mode
+    only; so does the checker, finding what e2fsck finds."""
+    img = str(tmp_path / "dups.img")
+    extra = ["-O", "casefold"] + (["-E", "encoding=utf8,encoding_flags=strict"] if strict else [])
+    mkfs(img, "16M", extra=tuple(extra), fstype="ext4")
+    debugfs(img, "mkdir ci", write=True)
+    flags = debugfs_stat(img, "ci").flags
+    empty = str(tmp_path / "empty")
+    open(empty, "wb").close()
+    debugfs(img, f"set_inode_field ci flags {flags | L.FL_CASEFOLD:#x}", "cd ci",
+            *(f"write {empty} {n}" for n in ("Foo", "foo", "Straße", "STRASSE", "ok")), write=True)
+    run(["debugfs", "-w", "-R", f"write {empty} ci/" + os.fsdecode(b"bad\xffname"), img])
+    problems, _ = check_image(img)
+    rc, out = fsck(img)
+    if not strict:
+        assert rc == 0 and not problems, out
+        return
+    assert rc == 4 and "non-unique filename" in out and "illegal UTF-8" in out
+    found = sorted((p.code, p.message.split("'")[1]) for p in problems)
+    assert found == [("bad_name", "bad\\xffname"), ("dup_entry", "STRASSE"), ("dup_entry", "foo")]

@@ -14,6 +14,7 @@ from itertools import chain
 from typing import Any
 
 from .. import layout as L
+from ..casefold import STRICT, fold, is_valid
 from ..csum import crc32c_raw, inode_seed
 from ..dir import DIR_TAIL
 from ..htree import dx_csum
@@ -28,6 +29,7 @@ _DX_COUNTLIMIT = L.DX_COUNTLIMIT.struct.unpack_from     # limit, count
 _DX_ENTRY = L.DX_ENTRY.struct.unpack_from               # hash, block
 _GENERATION_AT = L.INODE_LARGE.offsets["i_generation"]
 _BLOCK_AT = L.INODE.offsets["i_block"]
+_FLAGS_AT = L.INODE.offsets["i_flags"]
 #: Markers in the table of what entries should say: not file type codes.
 UNUSED_INODE, BAD_NUMBER = 0xFF, 0xFE
 #: per-inode "in use" byte -> UNUSED_INODE when 0.
@@ -79,6 +81,7 @@ def check_dir(c: Context, ino: int, pairs: list[tuple[int, int]], nblocks: int, 
         t = c.inode_view(ino)
         seed = inode_seed(c.csum_seed, ino, u32(t, _GENERATION_AT)) if t is not None else None
     dx = Htree(c, ino, nblocks, seed) if htree else None
+    strict_cf = strict_casefolded(c, ino)
     expect = 0
     for lblk, pblk in chain(pairs, ((nblocks, 0),)):
         if lblk > expect:
@@ -95,6 +98,8 @@ def check_dir(c: Context, ino: int, pairs: list[tuple[int, int]], nblocks: int, 
         inos, fts, names = parse_entries(c, ino, buf, bs, lblk, pblk, 0 if lblk == 0 else 2)
         if inos:
             dups_reported = check_entries(c, ino, pblk, inos, fts, names, dups_reported=dups_reported)
+            if strict_cf:
+                check_casefolded_names(c, ino, pblk, names)
     if dx is not None:
         dx.finish()
 
@@ -198,10 +203,13 @@ def check_inline_dir(c: Context, ino: int) -> None:
         c.report(P.NO_DOTDOT, ino)
     count_ref(c, ino)
     dups_reported = False
+    strict_cf = strict_casefolded(c, ino)
     for i, region in enumerate(inline_regions(c, ino, raw)):
         inos, fts, names = parse_entries(c, ino, region, len(region), i, 0, 2)
         if inos:
             dups_reported = check_entries(c, ino, 0, inos, fts, names, dups_reported=dups_reported)
+            if strict_cf:
+                check_casefolded_names(c, ino, 0, names)
 
 
 def check_entries(c: Context, ino: int, pblk: int, inos: list[int], fts: bytearray, names: list[bytes],
@@ -245,6 +253,34 @@ def check_entries(c: Context, ino: int, pblk: int, inos: list[int], fts: bytearr
         c.report(P.DUP_ENTRY, ino, pblk, name=dup)
         return True
     return dups_reported
+
+
+def strict_casefolded(c: Context, ino: int) -> bool:
+    """Whether directory ``ino`` is casefolded on an image whose encoding is strict: where
+    e2fsck checks that names are UTF-8 and unique once folded (it does not elsewhere)."""
+    sb = c.sb
+    if not sb.has_incompat(L.INCOMPAT_CASEFOLD) or not sb.s_encoding_flags & STRICT:
+        return False
+    t = c.inode_view(ino)
+    return t is not None and bool(u32(t, _FLAGS_AT) & L.FL_CASEFOLD)
+
+
+def check_casefolded_names(c: Context, ino: int, pblk: int, names: list[bytes]) -> None:
+    """The names of one block of a strict casefolded directory (e2fsck's ``encoded_check_name``
+    and its casefolding duplicate test): each valid UTF-8, no two alike once folded."""
+    seen: set[bytes | None] = set()
+    exact: set[bytes] = set()
+    for name in names:
+        if name in (b".", b".."):
+            continue
+        if not is_valid(name):
+            c.report(P.BAD_CASEFOLDED_NAME, ino, name=name)
+            continue
+        key = fold(name)
+        if key in seen and name not in exact:     # an exact duplicate is reported already
+            c.report(P.DUP_ENTRY, ino, pblk, name=name)
+        seen.add(key)
+        exact.add(name)
 
 
 def bad_chars(names: list[bytes]) -> bool:

@@ -256,6 +256,8 @@ LINK_TO_DOT = _kind("link_to_dot", "entry {name!r} in directory inode {ino} is a
 LINK_TO_ROOT = _kind("link_to_root", "entry {name!r} in directory inode {ino} is a link to the root")
 NULL_NAME = _kind("null_name", "directory inode {ino} has an entry with an empty name")
 BAD_NAME = _kind("bad_name", "entry {name!r} in directory inode {ino} has an illegal character in its name")
+BAD_CASEFOLDED_NAME = _kind("bad_name", "entry {name!r} in casefolded directory inode {ino} is not valid "
+                            "UTF-8, which the image's strict encoding forbids")
 BAD_INODE_NUMBER = _kind("bad_inode_number", "entry {name!r} in directory inode {ino} has bad inode "
                          "number {target}")
 UNUSED_INODE = _kind("unused_inode", "entry {name!r} in directory inode {ino} points to unused inode "

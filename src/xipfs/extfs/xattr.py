@@ -57,8 +57,9 @@ EXT2_ACL_VERSION = L.EXT2_ACL_VERSION
 def _walk(buf: memoryview | bytes, start: int, end: int, value_base: int, value_end: int,
           where: str, ea: bool) -> Iterator[tuple[int, bytes, int, int, int, int]]:
     """``(index, name, value start, inode, size, hash)`` of every entry at ``buf[start:end]``,
-    checked as Linux checks them: inside the region, names not empty (but ACLs'), values
-    inside ``[value_base, value_end)`` or (``ea``, ea_inode) in an inode of their own."""
+    checked as Linux checks them: inside the region, names not empty (but ACLs') and without NUL
+    bytes (no caller could name them), values inside ``[value_base, value_end)`` or (``ea``,
+    ea_inode) in an inode of their own."""
     pos = start
     while True:
         if pos + 4 > end:
@@ -80,7 +81,10 @@ def _walk(buf: memoryview | bytes, start: int, end: int, value_base: int, value_
         if size and not inum and (vstart < value_base or vstart + size > value_end):
             raise CorruptImageError(f"xattr value ({size} bytes at {offs}) outside its region",
                                     f"{where} offset {pos}")
-        yield index, bytes(buf[pos + _ENTRY.size:pos + _ENTRY.size + name_len]), vstart, inum, size, h
+        name = bytes(buf[pos + _ENTRY.size:pos + _ENTRY.size + name_len])
+        if b"\0" in name:                     # no name of a program's can hold one (C strings)
+            raise CorruptImageError("xattr name with a NUL byte", f"{where} offset {pos}")
+        yield index, name, vstart, inum, size, h
         pos = next_pos
 
 

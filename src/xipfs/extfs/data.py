@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .._fresh import FRESH_MIN, copy_out, join_out
 from ..errors import fs_error
 from . import layout as L
 from . import orphans
@@ -363,9 +364,12 @@ def _read_bytes(vol: Volume, node: Inode, pos: int, n: int) -> bytes:
     m = node._map
     whole = m.whole if m is not None else whole_start(node)     # a first read: no map needed
     if whole:
-        return bytes(vol.device.view(whole * vol.bs + pos, n))
+        view = vol.device.view(whole * vol.bs + pos, n)
+        return copy_out(view) if FRESH_MIN and n >= FRESH_MIN else bytes(view)
     m = node.map
     dev = vol.device
     parts = [dev.view(where, length) if where >= 0 else bytes(length)
              for _, length, where in segments(vol, node, pos, pos + n)]
-    return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+    if len(parts) == 1 and isinstance(parts[0], bytes):
+        return parts[0]
+    return join_out(parts, n) if FRESH_MIN and n >= FRESH_MIN else b"".join(parts)

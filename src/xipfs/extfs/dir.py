@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
-from .casefold import UTF8_12_1, fold, fold_str
+from .casefold import UTF8_12_1, fold, fold_str, hash_key
 from .csum import crc32c_raw, inode_seed
 from .dirhash import DX_HASH_TEA, hash_version, hasher
 from .htree import candidate_blocks, new_root, root_limit
@@ -63,40 +63,50 @@ class DirIndex:
 
 class FoldedEntries(dict):  # type: ignore[type-arg]
     """The entries of a casefolded directory: ``get`` and ``in`` find a name as Linux does
-    there (byte for byte, or by casefolded name when both are valid UTF-8; the first entry in
-    directory order that matches). Indexing with ``[]`` stays exact (the stored name)."""
+    there (byte for byte, or by casefolded name when both fold; the first entry in directory
+    order that matches); :meth:`stored` names the entry found. ``[]`` stays exact."""
 
     __slots__ = ("_folded",)
 
     def __init__(self, entries: dict[str, tuple[int, int]]) -> None:
         super().__init__(entries)
-        self._folded: dict[str, tuple[int, int]] | None = None
+        #: folded name -> the stored name it finds (built on the first lookup)
+        self._folded: dict[str, str] | None = None
 
-    def _by_folded(self) -> dict[str, tuple[int, int]]:
+    def _by_folded(self) -> dict[str, str]:
         folded = self._folded
         if folded is None:
             folded = {}
-            for name, entry in self.items():
+            for name in self:
                 key = fold_str(name)
                 if key is not None and key not in folded:
-                    folded[key] = entry
+                    folded[key] = name
             self._folded = folded
         return folded
 
-    def get(self, name: str, default: tuple[int, int] | None = None) -> tuple[int, int] | None:  # type: ignore[override]
+    def stored(self, name: str) -> str | None:
+        """The stored name of the entry a lookup of ``name`` finds, or None."""
         key = fold_str(name)
-        if key is None:                      # not UTF-8: only the very bytes match
-            return dict.get(self, name, default)
-        return self._by_folded().get(key, default)
+        if key is None:                      # Linux cannot fold it: only the very bytes match
+            return name if dict.__contains__(self, name) else None
+        return self._by_folded().get(key)
+
+    def get(self, name: str, default: tuple[int, int] | None = None) -> tuple[int, int] | None:  # type: ignore[override]
+        stored = self.stored(name)
+        return default if stored is None else dict.get(self, stored, default)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        return isinstance(name, str) and self.stored(name) is not None
 
-    # every change forgets the folded names (built again on the next lookup)
     def __setitem__(self, name: str, entry: tuple[int, int]) -> None:
-        self._folded = None
+        folded = self._folded
+        if folded is not None and not dict.__contains__(self, name):
+            key = fold_str(name)
+            if key is not None:
+                folded.setdefault(key, name)
         super().__setitem__(name, entry)
 
+    # a removal may uncover another entry folding alike: the folded names are built again
     def __delitem__(self, name: str) -> None:
         self._folded = None
         super().__delitem__(name)
@@ -126,6 +136,12 @@ def is_casefolded(vol: Volume, d: Inode) -> bool:
     """Whether names in directory ``d`` match without regard to case (the casefold flag, on an
     image with the casefold feature; Linux reads the flag only there)."""
     return bool(d.flags & L.FL_CASEFOLD and vol.inode_formats & L.FL_CASEFOLD)
+
+
+def folding(name_hash: Callable[[bytes], tuple[int, int]]) -> Callable[[bytes], tuple[int, int]]:
+    """``name_hash`` as a casefolded directory applies it: to the folded name, or to the bytes
+    as they are where Linux cannot fold them."""
+    return lambda name: name_hash(hash_key(name))
 
 
 def check_casefold(vol: Volume, d: Inode) -> None:
@@ -722,7 +738,7 @@ def indexes_dirs(vol: Volume) -> bool:
 
 
 #: Directories that stay linear: already indexed, inline, or hashed in ways xipfs does not.
-_NOT_INDEXED = L.FL_INDEX | L.FL_INLINE_DATA | L.FL_ENCRYPT | L.FL_CASEFOLD
+_NOT_INDEXED = L.FL_INDEX | L.FL_INLINE_DATA | L.FL_ENCRYPT
 
 
 def make_indexed_dir(vol: Volume, d: Inode, space: DirSpace) -> bool:
@@ -757,6 +773,8 @@ def make_indexed_dir(vol: Volume, d: Inode, space: DirSpace) -> bool:
     sizes = [e[3] for e in live]
     sizes[-1] += 12 + dotdot_rec
     name_hash = hasher(hash_version(version, sb.s_flags), sb.s_hash_seed)
+    if is_casefolded(vol, d):                 # the folded names are hashed (ext4fs_dirhash)
+        name_hash = folding(name_hash)
     kept, moved, hash2, continued = split_by_hash(live, sizes, name_hash, bs)
     leaf1 = pack_leaf(kept, end, bs)
     leaf2 = pack_leaf(moved, end, bs)

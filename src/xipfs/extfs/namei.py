@@ -28,18 +28,21 @@ from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, S_ISDIR, S
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, fs_error
+from . import casefold, htree, orphans
 from . import data as D
-from . import htree, orphans
 from . import layout as L
 from .csum import crc32c_raw, inode_seed
 from .dir import (
     DIR_TAIL,
     HTREE_LOOKUP_BLOCKS,
     DirSpace,
+    FoldedEntries,
+    check_casefold,
     dir_blocks,
     dir_end,
     empty_dir_block,
     encode_entry,
+    folding,
     htree_lookup,
     indexes_dirs,
     insert_into_block,
@@ -81,6 +84,26 @@ def check_name(name: bytes) -> None:
         raise fs_error(errno.EINVAL)
 
 
+def check_new_name(vol: Volume, d: Inode, name: bytes) -> None:
+    """A name about to go into directory ``d``: EINVAL where ``d`` is casefolded under the
+    strict encoding and ``name`` is not valid UTF-8 (Linux ``ext4_add_entry``)."""
+    if (is_casefolded(vol, d) and vol.sb.s_encoding_flags & casefold.STRICT
+            and not casefold.is_valid(name)):
+        raise OSError(errno.EINVAL, f"{os.fsdecode(name)!r} is not valid UTF-8, which the strict "
+                      f"encoding of casefolded directory inode {d.ino} requires")
+
+
+def _stored_name(vol: Volume, d: Inode, name: bytes) -> bytes:
+    """The name as stored of the entry a lookup of ``name`` finds in ``d`` (in a casefolded
+    directory it may be spelt otherwise); ``name`` itself elsewhere."""
+    entries = vol.dir_index(d).entries
+    if isinstance(entries, FoldedEntries):
+        stored = entries.stored(os.fsdecode(name))
+        if stored is not None:
+            return os.fsencode(stored)
+    return name
+
+
 # -- directory entries --------------------------------------------------------------------------
 
 def _dblock(d: Inode, space: DirSpace, lblk: int) -> int:
@@ -95,8 +118,7 @@ def dir_space(vol: Volume, d: Inode) -> DirSpace:
     space = vol.spaces.get(d.ino)
     if space is None:
         if is_casefolded(vol, d):
-            raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded: xipfs looks "
-                          "names up there as Linux does but does not change it")
+            check_casefold(vol, d)
         if d.flags & L.FL_INLINE_DATA:           # ext4: its entries into a block before a change
             move_out_dir(vol, d)
         vol.dir_index(d)                     # validates the directory first
@@ -149,10 +171,12 @@ _ROOT_HASH_VERSION_AT = 24 + L.DX_ROOT_INFO.offsets["hash_version"]
 
 
 @functools.cache
-def _cached_hasher(version: int, seed: bytes) -> Callable[[bytes], tuple[int, int]]:
-    """The directory hash for ``version`` and ``s_hash_seed``, remembering recent names: a leaf
-    that splits sorts names mostly added just before, whose hashes are then not computed again."""
-    return functools.lru_cache(maxsize=1 << 16)(hasher(version, seed))
+def _cached_hasher(version: int, seed: bytes, casefolded: bool = False) -> Callable[[bytes], tuple[int, int]]:
+    """The directory hash for ``version`` and ``s_hash_seed`` (of the folded names in a
+    casefolded directory), remembering recent names: a leaf that splits sorts names mostly
+    added just before, whose hashes are then not computed again."""
+    name_hash = hasher(version, seed)
+    return functools.lru_cache(maxsize=1 << 16)(folding(name_hash) if casefolded else name_hash)
 
 
 class _Dx:
@@ -161,9 +185,6 @@ class _Dx:
     __slots__ = ("vol", "d", "space", "bs", "end", "seed", "verify_seed", "hash")
 
     def __init__(self, vol: Volume, d: Inode, space: DirSpace) -> None:
-        if d.flags & L.FL_CASEFOLD and vol.inode_formats & L.FL_CASEFOLD:
-            raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded, which xipfs "
-                          "does not implement")
         self.vol, self.d, self.space = vol, d, space
         self.bs = vol.bs
         self.end = dir_end(vol)
@@ -174,7 +195,7 @@ class _Dx:
         self.verify_seed = self.seed if vol.verify else None
         # dx_root_info's hash_version, after "." and ".." (the probe that follows checks the root)
         self.hash = _cached_hasher(hash_version(self.read(0)[_ROOT_HASH_VERSION_AT], sb.s_flags),
-                                   bytes(sb.s_hash_seed))
+                                   bytes(sb.s_hash_seed), is_casefolded(vol, d))
 
     def read(self, lblk: int) -> memoryview:
         """Directory block ``lblk`` as it is now."""
@@ -330,6 +351,7 @@ def add_entry(vol: Volume, d: Inode, name: bytes, ino: int, mode: int, key: str 
     """
     bs = vol.bs
     space = dir_space(vol, d)
+    check_new_name(vol, d, name)
     ftype = L.IFMT_TO_FT.get(S_IFMT(mode), 0) if vol.filetype else 0
     if d.flags & L.FL_INDEX:
         if keeps_index(vol, d):               # never into an index block: through the index
@@ -526,6 +548,7 @@ def create(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: int, *,
     check_name(name)
     if os.fsdecode(name) in vol.dir_index(d).entries:
         raise fs_error(errno.EEXIST)
+    check_new_name(vol, d, name)
     is_dir = S_IFMT(mode) == S_IFDIR
     if is_dir and dir_links_full(vol, d):
         raise fs_error(errno.EMLINK)
@@ -593,6 +616,7 @@ def create_small(vol: Volume, d: Inode, name: bytes, mode: int, uid: int, gid: i
     the whole inode in one store (no links yet), the entry, then the link count. The caller
     has checked the name is free.
     """
+    check_new_name(vol, d, name)
     bs = vol.bs
     n = len(content)
     count = -(-n // bs)
@@ -681,6 +705,7 @@ def link(vol: Volume, node: Inode, d: Inode, name: bytes) -> None:
     check_name(name)
     if os.fsdecode(name) in vol.dir_index(d).entries:
         raise fs_error(errno.EEXIST)
+    check_new_name(vol, d, name)
     if node.is_dir:
         raise fs_error(errno.EPERM)
     if node.links >= link_max(vol):
@@ -738,7 +763,7 @@ def unlink(vol: Volume, d: Inode, name: bytes) -> None:
     if node.is_dir:
         raise fs_error(errno.EISDIR)
     drop_link(vol, node)
-    remove_entry(vol, d, name)
+    remove_entry(vol, d, _stored_name(vol, d, name))
     if node.links == 0:
         release(vol, node)
     vol.names_changed()
@@ -753,7 +778,7 @@ def rmdir(vol: Volume, d: Inode, name: bytes) -> None:
     if vol.dir_index(node).entries:
         raise fs_error(errno.ENOTEMPTY)
     drop_link(vol, node)
-    remove_entry(vol, d, name)
+    remove_entry(vol, d, _stored_name(vol, d, name))
     dec_dir_links(d)
     vol.write_inode(d)
     release(vol, node)
@@ -824,7 +849,12 @@ def rename(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> Non
     entry = vol.dir_index(dd).entries.get(os.fsdecode(dname))
     dst = vol.inode(entry[0]) if entry else None
     if dst is not None and dst.ino == src.ino:
-        return
+        return                  # also a rename to another case of itself, as in Linux (the VFS)
+    if dst is None:
+        check_new_name(vol, dd, dname)
+    sname = _stored_name(vol, sd, sname)     # casefolded: the entries as stored
+    if dst is not None:
+        dname = _stored_name(vol, dd, dname)
     if dst is not None and dst.is_dir and is_ancestor(vol, dst, sd):
         raise fs_error(errno.ENOTEMPTY)        # the target contains the source
     moving_dir = src.is_dir

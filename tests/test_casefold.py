@@ -291,7 +291,12 @@ def test_unknown_encoding_is_refused(tmp_path):
     with open(img, "r+b") as f:                      # s_encoding: 2, which no one defines
         f.seek(1024 + L.SUPERBLOCK.offsets["s_encoding"])
         f.write((2).to_bytes(2, "little"))
+    debugfs(img, "cd ci", "mkdir x", write=True)
     with xipfs.open(img) as fs:
+        with pytest.raises(OSError) as exc:
+            fs.stat("/ci/x")
+        assert exc.value.errno == errno.EOPNOTSUPP and "encoding" in str(exc.value)
+        assert fs.listdir("/ci") == ["x"]                # listed all the same
         with pytest.raises(OSError) as exc:
             fs.stat("/ci/x")
         assert exc.value.errno == errno.EOPNOTSUPP and "encoding" in str(exc.value)
@@ -448,3 +453,22 @@ def test_strict_encoding_refuses_names_that_are_not_utf8(tmp_path, writable_case
             fs.rename("/" + os.fsdecode(b"bad\xffname"), "/ci/" + os.fsdecode(b"o\x80"))
         assert exc.value.errno == errno.EINVAL
     assert_fsck_clean(img)
+
+
+def test_inline_casefolded_directory(tmp_path, folder):
+    """A casefolded directory whose entries live in the inode (inline_data)."""
+    img = str(tmp_path / "inline.img")
+    mkfs(img, "16M", extra=("-O", "casefold,inline_data", "-I", "256"), fstype="ext4")
+    debugfs(img, "mkdir ci", write=True)
+    ci = debugfs_stat(img, "ci")
+    assert ci.inline
+    empty = str(tmp_path / "empty")
+    open(empty, "wb").close()
+    debugfs(img, f"set_inode_field ci flags {ci.flags | L.FL_CASEFOLD:#x}", "cd ci",
+            f"write {empty} Straße", f"write {empty} ΣΊΣΥΦΟΣ", write=True)
+    assert_fsck_clean(img)
+    assert debugfs_stat(img, "ci").inline
+    names = _stored(img)
+    with xipfs.open(img) as fs:
+        assert _check_lookups(fs, names, folder) >= 9
+        assert fs.stat("/ci/STRASSE").st_ino == names["Straße".encode()]

@@ -132,6 +132,23 @@ class FoldedEntries(dict):  # type: ignore[type-arg]
         return super().setdefault(name, entry)
 
 
+class RefusedEntries(dict):  # type: ignore[type-arg]
+    """The entries of a casefolded directory xipfs cannot match names in as Linux does (an
+    unknown encoding, encrypted names): listed as they are, a lookup raises ``error``."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, entries: dict[str, tuple[int, int]], error: OSError) -> None:
+        super().__init__(entries)
+        self.error = error
+
+    def get(self, name: str, default: tuple[int, int] | None = None) -> tuple[int, int] | None:  # type: ignore[override]
+        raise OSError(self.error.errno, self.error.strerror)
+
+    def __contains__(self, name: object) -> bool:
+        raise OSError(self.error.errno, self.error.strerror)
+
+
 def is_casefolded(vol: Volume, d: Inode) -> bool:
     """Whether names in directory ``d`` match without regard to case (the casefold flag, on an
     image with the casefold feature; Linux reads the flag only there)."""
@@ -621,8 +638,12 @@ def build_index(vol: Volume, node: Inode) -> DirIndex:
     else:
         index = index_directory(dir_blocks(vol, node), bs, vol.inodes_count, vol.filetype, node.ino)
     if is_casefolded(vol, node):
-        check_casefold(vol, node)
-        index.entries = FoldedEntries(index.entries)
+        try:
+            check_casefold(vol, node)
+        except OSError as exc:                # listed as ever; a lookup says why it cannot be
+            index.entries = RefusedEntries(index.entries, exc)
+        else:
+            index.entries = FoldedEntries(index.entries)
     if node.ino == L.ROOT_INO and index.parent != L.ROOT_INO:
         raise CorruptImageError(f"'..' of the root points to inode {index.parent}", where)
     if index.parent != node.ino:

@@ -573,6 +573,8 @@ class Ext2FileSystem(AbstractFileSystem):
         """Bytes ``[start, end)`` of file ``path`` (negative: from the end), copied once."""
         p = self._strip_protocol(path)
         try:
+            if start is None and end is None:          # the whole file: no file object
+                return self._reader().read_bytes("/" + p)
             with self._reader().open("/" + p, "rb", buffering=0) as f:
                 size = f.size
                 lo = 0 if start is None else start if start >= 0 else max(0, size + start)

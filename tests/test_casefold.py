@@ -112,6 +112,21 @@ def test_fold_examples(name, folded):
     assert fold_str(name) == folded
 
 
+def test_newer_unicode_data_finds_the_same_characters():
+    """With Unicode data newer than the list was made from, the characters 12.1 does not know
+    are found from the bitmap of what 12.1 changes: here it must give the list itself."""
+    from xipfs.extfs import casefold
+
+    listed = {cp for a, b in casefold._NEWER_THAN_121 for cp in range(a, b + 1)}
+    found = {a for a, _ in casefold._newer_found()}
+    if casefold._unidata() == casefold._CHECKED_UNIDATA:
+        assert found == listed
+    elif casefold._unidata() > casefold._CHECKED_UNIDATA:
+        assert listed <= found
+    else:                                       # older data knows fewer of them: none others
+        assert found <= listed
+
+
 def test_invalid_utf8_does_not_fold():
     for raw in (b"bad\xff", b"a\xc3", b"\xed\xa0\x80", b"\xc0\x80", b"\xf4\x90\x80\x80"):
         assert fold(raw) is None and not is_valid(raw)

@@ -66,8 +66,21 @@ def loop_mount(img: str, options: str = "rw", fstype: str = "ext4", offset: int 
     try:
         yield mnt
     finally:
-        run(["umount", mnt], timeout=60)
-        os.rmdir(mnt)
+        unmount(mnt)
+
+
+def unmount(mnt: str) -> None:
+    """Unmount and remove ``mnt``; a mount busy for a moment (a program's child finishing, as
+    git's) is tried again, and at last detached (``umount -l``)."""
+    import time
+
+    for _ in range(50):
+        if run(["umount", mnt], timeout=60, check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
+        run(["umount", "-l", mnt], timeout=60)
+    os.rmdir(mnt)
 
 
 class MountError(OSError):
@@ -140,8 +153,9 @@ def _git_repo(path: str) -> None:
     """A git repository with a few commits (packed and loose objects, an index)."""
     os.makedirs(path)
     env = "GIT_AUTHOR_NAME=a GIT_AUTHOR_EMAIL=a@b GIT_COMMITTER_NAME=a GIT_COMMITTER_EMAIL=a@b"
-    sh(f"git init -q . && for i in 1 2 3; do seq $i 3000 > f$i.txt; mkdir -p sub$i; echo $i > sub$i/x;"
-       f" git add -A && {env} git commit -qm c$i; done && git gc -q", cwd=path)
+    sh("git init -q . && git config gc.autoDetach false && for i in 1 2 3; do seq $i 3000 > f$i.txt;"
+       f" mkdir -p sub$i; echo $i > sub$i/x; git add -A && {env} git commit -qm c$i; done && git gc -q",
+       cwd=path)
 
 
 def _special_files(mnt: str) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from . import layout as L
-from .casefold import UTF8_12_1, fold, fold_str, hash_key
+from .casefold import STRICT, UTF8_12_1, fold, fold_str, hash_key
 from .csum import crc32c_raw, inode_seed
 from .dirhash import DX_HASH_TEA, hash_version, hasher
 from .htree import candidate_blocks, new_root, root_limit
@@ -66,12 +66,14 @@ class FoldedEntries(dict):  # type: ignore[type-arg]
     there (byte for byte, or by casefolded name when both fold; the first entry in directory
     order that matches); :meth:`stored` names the entry found. ``[]`` stays exact."""
 
-    __slots__ = ("_folded",)
+    __slots__ = ("_folded", "strict")
 
-    def __init__(self, entries: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, entries: dict[str, tuple[int, int]], strict: bool = False) -> None:
         super().__init__(entries)
         #: folded name -> the stored name it finds (built on the first lookup)
         self._folded: dict[str, str] | None = None
+        #: the image's encoding is strict: a name that does not fold is EINVAL
+        self.strict = strict
 
     def _by_folded(self) -> dict[str, str]:
         folded = self._folded
@@ -88,6 +90,8 @@ class FoldedEntries(dict):  # type: ignore[type-arg]
         """The stored name of the entry a lookup of ``name`` finds, or None."""
         key = fold_str(name)
         if key is None:                      # Linux cannot fold it: only the very bytes match
+            if self.strict:
+                raise unfoldable(os.fsencode(name))
             return name if dict.__contains__(self, name) else None
         return self._by_folded().get(key)
 
@@ -147,6 +151,13 @@ class RefusedEntries(dict):  # type: ignore[type-arg]
 
     def __contains__(self, name: object) -> bool:
         raise OSError(self.error.errno, self.error.strerror)
+
+
+def unfoldable(name: bytes) -> OSError:
+    """EINVAL for a name Linux cannot fold, looked up in a casefolded directory of an image
+    with the strict encoding (``generic_ci_d_hash`` fails the lookup itself)."""
+    return OSError(errno.EINVAL, f"{os.fsdecode(name)!r} is not valid UTF-8, which a casefolded "
+                   "directory under the strict encoding cannot look up")
 
 
 def is_casefolded(vol: Volume, d: Inode) -> bool:
@@ -643,7 +654,7 @@ def build_index(vol: Volume, node: Inode) -> DirIndex:
         except OSError as exc:                # listed as ever; a lookup says why it cannot be
             index.entries = RefusedEntries(index.entries, exc)
         else:
-            index.entries = FoldedEntries(index.entries)
+            index.entries = FoldedEntries(index.entries, bool(vol.sb.s_encoding_flags & STRICT))
     if node.ino == L.ROOT_INO and index.parent != L.ROOT_INO:
         raise CorruptImageError(f"'..' of the root points to inode {index.parent}", where)
     if index.parent != node.ino:
@@ -672,6 +683,8 @@ def htree_lookup(vol: Volume, d: Inode, name: str) -> tuple[int, int] | None:
     if is_casefolded(vol, d):             # the hash is of the folded name (Linux ext4fs_dirhash)
         check_casefold(vol, d)
         folded = fold(key)
+        if folded is None and sb.s_encoding_flags & STRICT:
+            raise unfoldable(key)
         hashed = key if folded is None else folded
     seed = inode_seed(vol.csum_seed, d.ino, d.generation) if vol.verify else None
     dev = vol.device

@@ -525,6 +525,24 @@ def cli_commands(img: str, layout: Layout, dest: str, rnd) -> list[list[str]]:
     ]
 
 
+def cli_write_commands(img: str, layout: Layout, src: str, rnd) -> list[list[str]]:
+    """Commands that change a damaged image (each round runs them on its own copy, in order)."""
+    files = rnd.sample(layout.files, min(3, len(layout.files)))
+    dirs = [d for d in layout.dirs if d != "/"]
+    some_dir = rnd.choice(dirs) if dirs else "/"
+    return [
+        ["mkdir", "-p", f"{img}:{some_dir}/new/deeper"],
+        ["cp", src, f"{img}:{some_dir}/copied-in"],
+        ["cp", "-r", os.path.dirname(src), f"{img}:/tree-in"],
+        ["touch", f"{img}:{files[0]}"],
+        ["chmod", "600", *(f"{img}:{p}" for p in files)],
+        ["ln", "-s", "target", f"{img}:{some_dir}/symlink-in"],
+        ["mv", f"{img}:{files[-1]}", f"{img}:/moved"],
+        ["rm", "-rf", f"{img}:{some_dir}"],
+        ["check", img],
+    ]
+
+
 BAD_OUTPUT = ("Traceback", "internal error", "IndexError", "struct.error", "ValueError", "KeyError",
               "RecursionError", "MemoryError", "TypeError", "AttributeError", "ZeroDivisionError",
               "OverflowError", "AssertionError", "UnboundLocalError", "NameError")
@@ -545,6 +563,9 @@ def run_cli_forked(argv: list[str], timeout: float) -> tuple[int | None, bytes]:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
             os.dup2(err.fileno(), 2)
+            # the command's own streams on these descriptors (pytest replaces sys.stdout/err)
+            sys.stdout = open(1, "w", closefd=False)      # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False)      # noqa: SIM115
             rc = main(["-q", *argv])
             sys.stdout.flush()
             sys.stderr.flush()

@@ -199,7 +199,8 @@ def test_a_real_process_per_command(base, workdir):
                 f.write(b"\xff" * min(64, length - 4))
         for argv in (["info", img], ["ls", "-laR", f"{img}:/"], ["check", img],
                      ["unpack", img, os.path.join(workdir, "whole-out")]):
-            proc = subprocess.run([sys.executable, "-m", "xipfs", *argv], capture_output=True, timeout=TIMEOUT)
+            proc = subprocess.run([sys.executable, "-m", "xipfs", *argv], capture_output=True,
+                                  timeout=TIMEOUT)
             why = R.bad_result(proc.returncode, proc.stderr, argv[0])
             assert why is None, f"xipfs {' '.join(argv)} with {damage} damaged: {why}"
             shutil.rmtree(os.path.join(workdir, "whole-out"), ignore_errors=True)

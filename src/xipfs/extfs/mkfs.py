@@ -23,7 +23,7 @@ from ..device import Device
 from . import layout as L
 from .dir import empty_dir_block, encode_entry
 from .inode import encode_direct_run, encode_new_inode
-from .super import group_has_super
+from .super import group_has_super, write_seconds
 
 DEFAULT_FEATURES = ("sparse_super", "large_file", "filetype", "ext_attr", "dir_index")
 #: Features this mkfs can make (resize_inode needs the reserved descriptor tree: not made here).
@@ -208,7 +208,7 @@ def format_device(dev: Device, *, block_size: int = 4096, inode_size: int = 256,
         "s_free_inodes_count": free_inodes_total, "s_first_data_block": geo.first_data_block,
         "s_log_block_size": bs.bit_length() - 11, "s_log_frag_size": bs.bit_length() - 11,
         "s_blocks_per_group": geo.bpg, "s_frags_per_group": geo.bpg,
-        "s_inodes_per_group": geo.ipg, "s_mtime": 0, "s_wtime": sec & 0xFFFFFFFF,
+        "s_inodes_per_group": geo.ipg, "s_mtime": 0, "s_wtime": min(sec, write_seconds()) & 0xFFFFFFFF,
         "s_mnt_count": 0, "s_max_mnt_count": -1, "s_magic": L.EXT2_MAGIC, "s_state": 1,
         "s_errors": 1, "s_minor_rev_level": 0, "s_lastcheck": sec & 0xFFFFFFFF,
         "s_checkinterval": 0, "s_creator_os": 0, "s_rev_level": 1, "s_def_resuid": 0,

@@ -16,7 +16,6 @@ import os
 import platform
 import struct
 import sys
-import time
 import uuid as uuidlib
 from array import array
 from bisect import bisect_right
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from ..device import Device
 from . import layout as L
 from .csum import crc16, crc32c_raw, inode_seed
-from .super import group_has_super
+from .super import group_has_super, write_seconds
 
 #: ``mke2fs -t ext4`` of e2fsprogs 1.47 (upstream mke2fs.conf): compat 0x103C, incompat 0x22C2,
 #: ro_compat 0x46B. (Debian's /etc/mke2fs.conf leaves out orphan_file and metadata_csum_seed.)
@@ -718,7 +717,7 @@ def format_device4(dev: Device, *, block_size: int | None = None, inode_size: in
             feats.discard("orphan_file")
     if now is None:
         env = os.environ.get("SOURCE_DATE_EPOCH")
-        now = int(env) if env and env.isdigit() else int(time.time())
+        now = int(env) if env and env.isdigit() else write_seconds()
     if label is not None and len(label.encode("utf-8")) > 16:
         raise ValueError("volume label longer than 16 bytes")
     fs_uuid = uuidlib.UUID(uuid) if uuid else uuidlib.uuid4()

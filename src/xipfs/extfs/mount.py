@@ -6,7 +6,6 @@ superblock and the descriptor table, and the flush that makes it all durable.
 from __future__ import annotations
 
 import errno
-import time
 from typing import TYPE_CHECKING
 
 from . import layout as L
@@ -15,7 +14,7 @@ from .balloc import BlockAllocator
 from .groups import flush_group_descs
 from .ialloc import InodeAllocator
 from .recovery import journal_is_empty
-from .super import STATE_VALID, seal_superblock, write_super
+from .super import STATE_VALID, seal_superblock, write_seconds, write_super
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -43,7 +42,7 @@ def mount(vol: Volume) -> None:
     f = sb.fields
     f["s_state"] = sb.s_state & ~STATE_VALID
     f["s_mnt_count"] = (sb.s_mnt_count + 1) & 0xFFFF
-    f["s_mtime"] = int(time.time()) & 0xFFFFFFFF
+    f["s_mtime"] = write_seconds() & 0xFFFFFFFF
     if f["s_max_mnt_count"] == 0:
         f["s_max_mnt_count"] = 20
     write_super(vol)
@@ -64,7 +63,7 @@ def sync(vol: Volume) -> None:
         f = vol.sb.fields
         f["s_free_blocks_count"] = sum(gd.free_blocks for gd in vol.groups)
         f["s_free_inodes_count"] = sum(gd.free_inodes for gd in vol.groups)
-        f["s_wtime"] = int(time.time()) & 0xFFFFFFFF
+        f["s_wtime"] = write_seconds() & 0xFFFFFFFF
         write_super(vol)
         write_backups(vol)
         vol.device.flush()

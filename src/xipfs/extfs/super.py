@@ -7,6 +7,7 @@ zero, allocate without bound or read outside the device.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
@@ -305,3 +306,17 @@ def set_feature(vol: Volume, field: str, bit: int) -> None:
         f["s_inode_size"] = L.GOOD_OLD_INODE_SIZE
     f[field] |= bit
     write_super(vol)
+
+
+#: Linux's CLOCK_REALTIME_COARSE (Python names it only from 3.13), where the kernel keeps time(2).
+_COARSE_CLOCK = getattr(time, "CLOCK_REALTIME_COARSE", 5)
+
+
+def write_seconds() -> int:
+    """Now in whole seconds as Linux stamps a superblock: from the coarse clock time(2) reads,
+    which the precise one runs up to a tick ahead of (stamped from that, e2fsck started just
+    after a second boundary finds the last write time in the future)."""
+    try:
+        return int(time.clock_gettime(_COARSE_CLOCK))
+    except OSError:                                   # not Linux
+        return int(time.time())

@@ -280,7 +280,7 @@ _ENTRY = struct.Struct(f"<QQ{_STAT.size}sdd")     # struct fuse_entry_param
 _STATVFS = struct.Struct("<11Q24x")
 _FH_OFFSET = 16                                   # fuse_file_info.fh
 _FI_BITS = 4                                      # the bit-field word after fuse_file_info.flags
-FI_DIRECT_IO, FI_KEEP_CACHE, FI_NOFLUSH = 1 << 1, 1 << 2, 1 << 7
+FI_WRITEPAGE, FI_DIRECT_IO, FI_KEEP_CACHE, FI_NOFLUSH = 1 << 0, 1 << 1, 1 << 2, 1 << 7
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _TIMESPEC = struct.Struct("<qq")
@@ -534,14 +534,21 @@ class Operations:
             return []
         return self.nodes.segments(node, offset, end)
 
-    def write(self, fh: int, data: Any, offset: int,
-              caller: Caller | None = None) -> tuple[int, bool]:
+    def write(self, fh: int, data: Any, offset: int, caller: Caller | None = None,
+              whole: bool = False) -> tuple[int, bool]:
         """Write ``data`` at ``offset``: ``(bytes written, whether set-id bits were dropped)``
-        (a write by a user, not root, drops them; the kernel's own write-back comes as root)."""
+        (a write by a user, not root, drops them; the kernel's own write-back comes as root).
+        ``whole`` (the kernel's write-back of cached pages, which ignores a short count): what
+        does not fit is an error, ENOSPC or EFBIG, so that fsync and close report it."""
         f = self.file(fh)
         if not f.writable():
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         n = f.pwrite(data, offset)
+        while whole and 0 < n < len(data):        # EFBIG at the size limit, 0 without space
+            more = f.pwrite(data[n:], offset + n)
+            if not more:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n += more
         if n == 0 and len(data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         killed = False
@@ -956,7 +963,8 @@ class _Session:
     def _write(self, req: int, ino: int, buf: int, size: int, offset: int, fi: int) -> None:
         view = memoryview((ctypes.c_char * size).from_address(buf)).cast("B")
         try:
-            n, killed = self.ops.write(self._fh(fi), view, offset, Caller(self.lib, req))
+            whole = bool(ctypes.c_uint32.from_address(fi + _FI_BITS).value & FI_WRITEPAGE)
+            n, killed = self.ops.write(self._fh(fi), view, offset, Caller(self.lib, req), whole)
         finally:
             view.release()
         if killed:                               # the kernel's copy of the mode is stale now

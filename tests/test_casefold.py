@@ -291,13 +291,14 @@ def test_checker_passes_casefolded_directories(htree_image):
     assert not problems
 
 
-def test_casefold_images_open_read_only(tmp_path, small_image):
+def test_casefold_images_open_read_write(tmp_path, small_image):
     img = str(tmp_path / "w.img")
     with open(small_image, "rb") as src, open(img, "wb") as dst:
         dst.write(src.read())
-    with pytest.raises(OSError) as exc:                # the whole image, for now
-        xipfs.open(img, "r+")
-    assert exc.value.errno == errno.EROFS and "casefold" in str(exc.value)
+    with xipfs.open(img, "r+") as fs:
+        fs.write_bytes("/ci/Written", b"x")
+    with xipfs.open(img) as fs:
+        assert fs.read_bytes("/ci/WRITTEN") == b"x" and "Written" in fs.listdir("/ci")
     assert_fsck_clean(img)
 
 
@@ -406,12 +407,7 @@ def test_checker_on_names_alike_once_folded(tmp_path, strict):
     assert found == [("bad_name", "bad\\xffname"), ("dup_entry", "STRASSE"), ("dup_entry", "foo")]
 
 
-# -- changes (the casefold feature is read-only in super.py until the lead enables it) -----------
-@pytest.fixture
-def writable_casefold(monkeypatch):
-    """Casefold images open read-write (the feature is not in ``INCOMPAT_WRITABLE`` yet)."""
-    monkeypatch.setattr(L, "INCOMPAT_WRITABLE", L.INCOMPAT_WRITABLE | L.INCOMPAT_CASEFOLD)
-
+# -- changes ----------------------------------------------------------------------------------------
 
 def _copy(src: str, dst: str) -> str:
     with open(src, "rb") as f, open(dst, "wb") as g:
@@ -419,7 +415,7 @@ def _copy(src: str, dst: str) -> str:
     return dst
 
 
-def test_changes_in_a_casefolded_directory(tmp_path, small_image, folder, writable_casefold):
+def test_changes_in_a_casefolded_directory(tmp_path, small_image, folder):
     """Names stored as given, found by any case; a case variant of a name there is EEXIST;
     unlink and rename act on the entry a lookup finds; a new subdirectory is casefolded too;
     enough names make an htree, hashed by the folded names (e2fsck -fn checks each hash)."""
@@ -459,7 +455,7 @@ def test_changes_in_a_casefolded_directory(tmp_path, small_image, folder, writab
         assert fs.read_bytes("/ci/grown_599_äöü") == b"z"
 
 
-def test_strict_encoding_refuses_names_that_are_not_utf8(tmp_path, writable_casefold):
+def test_strict_encoding_refuses_names_that_are_not_utf8(tmp_path):
     img = str(tmp_path / "strict-w.img")
     _casefold_image(img, [b"Ok"], strict=True)
     with xipfs.open(img, "r+") as fs:

@@ -355,11 +355,13 @@ XATTR_PREFIXES = {
 # -- ext4 writing (issue 15) -------------------------------------------------------------------
 #: The ext4 features xipfs writes as Linux does: extent trees, 64-bit descriptors, flex_bg,
 #: checksums everywhere, uninit groups, inline data (moved out when changed), values in inodes of
-#: their own. ``XIPFS_EXT4_WRITE=0`` in the environment opens every image with one of them
-#: read-only, as xipfs did before it wrote ext4.
+#: their own, casefolded directories (names hashed and matched as folded). ``XIPFS_EXT4_WRITE=0``
+#: in the environment opens every image with one of them read-only, as xipfs did before it
+#: wrote ext4.
 EXT4_WRITE_ENV = "XIPFS_EXT4_WRITE"
 EXT4_INCOMPAT_WRITABLE = (INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_CSUM_SEED
-                          | INCOMPAT_INLINE_DATA | INCOMPAT_EA_INODE | INCOMPAT_LARGEDIR)
+                          | INCOMPAT_INLINE_DATA | INCOMPAT_EA_INODE | INCOMPAT_LARGEDIR
+                          | INCOMPAT_CASEFOLD)
 EXT4_RO_COMPAT_WRITABLE = (RO_COMPAT_HUGE_FILE | RO_COMPAT_GDT_CSUM | RO_COMPAT_DIR_NLINK
                            | RO_COMPAT_EXTRA_ISIZE | RO_COMPAT_METADATA_CSUM)
 if os.environ.get(EXT4_WRITE_ENV) != "0":

@@ -387,8 +387,9 @@ class Layout:
     inodes: list[int]
 
 
-def find_layout(img: str, partition_offset: int = 0) -> Layout:
-    """Locate an undamaged image's structures with dumpe2fs and debugfs."""
+def find_layout(img: str, journal_blocks: int = 0) -> Layout:
+    """Locate an undamaged image's structures with dumpe2fs and debugfs (``journal_blocks``:
+    the journal's first blocks too, a target of their own, for an image that needs recovery)."""
     import re
 
     from e2fs import debugfs, dumpe2fs, parse_stat
@@ -434,6 +435,9 @@ def find_layout(img: str, partition_offset: int = 0) -> Layout:
                 ranges[target if i == 0 else "directory blocks"].append((b * bs, bs))
         elif kind == "journal" and node.blocks:
             ranges["journal superblock"].append((node.blocks[0] * bs, 1024))
+            if journal_blocks:                    # descriptors, revokes, commits, data
+                ranges["journal blocks"] = [(node.blocks[i] * bs, bs) for i in range(1, journal_blocks)
+                                            if i in node.blocks]
     size = os.path.getsize(img)
     ranges["anywhere"].append((0, min(size, 64 << 20)))
     return Layout(bs, size, {k: v for k, v in ranges.items() if v}, files, dirs, sorted(inos))
@@ -563,9 +567,12 @@ def run_cli_forked(argv: list[str], timeout: float) -> tuple[int | None, bytes]:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
             os.dup2(err.fileno(), 2)
-            # the command's own streams on these descriptors (pytest replaces sys.stdout/err)
-            sys.stdout = open(1, "w", closefd=False)      # noqa: SIM115
-            sys.stderr = open(2, "w", closefd=False)      # noqa: SIM115
+            # the command's own streams on these descriptors (pytest replaces sys.stdout/err),
+            # with the encodings and error handlers Python gives a process's own
+            sys.stdout = open(1, "w", encoding=sys.__stdout__.encoding,       # noqa: SIM115
+                              errors=sys.__stdout__.errors, closefd=False)
+            sys.stderr = open(2, "w", encoding=sys.__stderr__.encoding,       # noqa: SIM115
+                              errors=sys.__stderr__.errors, closefd=False)
             rc = main(["-q", *argv])
             sys.stdout.flush()
             sys.stderr.flush()

@@ -51,6 +51,8 @@ class Built:
     img: str
     #: the kernel's view of the image (read-only mount)
     kernel: dict[bytes, R.Entry]
+    #: the kernel's statvfs of the mount: (f_blocks, f_bfree, f_bavail, f_files, f_ffree, f_namemax)
+    statvfs: tuple[int, ...]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +72,15 @@ def built(workdir):
             img = os.path.join(workdir, f"{kind}.img")
             R.build(kind, img, light=LIGHT)
             with R.loop_mount(img, "ro", fstype=R.KINDS[kind][0]) as mnt:
-                cache[kind] = Built(img, R.kernel_view(mnt))
+                cache[kind] = Built(img, R.kernel_view(mnt), space(os.statvfs(mnt)))
         return cache[kind]
 
     return make
+
+
+def space(st: os.statvfs_result) -> tuple[int, ...]:
+    """The counts of a statvfs that are the image's (not the mount's flags)."""
+    return st.f_bsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree, st.f_namemax
 
 
 def assert_same(want: dict, got: dict, what: str) -> None:
@@ -98,6 +105,8 @@ def test_api_shows_what_the_kernel_shows(built, kind):
     for xip in (True, False):
         with xipfs.open(b.img, xip=xip) as fs:
             assert_same(b.kernel, R.xipfs_view(fs), f"{kind} xip={xip}")
+            # df as the kernel counts it (ext2 and ext3 too are served by the ext4 driver)
+            assert space(fs.statvfs("/")) == b.statvfs
     assert_check_agrees(b.img)
 
 

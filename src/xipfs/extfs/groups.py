@@ -231,18 +231,15 @@ def encode_desc(vol: Volume, g: int) -> bytes:
 
 
 def statfs_overhead(vol: Volume) -> tuple[int, int]:
-    """``(metadata blocks, blocks held back from users)`` as Linux's statfs counts them: ext2's
-    ``ext2_statfs`` (superblock copies, descriptors, bitmaps, inode tables), or, for an image
-    with extents (which only the ext4 driver mounts), ``ext4_calculate_overhead`` (also the
-    reserved GDT blocks and the journal, or ``s_overhead_clusters`` when mke2fs stored it) and
-    ``s_resv_clusters`` (2 % of the clusters, at most 4096)."""
+    """``(metadata blocks, blocks held back from users)`` as Linux's ext4 driver counts them in
+    statfs, which mounts ext2 and ext3 too (ext3's own driver is gone since 4.3, ext2's is
+    deprecated and most kernels serve ext2 with ext4): ``ext4_calculate_overhead`` (superblock
+    copies, descriptors, reserved GDT blocks, bitmaps, inode tables and the journal, or
+    ``s_overhead_clusters`` when mke2fs stored it) and, with extents only, the reserved clusters
+    (2 % of them, at most 4096)."""
     sb = vol.sb
     ratio = sb.cluster_ratio
-    if not vol.extents:
-        return sb.s_first_data_block + sum(
-            (1 + sb.desc_blocks if sb.group_has_super(g) else 0) + 2 + sb.itable_blocks
-            for g in range(sb.groups)), 0
-    reserve = min(sb.s_blocks_count // ratio // 50, 4096) * ratio
+    reserve = min(sb.s_blocks_count // ratio // 50, 4096) * ratio if vol.extents else 0
     if sb.s_overhead_clusters:
         return sb.s_overhead_clusters * ratio, reserve
     overhead = sb.s_first_data_block + sb.groups * (2 + sb.itable_blocks)

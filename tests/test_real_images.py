@@ -167,6 +167,38 @@ def test_command_shows_what_the_kernel_shows(built, kind, tmp_path):
     assert_same(want, plain(unpacked), f"{kind} unpacked")
 
 
+def _labelled(text: str) -> dict[str, str]:
+    """``Label:   value`` lines (dumpe2fs -h, xipfs info) as {label: value, spaces squeezed}."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith(" "):
+            out[key.strip()] = " ".join(value.split())
+    return out
+
+
+@needs_mount
+@pytest.mark.parametrize("kind", KINDS)
+def test_info_says_what_dumpe2fs_says(built, kind):
+    """Every line ``xipfs info`` shares with ``dumpe2fs -h`` has dumpe2fs's value (the journal's
+    fast-commit length included, which dumpe2fs sizes by the filesystem's feature)."""
+    b = built(kind)
+    want = _labelled(run(["dumpe2fs", "-h", b.img]).stdout.decode())
+    got = _labelled(xipfs_cmd("info", b.img).stdout.decode())
+    shared = set(want) & set(got)
+    assert {"Block count", "Inode count", "Filesystem features", "Free blocks"} <= shared
+    assert {k: got[k] for k in shared} == {k: want[k] for k in shared}
+
+
+def test_info_of_a_fast_commit_journal(workdir):
+    img = mkfs(os.path.join(workdir, "fc.img"), "32M", fstype="ext4", extra=("-O", "fast_commit"))
+    want = _labelled(run(["dumpe2fs", "-h", img]).stdout.decode())
+    got = _labelled(xipfs_cmd("info", img).stdout.decode())
+    for key in ("Total journal blocks", "Max transaction length", "Fast commit length"):
+        assert got[key] == want[key], key
+    assert want["Fast commit length"] != "0"
+
+
 # -- a journal that needs recovery ----------------------------------------------------------------
 @needs_mount
 @pytest.mark.parametrize("fstype", ["ext3", "ext4"])

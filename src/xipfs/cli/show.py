@@ -165,15 +165,16 @@ def journal_dict(fs: Any) -> dict[str, Any] | None:
         return d
     jsb, error = _journal_superblock(raw)
     d["error"] = error
+    fast_commit = vol.sb.has_compat(L.COMPAT_FAST_COMMIT)     # sizes the area, as dumpe2fs does
     if jsb is not None:
         d["superblock"] = {
             "version": jsb.version, "block_size": jsb.blocksize, "blocks": jsb.maxlen, "first": jsb.first,
             "sequence": jsb.sequence, "start": jsb.start, "errno": jsb.errno,
-            "features": jsb.feature_names(), "fast_commit_blocks": jsb.fc_blocks,
+            "features": jsb.feature_names(), "fast_commit_blocks": jsb.listed_fc_blocks(fast_commit),
             "users": jsb.nr_users, "checksum_type": jsb.checksum_type,
             "checksum": jsb.checksum if jsb.csum_v2or3 else None, "checksum_ok": jsb.checksum_ok,
             "needs_recovery": jsb.needs_recovery,
-            "lines": [list(row) for row in jsb.describe(vol.sb.block_size)],
+            "lines": [list(row) for row in jsb.describe(vol.sb.block_size, fast_commit)],
         }
     return d
 

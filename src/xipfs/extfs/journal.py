@@ -234,8 +234,21 @@ class JournalSuperblock(NamedTuple):
                 + _feature_names(self.feature_incompat, _INCOMPAT_NAMES, "I")
                 + _feature_names(self.feature_ro_compat, {}, "R"))
 
-    def describe(self, fs_block_size: int | None = None) -> list[tuple[str, str]]:
-        """The Journal section of ``dumpe2fs -h`` (e2p_list_journal_super, 1.47) as (label, value)."""
+    def listed_fc_blocks(self, fs_fast_commit: bool | None) -> int:
+        """The fast-commit length dumpe2fs lists: s_num_fc_blks (0: 256) when the filesystem has
+        fast_commit (None: when the journal has its bit), else 0."""
+        if fs_fast_commit is None:
+            return self.fc_blocks
+        return (self.num_fc_blks or DEFAULT_FC_BLOCKS) if fs_fast_commit else 0
+
+    def describe(self, fs_block_size: int | None = None,
+                 fs_fast_commit: bool | None = None) -> list[tuple[str, str]]:
+        """The Journal section of ``dumpe2fs -h`` (e2p_list_journal_super, 1.47) as (label, value).
+
+        ``fs_fast_commit``: the filesystem's fast_commit feature, which is what dumpe2fs sizes the
+        fast-commit area by (the journal's own bit is set only while Linux has it mounted);
+        None: the journal's bit."""
+        fc_blocks = self.listed_fc_blocks(fs_fast_commit)
         out: list[tuple[str, str]] = []
         names = self.feature_names()
         out.append(("Journal features", " ".join(names) if names else "(none)"))
@@ -244,8 +257,8 @@ class JournalSuperblock(NamedTuple):
         if fs_block_size is not None and fs_block_size != self.blocksize:
             out.append(("Journal block size", str(self.blocksize)))
         out.append(("Total journal blocks", str(self.maxlen)))
-        out.append(("Max transaction length", str(self.maxlen - self.fc_blocks)))
-        out.append(("Fast commit length", str(self.fc_blocks)))
+        out.append(("Max transaction length", str(self.maxlen - fc_blocks)))
+        out.append(("Fast commit length", str(fc_blocks)))
         if self.first != 1:
             out.append(("Journal first block", str(self.first)))
         out.append(("Journal sequence", f"0x{self.sequence:08x}"))

@@ -256,6 +256,7 @@ COMPAT_EXT_ATTR = 0x8
 COMPAT_RESIZE_INODE = 0x10
 COMPAT_DIR_INDEX = 0x20
 COMPAT_SPARSE_SUPER2 = 0x200
+COMPAT_FAST_COMMIT = 0x400
 #: Compatible features xipfs keeps right when it writes: dir_prealloc, imagic_inodes, ext_attr,
 #: resize_inode, dir_index, sparse_super2, stable_inodes, has_journal while the journal is empty
 #: (a pending one is replayed into the image first; xipfs itself does not journal), and

@@ -142,6 +142,13 @@ def test_command_shows_what_the_kernel_shows(built, kind, tmp_path):
             assert hashlib.sha256(out[:size]).hexdigest() == b.kernel[p].sha256, p
             out = out[size:]
         assert not out
+        # ls -la as GNU ls prints it: ACL "+", numeric owners to the right, device columns
+        env = {"TZ": "UTC"}
+        for d in ("special", "odd", "copied", "tarred/d1", "repo", "big-dir"):
+            want = run(["ls", "-la", os.path.join(mnt, d)], env=env).stdout
+            got = run([sys.executable, "-m", "xipfs", "ls", "-la", f"{b.img}:/{d}"], env=env).stdout
+            assert got.splitlines()[3:] == want.splitlines()[3:], d       # (past "total", ".", "..")
+            assert got.splitlines()[:2] == want.splitlines()[:2], d
         dest = str(tmp_path / "out")
         xipfs_cmd("unpack", b.img, dest)
         # (the files of 4 and 5 GiB are compared at windows below, not read whole by diff)

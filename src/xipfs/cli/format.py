@@ -287,21 +287,44 @@ def entry_dict(path: str, st: os.stat_result, target: str | None = None) -> dict
 
 
 def ls_long_lines(rows: list[tuple[os.stat_result, str]], human: bool = False,
-                  now: float | None = None) -> list[str]:
-    """``ls -l`` lines for ``(stat, shown name)`` pairs, columns aligned as GNU ls aligns them."""
+                  now: float | None = None, acl: list[bool] | None = None) -> list[str]:
+    """``ls -l`` lines for ``(stat, shown name)`` pairs, columns aligned as GNU ls aligns them:
+    owners by name to the left and by number to the right, a device's major and minor numbers
+    in columns of their own, and a ``+`` after the mode of a file with an ACL (``acl``, one flag a
+    row; every mode is then 11 wide)."""
     cells = []
-    for st, shown in rows:
-        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            size = f"{os.major(st.st_rdev)}, {os.minor(st.st_rdev)}"
-        else:
-            size = human_size(st.st_size) if human else str(st.st_size)
-        cells.append((stat.filemode(st.st_mode), str(st.st_nlink), user_name(st.st_uid),
-                      group_name(st.st_gid), size, ls_time(st.st_mtime_ns, now), shown))
+    devices = [(str(os.major(st.st_rdev)), str(os.minor(st.st_rdev))) for st, _ in rows
+               if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)]
+    major_w = max((len(a) for a, _ in devices), default=0)
+    minor_w = max((len(b) for _, b in devices), default=0)
+    plus = acl is not None and any(acl)
+    for i, (st, shown) in enumerate(rows):
+        mode = stat.filemode(st.st_mode) + (("+" if acl and acl[i] else " ") if plus else "")
+        size = None if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else (
+            human_size(st.st_size) if human else str(st.st_size))
+        cells.append((mode, str(st.st_nlink), _owner(user_name(st.st_uid), st.st_uid),
+                      _owner(group_name(st.st_gid), st.st_gid), size, st.st_rdev,
+                      ls_time(st.st_mtime_ns, now), shown))
     if not cells:
         return []
-    w = [max(len(c[i]) for c in cells) for i in range(5)]
-    return [f"{m} {n:>{w[1]}} {u:<{w[2]}} {g:<{w[3]}} {s:>{w[4]}} {t} {name}"
-            for m, n, u, g, s, t, name in cells]
+    link_w = max(len(c[1]) for c in cells)
+    user_w = max(len(c[2][0]) for c in cells)
+    group_w = max(len(c[3][0]) for c in cells)
+    size_w = max([len(c[4]) for c in cells if c[4] is not None]
+                 + ([major_w + 2 + minor_w] if devices else []))
+    lines = []
+    for m, n, (u, u_num), (g, g_num), size, rdev, t, name in cells:
+        if size is None:                          # GNU ls: "%*s, %*s" in the size column
+            pad = major_w + max(0, size_w - (major_w + 2 + minor_w))
+            size = f"{os.major(rdev):>{pad}}, {os.minor(rdev):>{minor_w}}"
+        lines.append(f"{m} {n:>{link_w}} {u:>{user_w}}" if u_num else f"{m} {n:>{link_w}} {u:<{user_w}}")
+        lines[-1] += (f" {g:>{group_w}}" if g_num else f" {g:<{group_w}}") + f" {size:>{size_w}} {t} {name}"
+    return lines
+
+
+def _owner(name: str, number: int) -> tuple[str, bool]:
+    """An owner's text and whether it is the bare number (no name here), which GNU ls aligns right."""
+    return name, name == str(number)
 
 
 def columns(names: list[str], width: int) -> list[str]:

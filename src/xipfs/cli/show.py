@@ -405,6 +405,18 @@ def _follow_if_dir(tree: Tree, path: str, st: os.stat_result) -> os.stat_result:
     return st
 
 
+_ACL_NAMES = frozenset(("system.posix_acl_access", "system.posix_acl_default"))
+
+
+def _has_acl(tree: Tree, path: str) -> bool:
+    """Whether ``path`` has a POSIX ACL (GNU ls marks its mode with ``+``); an unreadable
+    attribute list counts as none, the entry is still listed."""
+    try:
+        return not _ACL_NAMES.isdisjoint(tree.ops.listxattr(path, follow_symlinks=False))
+    except (OSError, ValueError):
+        return False
+
+
 def _target(tree: Tree, path: str, st: os.stat_result) -> str | None:
     if not stat.S_ISLNK(st.st_mode):
         return None
@@ -464,11 +476,12 @@ class Lister:
             if directory:
                 total = sum(st.st_blocks for _, _, st, _ in items if st is not None) // 2
                 emit(f"total {F.human_size(total * 1024) if self.args.human else total}")
-            rows = []
+            rows, acl = [], []
             for name, full, st, tree in items:
                 target = _target(tree, full, st)
                 rows.append((st, name + (f" -> {target}" if target is not None else "")))
-            for line in F.ls_long_lines(rows, self.args.human, self.now):
+                acl.append(_has_acl(tree, full))
+            for line in F.ls_long_lines(rows, self.args.human, self.now, acl):
                 emit(line)
         elif self.wide:
             for line in F.columns([name for name, _, _, _ in items], terminal_width()):

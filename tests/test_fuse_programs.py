@@ -296,6 +296,7 @@ size={size}
 verify=crc32c
 do_verify=1
 verify_fatal=1
+verify_state_save=0
 ioengine=psync
 direct={direct}
 numjobs=2
@@ -334,7 +335,7 @@ def test_fio_verify(shm: str, kind: str, direct: int) -> None:
     with open(job, "w") as f:          # FALLOC_FL_KEEP_SIZE is EOPNOTSUPP on ext2, as on Linux
         f.write(FIO_JOBS.format(mp=mp, size="8m", direct=direct, keep="keep" if kind == "ext4" else "none"))
     with mounted(img, mp):
-        out = tool(["fio", "--output-format=terse", "--terse-version=3", job], timeout=180)
+        out = tool(["fio", "--output-format=terse", "--terse-version=3", job], cwd=shm, timeout=180)
         rows = [line.split(";") for line in out.splitlines() if line.startswith("3;")]
         assert len(rows) == 10 and all(r[4] == "0" for r in rows), out
     assert_clean(img, tree_notes=True)
@@ -362,7 +363,7 @@ def test_stress_ng(shm: str, kind: str) -> None:
         proc = subprocess.run(["timeout", "120", "stress-ng", *chosen, "--temp-path", f"{mp}/tmp",
                                "--timeout", "3", "--verify", "--hdd-bytes", "16m",
                                "--iomix-bytes", "16m", "--seek-size", "16m", "--fallocate-bytes", "16m"],
-                              capture_output=True)
+                              cwd=shm, capture_output=True)
         out = (proc.stdout + proc.stderr).decode(errors="replace")
         assert proc.returncode in (0, 4) and not re.search(r"\] (fail|error):", out), out
         assert os.listdir(f"{mp}/tmp") == []
@@ -382,7 +383,7 @@ def test_dbench(shm: str, kind: str) -> None:
     img = make_image(shm, kind, "256M")
     mp = os.path.join(shm, "mnt")
     with mounted(img, mp):
-        out = tool(["dbench", "-c", loadfile, "-D", mp, "-t", "3", "4"], timeout=120)
+        out = tool(["dbench", "-c", loadfile, "-D", mp, "-t", "3", "4"], cwd=shm, timeout=120)
         assert re.search(r"Throughput [\d.]+ MB/sec", out), out
         assert "ERROR" not in out and "failed" not in out, out
     assert_clean(img)

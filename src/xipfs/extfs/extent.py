@@ -788,10 +788,14 @@ class ExtentMap:
             new[lo:hi] = _merged(new[lo:hi])
             if len(new) <= leaf.emax:
                 if path and new[0].lblk != ents[0].lblk:      # the leaf's first block changes
-                    return self._copy_front(path, leaf, new)
-                leaf.ents = new
-                self._store(leaf)
-                return True
+                    done = self._copy_front(path, leaf, new)
+                else:
+                    leaf.ents = new
+                    self._store(leaf)
+                    done = True
+                if done:
+                    self._merge_up()
+                return done
             at = len(path) - 1                           # the lowest index node with room
             while at >= 0 and len(path[at][0].ents) >= path[at][0].emax:
                 at -= 1
@@ -805,6 +809,21 @@ class ExtentMap:
                 return self._split(path, at, leaf, n, list(pieces), near)
             if not self._split(path, at, leaf, pos + 1 if pos < n // 2 else max(pos, 1), [], near):
                 return False
+
+    def _merge_up(self) -> None:
+        """A root indexing one leaf that fits in the inode takes its extents back and the leaf
+        is freed (Linux ``ext4_ext_try_to_merge_up``, after every insertion and conversion):
+        the inode is written before the block is freed."""
+        root = self._tree()
+        kids = root.kids
+        if root.depth != 1 or kids is None or len(kids) != 1 or len(kids[0].ents) > ROOT_MAX_ENTRIES:
+            return
+        leaf = kids[0]
+        root.ents, root.kids, root.depth, root.emax = leaf.ents, None, 0, ROOT_MAX_ENTRIES
+        self.inode.blocks -= self.bs // 512
+        self.inode.i_block = self._encode(root)
+        self._store_inode()
+        self.volume.balloc.free(leaf.blk, 1)
 
     def _before_store(self) -> None:
         """Store the inode with a size covering the blocks being linked, once, before a tree

@@ -142,7 +142,7 @@ def _sparse_chunks(simg: str) -> list[int]:
     return offsets
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", SEEDS[:2] if "XIPFS_HOSTILE_ROUNDS" not in os.environ else SEEDS)
 def test_damaged_containers(base, workdir, seed):
     """Android sparse images with damaged headers, disks with damaged partition tables (the
     MBR, the extended partition's EBR, the GPT header and entries), images cut short."""

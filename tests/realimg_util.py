@@ -115,7 +115,8 @@ def populate(mnt: str, *, light: bool = False, seed: int = 1) -> None:
         sh(["cp", "-a", src + "/.", os.path.join(mnt, "copied")])
     finally:
         shutil.rmtree(src, ignore_errors=True)
-    _git_repo(os.path.join(mnt, "repo"))
+    if shutil.which("git"):
+        _git_repo(os.path.join(mnt, "repo"))
     if not light:
         sh([PY, "-m", "venv", "--without-pip", os.path.join(mnt, "venv")])
     _special_files(mnt)

@@ -142,6 +142,8 @@ def _sparse_chunks(simg: str) -> list[int]:
     return offsets
 
 
+@pytest.mark.skipif(shutil.which("img2simg") is None or shutil.which("sfdisk") is None,
+                    reason="img2simg (android-sdk-libsparse-utils) or sfdisk is not installed")
 @pytest.mark.parametrize("seed", SEEDS[:2] if "XIPFS_HOSTILE_ROUNDS" not in os.environ else SEEDS)
 def test_damaged_containers(base, workdir, seed):
     """Android sparse images with damaged headers, disks with damaged partition tables (the

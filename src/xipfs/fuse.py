@@ -290,14 +290,16 @@ _BUFVEC_HEAD = struct.Struct("<QQQ")              # count idx off
 
 # -- the operations, by inode --------------------------------------------------------------------
 class _Listing:
-    """An open directory, its entries as they were at opendir (so offsets stay valid); also the
-    handle of a FIFO or device node the kernel opens only to ask for its flags (no entries)."""
+    """An open directory, its entries as they were at opendir (so offsets stay valid), and how
+    many names had been removed from it then; also the handle of a FIFO or device node the
+    kernel opens only to ask for its flags (no entries)."""
 
-    __slots__ = ("node", "entries")
+    __slots__ = ("node", "entries", "removals")
 
-    def __init__(self, node: Inode, entries: list[tuple[bytes, int, int]]) -> None:
+    def __init__(self, node: Inode, entries: list[tuple[bytes, int, int]], removals: int = 0) -> None:
         self.node = node
         self.entries = entries
+        self.removals = removals
 
 
 class Operations:
@@ -333,6 +335,11 @@ class Operations:
         self.splice = self.image_fd >= 0 and read_path == "splice"
         #: The kernel's writeback cache is on: it applies O_APPEND and writes at offsets.
         self.kernel_appends = False
+        #: Handles opened with O_APPEND while the server applies it (no writeback cache): their
+        #: write() requests go to EOF, the kernel's write-back of their mapped pages does not.
+        self.appending: set[int] = set()
+        #: directory inode -> names removed or replaced in it so far (unlink, rmdir, rename)
+        self.removals: dict[int, int] = {}
 
     # -- inodes and the kernel's references ------------------------------------------------------
     def node(self, ino: int) -> Inode:
@@ -406,18 +413,28 @@ class Operations:
 
     def unlink(self, parent: int, name: bytes) -> None:
         with self.lock:
-            self.nodes.unlink(self.node(parent), name)
+            d = self.node(parent)
+            self.nodes.unlink(d, name)
+            self._removed_from(d)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         with self.lock:
-            self.nodes.rmdir(self.node(parent), name)
+            d = self.node(parent)
+            self.nodes.rmdir(d, name)
+            self._removed_from(d)
+
+    def _removed_from(self, *dirs: Inode) -> None:
+        """Count a name gone from (or replaced in) each of ``dirs``: see :meth:`entry_node`."""
+        for d in dirs:
+            self.removals[d.ino] = self.removals.get(d.ino, 0) + 1
 
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
         if flags & ~RENAME_NOREPLACE:            # as Linux's ext2: no RENAME_EXCHANGE, no whiteouts
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         with self.lock:
-            self.nodes.rename(self.node(parent), name, self.node(new_parent), new_name,
-                              bool(flags & RENAME_NOREPLACE))
+            d, new_d = self.node(parent), self.node(new_parent)
+            self.nodes.rename(d, name, new_d, new_name, bool(flags & RENAME_NOREPLACE))
+            self._removed_from(d, new_d)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
         with self.lock:
@@ -498,7 +515,7 @@ class Operations:
             node = self.node(ino)
             if not node.is_reg and not node.is_dir and (flags & os.O_ACCMODE) == os.O_RDONLY:
                 return self._add(_Listing(node, []))      # lsattr of a FIFO or device node
-            fh = self._add(self.nodes.open(node, flags, self.kernel_appends))
+            fh = self._open_file(node, flags)
             if flags & os.O_TRUNC and _drops_setid(node, caller):
                 assert caller is not None
                 self.nodes.drop_setid(node, caller.in_group(node.gid))
@@ -509,11 +526,18 @@ class Operations:
         with self.lock:
             node = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
             try:
-                return node, self._add(self.nodes.open(node, (flags & ~os.O_TRUNC) | os.O_RDWR,
-                                                       self.kernel_appends))
+                return node, self._open_file(node, (flags & ~os.O_TRUNC) | os.O_RDWR)
             except BaseException:
                 self.forget(node.ino, 1)
                 raise
+
+    def _open_file(self, node: Inode, flags: int) -> int:
+        """A handle on regular file ``node`` that writes where it is told; an O_APPEND one is
+        remembered in :attr:`appending` when the kernel does not apply O_APPEND itself."""
+        fh = self._add(self.nodes.open(node, flags, positioned=True))
+        if flags & os.O_APPEND and not self.kernel_appends:
+            self.appending.add(fh)
+        return fh
 
     def file(self, fh: int) -> XipFile:
         f = self.handles.get(fh)
@@ -543,7 +567,11 @@ class Operations:
         f = self.file(fh)
         if not f.writable():
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        n = f.pwrite(data, offset)
+        if fh in self.appending and not whole:   # O_APPEND: at EOF, found and written in one step
+            with self.lock:
+                n = f.pwrite(data, f.node.size)
+        else:
+            n = f.pwrite(data, offset)
         while whole and 0 < n < len(data):        # EFBIG at the size limit, 0 without space
             more = f.pwrite(data[n:], offset + n)
             if not more:
@@ -571,6 +599,7 @@ class Operations:
         self.nodes.sync()
 
     def release(self, fh: int) -> None:
+        self.appending.discard(fh)
         h = self.handles.pop(fh, None)
         if h is not None and not isinstance(h, _Listing):
             with self.lock:
@@ -579,7 +608,7 @@ class Operations:
     def opendir(self, ino: int) -> int:
         node = self.node(ino)
         with self.lock:
-            return self._add(_Listing(node, self.nodes.entries(node)))
+            return self._add(_Listing(node, self.nodes.entries(node), self.removals.get(node.ino, 0)))
 
     def readdir(self, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
         """The entries of directory handle ``fh`` from position ``offset`` (the next one's
@@ -589,10 +618,24 @@ class Operations:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         return h.entries[offset:]
 
+    def entry_node(self, fh: int, ino: int) -> Inode | None:
+        """The inode to give the kernel with entry ``ino`` of listing ``fh`` (readdirplus), or
+        None, when the kernel is to look the name up itself: the inode is free, or a name was
+        removed from the directory since opendir, so the number may be another file's by now
+        (the kernel would take that file for this name, as a hard link). Under :attr:`lock`."""
+        h = self.handles.get(fh)
+        if not isinstance(h, _Listing) or h.removals != self.removals.get(h.node.ino, 0):
+            return None
+        try:
+            return self.nodes.stored(ino)
+        except OSError:
+            return None
+
     def close_all(self) -> None:
         """Close every handle and drop every reference (files unlinked while open are freed)."""
         handles = list(self.handles.values())
         self.handles.clear()
+        self.appending.clear()
         for h in handles:
             if not isinstance(h, _Listing):
                 with contextlib.suppress(Exception):
@@ -1002,8 +1045,19 @@ class _Session:
 
     def _list(self, req: int, size: int, offset: int, fi: int, plus: bool) -> None:
         ops = self.ops
-        entries = ops.readdir(self._fh(fi), offset)
+        fh = self._fh(fi)
+        entries = ops.readdir(fh, offset)
         buf = ctypes.create_string_buffer(size)
+        with ops.lock if plus else contextlib.nullcontext():     # no name goes while listing
+            pos = self._fill(req, buf, entries, offset, plus, fh)
+        self.lib.fuse_reply_buf(req, buf, pos)
+
+    def _fill(self, req: int, buf: Any, entries: list[tuple[bytes, int, int]], offset: int,
+              plus: bool, fh: int) -> int:
+        """Pack ``entries`` (from position ``offset``) into ``buf`` while they fit; the bytes
+        used. With ``plus``, each current entry carries its attributes and counts as a lookup."""
+        ops = self.ops
+        size = len(buf)
         base = ctypes.addressof(buf)
         pos = 0
         lib = self.lib
@@ -1012,14 +1066,9 @@ class _Session:
         stat_only = self._stat_buf()
         pack_entry, pack_stat = _ENTRY.pack_into, _STAT.pack_into
         timeout = self._timeout
-        stored = ops.nodes.stored
+        entry_node = ops.entry_node
         for i, (name, ino, fmt) in enumerate(entries, offset + 1):
-            node = None
-            if plus and name not in (b".", b".."):
-                try:
-                    node = stored(ino)
-                except OSError:
-                    node = None
+            node = entry_node(fh, ino) if plus and name not in (b".", b"..") else None
             if node is not None:
                 pack_entry(record, 0, ino, node.generation, self._attr_bytes(node), timeout, timeout)
                 arg: Any = record
@@ -1037,7 +1086,7 @@ class _Session:
             pos += n
             if node is not None:
                 ops._given(node)
-        lib.fuse_reply_buf(req, buf, pos)
+        return pos
 
     # -- the rest -------------------------------------------------------------------------------
     def _statfs(self, req: int, ino: int) -> None:

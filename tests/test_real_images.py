@@ -17,6 +17,7 @@ default a few run, light (no venv, a smaller directory), to keep CI fast.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -373,3 +374,37 @@ def test_64k_blocks_image_made_by_mke2fs(workdir):
                 for p, e in view.items() if p != b"/" and not p.startswith((b"/lost+found", b"/odd/time"))}
     assert_same(plain(tree), plain(got), "64 KiB blocks")
     assert_check_agrees(img)
+
+
+def test_xattr_block_with_a_bad_checksum_is_refused_as_linux_refuses_it(workdir):
+    """A byte changed in an xattr block's value area: the entries still parse, but the block's
+    checksum no longer matches. Linux's listxattr gives EBADMSG, e2fsck -fn reports it; xipfs
+    listed the attributes (found by comparing xipfs check with e2fsck on damaged images)."""
+    img = mkfs(os.path.join(workdir, "xattr-csum.img"), "16M", bs=1024, fstype="ext4")
+    src = os.path.join(workdir, "xattr-csum-file")
+    with open(src, "w") as f:
+        f.write("hi\n")
+    run(["debugfs", "-w", "-R", f"write {src} f", img])
+    for name in ("user.a", "user.b"):
+        run(["debugfs", "-w", "-R", f"ea_set f {name} {name[-1] * 300}", img])
+    blk = int(run(["debugfs", "-R", "stat f", img]).stdout.decode().split("File ACL: ")[1].split()[0])
+    assert blk
+    with xipfs.open(img) as fs:
+        assert fs.getxattr("/f", "user.b") == b"b" * 300
+    with open(img, "r+b") as f:
+        f.seek(blk * 1024 + 1024 - 20)                 # inside a value: still well-formed
+        f.write(b"z")
+    assert "checksum does not match" in fsck(img)[1]
+    with xipfs.open(img) as fs:
+        with pytest.raises(xipfs.CorruptImageError, match="xattr block checksum"):
+            fs.listxattr("/f")
+        with pytest.raises(xipfs.CorruptImageError, match="xattr block checksum"):
+            fs.getxattr("/f", "user.a")
+        assert fs.read_bytes("/f") == b"hi\n"           # the file itself still reads
+    with xipfs.open(img, verify=False) as fs:          # unless told not to verify
+        assert sorted(fs.listxattr("/f")) == ["user.a", "user.b"]
+    if _MOUNT_SKIP is None:
+        with R.loop_mount(img, "ro") as mnt:
+            with pytest.raises(OSError) as err:
+                os.listxattr(os.path.join(mnt, "f"))
+            assert err.value.errno == errno.EBADMSG

@@ -432,7 +432,7 @@ def _ibody_entries(vol: Volume, node: Inode) -> list[_Entry]:
 
 def _block_entries(vol: Volume, blk: int) -> list[_Entry]:
     """The entries of xattr block ``blk``."""
-    block = vol.device.view(blk * vol.bs, vol.bs)
+    block = verified_block(vol, blk)
     where = f"xattr block {blk}"
     magic, _refcount, nblocks, _hash, _csum = _HEADER.unpack_from(block, 0)
     if magic not in (L.XATTR_MAGIC, L.XATTR_MAGIC_V1) or nblocks != 1:
@@ -695,13 +695,30 @@ def _store(vol: Volume, node: Inode, old_ibody: list[_Entry], old_block: list[_E
 _CSUM_AT = L.XATTR_HEADER.offsets["h_checksum"]
 
 
+def _block_checksum(vol: Volume, blk: int, block: bytes | memoryview) -> int:
+    """crc32c of the block number and the block, its checksum field as zero (metadata_csum)."""
+    return crc32c_raw(vol.sb.csum_seed, blk.to_bytes(8, "little") + bytes(block[:_CSUM_AT]) + b"\0\0\0\0"
+                      + bytes(block[_CSUM_AT + 4:]))
+
+
+def verified_block(vol: Volume, blk: int, ino: int = 0) -> memoryview | bytes:
+    """xattr block ``blk``, its checksum verified (metadata_csum), as Linux verifies it before
+    it lists or changes one (ext4_xattr_block_csum_verify: EFSBADCRC)."""
+    block = vol.device.view(blk * vol.bs, vol.bs)
+    if vol.verify and vol.sb.metadata_csum:
+        stored = int.from_bytes(block[_CSUM_AT:_CSUM_AT + 4], "little")
+        if stored != _block_checksum(vol, blk, block):
+            raise CorruptImageError("xattr block checksum does not match",
+                                    f"xattr block {blk}" + (f" of inode {ino}" if ino else ""))
+    return block
+
+
 def seal_block(vol: Volume, blk: int, block: bytes) -> bytes:
     """xattr block ``block``, to be stored at block ``blk``, with its checksum (metadata_csum:
     crc32c of the block number and the block, the checksum field as zero)."""
     if not vol.sb.metadata_csum:
         return block
-    crc = crc32c_raw(vol.sb.csum_seed, blk.to_bytes(8, "little") + block[:_CSUM_AT] + b"\0\0\0\0"
-                     + block[_CSUM_AT + 4:])
+    crc = _block_checksum(vol, blk, block)
     return block[:_CSUM_AT] + crc.to_bytes(4, "little") + block[_CSUM_AT + 4:]
 
 
@@ -782,7 +799,7 @@ def _read_xattrs(vol: Volume, node: Inode) -> list[tuple[str, bytes]]:
     blk = node.file_acl
     if blk:
         vol.check_data_run(blk, 1, node.ino, "xattr block")
-        out.extend(block_xattrs(vol.device.view(blk * vol.bs, vol.bs), vol.bs, blk, ea_value))
+        out.extend(block_xattrs(verified_block(vol, blk, node.ino), vol.bs, blk, ea_value))
     # "system." names other than the ACLs (inline data's system.data, richacl) have no handler
     # in Linux: never listed, never got (EOPNOTSUPP), so never shown here either
     if any(k.startswith("system.") and not k.startswith(_ACL_PREFIX) for k, _ in out):

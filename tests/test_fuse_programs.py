@@ -345,10 +345,13 @@ def test_fio_verify(shm: str, kind: str, direct: int) -> None:
 
 
 # -- stress-ng ------------------------------------------------------------------------------------
+#: Not --io: its syncfs() reports the errors the kernel's FUSE client keeps for the superblock
+#: when another stressor's children are killed mid-write (EINTR, EIO; the server answered
+#: nothing of the kind), and --fsize's EFBIG, which Linux gives at write() instead.
 STRESSORS = ["hdd", "dir", "dirdeep", "rename", "link", "symlink", "xattr", "fallocate", "seek",
              "lockf", "filename", "dentry", "open", "chmod", "utime", "fstat", "getdent",
              "copy-file", "sync-file", "inode-flags", "file-ioctl", "readahead", "fsize", "mmap",
-             "io", "chown", "access", "touch", "mknod", "flock", "lockofd", "fpunch", "iomix"]
+             "chown", "access", "touch", "mknod", "flock", "lockofd", "fpunch", "iomix"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -39,6 +39,14 @@ KINDS: dict[str, tuple[str, int, str, tuple[str, ...]]] = {
     "ext3-1k": ("ext3", 1024, "96M", ()),
     "ext2": ("ext2", 4096, "64M", ()),
     "ext2-i128": ("ext2", 1024, "96M", ("-I", "128")),
+    # older and odder layouts mke2fs still makes
+    "ext2-rev0": ("ext2", 1024, "96M", ("-r", "0")),
+    "ext2-nofiletype": ("ext2", 4096, "64M", ("-O", "^filetype,^dir_index")),
+    "ext4-nojournal-sparse_super2": ("ext4", 4096, "64M", ("-O", "^has_journal,sparse_super2",
+                                                           "-E", "num_backup_sb=1")),
+    "ext4-small-groups": ("ext4", 1024, "96M", ("-g", "1024", "-N", "6000")),
+    "ext4-no-flex-no-sparse": ("ext4", 4096, "64M", ("-O", "^flex_bg,^sparse_super,^resize_inode")),
+    "ext4-csum_seed-128": ("ext4", 4096, "64M", ("-O", "metadata_csum_seed", "-I", "128")),
 }
 
 PY = sys.executable

@@ -325,7 +325,7 @@ fallocate={keep}
 """
 
 
-@pytest.mark.parametrize(("kind", "direct"), [("ext2", 0), ("ext4", 0), ("ext4", 1)])
+@pytest.mark.parametrize(("kind", "direct"), [("ext2", 0), ("ext2", 1), ("ext4", 0), ("ext4", 1)])
 def test_fio_verify(shm: str, kind: str, direct: int) -> None:
     """fio's jobs (random and sequential writes of 4 KiB to 1 MiB, fallocated, posix_fallocated
     and ftruncated files, two of each at once, through the page cache and O_DIRECT) verify

@@ -125,8 +125,8 @@ def populate(mnt: str, *, light: bool = False, seed: int = 1) -> None:
         shutil.rmtree(src, ignore_errors=True)
     if shutil.which("git"):
         _git_repo(os.path.join(mnt, "repo"))
-    if not light:
-        sh([PY, "-m", "venv", "--without-pip", os.path.join(mnt, "venv")])
+    if not light:                                 # with pip and setuptools (ensurepip, offline)
+        sh([PY, "-m", "venv", os.path.join(mnt, "venv")])
     _special_files(mnt)
     _odd_files(mnt)
     _many_names(os.path.join(mnt, "big-dir"), 400 if light else 2500)

@@ -43,11 +43,17 @@ How it is served:
 
 Round trips are what a FUSE mount pays for, so the server asks the kernel for fewer of them:
 ``readdirplus`` (a listing carries every entry's attributes, so ``rm -rf`` needs no LOOKUP per
-name), ``writeback_cache`` (writes gather in the kernel's page cache and come in requests of up
-to 1 MiB at close or sync), no FLUSH on close, O_TRUNC inside OPEN, and set-id bits taken off by
-the server on write, truncate and chown (FUSE_HANDLE_KILLPRIV_V2), so that the kernel does not
-ask for ``security.capability`` before every ``write()``. libfuse 3.14 cannot ask for that
-last one; the server adds it to libfuse's answer to the kernel's INIT.
+name; not once a name has left the directory since it was opened, as the listing is a snapshot
+whose numbers may be other files' by then), ``writeback_cache`` (writes gather in the kernel's
+page cache and come in requests of up to 1 MiB at close or sync), no FLUSH on close, O_TRUNC
+inside OPEN, and set-id bits taken off by the server on write, truncate and chown
+(FUSE_HANDLE_KILLPRIV_V2), so that the kernel does not ask for ``security.capability`` before
+every ``write()``. libfuse 3.14 cannot ask for that last one; the server adds it to libfuse's
+answer to the kernel's INIT.
+
+The kernel's write-back ignores a short count, so a write-back request that does not fit
+whole (no space left, past the largest file size) is answered ENOSPC or EFBIG, which fsync and
+close then report; and it is written where it says, even through an O_APPEND handle.
 
 Caching: nothing but this process changes the image while it is mounted (a read-write mount
 holds the image's writer lock; a read-only one a *shared* lock, so no xipfs writer can change

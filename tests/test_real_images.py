@@ -437,7 +437,7 @@ def test_cp_out_of_and_into_an_image_keeps_holes(built, tmp_path):
     shutil.copyfile(b.img, img)
     local = out / "local-sparse"
     with open(local, "wb") as f:
-        f.truncate(100 << 20)
+        f.seek(100 << 20)
         f.write(b"tail")
     xipfs_cmd("cp", str(local), f"{img}:/local-sparse")
     with xipfs.open(img) as fs:

@@ -6,9 +6,11 @@ past 4 GiB, fallocate's unwritten extents, times before 1970 and after 2038): se
 ``realimg_util.populate``. Every name, type, mode, owner, size, time (nanoseconds), link
 target, xattr, hard link, device number and file's bytes that xipfs shows, through the API and
 through the command (``ls -laR --json``, ``cat``, ``unpack``), must be what the kernel shows
-through a read-only mount of the same image; ``xipfs check`` must agree with ``e2fsck -fn``.
-Besides the plain kinds: a journal that needs recovery (the image copied while mounted),
-shared_blocks, quota, an Android sparse image, MBR and GPT whole disks, 64 KiB blocks.
+through a read-only mount of the same image; so must ``statvfs``. ``ls -la`` and ``stat``
+print what GNU ls and stat print, ``info`` what ``dumpe2fs -h`` prints, and ``xipfs check``
+agrees with ``e2fsck -fn``. Besides the plain kinds: a journal that needs recovery (the image
+copied while mounted), shared_blocks, quota, an Android sparse image, MBR and GPT whole disks,
+64 KiB blocks, an xattr block whose checksum fails, ``cp`` of sparse files.
 
 ``XIPFS_REAL_KINDS=all`` (or a comma list of ``realimg_util.KINDS``) runs every kind; by
 default a few run, light (no venv, a smaller directory), to keep CI fast.
@@ -52,7 +54,7 @@ class Built:
     img: str
     #: the kernel's view of the image (read-only mount)
     kernel: dict[bytes, R.Entry]
-    #: the kernel's statvfs of the mount: (f_blocks, f_bfree, f_bavail, f_files, f_ffree, f_namemax)
+    #: the kernel's statvfs of the mount (see ``space``)
     statvfs: tuple[int, ...]
 
 

@@ -14,8 +14,12 @@ MBR/GPT disks with damaged partition tables, and images cut short.
 
 A few rounds run by default; ``XIPFS_HOSTILE_ROUNDS=N`` runs N per kind (the seeds are
 ``range(N)``: a failure names its seed, and the round repeats with
-``XIPFS_HOSTILE_SEED=S``). Campaigns of thousands of rounds are run by hand (see the notes of
-the change that added this file).
+``XIPFS_HOSTILE_SEED=S``). By hand, with the same damage and runner: about 3,000 rounds of
+the reading commands over 14 image kinds (ext2/3/4, 1-4 KiB blocks, inline, ea_inode, bigalloc,
+meta_bg, fast_commit, without checksums; on tmpfs and on disk), 1,000 on the log blocks of
+journals that need recovery, 150 on containers, 120 of the writing commands, and the same
+damage through the API (1,360) and a FUSE mount (190): one finding, an xattr name with a NUL
+byte (ValueError in unpack; now a corrupt entry, test below).
 """
 
 from __future__ import annotations

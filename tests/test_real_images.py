@@ -163,7 +163,7 @@ def test_command_shows_what_the_kernel_shows(built, kind, tmp_path):
         # "-" where stat(1) shows i_crtime; /tmp/helper-realimg-stat-birth.patch, for the lead,
         # as tests/test_cli.py asserts the "-")
         paths = ["special/blk", "special/fifo", "special/xattrs", "copied/link-long", "odd/time0",
-                 "odd/sparse-5g", "big-dir"]
+                 "odd/sparse-5g", "big-dir", "copied/hello.py"]           # (its owners have no names)
         want = run(["stat", *(os.path.join(mnt, p) for p in paths)],
                    env=env).stdout.decode().split("  File: ")[1:]
         got = run([sys.executable, "-m", "xipfs", "stat", *(f"{b.img}:/{p}" for p in paths)],
@@ -171,6 +171,12 @@ def test_command_shows_what_the_kernel_shows(built, kind, tmp_path):
         for p, w, g in zip(paths, want, got, strict=True):
             w, g = w.splitlines(), g.splitlines()
             assert (g[1], g[2].split("\t")[1], g[3:-1]) == (w[1], w[2].split("\t")[1], w[3:-1]), p
+        # operands sorted, files before directories, as GNU ls sorts them
+        operands = ["special", "copied/link-short", "odd/time1", "copied/hello.py"]
+        want = run(["sh", "-c", 'cd "$0" && ls -ld "$@"', mnt, *operands], env=env).stdout
+        got = run([sys.executable, "-m", "xipfs", "ls", "-ld", *(f"{b.img}:/{p}" for p in operands)],
+                  env=env).stdout.replace(b" /", b" ")
+        assert got == want
         dest = str(tmp_path / "out")
         xipfs_cmd("unpack", b.img, dest)
         # (the files of 4 and 5 GiB are compared at windows below, not read whole by diff)

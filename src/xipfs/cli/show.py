@@ -521,6 +521,8 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> None:
                 dirs.append((tree, spec.path))
             else:
                 files.append((spec.path, spec.path, st, tree))
+    files.sort(key=lambda item: item[0])       # each group sorted by name, as GNU ls sorts operands
+    dirs.sort(key=lambda d: d[1])
     if files:                          # operands that are not listed as directories come first
         lister.show(files, False)
         lister.sections += 1
@@ -600,9 +602,10 @@ def _print_stat(shown: str, st: os.stat_result, target: str | None) -> None:
     if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         dev += f"     Device type: {os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
     emit(dev)
-    emit(f"Access: ({stat.S_IMODE(st.st_mode):04o}/{stat.filemode(st.st_mode)})  "
-         f"Uid: ({st.st_uid:5}/{F.user_name(st.st_uid):>8})   "
-         f"Gid: ({st.st_gid:5}/{F.group_name(st.st_gid):>8})")
+    user, group = F.user_name(st.st_uid), F.group_name(st.st_gid)
+    emit(f"Access: ({stat.S_IMODE(st.st_mode):04o}/{stat.filemode(st.st_mode)})  "    # no name: as stat(1)
+         f"Uid: ({st.st_uid:5}/{'UNKNOWN' if user == str(st.st_uid) else user:>8})   "
+         f"Gid: ({st.st_gid:5}/{'UNKNOWN' if group == str(st.st_gid) else group:>8})")
     emit(f"Access: {F.stat_time(st.st_atime_ns)}")
     emit(f"Modify: {F.stat_time(st.st_mtime_ns)}")
     emit(f"Change: {F.stat_time(st.st_ctime_ns)}")

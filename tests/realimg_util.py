@@ -109,8 +109,9 @@ def can_loop_mount() -> str | None:
             return f"mount -o loop failed: {e}"
 
 
-def populate(mnt: str, *, light: bool = False, seed: int = 1) -> None:
-    """Fill a mounted filesystem through the kernel with what real programs make."""
+def populate(mnt: str, *, light: bool = False, seed: int = 1, flags: bool = True) -> None:
+    """Fill a mounted filesystem through the kernel with what real programs make (``flags``:
+    chattr +i +a +d +s too; off for a tree on tmpfs, which would keep files no one can remove)."""
     src = tempfile.mkdtemp(prefix="xipfs-realimg-src-", dir=SHM)
     try:
         _make_source(src, seed)
@@ -127,7 +128,7 @@ def populate(mnt: str, *, light: bool = False, seed: int = 1) -> None:
         _git_repo(os.path.join(mnt, "repo"))
     if not light:                                 # with pip and setuptools (ensurepip, offline)
         sh([PY, "-m", "venv", os.path.join(mnt, "venv")])
-    _special_files(mnt)
+    _special_files(mnt, flags)
     _odd_files(mnt)
     _many_names(os.path.join(mnt, "big-dir"), 400 if light else 2500)
     os.sync()
@@ -167,7 +168,7 @@ def _git_repo(path: str) -> None:
        cwd=path)
 
 
-def _special_files(mnt: str) -> None:
+def _special_files(mnt: str, flags: bool = True) -> None:
     """FIFOs, device nodes, sockets, xattrs (user, trusted, security, ACLs), chattr flags."""
     sp = os.path.join(mnt, "special")
     os.mkdir(sp)
@@ -204,7 +205,8 @@ def _special_files(mnt: str) -> None:
         f = os.path.join(sp, f"chattr{flag[1]}")
         with open(f, "w") as fh:
             fh.write(flag)
-        subprocess.run(["chattr", flag, f], capture_output=True, check=False)
+        if flags:
+            subprocess.run(["chattr", flag, f], capture_output=True, check=False)
 
 
 def _odd_files(mnt: str) -> None:

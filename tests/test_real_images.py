@@ -110,9 +110,6 @@ def test_api_shows_what_the_kernel_shows(built, kind):
             assert_same(b.kernel, R.xipfs_view(fs), f"{kind} xip={xip}")
             # df as the kernel counts it (ext2 and ext3 too are served by the ext4 driver)
             assert space(fs.statvfs("/")) == b.statvfs
-    if kind == "ext4-mmp":
-        pytest.xfail("xipfs check does not count the MMP block "
-                     "(see test_check_of_mmp_image_agrees_with_e2fsck)")
     # clean where e2fsck -fn finds it clean, not where it finds problems (ext2 without filetype:
     # Linux itself leaves a file type in one '.' entry)
     rc, out = fsck(b.img)
@@ -299,15 +296,11 @@ def test_quota_image_reads_like_the_tree_it_was_made_from(built, workdir):
     assert fsck(img)[0] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="xipfs check: quota inodes 3 and 4 are taken for unused reserved "
-                   "inodes (check/pass1.py reserved_inode; see /tmp/helper-realimg-notes.md)")
 def test_check_of_quota_image_agrees_with_e2fsck(workdir):
     img = mkfs(os.path.join(workdir, "quota-mkfs.img"), "32M", fstype="ext4", extra=("-O", "quota,project"))
     assert_check_agrees(img)
 
 
-@pytest.mark.xfail(strict=True, reason="xipfs check: the MMP block is not counted as used "
-                   "(check/pass0.py mark_metadata; see /tmp/helper-realimg-notes.md)")
 def test_check_of_mmp_image_agrees_with_e2fsck(workdir):
     img = mkfs(os.path.join(workdir, "mmp.img"), "32M", fstype="ext4", extra=("-O", "mmp"))
     assert_check_agrees(img)

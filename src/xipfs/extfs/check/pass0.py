@@ -145,6 +145,9 @@ def mark_metadata(c: Context) -> None:
                     c.report(P.BITMAP_CONFLICT, block=blk, group=g, what=what)
                     ok[g] = False
                 used[blk] = 1
+    mmp = c.f["s_mmp_block"]                  # the multi-mount protection block (e2fsck pass 1)
+    if c.f["s_feature_incompat"] & L.INCOMPAT_MMP and c.f["s_first_data_block"] < mmp < c.nblocks:
+        used[mmp] = 1
     c.meta = bytes(used)
     c.used = used
 

@@ -475,6 +475,10 @@ def negative_epoch(v: tuple[int, ...]) -> bool:
 def reserved_inode(c: Context, ino: int, v: tuple[int, ...], raw: bytes | bytearray) -> None:
     """Inodes below s_first_ino but the root: bad blocks, resize, journal, quota, unused."""
     mode, nlinks = v[I_MODE], v[I_LINKS_COUNT]
+    if ino in QUOTA_INOS and c.f["s_feature_ro_compat"] & L.RO_COMPAT_QUOTA and ino in (
+            c.f["s_usr_quota_inum"], c.f["s_grp_quota_inum"]) and S_IFMT(mode) == S_IFREG:
+        reserved_blocks(c, ino, v, regular=True, raw=raw)   # a quota file the superblock names
+        return
     if ino in QUOTA_INOS or (ino == L.JOURNAL_INO and c.f["s_journal_inum"] != L.JOURNAL_INO):
         if nlinks or v[I_BLOCKS] or v[I_BLOCK0]:
             c.report(P.RESERVED_NOT_CLEAR, ino, what="quota" if ino in QUOTA_INOS else "journal")

@@ -587,12 +587,20 @@ def cmd_stat(ctx: Context, args: argparse.Namespace) -> None:
                 rec["image"] = spec.image
                 records.append(rec)
             else:
-                _print_stat(spec.text, st, target)
+                _print_stat(spec.text, st, target, _birth(tree, spec.path, args.dereference))
     if args.json:
         emit(F.to_json(records))
 
 
-def _print_stat(shown: str, st: os.stat_result, target: str | None) -> None:
+def _birth(tree: Tree, path: str, follow: bool) -> int | None:
+    """When an image's file was made (ext4's i_crtime, which stat(1) shows from statx), None
+    where the inode has no such field or the file is local (os.stat has none)."""
+    if tree.local:
+        return None
+    return tree.call(path, tree.fs.birthtime_ns, path, follow_symlinks=follow)
+
+
+def _print_stat(shown: str, st: os.stat_result, target: str | None, birth_ns: int | None = None) -> None:
     """The lines ``stat(1)`` prints for one file."""
     name = shown + (f" -> {target}" if target is not None else "")
     emit(f"  File: {name}")
@@ -609,7 +617,7 @@ def _print_stat(shown: str, st: os.stat_result, target: str | None) -> None:
     emit(f"Access: {F.stat_time(st.st_atime_ns)}")
     emit(f"Modify: {F.stat_time(st.st_mtime_ns)}")
     emit(f"Change: {F.stat_time(st.st_ctime_ns)}")
-    emit(" Birth: -")
+    emit(f" Birth: {F.stat_time(birth_ns) if birth_ns is not None else '-'}")
 
 
 def cmd_cat(ctx: Context, args: argparse.Namespace) -> None:

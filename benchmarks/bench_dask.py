@@ -214,9 +214,11 @@ def bench_dask(root: str, cfg: Config) -> Section:
                 per_pass = server.body_bytes() / (repeat + 1)         # the warm-up pass too
                 section.notes.append(
                     "cat_file allocates a 256 KiB bytes per file on both sides; Dask starts workers "
-                    "with MALLOC_TRIM_THRESHOLD_=65536, so each is a fresh mmap with a page fault per "
-                    "4 KiB on first write, which both sides pay (the readinto row reads into one "
-                    "reused buffer instead).")
+                    "with MALLOC_TRIM_THRESHOLD_=65536, so each is a fresh mmap: the tmpfs side's "
+                    "read() faults its pages in one by one in the kernel's copy, ours asks for the "
+                    "zero-filled bytes and makes its pages present with one madvise("
+                    "MADV_POPULATE_WRITE) before the copy (xipfs._fresh). The readinto row reads "
+                    "into one reused buffer instead.")
                 section.notes.append(f"Network: an HTTP pass moves the dataset again each time "
                                      f"({per_pass / MIB:.0f} MiB per pass).")
             pss, rss, _ = _copies(client, name, total)

@@ -362,8 +362,14 @@ def test_changes_through_the_mount_land_in_the_image(work: tuple[str, str]) -> N
             f.write("2" * 5000)
         assert libc.renameat2(-100, f"{mp}/x1".encode(), -100, f"{mp}/x2".encode(), 1) == -1
         assert ctypes.get_errno() == errno.EEXIST               # RENAME_NOREPLACE
-        assert libc.renameat2(-100, f"{mp}/x1".encode(), -100, f"{mp}/x2".encode(), 2) == -1
-        assert ctypes.get_errno() == errno.EINVAL               # RENAME_EXCHANGE: unsupported
+        for _ in range(2):                                      # RENAME_EXCHANGE, and back
+            assert libc.renameat2(-100, f"{mp}/x1".encode(), -100, f"{mp}/x2".encode(), 2) == 0
+            with open(f"{mp}/x1") as f1, open(f"{mp}/x2") as f2:
+                assert len(f1.read()) + len(f2.read()) == 5001
+        with open(f"{mp}/x1") as f1:
+            assert f1.read() == "1"
+        assert libc.renameat2(-100, f"{mp}/x1".encode(), -100, f"{mp}/x2".encode(), 4) == -1
+        assert ctypes.get_errno() == errno.EINVAL               # RENAME_WHITEOUT: unsupported
         assert libc.renameat2(-100, f"{mp}/x1".encode(), -100, f"{mp}/x3".encode(), 1) == 0
         # a file unlinked while open keeps working until closed, and leaves nothing behind
         fd = os.open(f"{mp}/tmpfile", os.O_CREAT | os.O_RDWR, 0o600)
@@ -578,8 +584,10 @@ def test_operations_without_a_mount(tmp_path: Any) -> None:
         with pytest.raises(OSError) as exc:
             ops.rename(1, b"a", d.ino, b"b", xfuse.RENAME_NOREPLACE)
         assert exc.value.errno == errno.EEXIST
-        with pytest.raises(OSError) as exc:
+        with pytest.raises(FileNotFoundError):             # both names must exist, as in Linux
             ops.rename(1, b"a", d.ino, b"c", xfuse.RENAME_EXCHANGE)
+        with pytest.raises(OSError) as exc:
+            ops.rename(1, b"a", d.ino, b"b", 4)             # RENAME_WHITEOUT: not carried
         assert exc.value.errno == errno.EINVAL
         ops.rename(1, b"a", d.ino, b"c", xfuse.RENAME_NOREPLACE)
         dh = ops.opendir(d.ino)
@@ -861,3 +869,30 @@ def test_appends_in_turns_land_once(work: tuple[str, str], writeback: str) -> No
     with xipfs.open(img) as fs:
         for name, data in want.items():
             assert fs.read_bytes("/" + name) == data, name
+
+
+def test_exchange_between_indexed_directories(work: tuple[str, str]) -> None:
+    """RENAME_EXCHANGE as Linux's ext4: a directory and a file trade parents between two htree
+    directories ('..' and link counts follow), two files swap; a directory into its own
+    subtree is EINVAL; e2fsck finds the image clean."""
+    d, _ = work
+    img = os.path.join(d, "exchange.img")
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "1024", img, "64M"])
+    with xipfs.open(img, "r+") as fs:
+        for top in ("A", "B"):
+            fs.mkdir("/" + top)
+            for i in range(800):                            # past one block: an htree
+                fs.write_bytes(f"/{top}/file-{i:04d}", top.encode())
+        fs.makedirs("/A/sub/deep")
+        ops = xfuse.Operations(fs)
+        a, b = fs.stat("/A").st_ino, fs.stat("/B").st_ino
+        ops.rename(a, b"sub", b, b"file-0400", xfuse.RENAME_EXCHANGE)
+        ops.rename(a, b"file-0001", b, b"file-0002", xfuse.RENAME_EXCHANGE)
+        assert fs.read_bytes("/A/sub") == b"B" and fs.isdir("/B/file-0400/deep")
+        assert fs.read_bytes("/A/file-0001") == b"B" and fs.read_bytes("/B/file-0002") == b"A"
+        assert fs.stat("/B/file-0400/..").st_ino == b
+        assert (fs.stat("/A").st_nlink, fs.stat("/B").st_nlink) == (2, 3)
+        with pytest.raises(OSError) as exc:
+            ops.rename(b, b"file-0400", fs.stat("/B/file-0400").st_ino, b"deep", xfuse.RENAME_EXCHANGE)
+        assert exc.value.errno == errno.EINVAL
+    assert_fsck_clean(img)

@@ -359,6 +359,17 @@ def _rename(t: Tracer) -> None:
     t.do(exchange, label="renameat2(e1, new, RENAME_EXCHANGE): new is a dir, e1 a file",
          alt={"ext2": "EINVAL"})                # fs/ext2 knows only RENAME_NOREPLACE
 
+    def cross() -> tuple[bool, bool, bool, int, int]:
+        P.renameat2("p2/c", "e1", P.RENAME_EXCHANGE)      # a directory and a file trade parents
+        return (os.path.isfile("p2/c"), os.path.isdir("e1"),
+                os.stat("e1/..").st_ino == os.stat(".").st_ino, os.stat("p2").st_nlink,
+                os.stat(".").st_nlink)
+
+    t.do(cross, label="renameat2(p2/c, e1, RENAME_EXCHANGE): parents, '..' and link counts",
+         times=True, alt={"ext2": "EINVAL"})
+    t.do(P.renameat2, "e1", "e1/x", P.RENAME_EXCHANGE, alt={"ext2": "EINVAL"})
+    t.do(P.renameat2, "e1", "gone", P.RENAME_EXCHANGE)
+
 
 @scenario("remove-and-make-errors")
 def _errors(t: Tracer) -> None:

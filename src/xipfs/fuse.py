@@ -435,11 +435,12 @@ class Operations:
             self.removals[d.ino] = self.removals.get(d.ino, 0) + 1
 
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
-        if flags & ~RENAME_NOREPLACE:            # as Linux's ext2: no RENAME_EXCHANGE, no whiteouts
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))   # no whiteouts, as ext2
         with self.lock:
             d, new_d = self.node(parent), self.node(new_parent)
-            self.nodes.rename(d, name, new_d, new_name, bool(flags & RENAME_NOREPLACE))
+            self.nodes.rename(d, name, new_d, new_name, bool(flags & RENAME_NOREPLACE),
+                              bool(flags & RENAME_EXCHANGE))
             self._removed_from(d, new_d)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:

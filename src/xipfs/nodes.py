@@ -174,22 +174,28 @@ class Nodes:
             namei.rmdir(vol, parent, name)
 
     def rename(self, parent: Inode, name: bytes, new_parent: Inode, new_name: bytes,
-               noreplace: bool = False) -> None:
-        """Move ``parent/name`` to ``new_parent/new_name`` (``noreplace``: EEXIST if taken)."""
+               noreplace: bool = False, exchange: bool = False) -> None:
+        """Move ``parent/name`` to ``new_parent/new_name`` (``noreplace``: EEXIST if taken;
+        ``exchange``: swap the two, both of which must exist)."""
         vol = self._writable()
         with vol.lock:
             _check_dir_writable(parent, True)
-            _check_dir_writable(new_parent)
+            _check_dir_writable(new_parent, exchange)
             _check_removable(self.lookup(parent, name))
             try:
                 there = self.lookup(new_parent, new_name)
             except FileNotFoundError:
+                if exchange:
+                    raise
                 there = None
             if there is not None:
                 if noreplace:
                     raise fs_error(errno.EEXIST)
                 _check_removable(there)
-            namei.rename(vol, parent, name, new_parent, new_name)
+            if exchange:
+                namei.exchange(vol, parent, name, new_parent, new_name)
+            else:
+                namei.rename(vol, parent, name, new_parent, new_name)
 
     # -- attributes -----------------------------------------------------------------------------
     def chmod(self, node: Inode, mode: int) -> None:

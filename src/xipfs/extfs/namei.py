@@ -898,6 +898,41 @@ def rename(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> Non
     vol.names_changed()
 
 
+def exchange(vol: Volume, sd: Inode, sname: bytes, dd: Inode, dname: bytes) -> None:
+    """Swap what ``sd/sname`` and ``dd/dname`` name, both names staying (``renameat2``'s
+    ``RENAME_EXCHANGE``, Linux ``ext4_cross_rename``): each entry points at the other's inode;
+    a directory that changes parent has its ``..`` follow, and so do the parents' link counts
+    when a directory and a non-directory trade places."""
+    a, b = _child(vol, sd, sname), _child(vol, dd, dname)
+    if a.ino == b.ino:
+        return
+    sname, dname = _stored_name(vol, sd, sname), _stored_name(vol, dd, dname)
+    crossing = sd.ino != dd.ino
+    if crossing and ((a.is_dir and is_ancestor(vol, a, dd)) or (b.is_dir and is_ancestor(vol, b, sd))):
+        raise fs_error(errno.EINVAL)             # a directory into its own subtree
+    gain = lose = None
+    if crossing and a.is_dir != b.is_dir:        # the parent that takes the directory gains a link
+        gain, lose = (dd, sd) if a.is_dir else (sd, dd)
+        if dir_links_full(vol, gain):
+            raise fs_error(errno.EMLINK)
+    set_entry(vol, sd, sname, b.ino, b.mode)
+    set_entry(vol, dd, dname, a.ino, a.mode)
+    a.ctime_ns = b.ctime_ns = time.time_ns()
+    vol.write_inode(a)
+    vol.write_inode(b)
+    if crossing:
+        if a.is_dir:
+            set_dotdot(vol, a, dd.ino)
+        if b.is_dir:
+            set_dotdot(vol, b, sd.ino)
+        if gain is not None and lose is not None:
+            inc_dir_links(vol, gain)
+            dec_dir_links(lose)
+            vol.write_inode(gain)
+            vol.write_inode(lose)
+    vol.names_changed()
+
+
 # -- looking names up (what Linux does in namei.c: the path walk) ------------------------------
 def readlink(vol: Volume, node: Inode) -> bytes:
     """The target of symlink ``node`` (fast: in ``i_block``; slow: in its first block; ext4

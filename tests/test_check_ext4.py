@@ -650,3 +650,25 @@ def test_ea_inode_size_mismatch(ea_bases: dict[str, str], workdir: str) -> None:
         assert [p.code for p in xipfs.check(path, progress=False)] == ["ea_inode_size"]
     finally:
         os.unlink(path)
+
+
+def test_xattr_block_checksum(workdir: str) -> None:
+    """A byte changed where no entry looks (between the entries and the values) leaves the xattr
+    block sound but its checksum wrong: e2fsck reports it, and so does the check."""
+    path = os.path.join(workdir, "xattr-csum.img")
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "1024", path, "16M"])
+    src = os.path.join(workdir, "hi")
+    with open(src, "w") as f:
+        f.write("hi\n")
+    debugfs_r(path, f"write {src} f", write=True)
+    for name, ch in (("user.a", "a"), ("user.b", "b")):       # too big for the inode: a block
+        debugfs_r(path, f"ea_set f {name} {ch * 300}", write=True)
+    with xipfs.open(path) as fs:
+        blk = fs.volume.inode(fs.stat("/f").st_ino).file_acl
+    assert blk and codes(path) == set()
+    with open(path, "r+b") as f:
+        f.seek(blk * 1024 + 200)
+        f.write(b"Z")
+    rc, out = fsck(path)
+    assert "checksum does not match" in out
+    assert codes(path) == {"xattr_block"}

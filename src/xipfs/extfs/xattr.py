@@ -695,9 +695,10 @@ def _store(vol: Volume, node: Inode, old_ibody: list[_Entry], old_block: list[_E
 _CSUM_AT = L.XATTR_HEADER.offsets["h_checksum"]
 
 
-def _block_checksum(vol: Volume, blk: int, block: bytes | memoryview) -> int:
-    """crc32c of the block number and the block, its checksum field as zero (metadata_csum)."""
-    return crc32c_raw(vol.sb.csum_seed, blk.to_bytes(8, "little") + bytes(block[:_CSUM_AT]) + b"\0\0\0\0"
+def block_checksum(seed: int, blk: int, block: bytes | memoryview) -> int:
+    """An xattr block's checksum (metadata_csum): crc32c from the filesystem's checksum seed of
+    the block number and the block, its checksum field as zero."""
+    return crc32c_raw(seed, blk.to_bytes(8, "little") + bytes(block[:_CSUM_AT]) + b"\0\0\0\0"
                       + bytes(block[_CSUM_AT + 4:]))
 
 
@@ -707,7 +708,7 @@ def verified_block(vol: Volume, blk: int, ino: int = 0) -> memoryview | bytes:
     block = vol.device.view(blk * vol.bs, vol.bs)
     if vol.verify and vol.sb.metadata_csum:
         stored = int.from_bytes(block[_CSUM_AT:_CSUM_AT + 4], "little")
-        if stored != _block_checksum(vol, blk, block):
+        if stored != block_checksum(vol.sb.csum_seed, blk, block):
             raise CorruptImageError("xattr block checksum does not match",
                                     f"xattr block {blk}" + (f" of inode {ino}" if ino else ""))
     return block
@@ -718,7 +719,7 @@ def seal_block(vol: Volume, blk: int, block: bytes) -> bytes:
     crc32c of the block number and the block, the checksum field as zero)."""
     if not vol.sb.metadata_csum:
         return block
-    crc = _block_checksum(vol, blk, block)
+    crc = block_checksum(vol.sb.csum_seed, blk, block)
     return block[:_CSUM_AT] + crc.to_bytes(4, "little") + block[_CSUM_AT + 4:]
 
 

@@ -180,6 +180,7 @@ XATTR_BLOCK_VALUE_PAST = _kind("xattr_block", _XB + "value ({size} bytes at {off
 XATTR_BLOCK_VALUE_OVERLAP = _kind("xattr_block", _XB + "value overlaps other data")
 XATTR_BLOCK_HASH = _kind("xattr_block", _XB + "entry hash 0x{hash:08x} is wrong")
 XATTR_BLOCK_OVERRUN = _kind("xattr_block", _XB + "entry list overruns the block")
+XATTR_BLOCK_CSUM = _kind("xattr_block", _XB + "passes checks, but its checksum does not match")
 XATTR_REFCOUNT = _kind("xattr_refcount", "xattr block {block} has reference count {refcount}, should be "
                        "{seen}")
 # ext4 ea_inode: an entry whose value is in an inode of its own (e2fsck's check_large_ea_inode)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 
 from .. import layout as L
-from ..xattr import entry_hash, entry_hash_signed
+from ..xattr import block_checksum, entry_hash, entry_hash_signed
 from . import problems as P
 from .context import Context, XattrRef, u32
 
@@ -18,6 +18,7 @@ _XENTRY = L.XATTR_ENTRY.struct.unpack_from
 _XENTRY_SIZE = L.XATTR_ENTRY.size
 _XHEADER = L.XATTR_HEADER.select("h_magic", "h_refcount", "h_blocks").unpack_from
 _XHEADER_SIZE = L.XATTR_HEADER.size
+_CSUM_AT = L.XATTR_HEADER.offsets["h_checksum"]
 _LE32 = struct.Struct("<I").pack
 #: where an EA inode keeps what its entries are checked against
 _FLAGS_AT = L.INODE.offsets["i_flags"]
@@ -135,6 +136,8 @@ def xattr_block(c: Context, ino: int, blk: int, gen: int = 0) -> int:
     magic, refcount, nblk = _XHEADER(buf, 0)
     ref = c.ea_refs[blk] = XattrRef(refcount)
     found, ref.quota, named = block_entries(c, ino, blk, gen, buf, magic, nblk)
+    if found is None and c.csum and u32(buf, _CSUM_AT) != block_checksum(c.csum_seed, blk, buf):
+        found = P.XATTR_BLOCK_CSUM, {}          # e2fsck: "passes checks, but checksum does not match"
     if found is not None:
         kind, fields = found
         c.report(kind, ino, blk, **fields)

@@ -376,3 +376,12 @@ def check_journal(c: Context) -> None:
         bsize, _maxlen, _first = _JSB_GEOMETRY(buf, 12)
         if bsize != c.bs:
             c.report(P.JOURNAL_BAD_SUPER, ino, first, why=f"block size {bsize}")
+        else:                                 # features, checksum type, the v2/v3 checksum
+            from ...errors import UnsupportedFeatureError
+            from ..journal import parse_superblock
+            try:
+                parse_superblock(buf)
+            except CorruptImageError as exc:
+                c.report(P.JOURNAL_BAD_SUPER, ino, first, why=exc.what)
+            except UnsupportedFeatureError as exc:
+                c.report(P.JOURNAL_BAD_SUPER, ino, first, why=str(exc))

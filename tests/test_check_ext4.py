@@ -698,3 +698,14 @@ def test_journal_superblock_checksum(workdir: str) -> None:
     rc, out = fsck(path)
     assert "Journal superblock is corrupt" in out
     assert codes(path) == {"journal"}
+
+
+@pytest.mark.parametrize("field", ["uid 5", "mode 0100644", "links_count 1", "file_acl 100"])
+def test_bad_blocks_inode_that_looks_invalid(workdir: str, field: str) -> None:
+    """Inode 1 lists bad blocks and nothing else: a mode, owner, link or xattr block there is
+    e2fsck's "The bad block inode looks invalid", and the check's reserved_inode."""
+    path = os.path.join(workdir, "badino.img")
+    run(["mke2fs", "-q", "-F", "-t", "ext4", path, "16M"])
+    debugfs_r(path, f"sif <1> {field}", write=True)
+    assert "bad block inode looks invalid" in fsck(path)[1]
+    assert codes(path) == {"reserved_inode"}

@@ -472,6 +472,10 @@ def negative_epoch(v: tuple[int, ...]) -> bool:
                 (v[I_ATIME], v[I_ATIME_EXTRA]), (v[I_CRTIME], v[I_CRTIME_EXTRA])))
 
 
+#: Inode 1 lists the blocks marked bad (EXT2_BAD_INO): no mode, owner, links or attributes.
+_BAD_BLOCKS_INO = 1
+
+
 def reserved_inode(c: Context, ino: int, v: tuple[int, ...], raw: bytes | bytearray) -> None:
     """Inodes below s_first_ino but the root: bad blocks, resize, journal, quota, unused."""
     mode, nlinks = v[I_MODE], v[I_LINKS_COUNT]
@@ -482,6 +486,10 @@ def reserved_inode(c: Context, ino: int, v: tuple[int, ...], raw: bytes | bytear
     if ino in QUOTA_INOS or (ino == L.JOURNAL_INO and c.f["s_journal_inum"] != L.JOURNAL_INO):
         if nlinks or v[I_BLOCKS] or v[I_BLOCK0]:
             c.report(P.RESERVED_NOT_CLEAR, ino, what="quota" if ino in QUOTA_INOS else "journal")
+        return
+    if ino == _BAD_BLOCKS_INO and (mode or nlinks or v[I_FILE_ACL] or v[I_FLAGS] & L.FL_INLINE_DATA
+                                   or raw[2:4] != b"\0\0" or raw[24:26] != b"\0\0"):   # i_uid, i_gid
+        c.report(P.BAD_BLOCKS_INODE, ino)     # e2fsck: "The bad block inode looks invalid"
         return
     if ino == L.JOURNAL_INO:
         if S_IFMT(mode) != S_IFREG:

@@ -197,6 +197,8 @@ EA_INODE_SIZE = _kind("ea_inode_size", _EA + " has value size {size}, but EA ino
 RESERVED_NOT_CLEAR = _kind("reserved_inode", "reserved {what} inode {ino} is not in use but is not clear")
 JOURNAL_NOT_REGULAR = _kind("reserved_inode", "the journal inode is not a regular file")
 RESERVED_BAD_MODE = _kind("reserved_inode", "reserved inode {ino} has bad mode 0o{mode:o}")
+BAD_BLOCKS_INODE = _kind("reserved_inode", "the bad blocks inode looks invalid (a mode, owner, links, "
+                         "inline data or an xattr block)")
 RESERVED_TOO_BIG = _kind("i_size", "reserved inode {ino} has size {size}, more than a block-mapped file "
                          "can hold")
 BAD_MODE = _kind("bad_mode", "inode {ino} has invalid mode 0o{mode:o}")

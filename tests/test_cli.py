@@ -310,17 +310,17 @@ def test_tree(capsys, img):
     assert out == (f"{img}\n"
                    "├── bin.dat\n"
                    "├── docs\n"
-                   "│   ├── deep\n"
-                   "│   │   └── note.md\n"
-                   "│   └── readme.txt\n"
+                   "│\u00a0\u00a0 ├── deep\n"
+                   "│\u00a0\u00a0 │\u00a0\u00a0 └── note.md\n"
+                   "│\u00a0\u00a0 └── readme.txt\n"
                    "├── empty\n"
                    "├── héllo wörld.txt\n"
                    "├── link -> docs/readme.txt\n"
                    "└── lost+found\n"
                    "\n"
-                   "3 directories, 6 files\n")
-    assert ok(capsys, "tree", "-d", f"{img}:/docs").endswith("deep\n\n1 directory\n")
-    assert ok(capsys, "tree", "-L", "1", f"{img}:/docs").endswith("readme.txt\n\n1 directory, 1 file\n")
+                   "4 directories, 6 files\n")              # as tree 2.x: the top counts
+    assert ok(capsys, "tree", "-d", f"{img}:/docs").endswith("deep\n\n2 directories\n")
+    assert ok(capsys, "tree", "-L", "1", f"{img}:/docs").endswith("readme.txt\n\n2 directories, 1 file\n")
 
 
 # -- making -----------------------------------------------------------------------------------

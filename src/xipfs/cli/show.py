@@ -542,6 +542,8 @@ def cmd_tree(ctx: Context, args: argparse.Namespace) -> None:
     emit(spec.text)
     if stat.S_ISDIR(st.st_mode):
         _tree_below(ctx, tree, spec.path, "", 1, args, counts)
+        if counts[0] or counts[1]:                      # tree 2.x counts a top that lists anything
+            counts[0] += 1
     emit()
     summary = F.plural(counts[0], "directory", "directories")
     if not args.dirs_only:
@@ -551,7 +553,8 @@ def cmd_tree(ctx: Context, args: argparse.Namespace) -> None:
 
 def _tree_below(ctx: Context, tree: Tree, path: str, prefix: str, depth: int, args: argparse.Namespace,
                 counts: list[int]) -> None:
-    """The lines of ``tree(1)`` below ``path``: entries sorted, ``├──``/``└──`` branches."""
+    """The lines of ``tree(1)`` 2.x below ``path``: entries sorted, ``├──``/``└──`` branches, a
+    continuing branch drawn ``│`` and two no-break spaces, as tree draws it in UTF-8."""
     if args.level is not None and depth > args.level:
         return
     items = []
@@ -571,7 +574,8 @@ def _tree_below(ctx: Context, tree: Tree, path: str, prefix: str, depth: int, ar
         counts[0 if is_dir else 1] += 1
         if stat.S_ISDIR(st.st_mode):
             with ctx.each():
-                _tree_below(ctx, tree, full, prefix + ("    " if last else "│   "), depth + 1, args, counts)
+                below = prefix + ("    " if last else "│\u00a0\u00a0 ")
+                _tree_below(ctx, tree, full, below, depth + 1, args, counts)
 
 
 def cmd_stat(ctx: Context, args: argparse.Namespace) -> None:

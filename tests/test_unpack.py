@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 import pytest
 import treegen
@@ -356,21 +357,30 @@ def test_an_error_that_stops_everything_is_raised_and_leaks_nothing(work, monkey
     error, from either thread; no descriptor stays open and the half-written file is gone."""
     monkeypatch.setattr(unpack_mod, "_BACKGROUND_MIN", background)
     img = write_image(os.path.join(work, "e.img"), rich_tree)
+    _no_space_for(monkeypatch, lambda n: n >= 300_000)
+    _unpack_stops_cleanly(img, os.path.join(work, "out"), "big")
+
+
+def _no_space_for(monkeypatch: pytest.MonkeyPatch, hit: Callable[[int], bool]) -> None:
+    """Make unpack's copy of a run of ``n`` bytes fail with ENOSPC where ``hit(n)``."""
     real = unpack_mod._Unpacker._copy_run
 
-    def copy_run(self, fd, src, dst, n):
-        if n >= 300_000:
+    def copy_run(self, fd, src_off, dst, n):
+        if hit(n):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, fd, src, dst, n)
+        return real(self, fd, src_off, dst, n)
 
     monkeypatch.setattr(unpack_mod._Unpacker, "_copy_run", copy_run)
+
+
+def _unpack_stops_cleanly(img: str, dest: str, name: str) -> None:
+    """Unpacking ``img`` into ``dest`` raises ENOSPC, leaves no descriptor open and no ``d/name``."""
     fds = set(os.listdir("/proc/self/fd"))
-    dest = os.path.join(work, "out")
     with pytest.raises(OSError) as info:
         unpack(img, dest, progress=False)
     assert info.value.errno == errno.ENOSPC
     assert set(os.listdir("/proc/self/fd")) == fds
-    assert not os.path.exists(os.path.join(dest, "d", "big"))
+    assert not os.path.exists(os.path.join(dest, "d", name))
 
 
 # -- what is extracted, and where -----------------------------------------------------------------
@@ -714,21 +724,8 @@ def test_small_file_failures_on_either_side(work, monkeypatch, how):
     with open(os.path.join(dest, "d", "f008"), "rb") as f:
         assert f.read() == bytes([8]) * (8 * 397 % 49000)
 
-    real = unpack_mod._Unpacker._copy_run
-
-    def copy_run(self, fd, src_off, dst, n):
-        if n == 50 * 397 % 49000:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, fd, src_off, dst, n)
-
-    monkeypatch.setattr(unpack_mod._Unpacker, "_copy_run", copy_run)
-    fds = set(os.listdir("/proc/self/fd"))
-    dest2 = os.path.join(work, "out2")
-    with pytest.raises(OSError) as info:
-        unpack(img, dest2, progress=False)
-    assert info.value.errno == errno.ENOSPC
-    assert set(os.listdir("/proc/self/fd")) == fds
-    assert not os.path.exists(os.path.join(dest2, "d", "f050"))
+    _no_space_for(monkeypatch, lambda n: n == 50 * 397 % 49000)
+    _unpack_stops_cleanly(img, os.path.join(work, "out2"), "f050")
 
 
 @pytest.mark.parametrize("where", ["first", "last"])

@@ -487,3 +487,19 @@ def test_inline_casefolded_directory(tmp_path, folder):
     with xipfs.open(img) as fs:
         assert _check_lookups(fs, names, folder) >= 9
         assert fs.stat("/ci/STRASSE").st_ino == names["Straße".encode()]
+
+
+def test_folded_entries_after_removals():
+    """A removal drops only its own folded name, or uncovers the next entry folding alike."""
+    from xipfs.extfs.dir import FoldedEntries
+
+    entries = FoldedEntries({"Straße": (11, 1), "STRASSE": (12, 1), "Café": (13, 1)})
+    assert entries.get("strasse") == (11, 1) and entries.stored("CAFÉ") == "Café"
+    entries.pop("Straße")
+    assert entries.get("strasse") == (12, 1)                 # the one folding alike, uncovered
+    del entries["Café"]
+    assert "café" not in entries
+    entries["CAFE\u0301"] = (14, 1)
+    assert entries.stored("café") == "CAFE\u0301"
+    entries.pop("STRASSE")
+    assert entries.get("Straße") is None and entries.get("cafe\u0301") == (14, 1)

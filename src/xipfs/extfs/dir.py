@@ -66,12 +66,14 @@ class FoldedEntries(dict):  # type: ignore[type-arg]
     there (byte for byte, or by casefolded name when both fold; the first entry in directory
     order that matches); :meth:`stored` names the entry found. ``[]`` stays exact."""
 
-    __slots__ = ("_folded", "strict")
+    __slots__ = ("_folded", "_alike", "strict")
 
     def __init__(self, entries: dict[str, tuple[int, int]], strict: bool = False) -> None:
         super().__init__(entries)
         #: folded name -> the stored name it finds (built on the first lookup)
         self._folded: dict[str, str] | None = None
+        #: two entries fold alike (the map holds only the first): a removal then rebuilds it
+        self._alike = False
         #: the image's encoding is strict: a name that does not fold is EINVAL
         self.strict = strict
 
@@ -79,12 +81,34 @@ class FoldedEntries(dict):  # type: ignore[type-arg]
         folded = self._folded
         if folded is None:
             folded = {}
+            self._alike = False
             for name in self:
-                key = fold_str(name)
-                if key is not None and key not in folded:
-                    folded[key] = name
+                self._note(folded, name)
             self._folded = folded
         return folded
+
+    def _note(self, folded: dict[str, str], name: str) -> None:
+        """Map ``name``'s folded form to it unless an earlier entry holds that form already."""
+        key = fold_str(name)
+        if key is None:
+            return
+        if key in folded:
+            self._alike = True
+        else:
+            folded[key] = name
+
+    def _forget(self, name: str) -> None:
+        """Drop ``name`` from the folded map: only its own key, unless another entry folds alike
+        (which the removal may uncover, so the map is built again on the next lookup)."""
+        folded = self._folded
+        if folded is None:
+            return
+        key = fold_str(name)
+        if key is not None and folded.get(key) == name:
+            if self._alike:
+                self._folded = None
+            else:
+                del folded[key]
 
     def stored(self, name: str) -> str | None:
         """The stored name of the entry a lookup of ``name`` finds, or None."""
@@ -105,18 +129,17 @@ class FoldedEntries(dict):  # type: ignore[type-arg]
     def __setitem__(self, name: str, entry: tuple[int, int]) -> None:
         folded = self._folded
         if folded is not None and not dict.__contains__(self, name):
-            key = fold_str(name)
-            if key is not None:
-                folded.setdefault(key, name)
+            self._note(folded, name)
         super().__setitem__(name, entry)
 
-    # a removal may uncover another entry folding alike: the folded names are built again
+    # one removal costs one fold, not a rebuild of the map on the next lookup (rm -r of a large
+    # directory would fold every name left once per name removed)
     def __delitem__(self, name: str) -> None:
-        self._folded = None
+        self._forget(name)
         super().__delitem__(name)
 
     def pop(self, name: str, *default: object) -> object:  # type: ignore[override]
-        self._folded = None
+        self._forget(name)
         return super().pop(name, *default)
 
     def popitem(self) -> tuple[str, tuple[int, int]]:

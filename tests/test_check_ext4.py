@@ -700,10 +700,11 @@ def test_journal_superblock_checksum(workdir: str) -> None:
     assert codes(path) == {"journal"}
 
 
-@pytest.mark.parametrize("field", ["uid 5", "mode 0100644", "links_count 1", "file_acl 100"])
+@pytest.mark.parametrize("field", ["uid 5", "gid 5", "mode 0100644", "links_count 1", "file_acl 100",
+                                   "flags 0x10000000"])                   # 0x10000000: inline data
 def test_bad_blocks_inode_that_looks_invalid(workdir: str, field: str) -> None:
-    """Inode 1 lists bad blocks and nothing else: a mode, owner, link or xattr block there is
-    e2fsck's "The bad block inode looks invalid", and the check's reserved_inode."""
+    """Inode 1 lists bad blocks and nothing else: a mode, owner, group, link, xattr block or
+    inline data there is e2fsck's "The bad block inode looks invalid", and the check's reserved_inode."""
     path = os.path.join(workdir, "badino.img")
     run(["mke2fs", "-q", "-F", "-t", "ext4", path, "16M"])
     debugfs_r(path, f"sif <1> {field}", write=True)

@@ -314,11 +314,11 @@ def ls_long_lines(rows: list[tuple[os.stat_result, str]], human: bool = False,
                  + ([major_w + 2 + minor_w] if devices else []))
     lines = []
     for m, n, (u, u_num), (g, g_num), size, rdev, t, name in cells:
-        if size is None:                          # GNU ls: "%*s, %*s" in the size column
-            pad = major_w + max(0, size_w - (major_w + 2 + minor_w))
-            size = f"{os.major(rdev):>{pad}}, {os.minor(rdev):>{minor_w}}"
-        lines.append(f"{m} {n:>{link_w}} {u:>{user_w}}" if u_num else f"{m} {n:>{link_w}} {u:<{user_w}}")
-        lines[-1] += (f" {g:>{group_w}}" if g_num else f" {g:<{group_w}}") + f" {size:>{size_w}} {t} {name}"
+        if size is None:             # GNU ls: "%*s, %*s", right-aligned in the size column as a whole
+            size = f"{os.major(rdev)}, {os.minor(rdev):>{minor_w}}"
+        user = f"{u:>{user_w}}" if u_num else f"{u:<{user_w}}"
+        group = f"{g:>{group_w}}" if g_num else f"{g:<{group_w}}"
+        lines.append(f"{m} {n:>{link_w}} {user} {group} {size:>{size_w}} {t} {name}")
     return lines
 
 

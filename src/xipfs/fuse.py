@@ -430,7 +430,7 @@ class Operations:
             self._removed_from(d)
 
     def _removed_from(self, *dirs: Inode) -> None:
-        """Count a name gone from (or replaced in) each of ``dirs``: see :meth:`entry_node`."""
+        """Count a name gone from (or replaced in) each of ``dirs``: see :meth:`listing_current`."""
         for d in dirs:
             self.removals[d.ino] = self.removals.get(d.ino, 0) + 1
 
@@ -625,14 +625,16 @@ class Operations:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         return h.entries[offset:]
 
-    def entry_node(self, fh: int, ino: int) -> Inode | None:
-        """The inode to give the kernel with entry ``ino`` of listing ``fh`` (readdirplus), or
-        None, when the kernel is to look the name up itself: the inode is free, or a name was
-        removed from the directory since opendir, so the number may be another file's by now
+    def listing_current(self, fh: int) -> bool:
+        """Whether listing ``fh``'s entries may carry their inodes (readdirplus): no name was
+        removed from the directory since opendir, else a number may be another file's by now
         (the kernel would take that file for this name, as a hard link). Under :attr:`lock`."""
         h = self.handles.get(fh)
-        if not isinstance(h, _Listing) or h.removals != self.removals.get(h.node.ino, 0):
-            return None
+        return isinstance(h, _Listing) and h.removals == self.removals.get(h.node.ino, 0)
+
+    def entry_node(self, ino: int) -> Inode | None:
+        """The inode to give the kernel with a current listing's entry ``ino``, or None (a free
+        inode), when the kernel is to look the name up itself. Under :attr:`lock`."""
         try:
             return self.nodes.stored(ino)
         except OSError:
@@ -1074,8 +1076,9 @@ class _Session:
         pack_entry, pack_stat = _ENTRY.pack_into, _STAT.pack_into
         timeout = self._timeout
         entry_node = ops.entry_node
+        plus_nodes = plus and ops.listing_current(fh)         # once a reply, not once an entry
         for i, (name, ino, fmt) in enumerate(entries, offset + 1):
-            node = entry_node(fh, ino) if plus and name not in (b".", b"..") else None
+            node = entry_node(ino) if plus_nodes and name not in (b".", b"..") else None
             if node is not None:
                 pack_entry(record, 0, ino, node.generation, self._attr_bytes(node), timeout, timeout)
                 arg: Any = record

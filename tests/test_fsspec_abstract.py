@@ -147,13 +147,18 @@ class TestExt2Mv(Ext2Fixtures):
 
     def test_move_makes_parents_with_auto_mkdir(self, fs: Ext2FileSystem, fs_join: Any, fs_path: str,
                                                fs_target: str) -> None:
-        """As LocalFileSystem(auto_mkdir=True).mv: the destination's missing parents are made."""
+        """As LocalFileSystem(auto_mkdir=True).mv: the destination's missing parents are made
+        (for two lists, moved pairwise, too)."""
         source = fs_join(fs_path, "source_file.txt")
         fs.pipe_file(source, b"content")
         dest = fs_join(fs_target, "new", "destination_file.txt")
         fs.mv(source, dest)
         assert not fs.exists(source)
         assert fs.cat_file(dest) == b"content"
+        again = fs_join(fs_target, "newer", "again.txt")
+        fs.mv([dest], [again])
+        assert not fs.exists(dest)
+        assert fs.cat_file(again) == b"content"
 
     @pytest.mark.skip(reason="xipfs checks no permission bits (every caller acts as the image's owner, "
                              "as fsspec's memory, zip and tar filesystems do): a mode-0555 directory "

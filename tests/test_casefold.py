@@ -438,14 +438,23 @@ def test_changes_in_a_casefolded_directory(tmp_path, small_image, folder):
         assert fs.stat("/ci/cafe\u03011").st_ino != cafe
         fs.mkdir("/ci/SubDir")
         fs.write_bytes("/ci/subdir/Inner", b"y")
+        fs.mkdir("/ci/Gone_Dir")
+        fs.rmdir("/ci/GONE_DIR")                            # removes Gone_Dir
+        with pytest.raises(FileNotFoundError):
+            fs.stat("/ci/gone_dir")
+        ci = fs.volume.inode(fs.stat("/ci").st_ino)         # RENAME_EXCHANGE by other spellings
+        cafe2, straße2 = fs.stat("/ci/Café2").st_ino, fs.stat("/ci/Straße2").st_ino
+        fs.nodes.rename(ci, "CAFE\u03012".encode(), ci, b"STRASSE2", exchange=True)
+        assert (fs.stat("/ci/café2").st_ino, fs.stat("/ci/straße2").st_ino) == (straße2, cafe2)
         assert fs.read_bytes("/CI/../ci/SUBDIR/INNER".replace("/CI/..", "")) == b"y"
         for i in range(600):
             fs.write_bytes(f"/ci/Grown_{i}_ÄÖÜ", b"z")
     assert_fsck_clean(img)
     ls = debugfs_ls(img, "ci")
-    for stored in ("NewFile", "Renamed_ẞ", "ǅemo0", "Café1", "SubDir", "Grown_599_ÄÖÜ"):
+    for stored in ("NewFile", "Renamed_ẞ", "ǅemo0", "Café1", "SubDir", "Grown_599_ÄÖÜ", "Café2",
+                   "Straße2"):
         assert stored.encode() in ls, stored
-    for gone in ("Straße0", "CAFÉ1", "ǄEMO0", "File0_MiXeD", "File1_MiXeD"):
+    for gone in ("Straße0", "CAFÉ1", "ǄEMO0", "File0_MiXeD", "File1_MiXeD", "Gone_Dir", "STRASSE2"):
         assert gone.encode() not in ls, gone
     assert debugfs_stat(img, "ci").flags & L.FL_INDEX
     assert debugfs_stat(img, "ci/SubDir").flags & L.FL_CASEFOLD

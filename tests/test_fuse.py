@@ -28,6 +28,7 @@ from write_util import shm_dir
 
 import xipfs
 from xipfs import fuse as xfuse
+from xipfs.extfs import layout as L
 
 MOUNT_TIMEOUT = 15.0
 UID = 1000                                   # an unprivileged user for the permission tests
@@ -895,4 +896,16 @@ def test_exchange_between_indexed_directories(work: tuple[str, str]) -> None:
         with pytest.raises(OSError) as exc:
             ops.rename(b, b"file-0400", fs.stat("/B/file-0400").st_ino, b"deep", xfuse.RENAME_EXCHANGE)
         assert exc.value.errno == errno.EINVAL
+        vol = fs.volume
+        pair = [vol.inode(fs.stat(p).st_ino) for p in ("/A/file-0003", "/B/file-0004")]
+        for node in pair:                                   # both inodes' ctime moves
+            node.ctime_ns = 0
+            vol.write_inode(node)
+        ops.rename(a, b"file-0003", b, b"file-0004", xfuse.RENAME_EXCHANGE)
+        assert fs.stat("/A/file-0003").st_ctime_ns > 0 and fs.stat("/B/file-0004").st_ctime_ns > 0
+        fs.nodes.set_flags(vol.inode(b), L.FL_APPEND)      # the target loses its name: not append-only
+        with pytest.raises(OSError) as exc:
+            ops.rename(a, b"file-0005", b, b"file-0006", xfuse.RENAME_EXCHANGE)
+        assert exc.value.errno == errno.EPERM
+        fs.nodes.set_flags(vol.inode(b), 0)
     assert_fsck_clean(img)

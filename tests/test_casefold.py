@@ -512,3 +512,17 @@ def test_folded_entries_after_removals():
     assert entries.stored("café") == "CAFE\u0301"
     entries.pop("STRASSE")
     assert entries.get("Straße") is None and entries.get("cafe\u0301") == (14, 1)
+
+
+def test_encrypted_casefolded_directory_is_refused(tmp_path):
+    """Names hashed with siphash under a key: refused as every encrypted inode is (ENOKEY; an
+    encrypt image opens read-only, so no change reaches it)."""
+    img = str(tmp_path / "enc.img")
+    mkfs(img, "16M", extra=("-O", "casefold,encrypt"), fstype="ext4")
+    debugfs(img, "mkdir ci", "cd ci", "mkdir x", write=True)
+    flags = debugfs_stat(img, "ci").flags
+    debugfs(img, f"set_inode_field ci flags {flags | L.FL_CASEFOLD | L.FL_ENCRYPT:#x}", write=True)
+    with xipfs.open(img) as fs:
+        with pytest.raises(OSError) as exc:
+            fs.stat("/ci/x")
+        assert exc.value.errno == errno.ENOKEY and "encrypted" in str(exc.value)

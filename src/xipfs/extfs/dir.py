@@ -161,7 +161,7 @@ class FoldedEntries(dict):  # type: ignore[type-arg]
 
 class RefusedEntries(dict):  # type: ignore[type-arg]
     """The entries of a casefolded directory xipfs cannot match names in as Linux does (an
-    unknown encoding, encrypted names): listed as they are, a lookup raises ``error``."""
+    unknown encoding): listed as they are, a lookup raises ``error``."""
 
     __slots__ = ("error",)
 
@@ -197,14 +197,12 @@ def folding(name_hash: Callable[[bytes], tuple[int, int]]) -> Callable[[bytes], 
 
 def check_casefold(vol: Volume, d: Inode) -> None:
     """Refuse what xipfs cannot look up as Linux would in casefolded directory ``d``: an encoding
-    other than utf8-12.1 (Linux refuses to mount it), or encrypted names (a siphash htree)."""
+    other than utf8-12.1 (Linux refuses to mount it). Encrypted names (a siphash htree) are
+    refused with every encrypted inode, ENOKEY from ``Inode.check_format`` as its blocks are read."""
     encoding = vol.sb.s_encoding
     if encoding != UTF8_12_1:
         raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded with encoding "
                       f"{encoding}, which neither Linux nor xipfs knows (utf8-12.1 is 1)")
-    if d.flags & L.FL_ENCRYPT and vol.inode_formats & L.FL_ENCRYPT:
-        raise OSError(errno.EOPNOTSUPP, f"directory inode {d.ino} is casefolded and encrypted "
-                      "(names hashed with siphash under a key), which xipfs does not implement")
 
 
 #: The rec_len of an entry packed against the next, by name length (none for an empty name,

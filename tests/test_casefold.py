@@ -322,9 +322,10 @@ def test_unknown_encoding_is_refused(tmp_path):
         assert exc.value.errno == errno.EOPNOTSUPP and "encoding" in str(exc.value)
 
 
-def test_strict_image(tmp_path, folder):
+@pytest.mark.parametrize("count", [30, 2000])             # a linear directory, an htree
+def test_strict_image(tmp_path, folder, count):
     img = str(tmp_path / "strict.img")
-    _casefold_image(img, [n for n in _names(30) if is_valid(n)], strict=True)
+    _casefold_image(img, [n for n in _names(count) if is_valid(n)], strict=True)
     names = _stored(img)
     with xipfs.open(img) as fs:
         _check_lookups(fs, names, folder, strict=True)   # a name that does not fold: EINVAL

@@ -527,3 +527,23 @@ def test_encrypted_casefolded_directory_is_refused(tmp_path):
         with pytest.raises(OSError) as exc:
             fs.stat("/ci/x")
         assert exc.value.errno == errno.ENOKEY and "encrypted" in str(exc.value)
+
+
+def test_checker_on_names_alike_in_inline_directory(tmp_path):
+    """The strict casefold checks also cover a directory whose entries live in the inode."""
+    img = str(tmp_path / "inline-dups.img")
+    mkfs(img, "16M", extra=("-O", "casefold,inline_data", "-I", "256", "-E",
+                            "encoding=utf8,encoding_flags=strict"), fstype="ext4")
+    debugfs(img, "mkdir ci", write=True)
+    flags = debugfs_stat(img, "ci").flags
+    empty = str(tmp_path / "empty")
+    open(empty, "wb").close()
+    debugfs(img, f"set_inode_field ci flags {flags | L.FL_CASEFOLD:#x}", "cd ci",
+            f"write {empty} Foo", f"write {empty} foo", write=True)
+    run(["debugfs", "-w", "-R", f"write {empty} ci/" + os.fsdecode(b"bad\xffname"), img])
+    assert debugfs_stat(img, "ci").inline
+    rc, out = fsck(img)
+    assert rc == 4 and "Duplicate entry 'foo'" in out and "illegal UTF-8" in out
+    problems, _ = check_image(img)
+    found = sorted((p.code, p.message.split("'")[1]) for p in problems)
+    assert found == [("bad_name", "bad\\xffname"), ("dup_entry", "foo")]

@@ -29,6 +29,7 @@ from test_fuse import fuse_ok, mounted  # noqa: F401 (fuse_ok: the module's fixt
 from write_util import shm_dir
 
 import xipfs
+from xipfs import fuse as xfuse
 from xipfs.extfs.data import max_file_size
 
 KINDS = ["ext2", "ext4"]
@@ -564,3 +565,34 @@ def test_names_removed_during_a_listing_do_not_come_back(shm: str, kind: str) ->
         assert ghosts == []
         assert sorted(os.listdir(d)) == sorted(seen)
     assert_clean(img)
+
+
+def test_a_listing_goes_stale_when_a_name_leaves_or_is_replaced(tmp_path: Any) -> None:
+    """The server's side of the test above, without the kernel: a directory's listing stops
+    giving inodes once a name is unlinked, removed or renamed out of it, or replaced in it by a
+    rename from elsewhere (the old inode freed, its number another file's to take); a name
+    added keeps it current."""
+    img = str(tmp_path / "ops.img")
+    xipfs.mkfs(img, 8 << 20, block_size=1024)
+    with xipfs.open(img, "r+") as fs:
+        ops = xfuse.Operations(fs, read_path="copy")
+        d, e = ops.mkdir(1, b"d", 0o755, 0, 0), ops.mkdir(1, b"e", 0o755, 0, 0)
+        for parent in (d, e):
+            for name in (b"a", b"b", b"c"):
+                ops.release(ops.create(parent.ino, name, 0o644, os.O_WRONLY, 0, 0)[1])
+        ops.mkdir(d.ino, b"sub", 0o755, 0, 0)
+
+        def stale_after(change: Any) -> bool:
+            dh = ops.opendir(d.ino)
+            try:
+                assert ops.listing_current(dh)
+                change()
+                return not ops.listing_current(dh)
+            finally:
+                ops.release(dh)
+
+        assert not stale_after(lambda: ops.release(ops.create(d.ino, b"new", 0o644, os.O_WRONLY, 0, 0)[1]))
+        assert stale_after(lambda: ops.rename(e.ino, b"a", d.ino, b"a"))     # d the destination
+        assert stale_after(lambda: ops.rename(d.ino, b"b", e.ino, b"b"))
+        assert stale_after(lambda: ops.unlink(d.ino, b"c"))
+        assert stale_after(lambda: ops.rmdir(d.ino, b"sub"))
